@@ -1,0 +1,1 @@
+"""license-broker core: settings, storage, the event log and the transports."""

@@ -1,0 +1,159 @@
+"""The per-license event log: what the stream replays and what every transport carries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from broker.licenses import LicenseState, initial_state
+from broker.schema import licenses, subscription_event_logs
+
+# Keeps each IN (...) list well under every driver's parameter limit.
+_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseEvent:
+    """One event of one license: `data` is the exact JSON sent on the stream and on Redis."""
+
+    license_id: str
+    seq: int
+    data: bytes
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LicenseEvent:
+        obj = orjson.loads(data)
+        return cls(license_id=str(obj["license_id"]), seq=int(obj["seq"]), data=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = orjson.loads(self.data)
+        return result
+
+
+def build_event(
+    license_id: str,
+    seq: int,
+    state: LicenseState,
+    *,
+    stripe_event_id: str | None,
+    stripe_event_type: str | None,
+    occurred_at: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "license_id": license_id,
+        "seq": seq,
+        "status": state["status"],
+        "entitled": state["entitled"],
+        "stripe_event_id": stripe_event_id,
+        "stripe_event_type": stripe_event_type,
+        "occurred_at": occurred_at.isoformat() if occurred_at else None,
+        "state": state,
+    }
+
+
+def _event(row: RowMapping) -> LicenseEvent:
+    return LicenseEvent(row["license_id"], row["seq"], orjson.dumps(row["event"]))
+
+
+class EventLog:
+    """Reads and appends `subscription_event_logs`. Appends happen inside the caller's
+    transaction, with the license row already locked (see webhook.ingest)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def current(self, license_id: str) -> LicenseEvent:
+        """The license's current state as an event whose seq is the current seq (0: never changed)."""
+        query = (
+            sa.select(
+                subscription_event_logs.c.license_id, subscription_event_logs.c.seq, subscription_event_logs.c.event
+            )
+            .where(subscription_event_logs.c.license_id == license_id)
+            .order_by(subscription_event_logs.c.seq.desc())
+            .limit(1)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is not None:
+            return _event(row)
+        empty = build_event(
+            license_id, 0, initial_state(), stripe_event_id=None, stripe_event_type=None, occurred_at=None
+        )
+        return LicenseEvent(license_id, 0, orjson.dumps(empty))
+
+    async def read(
+        self, license_id: str, after: int, before: int | None = None, limit: int = 500
+    ) -> list[LicenseEvent]:
+        """Events with after < seq (< before), in seq order, at most `limit`."""
+        t = subscription_event_logs
+        query = (
+            sa.select(t.c.license_id, t.c.seq, t.c.event)
+            .where(t.c.license_id == license_id, t.c.seq > after)
+            .order_by(t.c.seq)
+            .limit(limit)
+        )
+        if before is not None:
+            query = query.where(t.c.seq < before)
+        async with self.engine.connect() as conn:
+            return [_event(row) for row in (await conn.execute(query)).mappings()]
+
+    async def replay(self, license_id: str, after: int, batch: int = 500) -> AsyncIterator[LicenseEvent]:
+        """Every event after `after`, in batches so that a large backlog holds no connection long."""
+        while True:
+            events = await self.read(license_id, after, limit=batch)
+            for event in events:
+                yield event
+                after = event.seq
+            if len(events) < batch:
+                return
+
+    async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
+        """The current seq of each license that exists, in one query per thousand licenses."""
+        ids = list(license_ids)
+        result: dict[str, int] = {}
+        async with self.engine.connect() as conn:
+            for start in range(0, len(ids), _CHUNK):
+                query = sa.select(licenses.c.id, licenses.c.seq).where(licenses.c.id.in_(ids[start : start + _CHUNK]))
+                result.update({row.id: row.seq for row in await conn.execute(query)})
+        return result
+
+    @staticmethod
+    async def append(
+        conn: AsyncConnection,
+        license_id: str,
+        seq: int,
+        state: LicenseState,
+        *,
+        stripe_event_id: str | None,
+        stripe_event_type: str | None,
+        occurred_at: datetime,
+    ) -> LicenseEvent:
+        event = build_event(
+            license_id,
+            seq,
+            state,
+            stripe_event_id=stripe_event_id,
+            stripe_event_type=stripe_event_type,
+            occurred_at=occurred_at,
+        )
+        await conn.execute(
+            subscription_event_logs.insert().values(
+                license_id=license_id,
+                seq=seq,
+                stripe_event_id=stripe_event_id,
+                stripe_event_type=stripe_event_type,
+                status=state["status"],
+                entitled=state["entitled"],
+                event=event,
+                occurred_at=occurred_at,
+                recorded_at=datetime.now(UTC),
+            )
+        )
+        return LicenseEvent(license_id, seq, orjson.dumps(event))

@@ -1,0 +1,24 @@
+"""Prometheus metrics, served at /metrics by both apps."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+WEBHOOKS = Counter(
+    "license_broker_webhooks_total",
+    "Stripe webhooks by outcome (applied, unchanged, duplicate, stale, ignored, unmatched, pending, rejected, error)",
+    ["outcome"],
+)
+PUBLISH_FAILURES = Counter("license_broker_publish_failures_total", "Publishes that failed after the commit")
+OPEN_STREAMS = Gauge("license_broker_open_streams", "SSE connections open in this process")
+DELIVERED = Counter("license_broker_events_delivered_total", "Events written to SSE clients")
+REPLAYED = Counter("license_broker_events_replayed_total", "Events sent from the database on catch-up or gap fill")
+SLOW_CLIENTS = Counter("license_broker_slow_clients_total", "Clients disconnected for not reading fast enough")
+SWEPT_EVENTS = Counter("license_broker_swept_events_total", "Events the database sweep found that the transport missed")
+SWEEP_FAILURES = Counter("license_broker_sweep_failures_total", "Database sweeps that failed")
+TRANSPORT_UP = Gauge("license_broker_transport_up", "1 while the transport's subscriber is connected", ["transport"])
+DELIVERY_LAG = Histogram(
+    "license_broker_delivery_lag_seconds",
+    "From the event's commit to its delivery on this process",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -1,0 +1,39 @@
+"""What a process holds while it runs: the engine, the event log and the transport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.db import create_engine, migrate
+from broker.eventlog import EventLog
+from broker.settings import Settings
+from broker.transports import Transport, create_transport
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    events: EventLog
+    transport: Transport
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    engine = create_engine(settings)
+    try:
+        if settings.is_sqlite:
+            await migrate(engine)  # the embedded default sets itself up; Postgres uses `migrate`
+        events = EventLog(engine)
+        transport = create_transport(settings, events)
+        await transport.connect()
+        try:
+            yield Runtime(settings, engine, events, transport)
+        finally:
+            await transport.close()
+    finally:
+        await engine.dispose()

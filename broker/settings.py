@@ -1,0 +1,142 @@
+"""Settings: read and validated once, at start-up, from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal, cast, get_args
+
+TransportName = Literal["redis", "poll", "memory"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
+DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
+
+# Only ever used when BROKER_DEV=1 (what `make run` sets) and the real setting is absent.
+DEV_WEBHOOK_SECRET = "whsec_development_only_do_not_use_in_production"
+DEV_TOKEN_SECRET = "development-only-stream-token-secret-do-not-use"
+
+
+class SettingsError(Exception):
+    """A missing or malformed setting; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None
+    transport: TransportName = "memory"
+    poll_interval: float = 2.0
+    webhook_secrets: tuple[str, ...] = ()
+    token_secret: str | None = None
+    webhook_tolerance: int = 300
+    heartbeat_interval: float = 15.0
+    retry_ms: int = 2000
+    client_buffer: int = 256
+    send_timeout: float = 30.0
+    replay_batch: int = 500
+    db_pool_size: int = 10
+    entitled_statuses: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_ENTITLED_STATUSES))
+    max_connection_lifetime: float | None = None
+    dev: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        dev = _bool(env, "BROKER_DEV", False)
+        redis_url = _str(env, "REDIS_URL")
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(f"REDIS_URL: expected redis://host:port/db, got {redis_url!r}")
+        transport = _str(env, "BROKER_TRANSPORT") or ("redis" if redis_url else "memory")
+        if transport not in get_args(TransportName):
+            raise SettingsError(f"BROKER_TRANSPORT: expected one of redis, poll, memory, got {transport!r}")
+        if transport == "redis" and redis_url is None:
+            raise SettingsError("REDIS_URL: required when BROKER_TRANSPORT=redis")
+        secrets = tuple(s.strip() for s in (_str(env, "STRIPE_WEBHOOK_SECRET") or "").split(",") if s.strip())
+        for secret in secrets:
+            if not secret.startswith("whsec_"):
+                raise SettingsError("STRIPE_WEBHOOK_SECRET: each secret must start with whsec_")
+        token_secret = _str(env, "STREAM_TOKEN_SECRET")
+        if token_secret is not None and len(token_secret) < 16:
+            raise SettingsError("STREAM_TOKEN_SECRET: must be at least 16 characters")
+        if dev:
+            secrets = secrets or (DEV_WEBHOOK_SECRET,)
+            token_secret = token_secret or DEV_TOKEN_SECRET
+        statuses = frozenset(
+            s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
+        ) - {""}
+        lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
+        return cls(
+            database_url=normalize_database_url(_str(env, "DATABASE_URL") or DEFAULT_DATABASE_URL),
+            redis_url=redis_url,
+            transport=cast(TransportName, transport),
+            poll_interval=_float(env, "BROKER_POLL_INTERVAL", 2.0, minimum=0.01),
+            webhook_secrets=secrets,
+            token_secret=token_secret,
+            webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
+            heartbeat_interval=_float(env, "STREAM_HEARTBEAT_INTERVAL", 15.0, minimum=0.01),
+            retry_ms=int(_float(env, "STREAM_RETRY_MS", 2000, minimum=0)),
+            client_buffer=int(_float(env, "STREAM_CLIENT_BUFFER", 256, minimum=1)),
+            send_timeout=_float(env, "STREAM_SEND_TIMEOUT", 30.0, minimum=0.01),
+            replay_batch=int(_float(env, "STREAM_REPLAY_BATCH", 500, minimum=1)),
+            db_pool_size=int(_float(env, "DATABASE_POOL_SIZE", 10, minimum=1)),
+            entitled_statuses=statuses,
+            max_connection_lifetime=lifetime or None,
+            dev=dev,
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def require_webhook(self) -> None:
+        if not self.webhook_secrets:
+            raise SettingsError("STRIPE_WEBHOOK_SECRET: required by the webhook app (whsec_..., comma-separated)")
+
+    def require_stream(self) -> None:
+        if not self.token_secret:
+            raise SettingsError("STREAM_TOKEN_SECRET: required by the stream app")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URLs users write (postgresql://, sqlite:///) and pick the async drivers."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise SettingsError(f"DATABASE_URL: expected a URL such as postgresql://host/db, got {url!r}")
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg_async"):
+        return f"postgresql+psycopg://{rest}"
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return f"sqlite+aiosqlite://{rest}"
+    raise SettingsError(f"DATABASE_URL: unsupported scheme {scheme!r} (use postgresql:// or sqlite:///)")
+
+
+def _str(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _str(env, name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {value!r}")
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    value = _str(env, name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {value!r}") from None
+    if not number >= minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {value!r}")
+    return number

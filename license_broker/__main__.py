@@ -1,0 +1,3 @@
+from license_broker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The `license-broker` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+import httpx
+import orjson
+import uvicorn
+
+from broker import tokens
+from broker.db import create_engine, migrate
+from broker.runtime import Runtime
+from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError
+from license_broker import logs
+
+
+def _server(app: object, args: argparse.Namespace, *, factory: bool = False) -> None:
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        factory=factory,
+        host=args.host,
+        port=args.port,
+        workers=getattr(args, "workers", None),
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        log_config=logs.configure(),
+        proxy_headers=True,
+        # Streams end themselves on SIGTERM (stream.app); this bounds whatever else is open.
+        timeout_graceful_shutdown=10,
+    )
+    if config.workers > 1:
+        sock = config.bind_socket()
+        uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
+    else:
+        uvicorn.Server(config).run()
+
+
+def _banner(args: argparse.Namespace) -> object:
+    def on_ready(runtime: Runtime) -> None:
+        settings = runtime.settings
+        base = f"http://{args.host}:{args.port}"
+        lines = [
+            "",
+            f"license-broker is serving on {base}",
+            f"  database:  {settings.database_url}",
+            f"  transport: {settings.transport}",
+        ]
+        if settings.dev:
+            assert settings.token_secret is not None
+            token = tokens.mint(settings.token_secret, "lic_demo", ttl=7 * 86400)
+            lines += [
+                f"  development webhook secret: {settings.webhook_secrets[0]}",
+                "",
+                "Try it. In one terminal, follow license lic_demo:",
+                f"  curl -N -H 'Authorization: Bearer {token}' {base}/api/licenses/lic_demo/events",
+                "In another, pay for it (a signed checkout.session.completed, as Stripe would send it):",
+                f"  .venv/bin/license-broker send pay lic_demo --url {base}",
+                "Then try: fail, recover, cancel, refund.",
+                "",
+            ]
+        print("\n".join(lines), flush=True)
+
+    return on_ready
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from license_broker.embedded import create_app
+
+    settings.require_webhook()
+    settings.require_stream()
+    _server(create_app(settings, on_ready=_banner(args)), args)  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_webhook()
+    _server("webhook.app:create_app", args, factory=True)
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_stream()
+    _server("stream.app:create_app", args, factory=True)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    print(f"migrated {settings.database_url}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_stream()
+    assert settings.token_secret is not None
+    print(tokens.mint(settings.token_secret, args.license_id, ttl=args.ttl))
+    return 0
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    from webhook.samples import SampleEvents
+    from webhook.signature import sign
+
+    secret = settings.webhook_secrets[0] if settings.webhook_secrets else DEV_WEBHOOK_SECRET
+    url = args.url.rstrip("/") + "/api/stripe/webhooks"
+    with httpx.Client(timeout=10) as client:
+        for event in SampleEvents(args.license_id).for_action(args.action):
+            payload = orjson.dumps(event)
+            response = client.post(url, content=payload, headers={"stripe-signature": sign(payload, secret)})
+            print(f"{event['type']} {event['id']} -> {response.status_code} {response.text}")
+            if response.status_code >= 300:
+                return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="license-broker", description="Stripe events to desktop apps, live.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def server(name: str, help: str, port: int, workers: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        p.add_argument("--port", type=int, default=int(os.environ.get("PORT", port)))
+        if workers:
+            p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", 1)))
+        return p
+
+    server("serve", "both apps in one process (the embedded default)", 8000, False).set_defaults(run=cmd_serve)
+    server("webhook", "the Stripe webhook app", 8001, True).set_defaults(run=cmd_webhook)
+    server("stream", "the SSE stream app", 8002, True).set_defaults(run=cmd_stream)
+    sub.add_parser("migrate", help="apply schema migrations to DATABASE_URL").set_defaults(run=cmd_migrate)
+    p = sub.add_parser("token", help="print a subscriber token for a license")
+    p.add_argument("license_id")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    p.set_defaults(run=cmd_token)
+    p = sub.add_parser("send", help="sign and post a realistic Stripe event to a running webhook")
+    p.add_argument("action", choices=["pay", "fail", "recover", "cancel", "refund"])
+    p.add_argument("license_id")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.set_defaults(run=cmd_send)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        code: int = args.run(args, settings)
+        return code
+    except SettingsError as exc:
+        print(f"license-broker: {exc}", file=sys.stderr)
+        return 2

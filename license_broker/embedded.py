@@ -1,0 +1,32 @@
+"""`license-broker serve`: both apps in one process, sharing one runtime (and, with the memory
+transport, one in-process channel)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+
+from broker.http import ops_routes
+from broker.runtime import Runtime, open_runtime
+from broker.settings import Settings
+from stream.app import routes as stream_routes
+from stream.app import stream_state
+from webhook.app import routes as webhook_routes
+from webhook.app import webhook_state
+
+
+def create_app(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> Starlette:
+    settings.require_webhook()
+    settings.require_stream()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with open_runtime(settings) as runtime, stream_state(runtime) as state:
+            if on_ready is not None:
+                on_ready(runtime)
+            yield {"runtime": runtime, **webhook_state(runtime), **state}
+
+    return Starlette(routes=[*webhook_routes, *stream_routes, *ops_routes()], lifespan=lifespan)

@@ -1,0 +1,1 @@
+"""The SSE stream: auth, the per-process subscription hub, catch-up, heartbeats, the client."""

@@ -1,0 +1,103 @@
+"""One client's stream: subscribe, replay from the database, then forward live events, each
+exactly once and in seq order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker import metrics
+from broker.eventlog import EventLog, LicenseEvent
+from broker.settings import Settings
+from stream.hub import HubClosed, SubscriptionHub
+from stream.sse import PING, encode
+
+log = logging.getLogger("stream")
+
+
+class _Sender:
+    """Tracks the last seq sent; everything below it is skipped, so nothing is sent twice."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, sent: int) -> None:
+        self.sent = sent
+
+    def take(self, event: LicenseEvent) -> bytes | None:
+        if event.seq <= self.sent:
+            return None
+        self.sent = event.seq
+        return encode(event.seq, event.data)
+
+
+async def license_stream(
+    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+) -> AsyncIterator[bytes]:
+    yield b"retry: %d\n\n" % settings.retry_ms
+    try:
+        async for chunk in _events(events, hub, settings, license_id, last_seq):
+            yield chunk
+    except HubClosed:
+        pass  # shutting down: the client reconnects to another process
+    except SQLAlchemyError as exc:
+        # The database is unavailable: end the stream; the client retries after `retry:` and
+        # resumes from its Last-Event-ID, so nothing is lost.
+        log.warning("stream for %s ended, database unavailable: %s", license_id, exc)
+
+
+async def _events(
+    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+) -> AsyncIterator[bytes]:
+    deadline = None
+    if settings.max_connection_lifetime:
+        # Jittered, so that clients of a restarted fleet do not all come back in the same second.
+        deadline = time.monotonic() + settings.max_connection_lifetime * random.uniform(0.85, 1.0)
+    async with hub.subscribe(license_id) as sub:
+        # Subscribed first, replayed second: an event committed during the replay is either read
+        # from the database or waiting in the queue, and `_Sender` drops the second copy.
+        if last_seq is None:
+            current = await events.current(license_id)
+            sender = _Sender(current.seq - 1)
+            chunk = sender.take(current)
+            assert chunk is not None
+            yield chunk
+        else:
+            sender = _Sender(last_seq)
+            async for event in events.replay(license_id, last_seq, settings.replay_batch):
+                if (chunk := sender.take(event)) is not None:
+                    metrics.REPLAYED.inc()
+                    yield chunk
+        hub.caught_up(license_id, sender.sent)
+        while True:
+            timeout = settings.heartbeat_interval
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    return
+            try:
+                live = await asyncio.wait_for(sub.get(), timeout)
+            except TimeoutError:
+                yield PING
+                continue
+            if live is None:
+                return  # overflowed or shutting down: the client reconnects and catches up
+            if live.seq <= sender.sent:
+                continue
+            if live.seq > sender.sent + 1:
+                # A gap: Redis lost or reordered a message. Every seq below this one committed
+                # before it (per-license row lock), so the database has them.
+                for missed in await events.read(license_id, sender.sent, before=live.seq):
+                    if (chunk := sender.take(missed)) is not None:
+                        metrics.REPLAYED.inc()
+                        yield chunk
+                if sender.sent != live.seq - 1:
+                    return  # cannot happen with a healthy database; reconnecting is always safe
+            chunk = sender.take(live)
+            assert chunk is not None
+            metrics.DELIVERED.inc()
+            yield chunk

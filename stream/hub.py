@@ -1,0 +1,170 @@
+"""The per-process subscription hub: one transport subscription per followed license, fanned
+out to a bounded queue per connected client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from broker import metrics
+from broker.eventlog import EventLog, LicenseEvent
+from broker.sweep import DatabaseSweep
+from broker.transports import Transport
+
+log = logging.getLogger("stream.hub")
+
+
+class HubClosed(Exception):
+    """The process is shutting down; the client should reconnect elsewhere."""
+
+
+class Subscription:
+    """One client's view of one license: a bounded queue. None in the queue means "stop"."""
+
+    __slots__ = ("license_id", "overflowed", "queue")
+
+    def __init__(self, license_id: str, size: int) -> None:
+        self.license_id = license_id
+        self.queue: asyncio.Queue[LicenseEvent | None] = asyncio.Queue(size)
+        self.overflowed = False
+
+    def push(self, event: LicenseEvent) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # The client is not reading fast enough. Dropping it keeps memory bounded; it
+            # reconnects with Last-Event-ID and catches up from the database.
+            self.overflowed = True
+            metrics.SLOW_CLIENTS.inc()
+            self.end()
+
+    def end(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+    async def get(self) -> LicenseEvent | None:
+        return await self.queue.get()
+
+
+class _Topic:
+    __slots__ = ("listening", "lock", "subs")
+
+    def __init__(self) -> None:
+        self.subs: set[Subscription] = set()
+        self.lock = asyncio.Lock()
+        self.listening = False
+
+
+class SubscriptionHub:
+    def __init__(self, transport: Transport, events: EventLog, *, buffer: int, sweep_interval: float) -> None:
+        self.transport = transport
+        self.buffer = buffer
+        self._topics: dict[str, _Topic] = {}
+        self._closing = False
+        # A lossy transport (Redis) gets the database sweep underneath it.
+        self._sweep = None if transport.reliable else DatabaseSweep(events, sweep_interval, self._on_swept)
+        self._sweep_task: asyncio.Task[None] | None = None
+
+    @property
+    def clients(self) -> int:
+        return sum(len(topic.subs) for topic in self._topics.values())
+
+    async def start(self) -> None:
+        await self.transport.start(self._on_message, self._on_gap)
+        if self._sweep is not None:
+            self._sweep_task = asyncio.create_task(self._sweep.run(), name="database-sweep")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def end_streams(self) -> None:
+        """End every stream and refuse new ones: the process is going away. Idempotent."""
+        self._closing = True
+        for topic in self._topics.values():
+            for sub in topic.subs:
+                sub.end()
+
+    async def close(self) -> None:
+        """End every stream (clients reconnect elsewhere) and release the transport. Idempotent."""
+        self.end_streams()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweep_task
+            self._sweep_task = None
+        await self.transport.close()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, license_id: str) -> AsyncIterator[Subscription]:
+        """Register a client. Once this yields, every message for the license that the transport
+        delivers is queued for it; the caller replays from the database afterwards and skips
+        what it already sent (seq), so nothing published during the replay is missed."""
+        if self._closing:
+            raise HubClosed
+        sub = Subscription(license_id, self.buffer)
+        topic = self._topics.get(license_id)
+        if topic is None:
+            topic = self._topics[license_id] = _Topic()
+        # Joined before taking the lock: a concurrent release then sees a non-empty topic.
+        topic.subs.add(sub)
+        try:
+            async with topic.lock:
+                if not topic.listening:
+                    await self.transport.listen(license_id)
+                    topic.listening = True
+            yield sub
+        finally:
+            topic.subs.discard(sub)
+            if not topic.subs:
+                # Shielded: a cancelled client must still release the channel.
+                await asyncio.shield(self._release(license_id, topic))
+
+    def caught_up(self, license_id: str, seq: int) -> None:
+        """A client has everything up to `seq` from the database: the sweep can start there."""
+        if self._sweep is not None:
+            self._sweep.follow_from(license_id, seq)
+
+    async def _release(self, license_id: str, topic: _Topic) -> None:
+        async with topic.lock:
+            if topic.subs:
+                return
+            if self._topics.get(license_id) is topic:
+                del self._topics[license_id]
+            if self._sweep is not None:
+                self._sweep.unfollow(license_id)
+            if topic.listening:
+                topic.listening = False
+                try:
+                    await self.transport.unlisten(license_id)
+                except Exception as exc:
+                    log.warning("unlisten %s failed: %s", license_id, exc)
+
+    def _on_message(self, license_id: str, payload: bytes) -> None:
+        try:
+            event = LicenseEvent.from_json(payload)
+        except Exception:
+            log.warning("dropped a malformed message for license %s", license_id)
+            return
+        if event.license_id != license_id:
+            return
+        if self._sweep is not None:
+            self._sweep.note(license_id, event.seq)
+        self._fan_out(event)
+
+    def _on_swept(self, license_id: str, payload: bytes) -> None:
+        self._fan_out(LicenseEvent(license_id, LicenseEvent.from_json(payload).seq, payload))
+
+    def _on_gap(self) -> None:
+        if self._sweep is not None:
+            self._sweep.wake()
+
+    def _fan_out(self, event: LicenseEvent) -> None:
+        topic = self._topics.get(event.license_id)
+        if topic is None:
+            return
+        for sub in tuple(topic.subs):
+            sub.push(event)

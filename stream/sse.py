@@ -1,0 +1,67 @@
+"""A minimal Server-Sent Events response: one task per connection besides the handler's own,
+which watches for the client going away."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from broker import metrics
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    # nginx: do not buffer this response (see docs/deploy.md).
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def encode(seq: int, data: bytes) -> bytes:
+    # `data` is one line of JSON (orjson never writes a newline), so one data: field is enough.
+    return b"id: %d\ndata: %s\n\n" % (seq, data)
+
+
+PING = b": ping\n\n"
+
+
+class EventStreamResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[bytes], *, send_timeout: float) -> None:
+        self.stream = body
+        self.send_timeout = send_timeout
+        self.status_code = 200
+        self.background: BackgroundTask | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics.OPEN_STREAMS.inc()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            async with anyio.create_task_group() as group:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch_disconnect)
+                try:
+                    async for chunk in self.stream:
+                        # A client that stops reading blocks this send; it is dropped after the
+                        # timeout (it reconnects and catches up) instead of holding memory forever.
+                        with anyio.fail_after(self.send_timeout):
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except TimeoutError:
+                    metrics.SLOW_CLIENTS.inc()
+                except OSError:
+                    pass  # the client went away mid-send
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            await self.stream.aclose()  # type: ignore[attr-defined]
+            metrics.OPEN_STREAMS.dec()

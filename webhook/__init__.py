@@ -1,0 +1,1 @@
+"""Stripe webhook ingestion: signature check, event -> license transition, transaction, publish."""

@@ -1,0 +1,88 @@
+"""The Stripe webhook ASGI app: `uvicorn webhook.app:app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from broker import metrics
+from broker.http import ops_routes, settings_from_env
+from broker.runtime import Runtime, open_runtime
+from broker.settings import Settings
+from webhook.ingest import Ingestor
+from webhook.rules import StripeEventRouter
+from webhook.signature import BadWebhook, WebhookVerifier
+
+log = logging.getLogger("webhook")
+
+
+async def receive_webhook(request: Request) -> Response:
+    verifier: WebhookVerifier = request.state.verifier
+    ingestor: Ingestor = request.state.ingestor
+    payload = await request.body()
+    try:
+        event = verifier.verify(payload, request.headers.get("stripe-signature"))
+    except BadWebhook as exc:
+        metrics.WEBHOOKS.labels("rejected").inc()
+        log.info("webhook rejected: %s", exc)
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    try:
+        outcome = await ingestor.ingest(event)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        # Nothing was committed: Stripe retries on a 5xx.
+        metrics.WEBHOOKS.labels("error").inc()
+        log.error("webhook %s not recorded, database unavailable: %s", event["id"], exc)
+        return JSONResponse({"error": "database unavailable, retry later"}, status_code=503)
+    metrics.WEBHOOKS.labels(outcome.kind).inc()
+    log.info(
+        "webhook %s %s -> %s%s",
+        event["id"],
+        event["type"],
+        outcome.kind,
+        f" license={outcome.license_id} seq={outcome.event.seq}" if outcome.event else "",
+    )
+    body: dict[str, Any] = {"received": True, "outcome": outcome.kind}
+    if outcome.license_id:
+        body["license_id"] = outcome.license_id
+    if outcome.event:
+        body["seq"] = outcome.event.seq
+    return JSONResponse(body)
+
+
+routes = [Route("/api/stripe/webhooks", receive_webhook, methods=["POST"])]
+
+
+def webhook_state(runtime: Runtime) -> dict[str, Any]:
+    settings = runtime.settings
+    return {
+        "verifier": WebhookVerifier(settings.webhook_secrets, settings.webhook_tolerance),
+        "ingestor": Ingestor(runtime, StripeEventRouter(settings.entitled_statuses)),
+    }
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    if settings is None:
+        settings = settings_from_env(Settings.require_webhook)
+    settings.require_webhook()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with open_runtime(settings) as runtime:
+            yield {"runtime": runtime, **webhook_state(runtime)}
+
+    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan)
+
+
+def __getattr__(name: str) -> Any:
+    # `webhook.app:app` is built when uvicorn asks for it, not at import.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
