@@ -55,6 +55,6 @@ subscription_event_logs = sa.Table(
     # The exact JSON object sent on the stream and published to Redis.
     sa.Column("event", sa.JSON, nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True),
     sa.UniqueConstraint("license_id", "seq", name="uq_subscription_event_logs_license_seq"),
 )

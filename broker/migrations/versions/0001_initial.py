@@ -65,6 +65,8 @@ def upgrade() -> None:
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.UniqueConstraint("license_id", "seq", name="uq_subscription_event_logs_license_seq"),
     )
+    # Retention deletes by age; the unique (license_id, seq) index serves replay and the sweep.
+    op.create_index("ix_subscription_event_logs_recorded_at", "subscription_event_logs", ["recorded_at"])
 
 
 def downgrade() -> None:

@@ -1,0 +1,104 @@
+"""A reference client for Python desktop apps.
+
+    client = LicenseClient("https://licenses.example.com", "lic_123", token)
+    async for event in client:          # reconnects for ever, resuming where it left off
+        unlock() if event["entitled"] else lock()
+
+or, with a callback: `await client.run(on_event)`. `client.state` is the last state received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import aconnect_sse
+
+log = logging.getLogger("license_broker.client")
+
+
+class Unauthorized(Exception):
+    """401/403: a new token is needed; reconnecting with this one would never succeed."""
+
+
+class LicenseClient:
+    def __init__(
+        self,
+        base_url: str,
+        license_id: str,
+        token: str | Callable[[], str],
+        *,
+        last_event_id: int | None = None,
+        min_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        read_timeout: float = 45.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = f"{base_url.rstrip('/')}/api/licenses/{license_id}/events"
+        self.token = token
+        self.last_event_id = last_event_id
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        # Longer than the server's heartbeat (15 s): silence beyond it means a dead connection.
+        self.read_timeout = read_timeout
+        self.state: dict[str, Any] | None = None
+        self.connections = 0
+        self._http = http
+        self._retry: float | None = None
+
+    def _headers(self) -> dict[str, str]:
+        token = self.token() if callable(self.token) else self.token
+        headers = {"authorization": f"Bearer {token}", "accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["last-event-id"] = str(self.last_event_id)
+        return headers
+
+    async def connect_once(self) -> AsyncIterator[dict[str, Any]]:
+        """One connection: the events it carries, until the server or the network ends it."""
+        http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(10, read=self.read_timeout))
+        try:
+            async with aconnect_sse(http, "GET", self.url, headers=self._headers()) as source:
+                if source.response.status_code in (401, 403):
+                    raise Unauthorized(f"{source.response.status_code} from {self.url}")
+                source.response.raise_for_status()
+                self.connections += 1
+                async for sse in source.aiter_sse():
+                    if sse.retry is not None:
+                        self._retry = sse.retry / 1000
+                    if not sse.data:
+                        continue
+                    event: dict[str, Any] = orjson.loads(sse.data)
+                    if sse.id:
+                        self.last_event_id = int(sse.id)
+                    self.state = event
+                    yield event
+        finally:
+            if self._http is None:
+                await http.aclose()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        failures = 0
+        while True:
+            try:
+                async for event in self.connect_once():
+                    failures = 0
+                    yield event
+            except Unauthorized:
+                raise
+            except (httpx.HTTPError, OSError) as exc:
+                log.info("license stream interrupted: %s", exc)
+            failures += 1
+            # The server's `retry:` hint first, then exponential backoff with full jitter.
+            base = self._retry if failures == 1 and self._retry is not None else self.min_backoff * 2 ** (failures - 1)
+            await asyncio.sleep(random.uniform(0, min(base, self.max_backoff)))
+
+    async def run(self, on_event: Callable[[dict[str, Any]], Awaitable[None] | None]) -> None:
+        async for event in self:
+            result = on_event(event)
+            if result is not None:
+                await result

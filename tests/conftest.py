@@ -1,0 +1,341 @@
+"""Shared fixtures: a Postgres database of this run's own, Redis, private redis-servers, servers
+in this process and in separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+import redis
+import sqlalchemy as sa
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from broker import tokens
+from broker.db import create_engine, migrate
+from broker.schema import metadata
+from broker.settings import Settings, normalize_database_url
+from webhook.signature import sign
+
+CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET = "whsec_test_secret_for_the_suite"
+TOKEN_SECRET = "test-token-secret-0123456789abcdef"
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    """A missing service fails the run under CI=true; elsewhere it skips."""
+    message = f"{what} is not available: {exc}"
+    if CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def new_license() -> str:
+    return f"lic_{uuid.uuid4().hex[:12]}"
+
+
+# --- Postgres -----------------------------------------------------------------------------------
+
+
+def _psycopg_connect(url: str) -> psycopg.Connection[Any]:
+    u = make_url(normalize_database_url(url))
+    return psycopg.connect(
+        host=u.host or "127.0.0.1",
+        port=u.port or 5432,
+        user=u.username,
+        password=u.password,
+        dbname=u.database,
+        autocommit=True,
+        connect_timeout=5,
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database created for this test run, migrated, dropped at the end."""
+    name = f"lb_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with _psycopg_connect(ADMIN_URL) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        unavailable("Postgres", exc)
+    url = make_url(normalize_database_url(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
+
+    async def setup() -> None:
+        engine = create_engine(Settings(database_url=url))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(setup())
+    yield url
+    with _psycopg_connect(ADMIN_URL) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def truncate(url: str) -> None:
+    with _psycopg_connect(url) as conn:
+        tables = ", ".join(table.name for table in metadata.sorted_tables)
+        conn.execute(f"TRUNCATE {tables} RESTART IDENTITY")
+
+
+@pytest.fixture
+def pg_url(postgres_url: str) -> str:
+    truncate(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+
+
+async def count_rows(url: str, table: str) -> int:
+    engine = create_engine(Settings(database_url=url))
+    try:
+        if url.startswith("sqlite"):
+            await migrate(engine)
+        async with engine.connect() as conn:
+            return int(await conn.scalar(sa.text(f"SELECT count(*) FROM {table}")) or 0)
+    finally:
+        await engine.dispose()
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        unavailable("Redis", exc)
+    return REDIS_URL
+
+
+class RedisServer:
+    """A private redis-server on a free port, which a test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="lb-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server", FileNotFoundError("redis-server"))
+        assert binary is not None
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(up, what=f"redis-server on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+# --- settings, tokens, webhooks -----------------------------------------------------------------
+
+
+def make_settings(database_url: str, **changes: Any) -> Settings:
+    base = Settings(
+        database_url=database_url,
+        webhook_secrets=(WEBHOOK_SECRET,),
+        token_secret=TOKEN_SECRET,
+        poll_interval=0.2,
+        heartbeat_interval=15.0,
+    )
+    return base.with_(**changes)
+
+
+def token_for(license_id: str, ttl: float = 600) -> str:
+    return tokens.mint(TOKEN_SECRET, license_id, ttl=ttl)
+
+
+def signed(
+    event: dict[str, Any], secret: str = WEBHOOK_SECRET, timestamp: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    payload = orjson.dumps(event)
+    return payload, {"stripe-signature": sign(payload, secret, timestamp), "content-type": "application/json"}
+
+
+async def post_event(client: httpx.AsyncClient, base_url: str, event: dict[str, Any]) -> httpx.Response:
+    payload, headers = signed(event)
+    return await client.post(f"{base_url}/api/stripe/webhooks", content=payload, headers=headers)
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """An ASGI app on a real socket, in this process (uvicorn, lifespan included)."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    config.timeout_graceful_shutdown = 2
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server._serve())
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server exited during start-up")
+        if time.monotonic() > deadline:
+            raise TimeoutError("server did not start")
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+class Process:
+    """`license-broker <command>` in a separate process, ready once /healthz answers."""
+
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "license_broker", *command, "--port", str(port)],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout, what=f"{self.url}/healthz")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(command: str, env: dict[str, str], port: int | None = None, ready: bool = True) -> Process:
+        process = Process([command], env, port or free_port(), tmp_path / f"{command}-{len(started)}.log")
+        started.append(process)
+        if ready:
+            process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.stop(signal.SIGKILL)
+
+
+def process_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        "DATABASE_URL": database_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STREAM_TOKEN_SECRET": TOKEN_SECRET,
+        "BROKER_POLL_INTERVAL": "0.2",
+        "LOG_LEVEL": "WARNING",
+    }
+    for name in ("REDIS_URL", "BROKER_TRANSPORT", "BROKER_DEV"):
+        env.setdefault(name, "")
+    env.update(extra)
+    return env
