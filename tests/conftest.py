@@ -69,8 +69,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.01)
 
 
-async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+async def async_wait_until(predicate: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + deadline_s
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")

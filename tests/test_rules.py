@@ -73,7 +73,7 @@ def test_the_period_end_is_read_from_the_items_or_from_a_legacy_subscription() -
 def test_an_event_older_than_the_last_change_is_stale_and_a_tie_applies() -> None:
     sample = SampleEvents("lic_g")
     event = sample.subscription_event("customer.subscription.updated", "past_due", T - 1)
-    change, state = apply(event, last=T)
+    _, state = apply(event, last=T)
     assert state is None
     tie = sample.subscription_event("customer.subscription.updated", "past_due", T)
     _, state = apply(tie, last=T)

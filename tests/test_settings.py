@@ -55,9 +55,9 @@ def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str)
 
 def test_secrets_have_no_default_outside_development() -> None:
     settings = Settings.from_env({})
-    with pytest.raises(SettingsError, match="^STRIPE_WEBHOOK_SECRET:"):
+    with pytest.raises(SettingsError, match=r"^STRIPE_WEBHOOK_SECRET:"):
         settings.require_webhook()
-    with pytest.raises(SettingsError, match="^STREAM_TOKEN_SECRET:"):
+    with pytest.raises(SettingsError, match=r"^STREAM_TOKEN_SECRET:"):
         settings.require_stream()
 
 

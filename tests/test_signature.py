@@ -61,7 +61,7 @@ def test_a_tampered_body_is_rejected(payload: bytes) -> None:
 
 @pytest.mark.parametrize("body", [b"not json", b"[1,2]", b'{"id": "evt_1", "type": "x"}', b"\xff\xfe"])
 def test_a_signed_body_that_is_not_a_stripe_event_is_rejected(body: bytes) -> None:
-    header = "t=%d,v1=%s" % (int(time.time()), "0" * 64)
+    header = f"t={int(time.time())},v1={'0' * 64}"
     if body != b"\xff\xfe":
         header = sign(body, SECRET)
     with pytest.raises(BadWebhook):
