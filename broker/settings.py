@@ -57,8 +57,9 @@ class Settings:
             if not secret.startswith("whsec_"):
                 raise SettingsError("STRIPE_WEBHOOK_SECRET: each secret must start with whsec_")
         token_secret = _str(env, "STREAM_TOKEN_SECRET")
-        if token_secret is not None and len(token_secret) < 16:
-            raise SettingsError("STREAM_TOKEN_SECRET: must be at least 16 characters")
+        if token_secret is not None and len(token_secret) < 32:
+            # HS256 wants a key of at least 256 bits (RFC 7518 3.2).
+            raise SettingsError("STREAM_TOKEN_SECRET: must be at least 32 characters")
         if dev:
             secrets = secrets or (DEV_WEBHOOK_SECRET,)
             token_secret = token_secret or DEV_TOKEN_SECRET

@@ -4,6 +4,7 @@ exactly once and in seq order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -40,8 +41,11 @@ async def license_stream(
 ) -> AsyncIterator[bytes]:
     yield b"retry: %d\n\n" % settings.retry_ms
     try:
-        async for chunk in _events(events, hub, settings, license_id, last_seq):
-            yield chunk
+        # aclosing: when the response closes this generator, the inner one (and its hub
+        # subscription) is closed at once rather than whenever it is garbage-collected.
+        async with contextlib.aclosing(_events(events, hub, settings, license_id, last_seq)) as inner:
+            async for chunk in inner:
+                yield chunk
     except HubClosed:
         pass  # shutting down: the client reconnects to another process
     except SQLAlchemyError as exc:

@@ -1,0 +1,189 @@
+"""GET /api/licenses/{id}/events and /api/licenses/{id}: auth, first state, catch-up, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from broker import metrics, tokens
+from broker.db import create_engine
+from broker.eventlog import EventLog
+from broker.settings import Settings
+from broker.transports.memory import MemoryTransport
+from license_broker.embedded import create_app
+from stream.catchup import license_stream
+from stream.client import LicenseClient, Unauthorized
+from stream.hub import SubscriptionHub
+from tests.conftest import TOKEN_SECRET, make_settings, new_license, post_event, serving, token_for
+from tests.test_transports import append
+from webhook.samples import SampleEvents
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def server(request: pytest.FixtureRequest, pg_url: str) -> AsyncIterator[str]:
+    changes: dict[str, Any] = {"heartbeat_interval": 0.2}
+    if request.param == "redis":
+        changes |= {"transport": "redis", "redis_url": request.getfixturevalue("redis_url")}
+    async with serving(create_app(make_settings(pg_url, **changes))) as url:
+        yield url
+
+
+async def pay(url: str, license_id: str, action: str = "pay") -> None:
+    async with httpx.AsyncClient() as client:
+        for event in SampleEvents(license_id).for_action(action):
+            assert (await post_event(client, url, event)).status_code == 200
+
+
+async def take(client: LicenseClient, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        async for event in client.connect_once():
+            events.append(event)
+            if len(events) == n:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return events
+
+
+async def test_without_a_token_401_with_a_bad_one_401_with_another_licenses_403(server: str) -> None:
+    license_id = new_license()
+    expired = tokens.mint(TOKEN_SECRET, license_id, ttl=-10)
+    forged = tokens.mint("another-secret-0123456789-abcdefghijkl", license_id)
+    async with httpx.AsyncClient() as client:
+        for path in (f"/api/licenses/{license_id}/events", f"/api/licenses/{license_id}"):
+            assert (await client.get(server + path)).status_code == 401
+            assert (await client.get(server + path, params={"token": "garbage"})).status_code == 401
+            assert (await client.get(server + path, params={"token": expired})).status_code == 401
+            assert (await client.get(server + path, params={"token": forged})).status_code == 401
+            other = {"authorization": f"Bearer {token_for(new_license())}"}
+            assert (await client.get(server + path, headers=other)).status_code == 403
+
+
+async def test_the_first_event_is_the_current_state_none_before_any_payment(server: str) -> None:
+    license_id = new_license()
+    [first] = await take(LicenseClient(server, license_id, token_for(license_id)), 1)
+    assert (first["seq"], first["status"], first["entitled"], first["license_id"]) == (0, "none", False, license_id)
+
+
+async def test_a_token_in_the_query_string_is_accepted(server: str) -> None:
+    license_id = new_license()
+    await pay(server, license_id)
+    async with httpx.AsyncClient() as client:
+        state = await client.get(f"{server}/api/licenses/{license_id}", params={"token": token_for(license_id)})
+    assert state.status_code == 200
+    assert (state.json()["seq"], state.json()["status"], state.json()["entitled"]) == (2, "active", True)
+
+
+async def test_a_live_event_reaches_a_connected_client(server: str) -> None:
+    license_id = new_license()
+    stream = LicenseClient(server, license_id, token_for(license_id)).connect_once()
+    try:
+        first = await asyncio.wait_for(anext(stream), 10)  # subscribed once the first state is here
+        await pay(server, license_id)
+        events = [first, await asyncio.wait_for(anext(stream), 10), await asyncio.wait_for(anext(stream), 10)]
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert [(e["seq"], e["status"]) for e in events] == [(0, "none"), (1, "active"), (2, "active")]
+
+
+async def test_reconnecting_with_last_event_id_replays_exactly_the_missed_events_in_order(server: str) -> None:
+    license_id = new_license()
+    for action in ("pay", "fail", "recover", "cancel"):
+        await pay(server, license_id, action)
+    client = LicenseClient(server, license_id, token_for(license_id), last_event_id=2)
+    events = await take(client, 3)
+    assert [(e["seq"], e["status"]) for e in events] == [(3, "past_due"), (4, "active"), (5, "canceled")]
+    assert client.last_event_id == 5
+
+
+async def test_the_resume_point_can_be_given_in_the_query_string(server: str) -> None:
+    license_id = new_license()
+    await pay(server, license_id)
+    await pay(server, license_id, "cancel")
+    url = f"{server}/api/licenses/{license_id}/events"
+    params = {"token": token_for(license_id), "lastEventId": "2"}
+    async with httpx.AsyncClient() as client, client.stream("GET", url, params=params) as response:
+        lines = response.aiter_lines()
+        while (line := await anext(lines)) != "id: 3":
+            pass
+        assert '"status":"canceled"' in await anext(lines)
+
+
+async def test_a_malformed_last_event_id_is_400(server: str) -> None:
+    license_id = new_license()
+    headers = {"authorization": f"Bearer {token_for(license_id)}", "last-event-id": "seven"}
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{server}/api/licenses/{license_id}/events", headers=headers)
+    assert response.status_code == 400
+
+
+async def test_the_stream_sends_a_retry_hint_and_ping_heartbeats(server: str) -> None:
+    license_id = new_license()
+    headers = {"authorization": f"Bearer {token_for(license_id)}"}
+    seen: list[str] = []
+    async with httpx.AsyncClient() as client:
+        async with client.stream("GET", f"{server}/api/licenses/{license_id}/events", headers=headers) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"].startswith("no-cache")
+            async for line in response.aiter_lines():
+                seen.append(line)
+                if seen.count(": ping") == 2:
+                    break
+    assert seen[0] == "retry: 2000"
+    assert "id: 0" in seen
+
+
+async def test_a_disconnected_client_releases_its_stream(server: str) -> None:
+    license_id = new_license()
+    baseline = metrics.OPEN_STREAMS._value.get()
+    await take(LicenseClient(server, license_id, token_for(license_id)), 1)
+    deadline = time.monotonic() + 5
+    while metrics.OPEN_STREAMS._value.get() != baseline:
+        assert time.monotonic() < deadline, "stream still open after the client left"
+        await asyncio.sleep(0.01)
+
+
+async def test_an_unauthorized_client_raises_instead_of_retrying_for_ever(server: str) -> None:
+    client = LicenseClient(server, new_license(), "not-a-token")
+    with pytest.raises(Unauthorized):
+        await take(client, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 500])
+async def test_an_event_committed_during_the_replay_is_sent_once(pg_url: str, batch: int) -> None:
+    """Subscribe, replay, then live: an event that commits while the replay runs is both read
+    from the database and queued live, and must reach the client exactly once."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = MemoryTransport()
+    events = EventLog(engine)
+    hub = SubscriptionHub(transport, events, buffer=64, sweep_interval=1)
+    await hub.start()
+    license_id = new_license()
+    for status in ("active", "past_due", "active"):
+        await append(engine, license_id, status)
+    settings = make_settings(pg_url, replay_batch=batch, heartbeat_interval=30)
+    stream = license_stream(events, hub, settings, license_id, 0)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        chunks = [await anext(stream)]  # seq 1, from the replay
+        during = await append(engine, license_id, "canceled")  # commits mid-replay ...
+        await transport.publish(license_id, during.data)  # ... and is published live
+        while len(chunks) < 4:
+            chunks.append(await asyncio.wait_for(anext(stream), 5))
+        after = await append(engine, license_id, "active")
+        await transport.publish(license_id, after.data)
+        chunks.append(await asyncio.wait_for(anext(stream), 5))
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+    ids = [int(chunk.split(b"\n", 1)[0].removeprefix(b"id: ")) for chunk in chunks]
+    assert ids == [1, 2, 3, 4, 5]
+    assert hub.clients == 0
