@@ -86,6 +86,8 @@ async def _events(
             try:
                 live = await asyncio.wait_for(sub.get(), timeout)
             except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
                 yield PING
                 continue
             if live is None:

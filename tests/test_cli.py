@@ -10,7 +10,6 @@ import sys
 import uuid
 from collections.abc import Callable
 
-
 from broker import tokens
 from stream.client import LicenseClient
 from tests.conftest import ADMIN_URL, ROOT, TOKEN_SECRET, Process, _psycopg_connect, wait_until
@@ -67,7 +66,8 @@ def test_token_without_a_secret_names_the_setting() -> None:
 
 
 def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
-    tmp_path, spawn: Callable[..., Process]  # type: ignore[no-untyped-def]
+    tmp_path,
+    spawn: Callable[..., Process],  # type: ignore[no-untyped-def]
 ) -> None:
     """What a new user does: serve in development mode, follow the printed curl, run the printed send."""
     env = {"BROKER_DEV": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "STRIPE_WEBHOOK_SECRET": "",
@@ -95,4 +95,8 @@ def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
 
     first, paid = asyncio.run(follow())
     assert (first["status"], first["entitled"]) == ("none", False)
-    assert (paid["status"], paid["entitled"], paid["stripe_event_type"]) == ("active", True, "checkout.session.completed")
+    assert (paid["status"], paid["entitled"], paid["stripe_event_type"]) == (
+        "active",
+        True,
+        "checkout.session.completed",
+    )

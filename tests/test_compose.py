@@ -44,7 +44,9 @@ def test_the_stack_has_postgres_redis_a_one_shot_migration_webhook_and_stream(co
 
 
 @pytest.mark.parametrize(("service", "command"), [("migrate", "migrate"), ("webhook", "webhook"), ("stream", "stream")])
-def test_each_command_is_a_real_subcommand_with_valid_settings(compose: dict[str, Any], service: str, command: str) -> None:
+def test_each_command_is_a_real_subcommand_with_valid_settings(
+    compose: dict[str, Any], service: str, command: str
+) -> None:
     spec = compose["services"][service]
     args = parser().parse_args(spec["command"])
     assert args.command == command

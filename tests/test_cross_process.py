@@ -49,7 +49,9 @@ async def test_an_event_posted_to_the_webhook_process_reaches_a_client_of_the_st
     finally:
         await client.aclose()  # type: ignore[attr-defined]
     # Reported, not asserted: speed is measured by `make bench`.
-    print(f"\ncross-process POST -> SSE latency: p50 {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms")
+    print(
+        f"\ncross-process POST -> SSE latency: p50 {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms"
+    )
 
 
 async def test_a_client_that_moves_to_another_stream_process_resumes_without_gaps_or_doubles(

@@ -28,7 +28,13 @@ async def append(engine: AsyncEngine, license_id: str, status: str = "active") -
         row.state = {**row.state, "status": status, "entitled": status == "active"}
         await LicenseStore.save(conn, row)
         return await EventLog.append(
-            conn, license_id, row.seq, row.state, stripe_event_id=None, stripe_event_type="test", occurred_at=datetime.now(UTC)
+            conn,
+            license_id,
+            row.seq,
+            row.state,
+            stripe_event_id=None,
+            stripe_event_type="test",
+            occurred_at=datetime.now(UTC),
         )
 
 
