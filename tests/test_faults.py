@@ -25,6 +25,7 @@ from tests.conftest import (
     Process,
     RedisServer,
     TcpProxy,
+    async_wait_until,
     make_settings,
     new_license,
     post_event,
@@ -39,8 +40,8 @@ def update(license_id: str, status: str) -> dict[str, object]:
     return SampleEvents(license_id).subscription_event("customer.subscription.updated", status, int(time.time()))
 
 
-async def next_event(stream, timeout: float = 10) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    event: dict[str, object] = await asyncio.wait_for(anext(stream), timeout)
+async def next_event(stream, within: float = 10) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    event: dict[str, object] = await asyncio.wait_for(anext(stream), within)
     return event
 
 
@@ -85,8 +86,7 @@ async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothin
     followers = [asyncio.create_task(follow(license_id)) for license_id in licenses]
     try:
         async with httpx.AsyncClient() as http:
-            while any(not seqs for seqs in received.values()):
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: all(received.values()), what="every client's first event")
             statuses = ["active", "past_due"]
             for round_ in range(12):
                 if round_ == 4:
@@ -219,7 +219,7 @@ async def test_sigterm_ends_the_streams_and_the_process_exits_promptly(
     stream_process.proc.send_signal(signal.SIGTERM)
     for stream in streams:
         with pytest.raises(StopAsyncIteration):  # ended cleanly: the client reconnects elsewhere
-            await next_event(stream, timeout=5)
+            await next_event(stream, within=5)
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as a signalled process should.
     assert await asyncio.to_thread(stream_process.proc.wait, 10) in (0, -signal.SIGTERM)
     assert time.monotonic() - started < 5
