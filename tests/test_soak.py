@@ -58,7 +58,9 @@ async def test_randomized_soak_every_client_ends_with_the_complete_sequence(
             for i in range(EVENTS):
                 license_id = rng.choice(licenses)
                 status = ["active", "past_due"][final[license_id] % 2]  # each event changes the state
-                event = SampleEvents(license_id).subscription_event("customer.subscription.updated", status, int(time.time()))
+                event = SampleEvents(license_id).subscription_event(
+                    "customer.subscription.updated", status, int(time.time())
+                )
                 response = await post_event(http, webhook.url, event)
                 assert response.status_code == 200, response.text
                 if response.json()["outcome"] == "applied":
