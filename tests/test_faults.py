@@ -37,7 +37,8 @@ from webhook.samples import SampleEvents
 
 
 def update(license_id: str, status: str) -> dict[str, object]:
-    return SampleEvents(license_id).subscription_event("customer.subscription.updated", status, int(time.time()))
+    sample = SampleEvents(license_id)
+    return sample.subscription_event("customer.subscription.updated", status, sample.tick())
 
 
 async def next_event(stream, within: float = 10) -> dict[str, object]:  # type: ignore[no-untyped-def]
