@@ -366,7 +366,8 @@ async def test_clients_spread_over_two_workers_of_one_stream_command_all_get_the
                 tasks.append(asyncio.create_task(collect(client, 2, received[i])))
             await _all_have(received, 0, 15)
             spread = _connections_by_pid(_worker_pids(stream.proc.pid), stream.port)
-        assert len(spread) == 2 and sum(spread.values()) == len(received), spread
+        # At least one per client: a just-closed /healthz connection may still count for a moment.
+        assert len(spread) == 2 and sum(spread.values()) >= len(received), spread
         ids = list(received)
         async with httpx.AsyncClient(timeout=10) as http:
             for n, status in enumerate(("active", "past_due"), start=1):
