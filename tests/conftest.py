@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,21 @@ import pytest
 import redis
 import sqlalchemy as sa
 import uvicorn
+from redis.crc import key_slot
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import tokens
 from broker.db import create_engine, migrate
+from broker.eventlog import EventLog, LicenseEvent
+from broker.licenses import LicenseStore
 from broker.schema import metadata
 from broker.settings import Settings, normalize_database_url
+from broker.transports import Transport
+from broker.transports.memory import MemoryTransport
+from broker.transports.poll import PollTransport
+from broker.transports.redis import RedisTransport
+from broker.transports.redis_cluster import RedisClusterTransport
 from webhook.signature import sign
 
 CI = os.environ.get("CI", "").lower() == "true"
@@ -410,3 +420,179 @@ class TcpProxy:
         self._stopped = True
         self.cut()
         self._listener.close()
+
+
+class LocalCluster:
+    """Six redis-server processes on free ports, joined by `redis-cli --cluster create`."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.masters, self.replicas, self.node_timeout_ms = masters, replicas, node_timeout_ms
+        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
+        self.dir = tempfile.mkdtemp(prefix="lb-cluster-")
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2)
+
+    def start(self) -> None:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            unavailable("redis-server and redis-cli", FileNotFoundError("redis-server/redis-cli"))
+        assert server is not None and cli is not None
+        for port in self.ports:
+            # An explicit bus port: the default (port + 10000) may not exist for a high free port.
+            self.procs[port] = subprocess.Popen(
+                [
+                    *(server, "--port", str(port), "--cluster-port", str(free_port()), "--bind", "127.0.0.1"),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
+                    *("--cluster-node-timeout", str(self.node_timeout_ms), "--save", "", "--appendonly", "no"),
+                ],
+                cwd=self.dir,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for port in self.ports:
+            wait_until(lambda port=port: self._pings(port), what=f"redis-server on {port}")  # type: ignore[misc]
+        subprocess.run(
+            [
+                *(cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)),
+                *("--cluster-replicas", str(self.replicas), "--cluster-yes"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        wait_until(self.healthy, timeout=30, what="the cluster to be ok with every replica in sync")
+
+    def _pings(self, port: int) -> bool:
+        try:
+            return bool(self.client(port).ping())
+        except redis.RedisError:
+            return False
+
+    def alive(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
+
+    def healthy(self) -> bool:
+        """Every live node says cluster_state:ok, and every master with slots has a replica in sync."""
+        try:
+            masters = 0
+            for port in self.alive():
+                node = self.client(port)
+                if b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
+                    return False
+                info = node.info("replication")
+                if info["role"] == "master":
+                    masters += 1
+                elif info.get("master_link_status") != "up":
+                    return False
+            return masters == self.masters
+        except redis.RedisError:
+            return False
+
+    def master_of(self, name: str) -> int:
+        """The port of the master that owns the channel's slot, as the cluster sees it now."""
+        slot = key_slot(name.encode())
+        for port in self.alive():
+            with contextlib.suppress(redis.RedisError):
+                for start, end, master, *_ in self.client(port).execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return int(master[1])
+        raise LookupError(f"no master for slot {slot}")
+
+    def master_ports(self) -> set[int]:
+        return {self.master_of(f"{{{tag}}}") for tag in range(200)}
+
+    def kill(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[LocalCluster]:
+    """For the tests that do not break it."""
+    local = LocalCluster()
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+# --- the transport suite's harness (one per transport, tests/test_transports.py) ------------
+
+
+async def append(engine: AsyncEngine, license_id: str, status: str = "active") -> LicenseEvent:
+    """What the webhook's transaction does, without Stripe."""
+    async with engine.begin() as conn:
+        row = await LicenseStore.lock(conn, license_id)
+        row.seq += 1
+        row.state = {**row.state, "status": status, "entitled": status == "active"}
+        await LicenseStore.save(conn, row)
+        return await EventLog.append(
+            conn,
+            license_id,
+            row.seq,
+            row.state,
+            stripe_event_id=None,
+            stripe_event_type="test",
+            occurred_at=datetime.now(UTC),
+        )
+
+
+class Harness:
+    def __init__(self, transport: Transport, engine: AsyncEngine) -> None:
+        self.transport = transport
+        self.engine = engine
+        self.received: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.gaps = 0
+
+    def on_message(self, license_id: str, payload: bytes) -> None:
+        self.received.put_nowait((license_id, payload))
+
+    def on_gap(self) -> None:
+        self.gaps += 1
+
+    async def commit_and_publish(self, license_id: str, status: str = "active") -> LicenseEvent:
+        event = await append(self.engine, license_id, status)
+        await self.transport.publish(license_id, event.data)
+        return event
+
+    async def next(self, within: float = 5.0) -> LicenseEvent:
+        license_id, payload = await asyncio.wait_for(self.received.get(), within)
+        event = LicenseEvent.from_json(payload)
+        assert event.license_id == license_id
+        return event
+
+
+@pytest.fixture(params=["memory", "poll", "redis", "redis-cluster"])
+async def harness(request: pytest.FixtureRequest, pg_url: str) -> AsyncIterator[Harness]:
+    engine = create_engine(Settings(database_url=pg_url))
+    transport: Transport
+    if request.param == "memory":
+        transport = MemoryTransport()
+    elif request.param == "poll":
+        transport = PollTransport(EventLog(engine), interval=0.05)
+    elif request.param == "redis":
+        transport = RedisTransport(request.getfixturevalue("redis_url"))
+    else:
+        transport = RedisClusterTransport(request.getfixturevalue("shared_cluster").url)
+    h = Harness(transport, engine)
+    await transport.connect()
+    await transport.start(h.on_message, h.on_gap)
+    try:
+        yield h
+    finally:
+        await transport.close()
+        await engine.dispose()

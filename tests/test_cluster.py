@@ -6,19 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-from redis.crc import key_slot
 
 from broker.db import create_engine
 from broker.settings import ClusterAddress, Settings, SettingsError, parse_cluster_url
@@ -26,6 +20,8 @@ from broker.transports.base import channel
 from broker.transports.redis_cluster import RedisClusterTransport
 from stream.client import LicenseClient
 from tests.conftest import (
+    Harness,
+    LocalCluster,
     Process,
     async_wait_until,
     free_port,
@@ -33,120 +29,11 @@ from tests.conftest import (
     post_event,
     process_env,
     token_for,
-    unavailable,
     wait_until,
-)
-
-# The shared transport suite, run here against the cluster by overriding its `harness` fixture.
-from tests.test_transports import (  # noqa: F401
-    Harness,
-    test_a_message_published_after_listen_reaches_the_handler,
-    test_close_is_safe_twice_and_check_reports_health,
-    test_many_licenses_share_the_transport,
-    test_messages_of_one_license_arrive_in_publish_order,
-    test_nothing_arrives_after_unlisten,
-    test_only_listened_licenses_are_delivered,
 )
 from webhook.samples import SampleEvents
 
 pytestmark = pytest.mark.slow
-
-
-class LocalCluster:
-    """Six redis-server processes on free ports, joined by `redis-cli --cluster create`."""
-
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
-        self.masters, self.replicas, self.node_timeout_ms = masters, replicas, node_timeout_ms
-        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
-        self.dir = tempfile.mkdtemp(prefix="lb-cluster-")
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
-
-    def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2)
-
-    def start(self) -> None:
-        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-        if server is None or cli is None:
-            unavailable("redis-server and redis-cli", FileNotFoundError("redis-server/redis-cli"))
-        assert server is not None and cli is not None
-        for port in self.ports:
-            # An explicit bus port: the default (port + 10000) may not exist for a high free port.
-            self.procs[port] = subprocess.Popen(
-                [
-                    *(server, "--port", str(port), "--cluster-port", str(free_port()), "--bind", "127.0.0.1"),
-                    *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
-                    *("--cluster-node-timeout", str(self.node_timeout_ms), "--save", "", "--appendonly", "no"),
-                ],
-                cwd=self.dir,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        for port in self.ports:
-            wait_until(lambda port=port: self._pings(port), what=f"redis-server on {port}")  # type: ignore[misc]
-        subprocess.run(
-            [
-                *(cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)),
-                *("--cluster-replicas", str(self.replicas), "--cluster-yes"),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        wait_until(self.healthy, timeout=30, what="the cluster to be ok with every replica in sync")
-
-    def _pings(self, port: int) -> bool:
-        try:
-            return bool(self.client(port).ping())
-        except redis.RedisError:
-            return False
-
-    def alive(self) -> list[int]:
-        return [port for port, proc in self.procs.items() if proc.poll() is None]
-
-    def healthy(self) -> bool:
-        """Every live node says cluster_state:ok, and every master with slots has a replica in sync."""
-        try:
-            masters = 0
-            for port in self.alive():
-                node = self.client(port)
-                if b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
-                    return False
-                info = node.info("replication")
-                if info["role"] == "master":
-                    masters += 1
-                elif info.get("master_link_status") != "up":
-                    return False
-            return masters == self.masters
-        except redis.RedisError:
-            return False
-
-    def master_of(self, name: str) -> int:
-        """The port of the master that owns the channel's slot, as the cluster sees it now."""
-        slot = key_slot(name.encode())
-        for port in self.alive():
-            with contextlib.suppress(redis.RedisError):
-                for start, end, master, *_ in self.client(port).execute_command("CLUSTER", "SLOTS"):
-                    if start <= slot <= end:
-                        return int(master[1])
-        raise LookupError(f"no master for slot {slot}")
-
-    def master_ports(self) -> set[int]:
-        return {self.master_of(f"{{{tag}}}") for tag in range(200)}
-
-    def kill(self, port: int) -> None:
-        self.procs[port].send_signal(signal.SIGKILL)
-        self.procs[port].wait()
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -157,31 +44,6 @@ def cluster() -> Iterator[LocalCluster]:
         yield local
     finally:
         local.stop()
-
-
-@pytest.fixture(scope="module")
-def shared_cluster() -> Iterator[LocalCluster]:
-    """For the tests that do not break it."""
-    local = LocalCluster()
-    try:
-        local.start()
-        yield local
-    finally:
-        local.stop()
-
-
-@pytest.fixture
-async def harness(shared_cluster: LocalCluster, pg_url: str) -> AsyncIterator[Harness]:
-    engine = create_engine(Settings(database_url=pg_url))
-    transport = RedisClusterTransport(shared_cluster.url)
-    h = Harness(transport, engine)
-    await transport.connect()
-    await transport.start(h.on_message, h.on_gap)
-    try:
-        yield h
-    finally:
-        await transport.close()
-        await engine.dispose()
 
 
 def licenses_on_every_master(cluster: LocalCluster, per_master: int) -> list[str]:
@@ -195,6 +57,7 @@ def licenses_on_every_master(cluster: LocalCluster, per_master: int) -> list[str
     return [license_id for ids in by_master.values() for license_id in ids]
 
 
+@pytest.mark.parametrize("harness", ["redis-cluster"], indirect=True)
 async def test_one_subscriber_connection_per_master_however_many_licenses(
     shared_cluster: LocalCluster, harness: Harness
 ) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     Process,
     RedisServer,
     TcpProxy,
+    append,
     async_wait_until,
     make_settings,
     new_license,
@@ -32,7 +33,6 @@ from tests.conftest import (
     process_env,
     token_for,
 )
-from tests.test_transports import append
 from webhook.samples import SampleEvents
 
 

@@ -17,8 +17,7 @@ from broker.eventlog import EventLog
 from broker.retention import prune_event_log
 from broker.schema import subscription_event_logs
 from broker.settings import Settings, SettingsError
-from tests.conftest import ROOT, new_license
-from tests.test_transports import append
+from tests.conftest import ROOT, append, new_license
 
 
 @pytest.fixture

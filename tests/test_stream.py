@@ -19,8 +19,7 @@ from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.client import LicenseClient, Unauthorized
 from stream.hub import SubscriptionHub
-from tests.conftest import TOKEN_SECRET, make_settings, new_license, post_event, serving, token_for
-from tests.test_transports import append
+from tests.conftest import TOKEN_SECRET, append, make_settings, new_license, post_event, serving, token_for
 from webhook.samples import SampleEvents
 
 

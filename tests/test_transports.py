@@ -3,85 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import pytest
 import redis
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import create_engine
-from broker.eventlog import EventLog, LicenseEvent
-from broker.licenses import LicenseStore
 from broker.settings import Settings
-from broker.transports import Transport
-from broker.transports.memory import MemoryTransport
-from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
-from tests.conftest import new_license
-
-
-async def append(engine: AsyncEngine, license_id: str, status: str = "active") -> LicenseEvent:
-    """What the webhook's transaction does, without Stripe."""
-    async with engine.begin() as conn:
-        row = await LicenseStore.lock(conn, license_id)
-        row.seq += 1
-        row.state = {**row.state, "status": status, "entitled": status == "active"}
-        await LicenseStore.save(conn, row)
-        return await EventLog.append(
-            conn,
-            license_id,
-            row.seq,
-            row.state,
-            stripe_event_id=None,
-            stripe_event_type="test",
-            occurred_at=datetime.now(UTC),
-        )
-
-
-class Harness:
-    def __init__(self, transport: Transport, engine: AsyncEngine) -> None:
-        self.transport = transport
-        self.engine = engine
-        self.received: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self.gaps = 0
-
-    def on_message(self, license_id: str, payload: bytes) -> None:
-        self.received.put_nowait((license_id, payload))
-
-    def on_gap(self) -> None:
-        self.gaps += 1
-
-    async def commit_and_publish(self, license_id: str, status: str = "active") -> LicenseEvent:
-        event = await append(self.engine, license_id, status)
-        await self.transport.publish(license_id, event.data)
-        return event
-
-    async def next(self, within: float = 5.0) -> LicenseEvent:
-        license_id, payload = await asyncio.wait_for(self.received.get(), within)
-        event = LicenseEvent.from_json(payload)
-        assert event.license_id == license_id
-        return event
-
-
-@pytest.fixture(params=["memory", "poll", "redis"])
-async def harness(request: pytest.FixtureRequest, pg_url: str) -> AsyncIterator[Harness]:
-    engine = create_engine(Settings(database_url=pg_url))
-    transport: Transport
-    if request.param == "memory":
-        transport = MemoryTransport()
-    elif request.param == "poll":
-        transport = PollTransport(EventLog(engine), interval=0.05)
-    else:
-        transport = RedisTransport(request.getfixturevalue("redis_url"))
-    h = Harness(transport, engine)
-    await transport.connect()
-    await transport.start(h.on_message, h.on_gap)
-    try:
-        yield h
-    finally:
-        await transport.close()
-        await engine.dispose()
+from tests.conftest import Harness, new_license
 
 
 async def test_a_message_published_after_listen_reaches_the_handler(harness: Harness) -> None:
