@@ -281,13 +281,14 @@ class Process:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "license_broker", *command, "--port", str(port)],
-            env={**os.environ, **env},
-            cwd=ROOT,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "license_broker", *command, "--port", str(port)],
+                env={**os.environ, **env},
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def wait_ready(self, timeout: float = 20) -> None:
         def ready() -> bool:
