@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import httpx
 import orjson
 import uvicorn
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker import tokens
 from broker.db import create_engine, migrate
@@ -98,8 +100,13 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await engine.dispose()
 
-    asyncio.run(run())
-    print(f"migrated {settings.database_url}")
+    try:
+        asyncio.run(run())
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"license-broker: migrate: DATABASE_URL is not reachable: {reason}", file=sys.stderr)
+        return 1
+    print(f"migrated {make_url(settings.database_url).render_as_string(hide_password=True)}")
     return 0
 
 

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,7 +38,7 @@ class _Sender:
 
 async def license_stream(
     events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     yield b"retry: %d\n\n" % settings.retry_ms
     try:
         # aclosing: when the response closes this generator, the inner one (and its hub
@@ -56,7 +56,7 @@ async def license_stream(
 
 async def _events(
     events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     deadline = None
     if settings.max_connection_lifetime:
         # Jittered, so that clients of a restarted fleet do not all come back in the same second.
@@ -86,6 +86,8 @@ async def _events(
             try:
                 live = await asyncio.wait_for(sub.get(), timeout)
             except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
                 yield PING
                 continue
             if live is None:

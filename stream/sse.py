@@ -3,7 +3,7 @@ which watches for the client going away."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 from starlette.background import BackgroundTask
@@ -31,7 +31,7 @@ PING = b": ping\n\n"
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], *, send_timeout: float) -> None:
+    def __init__(self, body: AsyncGenerator[bytes, None], *, send_timeout: float) -> None:
         self.stream = body
         self.send_timeout = send_timeout
         self.status_code = 200
@@ -63,5 +63,5 @@ class EventStreamResponse(Response):
                 finally:
                     group.cancel_scope.cancel()
         finally:
-            await self.stream.aclose()  # type: ignore[attr-defined]
+            await self.stream.aclose()
             metrics.OPEN_STREAMS.dec()

@@ -39,7 +39,7 @@ async def pay(url: str, license_id: str, action: str = "pay") -> None:
             assert (await post_event(client, url, event)).status_code == 200
 
 
-async def take(client: LicenseClient, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+async def take(client: LicenseClient, n: int, within: float = 10) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
 
     async def run() -> None:
@@ -48,7 +48,7 @@ async def take(client: LicenseClient, n: int, timeout: float = 10) -> list[dict[
             if len(events) == n:
                 return
 
-    await asyncio.wait_for(run(), timeout)
+    await asyncio.wait_for(run(), within)
     return events
 
 
@@ -111,7 +111,7 @@ async def test_the_resume_point_can_be_given_in_the_query_string(server: str) ->
     params = {"token": token_for(license_id), "lastEventId": "2"}
     async with httpx.AsyncClient() as client, client.stream("GET", url, params=params) as response:
         lines = response.aiter_lines()
-        while (line := await anext(lines)) != "id: 3":
+        while await anext(lines) != "id: 3":
             pass
         assert '"status":"canceled"' in await anext(lines)
 
@@ -128,14 +128,14 @@ async def test_the_stream_sends_a_retry_hint_and_ping_heartbeats(server: str) ->
     license_id = new_license()
     headers = {"authorization": f"Bearer {token_for(license_id)}"}
     seen: list[str] = []
-    async with httpx.AsyncClient() as client:
-        async with client.stream("GET", f"{server}/api/licenses/{license_id}/events", headers=headers) as response:
-            assert response.headers["content-type"].startswith("text/event-stream")
-            assert response.headers["cache-control"].startswith("no-cache")
-            async for line in response.aiter_lines():
-                seen.append(line)
-                if seen.count(": ping") == 2:
-                    break
+    url = f"{server}/api/licenses/{license_id}/events"
+    async with httpx.AsyncClient() as client, client.stream("GET", url, headers=headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"].startswith("no-cache")
+        async for line in response.aiter_lines():
+            seen.append(line)
+            if seen.count(": ping") == 2:
+                break
     assert seen[0] == "retry: 2000"
     assert "id: 0" in seen
 

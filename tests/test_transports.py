@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+import redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import create_engine
@@ -28,7 +29,13 @@ async def append(engine: AsyncEngine, license_id: str, status: str = "active") -
         row.state = {**row.state, "status": status, "entitled": status == "active"}
         await LicenseStore.save(conn, row)
         return await EventLog.append(
-            conn, license_id, row.seq, row.state, stripe_event_id=None, stripe_event_type="test", occurred_at=datetime.now(UTC)
+            conn,
+            license_id,
+            row.seq,
+            row.state,
+            stripe_event_id=None,
+            stripe_event_type="test",
+            occurred_at=datetime.now(UTC),
         )
 
 
@@ -50,8 +57,8 @@ class Harness:
         await self.transport.publish(license_id, event.data)
         return event
 
-    async def next(self, timeout: float = 5.0) -> LicenseEvent:
-        license_id, payload = await asyncio.wait_for(self.received.get(), timeout)
+    async def next(self, within: float = 5.0) -> LicenseEvent:
+        license_id, payload = await asyncio.wait_for(self.received.get(), within)
         event = LicenseEvent.from_json(payload)
         assert event.license_id == license_id
         return event
@@ -142,7 +149,7 @@ async def test_redis_reconnects_resubscribes_and_reports_the_gap(redis_server, p
         assert (await h.next()).seq == 1
         redis_server.stop()
         assert await transport.check() is False
-        with pytest.raises(Exception):
+        with pytest.raises(redis.ConnectionError):
             await h.commit_and_publish(license_id)  # committed; the publish fails (seq 2 is lost)
         redis_server.start()
         deadline = asyncio.get_running_loop().time() + 10

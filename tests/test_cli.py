@@ -1,0 +1,102 @@
+"""The `license-broker` command, and the `make run` experience end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+
+from broker import tokens
+from stream.client import LicenseClient
+from tests.conftest import ADMIN_URL, ROOT, TOKEN_SECRET, Process, _psycopg_connect, wait_until
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "license_broker", *args],
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_migrate_creates_the_schema_and_is_idempotent(postgres_url: str) -> None:
+    name = f"lb_migrate_{uuid.uuid4().hex[:8]}"
+    with _psycopg_connect(ADMIN_URL) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        first = cli("migrate", env={"DATABASE_URL": url})
+        second = cli("migrate", env={"DATABASE_URL": url})
+        assert first.returncode == 0, first.stderr
+        assert second.returncode == 0, second.stderr
+        with _psycopg_connect(url) as conn:
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert {"licenses", "stripe_events", "subscription_event_logs", "alembic_version"} <= tables
+        assert version is not None
+    finally:
+        with _psycopg_connect(ADMIN_URL) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migrate_against_an_unreachable_database_fails_with_one_line() -> None:
+    result = cli("migrate", env={"DATABASE_URL": "postgresql://127.0.0.1:1/none"})
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("license-broker: migrate: DATABASE_URL is not reachable: ")
+
+
+def test_token_prints_a_jwt_for_the_license() -> None:
+    result = cli("token", "lic_42", "--ttl", "60", env={"STREAM_TOKEN_SECRET": TOKEN_SECRET})
+    assert result.returncode == 0
+    assert tokens.verify(TOKEN_SECRET, result.stdout.strip()) == "lic_42"
+
+
+def test_token_without_a_secret_names_the_setting() -> None:
+    result = cli("token", "lic_42")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "license-broker: STREAM_TOKEN_SECRET: required by the stream app"
+
+
+def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
+    tmp_path,
+    spawn: Callable[..., Process],  # type: ignore[no-untyped-def]
+) -> None:
+    """What a new user does: serve in development mode, follow the printed curl, run the printed send."""
+    env = {"BROKER_DEV": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "STRIPE_WEBHOOK_SECRET": "",
+           "STREAM_TOKEN_SECRET": "", "REDIS_URL": "", "BROKER_TRANSPORT": ""}  # fmt: skip
+    server = spawn("serve", env)
+    wait_until(lambda: "Then try:" in server.log.read_text(), what="the banner")
+    banner = server.log.read_text()
+    token = re.search(r"Authorization: Bearer (\S+)'", banner)
+    send = re.search(r"^\s+(\.venv/bin/license-broker send pay lic_demo --url \S+)$", banner, re.M)
+    assert token and send, banner
+
+    async def follow() -> list[dict[str, object]]:
+        stream = LicenseClient(server.url, "lic_demo", token.group(1)).connect_once()
+        first = await asyncio.wait_for(anext(stream), 10)
+        command = shlex.split(send.group(1))
+        command[0] = sys.executable
+        command[1:1] = ["-m", "license_broker"]
+        result = await asyncio.to_thread(
+            subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        events = [first, await asyncio.wait_for(anext(stream), 10)]
+        await stream.aclose()  # type: ignore[attr-defined]
+        return events
+
+    first, paid = asyncio.run(follow())
+    assert (first["status"], first["entitled"]) == ("none", False)
+    assert (paid["status"], paid["entitled"], paid["stripe_event_type"]) == (
+        "active",
+        True,
+        "checkout.session.completed",
+    )

@@ -1,0 +1,271 @@
+"""Delivery under faults, with real processes, real Postgres and private redis-servers: exactly
+once, in order, per license, for every client."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from broker.db import create_engine
+from broker.eventlog import EventLog
+from broker.licenses import LicenseStore
+from broker.settings import Settings
+from broker.transports.memory import MemoryTransport
+from broker.transports.poll import PollTransport
+from stream.catchup import license_stream
+from stream.client import LicenseClient
+from stream.hub import SubscriptionHub
+from tests.conftest import (
+    Process,
+    RedisServer,
+    TcpProxy,
+    async_wait_until,
+    make_settings,
+    new_license,
+    post_event,
+    process_env,
+    token_for,
+)
+from tests.test_transports import append
+from webhook.samples import SampleEvents
+
+
+def update(license_id: str, status: str) -> dict[str, object]:
+    return SampleEvents(license_id).subscription_event("customer.subscription.updated", status, int(time.time()))
+
+
+async def next_event(stream, within: float = 10) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    event: dict[str, object] = await asyncio.wait_for(anext(stream), within)
+    return event
+
+
+async def test_a_webhook_killed_between_commit_and_publish_still_reaches_the_client(
+    pg_url: str, redis_url: str, spawn: Callable[..., Process]
+) -> None:
+    env = process_env(pg_url, REDIS_URL=redis_url)
+    doomed = spawn("webhook", {**env, "LICENSE_BROKER_FAULT": "exit-after-commit"})
+    stream_process = spawn("stream", env)
+    license_id = new_license()
+    stream = LicenseClient(stream_process.url, license_id, token_for(license_id)).connect_once()
+    try:
+        assert (await next_event(stream))["seq"] == 0
+        event = update(license_id, "active")
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(httpx.TransportError):
+                await post_event(http, doomed.url, event)  # committed, then the process died
+            assert doomed.proc.wait(10) == 86
+            got = await next_event(stream)  # found by the stream's database sweep
+            assert (got["seq"], got["stripe_event_id"]) == (1, event["id"])
+            # Stripe retries the delivery it never got an answer for: a duplicate, nothing new.
+            healthy = spawn("webhook", env)
+            assert (await post_event(http, healthy.url, event)).json()["outcome"] == "duplicate"
+            await post_event(http, healthy.url, update(license_id, "past_due"))
+            assert (await next_event(stream))["seq"] == 2
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothing(
+    pg_url: str, redis_server: RedisServer, spawn: Callable[..., Process]
+) -> None:
+    env = process_env(pg_url, REDIS_URL=redis_server.url)
+    webhook, stream_process = spawn("webhook", env), spawn("stream", env)
+    licenses = [new_license() for _ in range(3)]
+    received: dict[str, list[int]] = {license_id: [] for license_id in licenses}
+
+    async def follow(license_id: str) -> None:
+        async for event in LicenseClient(stream_process.url, license_id, token_for(license_id)).connect_once():
+            received[license_id].append(int(event["seq"]))  # type: ignore[call-overload]
+
+    followers = [asyncio.create_task(follow(license_id)) for license_id in licenses]
+    try:
+        async with httpx.AsyncClient() as http:
+            await async_wait_until(lambda: all(received.values()), what="every client's first event")
+            statuses = ["active", "past_due"]
+            for round_ in range(12):
+                if round_ == 4:
+                    redis_server.stop()
+                    ready = (await http.get(f"{stream_process.url}/readyz")).json()
+                    assert ready["status"] == "degraded"
+                if round_ == 8:
+                    redis_server.start()
+                for license_id in licenses:
+                    response = await post_event(http, webhook.url, update(license_id, statuses[round_ % 2]))
+                    assert response.status_code == 200  # a failed publish is never Stripe's problem
+        deadline = time.monotonic() + 10
+        while any(seqs[-1] != 12 for seqs in received.values()):
+            assert time.monotonic() < deadline, received
+            await asyncio.sleep(0.02)
+    finally:
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+    for seqs in received.values():
+        assert seqs == list(range(0, 13))
+
+
+async def test_transactions_that_commit_out_of_id_order_are_all_delivered(pg_url: str) -> None:
+    """A poller that followed a global id would skip the first transaction (lower id, later commit)."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = PollTransport(EventLog(engine), interval=0.05)
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    await transport.start(lambda lid, payload: got.put_nowait((lid, payload)), lambda: None)
+    slow, fast = new_license(), new_license()
+    await transport.listen(slow)
+    await transport.listen(fast)
+    try:
+        async with engine.begin() as conn:
+            row = await LicenseStore.lock(conn, slow)
+            row.seq += 1
+            await LicenseStore.save(conn, row)
+            await EventLog.append(
+                conn, slow, 1, row.state, stripe_event_id=None, stripe_event_type="t", occurred_at=datetime.now(UTC)
+            )
+            await append(engine, fast, "active")  # takes a higher id, commits first
+            assert (await asyncio.wait_for(got.get(), 5))[0] == fast
+        assert (await asyncio.wait_for(got.get(), 5))[0] == slow  # committed last, still found
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+async def hub_and_stream(pg_url: str, **changes: object):  # type: ignore[no-untyped-def]
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = MemoryTransport()
+    events = EventLog(engine)
+    settings = make_settings(pg_url, **changes)
+    hub = SubscriptionHub(transport, events, buffer=settings.client_buffer, sweep_interval=1)
+    await hub.start()
+    return engine, transport, events, settings, hub
+
+
+def seq_of(chunk: bytes) -> int:
+    return int(chunk.split(b"\n", 1)[0].removeprefix(b"id: "))
+
+
+async def test_a_live_message_that_skips_ahead_makes_the_stream_fetch_the_gap_first(pg_url: str) -> None:
+    engine, transport, events, settings, hub = await hub_and_stream(pg_url, heartbeat_interval=30)
+    license_id = new_license()
+    stream = license_stream(events, hub, settings, license_id, None)
+    try:
+        await anext(stream)  # retry
+        assert seq_of(await anext(stream)) == 0
+        first, second = await append(engine, license_id), await append(engine, license_id, "past_due")
+        await transport.publish(license_id, second.data)  # seq 2 overtakes seq 1 (two publishers)
+        assert [seq_of(await anext(stream)), seq_of(await anext(stream))] == [1, 2]
+        await transport.publish(license_id, first.data)  # late: already sent, skipped
+        third = await append(engine, license_id, "canceled")
+        await transport.publish(license_id, third.data)
+        assert seq_of(await asyncio.wait_for(anext(stream), 5)) == 3
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_a_client_that_leaves_in_the_middle_of_a_replay_releases_everything(pg_url: str) -> None:
+    engine, _, events, settings, hub = await hub_and_stream(pg_url, replay_batch=10)
+    license_id = new_license()
+    for _ in range(50):
+        await append(engine, license_id)
+    stream = license_stream(events, hub, settings, license_id, 0)
+    await anext(stream)
+    assert [seq_of(await anext(stream)) for _ in range(15)] == list(range(1, 16))
+    assert hub.clients == 1
+    await stream.aclose()
+    assert hub.clients == 0
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await hub.close()
+    await engine.dispose()
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_buffer_stays_bounded(pg_url: str) -> None:
+    engine, transport, events, settings, hub = await hub_and_stream(pg_url, client_buffer=4, heartbeat_interval=30)
+    license_id = new_license()
+    stream = license_stream(events, hub, settings, license_id, None)
+    try:
+        await anext(stream)
+        assert seq_of(await anext(stream)) == 0
+        [sub] = hub._topics[license_id].subs
+        for _ in range(10):  # the client reads nothing meanwhile
+            event = await append(engine, license_id)
+            await transport.publish(license_id, event.data)
+            assert sub.queue.qsize() <= 4
+        assert sub.overflowed
+        # The stream ends instead of growing; the client reconnects with Last-Event-ID.
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 5)
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_sigterm_ends_the_streams_and_the_process_exits_promptly(
+    pg_url: str, redis_url: str, spawn: Callable[..., Process]
+) -> None:
+    stream_process = spawn("stream", process_env(pg_url, REDIS_URL=redis_url))
+    clients = [LicenseClient(stream_process.url, lid, token_for(lid)) for lid in (new_license(), new_license())]
+    streams = [client.connect_once() for client in clients]
+    for stream in streams:
+        assert (await next_event(stream))["seq"] == 0
+    started = time.monotonic()
+    stream_process.proc.send_signal(signal.SIGTERM)
+    for stream in streams:
+        with pytest.raises(StopAsyncIteration):  # ended cleanly: the client reconnects elsewhere
+            await next_event(stream, within=5)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught, as a signalled process should.
+    assert await asyncio.to_thread(stream_process.proc.wait, 10) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 5
+
+
+async def test_a_stream_ends_after_its_maximum_lifetime_so_that_clients_rebalance(pg_url: str) -> None:
+    engine, _, events, settings, hub = await hub_and_stream(pg_url, max_connection_lifetime=0.3, heartbeat_interval=30)
+    stream = license_stream(events, hub, settings, new_license(), None)
+    started = time.monotonic()
+    try:
+        chunks = [chunk async for chunk in stream]
+    finally:
+        await hub.close()
+        await engine.dispose()
+    assert len(chunks) == 2  # retry hint and the current state, then the end
+    assert 0.25 <= time.monotonic() - started < 5
+
+
+async def test_a_postgres_outage_answers_503_keeps_the_streams_and_recovers(
+    pg_url: str, redis_url: str, spawn: Callable[..., Process]
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.port or 5432, real.host or "127.0.0.1")
+    try:
+        via_proxy = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = process_env(via_proxy, REDIS_URL=redis_url, STREAM_HEARTBEAT_INTERVAL="0.2")
+        webhook, stream_process = spawn("webhook", env), spawn("stream", env)
+        license_id = new_license()
+        url = f"{stream_process.url}/api/licenses/{license_id}/events"
+        headers = {"authorization": f"Bearer {token_for(license_id)}"}
+        async with httpx.AsyncClient(timeout=10) as http, http.stream("GET", url, headers=headers) as response:
+            lines = response.aiter_lines()
+            while await anext(lines) != "id: 0":
+                pass
+            proxy.cut()
+            assert (await post_event(http, webhook.url, update(license_id, "active"))).status_code == 503
+            pings = 0
+            while pings < 3:  # the connection lives on, heartbeats and all
+                pings += await anext(lines) == ": ping"
+            proxy.restore()
+            deadline = time.monotonic() + 15
+            while (response_ := await post_event(http, webhook.url, update(license_id, "active"))).status_code != 200:
+                assert time.monotonic() < deadline, response_.text
+            while (line := await anext(lines)) != "id: 1":
+                assert not line.startswith("id:"), line
+    finally:
+        proxy.close()
