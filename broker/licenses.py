@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NotRequired, TypedDict
@@ -10,22 +11,28 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.schema import licenses
+from broker.schema import license_payments, licenses
 
 
 class LicenseState(TypedDict):
     """What a desktop app receives: enough to lock, unlock and tell its user why."""
 
-    status: str  # "none" until the first payment; Stripe's subscription status; "revoked"; "paid"
+    # Derived from the facets below (webhook.rules.derive): "none" until the first payment;
+    # Stripe's subscription status; "paid" (perpetual); "revoked" (full refund or dispute).
+    status: str
     entitled: bool
     kind: str | None  # "subscription" | "perpetual"
-    features: list[str]
+    features: list[str]  # lookup_keys of the customer's active entitlements
     cancel_at_period_end: bool
     current_period_end: str | None
     trial_end: str | None
     customer: str | None
     subscription: str | None
-    notice: NotRequired[dict[str, Any] | None]
+    notice: NotRequired[dict[str, Any] | None]  # e.g. {"type": "trial_will_end", "trial_end": ...}
+    subscription_status: NotRequired[str | None]  # Stripe's, as the last subscription event said
+    payment: NotRequired[dict[str, Any] | None]  # the Checkout purchase: mode, status, session
+    last_invoice: NotRequired[dict[str, Any] | None]  # the newest invoice event: id, outcome, ...
+    revocation: NotRequired[dict[str, Any] | None]  # the refund or dispute that revoked it
     # Per-facet `created` of the Stripe event that last set it (see webhook.rules).
     versions: NotRequired[dict[str, int]]
 
@@ -83,17 +90,51 @@ class LicenseStore:
         )
 
     @staticmethod
-    async def find(conn: AsyncConnection, *, customer: str | None, subscription: str | None) -> str | None:
-        """The license a customer or subscription was linked to by an earlier event."""
-        for column, value in (
-            (licenses.c.stripe_subscription_id, subscription),
-            (licenses.c.stripe_customer_id, customer),
-        ):
-            if value:
-                found = await conn.scalar(sa.select(licenses.c.id).where(column == value).limit(1))
-                if found is not None:
-                    return str(found)
+    async def find(
+        conn: AsyncConnection,
+        *,
+        customer: str | None,
+        subscription: str | None,
+        payments: Iterable[str] = (),
+    ) -> str | None:
+        """The license a subscription, charge or payment intent, or else a customer, was linked to
+        by an earlier event (most specific first: one customer may hold several licenses)."""
+        if subscription:
+            found = await conn.scalar(
+                sa.select(licenses.c.id).where(licenses.c.stripe_subscription_id == subscription).limit(1)
+            )
+            if found is not None:
+                return str(found)
+        ids = [p for p in payments if p]
+        if ids:
+            found = await conn.scalar(
+                sa.select(license_payments.c.license_id).where(license_payments.c.id.in_(ids)).limit(1)
+            )
+            if found is not None:
+                return str(found)
+        if customer:
+            found = await conn.scalar(
+                sa.select(licenses.c.id).where(licenses.c.stripe_customer_id == customer).limit(1)
+            )
+            if found is not None:
+                return str(found)
         return None
+
+    @staticmethod
+    async def link_payments(conn: AsyncConnection, license_id: str, payments: Iterable[str]) -> None:
+        """Remember which license a charge or payment intent paid for: a dispute names only those."""
+        insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(license_payments)
+        for payment in sorted({p for p in payments if p}):
+            await conn.execute(
+                insert.values(id=payment, license_id=license_id, recorded_at=datetime.now(UTC)).on_conflict_do_nothing(
+                    index_elements=["id"]
+                )
+            )
+
+    @staticmethod
+    async def payments_of(conn: AsyncConnection, license_id: str) -> set[str]:
+        query = sa.select(license_payments.c.id).where(license_payments.c.license_id == license_id)
+        return {str(p) for p in (await conn.scalars(query))}
 
     @staticmethod
     async def save(conn: AsyncConnection, row: LicenseRow) -> None:

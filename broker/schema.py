@@ -36,7 +36,10 @@ stripe_events = sa.Table(
     # What a later event can use to find the license of an event that came too early.
     sa.Column("stripe_customer_id", sa.String(200), index=True),
     sa.Column("stripe_subscription_id", sa.String(200), index=True),
-    # applied | stale | ignored | unmatched | pending
+    # A dispute names only its charge and payment intent (migration 0002).
+    sa.Column("stripe_charge_id", sa.String(200), index=True),
+    sa.Column("stripe_payment_intent_id", sa.String(200), index=True),
+    # applied | unchanged | stale | ignored | unmatched | pending
     sa.Column("outcome", sa.String(20), nullable=False, index=True),
     sa.Column("payload", sa.JSON, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
@@ -57,4 +60,14 @@ subscription_event_logs = sa.Table(
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True),
     sa.UniqueConstraint("license_id", "seq", name="uq_subscription_event_logs_license_seq"),
+)
+
+# Which license a charge or payment intent paid for (migration 0002): `charge.dispute.created`
+# names only the charge and payment intent, never the customer or subscription.
+license_payments = sa.Table(
+    "license_payments",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),  # ch_... or pi_...
+    sa.Column("license_id", sa.String(200), nullable=False, index=True),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )

@@ -133,6 +133,29 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_unmatched(args: argparse.Namespace, settings: Settings) -> int:
+    from webhook.ingest import unmatched_events
+
+    async def run() -> list[dict[str, object]]:
+        engine = create_engine(settings)
+        try:
+            return await unmatched_events(engine, args.limit)
+        finally:
+            await engine.dispose()
+
+    events = asyncio.run(run())
+    for e in events:
+        if args.json:
+            print(orjson.dumps(e["payload"]).decode())
+        else:
+            ids = " ".join(
+                str(e[k]) for k in ("stripe_customer_id", "stripe_subscription_id", "stripe_charge_id") if e[k]
+            )
+            print(f"{e['id']} {e['type']} created={e['created']} {e['outcome']} {ids}".rstrip())
+    print(f"{len(events)} event(s) not matched to a license (limit {args.limit})", file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="license-broker", description="Stripe events to desktop apps, live.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -158,6 +181,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("license_id")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.set_defaults(run=cmd_send)
+    p = sub.add_parser("unmatched", help="list Stripe events no license took (pending or unmatched), oldest first")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="print each raw Stripe event as one JSON line")
+    p.set_defaults(run=cmd_unmatched)
     return top
 
 

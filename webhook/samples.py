@@ -22,18 +22,28 @@ class SampleEvents:
         self.customer = _stable("cus_", license_id)
         self.subscription = _stable("sub_", license_id, 20)
         self.charge = _stable("ch_", license_id, 20)
+        self.payment_intent = _stable("pi_", license_id, 20)
 
     def for_action(self, action: str, created: int | None = None) -> list[dict[str, Any]]:
         created = created or int(time.time())
+        # As Stripe sends them (each one's effect is in docs/stripe.md); one second, so ties apply.
         if action == "pay":
             return [
-                self.checkout_completed(created),
+                self.charge_succeeded(created),
+                self.invoice_event("invoice.paid", created),
                 self.subscription_event("customer.subscription.updated", "active", created),
+                self.checkout_completed(created),
             ]
         if action == "fail":
-            return [self.subscription_event("customer.subscription.updated", "past_due", created)]
+            return [
+                self.invoice_event("invoice.payment_failed", created),
+                self.subscription_event("customer.subscription.updated", "past_due", created),
+            ]
         if action == "recover":
-            return [self.subscription_event("customer.subscription.updated", "active", created)]
+            return [
+                self.invoice_event("invoice.paid", created),
+                self.subscription_event("customer.subscription.updated", "active", created),
+            ]
         if action == "cancel":
             return [self.subscription_event("customer.subscription.deleted", "canceled", created)]
         if action == "refund":
@@ -107,21 +117,51 @@ class SampleEvents:
             created,
         )
 
-    def charge_refunded(self, created: int) -> dict[str, Any]:
+    def invoice_event(self, kind: str, created: int) -> dict[str, Any]:
+        paid = kind == "invoice.paid"
         return self.envelope(
-            "charge.refunded",
+            kind,
             {
-                "id": self.charge,
-                "object": "charge",
-                "amount": 1200,
-                "amount_captured": 1200,
-                "amount_refunded": 1200,
-                "captured": True,
-                "currency": "usd",
+                "id": "in_" + secrets.token_hex(12),
+                "object": "invoice",
+                "amount_due": 1200,
+                "amount_paid": 1200 if paid else 0,
+                "attempt_count": 1,
+                "billing_reason": "subscription_cycle",
                 "customer": self.customer,
-                "paid": True,
-                "refunded": True,
-                "status": "succeeded",
+                "hosted_invoice_url": None,
+                "next_payment_attempt": None if paid else created + 3 * 86400,
+                "parent": {
+                    "type": "subscription_details",
+                    "quote_details": None,
+                    "subscription_details": {
+                        "metadata": {"license_id": self.license_id},
+                        "subscription": self.subscription,
+                    },
+                },
+                "status": "paid" if paid else "open",
             },
             created,
         )
+
+    def charge_succeeded(self, created: int) -> dict[str, Any]:
+        return self.envelope("charge.succeeded", self._charge(refunded=0), created)
+
+    def charge_refunded(self, created: int, amount: int = 1200) -> dict[str, Any]:
+        return self.envelope("charge.refunded", self._charge(refunded=amount), created)
+
+    def _charge(self, refunded: int) -> dict[str, Any]:
+        return {
+            "id": self.charge,
+            "object": "charge",
+            "amount": 1200,
+            "amount_captured": 1200,
+            "amount_refunded": refunded,
+            "captured": True,
+            "currency": "usd",
+            "customer": self.customer,
+            "paid": True,
+            "payment_intent": self.payment_intent,
+            "refunded": refunded >= 1200,
+            "status": "succeeded",
+        }

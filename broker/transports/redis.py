@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,8 +32,12 @@ PREFIX = b"license:"
 class RedisTransport(Transport):
     name = "redis"
 
-    def __init__(self, url: str, *, subscribe_timeout: float = 2.0, max_backoff: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, subscribe_timeout: float = 2.0, max_backoff: float = 5.0, publish_backoff: float = 1.0
+    ) -> None:
         self.url = url
+        self.publish_backoff = publish_backoff
+        self._publish_down_until = 0.0
         self.subscribe_timeout = subscribe_timeout
         self.max_backoff = max_backoff
         self._client: aioredis.Redis | None = None
@@ -59,9 +64,17 @@ class RedisTransport(Transport):
             self._client = self._new_client()
 
     async def publish(self, license_id: str, payload: bytes) -> None:
+        # After a failure, fail fast for a moment instead of making every webhook wait for the
+        # connect timeout during an outage; the streams' database sweep delivers meanwhile.
+        if time.monotonic() < self._publish_down_until:
+            raise ConnectionError("redis unavailable (recent publish failed)")
         await self.connect()
         assert self._client is not None
-        await self._client.publish(channel(license_id), payload)
+        try:
+            await self._client.publish(channel(license_id), payload)
+        except Exception:
+            self._publish_down_until = time.monotonic() + self.publish_backoff
+            raise
 
     async def check(self) -> bool:
         await self.connect()
@@ -114,6 +127,7 @@ class RedisTransport(Transport):
                 initial = set(self._channels)
                 await pubsub.subscribe(CONTROL_CHANNEL, *initial)
                 self._pubsub = pubsub
+                self._publish_down_until = 0.0  # Redis answers again
                 # Channels that clients added while we were subscribing; later ones subscribe themselves.
                 if missing := self._channels - initial:
                     await pubsub.subscribe(*missing)

@@ -1,0 +1,85 @@
+"""Headless Chromium's own EventSource across a restart of the stream process: every event once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import CI, ROOT, Process, new_license, process_env, signed, token_for, wait_until
+from webhook.samples import SampleEvents
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]  # fmt: skip
+
+# What a web app does with EventSource: the browser resumes by itself (sending Last-Event-ID)
+# after `retry:`; if it gives up (the server was down), the page reopens from the last id.
+PAGE = """<!doctype html><meta charset="utf-8"><title>es</title><pre id="log">ids received:</pre><script>
+window.seen = []; window.opens = 0;
+function open(last) {
+  const q = new URLSearchParams({token: TOKEN});
+  if (last !== null) q.set("lastEventId", last);
+  const es = new EventSource(`/api/licenses/${LICENSE}/events?${q}`);
+  es.onopen = () => { window.opens++; };
+  es.onmessage = (e) => { window.seen.push(Number(e.lastEventId));
+    document.getElementById("log").textContent += `\n${e.lastEventId} ${JSON.parse(e.data).status}`; };
+  es.onerror = () => { if (es.readyState === EventSource.CLOSED) {
+    const s = window.seen; setTimeout(() => open(s.length ? s[s.length - 1] : null), 300); } };
+}
+open(null);
+</script>"""
+
+
+@pytest.mark.browser
+def test_chromium_eventsource_receives_every_event_once_across_a_stream_restart(
+    pg_url: str, redis_url: str, spawn: Callable[..., Process]
+) -> None:
+    if not shutil.which(CHROMIUM):
+        if CI:
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    env = process_env(pg_url, REDIS_URL=redis_url, STREAM_RETRY_MS="200")
+    webhook, stream = spawn("webhook", env), spawn("stream", env)
+    license_id = new_license()
+    sample = SampleEvents(license_id)
+    statuses = ["active", "past_due", "active", "canceled", "active", "past_due"]
+
+    def post(status: str) -> None:
+        payload, headers = signed(sample.subscription_event("customer.subscription.updated", status, int(time.time())))
+        assert httpx.post(f"{webhook.url}/api/stripe/webhooks", content=payload, headers=headers).status_code == 200
+
+    page_html = PAGE.replace("TOKEN", f'"{token_for(license_id)}"').replace("LICENSE", f'"{license_id}"')
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.route(f"{stream.url}/es.html", lambda route: route.fulfill(body=page_html, content_type="text/html"))
+            page.goto(f"{stream.url}/es.html")
+            page.wait_for_function("window.seen.length === 1", timeout=10_000)
+            for status in statuses[:3]:
+                post(status)
+            page.wait_for_function("window.seen.length === 4", timeout=10_000)
+            stream.stop(signal.SIGTERM)  # the streams end; the browser starts reconnecting
+            for status in statuses[3:5]:
+                post(status)  # committed while no stream process runs
+            restarted = spawn("stream", env, port=stream.port)
+            wait_until(lambda: restarted.proc.poll() is None)
+            page.wait_for_function("window.seen.length === 6", timeout=20_000)
+            post(statuses[5])
+            page.wait_for_function("window.seen.length === 7", timeout=10_000)
+            seen = page.evaluate("window.seen")
+            opens = page.evaluate("window.opens")
+            os.makedirs(ROOT / "test-artifacts", exist_ok=True)
+            page.screenshot(path=str(ROOT / "test-artifacts" / "eventsource-restart.png"))
+        finally:
+            browser.close()
+    assert seen == [0, 1, 2, 3, 4, 5, 6]
+    assert opens >= 2
