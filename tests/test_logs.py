@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def exercise(url: str, license_id: str) -> str:
         )
         assert response.status_code == 200
         assert response.headers["x-request-id"] == "req-q1"
-        payload, headers = signed(SampleEvents(license_id).for_action("pay")[0])
+        payload, headers = signed(SampleEvents(license_id).checkout_completed(int(time.time())))
         posted = client.post("/api/stripe/webhooks", content=payload, headers={**headers, "x-request-id": "req-w1"})
         assert posted.json()["outcome"] == "applied"
         forged = client.post("/api/stripe/webhooks", content=payload, headers={"stripe-signature": "t=1,v1=00"})
@@ -122,5 +123,5 @@ async def test_a_request_id_is_made_when_none_or_an_unsafe_one_is_given(pg_url: 
             replaced = (await client.get("/healthz", headers={"x-request-id": unsafe})).headers["x-request-id"]
             assert replaced != unsafe and len(replaced) == 32
         license_id = new_license()
-        event = SampleEvents(license_id).for_action("pay")[0]
+        event = SampleEvents(license_id).checkout_completed(int(time.time()))
         assert "x-request-id" in (await post_event(client, url, event)).headers

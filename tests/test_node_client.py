@@ -95,10 +95,15 @@ async def test_the_node_eventsource_client_receives_the_state_then_the_event(pg_
         node = await follow(url, license_id, token_for(license_id))
         first = await node.next_state()
         assert (first["seq"], first["status"], first["entitled"]) == (0, "none", False)
+        seqs = []
         async with httpx.AsyncClient() as client:
             for event in SampleEvents(license_id).for_action("pay"):
-                assert (await post_event(client, url, event)).status_code == 200
-        assert [(await node.next_state())["seq"] for _ in range(2)] == [1, 2]
+                response = await post_event(client, url, event)
+                assert response.status_code == 200
+                seqs.append(response.json().get("seq", 0))
+        received = [await node.next_state() for _ in range(max(seqs))]
+        assert [state["seq"] for state in received] == list(range(1, max(seqs) + 1))
+        assert (received[-1]["status"], received[-1]["entitled"]) == ("active", True)
 
 
 async def test_the_node_client_reports_a_refused_token(pg_url: str, follow: Any) -> None:

@@ -62,7 +62,9 @@ async def test_dev_endpoints_exist_only_in_development_mode(pg_url: str) -> None
         headers = {"authorization": f"Bearer {minted.json()['token']}"}
         simulated = await client.post("/dev/simulate", json=body)
         assert simulated.status_code == 200
-        assert [e["outcome"] for e in simulated.json()["events"]] == ["applied", "applied"]
+        posted = simulated.json()["events"]
+        assert [e["type"] for e in posted] == [e["type"] for e in SampleEvents(license_id).for_action("pay")]
+        assert all(e["status"] == 200 for e in posted) and "applied" in {e["outcome"] for e in posted}
         state = (await client.get(f"/api/licenses/{license_id}", headers=headers)).json()
         assert (state["status"], state["entitled"]) == ("active", True)
         assert (await client.post("/dev/simulate", json={**body, "action": "explode"})).status_code == 400
@@ -93,15 +95,21 @@ async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(pg_url: st
         await expect(page.locator("#badge")).to_have_attribute("data-entitled", "true")
         await expect(page.locator("#status")).to_have_text("active")
         await expect(page.locator("#period-end")).not_to_have_text("—")
-        # The current state, then the two events of a checkout, newest first.
-        await expect(page.locator("#log tr")).to_have_count(3)
-        await expect(page.locator("#log tr").first).to_contain_text("customer.subscription.updated")
+        # The current state, then one row per event of the checkout, newest first.
+        paid = int(await page.locator("#seq").text_content() or "0")
+        await expect(page.locator("#log tr")).to_have_count(paid + 1)
 
         await page.get_by_role("button", name="Cancel", exact=True).click()
         await expect(page.locator("#badge")).to_have_text("LOCKED")
         await expect(page.locator("#badge")).to_have_attribute("data-entitled", "false")
         await expect(page.locator("#status")).to_have_text("canceled")
-        await expect(page.locator("#log tr")).to_have_count(4)
+        await expect(page.locator("#log tr")).to_have_count(paid + 2)
+        await expect(page.locator("#log tr").first).to_contain_text("customer.subscription.deleted")
+
+        await page.get_by_role("button", name="Refund", exact=True).click()
+        await expect(page.locator("#status")).to_have_text("revoked")
+        await expect(page.locator("#badge")).to_have_text("LOCKED")
+        await expect(page.locator("#log tr").first).to_contain_text("charge.refunded")
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
 
