@@ -42,7 +42,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_timeout=10,
         pool_pre_ping=True,
         # A short connect timeout so that an unreachable database answers 503 quickly.
-        connect_args={"connect_timeout": 5},
+        connect_args={
+            "connect_timeout": 5,
+            # None turns psycopg's automatic prepared statements off (PgBouncer, docs/scaling.md).
+            **({} if settings.db_prepared_statements else {"prepare_threshold": None}),
+        },
     )
 
 

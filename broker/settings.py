@@ -6,11 +6,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast, get_args
+from urllib.parse import unquote, urlsplit
 
 TransportName = Literal["redis", "poll", "memory"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
 DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
+# REDIS_URL schemes that name a Redis Cluster (sharded pub/sub) rather than one server.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 # Only ever used when BROKER_DEV=1 (what `make run` sets) and the real setting is absent.
 DEV_WEBHOOK_SECRET = "whsec_development_only_do_not_use_in_production"
@@ -36,8 +39,14 @@ class Settings:
     send_timeout: float = 30.0
     replay_batch: int = 500
     db_pool_size: int = 10
+    # psycopg prepares a statement after 5 executions; PgBouncer in transaction mode (before 1.21,
+    # or without max_prepared_statements) cannot follow them from one server connection to the next.
+    db_prepared_statements: bool = True
     entitled_statuses: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_ENTITLED_STATUSES))
     max_connection_lifetime: float | None = None
+    # Rows of subscription_event_logs older than this are pruned (each license's latest row is
+    # always kept); None keeps everything.
+    event_log_retention_days: float | None = None
     dev: bool = False
 
     @classmethod
@@ -45,8 +54,13 @@ class Settings:
         env = os.environ if environ is None else environ
         dev = _bool(env, "BROKER_DEV", False)
         redis_url = _str(env, "REDIS_URL")
-        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(f"REDIS_URL: expected redis://host:port/db, got {redis_url!r}")
+        if redis_url is not None:
+            if redis_url.startswith(tuple(f"{scheme}://" for scheme in CLUSTER_SCHEMES)):
+                parse_cluster_url(redis_url)
+            elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise SettingsError(
+                    f"REDIS_URL: expected redis://host:port/db or redis+cluster://host:port,..., got {redis_url!r}"
+                )
         transport = _str(env, "BROKER_TRANSPORT") or ("redis" if redis_url else "memory")
         if transport not in get_args(TransportName):
             raise SettingsError(f"BROKER_TRANSPORT: expected one of redis, poll, memory, got {transport!r}")
@@ -67,6 +81,7 @@ class Settings:
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
         lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
+        retention = _float(env, "EVENT_LOG_RETENTION_DAYS", 0.0, minimum=0.0)
         return cls(
             database_url=normalize_database_url(_str(env, "DATABASE_URL") or DEFAULT_DATABASE_URL),
             redis_url=redis_url,
@@ -81,8 +96,10 @@ class Settings:
             send_timeout=_float(env, "STREAM_SEND_TIMEOUT", 30.0, minimum=0.01),
             replay_batch=int(_float(env, "STREAM_REPLAY_BATCH", 500, minimum=1)),
             db_pool_size=int(_float(env, "DATABASE_POOL_SIZE", 10, minimum=1)),
+            db_prepared_statements=_bool(env, "DATABASE_PREPARED_STATEMENTS", True),
             entitled_statuses=statuses,
             max_connection_lifetime=lifetime or None,
+            event_log_retention_days=retention or None,
             dev=dev,
         )
 
@@ -100,6 +117,48 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def redis_cluster(self) -> bool:
+        return self.redis_url is not None and self.redis_url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """What a redis+cluster:// URL names: seed nodes (any reachable one reveals the rest) and auth."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+def parse_cluster_url(url: str) -> ClusterAddress:
+    """`redis+cluster://[user:password@]host:port[,host:port...]`; `rediss+cluster://` for TLS."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        raise SettingsError(f"REDIS_URL: expected redis+cluster://host:port,..., got scheme {scheme!r}")
+    # urlsplit cannot take several host:port pairs; split the credentials off by hand.
+    userinfo, at, hosts = rest.rpartition("@")
+    if not at:
+        userinfo, hosts = "", rest
+    hosts = hosts.split("/", 1)[0].split("?", 1)[0]
+    username, password = None, None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        try:
+            split = urlsplit(f"//{part.strip()}")
+            host, port = split.hostname, split.port
+        except ValueError:
+            host, port = None, None
+        if not host or port is None:
+            raise SettingsError(f"REDIS_URL: expected host:port for each cluster node, got {part!r}")
+        nodes.append((host, port))
+    return ClusterAddress(tuple(nodes), username, password, ssl=scheme == "rediss+cluster")
 
 
 def normalize_database_url(url: str) -> str:

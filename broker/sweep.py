@@ -35,10 +35,6 @@ class DatabaseSweep:
             seqs = await self.events.latest_seqs([license_id])
             self.known.setdefault(license_id, seqs.get(license_id, 0))
 
-    def follow_from(self, license_id: str, seq: int) -> None:
-        """Follow from a seq the caller knows is delivered (no query); no-op if followed."""
-        self.known.setdefault(license_id, seq)
-
     def unfollow(self, license_id: str) -> None:
         self.known.pop(license_id, None)
 

@@ -110,6 +110,26 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+
+    from broker.retention import prune_event_log
+
+    days = args.older_than_days if args.older_than_days is not None else settings.event_log_retention_days
+    if not days:
+        raise SettingsError("EVENT_LOG_RETENTION_DAYS: required by prune (or --older-than-days)")
+
+    async def run() -> int:
+        engine = create_engine(settings)
+        try:
+            return await prune_event_log(engine, timedelta(days=days))
+        finally:
+            await engine.dispose()
+
+    print(f"pruned {asyncio.run(run())} event log rows older than {days:g} days (each license's latest kept)")
+    return 0
+
+
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_stream()
     assert settings.token_secret is not None
@@ -172,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
     server("webhook", "the Stripe webhook app", 8001, True).set_defaults(run=cmd_webhook)
     server("stream", "the SSE stream app", 8002, True).set_defaults(run=cmd_stream)
     sub.add_parser("migrate", help="apply schema migrations to DATABASE_URL").set_defaults(run=cmd_migrate)
+    p = sub.add_parser("prune", help="delete old event log rows, keeping each license's latest")
+    p.add_argument("--older-than-days", type=float, help="default: EVENT_LOG_RETENTION_DAYS")
+    p.set_defaults(run=cmd_prune)
     p = sub.add_parser("token", help="print a subscriber token for a license")
     p.add_argument("license_id")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")

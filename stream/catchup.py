@@ -76,7 +76,6 @@ async def _events(
                 if (chunk := sender.take(event)) is not None:
                     metrics.REPLAYED.inc()
                     yield chunk
-        hub.caught_up(license_id, sender.sent)
         while True:
             timeout = settings.heartbeat_interval
             if deadline is not None:

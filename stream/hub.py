@@ -117,17 +117,17 @@ class SubscriptionHub:
                 if not topic.listening:
                     await self.transport.listen(license_id)
                     topic.listening = True
+                if self._sweep is not None:
+                    # Baseline read after the transport listens (a no-op once followed): anything
+                    # committed later is delivered live or found by the sweep; anything before is
+                    # in the client's replay. Never from a client's Last-Event-ID, which may lie.
+                    await self._sweep.follow(license_id)
             yield sub
         finally:
             topic.subs.discard(sub)
             if not topic.subs:
                 # Shielded: a cancelled client must still release the channel.
                 await asyncio.shield(self._release(license_id, topic))
-
-    def caught_up(self, license_id: str, seq: int) -> None:
-        """A client has everything up to `seq` from the database: the sweep can start there."""
-        if self._sweep is not None:
-            self._sweep.follow_from(license_id, seq)
 
     async def _release(self, license_id: str, topic: _Topic) -> None:
         async with topic.lock:

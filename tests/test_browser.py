@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 from collections.abc import Callable
 
 import httpx
@@ -53,7 +52,7 @@ def test_chromium_eventsource_receives_every_event_once_across_a_stream_restart(
     statuses = ["active", "past_due", "active", "canceled", "active", "past_due"]
 
     def post(status: str) -> None:
-        payload, headers = signed(sample.subscription_event("customer.subscription.updated", status, int(time.time())))
+        payload, headers = signed(sample.subscription_event("customer.subscription.updated", status, sample.tick()))
         assert httpx.post(f"{webhook.url}/api/stripe/webhooks", content=payload, headers=headers).status_code == 200
 
     page_html = PAGE.replace("TOKEN", f'"{token_for(license_id)}"').replace("LICENSE", f'"{license_id}"')

@@ -39,7 +39,7 @@ async def test_an_event_posted_to_the_webhook_process_reaches_a_client_of_the_st
         assert first["seq"] == 0
         async with httpx.AsyncClient() as http:
             for seq, status in enumerate(statuses, start=1):
-                event = sample.subscription_event("customer.subscription.updated", status, int(time.time()))
+                event = sample.subscription_event("customer.subscription.updated", status, sample.tick())
                 sent = time.perf_counter()
                 response = await post_event(http, webhook.url, event)
                 assert response.json()["seq"] == seq
@@ -65,7 +65,7 @@ async def test_a_client_that_moves_to_another_stream_process_resumes_without_gap
 
     async def post(status: str) -> None:
         async with httpx.AsyncClient() as http:
-            event = sample.subscription_event("customer.subscription.updated", status, int(time.time()))
+            event = sample.subscription_event("customer.subscription.updated", status, sample.tick())
             assert (await post_event(http, webhook.url, event)).status_code == 200
 
     client = LicenseClient(first_stream.url, license_id, token_for(license_id))

@@ -37,7 +37,8 @@ from webhook.samples import SampleEvents
 
 
 def update(license_id: str, status: str) -> dict[str, object]:
-    return SampleEvents(license_id).subscription_event("customer.subscription.updated", status, int(time.time()))
+    sample = SampleEvents(license_id)
+    return sample.subscription_event("customer.subscription.updated", status, sample.tick())
 
 
 async def next_event(stream, within: float = 10) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -269,3 +270,50 @@ async def test_a_postgres_outage_answers_503_keeps_the_streams_and_recovers(
                 assert not line.startswith("id:"), line
     finally:
         proxy.close()
+
+
+class LosingTransport(MemoryTransport):
+    """Loses every message, as Redis does during an outage: only the sweep can deliver."""
+
+    reliable = False
+
+    async def publish(self, license_id: str, payload: bytes) -> None:
+        pass
+
+
+async def test_every_lost_message_arrives_through_the_sweep_even_beside_a_client_with_a_bogus_resume_point(
+    pg_url: str,
+) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+    events = EventLog(engine)
+    settings = make_settings(pg_url, heartbeat_interval=30)
+    hub = SubscriptionHub(LosingTransport(), events, buffer=16, sweep_interval=0.05)
+    await hub.start()
+    license_id = new_license()
+    liar = license_stream(events, hub, settings, license_id, 9999)  # claims events that don't exist
+    honest = license_stream(events, hub, settings, license_id, None)
+    waiting = None
+    try:
+        await anext(liar)
+        waiting = asyncio.create_task(anext(liar))  # replays nothing, then waits for live events
+        await async_wait_until(lambda: license_id in hub._sweep.known, what="the sweep to follow")  # type: ignore[union-attr]
+        topic = hub._topics[license_id]
+        await async_wait_until(lambda: any(sub.queue._getters for sub in topic.subs), what="the liar to wait live")  # type: ignore[attr-defined]
+        await anext(honest)
+        assert seq_of(await anext(honest)) == 0
+        for _ in range(3):
+            await transport_publish_lost(engine, hub, license_id)
+        assert [seq_of(await asyncio.wait_for(anext(honest), 5)) for _ in range(3)] == [1, 2, 3]
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        await liar.aclose()
+        await honest.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def transport_publish_lost(engine, hub: SubscriptionHub, license_id: str) -> None:  # type: ignore[no-untyped-def]
+    event = await append(engine, license_id)
+    await hub.transport.publish(license_id, event.data)  # lost

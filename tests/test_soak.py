@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -59,7 +58,7 @@ async def test_randomized_soak_every_client_ends_with_the_complete_sequence(
                 license_id = rng.choice(licenses)
                 status = ["active", "past_due"][final[license_id] % 2]  # each event changes the state
                 event = SampleEvents(license_id).subscription_event(
-                    "customer.subscription.updated", status, int(time.time())
+                    "customer.subscription.updated", status, SampleEvents(license_id).tick()
                 )
                 response = await post_event(http, webhook.url, event)
                 assert response.status_code == 200, response.text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 API_VERSION = "2026-10-28.endive"
 ACTIONS = ("pay", "fail", "recover", "cancel", "refund")
@@ -17,6 +17,10 @@ def _stable(prefix: str, license_id: str, length: int = 14) -> str:
 
 
 class SampleEvents:
+    # Per license, the `created` last handed out by tick(): Stripe's events of one customer are
+    # seconds apart, and the rules order same-second events by stage, not by arrival.
+    _last_created: ClassVar[dict[str, int]] = {}
+
     def __init__(self, license_id: str) -> None:
         self.license_id = license_id
         self.customer = _stable("cus_", license_id)
@@ -24,8 +28,14 @@ class SampleEvents:
         self.charge = _stable("ch_", license_id, 20)
         self.payment_intent = _stable("pi_", license_id, 20)
 
+    def tick(self) -> int:
+        """Now, or one second after the previous action of this license if that is later."""
+        created = max(int(time.time()), self._last_created.get(self.license_id, 0) + 1)
+        self._last_created[self.license_id] = created
+        return created
+
     def for_action(self, action: str, created: int | None = None) -> list[dict[str, Any]]:
-        created = created or int(time.time())
+        created = created or self.tick()
         # As Stripe sends them (each one's effect is in docs/stripe.md); one second, so ties apply.
         if action == "pay":
             return [

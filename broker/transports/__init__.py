@@ -10,6 +10,11 @@ __all__ = ["GapHandler", "MessageHandler", "Transport", "channel", "create_trans
 
 
 def create_transport(settings: Settings, events: EventLog) -> Transport:
+    if settings.transport == "redis" and settings.redis_cluster:
+        from broker.transports.redis_cluster import RedisClusterTransport
+
+        assert settings.redis_url is not None
+        return RedisClusterTransport(settings.redis_url)
     if settings.transport == "redis":
         from broker.transports.redis import RedisTransport
 
