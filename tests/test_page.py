@@ -49,6 +49,13 @@ async def page(browser: Any) -> AsyncIterator[Any]:
         await context.close()
 
 
+async def current_seq(url: str, license_id: str) -> int:
+    headers = {"authorization": f"Bearer {token_for(license_id)}"}
+    async with httpx.AsyncClient() as client:
+        seq: int = (await client.get(f"{url}/api/licenses/{license_id}", headers=headers)).json()["seq"]
+    return seq
+
+
 async def test_dev_endpoints_exist_only_in_development_mode(pg_url: str) -> None:
     license_id = new_license()
     body = {"license_id": license_id, "action": "pay"}
@@ -95,8 +102,10 @@ async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(pg_url: st
         await expect(page.locator("#badge")).to_have_attribute("data-entitled", "true")
         await expect(page.locator("#status")).to_have_text("active")
         await expect(page.locator("#period-end")).not_to_have_text("—")
-        # The current state, then one row per event of the checkout, newest first.
-        paid = int(await page.locator("#seq").text_content() or "0")
+        # Every event of the checkout, once: the current state, then one row per event, newest first.
+        await expect(page.locator("#sim-result")).to_contain_text("Pay: ")
+        paid = await current_seq(url, license_id)
+        await expect(page.locator("#seq")).to_have_text(str(paid))
         await expect(page.locator("#log tr")).to_have_count(paid + 1)
 
         await page.get_by_role("button", name="Cancel", exact=True).click()
