@@ -26,11 +26,15 @@ class LicenseEvent:
     license_id: str
     seq: int
     data: bytes
+    # When the webhook wrote it (epoch seconds), for the commit-to-delivery lag; None when unknown.
+    recorded_at: float | None = None
 
     @classmethod
     def from_json(cls, data: bytes) -> LicenseEvent:
         obj = orjson.loads(data)
-        return cls(license_id=str(obj["license_id"]), seq=int(obj["seq"]), data=data)
+        recorded = obj.get("recorded_at")
+        recorded_at = datetime.fromisoformat(recorded).timestamp() if recorded else None
+        return cls(license_id=str(obj["license_id"]), seq=int(obj["seq"]), data=data, recorded_at=recorded_at)
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = orjson.loads(self.data)
@@ -45,6 +49,7 @@ def build_event(
     stripe_event_id: str | None,
     stripe_event_type: str | None,
     occurred_at: datetime | None,
+    recorded_at: datetime | None = None,
 ) -> dict[str, Any]:
     return {
         "license_id": license_id,
@@ -54,6 +59,7 @@ def build_event(
         "stripe_event_id": stripe_event_id,
         "stripe_event_type": stripe_event_type,
         "occurred_at": occurred_at.isoformat() if occurred_at else None,
+        "recorded_at": recorded_at.isoformat() if recorded_at else None,
         "state": state,
     }
 
@@ -135,6 +141,7 @@ class EventLog:
         stripe_event_type: str | None,
         occurred_at: datetime,
     ) -> LicenseEvent:
+        recorded_at = datetime.now(UTC)
         event = build_event(
             license_id,
             seq,
@@ -142,6 +149,7 @@ class EventLog:
             stripe_event_id=stripe_event_id,
             stripe_event_type=stripe_event_type,
             occurred_at=occurred_at,
+            recorded_at=recorded_at,
         )
         await conn.execute(
             subscription_event_logs.insert().values(
@@ -153,7 +161,7 @@ class EventLog:
                 entitled=state["entitled"],
                 event=event,
                 occurred_at=occurred_at,
-                recorded_at=datetime.now(UTC),
+                recorded_at=recorded_at,
             )
         )
         return LicenseEvent(license_id, seq, orjson.dumps(event))

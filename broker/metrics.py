@@ -9,6 +9,20 @@ WEBHOOKS = Counter(
     "Stripe webhooks by outcome (applied, unchanged, duplicate, stale, ignored, unmatched, pending, rejected, error)",
     ["outcome"],
 )
+# Every outcome exported from the start, at 0: an alert on rate(...{outcome="rejected"}) needs the series.
+WEBHOOK_OUTCOMES = (
+    "applied",
+    "unchanged",
+    "duplicate",
+    "stale",
+    "ignored",
+    "unmatched",
+    "pending",
+    "rejected",
+    "error",
+)
+for _outcome in WEBHOOK_OUTCOMES:
+    WEBHOOKS.labels(_outcome)
 PUBLISH_FAILURES = Counter("license_broker_publish_failures_total", "Publishes that failed after the commit")
 OPEN_STREAMS = Gauge("license_broker_open_streams", "SSE connections open in this process")
 DELIVERED = Counter("license_broker_events_delivered_total", "Events written to SSE clients")

@@ -1,5 +1,6 @@
 """`license-broker serve`: both apps in one process, sharing one runtime (and, with the memory
-transport, one in-process channel)."""
+transport, one in-process channel), plus the live page at `/` and, in development mode only,
+the endpoints behind its buttons."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
 
 from broker.http import ops_routes
+from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from stream.app import routes as stream_routes
 from stream.app import stream_state
+from stream.page import routes as page_routes
 from webhook.app import routes as webhook_routes
 from webhook.app import webhook_state
 
@@ -29,4 +34,10 @@ def create_app(settings: Settings, on_ready: Callable[[Runtime], None] | None = 
                 on_ready(runtime)
             yield {"runtime": runtime, **webhook_state(runtime), **state}
 
-    return Starlette(routes=[*webhook_routes, *stream_routes, *ops_routes()], lifespan=lifespan)
+    routes: list[BaseRoute] = [*webhook_routes, *stream_routes, *ops_routes(), *page_routes]
+    if settings.dev:
+        # They mint tokens for anyone who asks: never mounted outside development mode.
+        from license_broker.dev import routes as dev_routes
+
+        routes += dev_routes
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])

@@ -1,22 +1,16 @@
-"""Logging: plain lines, or JSON with LOG_FORMAT=json. Tokens in query strings are redacted."""
+"""Logging: plain lines, or JSON with LOG_FORMAT=json; each line carries the request id of the
+request that wrote it. Tokens in query strings are redacted."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 
 import orjson
 
-_TOKEN = re.compile(r"((?:^|[?&])token=)[^&\s\"]+")
+from broker.requestlog import RedactTokens, RequestIdFilter
 
-
-class RedactTokens(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(_TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
-        record.msg = _TOKEN.sub(r"\1[redacted]", str(record.msg))
-        return True
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +21,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", "-")
+        if request_id != "-":
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -39,15 +36,13 @@ def configure() -> dict[str, object]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": RedactTokens}},
-        "formatters": {
-            "default": {"()": JsonFormatter} if json else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-        },
+        "filters": {"redact": {"()": RedactTokens}, "request_id": {"()": RequestIdFilter}},
+        "formatters": {"default": {"()": JsonFormatter} if json else {"format": PLAIN_FORMAT}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
-                "filters": ["redact"],
+                "filters": ["redact", "request_id"],
                 "stream": "ext://sys.stderr",
             }
         },

@@ -11,12 +11,14 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import tokens
 from broker.http import ops_routes, settings_from_env
+from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from stream.catchup import license_stream
@@ -132,7 +134,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with open_runtime(settings) as runtime, stream_state(runtime) as state:
             yield {"runtime": runtime, **state}
 
-    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan)
+    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])
 
 
 def __getattr__(name: str) -> Any:

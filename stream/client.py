@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -81,9 +82,20 @@ class LicenseClient:
             if self._http is None:
                 await http.aclose()
 
+    def reconnect_delay(self, failures: int) -> float:
+        """Seconds to wait after `failures` connections in a row ended without an event.
+
+        The server's `retry:` hint (else `min_backoff`) doubles with each failure up to
+        `max_backoff`, then "equal jitter" takes between half and all of it: never sooner than
+        half the hint, and a fleet of clients cut off together does not return in one burst."""
+        base = self._retry if self._retry is not None else self.min_backoff
+        ceiling = min(base * 2.0 ** (failures - 1), self.max_backoff)
+        return ceiling * random.uniform(0.5, 1.0)
+
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         failures = 0
         while True:
+            started = time.monotonic()
             try:
                 async for event in self.connect_once():
                     failures = 0
@@ -92,10 +104,10 @@ class LicenseClient:
                 raise
             except (httpx.HTTPError, OSError) as exc:
                 log.info("license stream interrupted: %s", exc)
-            failures += 1
-            # The server's `retry:` hint first, then exponential backoff with full jitter.
-            base = self._retry if failures == 1 and self._retry is not None else self.min_backoff * 2 ** (failures - 1)
-            await asyncio.sleep(random.uniform(0, min(base, self.max_backoff)))
+            # A connection that stayed up a while was healthy, events or not (a resumed stream
+            # may carry none): its end starts the backoff afresh.
+            failures = 1 if time.monotonic() - started > self.max_backoff else failures + 1
+            await asyncio.sleep(self.reconnect_delay(failures))
 
     async def run(self, on_event: Callable[[dict[str, Any]], Awaitable[None] | None]) -> None:
         async for event in self:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from broker import metrics
@@ -153,6 +154,9 @@ class SubscriptionHub:
             return
         if self._sweep is not None:
             self._sweep.note(license_id, event.seq)
+        if event.recorded_at is not None:
+            # Wall clocks of two processes: clamp the skew rather than observe a negative lag.
+            metrics.DELIVERY_LAG.observe(max(0.0, time.time() - event.recorded_at))
         self._fan_out(event)
 
     def _on_swept(self, license_id: str, payload: bytes) -> None:

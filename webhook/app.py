@@ -9,12 +9,14 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics
 from broker.http import ops_routes, settings_from_env
+from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from webhook.ingest import Ingestor
@@ -78,7 +80,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with open_runtime(settings) as runtime:
             yield {"runtime": runtime, **webhook_state(runtime)}
 
-    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan)
+    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])
 
 
 def __getattr__(name: str) -> Any:

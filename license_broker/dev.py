@@ -1,0 +1,96 @@
+"""Development-only endpoints behind the live page's buttons: a subscriber token for any license,
+and simulated Stripe events. Mounted by `serve` only when BROKER_DEV is set (see embedded.py):
+they hand out tokens to anyone who asks, so they must never exist in production."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+import httpx
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from broker import tokens
+from broker.requestlog import REQUEST_ID
+from broker.runtime import Runtime
+from webhook.samples import ACTIONS, SampleEvents
+from webhook.signature import sign
+
+TOKEN_TTL = 3600
+_LICENSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+async def _license_id(request: Request) -> str | None:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return None
+    value = body.get("license_id") if isinstance(body, dict) else None
+    return value if isinstance(value, str) and _LICENSE_ID.fullmatch(value) else None
+
+
+def _bad(message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=400)
+
+
+async def dev_token(request: Request) -> Response:
+    license_id = await _license_id(request)
+    if license_id is None:
+        return _bad("license_id: letters, digits and _.:- (at most 100)")
+    runtime: Runtime = request.state.runtime
+    assert runtime.settings.token_secret is not None
+    token = tokens.mint(runtime.settings.token_secret, license_id, ttl=TOKEN_TTL)
+    return JSONResponse({"license_id": license_id, "token": token, "expires_in": TOKEN_TTL})
+
+
+def _own_url(request: Request) -> str:
+    # The socket this request came in on: this very process, whatever proxy headers say.
+    server = request.scope.get("server")
+    if server and server[1] is not None:
+        host = "127.0.0.1" if server[0] in ("0.0.0.0", "::") else server[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{server[1]}"
+    return str(request.base_url).rstrip("/")
+
+
+async def dev_simulate(request: Request) -> Response:
+    """Sign the sample events of `action` with the webhook secret and POST them to this process's
+    own webhook endpoint, as Stripe would: the same verification, transaction, publish and logs."""
+    license_id = await _license_id(request)
+    if license_id is None:
+        return _bad("license_id: letters, digits and _.:- (at most 100)")
+    action = orjson.loads(await request.body()).get("action")
+    if action not in ACTIONS:
+        return _bad(f"action: one of {', '.join(ACTIONS)}")
+    runtime: Runtime = request.state.runtime
+    secret = runtime.settings.webhook_secrets[0]
+    results: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=_own_url(request), timeout=10) as client:
+        for event in SampleEvents(license_id).for_action(action):
+            payload = orjson.dumps(event)
+            response = await client.post(
+                "/api/stripe/webhooks",
+                content=payload,
+                headers={
+                    "stripe-signature": sign(payload, secret),
+                    "content-type": "application/json",
+                    # The webhook's log lines then carry the id of the click that caused them.
+                    "x-request-id": REQUEST_ID.get() or "",
+                },
+            )
+            results.append({"type": event["type"], "id": event["id"], "status": response.status_code})
+            with contextlib.suppress(ValueError):  # not JSON: the status says enough
+                results[-1].update(response.json())
+            if response.status_code >= 300:
+                return JSONResponse({"action": action, "events": results}, status_code=502)
+    return JSONResponse({"action": action, "events": results})
+
+
+routes = [
+    Route("/dev/token", dev_token, methods=["POST"]),
+    Route("/dev/simulate", dev_simulate, methods=["POST"]),
+]

@@ -1,0 +1,88 @@
+"""/metrics after real events: what an operator scrapes (see docs/operations.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from license_broker.embedded import create_app
+from stream.client import LicenseClient
+from tests.conftest import async_wait_until, make_settings, new_license, post_event, serving, token_for
+from webhook.samples import SampleEvents
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(client: httpx.AsyncClient, url: str) -> Samples:
+    response = await client.get(f"{url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_webhooks_streams_deliveries_replays_and_the_delivery_lag(
+    pg_url: str, redis_url: str
+) -> None:
+    license_id = new_license()
+    settings = make_settings(pg_url, transport="redis", redis_url=redis_url)
+    async with serving(create_app(settings)) as url, httpx.AsyncClient() as http:
+        before = await scrape(http, url)
+        received: list[dict[str, Any]] = []
+        client = LicenseClient(url, license_id, token_for(license_id))
+        task = asyncio.create_task(client.run(received.append))
+        try:
+            await async_wait_until(lambda: len(received) == 1, 10, "the first state")
+            during = await scrape(http, url)
+            events = SampleEvents(license_id).for_action("pay")
+            outcomes: list[str] = []
+            paid = 0
+            for event in events:
+                response = await post_event(http, url, event)
+                assert response.status_code == 200
+                outcomes.append(response.json()["outcome"])
+                paid = max(paid, response.json().get("seq", 0))
+            assert (await post_event(http, url, events[-1])).status_code == 200  # a duplicate delivery
+            bad = await http.post(f"{url}/api/stripe/webhooks", content=b"{}", headers={"stripe-signature": "t=1,v1=0"})
+            assert bad.status_code == 400
+            await async_wait_until(lambda: received[-1]["seq"] == paid, 10, "every live event")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        # A client resuming from 0 is sent every event again, from the database.
+        resumed = LicenseClient(url, license_id, token_for(license_id), last_event_id=0)
+        async for event in resumed.connect_once():
+            if event["seq"] == paid:
+                break
+        after = await scrape(http, url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert value(during, "license_broker_open_streams") - value(before, "license_broker_open_streams") == 1
+    for outcome in set(outcomes):
+        assert delta("license_broker_webhooks_total", outcome=outcome) == outcomes.count(outcome)
+    assert delta("license_broker_webhooks_total", outcome="duplicate") == 1
+    assert delta("license_broker_webhooks_total", outcome="rejected") == 1
+    # Every outcome is exported, at 0 until it happens, so that alerts can refer to it.
+    for outcome in ("stale", "ignored", "unmatched", "pending", "error"):
+        assert ("license_broker_webhooks_total", (("outcome", outcome),)) in after
+    assert paid >= 1 and received[-1]["entitled"] is True
+    assert delta("license_broker_events_delivered_total") == paid
+    assert delta("license_broker_events_replayed_total") == paid
+    assert ("license_broker_publish_failures_total", ()) in after
+    assert value(during, "license_broker_transport_up", transport="redis") == 1
+    # One observation per message the transport delivered (one per event), each well under a second here.
+    assert delta("license_broker_delivery_lag_seconds_count") == paid
+    assert 0 <= delta("license_broker_delivery_lag_seconds_sum") < paid
+    assert delta("license_broker_delivery_lag_seconds_bucket", le="1.0") == paid
