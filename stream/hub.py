@@ -154,13 +154,10 @@ class SubscriptionHub:
             return
         if self._sweep is not None:
             self._sweep.note(license_id, event.seq)
-        if event.recorded_at is not None:
-            # Wall clocks of two processes: clamp the skew rather than observe a negative lag.
-            metrics.DELIVERY_LAG.observe(max(0.0, time.time() - event.recorded_at))
         self._fan_out(event)
 
     def _on_swept(self, license_id: str, payload: bytes) -> None:
-        self._fan_out(LicenseEvent(license_id, LicenseEvent.from_json(payload).seq, payload))
+        self._fan_out(LicenseEvent.from_json(payload))
 
     def _on_gap(self) -> None:
         if self._sweep is not None:
@@ -170,5 +167,8 @@ class SubscriptionHub:
         topic = self._topics.get(event.license_id)
         if topic is None:
             return
+        if event.recorded_at is not None:
+            # Wall clocks of two processes: clamp the skew rather than observe a negative lag.
+            metrics.DELIVERY_LAG.observe(max(0.0, time.time() - event.recorded_at))
         for sub in tuple(topic.subs):
             sub.push(event)

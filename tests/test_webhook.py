@@ -54,10 +54,11 @@ async def test_a_signed_event_is_recorded_and_appended_with_the_next_seq(db_url:
 async def test_a_later_event_finds_the_license_through_the_subscription_it_linked(db_url: str) -> None:
     license_id = new_license()
     sample = SampleEvents(license_id)
-    later = sample.subscription_event("customer.subscription.updated", "past_due", int(time.time()))
+    checkout = sample.checkout_completed(sample.tick())
+    later = sample.subscription_event("customer.subscription.updated", "past_due", sample.tick())
     later["data"]["object"]["metadata"] = {}
     async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient() as client:
-        await post_event(client, url, sample.checkout_completed(int(time.time())))
+        await post_event(client, url, checkout)
         response = await post_event(client, url, later)
     assert response.json()["license_id"] == license_id
     assert await log_of(db_url, license_id) == [(1, "active"), (2, "past_due")]
