@@ -85,3 +85,17 @@ def test_the_services_start_with_the_compose_settings(
     for process in (webhook, stream):
         ready = httpx.get(f"{process.url}/readyz", timeout=5)
         assert ready.status_code == 200 and ready.json()["transport_name"] == "redis"
+
+
+def test_every_file_the_packages_need_at_run_time_is_in_the_wheel() -> None:
+    """The image installs a wheel: a template or page missing from package-data is a 500 there."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_data: dict[str, list[str]] = project["tool"]["setuptools"]["package-data"]
+    for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        top = ROOT / package.rstrip("*")
+        for path in top.rglob("*"):
+            if path.is_dir() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+                continue
+            relative = path.relative_to(top)
+            patterns = package_data.get(top.name, [])
+            assert any(relative.match(pattern) for pattern in patterns), f"{path} is not in package-data"
