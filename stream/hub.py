@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from broker import metrics
+from broker import background, metrics
 from broker.eventlog import EventLog, LicenseEvent
 from broker.sweep import DatabaseSweep
 from broker.transports import Transport
@@ -92,11 +92,8 @@ class SubscriptionHub:
     async def close(self) -> None:
         """End every stream (clients reconnect elsewhere) and release the transport. Idempotent."""
         self.end_streams()
-        if self._sweep_task is not None:
-            self._sweep_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweep_task
-            self._sweep_task = None
+        await background.stop(self._sweep_task)
+        self._sweep_task = None
         await self.transport.close()
 
     @contextlib.asynccontextmanager

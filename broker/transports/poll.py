@@ -4,8 +4,8 @@ transport for several processes without Redis. Latency is up to BROKER_POLL_INTE
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
+from broker import background
 from broker.eventlog import EventLog
 from broker.sweep import DatabaseSweep
 from broker.transports.base import GapHandler, MessageHandler, Transport
@@ -38,8 +38,5 @@ class PollTransport(Transport):
             self._sweep.unfollow(license_id)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None

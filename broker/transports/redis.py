@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from broker import metrics
+from broker import background, metrics
 from broker.transports.base import GapHandler, MessageHandler, Transport, channel
 
 log = logging.getLogger("broker.redis")
@@ -182,11 +182,8 @@ class RedisTransport(Transport):
         self._pending.clear()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         self._pubsub = None
         if self._client is not None:
             await self._client.aclose()

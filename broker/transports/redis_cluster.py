@@ -33,7 +33,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from broker import metrics
+from broker import background, metrics
 from broker.settings import parse_cluster_url
 from broker.transports.base import GapHandler, MessageHandler, Transport, channel
 
@@ -55,11 +55,8 @@ class _Shard:
         self.failed = False
 
     async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+        await background.stop(self.task)
+        self.task = None
         with contextlib.suppress(Exception):
             await self.pubsub.aclose()
         with contextlib.suppress(Exception):
@@ -380,11 +377,8 @@ class RedisClusterTransport(Transport):
                 future.exception()  # retrieved here so an unawaited one logs nothing
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         for shard in list(self._shards.values()):
             await shard.close()
         self._shards.clear()
