@@ -110,6 +110,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                     result = await measure.latency(
                         transport=transport,
                         webhook_url=webhook.url,
+                        webhook_pid=webhook.pid,
                         stream_url=stream.url,
                         stream_pid=stream.pid,
                         redis_url=config.redis_url if transport == "redis" else None,
@@ -136,6 +137,10 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 "transport": r.transport,
                 "clients": r.clients,
                 "out_of_order": r.out_of_order,
+                "webhook_response_p50_ms": report.percentile(r.webhook_response_ms, 50),
+                "webhook_response_p99_ms": report.percentile(r.webhook_response_ms, 99),
+                "webhook_cpu_ms_per_event": r.webhook_cpu_ms_per_event,
+                "stream_cpu_ms_per_event": r.stream_cpu_ms_per_event,
                 "webhooks_rejected": r.rejected,
                 "webhooks_not_applied": r.not_applied,
                 "stream_rss_kb_before_clients": r.rss_kb_before,
@@ -158,6 +163,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                     progress(f"ingest: {config.ingest_events} events, {workers} worker(s), concurrency {concurrency}")
                     run_ = await measure.ingest(
                         webhook_url=webhook.url,
+                        webhook_pid=webhook.pid,
                         database_url=database_url,
                         webhook_secret=WEBHOOK_SECRET,
                         events=config.ingest_events,

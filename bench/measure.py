@@ -16,7 +16,7 @@ import orjson
 from psycopg.types.json import Json
 
 from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
-from bench.stack import _admin, redis_connections, rss_kb
+from bench.stack import _admin, backend_pids, cpu_seconds, redis_connections, rss_kb
 from broker.eventlog import build_event
 from broker.licenses import initial_state
 
@@ -60,6 +60,9 @@ class LatencyResult:
     rejected: int
     not_applied: int
     stream_pid: int
+    webhook_response_ms: list[float] = field(default_factory=list)
+    webhook_cpu_ms_per_event: float = 0.0
+    stream_cpu_ms_per_event: float = 0.0
     redis_connections: int | None = None
     rss_kb_before: int = 0
     rss_kb_after: int = 0
@@ -100,6 +103,7 @@ async def latency(
     *,
     transport: str,
     webhook_url: str,
+    webhook_pid: int,
     stream_url: str,
     stream_pid: int,
     redis_url: str | None,
@@ -122,6 +126,7 @@ async def latency(
         rss_after = rss_kb(stream_pid)
         connections = redis_connections(redis_url, stream_pid) if redis_url else None
         progress(f"  {clients} clients connected; posting {events} events at {rate:g}/s")
+        cpu_before = cpu_seconds(webhook_pid), cpu_seconds(stream_pid)
         posted = await _post_paced(_port(webhook_url), work, rate, connections=8)
         expected: dict[tuple[str, int], int] = {(p.license_id, p.seq): p.sent_ns for p in posted if p.seq is not None}
         by_license = {c.license_id: c for c in subscribers}
@@ -134,6 +139,8 @@ async def latency(
         while delivered() < len(expected) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # late duplicates, if any, would land here
+        # Includes the stream's database sweep and heartbeats over the same time: what it costs.
+        cpu_webhook, cpu_stream = cpu_seconds(webhook_pid) - cpu_before[0], cpu_seconds(stream_pid) - cpu_before[1]
         latencies: list[float] = []
         duplicates = out_of_order = 0
         seen: set[tuple[str, int]] = set()
@@ -164,6 +171,9 @@ async def latency(
         rejected=rejected,
         not_applied=sum(1 for p in posted if p.status == 200 and p.seq is None),
         stream_pid=stream_pid,
+        webhook_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in posted),
+        webhook_cpu_ms_per_event=round(1000 * cpu_webhook / max(1, len(posted)), 3),
+        stream_cpu_ms_per_event=round(1000 * cpu_stream / max(1, len(expected)), 3),
         redis_connections=connections,
         rss_kb_before=rss_before,
         rss_kb_after=rss_after,
@@ -174,10 +184,19 @@ async def latency(
 
 
 async def ingest(
-    *, webhook_url: str, database_url: str, webhook_secret: str, events: int, concurrency: int, licenses: int
+    *,
+    webhook_url: str,
+    webhook_pid: int,
+    database_url: str,
+    webhook_secret: str,
+    events: int,
+    concurrency: int,
+    licenses: int,
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` keep-alive connections post pre-signed events as fast as the
-    webhook answers; events/s counts 200s whose rows are then found committed in Postgres."""
+    webhook answers; events/s counts 200s whose rows are then found committed in Postgres.
+    CPU per event (webhook process, and the Postgres backends serving it) is the figure that
+    holds still when other jobs share the machine."""
     ids = license_ids("ingest", licenses)
     factory = EventFactory(webhook_secret)
     work = iter([(ids[i % licenses], *factory.signed(ids[i % licenses])) for i in range(events)])
@@ -188,9 +207,14 @@ async def ingest(
         for license_id, payload, signature in work:
             results.append(await conn.post(license_id, payload, signature))
 
+    backends = backend_pids(database_url)
+    cpu_before = cpu_seconds(webhook_pid), sum(cpu_seconds(pid) for pid in backends)
     start = now_ns()
     await asyncio.gather(*(worker(c) for c in conns))
     elapsed = (now_ns() - start) / 1e9
+    # Backends opened during the run started from zero CPU.
+    cpu_webhook = cpu_seconds(webhook_pid) - cpu_before[0]
+    cpu_postgres = sum(cpu_seconds(pid) for pid in backend_pids(database_url)) - cpu_before[1]
     for conn in conns:
         await conn.close()
     ok = [r for r in results if r.status == 200]
@@ -211,6 +235,8 @@ async def ingest(
         "events_per_s": round(committed / elapsed, 1) if elapsed else 0.0,
         "response_p50_ms": round(service[len(service) // 2], 2) if service else None,
         "response_p99_ms": round(service[int(len(service) * 0.99)], 2) if service else None,
+        "webhook_cpu_ms_per_event": round(1000 * cpu_webhook / max(1, len(ok)), 3),
+        "postgres_cpu_ms_per_event": round(1000 * cpu_postgres / max(1, len(ok)), 3),
     }
 
 

@@ -60,16 +60,9 @@ def machine() -> dict[str, Any]:
 
 
 def _admin(url: str) -> psycopg.Connection[Any]:
-    u = make_url(normalize_database_url(url))
-    return psycopg.connect(
-        host=u.host or "127.0.0.1",
-        port=u.port or 5432,
-        user=u.username,
-        password=u.password,
-        dbname=u.database,
-        autocommit=True,
-        connect_timeout=5,
-    )
+    # libpq takes the URL itself, so ?host=/var/run/postgresql (a Unix socket) works too.
+    libpq_url = make_url(normalize_database_url(url)).set(drivername="postgresql")
+    return psycopg.connect(libpq_url.render_as_string(hide_password=False), autocommit=True, connect_timeout=5)
 
 
 @contextlib.contextmanager
@@ -93,9 +86,13 @@ def scratch_database(admin_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def truncate(database_url: str) -> None:
+def backend_pids(database_url: str) -> list[int]:
+    """The Postgres server processes serving connections to this database (not this one)."""
     with _admin(database_url) as conn:
-        conn.execute("TRUNCATE licenses, stripe_events, subscription_event_logs RESTART IDENTITY")
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [int(row[0]) for row in rows]
 
 
 @dataclass
@@ -119,13 +116,14 @@ class Server:
         return self.proc.pid
 
     def start(self, timeout: float = 30) -> Server:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "license_broker", self.command, "--port", str(self.port), *self.extra_args],
-            env={**os.environ, **self.env},
-            cwd=ROOT,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with self.log.open("ab") as log:  # the child holds its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "license_broker", self.command, "--port", str(self.port), *self.extra_args],
+                env={**os.environ, **self.env},
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -183,6 +181,26 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live children (uvicorn --workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def _socket_inodes(pid: int) -> set[str]:
