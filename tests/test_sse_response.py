@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from broker import metrics
 from stream.sse import EventStreamResponse
 
@@ -96,4 +98,22 @@ async def test_a_client_that_goes_away_ends_an_idle_stream() -> None:
     await asyncio.sleep(0.05)
     gone.set()
     await asyncio.wait_for(task, 5)
+    assert body.closed
+
+
+async def test_a_server_cancelling_the_handler_is_not_mistaken_for_the_client_leaving() -> None:
+    body = Body(wait=3600)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    task = asyncio.create_task(_response(body, send_timeout=30)({"type": "http"}, receive, send))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     assert body.closed
