@@ -146,10 +146,12 @@ async def connect_clients(
 
 @dataclass
 class EventFactory:
-    """Signed `customer.subscription.updated` events whose status alternates, so that each one
-    changes its license (and so takes the next seq)."""
+    """Signed `customer.subscription.updated` events, each of which changes its license (and so
+    takes the next seq) in whatever order concurrent deliveries commit: every event of a license
+    has the same `created` (ties are applied, never stale) and its own period end."""
 
     secret: str
+    created: int = field(default_factory=lambda: int(time.time()))
     _samples: dict[str, SampleEvents] = field(default_factory=dict)
     _next: dict[str, int] = field(default_factory=dict)
 
@@ -159,7 +161,8 @@ class EventFactory:
             samples = self._samples[license_id] = SampleEvents(license_id)
         n = self._next.get(license_id, 0)
         self._next[license_id] = n + 1
-        event = samples.subscription_event("customer.subscription.updated", _STATUSES[n % 2], int(time.time()))
+        event = samples.subscription_event("customer.subscription.updated", _STATUSES[n % 2], self.created)
+        event["data"]["object"]["items"]["data"][0]["current_period_end"] += n + 1
         payload = orjson.dumps(event)
         return payload, sign(payload, self.secret)
 

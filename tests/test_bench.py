@@ -59,7 +59,7 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
         assert row["p50_ms"] is not None and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     for detail in written["latency_detail"]:
         assert detail["out_of_order"] == 0
-        assert detail["webhooks_rejected"] == 0
+        assert detail["webhooks_rejected"] == detail["webhooks_not_applied"] == 0
 
     (ingest,) = written["ingest"]
     assert ingest["committed"] == ingest["ok"] == 20 and ingest["errors"] == 0
