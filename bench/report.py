@@ -92,20 +92,27 @@ def plot(path: Path, results: list[LatencyResult], title: str) -> None:
     import matplotlib.pyplot as plt
 
     transports = list(dict.fromkeys(r.transport for r in results))
-    fig, axes = plt.subplots(1, len(transports), figsize=(6 * len(transports), 4.2), squeeze=False)
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    # One shared x axis, so that the panels compare at a glance.
+    fig, axes = plt.subplots(1, len(transports), figsize=(6 * len(transports), 4.2), squeeze=False, sharex=True)
     for ax, transport in zip(axes[0], transports, strict=True):
         for result in (r for r in results if r.transport == transport):
             values = sorted(v for v in result.latencies_ms if v > 0)
             if not values:
                 continue
             fractions = [(i + 1) / len(values) for i in range(len(values))]
-            ax.step(values, fractions, where="post", label=f"{result.clients} clients")
+            label = f"{result.clients} client" + ("s" if result.clients != 1 else "")
+            ax.step(values, fractions, where="post", label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("webhook POST sent -> SSE client holds the event (ms, log scale)")
         ax.set_ylabel("fraction of events")
         ax.set_title(transport)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
