@@ -112,7 +112,7 @@ def plot(path: Path, results: list[LatencyResult], title: str) -> None:
         ax.set_ylabel("fraction of events")
         ax.set_title(transport)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
