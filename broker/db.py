@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -47,6 +48,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
             # None turns psycopg's automatic prepared statements off (PgBouncer, docs/scaling.md).
             **({} if settings.db_prepared_statements else {"prepare_threshold": None}),
         },
+        # psycopg encodes and decodes JSON columns with these: orjson rather than the stdlib json
+        # takes ~10% off the stream's CPU per replayed event (docs/bench.md). Postgres only:
+        # SQLite stores JSON as text and wants str.
+        json_serializer=orjson.dumps,
+        json_deserializer=orjson.loads,
     )
 
 

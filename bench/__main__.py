@@ -1,0 +1,221 @@
+"""`make bench`: Redis against database polling, side by side, on a stack of real processes.
+
+Environment: BENCH_SCALE (default | full: adds 10,000 clients), BENCH_OUT (bench-results.json),
+BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll), DATABASE_URL (the Postgres server
+to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
+(redis://127.0.0.1:6379/0).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import measure, report
+from bench.stack import (
+    TOKEN_SECRET,
+    WEBHOOK_SECRET,
+    Server,
+    machine,
+    running,
+    scratch_database,
+    server_env,
+)
+
+EVENTS_PER_SCENARIO = {1: 200, 100: 300, 1000: 1000, 10000: 2000}
+
+
+@dataclass
+class BenchConfig:
+    admin_database_url: str
+    redis_url: str
+    out: Path
+    plot: Path | None
+    transports: tuple[str, ...] = ("redis", "poll")
+    clients: tuple[int, ...] = (1, 100, 1000)
+    events: dict[int, int] = field(default_factory=lambda: dict(EVENTS_PER_SCENARIO))
+    rate: float = 100.0
+    poll_interval: float = 2.0
+    ingest_events: int = 4000
+    ingest_concurrency: tuple[int, ...] = (1, 32)
+    ingest_workers: tuple[int, ...] = (1, 2)
+    ingest_licenses: int = 500
+    replay_events: int = 10_000
+    idle_clients: int = 1000
+    scale: str = "default"
+
+    @classmethod
+    def from_env(cls) -> BenchConfig:
+        scale = os.environ.get("BENCH_SCALE", "default")
+        if scale not in ("default", "full"):
+            raise SystemExit(f"BENCH_SCALE: expected default or full, got {scale!r}")
+        plot = os.environ.get("BENCH_PLOT", "docs/bench.png")
+        config = cls(
+            admin_database_url=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/postgres"),
+            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            out=Path(os.environ.get("BENCH_OUT", "bench-results.json")),
+            plot=Path(plot) if plot else None,
+            transports=tuple(t for t in os.environ.get("BENCH_TRANSPORTS", "redis,poll").split(",") if t),
+            scale=scale,
+        )
+        if scale == "full":
+            config.clients = (*config.clients, 10_000)
+            config.idle_clients = 10_000
+        return config
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def raise_open_files_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def run(config: BenchConfig) -> dict[str, Any]:
+    started = time.monotonic()
+    limit = raise_open_files_limit()
+    needed = max(*config.clients, config.idle_clients) + 200
+    if limit < needed:
+        progress(f"warning: open-files limit {limit} is below the {needed} connections this scale needs")
+    logs = Path(tempfile.mkdtemp(prefix="lb-bench-"))
+    progress(f"server logs in {logs}")
+    results: dict[str, Any] = {"machine": "", "machine_detail": machine(), "scale": config.scale}
+    results["machine"] = results["machine_detail"]["summary"]
+    results["started_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    latency_results: list[measure.LatencyResult] = []
+
+    with scratch_database(config.admin_database_url) as database_url:
+        progress(f"scratch database migrated: {database_url.rsplit('/', 1)[1]}")
+
+        def env(transport: str) -> dict[str, str]:
+            return server_env(database_url, config.redis_url, transport, config.poll_interval)
+
+        for transport in config.transports:
+            webhook = Server("webhook", env(transport), logs / f"webhook-{transport}.log")
+            stream = Server("stream", env(transport), logs / f"stream-{transport}.log")
+            with running(webhook, stream):
+                progress(f"{transport}: webhook pid {webhook.pid}, stream pid {stream.pid}")
+                for clients in config.clients:
+                    result = await measure.latency(
+                        transport=transport,
+                        webhook_url=webhook.url,
+                        webhook_pid=webhook.pid,
+                        stream_url=stream.url,
+                        stream_pid=stream.pid,
+                        redis_url=config.redis_url if transport == "redis" else None,
+                        token_secret=TOKEN_SECRET,
+                        webhook_secret=WEBHOOK_SECRET,
+                        clients=clients,
+                        events=config.events.get(clients, clients),
+                        rate=config.rate,
+                        grace=2 * config.poll_interval + 5,
+                        progress=progress,
+                    )
+                    latency_results.append(result)
+                    r = report.row(result)
+                    progress(
+                        f"  {transport} {clients} clients: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                        f"lost {r['lost']}, duplicates {r['duplicates']}"
+                        + (f", {result.rejected} webhooks rejected" if result.rejected else "")
+                        + (f", redis connections {result.redis_connections}" if result.redis_connections else "")
+                    )
+
+        results["rows"] = [report.row(r) for r in latency_results]
+        results["latency_detail"] = [
+            {
+                "transport": r.transport,
+                "clients": r.clients,
+                "out_of_order": r.out_of_order,
+                "webhook_response_p50_ms": report.percentile(r.webhook_response_ms, 50),
+                "webhook_response_p99_ms": report.percentile(r.webhook_response_ms, 99),
+                "webhook_cpu_ms_per_event": r.webhook_cpu_ms_per_event,
+                "stream_cpu_ms_per_event": r.stream_cpu_ms_per_event,
+                "webhooks_rejected": r.rejected,
+                "webhooks_not_applied": r.not_applied,
+                "stream_rss_kb_before_clients": r.rss_kb_before,
+                "stream_rss_kb_with_clients": r.rss_kb_after,
+                "redis_connections_of_stream_process": r.redis_connections,
+            }
+            for r in latency_results
+        ]
+        p50 = {row["transport"]: row["p50_ms"] for row in results["rows"] if row["clients"] == max(config.clients)}
+        if p50.get("redis") and p50.get("poll"):
+            results["redis_vs_poll_p50"] = round(p50["poll"] / p50["redis"], 1)
+
+        results["ingest"] = []
+        for workers in config.ingest_workers:
+            webhook = Server(
+                "webhook", env("redis"), logs / f"webhook-ingest-{workers}.log", extra_args=("--workers", str(workers))
+            )
+            with running(webhook):
+                for concurrency in config.ingest_concurrency:
+                    progress(f"ingest: {config.ingest_events} events, {workers} worker(s), concurrency {concurrency}")
+                    run_ = await measure.ingest(
+                        webhook_url=webhook.url,
+                        webhook_pid=webhook.pid,
+                        database_url=database_url,
+                        webhook_secret=WEBHOOK_SECRET,
+                        events=config.ingest_events,
+                        concurrency=concurrency,
+                        licenses=config.ingest_licenses,
+                    )
+                    run_["webhook_workers"] = workers
+                    results["ingest"].append(run_)
+                    progress(f"  {run_['events_per_s']} events/s ({run_['errors']} errors)")
+
+        stream = Server("stream", env("redis"), logs / "stream-replay.log")
+        with running(stream):
+            progress(f"replay: {config.replay_events} missed events, Last-Event-ID: 0")
+            results["replay"] = await measure.replay(
+                stream_url=stream.url,
+                database_url=database_url,
+                token_secret=TOKEN_SECRET,
+                events=config.replay_events,
+            )
+            progress(f"  {results['replay']['seconds']} s")
+            progress(f"idle connections: {config.idle_clients}")
+            idle = await measure.idle_connections(
+                stream_url=stream.url,
+                stream_pid=stream.pid,
+                redis_url=config.redis_url,
+                token_secret=TOKEN_SECRET,
+                clients=config.idle_clients,
+                progress=progress,
+            )
+            results["idle_connections"] = idle
+            results["redis_connections_per_stream_process"] = idle["redis_connections"]
+
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["machine_detail"]["load_average_end"] = list(os.getloadavg())
+    if config.plot is not None:
+        report.plot(config.plot, latency_results, f"license-broker, {results['machine']}, {results['started_at']}")
+        results["plot"] = str(config.plot)
+    return results
+
+
+def main() -> int:
+    config = BenchConfig.from_env()
+    progress(f"bench ({config.scale}): transports {', '.join(config.transports)}, clients {config.clients}")
+    # uvloop, as the servers use (uvicorn[standard]): the load generator should not be the bottleneck.
+    import uvloop
+
+    results = uvloop.run(run(config))
+    report.write_json(config.out, results)
+    print(report.summary(results))
+    progress(f"wrote {config.out}" + (f" and {config.plot}" if config.plot else "") + f" in {results['duration_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

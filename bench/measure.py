@@ -1,0 +1,341 @@
+"""The measurements: end-to-end latency with lost and duplicated events, webhook ingest
+throughput, replay of a backlog, and what one stream process holds per idle connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from psycopg.types.json import Json
+
+from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
+from bench.stack import _admin, backend_pids, cpu_seconds, redis_connections, rss_kb
+from broker.eventlog import build_event
+from broker.licenses import initial_state
+
+Progress = Callable[[str], None]
+HOST = "127.0.0.1"
+
+
+def license_ids(prefix: str, n: int) -> list[str]:
+    run = secrets.token_hex(3)
+    return [f"lic_{prefix}_{run}_{i}" for i in range(n)]
+
+
+@contextlib.asynccontextmanager
+async def _clients(port: int, ids: list[str], token_secret: str, **kw: Any) -> Any:
+    clients: list[SseClient] = []
+    try:
+        clients = await connect_clients(HOST, port, ids, token_secret=token_secret, **kw)
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+        await asyncio.sleep(0)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+# --- latency --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyResult:
+    transport: str
+    clients: int
+    events: int
+    latencies_ms: list[float]
+    lost: int
+    duplicates: int
+    out_of_order: int
+    rejected: int
+    not_applied: int
+    stream_pid: int
+    webhook_response_ms: list[float] = field(default_factory=list)
+    webhook_cpu_ms_per_event: float = 0.0
+    stream_cpu_ms_per_event: float = 0.0
+    redis_connections: int | None = None
+    rss_kb_before: int = 0
+    rss_kb_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+async def _post_paced(
+    webhook_port: int, work: list[tuple[str, bytes, str]], rate: float, connections: int
+) -> list[Posted]:
+    """Open loop: event i is sent at start + i/rate on whichever keep-alive connection is free."""
+    pool: asyncio.Queue[WebhookConnection] = asyncio.Queue()
+    opened = [await WebhookConnection(HOST, webhook_port).open() for _ in range(connections)]
+    for conn in opened:
+        pool.put_nowait(conn)
+    results: list[Posted] = []
+
+    async def one(license_id: str, payload: bytes, signature: str) -> None:
+        conn = await pool.get()
+        try:
+            results.append(await conn.post(license_id, payload, signature))
+        finally:
+            pool.put_nowait(conn)
+
+    start = time.monotonic()
+    tasks = []
+    for i, (license_id, payload, signature) in enumerate(work):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(license_id, payload, signature)))
+    await asyncio.gather(*tasks)
+    for conn in opened:
+        await conn.close()
+    return results
+
+
+async def latency(
+    *,
+    transport: str,
+    webhook_url: str,
+    webhook_pid: int,
+    stream_url: str,
+    stream_pid: int,
+    redis_url: str | None,
+    token_secret: str,
+    webhook_secret: str,
+    clients: int,
+    events: int,
+    rate: float,
+    grace: float,
+    progress: Progress,
+) -> LatencyResult:
+    """`clients` subscribers, one per license (each desktop app follows its own license); `events`
+    signed webhooks sent round-robin over those licenses at `rate` per second. Latency is from just
+    before the POST is written to the moment the subscriber has parsed the event's frame."""
+    ids = license_ids(transport, clients)
+    rss_before = rss_kb(stream_pid)
+    factory = EventFactory(webhook_secret)
+    work = [(ids[i % clients], *factory.signed(ids[i % clients])) for i in range(events)]
+    async with _clients(_port(stream_url), ids, token_secret) as subscribers:
+        rss_after = rss_kb(stream_pid)
+        connections = redis_connections(redis_url, stream_pid) if redis_url else None
+        progress(f"  {clients} clients connected; posting {events} events at {rate:g}/s")
+        cpu_before = cpu_seconds(webhook_pid), cpu_seconds(stream_pid)
+        posted = await _post_paced(_port(webhook_url), work, rate, connections=8)
+        expected: dict[tuple[str, int], int] = {(p.license_id, p.seq): p.sent_ns for p in posted if p.seq is not None}
+        by_license = {c.license_id: c for c in subscribers}
+        deadline = time.monotonic() + grace
+
+        def delivered() -> int:
+            return sum(len(c.received) - 1 for c in subscribers)
+
+        # Polled: the count is spread over thousands of protocol callbacks; 50 ms is fine here.
+        while delivered() < len(expected) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # late duplicates, if any, would land here
+        # Includes the stream's database sweep and heartbeats over the same time: what it costs.
+        cpu_webhook, cpu_stream = cpu_seconds(webhook_pid) - cpu_before[0], cpu_seconds(stream_pid) - cpu_before[1]
+        latencies: list[float] = []
+        duplicates = out_of_order = 0
+        seen: set[tuple[str, int]] = set()
+        for client in by_license.values():
+            last = -1
+            for seq, arrived in client.received:
+                key = (client.license_id, seq)
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
+                if seq < last:
+                    out_of_order += 1
+                last = max(last, seq)
+                sent = expected.get(key)
+                if sent is not None:
+                    latencies.append((arrived - sent) / 1e6)
+        lost = sum(1 for key in expected if key not in seen)
+    rejected = sum(1 for p in posted if p.status != 200)
+    return LatencyResult(
+        transport=transport,
+        clients=clients,
+        events=len(expected),
+        latencies_ms=latencies,
+        lost=lost,
+        duplicates=duplicates,
+        out_of_order=out_of_order,
+        rejected=rejected,
+        not_applied=sum(1 for p in posted if p.status == 200 and p.seq is None),
+        stream_pid=stream_pid,
+        webhook_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in posted),
+        webhook_cpu_ms_per_event=round(1000 * cpu_webhook / max(1, len(posted)), 3),
+        stream_cpu_ms_per_event=round(1000 * cpu_stream / max(1, len(expected)), 3),
+        redis_connections=connections,
+        rss_kb_before=rss_before,
+        rss_kb_after=rss_after,
+    )
+
+
+# --- webhook ingest -------------------------------------------------------------------------------
+
+
+async def ingest(
+    *,
+    webhook_url: str,
+    webhook_pid: int,
+    database_url: str,
+    webhook_secret: str,
+    events: int,
+    concurrency: int,
+    licenses: int,
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` keep-alive connections post pre-signed events as fast as the
+    webhook answers; events/s counts 200s whose rows are then found committed in Postgres.
+    CPU per event (webhook process, and the Postgres backends serving it) is the figure that
+    holds still when other jobs share the machine."""
+    ids = license_ids("ingest", licenses)
+    factory = EventFactory(webhook_secret)
+    work = iter([(ids[i % licenses], *factory.signed(ids[i % licenses])) for i in range(events)])
+    conns = [await WebhookConnection(HOST, _port(webhook_url)).open() for _ in range(concurrency)]
+    results: list[Posted] = []
+
+    async def worker(conn: WebhookConnection) -> None:
+        for license_id, payload, signature in work:
+            results.append(await conn.post(license_id, payload, signature))
+
+    backends = backend_pids(database_url)
+    cpu_before = cpu_seconds(webhook_pid), sum(cpu_seconds(pid) for pid in backends)
+    start = now_ns()
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = (now_ns() - start) / 1e9
+    # Backends opened during the run started from zero CPU.
+    cpu_webhook = cpu_seconds(webhook_pid) - cpu_before[0]
+    cpu_postgres = sum(cpu_seconds(pid) for pid in backend_pids(database_url)) - cpu_before[1]
+    for conn in conns:
+        await conn.close()
+    ok = [r for r in results if r.status == 200]
+    with _admin(database_url) as db:
+        row = db.execute(
+            "SELECT count(*) FROM stripe_events WHERE license_id LIKE %s", (ids[0].rsplit("_", 1)[0] + "_%",)
+        ).fetchone()
+    committed = int(row[0]) if row else 0
+    service = sorted((r.done_ns - r.sent_ns) / 1e6 for r in ok)
+    return {
+        "events": events,
+        "concurrency": concurrency,
+        "licenses": licenses,
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "committed": committed,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(committed / elapsed, 1) if elapsed else 0.0,
+        "response_p50_ms": round(service[len(service) // 2], 2) if service else None,
+        "response_p99_ms": round(service[int(len(service) * 0.99)], 2) if service else None,
+        "webhook_cpu_ms_per_event": round(1000 * cpu_webhook / max(1, len(ok)), 3),
+        "postgres_cpu_ms_per_event": round(1000 * cpu_postgres / max(1, len(ok)), 3),
+    }
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+def _seed_rows(license_id: str, n: int) -> Iterator[tuple[Any, ...]]:
+    state = initial_state()
+    now = datetime.now(UTC)
+    for seq in range(1, n + 1):
+        status = ("active", "past_due")[seq % 2]
+        state = {**state, "status": status, "entitled": True, "kind": "subscription"}
+        event = build_event(
+            license_id,
+            seq,
+            state,
+            stripe_event_id=f"evt_seed_{seq}",
+            stripe_event_type="customer.subscription.updated",
+            occurred_at=now,
+        )
+        yield (license_id, seq, event["stripe_event_id"], event["stripe_event_type"], status, True,
+               orjson.dumps(event).decode(), now, now)  # fmt: skip
+
+
+def seed_backlog(database_url: str, license_id: str, n: int) -> None:
+    """`n` events of one license, written straight into the event log (as n webhooks would have
+    left it) so that the replay measurement does not wait for n webhooks."""
+    with _admin(database_url) as db, db.transaction():
+        db.execute(
+            "INSERT INTO licenses (id, seq, status, entitled, state) VALUES (%s, %s, 'active', true, %s)",
+            (license_id, n, Json(initial_state())),
+        )
+        with db.cursor().copy(
+            "COPY subscription_event_logs (license_id, seq, stripe_event_id, stripe_event_type, status, entitled,"
+            " event, occurred_at, recorded_at) FROM STDIN"
+        ) as copy:
+            for row in _seed_rows(license_id, n):
+                copy.write_row(row)
+
+
+async def replay(*, stream_url: str, database_url: str, token_secret: str, events: int) -> dict[str, Any]:
+    """A client that missed `events` events connects with Last-Event-ID: 0: the time from the start
+    of its connect to its parsing the last one."""
+    (license_id,) = license_ids("replay", 1)
+    await asyncio.to_thread(seed_backlog, database_url, license_id, events)
+    done = asyncio.get_running_loop().create_future()
+
+    def on_event(client: SseClient, seq: int, arrived: int) -> None:
+        if seq >= events and not done.done():
+            done.set_result(arrived)
+
+    start = now_ns()
+    loop = asyncio.get_running_loop()
+    from broker import tokens
+
+    token = tokens.mint(token_secret, license_id)
+    _, client = await loop.create_connection(
+        lambda: SseClient(license_id, token, HOST, _port(stream_url), last_event_id=0), HOST, _port(stream_url)
+    )
+    client.on_event = on_event
+    try:
+        finished: int = await asyncio.wait_for(done, 60)
+    finally:
+        client.close()
+    seqs = [seq for seq, _ in client.received]
+    return {
+        "events": events,
+        "seconds": round((finished - start) / 1e9, 3),
+        "events_per_s": round(events / ((finished - start) / 1e9)),
+        "lost": len(set(range(1, events + 1)) - set(seqs)),
+        "duplicates": len(seqs) - len(set(seqs)),
+        "in_order": seqs == sorted(seqs),
+    }
+
+
+# --- idle connections -----------------------------------------------------------------------------
+
+
+async def idle_connections(
+    *, stream_url: str, stream_pid: int, redis_url: str, token_secret: str, clients: int, progress: Progress
+) -> dict[str, Any]:
+    """RSS of a stream process before and after `clients` idle subscribers (one license each),
+    and how many Redis connections it holds meanwhile."""
+    port = _port(stream_url)
+    async with _clients(port, license_ids("warm", 20), token_secret):
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(0.5)
+    before = rss_kb(stream_pid)
+    before_redis = redis_connections(redis_url, stream_pid)
+    async with _clients(port, license_ids("idle", clients), token_secret):
+        await asyncio.sleep(1.0)
+        after = rss_kb(stream_pid)
+        during_redis = redis_connections(redis_url, stream_pid)
+    progress(f"  {clients} idle connections: RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB")
+    return {
+        "clients": clients,
+        "rss_kb_before": before,
+        "rss_kb_after": after,
+        "rss_kb_per_connection": round((after - before) / clients, 2),
+        "redis_connections_idle": before_redis,
+        "redis_connections": during_redis,
+    }

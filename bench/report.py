@@ -1,0 +1,120 @@
+"""Figures out: percentiles, the table on stdout, the JSON file, the PNG of the distributions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.measure import LatencyResult
+
+COLUMNS = ("transport", "clients", "events", "p50_ms", "p95_ms", "p99_ms", "max_ms", "lost", "duplicates")
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def row(result: LatencyResult) -> dict[str, Any]:
+    values = sorted(result.latencies_ms)
+    return {
+        "transport": result.transport,
+        "clients": result.clients,
+        "events": result.events,
+        "p50_ms": _ms(percentile(values, 50)),
+        "p95_ms": _ms(percentile(values, 95)),
+        "p99_ms": _ms(percentile(values, 99)),
+        "max_ms": _ms(values[-1] if values else None),
+        "lost": result.lost,
+        "duplicates": result.duplicates,
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = [" | ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, Any]) -> str:
+    out = [f"machine: {results['machine']}", "", latency_table(results["rows"]), ""]
+    for run in results.get("ingest", []):
+        out.append(
+            f"webhook ingest: {run['events_per_s']:.0f} events/s committed "
+            f"({run['committed']} events, concurrency {run['concurrency']}, {run['webhook_workers']} webhook "
+            f"worker(s), response p50 {run['response_p50_ms']} ms, p99 {run['response_p99_ms']} ms, "
+            f"{run['errors']} errors)"
+        )
+    if (replay := results.get("replay")) is not None:
+        out.append(
+            f"replay: {replay['events']} missed events in {replay['seconds']:.3f} s "
+            f"({replay['events_per_s']}/s, lost {replay['lost']}, duplicates {replay['duplicates']})"
+        )
+    if (idle := results.get("idle_connections")) is not None:
+        out.append(
+            f"idle connections: {idle['clients']} on one stream process, "
+            f"{idle['rss_kb_per_connection']:.1f} KB RSS each, {idle['redis_connections']} Redis connection(s)"
+        )
+    if (ratio := results.get("redis_vs_poll_p50")) is not None:
+        out.append(f"redis vs poll at p50: {ratio:.0f}x faster")
+    return "\n".join(out)
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def plot(path: Path, results: list[LatencyResult], title: str) -> None:
+    """One panel per transport: the distribution (empirical CDF) of latency, per client count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transports = list(dict.fromkeys(r.transport for r in results))
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    # One shared x axis, so that the panels compare at a glance.
+    fig, axes = plt.subplots(1, len(transports), figsize=(6 * len(transports), 4.2), squeeze=False, sharex=True)
+    for ax, transport in zip(axes[0], transports, strict=True):
+        for result in (r for r in results if r.transport == transport):
+            values = sorted(v for v in result.latencies_ms if v > 0)
+            if not values:
+                continue
+            fractions = [(i + 1) / len(values) for i in range(len(values))]
+            label = f"{result.clients} client" + ("s" if result.clients != 1 else "")
+            ax.step(values, fractions, where="post", label=label)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("webhook POST sent -> SSE client holds the event (ms, log scale)")
+        ax.set_ylabel("fraction of events")
+        ax.set_title(transport)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""`make bench` at a tiny scale, against the real Postgres and Redis: the pieces fit together, the
+JSON has the promised shape, and no event is lost or duplicated. No timing assertions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+
+from bench.__main__ import BenchConfig, run
+from bench.report import COLUMNS, summary, write_json
+from tests.conftest import ADMIN_URL, _psycopg_connect, unavailable
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def admin_url() -> str:
+    try:
+        _psycopg_connect(ADMIN_URL).close()
+    except psycopg.OperationalError as exc:
+        unavailable("Postgres", exc)
+    return ADMIN_URL
+
+
+@pytest.mark.timeout(180)
+async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicated(
+    admin_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    config = BenchConfig(
+        admin_database_url=admin_url,
+        redis_url=redis_url,
+        out=tmp_path / "bench.json",
+        plot=tmp_path / "bench.png",
+        transports=("redis", "poll"),
+        clients=(2,),
+        events={2: 5},
+        rate=50.0,
+        poll_interval=0.2,
+        ingest_events=20,
+        ingest_concurrency=(2,),
+        ingest_workers=(1,),
+        ingest_licenses=5,
+        replay_events=50,
+        idle_clients=5,
+    )
+    results = await run(config)
+    write_json(config.out, results)
+    written = orjson.loads(config.out.read_bytes())
+
+    assert isinstance(written["machine"], str) and written["machine"]
+    assert [(r["transport"], r["clients"]) for r in written["rows"]] == [("redis", 2), ("poll", 2)]
+    for row in written["rows"]:
+        assert set(row) == set(COLUMNS)
+        assert row["events"] == 5
+        assert (row["lost"], row["duplicates"]) == (0, 0)
+        assert row["p50_ms"] is not None and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    for detail in written["latency_detail"]:
+        assert detail["out_of_order"] == 0
+        assert detail["webhooks_rejected"] == detail["webhooks_not_applied"] == 0
+
+    (ingest,) = written["ingest"]
+    assert ingest["committed"] == ingest["ok"] == 20 and ingest["errors"] == 0
+    assert ingest["events_per_s"] > 0
+
+    replay = written["replay"]
+    assert (replay["events"], replay["lost"], replay["duplicates"], replay["in_order"]) == (50, 0, 0, True)
+
+    idle = written["idle_connections"]
+    assert idle["clients"] == 5 and idle["rss_kb_after"] > 0
+    # One subscriber connection (plus, at most, the publishing client) however many streams.
+    assert 1 <= written["redis_connections_per_stream_process"] <= 2
+
+    assert config.plot is not None and config.plot.stat().st_size > 0
+    assert "redis" in summary(written)
