@@ -147,8 +147,9 @@ async def connect_clients(
 @dataclass
 class EventFactory:
     """Signed `customer.subscription.updated` events, each of which changes its license (and so
-    takes the next seq) in whatever order concurrent deliveries commit: every event of a license
-    has the same `created` (ties are applied, never stale) and its own period end."""
+    takes the next seq): statuses alternate and `created` grows by a second per event of a
+    license, as a customer's real events do. The poster sends one license's events one after
+    another (bench.measure), so none arrives older than the license's state."""
 
     secret: str
     created: int = field(default_factory=lambda: int(time.time()))
@@ -161,7 +162,7 @@ class EventFactory:
             samples = self._samples[license_id] = SampleEvents(license_id)
         n = self._next.get(license_id, 0)
         self._next[license_id] = n + 1
-        event = samples.subscription_event("customer.subscription.updated", _STATUSES[n % 2], self.created)
+        event = samples.subscription_event("customer.subscription.updated", _STATUSES[n % 2], self.created + n)
         event["data"]["object"]["items"]["data"][0]["current_period_end"] += n + 1
         payload = orjson.dumps(event)
         return payload, sign(payload, self.secret)
