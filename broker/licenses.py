@@ -75,10 +75,11 @@ class LicenseStore:
         The lock serialises every change of one license, so seq N+1 is taken only after the
         transaction that wrote seq N has committed: per license, seq order is commit order.
         (SQLite has no row locks; it serialises every writer, which gives the same order.)"""
-        await conn.execute(
-            _insert(conn).values(id=license_id, state=initial_state()).on_conflict_do_nothing(index_elements=["id"])
+        # One round trip: the upsert's (no-op) update takes the row lock, as SELECT ... FOR UPDATE would.
+        insert = _insert(conn).values(id=license_id, state=initial_state())
+        query = insert.on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}).returning(
+            *licenses.c
         )
-        query = sa.select(licenses).where(licenses.c.id == license_id).with_for_update()
         row = (await conn.execute(query)).mappings().one()
         return LicenseRow(
             id=row["id"],

@@ -68,6 +68,7 @@ async def _events(
             current = await events.current(license_id)
             sender = _Sender(current.seq - 1)
             chunk = sender.take(current)
+            del current  # an idle stream holds nothing it has sent (memory per connection)
             assert chunk is not None
             yield chunk
         else:
@@ -83,7 +84,9 @@ async def _events(
                 if timeout <= 0:
                     return
             try:
-                live = await asyncio.wait_for(sub.get(), timeout)
+                # asyncio.timeout, not wait_for: no extra task per wait (on 3.11), ~2 KB a stream.
+                async with asyncio.timeout(timeout):
+                    live = await sub.get()
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     return
