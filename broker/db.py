@@ -41,7 +41,12 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=0,
         pool_timeout=10,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per transaction on the webhook's hot path. A connection
+        # that died with the server fails its first statement instead; SQLAlchemy then discards
+        # the whole pool, the webhook answers 503 (Stripe retries) and a stream ends (the client
+        # resumes), so a Postgres restart costs one retry, never an event.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         # A short connect timeout so that an unreachable database answers 503 quickly.
         connect_args={
             "connect_timeout": 5,
