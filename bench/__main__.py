@@ -1,24 +1,27 @@
 """`make bench`: Redis against database polling, side by side, on a stack of real processes.
 
 Environment: BENCH_SCALE (default | full: adds 10,000 clients), BENCH_OUT (bench-results.json),
-BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll), DATABASE_URL (the Postgres server
+BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll,redis-cluster), DATABASE_URL (the Postgres server
 to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
 (redis://127.0.0.1:6379/0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench import measure, report
+from bench.cluster import local_cluster
 from bench.stack import (
     TOKEN_SECRET,
     WEBHOOK_SECRET,
@@ -30,6 +33,7 @@ from bench.stack import (
 )
 
 EVENTS_PER_SCENARIO = {1: 200, 100: 300, 1000: 1000, 10000: 2000}
+TRANSPORTS = ("redis", "poll", "redis-cluster")
 
 
 @dataclass
@@ -38,7 +42,9 @@ class BenchConfig:
     redis_url: str
     out: Path
     plot: Path | None
-    transports: tuple[str, ...] = ("redis", "poll")
+    transports: tuple[str, ...] = TRANSPORTS
+    # redis-cluster: stream processes behind the (imaginary) load balancer, clients dealt evenly.
+    cluster_streams: int = 2
     clients: tuple[int, ...] = (1, 100, 1000)
     events: dict[int, int] = field(default_factory=lambda: dict(EVENTS_PER_SCENARIO))
     rate: float = 100.0
@@ -62,9 +68,11 @@ class BenchConfig:
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             out=Path(os.environ.get("BENCH_OUT", "bench-results.json")),
             plot=Path(plot) if plot else None,
-            transports=tuple(t for t in os.environ.get("BENCH_TRANSPORTS", "redis,poll").split(",") if t),
+            transports=tuple(t for t in os.environ.get("BENCH_TRANSPORTS", ",".join(TRANSPORTS)).split(",") if t),
             scale=scale,
         )
+        if unknown := set(config.transports) - set(TRANSPORTS):
+            raise SystemExit(f"BENCH_TRANSPORTS: expected some of {','.join(TRANSPORTS)}, got {','.join(unknown)}")
         if scale == "full":
             config.clients = (*config.clients, 10_000)
             config.idle_clients = 10_000
@@ -101,19 +109,37 @@ async def run(config: BenchConfig) -> dict[str, Any]:
         def env(transport: str) -> dict[str, str]:
             return server_env(database_url, config.redis_url, transport, config.poll_interval)
 
-        for transport in config.transports:
+        @contextlib.contextmanager
+        def transport_stack(transport: str) -> Iterator[tuple[Server, list[Server], str | None]]:
+            """One webhook and its stream processes, and the Redis URL they use (None: none)."""
+            if transport == "redis-cluster":
+                progress(f"{transport}: starting a local Redis Cluster (3 masters, 3 replicas)")
+                with local_cluster() as cluster:
+                    cluster_env = {**env("redis"), "REDIS_URL": cluster.url}
+                    webhook = Server("webhook", cluster_env, logs / f"webhook-{transport}.log")
+                    streams = [
+                        Server("stream", cluster_env, logs / f"stream-{transport}-{i}.log")
+                        for i in range(config.cluster_streams)
+                    ]
+                    with running(webhook, *streams):
+                        yield webhook, streams, cluster.url
+                return
             webhook = Server("webhook", env(transport), logs / f"webhook-{transport}.log")
             stream = Server("stream", env(transport), logs / f"stream-{transport}.log")
             with running(webhook, stream):
-                progress(f"{transport}: webhook pid {webhook.pid}, stream pid {stream.pid}")
+                yield webhook, [stream], config.redis_url if transport == "redis" else None
+
+        for transport in config.transports:
+            with transport_stack(transport) as (webhook, streams, redis_url):
+                label = f"{transport} ({len(streams)} streams)" if len(streams) > 1 else transport
+                progress(f"{label}: webhook pid {webhook.pid}, stream pids {', '.join(str(s.pid) for s in streams)}")
                 for clients in config.clients:
                     result = await measure.latency(
                         transport=transport,
-                        webhook_url=webhook.url,
-                        webhook_pid=webhook.pid,
-                        stream_url=stream.url,
-                        stream_pid=stream.pid,
-                        redis_url=config.redis_url if transport == "redis" else None,
+                        label=label,
+                        webhook=measure.Endpoint(webhook.url, webhook.pid),
+                        streams=[measure.Endpoint(s.url, s.pid) for s in streams],
+                        redis_url=redis_url,
                         token_secret=TOKEN_SECRET,
                         webhook_secret=WEBHOOK_SECRET,
                         clients=clients,
@@ -124,11 +150,16 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                     )
                     latency_results.append(result)
                     r = report.row(result)
+                    redis_note = ""
+                    if result.redis_connections:
+                        redis_note = ", redis connections per stream " + ", ".join(
+                            f"{c.total} ({c.subscribers} subscribing)" for c in result.redis_connections
+                        )
                     progress(
-                        f"  {transport} {clients} clients: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                        f"  {label} {clients} clients: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
                         f"lost {r['lost']}, duplicates {r['duplicates']}"
                         + (f", {result.rejected} webhooks rejected" if result.rejected else "")
-                        + (f", redis connections {result.redis_connections}" if result.redis_connections else "")
+                        + redis_note
                     )
 
         results["rows"] = [report.row(r) for r in latency_results]
@@ -143,12 +174,30 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 "stream_cpu_ms_per_event": r.stream_cpu_ms_per_event,
                 "webhooks_rejected": r.rejected,
                 "webhooks_not_applied": r.not_applied,
+                "stream_processes": len(r.stream_pids),
                 "stream_rss_kb_before_clients": r.rss_kb_before,
                 "stream_rss_kb_with_clients": r.rss_kb_after,
-                "redis_connections_of_stream_process": r.redis_connections,
+                "redis_connections_of_stream_processes": (
+                    None if r.redis_connections is None else [c.total for c in r.redis_connections]
+                ),
+                "redis_subscriber_connections_of_stream_processes": (
+                    None if r.redis_connections is None else [c.subscribers for c in r.redis_connections]
+                ),
             }
             for r in latency_results
         ]
+        # The cluster row at its largest client count: what each stream process holds on the cluster.
+        if clustered := [r for r in latency_results if r.transport.startswith("redis-cluster") and r.redis_connections]:
+            last = clustered[-1]
+            assert last.redis_connections is not None
+            results["redis_cluster"] = {
+                "masters": 3,
+                "replicas_per_master": 1,
+                "stream_processes": len(last.stream_pids),
+                "clients": last.clients,
+                "redis_connections_per_stream_process": [c.total for c in last.redis_connections],
+                "subscriber_connections_per_stream_process": [c.subscribers for c in last.redis_connections],
+            }
         p50 = {row["transport"]: row["p50_ms"] for row in results["rows"] if row["clients"] == max(config.clients)}
         if p50.get("redis") and p50.get("poll"):
             results["redis_vs_poll_p50"] = round(p50["poll"] / p50["redis"], 1)

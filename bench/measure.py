@@ -7,16 +7,16 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from psycopg.types.json import Json
 
 from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
-from bench.stack import _admin, backend_pids, cpu_seconds, redis_connections, rss_kb
+from bench.stack import RedisConnections, _admin, backend_pids, cpu_seconds, redis_connections, rss_kb
 from broker.eventlog import build_event
 from broker.licenses import initial_state
 
@@ -45,6 +45,13 @@ def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
+class Endpoint(NamedTuple):
+    """A server process under test: where it listens, and its pid for /proc."""
+
+    url: str
+    pid: int
+
+
 # --- latency --------------------------------------------------------------------------------------
 
 
@@ -59,11 +66,13 @@ class LatencyResult:
     out_of_order: int
     rejected: int
     not_applied: int
-    stream_pid: int
+    stream_pids: list[int]
     webhook_response_ms: list[float] = field(default_factory=list)
     webhook_cpu_ms_per_event: float = 0.0
     stream_cpu_ms_per_event: float = 0.0
-    redis_connections: int | None = None
+    # One per stream process, in the order of `stream_pids`; None without Redis.
+    redis_connections: list[RedisConnections] | None = None
+    # Summed over the stream processes.
     rss_kb_before: int = 0
     rss_kb_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -106,10 +115,9 @@ async def _post_paced(
 async def latency(
     *,
     transport: str,
-    webhook_url: str,
-    webhook_pid: int,
-    stream_url: str,
-    stream_pid: int,
+    label: str | None = None,
+    webhook: Endpoint,
+    streams: Sequence[Endpoint],
     redis_url: str | None,
     token_secret: str,
     webhook_secret: str,
@@ -119,19 +127,26 @@ async def latency(
     grace: float,
     progress: Progress,
 ) -> LatencyResult:
-    """`clients` subscribers, one per license (each desktop app follows its own license); `events`
-    signed webhooks sent round-robin over those licenses at `rate` per second. Latency is from just
-    before the POST is written to the moment the subscriber has parsed the event's frame."""
-    ids = license_ids(transport, clients)
-    rss_before = rss_kb(stream_pid)
+    """`clients` subscribers, one per license (each desktop app follows its own license), dealt
+    round-robin over the stream processes; `events` signed webhooks sent round-robin over those
+    licenses at `rate` per second. Latency is from just before the POST is written to the moment
+    the subscriber has parsed the event's frame. The result is named `label` (default: transport)."""
+    ids = license_ids(transport.replace("-", "_"), clients)
+    stream_pids = [s.pid for s in streams]
+    rss_before = sum(rss_kb(pid) for pid in stream_pids)
     factory = EventFactory(webhook_secret)
     work = [(ids[i % clients], *factory.signed(ids[i % clients])) for i in range(events)]
-    async with _clients(_port(stream_url), ids, token_secret) as subscribers:
-        rss_after = rss_kb(stream_pid)
-        connections = redis_connections(redis_url, stream_pid) if redis_url else None
+    async with contextlib.AsyncExitStack() as stack:
+        subscribers: list[SseClient] = []
+        for i, stream in enumerate(streams):
+            subscribers += await stack.enter_async_context(
+                _clients(_port(stream.url), ids[i :: len(streams)], token_secret)
+            )
+        rss_after = sum(rss_kb(pid) for pid in stream_pids)
+        connections = [redis_connections(redis_url, pid) for pid in stream_pids] if redis_url else None
         progress(f"  {clients} clients connected; posting {events} events at {rate:g}/s")
-        cpu_before = cpu_seconds(webhook_pid), cpu_seconds(stream_pid)
-        posted = await _post_paced(_port(webhook_url), work, rate, connections=8)
+        cpu_before = cpu_seconds(webhook.pid), sum(cpu_seconds(pid) for pid in stream_pids)
+        posted = await _post_paced(_port(webhook.url), work, rate, connections=8)
         expected: dict[tuple[str, int], int] = {(p.license_id, p.seq): p.sent_ns for p in posted if p.seq is not None}
         by_license = {c.license_id: c for c in subscribers}
         deadline = time.monotonic() + grace
@@ -143,8 +158,9 @@ async def latency(
         while delivered() < len(expected) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # late duplicates, if any, would land here
-        # Includes the stream's database sweep and heartbeats over the same time: what it costs.
-        cpu_webhook, cpu_stream = cpu_seconds(webhook_pid) - cpu_before[0], cpu_seconds(stream_pid) - cpu_before[1]
+        # Includes the streams' database sweep and heartbeats over the same time: what it costs.
+        cpu_webhook = cpu_seconds(webhook.pid) - cpu_before[0]
+        cpu_stream = sum(cpu_seconds(pid) for pid in stream_pids) - cpu_before[1]
         latencies: list[float] = []
         duplicates = out_of_order = 0
         seen: set[tuple[str, int]] = set()
@@ -165,7 +181,7 @@ async def latency(
         lost = sum(1 for key in expected if key not in seen)
     rejected = sum(1 for p in posted if p.status != 200)
     return LatencyResult(
-        transport=transport,
+        transport=label or transport,
         clients=clients,
         events=len(expected),
         latencies_ms=latencies,
@@ -174,7 +190,7 @@ async def latency(
         out_of_order=out_of_order,
         rejected=rejected,
         not_applied=sum(1 for p in posted if p.status == 200 and p.seq is None),
-        stream_pid=stream_pid,
+        stream_pids=stream_pids,
         webhook_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in posted),
         webhook_cpu_ms_per_event=round(1000 * cpu_webhook / max(1, len(posted)), 3),
         stream_cpu_ms_per_event=round(1000 * cpu_stream / max(1, len(expected)), 3),
@@ -329,11 +345,11 @@ async def idle_connections(
         await asyncio.sleep(0.3)
     await asyncio.sleep(0.5)
     before = rss_kb(stream_pid)
-    before_redis = redis_connections(redis_url, stream_pid)
+    before_redis = redis_connections(redis_url, stream_pid).total
     async with _clients(port, license_ids("idle", clients), token_secret):
         await asyncio.sleep(1.0)
         after = rss_kb(stream_pid)
-        during_redis = redis_connections(redis_url, stream_pid)
+        during_redis = redis_connections(redis_url, stream_pid).total
     progress(f"  {clients} idle connections: RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB")
     return {
         "clients": clients,

@@ -75,6 +75,13 @@ def summary(results: dict[str, Any]) -> str:
             f"idle connections: {idle['clients']} on one stream process, "
             f"{idle['rss_kb_per_connection']:.1f} KB RSS each, {idle['redis_connections']} Redis connection(s)"
         )
+    if (cluster := results.get("redis_cluster")) is not None:
+        out.append(
+            f"redis cluster: {cluster['masters']} masters, {cluster['stream_processes']} stream processes, "
+            f"Redis connections per stream process {cluster['redis_connections_per_stream_process']} "
+            f"of which subscribing {cluster['subscriber_connections_per_stream_process']} "
+            f"(at {cluster['clients']} clients)"
+        )
     if (ratio := results.get("redis_vs_poll_p50")) is not None:
         out.append(f"redis vs poll at p50: {ratio:.0f}x faster")
     return "\n".join(out)

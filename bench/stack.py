@@ -23,7 +23,7 @@ import psycopg
 import redis
 from sqlalchemy.engine import make_url
 
-from broker.settings import normalize_database_url
+from broker.settings import CLUSTER_SCHEMES, normalize_database_url, parse_cluster_url
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "whsec_bench_" + secrets.token_hex(16)
@@ -213,25 +213,61 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _local_ports(pid: int) -> set[int]:
-    """The local TCP ports of the process's sockets (from /proc/<pid>/net/tcp{,6} by inode)."""
+def _tcp_connections(pid: int) -> set[tuple[int, int]]:
+    """(local port, remote port) of the process's TCP sockets, from /proc/<pid>/net/tcp{,6} by inode."""
     inodes = _socket_inodes(pid)
-    ports = set()
+    found = set()
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 cols = line.split()
                 if cols[9] in inodes:
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
+                    found.add((int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16)))
+    return found
 
 
-def redis_connections(redis_url: str, pid: int) -> int:
-    """How many of Redis's clients are sockets of process `pid` (CLIENT LIST by address)."""
-    ports = _local_ports(pid)
-    client = redis.Redis.from_url(redis_url)
+def _port_of(address: Any) -> int:
+    return int(str(address).rsplit(":", 1)[1])
+
+
+def redis_nodes(redis_url: str) -> list[redis.Redis]:
+    """A client per server: the one of redis://, or every node of a redis+cluster:// cluster."""
+    if not redis_url.startswith(tuple(f"{scheme}://" for scheme in CLUSTER_SCHEMES)):
+        return [redis.Redis.from_url(redis_url)]
+    address = parse_cluster_url(redis_url)
+    seed = redis.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in address.nodes],  # type: ignore[no-untyped-call]
+        username=address.username,
+        password=address.password,
+    )
     try:
-        clients: list[dict[str, Any]] = client.client_list()
+        nodes = [(node.host, node.port) for node in seed.get_nodes()]  # type: ignore[no-untyped-call]
     finally:
-        client.close()
-    return sum(1 for c in clients if int(str(c["addr"]).rsplit(":", 1)[1]) in ports)
+        seed.close()
+    return [redis.Redis(host=host, port=port, username=address.username, password=address.password)
+            for host, port in nodes]  # fmt: skip
+
+
+@dataclass
+class RedisConnections:
+    total: int
+    # In (sharded) pub/sub mode, i.e. subscribed to at least one channel: CLIENT LIST flag P, or
+    # a count of shard channels. A subscriber connection with nothing to follow yet is not one.
+    subscribers: int
+
+
+def redis_connections(redis_url: str, pid: int) -> RedisConnections:
+    """Redis's clients (CLIENT LIST, on every node of a cluster) that are sockets of process `pid`:
+    its local port and the server's port match one of the process's TCP connections."""
+    mine = _tcp_connections(pid)
+    total = subscribers = 0
+    for node in redis_nodes(redis_url):
+        try:
+            clients: list[dict[str, Any]] = node.client_list()
+        finally:
+            node.close()
+        for c in clients:
+            if (_port_of(c["addr"]), _port_of(c["laddr"])) in mine:
+                total += 1
+                subscribers += "P" in str(c.get("flags", "")) or int(c.get("ssub", 0) or 0) > 0
+    return RedisConnections(total, subscribers)

@@ -25,7 +25,7 @@ def admin_url() -> str:
     return ADMIN_URL
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicated(
     admin_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -34,7 +34,7 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
         redis_url=redis_url,
         out=tmp_path / "bench.json",
         plot=tmp_path / "bench.png",
-        transports=("redis", "poll"),
+        transports=("redis", "poll", "redis-cluster"),
         clients=(2,),
         events={2: 5},
         rate=50.0,
@@ -51,7 +51,11 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
     written = orjson.loads(config.out.read_bytes())
 
     assert isinstance(written["machine"], str) and written["machine"]
-    assert [(r["transport"], r["clients"]) for r in written["rows"]] == [("redis", 2), ("poll", 2)]
+    assert [(r["transport"], r["clients"]) for r in written["rows"]] == [
+        ("redis", 2),
+        ("poll", 2),
+        ("redis-cluster (2 streams)", 2),
+    ]
     for row in written["rows"]:
         assert set(row) == set(COLUMNS)
         assert row["events"] == 5
@@ -73,5 +77,15 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
     # One subscriber connection (plus, at most, the publishing client) however many streams.
     assert 1 <= written["redis_connections_per_stream_process"] <= 2
 
+    # Two stream processes on a 3-master cluster, one client each: each holds one subscriber
+    # connection per master, in pub/sub mode once it follows a channel there (here the one
+    # master of its one license), and the cluster client's (its readiness check pings every master).
+    cluster = written["redis_cluster"]
+    assert (cluster["masters"], cluster["stream_processes"], cluster["clients"]) == (3, 2, 2)
+    assert cluster["subscriber_connections_per_stream_process"] == [1, 1]
+    assert all(3 <= n <= 7 for n in cluster["redis_connections_per_stream_process"])
+    (cluster_detail,) = (d for d in written["latency_detail"] if d["transport"].startswith("redis-cluster"))
+    assert cluster_detail["stream_processes"] == 2
+
     assert config.plot is not None and config.plot.stat().st_size > 0
-    assert "redis" in summary(written)
+    assert "redis cluster" in summary(written)
