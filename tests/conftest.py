@@ -432,15 +432,25 @@ class LocalCluster(bench.cluster.LocalCluster):
             unavailable("redis-server and redis-cli", exc)
 
 
-@pytest.fixture(scope="session")
-def shared_cluster() -> Iterator[LocalCluster]:
-    """For the tests that do not break it."""
+def _running_cluster() -> Iterator[LocalCluster]:
     local = LocalCluster()
     try:
         local.start()
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[LocalCluster]:
+    """For the tests that do not break it."""
+    yield from _running_cluster()
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    """A cluster of the test's own, to break (kill a master)."""
+    yield from _running_cluster()
 
 
 # --- the transport suite's harness (one per transport, tests/test_transports.py) ------------

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,6 @@ from tests.conftest import (
 from webhook.samples import SampleEvents
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    local = LocalCluster()
-    try:
-        local.start()
-        yield local
-    finally:
-        local.stop()
 
 
 def licenses_on_every_master(cluster: LocalCluster, per_master: int) -> list[str]:
