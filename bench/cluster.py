@@ -50,6 +50,18 @@ class LocalCluster:
         return self.client(port).execute_command(*args)  # type: ignore[no-untyped-call]
 
     def start(self) -> None:
+        # Free ports are only free when chosen: another process may take one before redis-server
+        # binds it. Such a start fails as a whole; try once more on fresh ports.
+        try:
+            self._start()
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, TimeoutError):
+            self.stop()
+            self.ports = [free_port() for _ in self.ports]
+            self.dir = tempfile.mkdtemp(prefix="lb-cluster-")
+            self.procs = {}
+            self._start()
+
+    def _start(self) -> None:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:
             raise ClusterUnavailable("redis-server and redis-cli are needed for a local Redis Cluster")

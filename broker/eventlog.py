@@ -110,6 +110,19 @@ class EventLog:
         async with self.engine.connect() as conn:
             return [_event(row) for row in (await conn.execute(query)).mappings()]
 
+    async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+        """The events after each license's position, in (license, seq) order, in one query; at
+        most `limit` (read again from the new positions for the rest)."""
+        t = subscription_event_logs
+        query = (
+            sa.select(t.c.license_id, t.c.seq, t.c.event)
+            .where(sa.or_(*(sa.and_(t.c.license_id == lid, t.c.seq > seq) for lid, seq in after.items())))
+            .order_by(t.c.license_id, t.c.seq)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_event(row) for row in (await conn.execute(query)).mappings()]
+
     async def replay(self, license_id: str, after: int, batch: int = 500) -> AsyncIterator[LicenseEvent]:
         """Every event after `after`, in batches so that a large backlog holds no connection long."""
         while True:

@@ -12,6 +12,8 @@ from broker.transports.base import MessageHandler
 
 log = logging.getLogger("broker.sweep")
 
+_LICENSES_PER_READ = 500
+
 
 class DatabaseSweep:
     """Every `interval`, one query for the current seq of every followed license, then a read of
@@ -50,16 +52,19 @@ class DatabaseSweep:
     async def sweep_once(self) -> int:
         found = 0
         latest = await self.events.latest_seqs(list(self.known))
-        for license_id, seq in latest.items():
-            after = self.known.get(license_id)
-            if after is None or seq <= after:
-                continue
-            async for event in self.events.replay(license_id, after):
-                if license_id not in self.known:
-                    break
-                self.note(license_id, event.seq)
-                self.on_message(license_id, event.data)
-                found += 1
+        behind = {lid: seq for lid, seq in latest.items() if seq > self.known.get(lid, seq)}
+        while behind:
+            # The events of many moved licenses in one query, not one query per license.
+            batch = {lid: self.known[lid] for lid in list(behind)[:_LICENSES_PER_READ] if lid in self.known}
+            events = await self.events.read_many(batch) if batch else []
+            for event in events:
+                if event.license_id in self.known:
+                    self.note(event.license_id, event.seq)
+                    self.on_message(event.license_id, event.data)
+                    found += 1
+            for lid in list(behind)[:_LICENSES_PER_READ]:
+                if not events or self.known.get(lid, behind[lid]) >= behind[lid]:
+                    del behind[lid]  # caught up, unfollowed, or nothing more to read
         return found
 
     async def run(self) -> None:
