@@ -165,14 +165,12 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from webhook.samples import SampleEvents
-    from webhook.signature import sign
 
     secret = settings.webhook_secrets[0] if settings.webhook_secrets else DEV_WEBHOOK_SECRET
     url = args.url.rstrip("/") + "/api/stripe/webhooks"
     with httpx.Client(timeout=10) as client:
-        for event in SampleEvents(args.license_id).for_action(args.action):
-            payload = orjson.dumps(event)
-            response = client.post(url, content=payload, headers={"stripe-signature": sign(payload, secret)})
+        for event, payload, headers in SampleEvents(args.license_id).deliveries(args.action, secret):
+            response = client.post(url, content=payload, headers=headers)
             print(f"{event['type']} {event['id']} -> {response.status_code} {response.text}")
             if response.status_code >= 300:
                 return 1

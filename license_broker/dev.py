@@ -18,7 +18,6 @@ from broker import tokens
 from broker.requestlog import REQUEST_ID
 from broker.runtime import Runtime
 from webhook.samples import ACTIONS, SampleEvents
-from webhook.signature import sign
 
 TOKEN_TTL = 3600
 _LICENSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
@@ -70,18 +69,10 @@ async def dev_simulate(request: Request) -> Response:
     secret = runtime.settings.webhook_secrets[0]
     results: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=_own_url(request), timeout=10) as client:
-        for event in SampleEvents(license_id).for_action(action):
-            payload = orjson.dumps(event)
-            response = await client.post(
-                "/api/stripe/webhooks",
-                content=payload,
-                headers={
-                    "stripe-signature": sign(payload, secret),
-                    "content-type": "application/json",
-                    # The webhook's log lines then carry the id of the click that caused them.
-                    "x-request-id": REQUEST_ID.get() or "",
-                },
-            )
+        for event, payload, headers in SampleEvents(license_id).deliveries(action, secret):
+            # The webhook's log lines then carry the id of the click that caused them.
+            headers["x-request-id"] = REQUEST_ID.get() or ""
+            response = await client.post("/api/stripe/webhooks", content=payload, headers=headers)
             results.append({"type": event["type"], "id": event["id"], "status": response.status_code})
             with contextlib.suppress(ValueError):  # not JSON: the status says enough
                 results[-1].update(response.json())

@@ -8,6 +8,10 @@ import secrets
 import time
 from typing import Any, ClassVar
 
+import orjson
+
+from webhook.signature import sign
+
 API_VERSION = "2026-10-28.endive"
 ACTIONS = ("pay", "fail", "recover", "cancel", "refund")
 
@@ -59,6 +63,15 @@ class SampleEvents:
         if action == "refund":
             return [self.charge_refunded(created)]
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+
+    def deliveries(self, action: str, secret: str) -> list[tuple[dict[str, Any], bytes, dict[str, str]]]:
+        """The events of `action`, each with the body and headers Stripe would send it with."""
+        signed = []
+        for event in self.for_action(action):
+            payload = orjson.dumps(event)
+            headers = {"stripe-signature": sign(payload, secret), "content-type": "application/json"}
+            signed.append((event, payload, headers))
+        return signed
 
     def envelope(self, kind: str, obj: dict[str, Any], created: int) -> dict[str, Any]:
         return {
