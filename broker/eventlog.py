@@ -36,10 +36,6 @@ class LicenseEvent:
         recorded_at = datetime.fromisoformat(recorded).timestamp() if recorded else None
         return cls(license_id=str(obj["license_id"]), seq=int(obj["seq"]), data=data, recorded_at=recorded_at)
 
-    def to_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = orjson.loads(self.data)
-        return result
-
 
 def build_event(
     license_id: str,
