@@ -2,52 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
-import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.schema import license_payments, licenses
+from broker.schema import licenses
 
 
 class LicenseState(TypedDict):
-    """What a desktop app receives: enough to lock, unlock and tell its user why."""
+    """What a desktop app receives: enough to lock, unlock and tell its user why. Derived from the
+    license's ledger objects by broker.ledger.LicenseRules.derive (docs/stripe.md)."""
 
-    # Derived from the facets below (webhook.rules.derive): "none" until the first payment;
-    # Stripe's subscription status; "paid" (perpetual); "revoked" (full refund or dispute).
+    # "none" until the first purchase; else the deciding object's status: Stripe's subscription
+    # status, "paid" (a one-time purchase), "revoked" (refunded or charged back), "expired", ...
     status: str
     entitled: bool
-    kind: str | None  # "subscription" | "perpetual"
+    kind: str | None  # "subscription" | "perpetual", of the deciding object
     features: list[str]  # lookup_keys of the customer's active entitlements
+    cancels_at: str | None  # when the entitlement is scheduled to end, if every entitling object ends
     cancel_at_period_end: bool
     current_period_end: str | None
     trial_end: str | None
     customer: str | None
-    subscription: str | None
-    notice: NotRequired[dict[str, Any] | None]  # e.g. {"type": "trial_will_end", "trial_end": ...}
-    subscription_status: NotRequired[str | None]  # Stripe's, as the last subscription event said
-    payment: NotRequired[dict[str, Any] | None]  # the Checkout purchase: mode, status, session
-    last_invoice: NotRequired[dict[str, Any] | None]  # the newest invoice event: id, outcome, ...
-    revocation: NotRequired[dict[str, Any] | None]  # the refund or dispute that revoked it
-    # Per-facet `created` of the Stripe event that last set it (see webhook.rules).
-    versions: NotRequired[dict[str, int]]
+    subscription: str | None  # the deciding subscription
+    subscriptions: list[dict[str, Any]]  # the entitling subscriptions: id, status, current_period_end, cancels_at
+    notice: dict[str, Any] | None  # {"type": "trial_will_end" | "payment_action_required", ...}
 
 
 def initial_state() -> LicenseState:
+    """A license without objects (what `derive([])` gives)."""
     return {
         "status": "none",
         "entitled": False,
         "kind": None,
         "features": [],
+        "cancels_at": None,
         "cancel_at_period_end": False,
         "current_period_end": None,
         "trial_end": None,
         "customer": None,
         "subscription": None,
+        "subscriptions": [],
+        "notice": None,
     }
 
 
@@ -89,53 +88,6 @@ class LicenseStore:
             stripe_customer_id=row["stripe_customer_id"],
             stripe_subscription_id=row["stripe_subscription_id"],
         )
-
-    @staticmethod
-    async def find(
-        conn: AsyncConnection,
-        *,
-        customer: str | None,
-        subscription: str | None,
-        payments: Iterable[str] = (),
-    ) -> str | None:
-        """The license a subscription, charge or payment intent, or else a customer, was linked to
-        by an earlier event (most specific first: one customer may hold several licenses)."""
-        if subscription:
-            found = await conn.scalar(
-                sa.select(licenses.c.id).where(licenses.c.stripe_subscription_id == subscription).limit(1)
-            )
-            if found is not None:
-                return str(found)
-        ids = [p for p in payments if p]
-        if ids:
-            found = await conn.scalar(
-                sa.select(license_payments.c.license_id).where(license_payments.c.id.in_(ids)).limit(1)
-            )
-            if found is not None:
-                return str(found)
-        if customer:
-            found = await conn.scalar(
-                sa.select(licenses.c.id).where(licenses.c.stripe_customer_id == customer).limit(1)
-            )
-            if found is not None:
-                return str(found)
-        return None
-
-    @staticmethod
-    async def link_payments(conn: AsyncConnection, license_id: str, payments: Iterable[str]) -> None:
-        """Remember which license a charge or payment intent paid for: a dispute names only those."""
-        insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(license_payments)
-        for payment in sorted({p for p in payments if p}):
-            await conn.execute(
-                insert.values(id=payment, license_id=license_id, recorded_at=datetime.now(UTC)).on_conflict_do_nothing(
-                    index_elements=["id"]
-                )
-            )
-
-    @staticmethod
-    async def payments_of(conn: AsyncConnection, license_id: str) -> set[str]:
-        query = sa.select(license_payments.c.id).where(license_payments.c.license_id == license_id)
-        return {str(p) for p in (await conn.scalars(query))}
 
     @staticmethod
     async def save(conn: AsyncConnection, row: LicenseRow) -> None:

@@ -39,8 +39,11 @@ stripe_events = sa.Table(
     # A dispute names only its charge and payment intent (migration 0002).
     sa.Column("stripe_charge_id", sa.String(200), index=True),
     sa.Column("stripe_payment_intent_id", sa.String(200), index=True),
-    # applied | unchanged | stale | ignored | unmatched | pending
+    # applied | unchanged | stale | ignored | unmatched | pending | rejected (migration 0003)
     sa.Column("outcome", sa.String(20), nullable=False, index=True),
+    # The ledger object the event reported, and why it changed nothing where it did not (0003).
+    sa.Column("object_id", sa.String(255), index=True),
+    sa.Column("reason", sa.String(200)),
     sa.Column("payload", sa.JSON, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
@@ -62,12 +65,35 @@ subscription_event_logs = sa.Table(
     sa.UniqueConstraint("license_id", "seq", name="uq_subscription_event_logs_license_seq"),
 )
 
-# Which license a charge or payment intent paid for (migration 0002): `charge.dispute.created`
-# names only the charge and payment intent, never the customer or subscription.
-license_payments = sa.Table(
-    "license_payments",
+# The ledger (migration 0003): one row per Stripe object a license depends on (broker.ledger).
+stripe_objects = sa.Table(
+    "stripe_objects",
     metadata,
-    sa.Column("id", sa.String(200), primary_key=True),  # ch_... or pi_...
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("kind", sa.String(40), nullable=False),
+    # `created` of the event whose snapshot this is, and the tie-break rank within that second.
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("rank", sa.BigInteger, nullable=False),
+    sa.Column("customer", sa.String(255), index=True),
+    sa.Column("state", sa.JSON, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# Links between objects (a session names its subscription, an invoice its payments); they only
+# accumulate, and a binding follows them both ways.
+stripe_links = sa.Table(
+    "stripe_links",
+    metadata,
+    sa.Column("object_id", sa.String(255), primary_key=True),
+    sa.Column("linked_id", sa.String(255), primary_key=True, index=True),
+)
+
+# Which license a Stripe id belongs to, for ids with or without a ledger row of their own (a
+# payment intent is known through its session and its charges). Set once, never moved.
+stripe_bindings = sa.Table(
+    "stripe_bindings",
+    metadata,
+    sa.Column("stripe_id", sa.String(255), primary_key=True),
     sa.Column("license_id", sa.String(200), nullable=False, index=True),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("bound_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )

@@ -47,6 +47,15 @@ class Settings:
     # Rows of subscription_event_logs older than this are pruned (each license's latest row is
     # always kept); None keeps everything.
     event_log_retention_days: float | None = None
+    # None: events of both modes change licenses (a warning at start-up); else only that mode's.
+    stripe_livemode: bool | None = None
+    # Connect accounts whose events count; an event with another `account` is ignored.
+    stripe_accounts: frozenset[str] = frozenset()
+    # Product or price ids that grant a license; empty: every product does.
+    license_products: frozenset[str] = frozenset()
+    # Optional: re-read objects from Stripe's API when an event is not newer than the ledger's.
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
     dev: bool = False
 
     @classmethod
@@ -80,6 +89,21 @@ class Settings:
         statuses = frozenset(
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
+        livemode = _str(env, "STRIPE_LIVEMODE")
+        accounts = _list(env, "STRIPE_ACCOUNTS")
+        for account in accounts:
+            if not account.startswith("acct_"):
+                raise SettingsError(f"STRIPE_ACCOUNTS: expected acct_... ids, got {account!r}")
+        products = _list(env, "LICENSE_PRODUCTS")
+        for product in products:
+            if not product.startswith(("prod_", "price_")):
+                raise SettingsError(f"LICENSE_PRODUCTS: expected prod_... or price_... ids, got {product!r}")
+        api_key = _str(env, "STRIPE_API_KEY")
+        if api_key is not None and not api_key.startswith(("sk_", "rk_")):
+            raise SettingsError("STRIPE_API_KEY: expected a secret (sk_...) or restricted (rk_...) key")
+        api_base = _str(env, "STRIPE_API_BASE")
+        if api_base is not None and not api_base.startswith(("http://", "https://")):
+            raise SettingsError("STRIPE_API_BASE: expected an http(s) URL")
         lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
         retention = _float(env, "EVENT_LOG_RETENTION_DAYS", 0.0, minimum=0.0)
         return cls(
@@ -100,6 +124,11 @@ class Settings:
             entitled_statuses=statuses,
             max_connection_lifetime=lifetime or None,
             event_log_retention_days=retention or None,
+            stripe_livemode=None if livemode is None else _bool(env, "STRIPE_LIVEMODE", False),
+            stripe_accounts=frozenset(accounts),
+            license_products=frozenset(products),
+            stripe_api_key=api_key,
+            stripe_api_base=api_base,
             dev=dev,
         )
 
@@ -176,6 +205,10 @@ def normalize_database_url(url: str) -> str:
 def _str(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    return [part.strip() for part in (_str(env, name) or "").split(",") if part.strip()]
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

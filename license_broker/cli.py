@@ -192,11 +192,19 @@ def cmd_unmatched(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(orjson.dumps(e["payload"]).decode())
         else:
-            ids = " ".join(
-                str(e[k]) for k in ("stripe_customer_id", "stripe_subscription_id", "stripe_charge_id") if e[k]
-            )
-            print(f"{e['id']} {e['type']} created={e['created']} {e['outcome']} {ids}".rstrip())
-    print(f"{len(events)} event(s) not matched to a license (limit {args.limit})", file=sys.stderr)
+            detail = " ".join(str(e[k]) for k in ("object_id", "reason") if e[k])
+            print(f"{e['id']} {e['type']} created={e['created']} {e['outcome']} {detail}".rstrip())
+    print(f"{len(events)} event(s) that changed no license (limit {args.limit})", file=sys.stderr)
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from license_broker.rebuild import rebuild
+
+    changed = asyncio.run(rebuild(settings, args.license_id))
+    for license_id, seq in changed:
+        print(f"{license_id} seq={seq}")
+    print(f"{len(changed)} license(s) changed", file=sys.stderr)
     return 0
 
 
@@ -228,7 +236,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("license_id")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.set_defaults(run=cmd_send)
-    p = sub.add_parser("unmatched", help="list Stripe events no license took (pending or unmatched), oldest first")
+    p = sub.add_parser(
+        "rebuild",
+        help="refill the ledger from the stored Stripe events and re-derive licenses (after a rules fix); "
+        "appends an event only where a license's state changes",
+    )
+    p.add_argument("license_id", nargs="?", help="only this license (the ledger is refilled whole)")
+    p.set_defaults(run=cmd_rebuild)
+    p = sub.add_parser(
+        "unmatched", help="list Stripe events that changed no license (pending, ignored, rejected), oldest first"
+    )
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="print each raw Stripe event as one JSON line")
     p.set_defaults(run=cmd_unmatched)

@@ -16,11 +16,12 @@ from starlette.routing import Route
 
 from broker import metrics
 from broker.http import ops_routes, settings_from_env
+from broker.ledger import LicenseRules
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
+from broker.stripe_objects import EventFilter
 from webhook.ingest import Ingestor
-from webhook.rules import StripeEventRouter
 from webhook.signature import BadWebhook, WebhookVerifier
 
 log = logging.getLogger("webhook")
@@ -64,10 +65,20 @@ routes = [Route("/api/stripe/webhooks", receive_webhook, methods=["POST"])]
 
 def webhook_state(runtime: Runtime) -> dict[str, Any]:
     settings = runtime.settings
+    warn_about_mode(settings)
     return {
         "verifier": WebhookVerifier(settings.webhook_secrets, settings.webhook_tolerance),
-        "ingestor": Ingestor(runtime, StripeEventRouter(settings.entitled_statuses)),
+        "ingestor": Ingestor(
+            runtime,
+            LicenseRules(settings.entitled_statuses, settings.license_products),
+            EventFilter(settings.stripe_livemode, settings.stripe_accounts),
+        ),
     }
+
+
+def warn_about_mode(settings: Settings) -> None:
+    if settings.stripe_livemode is None:
+        log.warning("STRIPE_LIVEMODE is not set: test-mode and live-mode events both change licenses")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

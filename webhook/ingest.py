@@ -1,10 +1,10 @@
-"""One Stripe event, one transaction: record it, move the license, append to the log; then publish.
+"""One Stripe event, one transaction: record it, update the ledger object it reports, bind it to
+its license, derive the license from its objects and append to the log; then publish.
 
-Early events: an event that names no license and whose customer, subscription, charge or payment
-intent no license is linked to yet is kept as 'pending' with those ids. The event that links one
-of them to a license applies, in the same transaction, every pending event reachable through the
-ids (following the ids those events add in turn), all in `created` order, one log entry for each
-event that changes the license.
+Early events: an object whose license is not known yet (an invoice before the Checkout Session that
+names its subscription) is kept in the ledger unbound ("pending"); the event that binds one of its
+ids binds it too, and the license derived then includes it. A customer-level object (entitlement
+summary, deleted customer) moves every license that holds an object of its customer.
 """
 
 from __future__ import annotations
@@ -20,28 +20,37 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
+from broker.binding import resolve
 from broker.eventlog import EventLog, LicenseEvent
-from broker.licenses import LicenseRow, LicenseStore
+from broker.ledger import OLDER, LicenseRules, merge
+from broker.ledger_store import LedgerStore
+from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.schema import stripe_events
-from webhook.rules import Change, StripeEventRouter
+from broker.stripe_objects import EventFilter, Reported, Unprocessable, report
 
 log = logging.getLogger("webhook.ingest")
 
-NOT_MATCHED = ("pending", "unmatched")
+NOT_MATCHED = ("pending", "unmatched", "rejected", "ignored")
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    # applied | unchanged | duplicate | stale | ignored | pending | unmatched
+    # applied | unchanged | duplicate | stale | ignored | pending | rejected | unmatched
     kind: str
     license_id: str | None = None
-    event: LicenseEvent | None = None  # this event's own log entry
-    released: tuple[LicenseEvent, ...] = ()  # log entries of pending events this one linked
+    appended: tuple[LicenseEvent, ...] = ()  # log entries, one per license the event changed
+    reason: str | None = None  # why it changed nothing (ignored, rejected, unmatched)
+    object_id: str | None = None
+
+    @property
+    def event(self) -> LicenseEvent | None:
+        """The log entry of `license_id`, if the event changed it."""
+        return next((e for e in self.appended if e.license_id == self.license_id), None)
 
     @property
     def to_publish(self) -> list[LicenseEvent]:
-        return sorted([*self.released, *([self.event] if self.event else [])], key=lambda e: e.seq)
+        return list(self.appended)
 
 
 async def _record(conn: AsyncConnection, event: dict[str, Any]) -> bool:
@@ -66,52 +75,25 @@ async def _record(conn: AsyncConnection, event: dict[str, Any]) -> bool:
     return (await conn.execute(query)).first() is not None
 
 
-async def _lock_ids(conn: AsyncConnection, ids: set[str]) -> None:
-    """Serialise the events that share a Stripe id, so that a pending event and the event that links
-    its id cannot miss each other (each would otherwise not see the other's uncommitted row).
-    Locks are taken in sorted order; SQLite needs none, it serialises every writer."""
-    if ids and conn.dialect.name == "postgresql":
-        await conn.execute(
-            sa.text("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(CAST(:ids AS text[])) k"),
-            {"ids": sorted(ids)},
-        )
-
-
-def _link_columns(change: Change | None) -> dict[str, Any]:
-    if change is None:
-        return {}
-    return {
-        "stripe_customer_id": change.customer,
-        "stripe_subscription_id": change.subscription,
-        "stripe_charge_id": change.charge,
-        "stripe_payment_intent_id": change.payment_intent,
-    }
-
-
-async def _set_outcome(
-    conn: AsyncConnection, event_id: str, outcome: str, license_id: str | None, **links: Any
-) -> None:
+async def _set_outcome(conn: AsyncConnection, event_id: str, outcome: Outcome) -> None:
     await conn.execute(
         stripe_events.update()
         .where(stripe_events.c.id == event_id)
-        .values(outcome=outcome, license_id=license_id, **links)
+        .values(
+            outcome=outcome.kind,
+            license_id=outcome.license_id,
+            object_id=outcome.object_id,
+            reason=outcome.reason[:200] if outcome.reason else None,
+        )
     )
 
 
 async def unmatched_events(engine: AsyncEngine, limit: int = 100) -> list[dict[str, Any]]:
-    """Events no license took (pending: waiting for a link; unmatched: nothing to link by), oldest first."""
+    """Events that changed no license, with the reason (pending: waiting for a link; unmatched,
+    rejected, ignored: see docs/stripe.md), oldest first."""
     t = stripe_events
     query = (
-        sa.select(
-            t.c.id,
-            t.c.type,
-            t.c.created,
-            t.c.outcome,
-            t.c.stripe_customer_id,
-            t.c.stripe_subscription_id,
-            t.c.stripe_charge_id,
-            t.c.payload,
-        )
+        sa.select(t.c.id, t.c.type, t.c.created, t.c.outcome, t.c.reason, t.c.object_id, t.c.payload)
         .where(t.c.outcome.in_(NOT_MATCHED))
         .order_by(t.c.created, t.c.id)
         .limit(limit)
@@ -121,9 +103,10 @@ async def unmatched_events(engine: AsyncEngine, limit: int = 100) -> list[dict[s
 
 
 class Ingestor:
-    def __init__(self, runtime: Runtime, router: StripeEventRouter) -> None:
+    def __init__(self, runtime: Runtime, rules: LicenseRules, event_filter: EventFilter | None = None) -> None:
         self.runtime = runtime
-        self.router = router
+        self.rules = rules
+        self.filter = event_filter or EventFilter()
         # Fault injection for the crash-between-commit-and-publish test; never set in production.
         self._crash_after_commit = os.environ.get("LICENSE_BROKER_FAULT") == "exit-after-commit"
 
@@ -140,102 +123,83 @@ class Ingestor:
         async with self.runtime.engine.begin() as conn:
             if not await _record(conn, event):
                 return Outcome("duplicate")
-            change = self.router.route(event)
-            outcome = await self._apply(conn, event, change)
-            await _set_outcome(conn, event["id"], outcome.kind, outcome.license_id, **_link_columns(change))
+            outcome = await self._apply(conn, event)
+            await _set_outcome(conn, event["id"], outcome)
             return outcome
 
-    async def _apply(self, conn: AsyncConnection, event: dict[str, Any], change: Change | None) -> Outcome:
-        if change is None:
-            return Outcome("ignored")
-        await _lock_ids(conn, set(change.keys))
-        license_id = change.license_id or await LicenseStore.find(
-            conn, customer=change.customer, subscription=change.subscription, payments=change.payments
-        )
-        if license_id is None:
-            # Kept with the ids a later event may link to a license (see the module docstring).
-            return Outcome("pending" if change.keys else "unmatched")
+    async def _apply(self, conn: AsyncConnection, event: dict[str, Any]) -> Outcome:
+        reason = self.filter.reason(event)
+        if reason is not None:
+            return Outcome("ignored", reason=reason)
+        try:
+            reported = report(event)
+        except Unprocessable as exc:
+            return Outcome("unmatched", reason=str(exc))
+        if reported is None:
+            return Outcome("ignored", reason="event type not used")
+        return await self.apply_reported(conn, reported, event)
+
+    async def apply_reported(self, conn: AsyncConnection, reported: Reported, event: dict[str, Any]) -> Outcome:
+        own = reported.primary.id
+        ids = reported.ids
+        await LedgerStore.lock_ids(conn, ids | ({reported.customer} if reported.customer else set()))
+        known = await LedgerStore.bindings(conn, ids)
+        claimed: set[str] = set()
+        if reported.license_id and reported.by_reference and reported.customer:
+            claimed = await LedgerStore.customers_of(conn, reported.license_id)
+        resolution = resolve(reported, known, claimed)
+        if resolution.rejected:
+            return Outcome("rejected", reported.license_id, reason=resolution.rejected, object_id=own)
+        current = await LedgerStore.objects(conn, [o.id for o in reported.objects])
+        verdicts = set()
+        for obj in reported.objects:
+            before = current.get(obj.id)
+            merged, verdict = merge(before, obj)
+            verdicts.add(verdict)
+            if merged is not None:
+                await LedgerStore.save(conn, merged, new_links=obj.links - (before.links if before else frozenset()))
+        licenses: set[str] = set()
+        if resolution.license_id is not None:
+            licenses.add(resolution.license_id)
+            newly = await LedgerStore.bind(conn, resolution.license_id, ids, known)
+            waiting = newly - ids
+            if newly and reported.customer:
+                # Customer-level objects that waited for a license of their customer.
+                waiting |= {reported.customer, f"entitlements:{reported.customer}"}
+            if waiting:
+                await _mark_linked(conn, resolution.license_id, waiting)
+        if reported.customer_level and reported.customer:
+            licenses |= set(await LedgerStore.licenses_of_customer(conn, reported.customer))
+        # Stale: every object it reports holds a newer snapshot (recorded for audit, not pushed).
+        stale = verdicts == {OLDER}
+        if not licenses:
+            return Outcome("stale" if stale else "pending", object_id=own)
+        appended = [e for lid in sorted(licenses) if (e := await self._derive(conn, lid, event)) is not None]
+        kind = "applied" if appended else ("stale" if stale else "unchanged")
+        first = resolution.license_id or min(licenses)
+        return Outcome(kind, first, tuple(appended), object_id=own)
+
+    async def _derive(self, conn: AsyncConnection, license_id: str, event: dict[str, Any]) -> LicenseEvent | None:
+        """Lock the license, derive it from its objects; its log entry if it changed."""
         row = await LicenseStore.lock(conn, license_id)
-        batch = [(event, change), *await self._linked_pending(conn, row, change)]
-        batch.sort(key=lambda item: (item[0]["created"], item[0]["id"]))
-        own = Outcome("unchanged", license_id)
-        released: list[LicenseEvent] = []
-        for each, each_change in batch:
-            kind, appended = await self._fold(conn, row, each, each_change)
-            if each is event:
-                own = Outcome(kind, license_id, appended)
-            else:
-                await _set_outcome(conn, each["id"], kind, license_id)
-                if appended is not None:
-                    released.append(appended)
-                log.info("pending %s %s -> %s license=%s", each["id"], each["type"], kind, license_id)
-        return Outcome(own.kind, license_id, own.event, tuple(released))
-
-    async def _linked_pending(
-        self, conn: AsyncConnection, row: LicenseRow, change: Change
-    ) -> list[tuple[dict[str, Any], Change]]:
-        """Pending events reachable from the ids of the license and of this event."""
-        ids = {row.stripe_customer_id, row.stripe_subscription_id, *change.keys}
-        ids |= await LicenseStore.payments_of(conn, row.id)
-        ids.discard(None)
-        locked: set[str] = set(change.keys)
-        seen: set[str] = set()
-        found: list[tuple[dict[str, Any], Change]] = []
-        while True:
-            await _lock_ids(conn, {i for i in ids if i} - locked)
-            locked |= {i for i in ids if i}
-            t = stripe_events
-            query = sa.select(t.c.id, t.c.payload).where(
-                t.c.outcome == "pending",
-                sa.or_(
-                    t.c.stripe_customer_id.in_(ids),
-                    t.c.stripe_subscription_id.in_(ids),
-                    t.c.stripe_charge_id.in_(ids),
-                    t.c.stripe_payment_intent_id.in_(ids),
-                ),
-            )
-            new = [(r.id, r.payload) for r in await conn.execute(query) if r.id not in seen]
-            if not new:
-                return found
-            for event_id, payload in new:
-                seen.add(event_id)
-                pending = self.router.route(payload)
-                if pending is None or (pending.license_id and pending.license_id != row.id):
-                    continue
-                found.append((payload, pending))
-                ids |= set(pending.keys)
-
-    async def _fold(
-        self, conn: AsyncConnection, row: LicenseRow, event: dict[str, Any], change: Change
-    ) -> tuple[str, LicenseEvent | None]:
-        """Apply one event to the locked row: (outcome, its log entry if the license changed)."""
-        created: int = event["created"]
-        await LicenseStore.link_payments(conn, row.id, change.payments)
-        state = self.router.apply(change, row.state, created)
-        if state is None:
-            return "stale", None
-        row.stripe_customer_id = state["customer"] or change.customer or row.stripe_customer_id
-        row.stripe_subscription_id = state["subscription"] or change.subscription or row.stripe_subscription_id
-        row.last_event_created = max(row.last_event_created, created)
-        visible_before = {k: v for k, v in row.state.items() if k != "versions"}
-        visible_after = {k: v for k, v in state.items() if k != "versions"}
-        row.state = state
-        if visible_after == visible_before:
-            # Saved all the same: the facet versions moved, which decides later ties and stale events.
-            await LicenseStore.save(conn, row)
-            return "unchanged", None
+        state = self.rules.derive(await LedgerStore.license_objects(conn, license_id))
+        if state == row.state:
+            return None
         row.seq += 1
+        row.state = state
+        row.stripe_customer_id = state["customer"]
+        row.stripe_subscription_id = state["subscription"]
+        row.last_event_created = max(row.last_event_created, event["created"])
         await LicenseStore.save(conn, row)
-        appended = await EventLog.append(
+        return await EventLog.append(
             conn,
-            row.id,
+            license_id,
             row.seq,
             state,
             stripe_event_id=event["id"],
             stripe_event_type=event["type"],
-            occurred_at=datetime.fromtimestamp(created, UTC),
+            occurred_at=datetime.fromtimestamp(event["created"], UTC),
         )
-        return "applied", appended
 
     async def _publish(self, event: LicenseEvent) -> None:
         # After the commit the event is safe; a failed publish only delays it until the stream's
@@ -245,3 +209,13 @@ class Ingestor:
         except Exception as exc:
             metrics.PUBLISH_FAILURES.inc()
             log.warning("publish of %s seq %d failed: %s", event.license_id, event.seq, exc)
+
+
+async def _mark_linked(conn: AsyncConnection, license_id: str, object_ids: set[str]) -> None:
+    """Pending events whose objects were just bound now count for the license."""
+    t = stripe_events
+    await conn.execute(
+        t.update()
+        .where(t.c.outcome == "pending", t.c.object_id.in_(sorted(object_ids)))
+        .values(outcome="linked", license_id=license_id)
+    )

@@ -13,7 +13,29 @@ import orjson
 from webhook.signature import sign
 
 API_VERSION = "2026-10-28.endive"
-ACTIONS = ("pay", "fail", "recover", "cancel", "refund")
+ACTIONS = (
+    "pay",
+    "fail",
+    "recover",
+    "resubscribe",
+    "cancel",
+    "refund",
+    "refund_old",
+    "dispute",
+    "dispute_won",
+)
+# What each action is, for `license-broker send --help` and the live page.
+ACTION_HELP = {
+    "pay": "Checkout of the first subscription; its first invoice paid",
+    "fail": "the renewal invoice fails: past_due",
+    "recover": "the renewal invoice is paid: active again",
+    "resubscribe": "a second subscription through a new Checkout",
+    "cancel": "the first subscription ends (a second one keeps the license)",
+    "refund": "every payment fully refunded: revoked",
+    "refund_old": "the first period's payment refunded: nothing changes once a renewal was paid",
+    "dispute": "a chargeback opened on every payment: revoked",
+    "dispute_won": "the chargebacks are won: restored",
+}
 
 
 def _stable(prefix: str, license_id: str, length: int = 14) -> str:
@@ -29,8 +51,13 @@ class SampleEvents:
         self.license_id = license_id
         self.customer = _stable("cus_", license_id)
         self.subscription = _stable("sub_", license_id, 20)
-        self.charge = _stable("ch_", license_id, 20)
-        self.payment_intent = _stable("pi_", license_id, 20)
+        self.second_subscription = _stable("sub_", license_id + "/2", 20)
+
+    def period(self, n: int) -> tuple[str, str, str]:
+        """The invoice, payment intent and charge of period `n` (1: the first payment, 2: the
+        renewal, 3: the second subscription's first payment)."""
+        key = f"{self.license_id}/{n}"
+        return _stable("in_", key, 20), _stable("pi_", key, 20), _stable("ch_", key, 20)
 
     def tick(self) -> int:
         """Now, or one second after the previous action of this license if that is later."""
@@ -40,28 +67,40 @@ class SampleEvents:
 
     def for_action(self, action: str, created: int | None = None) -> list[dict[str, Any]]:
         created = created or self.tick()
-        # As Stripe sends them (each one's effect is in docs/stripe.md); one second, so ties apply.
+        sub, second = self.subscription, self.second_subscription
+        # As Stripe sends them (each one's effect is in docs/stripe.md).
         if action == "pay":
             return [
-                self.charge_succeeded(created),
-                self.invoice_event("invoice.paid", created),
-                self.subscription_event("customer.subscription.updated", "active", created),
-                self.checkout_completed(created),
+                *self.paid_period(1, sub, created),
+                self.subscription_event("customer.subscription.updated", "active", created, sub, latest=1),
+                self.checkout_completed(created, sub, self.period(1)[0]),
             ]
         if action == "fail":
             return [
-                self.invoice_event("invoice.payment_failed", created),
-                self.subscription_event("customer.subscription.updated", "past_due", created),
+                self.invoice_event("invoice.payment_failed", created, 2, sub),
+                self.subscription_event("customer.subscription.updated", "past_due", created, sub, latest=2),
             ]
         if action == "recover":
             return [
-                self.invoice_event("invoice.paid", created),
-                self.subscription_event("customer.subscription.updated", "active", created),
+                *self.paid_period(2, sub, created),
+                self.subscription_event("customer.subscription.updated", "active", created, sub, latest=2),
+            ]
+        if action == "resubscribe":
+            return [
+                *self.paid_period(3, second, created),
+                self.subscription_event("customer.subscription.created", "active", created, second, latest=3),
+                self.checkout_completed(created, second, self.period(3)[0]),
             ]
         if action == "cancel":
-            return [self.subscription_event("customer.subscription.deleted", "canceled", created)]
+            return [self.subscription_event("customer.subscription.deleted", "canceled", created, sub, latest=None)]
         if action == "refund":
-            return [self.charge_refunded(created)]
+            return [self.envelope("charge.refunded", self._charge(n, refunded=1200), created) for n in (1, 2, 3)]
+        if action == "refund_old":
+            return [self.envelope("charge.refunded", self._charge(1, refunded=1200), created)]
+        if action in ("dispute", "dispute_won"):
+            status = "needs_response" if action == "dispute" else "won"
+            kind = "charge.dispute.created" if action == "dispute" else "charge.dispute.closed"
+            return [self.envelope(kind, self._dispute(n, status), created) for n in (1, 2, 3)]
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
 
     def deliveries(self, action: str, secret: str) -> list[tuple[dict[str, Any], bytes, dict[str, str]]]:
@@ -86,34 +125,58 @@ class SampleEvents:
             "type": kind,
         }
 
-    def checkout_completed(self, created: int) -> dict[str, Any]:
+    def paid_period(self, n: int, subscription: str, created: int) -> list[dict[str, Any]]:
+        invoice, payment_intent, _ = self.period(n)
+        payment = {
+            "id": _stable("inpay_", f"{self.license_id}/{n}"),
+            "object": "invoice_payment",
+            "invoice": invoice,
+            "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+            "status": "paid",
+        }
+        return [
+            self.envelope("charge.succeeded", self._charge(n, refunded=0), created),
+            self.envelope("invoice_payment.paid", payment, created),
+            self.invoice_event("invoice.paid", created, n, subscription),
+        ]
+
+    def checkout_completed(
+        self, created: int, subscription: str | None = None, invoice: str | None = None
+    ) -> dict[str, Any]:
+        subscription = subscription or self.subscription
+        invoice = invoice or self.period(1)[0]
         return self.envelope(
             "checkout.session.completed",
             {
-                "id": "cs_test_" + secrets.token_hex(16),
+                "id": _stable("cs_test_", subscription, 24),
                 "object": "checkout.session",
                 "amount_total": 1200,
                 "client_reference_id": self.license_id,
                 "created": created - 60,
                 "currency": "usd",
                 "customer": self.customer,
+                "invoice": invoice,
                 "livemode": False,
                 "metadata": {"license_id": self.license_id},
                 "mode": "subscription",
                 "payment_status": "paid",
                 "status": "complete",
-                "subscription": self.subscription,
+                "subscription": subscription,
             },
             created,
         )
 
-    def subscription_event(self, kind: str, status: str, created: int) -> dict[str, Any]:
+    def subscription_event(
+        self, kind: str, status: str, created: int, subscription: str | None = None, latest: int | None = 1
+    ) -> dict[str, Any]:
+        subscription = subscription or self.subscription
         period_end = created + 30 * 86400
         return self.envelope(
             kind,
             {
-                "id": self.subscription,
+                "id": subscription,
                 "object": "subscription",
+                "cancel_at": None,
                 "cancel_at_period_end": False,
                 "canceled_at": created if status == "canceled" else None,
                 "created": created - 60,
@@ -123,15 +186,16 @@ class SampleEvents:
                     "object": "list",
                     "data": [
                         {
-                            "id": _stable("si_", self.license_id),
+                            "id": _stable("si_", subscription),
                             "object": "subscription_item",
                             "current_period_start": created,
                             "current_period_end": period_end,
-                            "price": {"id": "price_1Pro", "lookup_key": "pro_monthly", "unit_amount": 1200},
+                            "price": {"id": "price_1Pro", "product": "prod_Pro", "unit_amount": 1200},
                             "quantity": 1,
                         }
                     ],
                 },
+                "latest_invoice": self.period(latest)[0] if latest else None,
                 "livemode": False,
                 "metadata": {"license_id": self.license_id},
                 "status": status,
@@ -140,17 +204,19 @@ class SampleEvents:
             created,
         )
 
-    def invoice_event(self, kind: str, created: int) -> dict[str, Any]:
+    def invoice_event(self, kind: str, created: int, n: int = 1, subscription: str | None = None) -> dict[str, Any]:
         paid = kind == "invoice.paid"
+        invoice, _, _ = self.period(n)
         return self.envelope(
             kind,
             {
-                "id": "in_" + secrets.token_hex(12),
+                "id": invoice,
                 "object": "invoice",
                 "amount_due": 1200,
                 "amount_paid": 1200 if paid else 0,
                 "attempt_count": 1,
-                "billing_reason": "subscription_cycle",
+                "billing_reason": "subscription_create" if n != 2 else "subscription_cycle",
+                "created": created - 60 if n != 2 else created - 30,
                 "customer": self.customer,
                 "hosted_invoice_url": None,
                 "next_payment_attempt": None if paid else created + 3 * 86400,
@@ -159,7 +225,7 @@ class SampleEvents:
                     "quote_details": None,
                     "subscription_details": {
                         "metadata": {"license_id": self.license_id},
-                        "subscription": self.subscription,
+                        "subscription": subscription or self.subscription,
                     },
                 },
                 "status": "paid" if paid else "open",
@@ -167,15 +233,10 @@ class SampleEvents:
             created,
         )
 
-    def charge_succeeded(self, created: int) -> dict[str, Any]:
-        return self.envelope("charge.succeeded", self._charge(refunded=0), created)
-
-    def charge_refunded(self, created: int, amount: int = 1200) -> dict[str, Any]:
-        return self.envelope("charge.refunded", self._charge(refunded=amount), created)
-
-    def _charge(self, refunded: int) -> dict[str, Any]:
+    def _charge(self, n: int, refunded: int) -> dict[str, Any]:
+        _, payment_intent, charge = self.period(n)
         return {
-            "id": self.charge,
+            "id": charge,
             "object": "charge",
             "amount": 1200,
             "amount_captured": 1200,
@@ -184,7 +245,20 @@ class SampleEvents:
             "currency": "usd",
             "customer": self.customer,
             "paid": True,
-            "payment_intent": self.payment_intent,
+            "payment_intent": payment_intent,
             "refunded": refunded >= 1200,
             "status": "succeeded",
+        }
+
+    def _dispute(self, n: int, status: str) -> dict[str, Any]:
+        _, payment_intent, charge = self.period(n)
+        return {
+            "id": _stable("du_", f"{self.license_id}/{n}", 20),
+            "object": "dispute",
+            "amount": 1200,
+            "charge": charge,
+            "currency": "usd",
+            "payment_intent": payment_intent,
+            "reason": "fraudulent",
+            "status": status,
         }

@@ -1,0 +1,54 @@
+"""Fill the ledger tables from the stored Stripe events (migration 0003, `license-broker rebuild`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from broker.binding import MemoryLedger
+from broker.schema import stripe_bindings, stripe_events, stripe_links, stripe_objects
+
+_BATCH = 1000
+
+
+def fold_stored(conn: sa.Connection, keep: Callable[[Mapping[str, Any]], bool] = lambda _: True) -> MemoryLedger:
+    """Every stored event, in the order the webhook received them, folded into a MemoryLedger."""
+    ledger = MemoryLedger()
+    t = stripe_events
+    query = sa.select(t.c.payload).order_by(t.c.received_at, t.c.id)
+    for (payload,) in conn.execute(query):
+        event = orjson.loads(payload) if isinstance(payload, str | bytes) else payload
+        if isinstance(event, dict) and keep(event):
+            ledger.apply(event)
+    return ledger
+
+
+def fill_ledger(
+    conn: sa.Connection, now: datetime, keep: Callable[[Mapping[str, Any]], bool] = lambda _: True
+) -> MemoryLedger:
+    """Replace the ledger's rows with the fold of the stored events."""
+    ledger = fold_stored(conn, keep)
+    for table in (stripe_bindings, stripe_links, stripe_objects):
+        conn.execute(table.delete())
+    objects = [
+        {
+            "id": o.id,
+            "kind": o.kind,
+            "version": o.version,
+            "rank": o.rank,
+            "customer": o.customer,
+            "state": dict(o.state),
+            "updated_at": now,
+        }
+        for o in ledger.objects.values()
+    ]
+    links = [{"object_id": a, "linked_id": b} for a, b in sorted(ledger.links())]
+    bindings = [{"stripe_id": k, "license_id": v, "bound_at": now} for k, v in sorted(ledger.bindings.items())]
+    for table, rows in ((stripe_objects, objects), (stripe_links, links), (stripe_bindings, bindings)):
+        for start in range(0, len(rows), _BATCH):
+            conn.execute(table.insert(), rows[start : start + _BATCH])
+    return ledger

@@ -1,0 +1,149 @@
+"""The ledger's rows (stripe_objects, stripe_links, stripe_bindings), inside the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.ledger import CUSTOMER_KINDS, StripeObject
+from broker.schema import stripe_bindings, stripe_links, stripe_objects
+
+_CUSTOMER_KINDS = sorted(CUSTOMER_KINDS)
+
+
+def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def _object(row: Any, links: Iterable[str] = ()) -> StripeObject:
+    return StripeObject(row.id, row.kind, row.version, row.rank, row.state, row.customer, frozenset(links))
+
+
+class LedgerStore:
+    @staticmethod
+    async def lock_ids(conn: AsyncConnection, ids: Iterable[str]) -> None:
+        """Serialise the events that share a Stripe id (or a customer), so that an object and the
+        event that binds its id cannot miss each other's uncommitted rows. Taken in sorted order;
+        SQLite needs none, it serialises every writer. Two events that reach each other's ids
+        through a link found later can still deadlock: Postgres aborts one (503) and Stripe retries."""
+        keys = sorted({i for i in ids if i})
+        if keys and conn.dialect.name == "postgresql":
+            await conn.execute(
+                sa.text(
+                    "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(CAST(:ids AS text[])) k"
+                ),
+                {"ids": keys},
+            )
+
+    @staticmethod
+    async def objects(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, StripeObject]:
+        """The rows of these ids, with their links."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        t, links = stripe_objects, stripe_links
+        rows = (await conn.execute(sa.select(t).where(t.c.id.in_(wanted)))).all()
+        linked: dict[str, list[str]] = {}
+        for row in (await conn.execute(sa.select(links).where(links.c.object_id.in_(wanted)))).all():
+            linked.setdefault(row.object_id, []).append(row.linked_id)
+        return {row.id: _object(row, linked.get(row.id, ())) for row in rows}
+
+    @staticmethod
+    async def save(conn: AsyncConnection, obj: StripeObject, *, new_links: Iterable[str]) -> None:
+        values = {
+            "id": obj.id,
+            "kind": obj.kind,
+            "version": obj.version,
+            "rank": obj.rank,
+            "customer": obj.customer,
+            "state": dict(obj.state),
+            "updated_at": datetime.now(UTC),
+        }
+        insert = _insert(conn, stripe_objects).values(**values)
+        await conn.execute(
+            insert.on_conflict_do_update(index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"})
+        )
+        rows = [{"object_id": obj.id, "linked_id": linked} for linked in sorted(set(new_links))]
+        if rows:
+            await conn.execute(_insert(conn, stripe_links).values(rows).on_conflict_do_nothing())
+
+    @staticmethod
+    async def bindings(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        t = stripe_bindings
+        rows = await conn.execute(sa.select(t.c.stripe_id, t.c.license_id).where(t.c.stripe_id.in_(wanted)))
+        return {row.stripe_id: row.license_id for row in rows}
+
+    @staticmethod
+    async def bind(conn: AsyncConnection, license_id: str, start: Iterable[str], known: dict[str, str]) -> set[str]:
+        """Bind `start` and every id linked to it, transitively, that no license holds yet; the ids
+        bound just now. `known`: bindings already read (and locked) in this transaction.
+
+        Invariant: the ids linked to a bound id are bound too (each id bound here has its links
+        followed), so the walk only follows ids bound just now, and ids held by another license
+        stop it."""
+        frontier, seen, newly = set(start), set[str](), set[str]()
+        while frontier:
+            unknown = frontier - set(known)
+            await LedgerStore.lock_ids(conn, unknown)
+            owners = {i: known[i] for i in frontier if i in known} | await LedgerStore.bindings(conn, unknown)
+            fresh = sorted(frontier - set(owners))
+            if fresh:
+                rows = [{"stripe_id": i, "license_id": license_id, "bound_at": datetime.now(UTC)} for i in fresh]
+                await conn.execute(_insert(conn, stripe_bindings).values(rows).on_conflict_do_nothing())
+                newly |= set(fresh)
+            seen |= frontier
+            frontier = await LedgerStore._neighbours(conn, set(fresh)) - seen
+        return newly
+
+    @staticmethod
+    async def _neighbours(conn: AsyncConnection, ids: set[str]) -> set[str]:
+        if not ids:
+            return set()
+        t = stripe_links
+        wanted = sorted(ids)
+        query = sa.union(
+            sa.select(t.c.linked_id.label("id")).where(t.c.object_id.in_(wanted)),
+            sa.select(t.c.object_id.label("id")).where(t.c.linked_id.in_(wanted)),
+        )
+        return {row.id for row in await conn.execute(query)}
+
+    @staticmethod
+    async def customers_of(conn: AsyncConnection, license_id: str) -> set[str]:
+        o, b = stripe_objects, stripe_bindings
+        query = (
+            sa.select(o.c.customer)
+            .join(b, b.c.stripe_id == o.c.id)
+            .where(b.c.license_id == license_id, o.c.customer.is_not(None))
+            .distinct()
+        )
+        return {str(c) for c in await conn.scalars(query)}
+
+    @staticmethod
+    async def licenses_of_customer(conn: AsyncConnection, customer: str) -> list[str]:
+        o, b = stripe_objects, stripe_bindings
+        query = (
+            sa.select(b.c.license_id)
+            .join(o, b.c.stripe_id == o.c.id)
+            .where(o.c.customer == customer, o.c.kind.not_in(_CUSTOMER_KINDS))
+            .distinct()
+        )
+        return sorted(str(x) for x in await conn.scalars(query))
+
+    @staticmethod
+    async def license_objects(conn: AsyncConnection, license_id: str) -> list[StripeObject]:
+        """Every object bound to the license, and the customer-level objects of its customers."""
+        o, b = stripe_objects, stripe_bindings
+        own = sa.select(b.c.stripe_id).where(b.c.license_id == license_id)
+        customers = sa.select(o.c.customer).where(o.c.id.in_(own), o.c.customer.is_not(None))
+        query = sa.select(o).where(
+            sa.or_(o.c.id.in_(own), sa.and_(o.c.kind.in_(_CUSTOMER_KINDS), o.c.customer.in_(customers)))
+        )
+        return [_object(row) for row in await conn.execute(query)]

@@ -1,0 +1,56 @@
+"""`license-broker rebuild`: refill the ledger from the stored Stripe events and derive licenses
+again, appending an event only where a license's state changes (what an operator runs after a
+rules fix or after migration 0003). Clients receive the appended events through the database
+sweep (redis, poll) or on their next reconnect."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from broker.db import create_engine
+from broker.eventlog import EventLog
+from broker.ledger import LicenseRules
+from broker.ledger_fill import fill_ledger
+from broker.licenses import LicenseStore
+from broker.schema import licenses
+from broker.settings import Settings
+from broker.stripe_objects import EventFilter
+
+
+async def rebuild(settings: Settings, license_id: str | None = None) -> list[tuple[str, int]]:
+    rules = LicenseRules(settings.entitled_statuses, settings.license_products)
+    event_filter = EventFilter(settings.stripe_livemode, settings.stripe_accounts)
+    engine = create_engine(settings)
+    changed: list[tuple[str, int]] = []
+    try:
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Webhooks wait while the ledger is refilled, so that none writes into a half-built one.
+                await conn.execute(
+                    sa.text("LOCK TABLE stripe_objects, stripe_links, stripe_bindings IN EXCLUSIVE MODE")
+                )
+            now = datetime.now(UTC)
+            ledger = await conn.run_sync(lambda c: fill_ledger(c, now, lambda e: event_filter.reason(e) is None))
+            if license_id is not None:
+                ids = {license_id}
+            else:
+                ids = set(ledger.bindings.values()) | set(await conn.scalars(sa.select(licenses.c.id)))
+            for each in sorted(ids):
+                row = await LicenseStore.lock(conn, each)
+                state = rules.derive(ledger.objects_of(each))
+                if state == row.state:
+                    continue
+                row.seq += 1
+                row.state = state
+                row.stripe_customer_id = state["customer"]
+                row.stripe_subscription_id = state["subscription"]
+                await LicenseStore.save(conn, row)
+                await EventLog.append(
+                    conn, each, row.seq, state, stripe_event_id=None, stripe_event_type="rebuild", occurred_at=now
+                )
+                changed.append((each, row.seq))
+    finally:
+        await engine.dispose()
+    return changed
