@@ -108,17 +108,21 @@ async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(pg_url: st
         await expect(page.locator("#seq")).to_have_text(str(paid))
         await expect(page.locator("#log tr")).to_have_count(paid + 1)
 
-        await page.get_by_role("button", name="Cancel", exact=True).click()
+        await page.get_by_role("button", name="Open a dispute", exact=True).click()
         await expect(page.locator("#badge")).to_have_text("LOCKED")
         await expect(page.locator("#badge")).to_have_attribute("data-entitled", "false")
-        await expect(page.locator("#status")).to_have_text("canceled")
-        await expect(page.locator("#log tr")).to_have_count(paid + 2)
-        await expect(page.locator("#log tr").first).to_contain_text("customer.subscription.deleted")
-
-        await page.get_by_role("button", name="Refund", exact=True).click()
         await expect(page.locator("#status")).to_have_text("revoked")
+        await expect(page.locator("#log tr").first).to_contain_text("charge.dispute.created")
+
+        await page.get_by_role("button", name="Win the dispute", exact=True).click()
+        await expect(page.locator("#badge")).to_have_text("UNLOCKED")
+        await expect(page.locator("#log tr").first).to_contain_text("charge.dispute.closed")
+
+        await page.get_by_role("button", name="Cancel", exact=True).click()
         await expect(page.locator("#badge")).to_have_text("LOCKED")
-        await expect(page.locator("#log tr").first).to_contain_text("charge.refunded")
+        await expect(page.locator("#status")).to_have_text("canceled")
+        await expect(page.locator("#log tr")).to_have_count(paid + 4)
+        await expect(page.locator("#log tr").first).to_contain_text("customer.subscription.deleted")
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
 
