@@ -21,6 +21,7 @@ from broker.db import create_engine, migrate
 from broker.runtime import Runtime
 from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError
 from license_broker import logs
+from webhook.samples import ACTION_HELP, ACTIONS
 
 
 def _tune_gc() -> None:
@@ -232,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
     p.set_defaults(run=cmd_token)
     p = sub.add_parser("send", help="sign and post a realistic Stripe event to a running webhook")
-    p.add_argument("action", choices=["pay", "fail", "recover", "cancel", "refund"])
+    p.add_argument("action", choices=ACTIONS, help="; ".join(f"{a}: {h}" for a, h in ACTION_HELP.items()))
     p.add_argument("license_id")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.set_defaults(run=cmd_send)

@@ -83,7 +83,7 @@ async def test_reconnects_after_the_stream_server_restarts_and_resumes_without_d
 
         stream.stop()
         canceled = await send(webhook.url, license_id, "fail")  # while no stream process is up
-        assert canceled == paid + 1
+        assert canceled > paid
         stream = spawn("stream", env, port=port)
         await collector.wait_for_seq(canceled)  # replayed from the database after Last-Event-ID
         refunded = await send(webhook.url, license_id, "recover")  # live on the new process
