@@ -83,6 +83,10 @@ class Unprocessable(Exception):
     """A well-signed event whose content the broker cannot use: recorded with this reason, 2xx."""
 
 
+class BadLicenseId(Unprocessable):
+    """The event names a license by an id the broker cannot hold: rejected."""
+
+
 @dataclass(frozen=True, slots=True)
 class Reported:
     """What one event reports: ledger objects (the first is its own), and the license it names."""
@@ -135,7 +139,7 @@ def license_of(metadata: Any) -> str | None:
 
 def valid_license_id(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_LICENSE_ID or not value.isprintable():
-        raise Unprocessable(f"license_id must be 1-{MAX_LICENSE_ID} printable characters")
+        raise BadLicenseId(f"license_id must be 1-{MAX_LICENSE_ID} printable characters")
     return value
 
 

@@ -165,3 +165,27 @@ async def test_the_database_unreachable_answers_503_so_that_stripe_retries(unuse
     assert response.status_code == 503
     assert response.json() == {"error": "database unavailable, retry later"}
     assert ready.status_code == 503 and ready.json()["database"] == "unavailable"
+
+
+async def test_well_signed_events_with_odd_content_are_answered_2xx_and_change_nothing(db_url: str) -> None:
+    license_id = new_license()
+    sample = SampleEvents(license_id)
+    now = int(time.time())
+    long_license = sample.checkout_completed(now)
+    long_license["data"]["object"]["metadata"] = {"license_id": "x" * 300}
+    long_id = sample.subscription_event("customer.subscription.updated", "active", now)
+    long_id["data"]["object"]["id"] = "sub_" + "y" * 400
+    wrong_types = sample.invoice_event("invoice.paid", now)
+    wrong_types["data"]["object"].update(customer=["cus"], created="yesterday", parent={"subscription_details": 7})
+    huge_created = sample.subscription_event("customer.subscription.updated", "active", 2**62)
+    async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient() as client:
+        answers = [await post_event(client, url, e) for e in (long_license, long_id, wrong_types, huge_created)]
+        again = await post_event(client, url, sample.checkout_completed(now + 1))
+    assert [(a.status_code, a.json()["outcome"]) for a in answers] == [
+        (200, "rejected"),
+        (200, "unmatched"),
+        (200, "unmatched"),
+        (200, "unmatched"),
+    ]
+    assert again.json()["outcome"] == "applied"  # the webhook keeps answering
+    assert await log_of(db_url, license_id) == [(1, "active")]

@@ -27,7 +27,7 @@ from broker.ledger_store import LedgerStore
 from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.schema import stripe_events
-from broker.stripe_objects import EventFilter, Reported, Unprocessable, report
+from broker.stripe_objects import BadLicenseId, EventFilter, Reported, Unprocessable, report
 
 log = logging.getLogger("webhook.ingest")
 
@@ -51,6 +51,17 @@ class Outcome:
     @property
     def to_publish(self) -> list[LicenseEvent]:
         return list(self.appended)
+
+
+def _envelope_problem(event: dict[str, Any]) -> str | None:
+    event_id, kind, created = event["id"], event["type"], event["created"]
+    if not (0 < len(event_id) <= 255 and event_id.isprintable()):
+        return "event id is not a Stripe id"
+    if not (0 < len(kind) <= 200 and kind.isprintable()):
+        return "event type is not a Stripe event type"
+    if not 0 <= created < 2**53:
+        return "created is not a timestamp"
+    return None
 
 
 async def _record(conn: AsyncConnection, event: dict[str, Any]) -> bool:
@@ -111,12 +122,31 @@ class Ingestor:
         self._crash_after_commit = os.environ.get("LICENSE_BROKER_FAULT") == "exit-after-commit"
 
     async def ingest(self, event: dict[str, Any]) -> Outcome:
-        outcome = await self._commit(event)
+        problem = _envelope_problem(event)
+        if problem is not None:
+            # Not even storable under its id; answered 2xx all the same (a retry cannot fix it).
+            log.warning("webhook event not recorded: %s", problem)
+            return Outcome("unmatched", reason=problem)
+        try:
+            outcome = await self._commit(event)
+        except sa.exc.DataError as exc:
+            # Content the database refuses (not an outage): recorded without it, never a 5xx,
+            # which Stripe would retry for three days.
+            log.warning("webhook %s: content refused by the database (%s)", event["id"], type(exc.orig).__name__)
+            outcome = await self._record_refused(event)
         published = outcome.to_publish
         if published and self._crash_after_commit:
             os._exit(86)
         for appended in published:
             await self._publish(appended)
+        return outcome
+
+    async def _record_refused(self, event: dict[str, Any]) -> Outcome:
+        outcome = Outcome("unmatched", reason="content the database refuses")
+        stub = {"id": event["id"], "type": event["type"], "created": event["created"], "refused": True}
+        async with self.runtime.engine.begin() as conn:
+            if await _record(conn, stub):
+                await _set_outcome(conn, event["id"], outcome)
         return outcome
 
     async def _commit(self, event: dict[str, Any]) -> Outcome:
@@ -133,6 +163,8 @@ class Ingestor:
             return Outcome("ignored", reason=reason)
         try:
             reported = report(event)
+        except BadLicenseId as exc:
+            return Outcome("rejected", reason=str(exc))
         except Unprocessable as exc:
             return Outcome("unmatched", reason=str(exc))
         if reported is None:
