@@ -344,7 +344,12 @@ def charge(
     )
     ch["outcome"].update(type="authorized", network_status="approved_by_network", seller_message="Payment complete.")
     ch["payment_method_details"]["card"]["amount_authorized"] = amount
-    ch["refunds"] = {"object": "list", "data": list(refunds or []), "has_more": False, "url": f"/v1/charges/{id}/refunds"}
+    ch["refunds"] = {
+        "object": "list",
+        "data": list(refunds or []),
+        "has_more": False,
+        "url": f"/v1/charges/{id}/refunds",
+    }
     if shape == "legacy":
         ch["invoice"] = invoice
     else:
@@ -352,9 +357,7 @@ def charge(
     return ch
 
 
-def refund(
-    *, id: str, charge: str, payment_intent: str, amount: int, status: str, created: int
-) -> dict[str, Any]:
+def refund(*, id: str, charge: str, payment_intent: str, amount: int, status: str, created: int) -> dict[str, Any]:
     re = example("refund")
     re.update(
         id=id,

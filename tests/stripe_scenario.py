@@ -116,7 +116,13 @@ class Scenario:
         return sub
 
     def buy(
-        self, customer: str, license_id: str | None, *, bind: Bind = "metadata", pending: bool = False, amount: int = 4900
+        self,
+        customer: str,
+        license_id: str | None,
+        *,
+        bind: Bind = "metadata",
+        pending: bool = False,
+        amount: int = 4900,
     ) -> Purchase:
         """A Checkout in mode=payment (a perpetual license). `pending`: an asynchronous payment
         method (SEPA debit, ACH): the session completes `unpaid` and settles days later."""

@@ -89,7 +89,10 @@ def test_the_current_shape_names_the_subscription_in_the_invoice_parent_and_peri
     assert item["price"]["product"] == "prod_desktop_pro" and sub["billing_mode"]["type"] == "flexible"
     invoice = by_type(events, "invoice.paid")[0]
     assert invoice["parent"]["type"] == "subscription_details"
-    assert invoice["parent"]["subscription_details"] == {"metadata": {"license_id": "lic_factory"}, "subscription": sub["id"]}
+    assert invoice["parent"]["subscription_details"] == {
+        "metadata": {"license_id": "lic_factory"},
+        "subscription": sub["id"],
+    }
     assert invoice["subscription"] is None and "charge" not in invoice and "payment_intent" not in invoice
     link = by_type(events, "invoice_payment.paid")[0]
     charge = by_type(events, "charge.succeeded")[0]
