@@ -101,6 +101,9 @@ def running_broker(postgres_url: str, redis_url: str, logs: Path, **settings: st
         yield broker
     finally:
         broker.close()
+        for process in (webhook, stream):  # both shut down at once, each within its own grace period
+            if process.proc.poll() is None:
+                process.proc.terminate()
         webhook.stop()
         stream.stop()
 
