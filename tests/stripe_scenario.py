@@ -1,0 +1,430 @@
+"""A small Stripe account for scenario tests: customers, Checkout purchases, subscriptions with
+their invoices, payments, refunds and disputes, and a clock that advances each event's `created`.
+
+Every action appends the events Stripe would send for it, in the order Stripe usually sends them
+(objects from tests.stripe_objects); `take()` hands them over for delivery:
+
+    s = Scenario("current")
+    alice = s.customer()
+    old = s.subscribe(alice, license_id)
+    old.schedule_cancel()
+    s.subscribe(alice, license_id)
+    old.end()
+    deliver(s.take())
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from tests import stripe_objects as objects
+from tests.stripe_objects import Shape, new_id
+
+MONTH = 30 * 86400
+PRICE, PRODUCT = "price_desktop_pro_monthly", "prod_desktop_pro"
+OTHER_PRICE, OTHER_PRODUCT = "price_cloud_backup_monthly", "prod_cloud_backup"
+
+# How a Checkout Session names its license:
+#   metadata             session metadata and subscription_data.metadata (what docs/stripe.md asks)
+#   session              the session's metadata only (the subscription carries none)
+#   client_reference_id  only client_reference_id (a Payment Link: anyone can set it)
+#   none                 nothing: a purchase of something else, no license
+Bind = Literal["metadata", "session", "client_reference_id", "none"]
+
+
+class Clock:
+    """Stripe's `created`, one-second resolution: each event is a second after the previous one."""
+
+    def __init__(self, start: int) -> None:
+        self.now = start
+
+    def tick(self, seconds: int = 1) -> int:
+        self.now += seconds
+        return self.now
+
+    def advance_to(self, moment: int) -> int:
+        self.now = max(self.now, moment)
+        return self.now
+
+
+class Scenario:
+    def __init__(self, shape: Shape, *, livemode: bool = False, account: str | None = None) -> None:
+        self.shape = shape
+        self.livemode = livemode
+        self.account = account
+        # The first period contains the present; renewals move on from there.
+        self.clock = Clock(int(time.time()) - 5 * 86400)
+        self.outbox: list[dict[str, Any]] = []
+
+    def customer(self) -> str:
+        return new_id("cus")
+
+    def emit(self, kind: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        envelope = objects.event(
+            kind,
+            obj,
+            created=self.clock.tick(),
+            shape=self.shape,
+            livemode=self.livemode,
+            account=self.account,
+            previous_attributes=previous,
+        )
+        self.outbox.append(envelope)
+        return envelope
+
+    def take(self) -> list[dict[str, Any]]:
+        """The events emitted since the last take, oldest first."""
+        taken, self.outbox = self.outbox, []
+        return taken
+
+    def session_id(self) -> str:
+        return new_id("cs_live" if self.livemode else "cs_test")
+
+    def subscribe(
+        self,
+        customer: str,
+        license_id: str | None,
+        *,
+        bind: Bind = "metadata",
+        price: str = PRICE,
+        product: str = PRODUCT,
+        amount: int = 2000,
+    ) -> Subscription:
+        """A paid Checkout in mode=subscription: the subscription is created `incomplete`, its first
+        invoice is paid, it turns `active`, and the session completes."""
+        sub_metadata = {"license_id": license_id} if bind == "metadata" and license_id else {}
+        sub = Subscription(self, customer, sub_metadata, price=price, product=product, amount=amount)
+        first = sub.new_invoice("subscription_create")
+        sub.emit("customer.subscription.created")
+        first.pay()
+        sub.update(status="active")
+        session = objects.checkout_session(
+            id=self.session_id(),
+            mode="subscription",
+            customer=customer,
+            payment_status="paid",
+            status="complete",
+            created=sub.created,
+            amount=amount,
+            livemode=self.livemode,
+            subscription=sub.id,
+            invoice=first.id,
+            **_naming(license_id, bind),
+        )
+        self.emit("checkout.session.completed", session)
+        return sub
+
+    def buy(
+        self,
+        customer: str,
+        license_id: str | None,
+        *,
+        bind: Bind = "metadata",
+        pending: bool = False,
+        amount: int = 4900,
+    ) -> Purchase:
+        """A Checkout in mode=payment (a perpetual license). `pending`: an asynchronous payment
+        method (SEPA debit, ACH): the session completes `unpaid` and settles days later."""
+        purchase = Purchase(self, customer, amount, _naming(license_id, bind))
+        if not pending:
+            purchase.payment.succeed()
+            purchase.payment_status = "paid"
+        purchase.emit("checkout.session.completed")
+        return purchase
+
+
+def _naming(license_id: str | None, bind: Bind) -> dict[str, Any]:
+    if license_id is None or bind == "none":
+        return {}
+    if bind == "client_reference_id":
+        return {"client_reference_id": license_id}
+    return {"metadata": {"license_id": license_id}}
+
+
+class Payment:
+    """A payment intent and its charge."""
+
+    def __init__(self, scenario: Scenario, customer: str, amount: int, invoice: str | None = None) -> None:
+        self.s = scenario
+        self.customer = customer
+        self.amount = amount
+        self.invoice = invoice
+        self.charge = new_id("ch")
+        self.payment_intent = new_id("pi")
+        self.created = scenario.clock.now
+        self.refunds: list[dict[str, Any]] = []
+
+    def snapshot(self) -> dict[str, Any]:
+        return objects.charge(
+            self.s.shape,
+            id=self.charge,
+            customer=self.customer,
+            payment_intent=self.payment_intent,
+            amount=self.amount,
+            created=self.created,
+            livemode=self.s.livemode,
+            amount_refunded=sum(r["amount"] for r in self.refunds if r["status"] == "succeeded"),
+            invoice=self.invoice,
+            refunds=self.refunds,
+        )
+
+    def succeed(self) -> None:
+        self.created = self.s.clock.now
+        self.s.emit("charge.succeeded", self.snapshot())
+
+    def refund(self, amount: int | None = None) -> None:
+        """A refund of `amount` (all of it by default): charge.refunded, then refund.created."""
+        refund = objects.refund(
+            id=new_id("re"),
+            charge=self.charge,
+            payment_intent=self.payment_intent,
+            amount=self.amount if amount is None else amount,
+            status="succeeded",
+            created=self.s.clock.now,
+        )
+        before = self.snapshot()
+        self.refunds.append(refund)
+        after = self.snapshot()
+        previous = {k: before[k] for k in ("amount_refunded", "refunded", "refunds") if before[k] != after[k]}
+        self.s.emit("charge.refunded", after, previous)
+        self.s.emit("refund.created", refund)
+
+    def dispute(self, status: str = "needs_response") -> Dispute:
+        return Dispute(self, status)
+
+
+class Dispute:
+    def __init__(self, payment: Payment, status: str) -> None:
+        self.payment = payment
+        self.id = new_id("du")
+        self.status = status
+        self.created = payment.s.clock.now
+        self.emit("charge.dispute.created")
+        if status not in objects.INQUIRY_STATUSES:
+            self.emit("charge.dispute.funds_withdrawn")
+
+    def snapshot(self) -> dict[str, Any]:
+        p = self.payment
+        return objects.dispute(
+            id=self.id,
+            charge=p.charge,
+            payment_intent=p.payment_intent,
+            amount=p.amount,
+            status=self.status,
+            created=self.created,
+            livemode=p.s.livemode,
+        )
+
+    def emit(self, kind: str, previous: dict[str, Any] | None = None) -> None:
+        self.payment.s.emit(kind, self.snapshot(), previous)
+
+    def update(self, status: str) -> None:
+        previous, self.status = {"status": self.status}, status
+        self.emit("charge.dispute.updated", previous)
+
+    def close(self, status: str) -> None:
+        """won, lost, or warning_closed (an inquiry that went no further)."""
+        withdrawn = self.status not in objects.INQUIRY_STATUSES
+        previous, self.status = {"status": self.status}, status
+        self.emit("charge.dispute.closed", previous)
+        if withdrawn and status == "won":
+            self.emit("charge.dispute.funds_reinstated")
+
+
+class Purchase:
+    """A Checkout Session in mode=payment."""
+
+    def __init__(self, scenario: Scenario, customer: str, amount: int, naming: dict[str, Any]) -> None:
+        self.s = scenario
+        self.id = scenario.session_id()
+        self.customer = customer
+        self.amount = amount
+        self.naming = naming
+        self.created = scenario.clock.now
+        self.payment = Payment(scenario, customer, amount)
+        self.payment_status = "unpaid"
+        self.status = "complete"
+
+    def snapshot(self) -> dict[str, Any]:
+        return objects.checkout_session(
+            id=self.id,
+            mode="payment",
+            customer=self.customer,
+            payment_status=self.payment_status,
+            status=self.status,
+            created=self.created,
+            amount=self.amount,
+            livemode=self.s.livemode,
+            payment_intent=self.payment.payment_intent,
+            **self.naming,
+        )
+
+    def emit(self, kind: str) -> None:
+        self.s.emit(kind, self.snapshot())
+
+    def async_succeeded(self) -> None:
+        self.payment.succeed()
+        self.payment_status = "paid"
+        self.emit("checkout.session.async_payment_succeeded")
+
+    def async_failed(self) -> None:
+        self.emit("checkout.session.async_payment_failed")
+
+
+class Invoice:
+    def __init__(self, sub: Subscription, billing_reason: str) -> None:
+        self.sub = sub
+        self.id = new_id("in")
+        self.billing_reason = billing_reason
+        self.created = sub.s.clock.now
+        self.period_start, self.period_end = sub.period_start, sub.period_end
+        self.status = "open"
+        self.payment: Payment | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        sub, s = self.sub, self.sub.s
+        return objects.invoice(
+            s.shape,
+            id=self.id,
+            customer=sub.customer,
+            subscription=sub.id,
+            status=self.status,
+            created=self.created,
+            amount=sub.amount,
+            billing_reason=self.billing_reason,
+            period_start=self.period_start,
+            period_end=self.period_end,
+            price=sub.price,
+            product=sub.product,
+            item=sub.item,
+            livemode=s.livemode,
+            subscription_metadata=sub.metadata,
+            charge=self.payment.charge if self.payment else None,
+            payment_intent=self.payment.payment_intent if self.payment else None,
+        )
+
+    def pay(self) -> Payment:
+        """charge.succeeded, invoice.paid and, since 2025-03-31, invoice_payment.paid."""
+        s = self.sub.s
+        self.payment = Payment(s, self.sub.customer, self.sub.amount, invoice=self.id)
+        self.payment.succeed()
+        self.status = "paid"
+        s.emit("invoice.paid", self.snapshot())
+        if s.shape == "current":
+            link = objects.invoice_payment(
+                id=new_id("inpay"),
+                invoice=self.id,
+                payment_intent=self.payment.payment_intent,
+                amount=self.sub.amount,
+                created=s.clock.now,
+                livemode=s.livemode,
+            )
+            s.emit("invoice_payment.paid", link)
+        return self.payment
+
+    def fail(self) -> None:
+        self.sub.s.emit("invoice.payment_failed", self.snapshot())
+
+
+class Subscription:
+    def __init__(
+        self, scenario: Scenario, customer: str, metadata: dict[str, str], *, price: str, product: str, amount: int
+    ) -> None:
+        self.s = scenario
+        self.id = new_id("sub")
+        self.item = new_id("si")
+        self.customer = customer
+        self.metadata = metadata
+        self.price, self.product, self.amount = price, product, amount
+        self.created = scenario.clock.now
+        self.status = "incomplete"
+        self.period_start, self.period_end = self.created, self.created + MONTH
+        self.cancel_at: int | None = None
+        self.cancel_at_period_end = False
+        self.canceled_at: int | None = None
+        self.ended_at: int | None = None
+        self.invoices: list[Invoice] = []
+
+    @property
+    def latest_invoice(self) -> Invoice:
+        return self.invoices[-1]
+
+    def snapshot(self) -> dict[str, Any]:
+        return objects.subscription(
+            self.s.shape,
+            id=self.id,
+            customer=self.customer,
+            status=self.status,
+            created=self.created,
+            period_start=self.period_start,
+            period_end=self.period_end,
+            price=self.price,
+            product=self.product,
+            item=self.item,
+            livemode=self.s.livemode,
+            metadata=self.metadata,
+            latest_invoice=self.invoices[-1].id if self.invoices else None,
+            cancel_at=self.cancel_at,
+            cancel_at_period_end=self.cancel_at_period_end,
+            canceled_at=self.canceled_at,
+            ended_at=self.ended_at,
+        )
+
+    def emit(self, kind: str, previous: dict[str, Any] | None = None) -> None:
+        self.s.emit(kind, self.snapshot(), previous)
+
+    def update(self, **changes: Any) -> None:
+        """customer.subscription.updated with `previous_attributes`, as Stripe computes it."""
+        before = self.snapshot()
+        for name, value in changes.items():
+            if not hasattr(self, name):
+                raise AttributeError(name)
+            setattr(self, name, value)
+        self._updated(before)
+
+    def _updated(self, before: dict[str, Any]) -> None:
+        after = self.snapshot()
+        self.s.emit("customer.subscription.updated", after, {k: v for k, v in before.items() if after.get(k) != v})
+
+    def new_invoice(self, billing_reason: str) -> Invoice:
+        invoice = Invoice(self, billing_reason)
+        self.invoices.append(invoice)
+        return invoice
+
+    def _next_period(self) -> Invoice:
+        self.s.clock.advance_to(self.period_end)
+        self.period_start, self.period_end = self.period_end, self.period_end + MONTH
+        return self.new_invoice("subscription_cycle")
+
+    def renew(self) -> Invoice:
+        """The next period, paid."""
+        before = self.snapshot()
+        invoice = self._next_period()
+        invoice.pay()
+        self._updated(before)
+        return invoice
+
+    def fail_renewal(self, status: str = "past_due") -> Invoice:
+        """The next period, its invoice open after a failed attempt; the subscription `status`
+        (past_due while Stripe retries; unpaid once the retries are exhausted)."""
+        before = self.snapshot()
+        invoice = self._next_period()
+        invoice.fail()
+        self.status = status
+        self._updated(before)
+        return invoice
+
+    def schedule_cancel(self) -> None:
+        """Cancel at the end of the period (classic billing, the Customer Portal's old default)."""
+        self.update(cancel_at_period_end=True, cancel_at=self.period_end, canceled_at=self.s.clock.now)
+
+    def cancel_on(self, moment: int) -> None:
+        """Flexible billing: `cancel_at` a moment of its own, `cancel_at_period_end` stays false."""
+        self.update(cancel_at=moment, cancel_at_period_end=False, canceled_at=self.s.clock.now)
+
+    def end(self) -> None:
+        now = self.s.clock.now + 1
+        self.status, self.ended_at = "canceled", now
+        self.canceled_at = self.canceled_at or now
+        self.emit("customer.subscription.deleted")

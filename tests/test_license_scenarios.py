@@ -1,0 +1,547 @@
+"""A license is the sum of its Stripe objects, end to end: real Stripe account traffic (built from
+Stripe's own example objects, in the current and the pre-2025-03-31 API shape) signed and posted to
+a webhook process, the license read back from a separate stream process.
+
+Written against the HTTP contract only (DESIGN.md, the ledger's observable behaviour): no imports
+from the broker's packages, so these tests judge any implementation of the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import stripe
+from httpx_sse import connect_sse
+
+from tests.conftest import TOKEN_SECRET, WEBHOOK_SECRET, Process, free_port, new_license, process_env
+from tests.stripe_objects import SHAPES, Shape
+from tests.stripe_scenario import OTHER_PRICE, OTHER_PRODUCT, Scenario
+
+# Settings of the ledger's mode and account filters; cleared unless a broker sets them, so the
+# environment the suite runs in cannot leak into these processes.
+STRIPE_SETTINGS = ("STRIPE_LIVEMODE", "STRIPE_ACCOUNTS", "LICENSE_PRODUCTS", "STRIPE_API_KEY", "ENTITLED_STATUSES")
+LISTED_ACCOUNT = "acct_1ListedPlatformUser"
+BASIC_PRICE = "price_desktop_basic_monthly"
+
+
+class Broker:
+    """A webhook process and a stream process (uvicorn each) over this run's Postgres and Redis."""
+
+    def __init__(self, webhook: Process, stream: Process) -> None:
+        self.webhook = webhook
+        self.stream = stream
+        self.http = httpx.Client(timeout=httpx.Timeout(10.0))
+
+    def post(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Sign and post one event as Stripe does; every well-signed event is answered 2xx."""
+        payload = json.dumps(event)
+        headers = {
+            "stripe-signature": stripe.WebhookSignature.generate_signature_header(payload, WEBHOOK_SECRET),
+            "content-type": "application/json",
+        }
+        response = self.http.post(f"{self.webhook.url}/api/stripe/webhooks", content=payload, headers=headers)
+        assert response.is_success, (
+            f"{event['type']} {event['id']} answered {response.status_code}: {response.text}\n"
+            f"webhook log: {self.webhook.log.read_text()[-1500:]}"
+        )
+        answer: dict[str, Any] = response.json()
+        assert answer["received"] is True
+        return answer
+
+    def deliver(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self.post(event) for event in events]
+
+    def _auth(self, license_id: str) -> dict[str, str]:
+        now = int(time.time())
+        token = jwt.encode({"sub": license_id, "iat": now, "exp": now + 600}, TOKEN_SECRET, algorithm="HS256")
+        return {"authorization": f"Bearer {token}"}
+
+    def state(self, license_id: str) -> dict[str, Any]:
+        """GET /api/licenses/{id} from the stream process."""
+        response = self.http.get(f"{self.stream.url}/api/licenses/{license_id}", headers=self._auth(license_id))
+        assert response.status_code == 200, response.text
+        state: dict[str, Any] = response.json()
+        return state
+
+    def streamed_state(self, license_id: str) -> dict[str, Any]:
+        """The stream's last event for the license: resumed just before the current seq."""
+        seq = self.state(license_id)["seq"]
+        params = {"lastEventId": str(seq - 1)} if seq > 0 else {}
+        url = f"{self.stream.url}/api/licenses/{license_id}/events"
+        with connect_sse(self.http, "GET", url, headers=self._auth(license_id), params=params) as source:
+            assert source.response.status_code == 200
+            for sse in source.iter_sse():
+                if sse.data:
+                    event: dict[str, Any] = json.loads(sse.data)
+                    if event["seq"] >= seq:
+                        assert sse.id == str(event["seq"])
+                        return event
+        raise AssertionError(f"the stream of {license_id} ended before seq {seq}")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def running_broker(postgres_url: str, redis_url: str, logs: Path, **settings: str) -> Iterator[Broker]:
+    env = process_env(postgres_url, REDIS_URL=redis_url, **{**dict.fromkeys(STRIPE_SETTINGS, ""), **settings})
+    webhook = Process(["webhook"], env, free_port(), logs / "webhook.log")
+    stream = Process(["stream"], env, free_port(), logs / "stream.log")
+    broker = Broker(webhook, stream)
+    try:
+        webhook.wait_ready()
+        stream.wait_ready()
+        yield broker
+    finally:
+        broker.close()
+        for process in (webhook, stream):  # both shut down at once, each within its own grace period
+            if process.proc.poll() is None:
+                process.proc.terminate()
+        webhook.stop()
+        stream.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """Both modes accepted, no Connect account listed (the defaults)."""
+    yield from running_broker(postgres_url, redis_url, tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture(scope="module")
+def live_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """Only live-mode events count, and of Connect accounts only the listed one's."""
+    logs = tmp_path_factory.mktemp("live-broker")
+    yield from running_broker(postgres_url, redis_url, logs, STRIPE_LIVEMODE="true", STRIPE_ACCOUNTS=LISTED_ACCOUNT)
+
+
+@pytest.fixture(params=SHAPES)
+def shape(request: pytest.FixtureRequest) -> Shape:
+    value: Shape = request.param
+    return value
+
+
+@pytest.fixture
+def s(shape: Shape) -> Scenario:
+    return Scenario(shape)
+
+
+MISSING = "<missing>"
+NONE = {"entitled": False, "status": "none"}  # a license no object is bound to
+
+
+def seen(event: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """The fields of the license state that `event` (GET /api/licenses/{id}, or one SSE event)
+    carries that `expected` names: subscriptions as their ids, times as unix seconds."""
+    state: dict[str, Any] = event["state"]
+    # The event repeats status and entitled at its top level for clients that read only those.
+    assert (event["status"], event["entitled"]) == (state.get("status"), state.get("entitled"))
+    out: dict[str, Any] = {}
+    for key in expected:
+        value = state.get(key, MISSING)
+        if key == "subscriptions" and isinstance(value, list):
+            value = [entry.get("id") for entry in value]
+        elif key == "cancels_at" and isinstance(value, str) and value != MISSING:
+            value = int(datetime.fromisoformat(value).timestamp())
+        out[key] = value
+    return out
+
+
+def licenses_named(answers: list[dict[str, Any]]) -> set[str | None]:
+    return {answer.get("license_id") for answer in answers}
+
+
+# --- two subscriptions over a license's life -----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["resubscribed before the old one ended", "upgraded through a new checkout"])
+def test_the_end_of_an_old_subscription_leaves_a_license_with_a_newer_one_entitled(
+    broker: Broker, s: Scenario, how: str
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    if how.startswith("resubscribed"):
+        old = s.subscribe(alice, license_id)
+        old.schedule_cancel()
+        new = s.subscribe(alice, license_id)
+    else:
+        old = s.subscribe(alice, license_id, price=BASIC_PRICE)
+        new = s.subscribe(alice, license_id)
+    broker.deliver(s.take())
+    active = {"entitled": True, "status": "active"}
+    assert seen(broker.state(license_id), active) == active
+    old.end()
+    broker.deliver(s.take())
+    expected = {**active, "kind": "subscription", "subscriptions": [new.id], "cancels_at": None}
+    assert seen(broker.state(license_id), expected) == expected
+    assert seen(broker.streamed_state(license_id), expected) == expected
+
+
+# --- one customer, several licenses or products --------------------------------------------------
+
+
+@pytest.mark.parametrize("other", ["an unrelated product", "a second license"])
+def test_another_subscriptions_paid_invoice_does_not_unlock_an_unpaid_license(
+    broker: Broker, s: Scenario, other: str
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    second = new_license() if other == "a second license" else None
+    # The session alone names the license, so its subscription is bound only through the session.
+    sub = s.subscribe(alice, license_id, bind="session")
+    sub.fail_renewal()
+    sub.update(status="unpaid")
+    broker.deliver(s.take())
+    unpaid = {"entitled": False, "status": "unpaid"}
+    assert seen(broker.state(license_id), unpaid) == unpaid
+    if second:
+        other_sub = s.subscribe(alice, second, bind="session")
+    else:
+        other_sub = s.subscribe(alice, None, bind="none", price=OTHER_PRICE, product=OTHER_PRODUCT)
+    other_sub.renew()
+    answers = broker.deliver(s.take())
+    assert seen(broker.state(license_id), unpaid) == unpaid
+    assert licenses_named(answers) <= {None, second}
+    if second:
+        active = {"entitled": True, "status": "active", "subscriptions": [other_sub.id]}
+        assert seen(broker.state(second), active) == active
+
+
+@pytest.mark.parametrize("other", ["an unrelated product", "a second license"])
+def test_the_end_of_another_subscription_does_not_lock_a_perpetual_license(
+    broker: Broker, s: Scenario, other: str
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    second = new_license() if other == "a second license" else None
+    s.buy(alice, license_id)
+    broker.deliver(s.take())
+    perpetual = {"entitled": True, "status": "paid", "kind": "perpetual"}
+    assert seen(broker.state(license_id), perpetual) == perpetual
+    if second:
+        other_sub = s.subscribe(alice, second, bind="session")
+    else:
+        other_sub = s.subscribe(alice, None, bind="none", price=OTHER_PRICE, product=OTHER_PRODUCT)
+    other_sub.end()
+    answers = broker.deliver(s.take())
+    assert seen(broker.state(license_id), perpetual) == perpetual
+    assert licenses_named(answers) <= {None, second}
+    if second:
+        canceled = {"entitled": False, "status": "canceled"}
+        assert seen(broker.state(second), canceled) == canceled
+
+
+# --- refunds and disputes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("refunded", "expected"),
+    [
+        ("all of a past period's charge", {"entitled": True, "status": "active"}),
+        ("all of the current period's charge", {"entitled": False, "status": "revoked"}),
+        ("half of the current period's charge", {"entitled": True, "status": "active"}),
+    ],
+)
+def test_a_refund_revokes_only_the_period_it_paid_for_and_only_when_full(
+    broker: Broker, s: Scenario, refunded: str, expected: dict[str, Any]
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    sub = s.subscribe(alice, license_id)
+    past = sub.latest_invoice.payment
+    sub.renew()
+    current = sub.latest_invoice.payment
+    assert past is not None and current is not None
+    if refunded.startswith("all of a past"):
+        past.refund()
+    elif refunded.startswith("all"):
+        current.refund()
+    else:
+        current.refund(current.amount // 2)
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+
+
+def test_a_full_refund_of_a_one_time_purchase_revokes_it(broker: Broker, s: Scenario) -> None:
+    license_id = new_license()
+    purchase = s.buy(s.customer(), license_id)
+    purchase.payment.refund()
+    broker.deliver(s.take())
+    expected = {"entitled": False, "status": "revoked"}
+    assert seen(broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("story", "expected"),
+    [
+        ("an inquiry", {"entitled": True, "status": "active"}),
+        ("a chargeback", {"entitled": False, "status": "revoked"}),
+        ("a chargeback that is won", {"entitled": True, "status": "active"}),
+    ],
+)
+def test_a_dispute_revokes_only_once_funds_are_withdrawn_and_a_won_one_restores(
+    broker: Broker, s: Scenario, story: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    payment = sub.latest_invoice.payment
+    assert payment is not None
+    if story == "an inquiry":
+        payment.dispute("warning_needs_response")
+    elif story == "a chargeback":
+        payment.dispute("needs_response")
+    else:
+        dispute = payment.dispute("needs_response")
+        broker.deliver(s.take())
+        revoked = {"entitled": False, "status": "revoked"}
+        assert seen(broker.state(license_id), revoked) == revoked
+        dispute.update("under_review")
+        dispute.close("won")
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+    assert seen(broker.streamed_state(license_id), expected) == expected
+
+
+# --- purchases and invoices still open -----------------------------------------------------------
+
+
+def test_a_second_purchase_still_pending_does_not_lock_a_paid_license(broker: Broker, s: Scenario) -> None:
+    license_id, alice = new_license(), s.customer()
+    s.buy(alice, license_id)
+    second = s.buy(alice, license_id, pending=True)
+    broker.deliver(s.take())
+    paid = {"entitled": True, "status": "paid", "kind": "perpetual"}
+    assert seen(broker.state(license_id), paid) == paid
+    second.async_failed()
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), paid) == paid
+
+
+def test_paying_an_older_open_invoice_does_not_reactivate_an_unpaid_subscription_paying_the_latest_does(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    older = sub.fail_renewal()
+    latest = sub.fail_renewal(status="unpaid")
+    broker.deliver(s.take())
+    unpaid = {"entitled": False, "status": "unpaid"}
+    assert seen(broker.state(license_id), unpaid) == unpaid
+    older.pay()
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), unpaid) == unpaid
+    latest.pay()  # no subscription event yet: the paid latest invoice is enough
+    broker.deliver(s.take())
+    active = {"entitled": True, "status": "active"}
+    assert seen(broker.state(license_id), active) == active
+
+
+# --- scheduled cancellations ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flexible billing cancel_at", "cancel_at_period_end"])
+def test_a_scheduled_cancellation_tells_the_app_when_the_entitlement_ends(
+    broker: Broker, s: Scenario, how: str
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    if how.startswith("flexible"):
+        ends = sub.period_end - 10 * 86400  # mid-period, as the Customer Portal does on flexible billing
+        sub.cancel_on(ends)
+    else:
+        ends = sub.period_end
+        sub.schedule_cancel()
+    broker.deliver(s.take())
+    state = broker.state(license_id)
+    expected = {"entitled": True, "status": "active", "cancels_at": ends, "subscriptions": [sub.id]}
+    assert seen(state, expected) == expected
+    (entry,) = state["state"]["subscriptions"]
+    assert entry["cancels_at"] is not None and int(datetime.fromisoformat(entry["cancels_at"]).timestamp()) == ends
+
+
+# --- mode and Connect account --------------------------------------------------------------------
+
+
+def test_test_mode_events_change_nothing_when_only_live_mode_counts(live_broker: Broker, shape: Shape) -> None:
+    s = Scenario(shape, livemode=True)
+    license_id, newcomer = new_license(), new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    live_broker.deliver(s.take())
+    before = live_broker.state(license_id)
+    active = {"entitled": True, "status": "active"}
+    assert seen(before, active) == active
+    s.livemode = False  # the same objects, as a test-mode event would name them
+    sub.end()
+    s.subscribe(s.customer(), newcomer)
+    answers = live_broker.deliver(s.take())
+    after = live_broker.state(license_id)
+    assert seen(after, active) == active
+    assert after == before
+    assert seen(live_broker.state(newcomer), NONE) == NONE
+    assert {a["outcome"] for a in answers} == {"ignored"}
+
+
+def test_events_of_an_unlisted_connected_account_change_nothing(live_broker: Broker, shape: Shape) -> None:
+    s = Scenario(shape, livemode=True, account=LISTED_ACCOUNT)
+    license_id, newcomer = new_license(), new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    live_broker.deliver(s.take())
+    before = live_broker.state(license_id)
+    active = {"entitled": True, "status": "active"}
+    assert seen(before, active) == active
+    s.account = "acct_1SomeoneElsesAccount"
+    sub.end()
+    s.subscribe(s.customer(), newcomer)
+    answers = live_broker.deliver(s.take())
+    after = live_broker.state(license_id)
+    assert seen(after, active) == active
+    assert after == before
+    assert seen(live_broker.state(newcomer), NONE) == NONE
+    assert {a["outcome"] for a in answers} == {"ignored"}
+
+
+# --- odd content and takeover --------------------------------------------------------------------
+
+
+def test_a_license_id_too_long_is_rejected_with_a_2xx_and_the_webhook_keeps_answering(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    sub = s.subscribe(alice, license_id)
+    broker.deliver(s.take())
+    before = broker.state(license_id)
+    active = {"entitled": True, "status": "active"}
+    assert seen(before, active) == active
+    too_long = "lic_" + "x" * 296
+    s.subscribe(alice, too_long)  # the same customer: nothing may fall back to her other license
+    events = s.take()
+    answers = broker.deliver(events)  # 2xx each, so Stripe stops retrying
+    after = broker.state(license_id)
+    assert seen(after, active) == active
+    assert after == before
+    naming = [a for e, a in zip(events, answers, strict=True) if too_long in json.dumps(e)]
+    assert naming and {a["outcome"] for a in naming} == {"rejected"}
+    assert license_id not in licenses_named(answers)
+    sub.schedule_cancel()
+    (answer,) = broker.deliver(s.take())
+    assert (answer["outcome"], answer["license_id"]) == ("applied", license_id)
+
+
+def test_a_checkout_of_another_customer_naming_a_bound_license_by_client_reference_id_is_rejected(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id, alice, mallory = new_license(), s.customer(), s.customer()
+    s.subscribe(alice, license_id).end()
+    broker.deliver(s.take())
+    before = broker.state(license_id)
+    canceled = {"entitled": False, "status": "canceled"}
+    assert seen(before, canceled) == canceled
+    s.buy(mallory, license_id, bind="client_reference_id")  # a Payment Link: anyone can set it
+    answers = broker.deliver(s.take())
+    after = broker.state(license_id)
+    assert seen(after, canceled) == canceled
+    assert after == before
+    assert answers[-1]["outcome"] == "rejected"
+    # A license no customer holds yet may be bought through client_reference_id alone.
+    fresh = new_license()
+    s.buy(s.customer(), fresh, bind="client_reference_id")
+    broker.deliver(s.take())
+    paid = {"entitled": True, "status": "paid"}
+    assert seen(broker.state(fresh), paid) == paid
+
+
+# --- delivery order ------------------------------------------------------------------------------
+
+
+def two_subscriptions(s: Scenario, license_id: str) -> dict[str, Any]:
+    alice = s.customer()
+    old = s.subscribe(alice, license_id)
+    old.schedule_cancel()
+    s.subscribe(alice, license_id)
+    old.end()
+    return {"entitled": True, "status": "active", "cancels_at": None}
+
+
+def refund_of_a_past_period(s: Scenario, license_id: str) -> dict[str, Any]:
+    sub = s.subscribe(s.customer(), license_id)
+    past = sub.latest_invoice.payment
+    sub.renew()
+    assert past is not None
+    past.refund()
+    return {"entitled": True, "status": "active"}
+
+
+def dispute_won(s: Scenario, license_id: str) -> dict[str, Any]:
+    payment = s.subscribe(s.customer(), license_id).latest_invoice.payment
+    assert payment is not None
+    dispute = payment.dispute("needs_response")
+    dispute.update("under_review")
+    dispute.close("won")
+    return {"entitled": True, "status": "active"}
+
+
+def pending_second_purchase(s: Scenario, license_id: str) -> dict[str, Any]:
+    alice = s.customer()
+    s.buy(alice, license_id)
+    s.buy(alice, license_id, pending=True).async_failed()
+    return {"entitled": True, "status": "paid", "kind": "perpetual"}
+
+
+def older_invoice_paid(s: Scenario, license_id: str) -> dict[str, Any]:
+    sub = s.subscribe(s.customer(), license_id)
+    older = sub.fail_renewal()
+    sub.fail_renewal(status="unpaid")
+    older.pay()
+    return {"entitled": False, "status": "unpaid"}
+
+
+def unrelated_subscription_ended(s: Scenario, license_id: str) -> dict[str, Any]:
+    alice = s.customer()
+    s.buy(alice, license_id)
+    s.subscribe(alice, None, bind="none", price=OTHER_PRICE, product=OTHER_PRODUCT).end()
+    return {"entitled": True, "status": "paid", "kind": "perpetual"}
+
+
+def chargeback(s: Scenario, license_id: str) -> dict[str, Any]:
+    payment = s.subscribe(s.customer(), license_id).latest_invoice.payment
+    assert payment is not None
+    payment.dispute("needs_response")
+    return {"entitled": False, "status": "revoked"}
+
+
+def renewal_recovered(s: Scenario, license_id: str) -> dict[str, Any]:
+    sub = s.subscribe(s.customer(), license_id)
+    sub.fail_renewal().pay()
+    sub.update(status="active")
+    return {"entitled": True, "status": "active"}
+
+
+STORIES: dict[str, Callable[[Scenario, str], dict[str, Any]]] = {
+    f.__name__: f
+    for f in (
+        two_subscriptions,
+        refund_of_a_past_period,
+        dispute_won,
+        pending_second_purchase,
+        older_invoice_paid,
+        unrelated_subscription_ended,
+        chargeback,
+        renewal_recovered,
+    )
+}
+
+
+@pytest.mark.parametrize("story", STORIES)
+def test_events_delivered_in_reverse_order_end_in_the_same_state(broker: Broker, shape: Shape, story: str) -> None:
+    in_order, reversed_order = new_license(), new_license()
+    forward = Scenario(shape)
+    expected = STORIES[story](forward, in_order)
+    broker.deliver(forward.take())
+    backward = Scenario(shape)
+    STORIES[story](backward, reversed_order)
+    broker.deliver(reversed(backward.take()))
+    outcomes = {"in order": seen(broker.state(in_order), expected)}
+    outcomes["reversed"] = seen(broker.state(reversed_order), expected)
+    assert outcomes == {"in order": expected, "reversed": expected}
