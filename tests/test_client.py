@@ -94,7 +94,7 @@ async def test_reconnects_after_the_stream_server_restarts_and_resumes_without_d
     assert collector.client.connections == 2
     assert collector.client.last_event_id == refunded
     assert collector.client.state is not None
-    assert (collector.client.state["status"], collector.client.state["entitled"]) == ("revoked", False)
+    assert (collector.client.state["status"], collector.client.state["entitled"]) == ("active", True)
 
 
 async def _reconnect_gap(pg_url: str, retry_ms: int) -> float:
