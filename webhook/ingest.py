@@ -28,6 +28,7 @@ from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.schema import stripe_events
 from broker.stripe_objects import EventFilter, Reported, Unprocessable, report
+from broker.stripe_refresh import NoRefresh, Refresher
 
 log = logging.getLogger("webhook.ingest")
 
@@ -103,10 +104,17 @@ async def unmatched_events(engine: AsyncEngine, limit: int = 100) -> list[dict[s
 
 
 class Ingestor:
-    def __init__(self, runtime: Runtime, rules: LicenseRules, event_filter: EventFilter | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        rules: LicenseRules,
+        event_filter: EventFilter | None = None,
+        refresher: Refresher | None = None,
+    ) -> None:
         self.runtime = runtime
         self.rules = rules
         self.filter = event_filter or EventFilter()
+        self.refresher = refresher or NoRefresh()
         # Fault injection for the crash-between-commit-and-publish test; never set in production.
         self._crash_after_commit = os.environ.get("LICENSE_BROKER_FAULT") == "exit-after-commit"
 
@@ -139,7 +147,9 @@ class Ingestor:
             return Outcome("ignored", reason="event type not used")
         return await self.apply_reported(conn, reported, event)
 
-    async def apply_reported(self, conn: AsyncConnection, reported: Reported, event: dict[str, Any]) -> Outcome:
+    async def apply_reported(
+        self, conn: AsyncConnection, reported: Reported, event: dict[str, Any], *, refresh: bool = True
+    ) -> Outcome:
         own = reported.primary.id
         ids = reported.ids
         await LedgerStore.lock_ids(conn, ids | ({reported.customer} if reported.customer else set()))
@@ -151,6 +161,14 @@ class Ingestor:
         if resolution.rejected:
             return Outcome("rejected", reported.license_id, reason=resolution.rejected, object_id=own)
         current = await LedgerStore.objects(conn, [o.id for o in reported.objects])
+        held = current.get(own)
+        if refresh and held is not None and reported.primary.version <= held.version:
+            # Not newer than the ledger: with STRIPE_API_KEY, apply the object as Stripe's API reads
+            # it now (broker.stripe_refresh). The request runs inside this transaction, under the
+            # locks of the event's ids, bounded by REFRESH_TIMEOUT; newer events never wait for it.
+            fresh = await self.refresher.refresh(event, reported.primary, held.version)
+            if fresh is not None:
+                return await self.apply_reported(conn, fresh, event, refresh=False)
         verdicts = set()
         for obj in reported.objects:
             before = current.get(obj.id)
