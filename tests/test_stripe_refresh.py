@@ -40,11 +40,13 @@ class FakeStripeApi:
 
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
+    accounts: list[str | None] = field(default_factory=list)  # the Stripe-Account header of each
     failing: bool = False
 
     async def retrieve(self, request: Request) -> JSONResponse:
         path = request.url.path
         self.requests.append(path)
+        self.accounts.append(request.headers.get("stripe-account"))
         if self.failing:
             return JSONResponse({"error": {"type": "api_error", "message": "fake outage"}}, status_code=500)
         if path not in self.objects:
@@ -175,8 +177,25 @@ async def test_a_stale_active_after_the_cancellation_leaves_the_license_canceled
         envelope("customer.subscription.updated", active, T + 10),
     )
     assert api.requests == [f"/v1/subscriptions/{sub_id}"]
+    assert api.accounts == [None]
     state = await state_of(pg_url, license_id)
     assert (state["status"], state["entitled"]) == ("canceled", False)
+
+
+async def test_an_event_of_a_listed_connect_account_is_read_with_that_account(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id, account = new_license(), "sub_refresh_connect", "acct_1RefreshConnect"
+    api.objects[f"/v1/subscriptions/{sub_id}"] = subscription(sub_id, license_id, "canceled")
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base, stripe_accounts=frozenset({account}))
+    await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T + 10, account=account),
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "trialing"), T, account=account),
+    )
+    assert (api.requests, api.accounts) == ([f"/v1/subscriptions/{sub_id}"], [account])
+    assert (await state_of(pg_url, license_id))["status"] == "canceled"
 
 
 async def test_an_event_of_the_same_second_is_refreshed_and_the_api_wins_the_tie(
