@@ -237,6 +237,27 @@ async def test_a_settled_invoice_is_read_by_its_status_not_by_the_stale_event_ty
     assert (state["status"], state["entitled"]) == ("active", True)
 
 
+async def test_an_event_that_repeats_the_held_snapshot_makes_no_request(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id, invoice_id = new_license(), "sub_refresh_repeat", "in_refresh_repeat"
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    paid = invoice(invoice_id, sub_id, "paid")
+    active = subscription(sub_id, license_id, "active", latest_invoice=invoice_id)
+    outcomes = await deliver(
+        settings,
+        envelope("customer.subscription.updated", active, T),
+        # Stripe sends both for every paid invoice, usually within one second.
+        envelope("invoice.paid", paid, T + 10),
+        envelope("invoice.payment_succeeded", paid, T + 10),
+        envelope("customer.subscription.updated", active, T),
+    )
+    assert api.requests == []
+    assert outcomes[2:] == ["unchanged", "unchanged"]
+    assert (await state_of(pg_url, license_id))["status"] == "active"
+
+
 @pytest.mark.parametrize("failure", ["http-500", "connection-refused"])
 async def test_an_api_failure_falls_back_to_the_event_snapshot_and_is_counted(
     pg_url: str, fake_api: tuple[FakeStripeApi, str], failure: str

@@ -161,12 +161,19 @@ class Ingestor:
         if resolution.rejected:
             return Outcome("rejected", reported.license_id, reason=resolution.rejected, object_id=own)
         current = await LedgerStore.objects(conn, [o.id for o in reported.objects])
-        held = current.get(own)
-        if refresh and held is not None and reported.primary.version <= held.version:
-            # Not newer than the ledger: with STRIPE_API_KEY, apply the object as Stripe's API reads
-            # it now (broker.stripe_refresh). The request runs inside this transaction, under the
-            # locks of the event's ids, bounded by REFRESH_TIMEOUT; newer events never wait for it.
-            fresh = await self.refresher.refresh(event, reported.primary, held.version)
+        held, proposed = current.get(own), reported.primary
+        if (
+            refresh
+            and held is not None
+            and proposed.version <= held.version
+            and dict(held.state) != dict(proposed.state)
+        ):
+            # Not newer than the ledger, and saying something else: with STRIPE_API_KEY, apply the
+            # object as Stripe's API reads it now (broker.stripe_refresh). A repeat of the held
+            # snapshot (invoice.paid, then invoice.payment_succeeded of the same second) needs no
+            # read. The request runs inside this transaction, under the locks of the event's ids,
+            # bounded by REFRESH_TIMEOUT; newer events never wait for it.
+            fresh = await self.refresher.refresh(event, proposed, held.version)
             if fresh is not None:
                 return await self.apply_reported(conn, fresh, event, refresh=False)
         verdicts = set()
