@@ -36,3 +36,10 @@ DELIVERY_LAG = Histogram(
     "From the event's commit to its delivery on this process",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+REFRESHES = Counter(
+    "license_broker_stripe_refreshes_total",
+    "Objects re-read from Stripe's API for events not newer than the ledger (STRIPE_API_KEY), by result",
+    ["result"],
+)
+for _result in ("ok", "failed"):
+    REFRESHES.labels(_result)

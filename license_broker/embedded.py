@@ -29,10 +29,14 @@ def create_app(settings: Settings, on_ready: Callable[[Runtime], None] | None = 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_runtime(settings) as runtime, stream_state(runtime) as state:
+        async with (
+            open_runtime(settings) as runtime,
+            webhook_state(runtime) as webhook,
+            stream_state(runtime) as stream,
+        ):
             if on_ready is not None:
                 on_ready(runtime)
-            yield {"runtime": runtime, **webhook_state(runtime), **state}
+            yield {"runtime": runtime, **webhook, **stream}
 
     routes: list[BaseRoute] = [*webhook_routes, *stream_routes, *ops_routes(), *page_routes]
     if settings.dev:

@@ -21,6 +21,7 @@ from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from broker.stripe_objects import EventFilter
+from broker.stripe_refresh import open_refresher
 from webhook.ingest import Ingestor
 from webhook.signature import BadWebhook, WebhookVerifier
 
@@ -63,17 +64,20 @@ async def receive_webhook(request: Request) -> Response:
 routes = [Route("/api/stripe/webhooks", receive_webhook, methods=["POST"])]
 
 
-def webhook_state(runtime: Runtime) -> dict[str, Any]:
+@asynccontextmanager
+async def webhook_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     settings = runtime.settings
     warn_about_mode(settings)
-    return {
-        "verifier": WebhookVerifier(settings.webhook_secrets, settings.webhook_tolerance),
-        "ingestor": Ingestor(
-            runtime,
-            LicenseRules(settings.entitled_statuses, settings.license_products),
-            EventFilter(settings.stripe_livemode, settings.stripe_accounts),
-        ),
-    }
+    async with open_refresher(settings) as refresher:
+        yield {
+            "verifier": WebhookVerifier(settings.webhook_secrets, settings.webhook_tolerance),
+            "ingestor": Ingestor(
+                runtime,
+                LicenseRules(settings.entitled_statuses, settings.license_products),
+                EventFilter(settings.stripe_livemode, settings.stripe_accounts),
+                refresher,
+            ),
+        }
 
 
 def warn_about_mode(settings: Settings) -> None:
@@ -88,8 +92,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_runtime(settings) as runtime:
-            yield {"runtime": runtime, **webhook_state(runtime)}
+        async with open_runtime(settings) as runtime, webhook_state(runtime) as state:
+            yield {"runtime": runtime, **state}
 
     return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])
 

@@ -28,6 +28,7 @@ from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.schema import stripe_events
 from broker.stripe_objects import BadLicenseId, EventFilter, Reported, Unprocessable, report
+from broker.stripe_refresh import NoRefresh, Refresher
 
 log = logging.getLogger("webhook.ingest")
 
@@ -114,10 +115,17 @@ async def unmatched_events(engine: AsyncEngine, limit: int = 100) -> list[dict[s
 
 
 class Ingestor:
-    def __init__(self, runtime: Runtime, rules: LicenseRules, event_filter: EventFilter | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        rules: LicenseRules,
+        event_filter: EventFilter | None = None,
+        refresher: Refresher | None = None,
+    ) -> None:
         self.runtime = runtime
         self.rules = rules
         self.filter = event_filter or EventFilter()
+        self.refresher = refresher or NoRefresh()
         # Fault injection for the crash-between-commit-and-publish test; never set in production.
         self._crash_after_commit = os.environ.get("LICENSE_BROKER_FAULT") == "exit-after-commit"
 
@@ -171,7 +179,9 @@ class Ingestor:
             return Outcome("ignored", reason="event type not used")
         return await self.apply_reported(conn, reported, event)
 
-    async def apply_reported(self, conn: AsyncConnection, reported: Reported, event: dict[str, Any]) -> Outcome:
+    async def apply_reported(
+        self, conn: AsyncConnection, reported: Reported, event: dict[str, Any], *, refresh: bool = True
+    ) -> Outcome:
         own = reported.primary.id
         ids = reported.ids
         await LedgerStore.lock_ids(conn, ids | ({reported.customer} if reported.customer else set()))
@@ -183,6 +193,21 @@ class Ingestor:
         if resolution.rejected:
             return Outcome("rejected", reported.license_id, reason=resolution.rejected, object_id=own)
         current = await LedgerStore.objects(conn, [o.id for o in reported.objects])
+        held, proposed = current.get(own), reported.primary
+        if (
+            refresh
+            and held is not None
+            and proposed.version <= held.version
+            and dict(held.state) != dict(proposed.state)
+        ):
+            # Not newer than the ledger, and saying something else: with STRIPE_API_KEY, apply the
+            # object as Stripe's API reads it now (broker.stripe_refresh). A repeat of the held
+            # snapshot (invoice.paid, then invoice.payment_succeeded of the same second) needs no
+            # read. The request runs inside this transaction, under the locks of the event's ids,
+            # bounded by REFRESH_TIMEOUT; newer events never wait for it.
+            fresh = await self.refresher.refresh(event, proposed, held.version)
+            if fresh is not None:
+                return await self.apply_reported(conn, fresh, event, refresh=False)
         verdicts = set()
         for obj in reported.objects:
             before = current.get(obj.id)

@@ -1,0 +1,324 @@
+"""Authoritative refresh (STRIPE_API_KEY): events not newer than the ledger's object re-read it from
+a local fake of Stripe's API, through the webhook app on a real socket and Postgres. Nothing
+leaves the machine: STRIPE_API_BASE points the `stripe` package at the fake."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from broker.db import create_engine
+from broker.schema import licenses
+from broker.settings import Settings
+from broker.stripe_refresh import refreshed_event
+from tests.conftest import free_port, make_settings, new_license, post_event, serving
+from webhook.app import create_app
+
+OPENAPI = Path(__file__).parents[2] / "shared" / "fixtures" / "stripe-openapi"
+EXAMPLES: dict[str, dict[str, Any]] = orjson.loads((OPENAPI / "resources.json").read_bytes())
+T = 1_800_000_000
+KEY = "sk_test_refresh"
+
+
+@dataclass
+class FakeStripeApi:
+    """GET /v1/<resource>/<id> answers the object stored under that path; every request is noted."""
+
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    accounts: list[str | None] = field(default_factory=list)  # the Stripe-Account header of each
+    failing: bool = False
+
+    async def retrieve(self, request: Request) -> JSONResponse:
+        path = request.url.path
+        self.requests.append(path)
+        self.accounts.append(request.headers.get("stripe-account"))
+        if self.failing:
+            return JSONResponse({"error": {"type": "api_error", "message": "fake outage"}}, status_code=500)
+        if path not in self.objects:
+            error = {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}
+            return JSONResponse({"error": error}, status_code=404)
+        return JSONResponse(self.objects[path])
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/{path:path}", self.retrieve, methods=["GET"])])
+
+
+@pytest.fixture
+async def fake_api() -> AsyncIterator[tuple[FakeStripeApi, str]]:
+    api = FakeStripeApi()
+    async with serving(api.app()) as url:
+        yield api, url
+
+
+def subscription(sub_id: str, license_id: str, status: str, **fields: Any) -> dict[str, Any]:
+    """Stripe's published subscription example, as the license's only subscription."""
+    sub = copy.deepcopy(EXAMPLES["subscription"])
+    sub.update(
+        id=sub_id,
+        customer="cus_refresh",
+        status=status,
+        metadata={"license_id": license_id},
+        cancel_at=None,
+        cancel_at_period_end=False,
+        canceled_at=None,
+        ended_at=None,
+        trial_end=None,
+        latest_invoice=None,
+        livemode=False,
+    )
+    for item in sub["items"]["data"]:
+        item["current_period_end"] = T + 30 * 86400
+    sub.update(fields)
+    return sub
+
+
+def invoice(invoice_id: str, sub_id: str, status: str) -> dict[str, Any]:
+    inv = copy.deepcopy(EXAMPLES["invoice"])
+    inv.update(id=invoice_id, customer="cus_refresh", status=status, livemode=False, created=T)
+    inv["parent"] = {
+        "type": "subscription_details",
+        "quote_details": None,
+        "subscription_details": {"subscription": sub_id, "metadata": {}},
+    }
+    return inv
+
+
+def envelope(kind: str, obj: dict[str, Any], created: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": f"evt_{uuid.uuid4().hex[:20]}",
+        "object": "event",
+        "api_version": "2026-10-28.endive",
+        "created": created,
+        "data": {"object": obj},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": kind,
+        **fields,
+    }
+
+
+async def state_of(pg_url: str, license_id: str) -> dict[str, Any]:
+    engine = create_engine(Settings(database_url=pg_url))
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(sa.select(licenses.c.state).where(licenses.c.id == license_id))).one()
+    finally:
+        await engine.dispose()
+    return dict(row.state)
+
+
+def refreshes(result: str) -> float:
+    return REGISTRY.get_sample_value("license_broker_stripe_refreshes_total", {"result": result}) or 0.0
+
+
+async def deliver(settings: Settings, *events: dict[str, Any]) -> list[str]:
+    """Post the events in this order; their outcomes."""
+    async with serving(create_app(settings)) as url, httpx.AsyncClient() as client:
+        outcomes = []
+        for event in events:
+            response = await post_event(client, url, event)
+            assert response.status_code == 200, response.text
+            outcomes.append(response.json()["outcome"])
+        return outcomes
+
+
+async def test_an_older_event_applies_the_subscription_as_the_api_reads_it_now(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id = new_license(), "sub_refresh_older"
+    # The API says unpaid: neither the held snapshot (past_due) nor the stale event (active).
+    api.objects[f"/v1/subscriptions/{sub_id}"] = subscription(sub_id, license_id, "unpaid")
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    ok = refreshes("ok")
+    await deliver(
+        settings,
+        envelope("customer.subscription.created", subscription(sub_id, license_id, "active"), T),
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "past_due"), T + 20),
+    )
+    assert api.requests == []  # newer events apply at once
+    await deliver(
+        settings, envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T + 10)
+    )
+    assert api.requests == [f"/v1/subscriptions/{sub_id}"]
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["entitled"]) == ("unpaid", False)
+    assert refreshes("ok") == ok + 1
+
+
+async def test_a_stale_active_after_the_cancellation_leaves_the_license_canceled(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id = new_license(), "sub_refresh_canceled"
+    api.objects[f"/v1/subscriptions/{sub_id}"] = subscription(sub_id, license_id, "canceled")
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    active = subscription(sub_id, license_id, "active")
+    await deliver(
+        settings,
+        envelope("customer.subscription.created", active, T),
+        envelope("customer.subscription.deleted", subscription(sub_id, license_id, "canceled"), T + 20),
+        envelope("customer.subscription.updated", active, T + 10),
+    )
+    assert api.requests == [f"/v1/subscriptions/{sub_id}"]
+    assert api.accounts == [None]
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["entitled"]) == ("canceled", False)
+
+
+async def test_an_event_of_a_listed_connect_account_is_read_with_that_account(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id, account = new_license(), "sub_refresh_connect", "acct_1RefreshConnect"
+    api.objects[f"/v1/subscriptions/{sub_id}"] = subscription(sub_id, license_id, "canceled")
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base, stripe_accounts=frozenset({account}))
+    await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T + 10, account=account),
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "trialing"), T, account=account),
+    )
+    assert (api.requests, api.accounts) == ([f"/v1/subscriptions/{sub_id}"], [account])
+    assert (await state_of(pg_url, license_id))["status"] == "canceled"
+
+
+async def test_an_event_of_the_same_second_is_refreshed_and_the_api_wins_the_tie(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id = new_license(), "sub_refresh_tie"
+    api.objects[f"/v1/subscriptions/{sub_id}"] = subscription(sub_id, license_id, "active")
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    # Without the API, past_due would win the tie (the later stage of a subscription's life).
+    await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T),
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "past_due"), T),
+    )
+    assert api.requests == [f"/v1/subscriptions/{sub_id}"]
+    assert (await state_of(pg_url, license_id))["status"] == "active"
+
+
+async def test_a_settled_invoice_is_read_by_its_status_not_by_the_stale_event_type(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id, invoice_id = new_license(), "sub_refresh_invoice", "in_refresh_paid"
+    api.objects[f"/v1/invoices/{invoice_id}"] = invoice(invoice_id, sub_id, "paid")
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    outcomes = await deliver(
+        settings,
+        envelope(
+            "customer.subscription.updated", subscription(sub_id, license_id, "active", latest_invoice=invoice_id), T
+        ),
+        envelope("invoice.paid", invoice(invoice_id, sub_id, "paid"), T + 10),
+        # A failed attempt of the same second, delivered last: the API says the invoice is paid.
+        envelope("invoice.payment_failed", invoice(invoice_id, sub_id, "open"), T + 10),
+    )
+    assert api.requests == [f"/v1/invoices/{invoice_id}"]
+    assert outcomes[-1] != "applied"
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["entitled"]) == ("active", True)
+
+
+async def test_an_event_that_repeats_the_held_snapshot_makes_no_request(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, base = fake_api
+    license_id, sub_id, invoice_id = new_license(), "sub_refresh_repeat", "in_refresh_repeat"
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    paid = invoice(invoice_id, sub_id, "paid")
+    active = subscription(sub_id, license_id, "active", latest_invoice=invoice_id)
+    outcomes = await deliver(
+        settings,
+        envelope("customer.subscription.updated", active, T),
+        # Stripe sends both for every paid invoice, usually within one second.
+        envelope("invoice.paid", paid, T + 10),
+        envelope("invoice.payment_succeeded", paid, T + 10),
+        envelope("customer.subscription.updated", active, T),
+    )
+    assert api.requests == []
+    assert outcomes[2:] == ["unchanged", "unchanged"]
+    assert (await state_of(pg_url, license_id))["status"] == "active"
+
+
+@pytest.mark.parametrize("failure", ["http-500", "connection-refused"])
+async def test_an_api_failure_falls_back_to_the_event_snapshot_and_is_counted(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], failure: str
+) -> None:
+    api, base = fake_api
+    api.failing = True
+    if failure == "connection-refused":
+        base = f"http://127.0.0.1:{free_port()}"
+    license_id, sub_id = new_license(), f"sub_refresh_{failure.replace('-', '_')}"
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    failed, ok = refreshes("failed"), refreshes("ok")
+    outcomes = await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T),
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "past_due"), T),
+    )
+    # The event's snapshot applies as without a key: past_due wins the tie of the same second.
+    assert outcomes == ["applied", "applied"]
+    assert (await state_of(pg_url, license_id))["status"] == "past_due"
+    assert (refreshes("failed"), refreshes("ok")) == (failed + 1, ok)
+    # One request, no retries.
+    assert api.requests == ([f"/v1/subscriptions/{sub_id}"] if failure == "http-500" else [])
+
+
+@pytest.mark.parametrize("case", ["no-key", "live-event-with-a-test-key"])
+async def test_no_request_is_made_without_a_key_or_for_the_other_mode(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], case: str
+) -> None:
+    api, base = fake_api
+    license_id, sub_id = new_license(), f"sub_refresh_{case.replace('-', '_')}"
+    api.objects[f"/v1/subscriptions/{sub_id}"] = subscription(sub_id, license_id, "canceled")
+    key = None if case == "no-key" else KEY
+    livemode = case != "no-key"
+    settings = make_settings(pg_url, stripe_api_key=key, stripe_api_base=base)
+    before = (refreshes("ok"), refreshes("failed"))
+    await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T, livemode=livemode),
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "past_due"), T, livemode=livemode),
+        envelope(
+            "customer.subscription.updated", subscription(sub_id, license_id, "trialing"), T - 5, livemode=livemode
+        ),
+    )
+    assert api.requests == []
+    assert (refreshes("ok"), refreshes("failed")) == before
+    assert (await state_of(pg_url, license_id))["status"] == "past_due"
+
+
+def test_the_refreshed_event_keeps_what_its_type_adds_only_to_an_open_object() -> None:
+    sub_id, invoice_id = "sub_1", "in_1"
+    failed = envelope("invoice.payment_failed", invoice(invoice_id, sub_id, "open"), T)
+    still_open = refreshed_event(failed, invoice(invoice_id, sub_id, "open"), T + 5)
+    assert (still_open["type"], still_open["created"]) == ("invoice.payment_failed", T + 5)
+    assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["type"] == "invoice.updated"
+    assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["created"] == T
+
+    session = copy.deepcopy(EXAMPLES["checkout.session"])
+    stale = envelope("checkout.session.async_payment_failed", session, T)
+    session.update(status="complete", payment_status="paid")
+    assert refreshed_event(stale, session, T)["type"] == "checkout.session.completed"
+    session.update(status="complete", payment_status="unpaid")
+    assert refreshed_event(stale, session, T)["type"] == "checkout.session.async_payment_failed"
+    session.update(status="expired", payment_status="unpaid")
+    assert refreshed_event(stale, session, T)["type"] == "checkout.session.expired"
