@@ -47,6 +47,8 @@ class Settings:
     # Rows of subscription_event_logs older than this are pruned (each license's latest row is
     # always kept); None keeps everything.
     event_log_retention_days: float | None = None
+    # Stripe's events are a few KiB; a larger body is refused (413) before it is buffered.
+    webhook_max_body: int = 256 * 1024
     dev: bool = False
 
     @classmethod
@@ -100,6 +102,7 @@ class Settings:
             entitled_statuses=statuses,
             max_connection_lifetime=lifetime or None,
             event_log_retention_days=retention or None,
+            webhook_max_body=int(_float(env, "WEBHOOK_MAX_BODY", 256 * 1024, minimum=1024)),
             dev=dev,
         )
 

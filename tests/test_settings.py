@@ -16,6 +16,7 @@ def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:
     assert settings.poll_interval == 2.0
     assert settings.entitled_statuses == {"trialing", "active", "past_due"}
     assert settings.webhook_secrets == () and settings.token_secret is None
+    assert settings.webhook_max_body == 256 * 1024
 
 
 def test_redis_url_selects_the_redis_transport() -> None:
@@ -46,6 +47,8 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"STREAM_TOKEN_SECRET": "short"}, "STREAM_TOKEN_SECRET"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"BROKER_DEV": "maybe"}, "BROKER_DEV"),
+        ({"WEBHOOK_MAX_BODY": "lots"}, "WEBHOOK_MAX_BODY"),
+        ({"WEBHOOK_MAX_BODY": "10"}, "WEBHOOK_MAX_BODY"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics
-from broker.http import ops_routes, settings_from_env
+from broker.http import BodyTooLarge, ops_routes, read_body, settings_from_env, too_large
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
@@ -29,7 +29,13 @@ log = logging.getLogger("webhook")
 async def receive_webhook(request: Request) -> Response:
     verifier: WebhookVerifier = request.state.verifier
     ingestor: Ingestor = request.state.ingestor
-    payload = await request.body()
+    runtime: Runtime = request.state.runtime
+    try:
+        payload = await read_body(request, runtime.settings.webhook_max_body)
+    except BodyTooLarge as exc:
+        metrics.WEBHOOKS.labels("rejected").inc()
+        log.info("webhook rejected: %s", exc)
+        return too_large()
     try:
         event = verifier.verify(payload, request.headers.get("stripe-signature"))
     except BadWebhook as exc:
