@@ -21,7 +21,7 @@ from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from webhook.ingest import Ingestor
 from webhook.rules import StripeEventRouter
-from webhook.signature import BadWebhook, WebhookVerifier
+from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
 log = logging.getLogger("webhook")
 
@@ -37,11 +37,12 @@ async def receive_webhook(request: Request) -> Response:
         log.info("webhook rejected: %s", exc)
         return too_large()
     try:
-        event = verifier.verify(payload, request.headers.get("stripe-signature"))
+        event = verifier.verify(payload, single_header(request.headers.getlist("stripe-signature")))
     except BadWebhook as exc:
         metrics.WEBHOOKS.labels("rejected").inc()
+        # The reason goes to the log only: the client learns nothing about the secrets.
         log.info("webhook rejected: %s", exc)
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": exc.public}, status_code=400)
     try:
         outcome = await ingestor.ingest(event)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
