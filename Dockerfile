@@ -9,7 +9,7 @@ COPY stream ./stream
 COPY license_broker ./license_broker
 RUN pip install . && useradd --system --no-create-home broker
 USER broker
-ENV HOST=0.0.0.0
 EXPOSE 8000 8001 8002
 ENTRYPOINT ["license-broker"]
-CMD ["serve"]
+# Every interface of the container; development mode (BROKER_DEV) is refused on such a host.
+CMD ["serve", "--host", "0.0.0.0"]

@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## make run: serve the webhook and the stream on 127.0.0.1:8000 (SQLite, in-process transport)
 run: $(VENV)/.installed
-	BROKER_DEV=1 $(VENV)/bin/license-broker serve
+	BROKER_DEV=1 $(VENV)/bin/license-broker serve --host 127.0.0.1 --port 8000
 
 ## make test: the whole suite, against Postgres and Redis on 127.0.0.1
 test: $(VENV)/.installed

@@ -45,6 +45,7 @@ def settings_from_env(*checks: Callable[[Settings], None]) -> Settings:
     """Settings for an app started by uvicorn: a bad one stops the process with one line."""
     try:
         settings = Settings.from_env()
+        settings.require_development_ok("uvicorn")
         for check in checks:
             check(settings)
         return settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,19 @@ class Settings:
         if not self.token_secret:
             raise SettingsError("STREAM_TOKEN_SECRET: required by the stream app")
 
+    def require_development_ok(self, command: str, host: str | None = None) -> None:
+        """Development mode fills in publicly known secrets and mounts /dev/token, which hands a
+        token for any license to anyone who asks: it is allowed only where nobody else can reach
+        it and nothing real is at stake (`serve`, a loopback host, SQLite)."""
+        if not self.dev:
+            return
+        if command != "serve":
+            raise SettingsError(f"BROKER_DEV: development mode works only with `license-broker serve`, not {command!r}")
+        if host is not None and not is_loopback(host):
+            raise SettingsError(f"BROKER_DEV: development mode serves on a loopback host only, not --host {host}")
+        if not self.is_sqlite:
+            raise SettingsError("BROKER_DEV: development mode needs an SQLite DATABASE_URL, never production")
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
@@ -162,6 +176,17 @@ def parse_cluster_url(url: str) -> ClusterAddress:
             raise SettingsError(f"REDIS_URL: expected host:port for each cluster node, got {part!r}")
         nodes.append((host, port))
     return ClusterAddress(tuple(nodes), username, password, ssl=scheme == "rediss+cluster")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) and localhost."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def normalize_database_url(url: str) -> str:

@@ -206,7 +206,9 @@ def parser() -> argparse.ArgumentParser:
 
     def server(name: str, help: str, port: int, workers: bool) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        # Not from a HOST variable: some shells export one (the machine's name), which would
+        # silently bind to a public interface. Containers pass --host 0.0.0.0 explicitly.
+        p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=int(os.environ.get("PORT", port)))
         if workers:
             p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", 1)))
@@ -239,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        settings.require_development_ok(args.command, getattr(args, "host", None))
         code: int = args.run(args, settings)
         return code
     except SettingsError as exc:

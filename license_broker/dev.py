@@ -1,6 +1,8 @@
 """Development-only endpoints behind the live page's buttons: a subscriber token for any license,
-and simulated Stripe events. Mounted by `serve` only when BROKER_DEV is set (see embedded.py):
-they hand out tokens to anyone who asks, so they must never exist in production."""
+and simulated Stripe events. Mounted by `serve` only when BROKER_DEV is set (see embedded.py),
+which itself is refused outside `serve` on a loopback host with SQLite
+(Settings.require_development_ok): they hand out tokens to anyone who asks, so they must never
+exist in production. They answer only requests addressed to a loopback name, with a JSON body."""
 
 from __future__ import annotations
 
@@ -24,10 +26,21 @@ TOKEN_TTL = 3600
 # A license id and an action: a few dozen bytes.
 MAX_BODY = 4096
 _LICENSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+# DNS rebinding: a page on evil.example whose name is made to resolve to 127.0.0.1 reaches this
+# process, but its requests still carry `Host: evil.example`.
+_LOOPBACK_HOST = re.compile(r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
 
 
 async def _json_object(request: Request) -> dict[str, Any] | Response:
     """The request's JSON object, or the response that refuses it."""
+    hosts = request.headers.getlist("host")
+    if len(hosts) != 1 or not _LOOPBACK_HOST.fullmatch(hosts[0]):
+        return JSONResponse({"error": "development routes answer only to 127.0.0.1, localhost or [::1]"}, 403)
+    # A cross-site page may POST text/plain (a form, a no-cors fetch) without asking; JSON takes
+    # a CORS preflight, which nothing here answers, so the browser never sends it.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return JSONResponse({"error": "expected Content-Type: application/json"}, status_code=415)
     try:
         raw = await read_body(request, MAX_BODY)
     except BodyTooLarge:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from broker.settings import Settings
+from broker.settings import Settings, SettingsError
 from license_broker.cli import parser
 from tests.conftest import ROOT, Process
 
@@ -67,6 +68,18 @@ def test_the_image_installs_every_package_and_runs_the_console_script() -> None:
         assert f"COPY {package.rstrip('*')} " in dockerfile
     assert 'ENTRYPOINT ["license-broker"]' in dockerfile
     assert project["project"]["scripts"]["license-broker"] == "license_broker.cli:main"
+
+
+def test_the_image_does_not_default_to_development_mode() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "BROKER_DEV" not in dockerfile.replace("(BROKER_DEV)", "")
+    assert not re.search(r"^ENV .*\bHOST=", dockerfile, re.M)
+    command = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    args = parser().parse_args(command)
+    assert (args.command, args.host) == ("serve", "0.0.0.0")
+    # Were BROKER_DEV given to the container, its command would refuse to start.
+    with pytest.raises(SettingsError, match=r"^BROKER_DEV: development mode serves on a loopback host only"):
+        Settings.from_env({"BROKER_DEV": "1"}).require_development_ok(args.command, args.host)
 
 
 def test_the_services_start_with_the_compose_settings(

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
+from license_broker.cli import parser
 from tests.conftest import ROOT
 
 
@@ -97,3 +100,70 @@ def test_uvicorn_on_its_own_refuses_a_missing_secret_with_one_line() -> None:
     assert result.returncode == 2
     assert "license-broker: STRIPE_WEBHOOK_SECRET: required by the webhook app" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "host", "database_url", "refused"),
+    [
+        ("serve", "127.0.0.1", "sqlite:///x.db", None),
+        ("serve", "localhost", "sqlite:///x.db", None),
+        ("serve", "::1", "sqlite:///x.db", None),
+        ("serve", "[::1]", "sqlite:///x.db", None),
+        ("serve", "127.0.0.2", "sqlite:///x.db", None),
+        ("serve", None, "sqlite:///x.db", None),
+        ("serve", "0.0.0.0", "sqlite:///x.db", "loopback host only"),
+        ("serve", "::", "sqlite:///x.db", "loopback host only"),
+        ("serve", "10.0.0.7", "sqlite:///x.db", "loopback host only"),
+        ("serve", "localhost.example.com", "sqlite:///x.db", "loopback host only"),
+        ("serve", "127.0.0.1", "postgresql://db/broker", "needs an SQLite DATABASE_URL"),
+        ("webhook", "127.0.0.1", "sqlite:///x.db", "not 'webhook'"),
+        ("token", None, "sqlite:///x.db", "not 'token'"),
+        ("uvicorn", None, "sqlite:///x.db", "not 'uvicorn'"),
+    ],
+)
+def test_development_mode_is_only_for_serve_on_loopback_with_sqlite(
+    command: str, host: str | None, database_url: str, refused: str | None
+) -> None:
+    settings = Settings.from_env({"BROKER_DEV": "1", "DATABASE_URL": database_url})
+    if refused is None:
+        settings.require_development_ok(command, host)
+    else:
+        with pytest.raises(SettingsError, match=f"^BROKER_DEV: .*{re.escape(refused)}"):
+            settings.require_development_ok(command, host)
+    # Outside development mode nothing is refused.
+    Settings.from_env({"DATABASE_URL": database_url}).require_development_ok(command, host)
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra", "reason"),
+    [
+        (["license_broker", "token", "lic_1"], {}, "not 'token'"),
+        (["license_broker", "webhook"], {}, "not 'webhook'"),
+        (["license_broker", "serve", "--host", "0.0.0.0"], {}, "loopback host only, not --host 0.0.0.0"),
+        (["license_broker", "serve"], {"DATABASE_URL": "postgresql://127.0.0.1:1/x"}, "needs an SQLite DATABASE_URL"),
+        (["uvicorn", "webhook.app:app", "--port", "0"], {}, "not 'uvicorn'"),
+        (["uvicorn", "stream.app:app", "--port", "0"], {}, "not 'uvicorn'"),
+    ],
+    ids=["token", "webhook", "serve-public-host", "serve-postgres", "uvicorn-webhook", "uvicorn-stream"],
+)
+def test_development_mode_anywhere_else_stops_start_up_with_one_line(
+    argv: list[str], extra: dict[str, str], reason: str
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db", "BROKER_DEV": "1", **extra}
+    result = subprocess.run(
+        [sys.executable, "-m", *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("license-broker: BROKER_DEV: ") and reason in lines[0], lines
+
+
+def test_a_host_variable_in_the_environment_does_not_change_where_make_run_binds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    dry_run = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    line = next(line for line in dry_run.stdout.splitlines() if "license-broker serve" in line)
+    args = parser().parse_args(shlex.split(line)[2:])
+    assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 8000)
+    assert parser().parse_args(["serve"]).host == "127.0.0.1"
