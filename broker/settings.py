@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast, get_args
@@ -62,7 +63,8 @@ class Settings:
                 parse_cluster_url(redis_url)
             elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
                 raise SettingsError(
-                    f"REDIS_URL: expected redis://host:port/db or redis+cluster://host:port,..., got {redis_url!r}"
+                    "REDIS_URL: expected redis://host:port/db or redis+cluster://host:port,..., "
+                    f"got {mask_password(redis_url)!r}"
                 )
         transport = _str(env, "BROKER_TRANSPORT") or ("redis" if redis_url else "memory")
         if transport not in get_args(TransportName):
@@ -178,6 +180,17 @@ def parse_cluster_url(url: str) -> ClusterAddress:
     return ClusterAddress(tuple(nodes), username, password, ssl=scheme == "rediss+cluster")
 
 
+# scheme://user:password@ (the password up to the last @ of the URL) and ?password=... in a query.
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pass|pwd)=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def mask_password(text: str) -> str:
+    """The one way a URL (DATABASE_URL, REDIS_URL), or a message that contains one, is printed,
+    logged or put in an error: every password replaced by `***`."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 (bracketed or not) and localhost."""
     host = host.strip().removeprefix("[").removesuffix("]")
@@ -193,7 +206,8 @@ def normalize_database_url(url: str) -> str:
     """Accept the URLs users write (postgresql://, sqlite:///) and pick the async drivers."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise SettingsError(f"DATABASE_URL: expected a URL such as postgresql://host/db, got {url!r}")
+        # Not echoed: without a scheme the password cannot be told from the rest.
+        raise SettingsError("DATABASE_URL: expected a URL such as postgresql://user:password@host/db")
     if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg_async"):
         return f"postgresql+psycopg://{rest}"
     if scheme in ("sqlite", "sqlite+aiosqlite"):

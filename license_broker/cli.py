@@ -12,14 +12,13 @@ from collections.abc import Sequence
 import httpx
 import orjson
 import uvicorn
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from broker import tokens
 from broker.db import create_engine, migrate
 from broker.runtime import Runtime
-from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError
+from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError, mask_password
 from license_broker import logs
 
 
@@ -76,7 +75,7 @@ def _banner(args: argparse.Namespace) -> object:
         lines = [
             "",
             f"license-broker is serving on {base}",
-            f"  database:  {settings.database_url}",
+            f"  database:  {mask_password(settings.database_url)}",
             f"  transport: {settings.transport}",
         ]
         if settings.dev:
@@ -130,9 +129,9 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(run())
     except (SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        print(f"license-broker: migrate: DATABASE_URL is not reachable: {reason}", file=sys.stderr)
+        print(f"license-broker: migrate: DATABASE_URL is not reachable: {mask_password(reason)}", file=sys.stderr)
         return 1
-    print(f"migrated {make_url(settings.database_url).render_as_string(hide_password=True)}")
+    print(f"migrated {mask_password(settings.database_url)}")
     return 0
 
 
