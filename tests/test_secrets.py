@@ -73,9 +73,7 @@ def test_a_malformed_url_setting_is_named_without_its_password(env: dict[str, st
     assert PASSWORD not in str(raised.value)
 
 
-def test_serve_prints_the_database_url_with_its_password_masked(
-    pg_url: str, spawn: Callable[..., Process]
-) -> None:
+def test_serve_prints_the_database_url_with_its_password_masked(pg_url: str, spawn: Callable[..., Process]) -> None:
     # Postgres here trusts local connections: any password is accepted, and must not be shown.
     url = make_url(pg_url).set(username="postgres", password=PASSWORD).render_as_string(hide_password=False)
     server = spawn("serve", process_env(url, LOG_LEVEL="INFO"))
