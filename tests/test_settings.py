@@ -138,9 +138,13 @@ def test_development_mode_is_only_for_serve_on_loopback_with_sqlite(
     ("argv", "extra", "reason"),
     [
         (["license_broker", "token", "lic_1"], {}, "not 'token'"),
-        (["license_broker", "webhook"], {}, "not 'webhook'"),
-        (["license_broker", "serve", "--host", "0.0.0.0"], {}, "loopback host only, not --host 0.0.0.0"),
-        (["license_broker", "serve"], {"DATABASE_URL": "postgresql://127.0.0.1:1/x"}, "needs an SQLite DATABASE_URL"),
+        (["license_broker", "webhook", "--port", "0"], {}, "not 'webhook'"),
+        (["license_broker", "serve", "--host", "0.0.0.0", "--port", "0"], {}, "loopback host only, not --host 0.0.0.0"),
+        (
+            ["license_broker", "serve", "--port", "0"],
+            {"DATABASE_URL": "postgresql://127.0.0.1:1/x"},
+            "an SQLite DATABASE",
+        ),
         (["uvicorn", "webhook.app:app", "--port", "0"], {}, "not 'uvicorn'"),
         (["uvicorn", "stream.app:app", "--port", "0"], {}, "not 'uvicorn'"),
     ],
