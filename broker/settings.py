@@ -33,7 +33,10 @@ class Settings:
     transport: TransportName = "memory"
     poll_interval: float = 2.0
     webhook_secrets: tuple[str, ...] = ()
+    # Signs the tokens the broker mints (`token`, development mode) and verifies.
     token_secret: str | None = None
+    # During a rotation: still verify, never sign (STREAM_TOKEN_SECRET=new,old).
+    previous_token_secrets: tuple[str, ...] = ()
     webhook_tolerance: int = 300
     heartbeat_interval: float = 15.0
     retry_ms: int = 2000
@@ -75,10 +78,11 @@ class Settings:
         for secret in secrets:
             if not secret.startswith("whsec_"):
                 raise SettingsError("STRIPE_WEBHOOK_SECRET: each secret must start with whsec_")
-        token_secret = _str(env, "STREAM_TOKEN_SECRET")
-        if token_secret is not None and len(token_secret) < 32:
+        token_secrets = [t.strip() for t in (_str(env, "STREAM_TOKEN_SECRET") or "").split(",") if t.strip()]
+        if any(len(t) < 32 for t in token_secrets):
             # HS256 wants a key of at least 256 bits (RFC 7518 3.2).
-            raise SettingsError("STREAM_TOKEN_SECRET: must be at least 32 characters")
+            raise SettingsError("STREAM_TOKEN_SECRET: each secret must be at least 32 characters")
+        token_secret = token_secrets[0] if token_secrets else None
         if dev:
             secrets = secrets or (DEV_WEBHOOK_SECRET,)
             token_secret = token_secret or DEV_TOKEN_SECRET
@@ -94,6 +98,7 @@ class Settings:
             poll_interval=_float(env, "BROKER_POLL_INTERVAL", 2.0, minimum=0.01),
             webhook_secrets=secrets,
             token_secret=token_secret,
+            previous_token_secrets=tuple(token_secrets[1:]),
             webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
             heartbeat_interval=_float(env, "STREAM_HEARTBEAT_INTERVAL", 15.0, minimum=0.01),
             retry_ms=int(_float(env, "STREAM_RETRY_MS", 2000, minimum=0)),
@@ -119,6 +124,11 @@ class Settings:
     def require_stream(self) -> None:
         if not self.token_secret:
             raise SettingsError("STREAM_TOKEN_SECRET: required by the stream app")
+
+    @property
+    def token_secrets(self) -> tuple[str, ...]:
+        """Every secret a subscriber token may be signed with, the signing one first."""
+        return (self.token_secret, *self.previous_token_secrets) if self.token_secret else ()
 
     def require_development_ok(self, command: str, host: str | None = None) -> None:
         """Development mode fills in publicly known secrets and mounts /dev/token, which hands a
