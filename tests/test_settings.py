@@ -171,3 +171,52 @@ def test_a_host_variable_in_the_environment_does_not_change_where_make_run_binds
     args = parser().parse_args(shlex.split(line)[2:])
     assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 8000)
     assert parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
+def readme_settings() -> set[str]:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | default | meaning |") :].split("\n\n", 1)[0]
+    return set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(line.split("|")[1] for line in table.splitlines())))
+
+
+def test_every_setting_the_broker_reads_is_in_the_readme_table() -> None:
+    source = (ROOT / "broker" / "settings.py").read_text()
+    read = set(re.findall(r"_(?:str|bool|float)\(env, \"([A-Z][A-Z0-9_]+)\"", source))
+    assert "WEBHOOK_MAX_BODY" in read
+    assert read - readme_settings() == set()
+
+
+# The settings of the hostile-input work (DESIGN.md's contract names), and the secrets an
+# operator has to be able to rotate.
+SECURITY_SETTINGS = [
+    "WEBHOOK_MAX_BODY",
+    "STREAM_MAX_CONNECTIONS",
+    "STREAM_MAX_PER_LICENSE",
+    "STREAM_REPLAY_LIMIT",
+    "STREAM_TOKEN_MAX_TTL",
+    "STREAM_TOKEN_AUDIENCE",
+    "STREAM_TOKEN_ISSUER",
+    "METRICS_PORT",
+    "METRICS_TOKEN",
+    "BROKER_DEV",
+]
+ROTATED_SECRETS = [
+    "STRIPE_WEBHOOK_SECRET",
+    "STREAM_TOKEN_SECRET",
+    "METRICS_TOKEN",
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+]
+
+
+def test_the_security_doc_covers_every_limit_and_how_to_rotate_every_secret() -> None:
+    security = (ROOT / "docs" / "security.md").read_text()
+    table = security[security.index("| variable | default |") :].split("\n\n", 1)[0]
+    for name in SECURITY_SETTINGS:
+        assert f"| `{name}` |" in table, name
+        assert name in readme_settings(), name
+    rotation = security[security.index("## Rotating secrets") :].split("\n## ", 1)[0]
+    for secret in ROTATED_SECRETS:
+        assert f"**`{secret}`" in rotation, secret
+    for who in ("Stripe", "desktop app", "operators"):
+        assert who in security[: security.index("## Development mode")], who
