@@ -23,6 +23,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=0,
+            hide_parameters=True,
             connect_args={"timeout": 30},
         )
 
@@ -47,6 +48,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # resumes), so a Postgres restart costs one retry, never an event.
         pool_pre_ping=False,
         pool_recycle=1800,
+        # Database errors are logged (and str() of one includes its bound parameters, which carry
+        # Stripe payloads: names, e-mail addresses): the statement is enough to debug.
+        hide_parameters=True,
         # A short connect timeout so that an unreachable database answers 503 quickly.
         connect_args={
             "connect_timeout": 5,

@@ -16,10 +16,36 @@ from broker.runtime import Runtime
 from broker.settings import Settings, SettingsError
 
 
+class BodyTooLarge(Exception):
+    """413: the request declared or sent more than the route accepts."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or BodyTooLarge as soon as Content-Length or the bytes received pass
+    `limit`: nothing beyond it is buffered (answer with too_large(), which closes the connection)."""
+    declared = request.headers.get("content-length", "")
+    # The HTTP server has already refused a malformed Content-Length; digits only here.
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"Content-Length {declared} is over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def too_large() -> Response:
+    # `connection: close` makes uvicorn close the socket once the 413 is sent; otherwise it keeps
+    # reading (and discarding) the rest of the body until its keep-alive timeout.
+    return JSONResponse({"error": "body too large"}, status_code=413, headers={"connection": "close"})
+
+
 def settings_from_env(*checks: Callable[[Settings], None]) -> Settings:
     """Settings for an app started by uvicorn: a bad one stops the process with one line."""
     try:
         settings = Settings.from_env()
+        settings.require_development_ok("uvicorn")
         for check in checks:
             check(settings)
         return settings

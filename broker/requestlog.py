@@ -7,6 +7,7 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
+from urllib.parse import unquote_plus
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,15 +15,27 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # An id from a proxy or a client is kept only if it is short and plain: it goes into log lines.
 _ACCEPTABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_TOKEN = re.compile(r"((?:^|[?&])token=)[^&\s\"']+")
+# Every query parameter of a logged URL: its name is compared once decoded, because a server
+# decodes `%74oken=` and `tok%65n=` into `token=` and would accept the token they carry.
+_QUERY_PARAM = re.compile(r"((?:^|[?&;])([^=&;?\s\"']*)=)([^&;\s\"']*)")
+
+
+def _is_token(name: str) -> bool:
+    for _ in range(4):  # double (triple...) encoding: %2574oken
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().lower() in ("token", "access_token")
 
 
 def redact(text: str) -> str:
-    return _TOKEN.sub(r"\1[redacted]", text)
+    return _QUERY_PARAM.sub(lambda m: f"{m.group(1)}[redacted]" if _is_token(m.group(2)) else m.group(0), text)
 
 
 class RedactTokens(logging.Filter):
-    """`?token=...` (what browsers' EventSource has to use) becomes `?token=[redacted]`."""
+    """`?token=...` (what browsers' EventSource has to use) becomes `?token=[redacted]`, however
+    the name is spelled or percent-encoded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):

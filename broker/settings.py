@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast, get_args
@@ -31,7 +33,10 @@ class Settings:
     transport: TransportName = "memory"
     poll_interval: float = 2.0
     webhook_secrets: tuple[str, ...] = ()
+    # Signs the tokens the broker mints (`token`, development mode) and verifies.
     token_secret: str | None = None
+    # During a rotation: still verify, never sign (STREAM_TOKEN_SECRET=new,old).
+    previous_token_secrets: tuple[str, ...] = ()
     webhook_tolerance: int = 300
     heartbeat_interval: float = 15.0
     retry_ms: int = 2000
@@ -56,6 +61,8 @@ class Settings:
     # Optional: re-read objects from Stripe's API when an event is not newer than the ledger's.
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
+    # Stripe's events are a few KiB; a larger body is refused (413) before it is buffered.
+    webhook_max_body: int = 256 * 1024
     dev: bool = False
 
     @classmethod
@@ -68,7 +75,8 @@ class Settings:
                 parse_cluster_url(redis_url)
             elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
                 raise SettingsError(
-                    f"REDIS_URL: expected redis://host:port/db or redis+cluster://host:port,..., got {redis_url!r}"
+                    "REDIS_URL: expected redis://host:port/db or redis+cluster://host:port,..., "
+                    f"got {mask_password(redis_url)!r}"
                 )
         transport = _str(env, "BROKER_TRANSPORT") or ("redis" if redis_url else "memory")
         if transport not in get_args(TransportName):
@@ -79,10 +87,11 @@ class Settings:
         for secret in secrets:
             if not secret.startswith("whsec_"):
                 raise SettingsError("STRIPE_WEBHOOK_SECRET: each secret must start with whsec_")
-        token_secret = _str(env, "STREAM_TOKEN_SECRET")
-        if token_secret is not None and len(token_secret) < 32:
+        token_secrets = [t.strip() for t in (_str(env, "STREAM_TOKEN_SECRET") or "").split(",") if t.strip()]
+        if any(len(t) < 32 for t in token_secrets):
             # HS256 wants a key of at least 256 bits (RFC 7518 3.2).
-            raise SettingsError("STREAM_TOKEN_SECRET: must be at least 32 characters")
+            raise SettingsError("STREAM_TOKEN_SECRET: each secret must be at least 32 characters")
+        token_secret = token_secrets[0] if token_secrets else None
         if dev:
             secrets = secrets or (DEV_WEBHOOK_SECRET,)
             token_secret = token_secret or DEV_TOKEN_SECRET
@@ -113,6 +122,7 @@ class Settings:
             poll_interval=_float(env, "BROKER_POLL_INTERVAL", 2.0, minimum=0.01),
             webhook_secrets=secrets,
             token_secret=token_secret,
+            previous_token_secrets=tuple(token_secrets[1:]),
             webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
             heartbeat_interval=_float(env, "STREAM_HEARTBEAT_INTERVAL", 15.0, minimum=0.01),
             retry_ms=int(_float(env, "STREAM_RETRY_MS", 2000, minimum=0)),
@@ -129,6 +139,7 @@ class Settings:
             license_products=frozenset(products),
             stripe_api_key=api_key,
             stripe_api_base=api_base,
+            webhook_max_body=int(_float(env, "WEBHOOK_MAX_BODY", 256 * 1024, minimum=1024)),
             dev=dev,
         )
 
@@ -142,6 +153,24 @@ class Settings:
     def require_stream(self) -> None:
         if not self.token_secret:
             raise SettingsError("STREAM_TOKEN_SECRET: required by the stream app")
+
+    @property
+    def token_secrets(self) -> tuple[str, ...]:
+        """Every secret a subscriber token may be signed with, the signing one first."""
+        return (self.token_secret, *self.previous_token_secrets) if self.token_secret else ()
+
+    def require_development_ok(self, command: str, host: str | None = None) -> None:
+        """Development mode fills in publicly known secrets and mounts /dev/token, which hands a
+        token for any license to anyone who asks: it is allowed only where nobody else can reach
+        it and nothing real is at stake (`serve`, a loopback host, SQLite)."""
+        if not self.dev:
+            return
+        if command != "serve":
+            raise SettingsError(f"BROKER_DEV: development mode works only with `license-broker serve`, not {command!r}")
+        if host is not None and not is_loopback(host):
+            raise SettingsError(f"BROKER_DEV: development mode serves on a loopback host only, not --host {host}")
+        if not self.is_sqlite:
+            raise SettingsError("BROKER_DEV: development mode needs an SQLite DATABASE_URL, never production")
 
     @property
     def is_sqlite(self) -> bool:
@@ -190,11 +219,34 @@ def parse_cluster_url(url: str) -> ClusterAddress:
     return ClusterAddress(tuple(nodes), username, password, ssl=scheme == "rediss+cluster")
 
 
+# scheme://user:password@ (the password up to the last @ of the URL) and ?password=... in a query.
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pass|pwd)=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def mask_password(text: str) -> str:
+    """The one way a URL (DATABASE_URL, REDIS_URL), or a message that contains one, is printed,
+    logged or put in an error: every password replaced by `***`."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) and localhost."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def normalize_database_url(url: str) -> str:
     """Accept the URLs users write (postgresql://, sqlite:///) and pick the async drivers."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise SettingsError(f"DATABASE_URL: expected a URL such as postgresql://host/db, got {url!r}")
+        # Not echoed: without a scheme the password cannot be told from the rest.
+        raise SettingsError("DATABASE_URL: expected a URL such as postgresql://user:password@host/db")
     if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg_async"):
         return f"postgresql+psycopg://{rest}"
     if scheme in ("sqlite", "sqlite+aiosqlite"):

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 import httpx
 import orjson
 import uvicorn
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from broker import tokens
 from broker.db import create_engine, migrate
 from broker.runtime import Runtime
-from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError
+from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError, mask_password
 from license_broker import logs
 from webhook.samples import ACTION_HELP, ACTIONS
 
@@ -77,7 +76,7 @@ def _banner(args: argparse.Namespace) -> object:
         lines = [
             "",
             f"license-broker is serving on {base}",
-            f"  database:  {settings.database_url}",
+            f"  database:  {mask_password(settings.database_url)}",
             f"  transport: {settings.transport}",
         ]
         if settings.dev:
@@ -131,9 +130,9 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(run())
     except (SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        print(f"license-broker: migrate: DATABASE_URL is not reachable: {reason}", file=sys.stderr)
+        print(f"license-broker: migrate: DATABASE_URL is not reachable: {mask_password(reason)}", file=sys.stderr)
         return 1
-    print(f"migrated {make_url(settings.database_url).render_as_string(hide_password=True)}")
+    print(f"migrated {mask_password(settings.database_url)}")
     return 0
 
 
@@ -215,7 +214,9 @@ def parser() -> argparse.ArgumentParser:
 
     def server(name: str, help: str, port: int, workers: bool) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        # Not from a HOST variable: some shells export one (the machine's name), which would
+        # silently bind to a public interface. Containers pass --host 0.0.0.0 explicitly.
+        p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=int(os.environ.get("PORT", port)))
         if workers:
             p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", 1)))
@@ -257,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        settings.require_development_ok(args.command, getattr(args, "host", None))
         code: int = args.run(args, settings)
         return code
     except SettingsError as exc:

@@ -1,6 +1,8 @@
 """Development-only endpoints behind the live page's buttons: a subscriber token for any license,
-and simulated Stripe events. Mounted by `serve` only when BROKER_DEV is set (see embedded.py):
-they hand out tokens to anyone who asks, so they must never exist in production."""
+and simulated Stripe events. Mounted by `serve` only when BROKER_DEV is set (see embedded.py),
+which itself is refused outside `serve` on a loopback host with SQLite
+(Settings.require_development_ok): they hand out tokens to anyone who asks, so they must never
+exist in production. They answer only requests addressed to a loopback name, with a JSON body."""
 
 from __future__ import annotations
 
@@ -15,20 +17,43 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import tokens
+from broker.http import BodyTooLarge, read_body, too_large
 from broker.requestlog import REQUEST_ID
 from broker.runtime import Runtime
 from webhook.samples import ACTIONS, SampleEvents
 
 TOKEN_TTL = 3600
+# A license id and an action: a few dozen bytes.
+MAX_BODY = 4096
 _LICENSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+# DNS rebinding: a page on evil.example whose name is made to resolve to 127.0.0.1 reaches this
+# process, but its requests still carry `Host: evil.example`.
+_LOOPBACK_HOST = re.compile(r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
 
 
-async def _license_id(request: Request) -> str | None:
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's JSON object, or the response that refuses it."""
+    hosts = request.headers.getlist("host")
+    if len(hosts) != 1 or not _LOOPBACK_HOST.fullmatch(hosts[0]):
+        return JSONResponse({"error": "development routes answer only to 127.0.0.1, localhost or [::1]"}, 403)
+    # A cross-site page may POST text/plain (a form, a no-cors fetch) without asking; JSON takes
+    # a CORS preflight, which nothing here answers, so the browser never sends it.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return JSONResponse({"error": "expected Content-Type: application/json"}, status_code=415)
     try:
-        body = orjson.loads(await request.body())
+        raw = await read_body(request, MAX_BODY)
+    except BodyTooLarge:
+        return too_large()
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
-    value = body.get("license_id") if isinstance(body, dict) else None
+        body = None
+    return body if isinstance(body, dict) else _bad("expected a JSON object")
+
+
+def _license_id(body: dict[str, Any]) -> str | None:
+    value = body.get("license_id")
     return value if isinstance(value, str) and _LICENSE_ID.fullmatch(value) else None
 
 
@@ -37,7 +62,10 @@ def _bad(message: str) -> Response:
 
 
 async def dev_token(request: Request) -> Response:
-    license_id = await _license_id(request)
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
+    license_id = _license_id(body)
     if license_id is None:
         return _bad("license_id: letters, digits and _.:- (at most 100)")
     runtime: Runtime = request.state.runtime
@@ -59,10 +87,13 @@ def _own_url(request: Request) -> str:
 async def dev_simulate(request: Request) -> Response:
     """Sign the sample events of `action` with the webhook secret and POST them to this process's
     own webhook endpoint, as Stripe would: the same verification, transaction, publish and logs."""
-    license_id = await _license_id(request)
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
+    license_id = _license_id(body)
     if license_id is None:
         return _bad("license_id: letters, digits and _.:- (at most 100)")
-    action = orjson.loads(await request.body()).get("action")
+    action = body.get("action")
     if action not in ACTIONS:
         return _bad(f"action: one of {', '.join(ACTIONS)}")
     runtime: Runtime = request.state.runtime

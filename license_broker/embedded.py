@@ -26,6 +26,8 @@ from webhook.app import webhook_state
 def create_app(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> Starlette:
     settings.require_webhook()
     settings.require_stream()
+    # The command line also checks the host it binds to; whoever builds this app checks at least this.
+    settings.require_development_ok("serve")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

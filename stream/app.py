@@ -35,7 +35,7 @@ def _authorize(request: Request, license_id: str) -> Response | None:
     if not token:
         return JSONResponse({"error": "missing token"}, status_code=401, headers={"www-authenticate": "Bearer"})
     try:
-        granted = tokens.verify(request.state.runtime.settings.token_secret, token)
+        granted = tokens.verify(request.state.runtime.settings.token_secrets, token)
     except tokens.InvalidToken as exc:
         return JSONResponse({"error": f"invalid token: {exc}"}, status_code=401, headers={"www-authenticate": "Bearer"})
     if granted != license_id:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
+from broker.requestlog import redact
 from license_broker.embedded import create_app
 from tests.conftest import (
     ROOT,
@@ -41,6 +43,10 @@ def exercise(url: str, license_id: str) -> str:
         )
         assert response.status_code == 200
         assert response.headers["x-request-id"] == "req-q1"
+        # The server decodes the name: this token is accepted, so the log must not keep it either.
+        encoded = client.get(f"/api/licenses/{license_id}?%74oken={token}")
+        assert encoded.status_code == 200
+        client.get(f"/api/licenses/{license_id}?TOKEN={token}&tok%65n={token}")
         payload, headers = signed(SampleEvents(license_id).checkout_completed(int(time.time())))
         posted = client.post("/api/stripe/webhooks", content=payload, headers={**headers, "x-request-id": "req-w1"})
         assert posted.json()["outcome"] == "applied"
@@ -111,6 +117,25 @@ def test_bare_uvicorn_redacts_query_tokens_in_its_access_log_too(pg_url: str, tm
         proc.terminate()
         proc.wait(15)
     assert token not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("line", "redacted"),
+    [
+        ('"GET /e?token=abc.def HTTP/1.1" 200', '"GET /e?token=[redacted] HTTP/1.1" 200'),
+        ("/e?lastEventId=3&token=abc", "/e?lastEventId=3&token=[redacted]"),
+        ("/e?%74oken=abc", "/e?%74oken=[redacted]"),
+        ("/e?%74%6F%6B%65%6E=abc", "/e?%74%6F%6B%65%6E=[redacted]"),
+        ("/e?%2574oken=abc", "/e?%2574oken=[redacted]"),
+        ("/e?TOKEN=abc&x=1", "/e?TOKEN=[redacted]&x=1"),
+        ("/e?Token=abc", "/e?Token=[redacted]"),
+        ("/e?access_token=abc", "/e?access_token=[redacted]"),
+        ("/e?tokens=abc&lastEventId=3", "/e?tokens=abc&lastEventId=3"),
+        ("token=abc", "token=[redacted]"),
+    ],
+)
+def test_token_redaction_survives_case_and_percent_encoding(line: str, redacted: str) -> None:
+    assert redact(line) == redacted
 
 
 async def test_a_request_id_is_made_when_none_or_an_unsafe_one_is_given(pg_url: str) -> None:

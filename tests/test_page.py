@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from broker.settings import SettingsError
 from license_broker.embedded import create_app
 from tests.conftest import ROOT, make_settings, new_license, post_event, serving, token_for, unavailable
 from webhook.samples import SampleEvents
@@ -56,14 +58,15 @@ async def current_seq(url: str, license_id: str) -> int:
     return seq
 
 
-async def test_dev_endpoints_exist_only_in_development_mode(pg_url: str) -> None:
+async def test_dev_endpoints_exist_only_in_development_mode(sqlite_url: str) -> None:
     license_id = new_license()
     body = {"license_id": license_id, "action": "pay"}
-    async with serving(create_app(make_settings(pg_url))) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(create_app(make_settings(sqlite_url))) as url, httpx.AsyncClient(base_url=url) as client:
         assert (await client.get("/")).status_code == 200
         assert (await client.post("/dev/token", json=body)).status_code == 404
         assert (await client.post("/dev/simulate", json=body)).status_code == 404
-    async with serving(create_app(make_settings(pg_url, dev=True))) as url, httpx.AsyncClient(base_url=url) as client:
+    dev = make_settings(sqlite_url, dev=True)
+    async with serving(create_app(dev)) as url, httpx.AsyncClient(base_url=url) as client:
         minted = await client.post("/dev/token", json=body)
         assert minted.status_code == 200
         headers = {"authorization": f"Bearer {minted.json()['token']}"}
@@ -78,6 +81,35 @@ async def test_dev_endpoints_exist_only_in_development_mode(pg_url: str) -> None
         assert (await client.post("/dev/token", json={"license_id": "no spaces"})).status_code == 400
 
 
+def test_development_mode_is_refused_on_a_real_database() -> None:
+    settings = make_settings("postgresql+psycopg://127.0.0.1:5432/broker", dev=True)
+    with pytest.raises(SettingsError, match=r"^BROKER_DEV: development mode needs an SQLite DATABASE_URL"):
+        create_app(settings)
+
+
+@pytest.mark.parametrize("path", ["/dev/token", "/dev/simulate"])
+async def test_dev_endpoints_answer_only_json_addressed_to_a_loopback_name(sqlite_url: str, path: str) -> None:
+    """DNS rebinding (a foreign Host) and cross-site simple requests (text/plain, no preflight)."""
+    body = orjson.dumps({"license_id": new_license(), "action": "cancel"})
+    json = "application/json"
+    async with serving(create_app(make_settings(sqlite_url, dev=True))) as url, httpx.AsyncClient() as client:
+        port = url.rsplit(":", 1)[1]
+
+        async def post(host: str | None, content_type: str | None) -> int:
+            headers = {"host": host} if host is not None else {}
+            if content_type is not None:
+                headers["content-type"] = content_type
+            return (await client.post(f"{url}{path}", content=body, headers=headers)).status_code
+
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", "[::1]", f"[::1]:{port}"):
+            assert await post(host, json) == 200, host
+        assert await post(f"127.0.0.1:{port}", "application/json; charset=utf-8") == 200
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil", "[::2]", ""):
+            assert await post(host, json) == 403, host
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+            assert await post(f"127.0.0.1:{port}", content_type) == 415, content_type
+
+
 async def test_the_page_is_served_only_by_serve_not_by_the_stream_app(pg_url: str) -> None:
     from stream.app import create_app as create_stream_app
 
@@ -87,11 +119,11 @@ async def test_the_page_is_served_only_by_serve_not_by_the_stream_app(pg_url: st
 
 
 @pytest.mark.browser
-async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(pg_url: str, page: Any) -> None:
+async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(sqlite_url: str, page: Any) -> None:
     from playwright.async_api import expect
 
     license_id = new_license()
-    async with serving(create_app(make_settings(pg_url, dev=True))) as url:
+    async with serving(create_app(make_settings(sqlite_url, dev=True))) as url:
         await page.goto(f"{url}/?license={license_id}")
         await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
         await expect(page.locator("#badge")).to_have_text("LOCKED")

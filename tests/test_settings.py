@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
+from license_broker.cli import parser
 from tests.conftest import ROOT
 
 
@@ -16,6 +19,7 @@ def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:
     assert settings.poll_interval == 2.0
     assert settings.entitled_statuses == {"trialing", "active", "past_due"}
     assert settings.webhook_secrets == () and settings.token_secret is None
+    assert settings.webhook_max_body == 256 * 1024
 
 
 def test_redis_url_selects_the_redis_transport() -> None:
@@ -46,6 +50,8 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"STREAM_TOKEN_SECRET": "short"}, "STREAM_TOKEN_SECRET"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"BROKER_DEV": "maybe"}, "BROKER_DEV"),
+        ({"WEBHOOK_MAX_BODY": "lots"}, "WEBHOOK_MAX_BODY"),
+        ({"WEBHOOK_MAX_BODY": "10"}, "WEBHOOK_MAX_BODY"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
@@ -94,3 +100,123 @@ def test_uvicorn_on_its_own_refuses_a_missing_secret_with_one_line() -> None:
     assert result.returncode == 2
     assert "license-broker: STRIPE_WEBHOOK_SECRET: required by the webhook app" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "host", "database_url", "refused"),
+    [
+        ("serve", "127.0.0.1", "sqlite:///x.db", None),
+        ("serve", "localhost", "sqlite:///x.db", None),
+        ("serve", "::1", "sqlite:///x.db", None),
+        ("serve", "[::1]", "sqlite:///x.db", None),
+        ("serve", "127.0.0.2", "sqlite:///x.db", None),
+        ("serve", None, "sqlite:///x.db", None),
+        ("serve", "0.0.0.0", "sqlite:///x.db", "loopback host only"),
+        ("serve", "::", "sqlite:///x.db", "loopback host only"),
+        ("serve", "10.0.0.7", "sqlite:///x.db", "loopback host only"),
+        ("serve", "localhost.example.com", "sqlite:///x.db", "loopback host only"),
+        ("serve", "127.0.0.1", "postgresql://db/broker", "needs an SQLite DATABASE_URL"),
+        ("webhook", "127.0.0.1", "sqlite:///x.db", "not 'webhook'"),
+        ("token", None, "sqlite:///x.db", "not 'token'"),
+        ("uvicorn", None, "sqlite:///x.db", "not 'uvicorn'"),
+    ],
+)
+def test_development_mode_is_only_for_serve_on_loopback_with_sqlite(
+    command: str, host: str | None, database_url: str, refused: str | None
+) -> None:
+    settings = Settings.from_env({"BROKER_DEV": "1", "DATABASE_URL": database_url})
+    if refused is None:
+        settings.require_development_ok(command, host)
+    else:
+        with pytest.raises(SettingsError, match=f"^BROKER_DEV: .*{re.escape(refused)}"):
+            settings.require_development_ok(command, host)
+    # Outside development mode nothing is refused.
+    Settings.from_env({"DATABASE_URL": database_url}).require_development_ok(command, host)
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra", "reason"),
+    [
+        (["license_broker", "token", "lic_1"], {}, "not 'token'"),
+        (["license_broker", "webhook", "--port", "0"], {}, "not 'webhook'"),
+        (["license_broker", "serve", "--host", "0.0.0.0", "--port", "0"], {}, "loopback host only, not --host 0.0.0.0"),
+        (
+            ["license_broker", "serve", "--port", "0"],
+            {"DATABASE_URL": "postgresql://127.0.0.1:1/x"},
+            "an SQLite DATABASE",
+        ),
+        (["uvicorn", "webhook.app:app", "--port", "0"], {}, "not 'uvicorn'"),
+        (["uvicorn", "stream.app:app", "--port", "0"], {}, "not 'uvicorn'"),
+    ],
+    ids=["token", "webhook", "serve-public-host", "serve-postgres", "uvicorn-webhook", "uvicorn-stream"],
+)
+def test_development_mode_anywhere_else_stops_start_up_with_one_line(
+    argv: list[str], extra: dict[str, str], reason: str
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db", "BROKER_DEV": "1", **extra}
+    result = subprocess.run(
+        [sys.executable, "-m", *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("license-broker: BROKER_DEV: ") and reason in lines[0], lines
+
+
+def test_a_host_variable_in_the_environment_does_not_change_where_make_run_binds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    dry_run = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    line = next(line for line in dry_run.stdout.splitlines() if "license-broker serve" in line)
+    args = parser().parse_args(shlex.split(line)[2:])
+    assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 8000)
+    assert parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
+def readme_settings() -> set[str]:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | default | meaning |") :].split("\n\n", 1)[0]
+    return set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(line.split("|")[1] for line in table.splitlines())))
+
+
+def test_every_setting_the_broker_reads_is_in_the_readme_table() -> None:
+    source = (ROOT / "broker" / "settings.py").read_text()
+    read = set(re.findall(r"_(?:str|bool|float)\(env, \"([A-Z][A-Z0-9_]+)\"", source))
+    assert "WEBHOOK_MAX_BODY" in read
+    assert read - readme_settings() == set()
+
+
+# The settings of the hostile-input work (DESIGN.md's contract names), and the secrets an
+# operator has to be able to rotate.
+SECURITY_SETTINGS = [
+    "WEBHOOK_MAX_BODY",
+    "STREAM_MAX_CONNECTIONS",
+    "STREAM_MAX_PER_LICENSE",
+    "STREAM_REPLAY_LIMIT",
+    "STREAM_TOKEN_MAX_TTL",
+    "STREAM_TOKEN_AUDIENCE",
+    "STREAM_TOKEN_ISSUER",
+    "METRICS_PORT",
+    "METRICS_TOKEN",
+    "BROKER_DEV",
+]
+ROTATED_SECRETS = [
+    "STRIPE_WEBHOOK_SECRET",
+    "STREAM_TOKEN_SECRET",
+    "METRICS_TOKEN",
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+]
+
+
+def test_the_security_doc_covers_every_limit_and_how_to_rotate_every_secret() -> None:
+    security = (ROOT / "docs" / "security.md").read_text()
+    table = security[security.index("| variable | default |") :].split("\n\n", 1)[0]
+    for name in SECURITY_SETTINGS:
+        assert f"| `{name}` |" in table, name
+        assert name in readme_settings(), name
+    rotation = security[security.index("## Rotating secrets") :].split("\n## ", 1)[0]
+    for secret in ROTATED_SECRETS:
+        assert f"**`{secret}`" in rotation, secret
+    for who in ("Stripe", "desktop app", "operators"):
+        assert who in security[: security.index("## Development mode")], who

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from webhook.samples import SampleEvents
-from webhook.signature import BadWebhook, WebhookVerifier, sign
+from webhook.signature import BadPayload, BadSignature, BadWebhook, WebhookVerifier, sign, single_header
 
 SECRET = "whsec_unit"
 
@@ -66,3 +66,38 @@ def test_a_signed_body_that_is_not_a_stripe_event_is_rejected(body: bytes) -> No
         header = sign(body, SECRET)
     with pytest.raises(BadWebhook):
         WebhookVerifier((SECRET,), 300).verify(body, header)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t=1,v1=\xe9\xe9",  # a latin-1 byte, as headers arrive decoded
+        "t=1,v1=\u00e9" + "0" * 63,
+        "t=\u0661\u0662,v1=" + "0" * 64,  # digits int() accepts, in another script
+        "t=1,v1=00\x00",
+        "t=" + "9" * 5000 + ",v1=00",
+        "t=,v1=,=,,,t=x",
+        ",,,,",
+        "v1=" + "0" * 64,
+    ],
+    ids=["latin-1", "utf-8", "arabic-digits", "nul", "huge-timestamp", "empty-fields", "commas", "no-timestamp"],
+)
+def test_a_malformed_header_is_a_bad_signature_never_another_error(payload: bytes, header: str) -> None:
+    with pytest.raises(BadSignature) as raised:
+        WebhookVerifier((SECRET,), 300).verify(payload, header)
+    assert raised.value.public == "invalid signature"
+
+
+def test_repeated_signature_headers_are_refused_rather_than_one_picked(payload: bytes) -> None:
+    header = sign(payload, SECRET)
+    assert single_header([header]) == header
+    assert single_header([]) is None
+    with pytest.raises(BadSignature, match="2 Stripe-Signature headers"):
+        single_header([header, header])
+
+
+def test_the_public_answer_is_the_same_for_every_signature_failure_and_names_the_payload_otherwise() -> None:
+    stale = BadSignature("signature verification failed: Timestamp outside the tolerance zone")
+    forged = BadSignature("signature verification failed: No signatures found matching")
+    assert stale.public == forged.public == "invalid signature"
+    assert BadPayload("body is not JSON").public == "invalid payload"

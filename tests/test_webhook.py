@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import httpx
 import orjson
+import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from broker.db import create_engine
 from broker.schema import licenses, stripe_events, subscription_event_logs
@@ -98,25 +101,49 @@ async def test_concurrent_events_of_one_license_get_consecutive_seqs(db_url: str
     assert seqs == list(range(1, len(seqs) + 1))
 
 
-async def test_bad_input_is_400_and_writes_nothing(db_url: str) -> None:
+def rejected() -> float:
+    return REGISTRY.get_sample_value("license_broker_webhooks_total", {"outcome": "rejected"}) or 0.0
+
+
+async def test_bad_input_is_400_with_a_generic_answer_counted_as_rejected_and_writes_nothing(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     event = SampleEvents(new_license()).checkout_completed(int(time.time()))
     payload, headers = signed(event)
     stale_payload, stale_headers = signed(event, timestamp=int(time.time()) - 3600)
     garbage = b'{"not": "an event"'
     garbage_headers = {"stripe-signature": sign(garbage, WEBHOOK_SECRET)}
-    cases = {
-        "missing signature": (payload, {"content-type": "application/json"}),
-        "forged signature": (payload, signed(event, secret="whsec_forged")[1]),
-        "stale timestamp": (stale_payload, stale_headers),
-        "tampered body": (payload.replace(b'"paid"', b'"no_payment_required"'), headers),
-        "malformed body": (garbage, garbage_headers),
+    good = headers["stripe-signature"]
+    json = ("content-type", "application/json")
+    sig, body = "invalid signature", "invalid payload"
+    tampered = payload.replace(b'"paid"', b'"no_payment_required"')
+    cases: dict[str, tuple[bytes, list[tuple[str, str | bytes]], str]] = {
+        "missing signature": (payload, [json], sig),
+        "forged signature": (payload, [*signed(event, secret="whsec_forged")[1].items()], sig),
+        "stale timestamp": (stale_payload, [*stale_headers.items()], sig),
+        "tampered body": (tampered, [*headers.items()], sig),
+        # Headers arrive as latin-1: this one broke the stripe package's compare_digest (a 500).
+        "non-ASCII signature": (payload, [json, ("stripe-signature", f"{good[:-2]}\xe9\xe9".encode("latin-1"))], sig),
+        "UTF-8 signature": (payload, [json, ("stripe-signature", f"t=1,v1=\u00e9{good[-63:]}".encode())], sig),
+        "garbage signature": (payload, [json, ("stripe-signature", "t=,v1=,=,,,t=x")], sig),
+        "huge timestamp": (payload, [json, ("stripe-signature", f"t={'9' * 5000},v1=00")], sig),
+        "repeated signature": (payload, [json, ("stripe-signature", good), ("stripe-signature", good)], sig),
+        "malformed body": (garbage, [*garbage_headers.items()], body),
     }
+    caplog.set_level(logging.INFO, logger="webhook")
+    before = rejected()
     async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient() as client:
-        for name, (body, hdrs) in cases.items():
-            response = await client.post(f"{url}/api/stripe/webhooks", content=body, headers=hdrs)
+        for name, (content, hdrs, answer) in cases.items():
+            response = await client.post(f"{url}/api/stripe/webhooks", content=content, headers=hdrs)
             assert response.status_code == 400, name
-            assert "error" in response.json(), name
+            assert response.json() == {"error": answer}, name
+    assert rejected() == before + len(cases)
     assert await rows(db_url) == {"stripe_events": 0, "licenses": 0, "subscription_event_logs": 0}
+    # The reasons are for the operator's log.
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook rejected:")]
+    assert len(reasons) == len(cases)
+    assert any("tolerance" in r for r in reasons) and any("2 Stripe-Signature headers" in r for r in reasons)
+    assert any("not printable ASCII" in r for r in reasons) and any("not JSON" in r for r in reasons)
 
 
 async def test_event_types_not_used_and_unmatched_events_are_recorded_with_2xx(db_url: str) -> None:

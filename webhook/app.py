@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics
-from broker.http import ops_routes, settings_from_env
+from broker.http import BodyTooLarge, ops_routes, read_body, settings_from_env, too_large
 from broker.ledger import LicenseRules
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
@@ -23,7 +23,7 @@ from broker.settings import Settings
 from broker.stripe_objects import EventFilter
 from broker.stripe_refresh import open_refresher
 from webhook.ingest import Ingestor
-from webhook.signature import BadWebhook, WebhookVerifier
+from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
 log = logging.getLogger("webhook")
 
@@ -31,13 +31,20 @@ log = logging.getLogger("webhook")
 async def receive_webhook(request: Request) -> Response:
     verifier: WebhookVerifier = request.state.verifier
     ingestor: Ingestor = request.state.ingestor
-    payload = await request.body()
+    runtime: Runtime = request.state.runtime
     try:
-        event = verifier.verify(payload, request.headers.get("stripe-signature"))
-    except BadWebhook as exc:
+        payload = await read_body(request, runtime.settings.webhook_max_body)
+    except BodyTooLarge as exc:
         metrics.WEBHOOKS.labels("rejected").inc()
         log.info("webhook rejected: %s", exc)
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return too_large()
+    try:
+        event = verifier.verify(payload, single_header(request.headers.getlist("stripe-signature")))
+    except BadWebhook as exc:
+        metrics.WEBHOOKS.labels("rejected").inc()
+        # The reason goes to the log only: the client learns nothing about the secrets.
+        log.info("webhook rejected: %s", exc)
+        return JSONResponse({"error": exc.public}, status_code=400)
     try:
         outcome = await ingestor.ingest(event)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:

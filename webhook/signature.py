@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -9,7 +10,27 @@ import stripe
 
 
 class BadWebhook(Exception):
-    """400: a missing, forged or stale signature, or a body that is not a Stripe event."""
+    """400. The message says why, for the log; the client gets only `public`, so that it cannot
+    tell a forged signature from a stale one (which would tell it which signatures are genuine)."""
+
+    public = "invalid signature"
+
+
+class BadSignature(BadWebhook):
+    """A missing, malformed, forged or stale Stripe-Signature."""
+
+
+class BadPayload(BadWebhook):
+    """A body that is not a Stripe event (checked after its signature, when there is one)."""
+
+    public = "invalid payload"
+
+
+def single_header(values: Sequence[str]) -> str | None:
+    """Stripe sends one Stripe-Signature header: several are refused rather than one picked."""
+    if len(values) > 1:
+        raise BadSignature(f"{len(values)} Stripe-Signature headers")
+    return values[0] if values else None
 
 
 class WebhookVerifier:
@@ -21,11 +42,15 @@ class WebhookVerifier:
 
     def verify(self, payload: bytes, header: str | None) -> dict[str, Any]:
         if not header:
-            raise BadWebhook("missing Stripe-Signature header")
+            raise BadSignature("missing Stripe-Signature header")
+        # The stripe package compares with hmac.compare_digest, which raises TypeError on a
+        # non-ASCII str: such a header (headers arrive decoded as latin-1) is refused here.
+        if not (header.isascii() and header.isprintable()):
+            raise BadSignature("Stripe-Signature header is not printable ASCII")
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadWebhook("body is not UTF-8") from None
+            raise BadPayload("body is not UTF-8") from None
         # During a secret rotation any configured secret may have signed it.
         for secret in self.secrets:
             try:
@@ -34,13 +59,16 @@ class WebhookVerifier:
                 break
             except stripe.SignatureVerificationError as exc:
                 error = str(exc.user_message or exc)
+            except (TypeError, ValueError) as exc:
+                # Whatever else a hostile header can make the stripe package trip on is a 400 too.
+                error = f"malformed header ({type(exc).__name__})"
         else:
-            raise BadWebhook(f"signature verification failed: {error}")
+            raise BadSignature(f"signature verification failed: {error}")
         # Parsed from the verified bytes, without building Stripe objects.
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            raise BadWebhook("body is not JSON") from None
+            raise BadPayload("body is not JSON") from None
         if not (
             isinstance(event, dict)
             and isinstance(event.get("id"), str)
@@ -49,7 +77,7 @@ class WebhookVerifier:
             and isinstance(event.get("data"), dict)
             and isinstance(event["data"].get("object"), dict)
         ):
-            raise BadWebhook("body is not a Stripe event (id, type, created, data.object)")
+            raise BadPayload("body is not a Stripe event (id, type, created, data.object)")
         return event
 
 
