@@ -38,6 +38,11 @@ class Settings:
     client_buffer: int = 256
     send_timeout: float = 30.0
     replay_batch: int = 500
+    # Admission: open streams per process (503 beyond) and per license in one process (429 beyond).
+    max_streams: int = 20_000
+    max_streams_per_license: int = 10
+    # A client further behind than this many events gets the license's current state instead.
+    replay_limit: int = 1000
     db_pool_size: int = 10
     # psycopg prepares a statement after 5 executions; PgBouncer in transaction mode (before 1.21,
     # or without max_prepared_statements) cannot follow them from one server connection to the next.
@@ -95,6 +100,9 @@ class Settings:
             client_buffer=int(_float(env, "STREAM_CLIENT_BUFFER", 256, minimum=1)),
             send_timeout=_float(env, "STREAM_SEND_TIMEOUT", 30.0, minimum=0.01),
             replay_batch=int(_float(env, "STREAM_REPLAY_BATCH", 500, minimum=1)),
+            max_streams=_int(env, "STREAM_MAX_CONNECTIONS", 20_000, minimum=1),
+            max_streams_per_license=_int(env, "STREAM_MAX_PER_LICENSE", 10, minimum=1),
+            replay_limit=_int(env, "STREAM_REPLAY_LIMIT", 1000, minimum=0),
             db_pool_size=int(_float(env, "DATABASE_POOL_SIZE", 10, minimum=1)),
             db_prepared_statements=_bool(env, "DATABASE_PREPARED_STATEMENTS", True),
             entitled_statuses=statuses,
@@ -113,6 +121,13 @@ class Settings:
     def require_stream(self) -> None:
         if not self.token_secret:
             raise SettingsError("STREAM_TOKEN_SECRET: required by the stream app")
+
+    @property
+    def stream_db_slots(self) -> int:
+        """How many database connections the stream side may use at once (catch-up, gap fills,
+        the sweep): two fewer than the pool, so that under `serve` a reconnect storm leaves
+        connections to the webhook (and /readyz) instead of queueing them behind thousands of reads."""
+        return max(1, self.db_pool_size - 2)
 
     @property
     def is_sqlite(self) -> bool:
@@ -187,6 +202,19 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}: expected true or false, got {value!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    value = _str(env, name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {value!r}")
+    return number
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:

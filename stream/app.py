@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +17,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import tokens
+from broker import metrics, tokens
+from broker.eventlog import EventLog
 from broker.http import ops_routes, settings_from_env
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
+from stream.limits import StreamAdmission, StreamRefused, ThrottledEventLog
 from stream.sse import EventStreamResponse
 
 log = logging.getLogger("stream")
@@ -43,14 +46,21 @@ def _authorize(request: Request, license_id: str) -> Response | None:
     return None
 
 
+# What a seq can be (a BIGINT): at most 19 plain digits. int() alone would also take "+7", "1_0",
+# padded or non-ASCII digits, and numbers no database column can hold.
+_SEQ = re.compile(r"[0-9]{1,19}")
+_MAX_SEQ = 2**63 - 1
+
+
 def _resume_point(request: Request) -> int | None:
+    """The Last-Event-ID header, else ?lastEventId=; absent or empty: no resume point. Anything
+    but a seq (0 to 2^63-1) is a ValueError, answered 400."""
     raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     if raw is None or raw.strip() == "":
         return None
-    value = int(raw)  # ValueError -> 400 in the caller
-    if value < 0:
+    if not _SEQ.fullmatch(raw.strip()) or int(raw) > _MAX_SEQ:
         raise ValueError(raw)
-    return value
+    return int(raw)
 
 
 async def license_events(request: Request) -> Response:
@@ -65,17 +75,24 @@ async def license_events(request: Request) -> Response:
     hub: SubscriptionHub = request.state.hub
     if hub.closing:
         return JSONResponse({"error": "shutting down"}, status_code=503, headers={"retry-after": "1"})
-    body = license_stream(runtime.events, hub, runtime.settings, license_id, last_seq)
-    return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout)
+    admission: StreamAdmission = request.state.admission
+    try:
+        slot = admission.admit(license_id)
+    except StreamRefused as refused:
+        metrics.STREAMS_REFUSED.labels(refused.limit).inc()
+        headers = {"retry-after": str(refused.retry_after)}
+        return JSONResponse({"error": refused.reason}, status_code=refused.status, headers=headers)
+    body = license_stream(request.state.stream_events, hub, runtime.settings, license_id, last_seq)
+    return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout, on_close=slot.release)
 
 
 async def license_state(request: Request) -> Response:
     license_id = request.path_params["license_id"]
     if (denied := _authorize(request, license_id)) is not None:
         return denied
-    runtime: Runtime = request.state.runtime
+    events: EventLog = request.state.stream_events
     try:
-        current = await runtime.events.current(license_id)
+        current = await events.current(license_id)
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
     return Response(current.data, media_type="application/json")
@@ -113,13 +130,16 @@ def _end_streams_on_exit(hub: SubscriptionHub) -> None:
 @asynccontextmanager
 async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     settings = runtime.settings
+    # Every database read of the stream side goes through this one, bounded below the pool.
+    events = ThrottledEventLog(runtime.engine, settings.stream_db_slots)
     hub = SubscriptionHub(
-        runtime.transport, runtime.events, buffer=settings.client_buffer, sweep_interval=settings.poll_interval
+        runtime.transport, events, buffer=settings.client_buffer, sweep_interval=settings.poll_interval
     )
     await hub.start()
     _end_streams_on_exit(hub)
+    admission = StreamAdmission(settings.max_streams, settings.max_streams_per_license)
     try:
-        yield {"hub": hub}
+        yield {"hub": hub, "stream_events": events, "admission": admission}
     finally:
         await hub.close()
 

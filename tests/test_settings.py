@@ -16,6 +16,12 @@ def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:
     assert settings.poll_interval == 2.0
     assert settings.entitled_statuses == {"trialing", "active", "past_due"}
     assert settings.webhook_secrets == () and settings.token_secret is None
+    assert (settings.max_streams, settings.max_streams_per_license, settings.replay_limit) == (20_000, 10, 1000)
+
+
+def test_the_stream_reads_leave_connections_of_the_pool_to_the_webhook() -> None:
+    assert Settings.from_env({"DATABASE_POOL_SIZE": "10"}).stream_db_slots == 8
+    assert Settings.from_env({"DATABASE_POOL_SIZE": "1"}).stream_db_slots == 1
 
 
 def test_redis_url_selects_the_redis_transport() -> None:
@@ -46,6 +52,10 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"STREAM_TOKEN_SECRET": "short"}, "STREAM_TOKEN_SECRET"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"BROKER_DEV": "maybe"}, "BROKER_DEV"),
+        ({"STREAM_MAX_CONNECTIONS": "0"}, "STREAM_MAX_CONNECTIONS"),
+        ({"STREAM_MAX_CONNECTIONS": "lots"}, "STREAM_MAX_CONNECTIONS"),
+        ({"STREAM_MAX_PER_LICENSE": "1.5"}, "STREAM_MAX_PER_LICENSE"),
+        ({"STREAM_REPLAY_LIMIT": "-1"}, "STREAM_REPLAY_LIMIT"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
