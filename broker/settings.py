@@ -32,6 +32,11 @@ class Settings:
     poll_interval: float = 2.0
     webhook_secrets: tuple[str, ...] = ()
     token_secret: str | None = None
+    # Subscriber tokens: the longest lifetime accepted (seconds), and the `aud` / `iss` they must
+    # carry when set.
+    token_max_ttl: float = 30 * 86400.0
+    token_audience: str | None = None
+    token_issuer: str | None = None
     webhook_tolerance: int = 300
     heartbeat_interval: float = 15.0
     retry_ms: int = 2000
@@ -94,6 +99,9 @@ class Settings:
             poll_interval=_float(env, "BROKER_POLL_INTERVAL", 2.0, minimum=0.01),
             webhook_secrets=secrets,
             token_secret=token_secret,
+            token_max_ttl=_float(env, "STREAM_TOKEN_MAX_TTL", 30 * 86400.0, minimum=1),
+            token_audience=_str(env, "STREAM_TOKEN_AUDIENCE"),
+            token_issuer=_str(env, "STREAM_TOKEN_ISSUER"),
             webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
             heartbeat_interval=_float(env, "STREAM_HEARTBEAT_INTERVAL", 15.0, minimum=0.01),
             retry_ms=int(_float(env, "STREAM_RETRY_MS", 2000, minimum=0)),

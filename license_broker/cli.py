@@ -80,8 +80,7 @@ def _banner(args: argparse.Namespace) -> object:
             f"  transport: {settings.transport}",
         ]
         if settings.dev:
-            assert settings.token_secret is not None
-            token = tokens.mint(settings.token_secret, "lic_demo", ttl=7 * 86400)
+            token = tokens.mint_for(settings, "lic_demo", ttl=7 * 86400)
             lines += [
                 f"  development webhook secret: {settings.webhook_secrets[0]}",
                 "",
@@ -158,8 +157,12 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_stream()
-    assert settings.token_secret is not None
-    print(tokens.mint(settings.token_secret, args.license_id, ttl=args.ttl))
+    if not 0 < args.ttl <= settings.token_max_ttl:
+        print(f"license-broker: token: --ttl must be between 0 and STREAM_TOKEN_MAX_TTL ({settings.token_max_ttl:g} s)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # With STREAM_TOKEN_AUDIENCE / STREAM_TOKEN_ISSUER set, the token carries them: it must pass.
+    print(tokens.mint_for(settings, args.license_id, ttl=args.ttl))
     return 0
 
 

@@ -31,19 +31,26 @@ from stream.sse import EventStreamResponse
 log = logging.getLogger("stream")
 
 
-def _authorize(request: Request, license_id: str) -> Response | None:
-    """401 without a valid token, 403 for a token of another license."""
+def _unauthorized() -> Response:
+    # One body for every failure: which check failed (expired, forged, wrong audience) would tell
+    # whoever holds a token more than they need; the log has the reason.
+    return JSONResponse({"error": "invalid token"}, status_code=401, headers={"www-authenticate": "Bearer"})
+
+
+def _authorize(request: Request, license_id: str) -> tokens.Grant | Response:
+    """The grant, or 401 without a valid token, 403 for a token of another license."""
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
     if not token:
-        return JSONResponse({"error": "missing token"}, status_code=401, headers={"www-authenticate": "Bearer"})
+        return _unauthorized()
     try:
-        granted = tokens.verify(request.state.runtime.settings.token_secret, token)
+        grant = tokens.verify_for(request.state.runtime.settings, token)
     except tokens.InvalidToken as exc:
-        return JSONResponse({"error": f"invalid token: {exc}"}, status_code=401, headers={"www-authenticate": "Bearer"})
-    if granted != license_id:
+        log.info("token refused for license %r: %s", license_id, exc)
+        return _unauthorized()
+    if grant.license_id != license_id:
         return JSONResponse({"error": "token is for another license"}, status_code=403)
-    return None
+    return grant
 
 
 # What a seq can be (a BIGINT): at most 19 plain digits. int() alone would also take "+7", "1_0",
@@ -65,8 +72,9 @@ def _resume_point(request: Request) -> int | None:
 
 async def license_events(request: Request) -> Response:
     license_id = request.path_params["license_id"]
-    if (denied := _authorize(request, license_id)) is not None:
-        return denied
+    grant = _authorize(request, license_id)
+    if isinstance(grant, Response):
+        return grant
     try:
         last_seq = _resume_point(request)
     except ValueError:
@@ -82,13 +90,15 @@ async def license_events(request: Request) -> Response:
         metrics.STREAMS_REFUSED.labels(refused.limit).inc()
         headers = {"retry-after": str(refused.retry_after)}
         return JSONResponse({"error": refused.reason}, status_code=refused.status, headers=headers)
-    body = license_stream(request.state.stream_events, hub, runtime.settings, license_id, last_seq)
+    body = license_stream(
+        request.state.stream_events, hub, runtime.settings, license_id, last_seq, expires_at=grant.expires_at
+    )
     return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout, on_close=slot.release)
 
 
 async def license_state(request: Request) -> Response:
     license_id = request.path_params["license_id"]
-    if (denied := _authorize(request, license_id)) is not None:
+    if isinstance(denied := _authorize(request, license_id), Response):
         return denied
     events: EventLog = request.state.stream_events
     try:

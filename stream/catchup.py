@@ -37,13 +37,22 @@ class _Sender:
 
 
 async def license_stream(
-    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+    events: EventLog,
+    hub: SubscriptionHub,
+    settings: Settings,
+    license_id: str,
+    last_seq: int | None,
+    *,
+    expires_at: float | None = None,
 ) -> AsyncGenerator[bytes, None]:
+    """One client's stream. It ends by itself at `expires_at` (epoch seconds, the token's `exp`):
+    a stream must not outlive the token that opened it; the client reconnects with a fresh one."""
     yield b"retry: %d\n\n" % settings.retry_ms
     try:
         # aclosing: when the response closes this generator, the inner one (and its hub
         # subscription) is closed at once rather than whenever it is garbage-collected.
-        async with contextlib.aclosing(_events(events, hub, settings, license_id, last_seq)) as inner:
+        inner_events = _events(events, hub, settings, license_id, last_seq, _deadline(settings, expires_at))
+        async with contextlib.aclosing(inner_events) as inner:
             async for chunk in inner:
                 yield chunk
     except HubClosed:
@@ -91,13 +100,25 @@ async def _catch_up(
         yield chunk
 
 
-async def _events(
-    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
-) -> AsyncGenerator[bytes, None]:
-    deadline = None
+def _deadline(settings: Settings, expires_at: float | None) -> float | None:
+    """When the stream ends, on the monotonic clock: its token's expiry or its maximum lifetime."""
+    ends: list[float] = []
+    if expires_at is not None:
+        ends.append(time.monotonic() + (expires_at - time.time()))
     if settings.max_connection_lifetime:
         # Jittered, so that clients of a restarted fleet do not all come back in the same second.
-        deadline = time.monotonic() + settings.max_connection_lifetime * random.uniform(0.85, 1.0)
+        ends.append(time.monotonic() + settings.max_connection_lifetime * random.uniform(0.85, 1.0))
+    return min(ends, default=None)
+
+
+async def _events(
+    events: EventLog,
+    hub: SubscriptionHub,
+    settings: Settings,
+    license_id: str,
+    last_seq: int | None,
+    deadline: float | None,
+) -> AsyncGenerator[bytes, None]:
     async with hub.subscribe(license_id) as sub:
         # Subscribed first, read second: an event committed during the catch-up is either read
         # from the database or waiting in the queue, and `_Sender` drops the second copy.

@@ -56,6 +56,8 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"STREAM_MAX_CONNECTIONS": "lots"}, "STREAM_MAX_CONNECTIONS"),
         ({"STREAM_MAX_PER_LICENSE": "1.5"}, "STREAM_MAX_PER_LICENSE"),
         ({"STREAM_REPLAY_LIMIT": "-1"}, "STREAM_REPLAY_LIMIT"),
+        ({"STREAM_TOKEN_MAX_TTL": "0"}, "STREAM_TOKEN_MAX_TTL"),
+        ({"STREAM_TOKEN_MAX_TTL": "30d"}, "STREAM_TOKEN_MAX_TTL"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
