@@ -57,6 +57,10 @@ class Settings:
     # Rows of subscription_event_logs older than this are pruned (each license's latest row is
     # always kept); None keeps everything.
     event_log_retention_days: float | None = None
+    # /metrics on a port of its own (bound to metrics_host), or on the public port behind a Bearer token.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str | None = None
     dev: bool = False
 
     @classmethod
@@ -90,6 +94,9 @@ class Settings:
         statuses = frozenset(
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
+        metrics_token = _str(env, "METRICS_TOKEN")
+        if metrics_token is not None and len(metrics_token) < 16:
+            raise SettingsError("METRICS_TOKEN: must be at least 16 characters")
         lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
         retention = _float(env, "EVENT_LOG_RETENTION_DAYS", 0.0, minimum=0.0)
         return cls(
@@ -116,6 +123,9 @@ class Settings:
             entitled_statuses=statuses,
             max_connection_lifetime=lifetime or None,
             event_log_retention_days=retention or None,
+            metrics_port=_int(env, "METRICS_PORT", 0, minimum=1, maximum=65535) or None,
+            metrics_host=_str(env, "METRICS_HOST") or "127.0.0.1",
+            metrics_token=metrics_token,
             dev=dev,
         )
 
@@ -212,7 +222,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: expected true or false, got {value!r}")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
     value = _str(env, name)
     if value is None:
         return default
@@ -222,6 +232,8 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
         raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
     if number < minimum:
         raise SettingsError(f"{name}: must be at least {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise SettingsError(f"{name}: must be at most {maximum}, got {value!r}")
     return number
 
 

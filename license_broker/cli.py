@@ -105,14 +105,24 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _one_metrics_port_per_process(args: argparse.Namespace, settings: Settings) -> None:
+    if settings.metrics_port is not None and args.workers > 1:
+        # Every worker is a process with its own metrics, and only one can listen on the port.
+        raise SettingsError(
+            "METRICS_PORT: serves one process; run one worker per process (WEB_CONCURRENCY=1) or use METRICS_TOKEN"
+        )
+
+
 def cmd_webhook(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_webhook()
+    _one_metrics_port_per_process(args, settings)
     _server("license_broker.cli:webhook_app", args, factory=True)
     return 0
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_stream()
+    _one_metrics_port_per_process(args, settings)
     _server("license_broker.cli:stream_app", args, factory=True)
     return 0
 

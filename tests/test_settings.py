@@ -58,6 +58,9 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"STREAM_REPLAY_LIMIT": "-1"}, "STREAM_REPLAY_LIMIT"),
         ({"STREAM_TOKEN_MAX_TTL": "0"}, "STREAM_TOKEN_MAX_TTL"),
         ({"STREAM_TOKEN_MAX_TTL": "30d"}, "STREAM_TOKEN_MAX_TTL"),
+        ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
+        ({"METRICS_PORT": "metrics"}, "METRICS_PORT"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
