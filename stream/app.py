@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -22,6 +23,7 @@ from broker.eventlog import EventLog
 from broker.http import ops_routes, settings_from_env
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
+from broker.schema import licenses
 from broker.settings import Settings
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
@@ -31,6 +33,18 @@ from stream.sse import EventStreamResponse
 log = logging.getLogger("stream")
 
 
+# The longest id the licenses table holds; and Postgres text cannot hold NUL. A longer id, or one
+# with a NUL, names no license that can ever exist, and its query would be a database error (a 503).
+_ID_TYPE = licenses.c.id.type
+_MAX_LICENSE_ID = _ID_TYPE.length if isinstance(_ID_TYPE, sa.String) and _ID_TYPE.length else 200
+
+
+def _impossible_license(license_id: str) -> Response | None:
+    if len(license_id) > _MAX_LICENSE_ID or "\x00" in license_id:
+        return JSONResponse({"error": f"license id: at most {_MAX_LICENSE_ID} characters, no NUL"}, status_code=400)
+    return None
+
+
 def _unauthorized() -> Response:
     # One body for every failure: which check failed (expired, forged, wrong audience) would tell
     # whoever holds a token more than they need; the log has the reason.
@@ -38,7 +52,10 @@ def _unauthorized() -> Response:
 
 
 def _authorize(request: Request, license_id: str) -> tokens.Grant | Response:
-    """The grant, or 401 without a valid token, 403 for a token of another license."""
+    """The grant, or 401 without a valid token, 403 for a token of another license (400 for an
+    id no license can have)."""
+    if (impossible := _impossible_license(license_id)) is not None:
+        return impossible
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
     if not token:
