@@ -201,7 +201,9 @@ async def test_a_signed_body_of_any_shape_is_never_a_5xx(webhook: httpx.AsyncCli
     assert response.status_code < 500, response.text
 
 
-LICENSE_IDS = st.sampled_from(["lic_1", "lic_2"]) | st.text(min_size=1, max_size=300)
+LICENSE_IDS = st.sampled_from(["lic_1", "lic_2", "lic_\x00", "l" * 201, "é" * 200, "lic_1/..", "%00"]) | st.text(
+    min_size=1, max_size=300
+)
 CLAIM_VALUES = JSON | st.integers() | st.sampled_from([10**40, -1, 0, "9999999999", 1e308])
 
 
@@ -309,5 +311,19 @@ async def test_a_signed_event_with_a_nul_character_is_not_answered_5xx(webhook: 
 @pytest.mark.xfail(reason="a 503 until the webhook refuses a `created` beyond a BIGINT before its insert (webhook/)")
 async def test_a_signed_event_created_beyond_a_bigint_is_not_answered_5xx(webhook: httpx.AsyncClient) -> None:
     body = b'{"id":"evt_late","type":"invoice.paid","created":9223372036854775808,"data":{"object":{"id":"in_1"}}}'
+    response = await webhook.post("/api/stripe/webhooks", content=body, headers=signed_headers(body))
+    assert response.status_code < 500, response.text
+
+
+@pytest.mark.xfail(reason="a 503 until the webhook refuses ids longer than their columns before its insert (webhook/)")
+async def test_a_signed_event_with_ids_longer_than_their_columns_is_not_answered_5xx(
+    webhook: httpx.AsyncClient,
+) -> None:
+    # Stripe's metadata values may be 500 characters; licenses.id and the Stripe id columns hold 200.
+    obj = {"id": "sub_1", "object": "subscription", "status": "active", "customer": "cus_" + "c" * 300,
+           "metadata": {"license_id": "l" * 250}}  # fmt: skip
+    kind = "customer.subscription.updated"
+    event = {"id": "evt_long_ids", "type": kind, "created": 1_700_000_000, "data": {"object": obj}}
+    body = json.dumps(event).encode()
     response = await webhook.post("/api/stripe/webhooks", content=body, headers=signed_headers(body))
     assert response.status_code < 500, response.text

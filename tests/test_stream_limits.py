@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -180,3 +181,13 @@ async def test_the_largest_seq_as_resume_point_is_ahead_of_every_license_on_both
         async with http.stream("GET", events_url(url, license_id), headers=headers) as response:
             assert response.status_code == 200
             assert await ids(response.aiter_lines(), 1) == [0]
+
+
+async def test_a_license_id_no_license_can_have_is_400_not_a_database_error(pg_url: str) -> None:
+    async with serving(create_app(make_settings(pg_url))) as url, httpx.AsyncClient(timeout=10) as http:
+        for license_id in ("lic_\x00", "l" * 201):
+            for path in (f"/api/licenses/{quote(license_id)}/events", f"/api/licenses/{quote(license_id)}"):
+                response = await http.get(url + path, headers=auth(license_id))
+                assert response.status_code == 400, response.text
+        longest = "l" * 200
+        assert (await http.get(f"{url}/api/licenses/{longest}", headers=auth(longest))).status_code == 200
