@@ -223,7 +223,9 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                     results["ingest"].append(run_)
                     progress(f"  {run_['events_per_s']} events/s ({run_['errors']} errors)")
 
-        stream = Server("stream", env("redis"), logs / "stream-replay.log")
+        # The whole backlog replayed, not the current state that a client this far behind gets by default.
+        replay_env = {**env("redis"), "STREAM_REPLAY_LIMIT": str(config.replay_events)}
+        stream = Server("stream", replay_env, logs / "stream-replay.log")
         with running(stream):
             progress(f"replay: {config.replay_events} missed events, Last-Event-ID: 0")
             results["replay"] = await measure.replay(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import hmac
 import sys
 from collections.abc import Callable
 
@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker.db import ping
 from broker.runtime import Runtime
 from broker.settings import Settings, SettingsError
 
@@ -59,21 +58,30 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """503 without the database (nothing works); 200 "degraded" without the transport, because
-    the database sweep still delivers (within BROKER_POLL_INTERVAL)."""
+    """503 without the database; 200 "degraded" without the transport (see broker.readiness). The
+    answer may be up to a second old: a flood of probes costs one database check per second."""
     runtime: Runtime = request.state.runtime
-    try:
-        await asyncio.wait_for(ping(runtime.engine), 5)
-        database = "ok"
-    except Exception:
-        database = "unavailable"
-    transport = "ok" if await runtime.transport.check() else "unavailable"
-    status = "ok" if database == transport == "ok" else ("unavailable" if database != "ok" else "degraded")
-    body = {"status": status, "database": database, "transport": transport, "transport_name": runtime.transport.name}
-    return JSONResponse(body, status_code=503 if database != "ok" else 200)
+    ready = await runtime.readiness.check()
+    body = {
+        "status": ready.status,
+        "database": "ok" if ready.database else "unavailable",
+        "transport": "ok" if ready.transport else "unavailable",
+        "transport_name": ready.transport_name,
+    }
+    return JSONResponse(body, status_code=503 if ready.status == "unavailable" else 200)
 
 
 async def metrics(request: Request) -> Response:
+    settings: Settings = request.state.runtime.settings
+    if settings.metrics_port is not None:
+        # Served on METRICS_PORT instead (broker.metrics_server), never on the public port.
+        return JSONResponse({"error": "not found"}, status_code=404)
+    if settings.metrics_token is not None:
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        # Constant time: the comparison must not tell how much of a guess was right.
+        if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
+            return JSONResponse({"error": "invalid token"}, status_code=401, headers={"www-authenticate": "Bearer"})
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -27,6 +27,17 @@ PUBLISH_FAILURES = Counter("license_broker_publish_failures_total", "Publishes t
 OPEN_STREAMS = Gauge("license_broker_open_streams", "SSE connections open in this process")
 DELIVERED = Counter("license_broker_events_delivered_total", "Events written to SSE clients")
 REPLAYED = Counter("license_broker_events_replayed_total", "Events sent from the database on catch-up or gap fill")
+STREAMS_REFUSED = Counter(
+    "license_broker_streams_refused_total",
+    "New streams refused: 503 for a full process (capacity), 429 for a license over its limit (license)",
+    ["limit"],
+)
+for _limit in ("capacity", "license"):
+    STREAMS_REFUSED.labels(_limit)
+RESYNCED = Counter(
+    "license_broker_stream_resyncs_total",
+    "Resuming clients sent the current state instead of a replay (further behind than STREAM_REPLAY_LIMIT, or ahead)",
+)
 SLOW_CLIENTS = Counter("license_broker_slow_clients_total", "Clients disconnected for not reading fast enough")
 SWEPT_EVENTS = Counter("license_broker_swept_events_total", "Events the database sweep found that the transport missed")
 SWEEP_FAILURES = Counter("license_broker_sweep_failures_total", "Database sweeps that failed")

@@ -10,6 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import create_engine, migrate
 from broker.eventlog import EventLog
+from broker.metrics_server import metrics_server
+from broker.readiness import ReadinessProbe
 from broker.settings import Settings
 from broker.transports import Transport, create_transport
 
@@ -20,6 +22,7 @@ class Runtime:
     engine: AsyncEngine
     events: EventLog
     transport: Transport
+    readiness: ReadinessProbe
 
 
 @asynccontextmanager
@@ -32,7 +35,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         transport = create_transport(settings, events)
         await transport.connect()
         try:
-            yield Runtime(settings, engine, events, transport)
+            with metrics_server(settings):
+                yield Runtime(settings, engine, events, transport, ReadinessProbe(engine, transport))
         finally:
             await transport.close()
     finally:

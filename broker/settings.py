@@ -37,12 +37,22 @@ class Settings:
     token_secret: str | None = None
     # During a rotation: still verify, never sign (STREAM_TOKEN_SECRET=new,old).
     previous_token_secrets: tuple[str, ...] = ()
+    # Subscriber tokens: the longest lifetime accepted (seconds), and the `aud` / `iss` they must
+    # carry when set.
+    token_max_ttl: float = 30 * 86400.0
+    token_audience: str | None = None
+    token_issuer: str | None = None
     webhook_tolerance: int = 300
     heartbeat_interval: float = 15.0
     retry_ms: int = 2000
     client_buffer: int = 256
     send_timeout: float = 30.0
     replay_batch: int = 500
+    # Admission: open streams per process (503 beyond) and per license in one process (429 beyond).
+    max_streams: int = 20_000
+    max_streams_per_license: int = 10
+    # A client further behind than this many events gets the license's current state instead.
+    replay_limit: int = 1000
     db_pool_size: int = 10
     # psycopg prepares a statement after 5 executions; PgBouncer in transaction mode (before 1.21,
     # or without max_prepared_statements) cannot follow them from one server connection to the next.
@@ -63,6 +73,10 @@ class Settings:
     stripe_api_base: str | None = None
     # Stripe's events are a few KiB; a larger body is refused (413) before it is buffered.
     webhook_max_body: int = 256 * 1024
+    # /metrics on a port of its own (bound to metrics_host), or on the public port behind a Bearer token.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str | None = None
     dev: bool = False
 
     @classmethod
@@ -113,6 +127,9 @@ class Settings:
         api_base = _str(env, "STRIPE_API_BASE")
         if api_base is not None and not api_base.startswith(("http://", "https://")):
             raise SettingsError("STRIPE_API_BASE: expected an http(s) URL")
+        metrics_token = _str(env, "METRICS_TOKEN")
+        if metrics_token is not None and len(metrics_token) < 16:
+            raise SettingsError("METRICS_TOKEN: must be at least 16 characters")
         lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
         retention = _float(env, "EVENT_LOG_RETENTION_DAYS", 0.0, minimum=0.0)
         return cls(
@@ -123,12 +140,18 @@ class Settings:
             webhook_secrets=secrets,
             token_secret=token_secret,
             previous_token_secrets=tuple(token_secrets[1:]),
+            token_max_ttl=_float(env, "STREAM_TOKEN_MAX_TTL", 30 * 86400.0, minimum=1),
+            token_audience=_str(env, "STREAM_TOKEN_AUDIENCE"),
+            token_issuer=_str(env, "STREAM_TOKEN_ISSUER"),
             webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
             heartbeat_interval=_float(env, "STREAM_HEARTBEAT_INTERVAL", 15.0, minimum=0.01),
             retry_ms=int(_float(env, "STREAM_RETRY_MS", 2000, minimum=0)),
             client_buffer=int(_float(env, "STREAM_CLIENT_BUFFER", 256, minimum=1)),
             send_timeout=_float(env, "STREAM_SEND_TIMEOUT", 30.0, minimum=0.01),
             replay_batch=int(_float(env, "STREAM_REPLAY_BATCH", 500, minimum=1)),
+            max_streams=_int(env, "STREAM_MAX_CONNECTIONS", 20_000, minimum=1),
+            max_streams_per_license=_int(env, "STREAM_MAX_PER_LICENSE", 10, minimum=1),
+            replay_limit=_int(env, "STREAM_REPLAY_LIMIT", 1000, minimum=0),
             db_pool_size=int(_float(env, "DATABASE_POOL_SIZE", 10, minimum=1)),
             db_prepared_statements=_bool(env, "DATABASE_PREPARED_STATEMENTS", True),
             entitled_statuses=statuses,
@@ -140,6 +163,9 @@ class Settings:
             stripe_api_key=api_key,
             stripe_api_base=api_base,
             webhook_max_body=int(_float(env, "WEBHOOK_MAX_BODY", 256 * 1024, minimum=1024)),
+            metrics_port=_int(env, "METRICS_PORT", 0, minimum=1, maximum=65535) or None,
+            metrics_host=_str(env, "METRICS_HOST") or "127.0.0.1",
+            metrics_token=metrics_token,
             dev=dev,
         )
 
@@ -171,6 +197,12 @@ class Settings:
             raise SettingsError(f"BROKER_DEV: development mode serves on a loopback host only, not --host {host}")
         if not self.is_sqlite:
             raise SettingsError("BROKER_DEV: development mode needs an SQLite DATABASE_URL, never production")
+
+    def stream_db_slots(self) -> int:
+        """How many database connections the stream side may use at once (catch-up, gap fills,
+        the sweep): two fewer than the pool, so that under `serve` a reconnect storm leaves
+        connections to the webhook (and /readyz) instead of queueing them behind thousands of reads."""
+        return max(1, self.db_pool_size - 2)
 
     @property
     def is_sqlite(self) -> bool:
@@ -272,6 +304,21 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}: expected true or false, got {value!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    value = _str(env, name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise SettingsError(f"{name}: must be at most {maximum}, got {value!r}")
+    return number
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:

@@ -5,32 +5,84 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jwt
 
+from broker.settings import Settings
+
 ALGORITHM = "HS256"
+# The minting machine's clock may run ahead of ours: a token minted for exactly the maximum
+# lifetime there is still accepted here.
+CLOCK_SKEW = 60
 
 
 class InvalidToken(Exception):
-    pass
+    """The reason is for the log only: a client is told `invalid token`, never which check failed."""
 
 
-def mint(secret: str, license_id: str, ttl: float = 3600.0) -> str:
+@dataclass(frozen=True, slots=True)
+class Grant:
+    license_id: str
+    expires_at: float  # epoch seconds: the stream ends then, and the client reconnects with a fresh token
+
+
+def mint(
+    secret: str, license_id: str, ttl: float = 3600.0, *, audience: str | None = None, issuer: str | None = None
+) -> str:
     now = int(time.time())
-    return jwt.encode({"sub": license_id, "iat": now, "exp": now + int(ttl)}, secret, algorithm=ALGORITHM)
+    claims: dict[str, object] = {"sub": license_id, "iat": now, "exp": now + int(ttl)}
+    if audience is not None:
+        claims["aud"] = audience
+    if issuer is not None:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def verify(secrets: str | Sequence[str], token: str) -> str:
-    """The license id the token grants, or InvalidToken. Several secrets during a rotation: the
-    token may be signed with any of them."""
-    keys = [secrets] if isinstance(secrets, str) else list(secrets)
-    for key in keys:
+def mint_for(settings: Settings, license_id: str, ttl: float) -> str:
+    """A token this broker accepts: its audience and issuer, at most its maximum lifetime."""
+    assert settings.token_secret is not None
+    ttl = min(ttl, settings.token_max_ttl)
+    return mint(settings.token_secret, license_id, ttl, audience=settings.token_audience, issuer=settings.token_issuer)
+
+
+def verify(
+    secrets: str | Sequence[str],
+    token: str,
+    *,
+    max_ttl: float | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> Grant:
+    """What the token grants, or InvalidToken. `exp` and `sub` are required; `aud` and `iss` too
+    when an audience or issuer is configured; an `exp` further away than `max_ttl` is refused,
+    so that a leaked token cannot be one that never expires. Several secrets during a rotation:
+    the token may be signed with any of them."""
+    required = ["exp", "sub", *(["aud"] if audience else []), *(["iss"] if issuer else [])]
+    for key in [secrets] if isinstance(secrets, str) else list(secrets):
         try:
-            claims = jwt.decode(token, key, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
-            return str(claims["sub"])
+            claims = jwt.decode(
+                token, key, algorithms=[ALGORITHM], audience=audience, issuer=issuer, options={"require": required}
+            )
+            break
         except jwt.InvalidSignatureError:
             # The signature is checked before any claim: only this error means "another key".
             continue
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from None
-    raise InvalidToken("Signature verification failed")
+    else:
+        raise InvalidToken("Signature verification failed")
+    expires_at = int(claims["exp"])  # PyJWT has checked that it is an integer in the future
+    if max_ttl is not None and expires_at > time.time() + max_ttl + CLOCK_SKEW:
+        raise InvalidToken(f"expires more than {max_ttl:g} s from now (STREAM_TOKEN_MAX_TTL)")
+    return Grant(str(claims["sub"]), float(min(expires_at, 2**62)))  # any int PyJWT took fits a float
+
+
+def verify_for(settings: Settings, token: str) -> Grant:
+    return verify(
+        settings.token_secrets,
+        token,
+        max_ttl=settings.token_max_ttl,
+        audience=settings.token_audience,
+        issuer=settings.token_issuer,
+    )

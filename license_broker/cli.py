@@ -80,8 +80,7 @@ def _banner(args: argparse.Namespace) -> object:
             f"  transport: {settings.transport}",
         ]
         if settings.dev:
-            assert settings.token_secret is not None
-            token = tokens.mint(settings.token_secret, "lic_demo", ttl=7 * 86400)
+            token = tokens.mint_for(settings, "lic_demo", ttl=7 * 86400)
             lines += [
                 f"  development webhook secret: {settings.webhook_secrets[0]}",
                 "",
@@ -106,14 +105,24 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _one_metrics_port_per_process(args: argparse.Namespace, settings: Settings) -> None:
+    if settings.metrics_port is not None and args.workers > 1:
+        # Every worker is a process with its own metrics, and only one can listen on the port.
+        raise SettingsError(
+            "METRICS_PORT: serves one process; run one worker per process (WEB_CONCURRENCY=1) or use METRICS_TOKEN"
+        )
+
+
 def cmd_webhook(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_webhook()
+    _one_metrics_port_per_process(args, settings)
     _server("license_broker.cli:webhook_app", args, factory=True)
     return 0
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_stream()
+    _one_metrics_port_per_process(args, settings)
     _server("license_broker.cli:stream_app", args, factory=True)
     return 0
 
@@ -158,8 +167,12 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_stream()
-    assert settings.token_secret is not None
-    print(tokens.mint(settings.token_secret, args.license_id, ttl=args.ttl))
+    if not 0 < args.ttl <= settings.token_max_ttl:
+        print(f"license-broker: token: --ttl must be between 0 and STREAM_TOKEN_MAX_TTL ({settings.token_max_ttl:g} s)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # With STREAM_TOKEN_AUDIENCE / STREAM_TOKEN_ISSUER set, the token carries them: it must pass.
+    print(tokens.mint_for(settings, args.license_id, ttl=args.ttl))
     return 0
 
 

@@ -69,8 +69,7 @@ async def dev_token(request: Request) -> Response:
     if license_id is None:
         return _bad("license_id: letters, digits and _.:- (at most 100)")
     runtime: Runtime = request.state.runtime
-    assert runtime.settings.token_secret is not None
-    token = tokens.mint(runtime.settings.token_secret, license_id, ttl=TOKEN_TTL)
+    token = tokens.mint_for(runtime.settings, license_id, ttl=TOKEN_TTL)
     return JSONResponse({"license_id": license_id, "token": token, "expires_in": TOKEN_TTL})
 
 

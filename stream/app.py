@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -16,47 +18,80 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import tokens
+from broker import metrics, tokens
+from broker.eventlog import EventLog
 from broker.http import ops_routes, settings_from_env
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
+from broker.schema import licenses
 from broker.settings import Settings
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
+from stream.limits import StreamAdmission, StreamRefused, ThrottledEventLog
 from stream.sse import EventStreamResponse
 
 log = logging.getLogger("stream")
 
 
-def _authorize(request: Request, license_id: str) -> Response | None:
-    """401 without a valid token, 403 for a token of another license."""
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
-    if not token:
-        return JSONResponse({"error": "missing token"}, status_code=401, headers={"www-authenticate": "Bearer"})
-    try:
-        granted = tokens.verify(request.state.runtime.settings.token_secrets, token)
-    except tokens.InvalidToken as exc:
-        return JSONResponse({"error": f"invalid token: {exc}"}, status_code=401, headers={"www-authenticate": "Bearer"})
-    if granted != license_id:
-        return JSONResponse({"error": "token is for another license"}, status_code=403)
+# The longest id the licenses table holds; and Postgres text cannot hold NUL. A longer id, or one
+# with a NUL, names no license that can ever exist, and its query would be a database error (a 503).
+_ID_TYPE = licenses.c.id.type
+_MAX_LICENSE_ID = _ID_TYPE.length if isinstance(_ID_TYPE, sa.String) and _ID_TYPE.length else 200
+
+
+def _impossible_license(license_id: str) -> Response | None:
+    if len(license_id) > _MAX_LICENSE_ID or "\x00" in license_id:
+        return JSONResponse({"error": f"license id: at most {_MAX_LICENSE_ID} characters, no NUL"}, status_code=400)
     return None
 
 
+def _unauthorized() -> Response:
+    # One body for every failure: which check failed (expired, forged, wrong audience) would tell
+    # whoever holds a token more than they need; the log has the reason.
+    return JSONResponse({"error": "invalid token"}, status_code=401, headers={"www-authenticate": "Bearer"})
+
+
+def _authorize(request: Request, license_id: str) -> tokens.Grant | Response:
+    """The grant, or 401 without a valid token, 403 for a token of another license (400 for an
+    id no license can have)."""
+    if (impossible := _impossible_license(license_id)) is not None:
+        return impossible
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
+    if not token:
+        return _unauthorized()
+    try:
+        grant = tokens.verify_for(request.state.runtime.settings, token)
+    except tokens.InvalidToken as exc:
+        log.info("token refused for license %r: %s", license_id, exc)
+        return _unauthorized()
+    if grant.license_id != license_id:
+        return JSONResponse({"error": "token is for another license"}, status_code=403)
+    return grant
+
+
+# What a seq can be (a BIGINT): at most 19 plain digits. int() alone would also take "+7", "1_0",
+# padded or non-ASCII digits, and numbers no database column can hold.
+_SEQ = re.compile(r"[0-9]{1,19}")
+_MAX_SEQ = 2**63 - 1
+
+
 def _resume_point(request: Request) -> int | None:
+    """The Last-Event-ID header, else ?lastEventId=; absent or empty: no resume point. Anything
+    but a seq (0 to 2^63-1) is a ValueError, answered 400."""
     raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     if raw is None or raw.strip() == "":
         return None
-    value = int(raw)  # ValueError -> 400 in the caller
-    if value < 0:
+    if not _SEQ.fullmatch(raw.strip()) or int(raw) > _MAX_SEQ:
         raise ValueError(raw)
-    return value
+    return int(raw)
 
 
 async def license_events(request: Request) -> Response:
     license_id = request.path_params["license_id"]
-    if (denied := _authorize(request, license_id)) is not None:
-        return denied
+    grant = _authorize(request, license_id)
+    if isinstance(grant, Response):
+        return grant
     try:
         last_seq = _resume_point(request)
     except ValueError:
@@ -65,17 +100,26 @@ async def license_events(request: Request) -> Response:
     hub: SubscriptionHub = request.state.hub
     if hub.closing:
         return JSONResponse({"error": "shutting down"}, status_code=503, headers={"retry-after": "1"})
-    body = license_stream(runtime.events, hub, runtime.settings, license_id, last_seq)
-    return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout)
+    admission: StreamAdmission = request.state.admission
+    try:
+        slot = admission.admit(license_id)
+    except StreamRefused as refused:
+        metrics.STREAMS_REFUSED.labels(refused.limit).inc()
+        headers = {"retry-after": str(refused.retry_after)}
+        return JSONResponse({"error": refused.reason}, status_code=refused.status, headers=headers)
+    body = license_stream(
+        request.state.stream_events, hub, runtime.settings, license_id, last_seq, expires_at=grant.expires_at
+    )
+    return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout, on_close=slot.release)
 
 
 async def license_state(request: Request) -> Response:
     license_id = request.path_params["license_id"]
-    if (denied := _authorize(request, license_id)) is not None:
+    if isinstance(denied := _authorize(request, license_id), Response):
         return denied
-    runtime: Runtime = request.state.runtime
+    events: EventLog = request.state.stream_events
     try:
-        current = await runtime.events.current(license_id)
+        current = await events.current(license_id)
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
     return Response(current.data, media_type="application/json")
@@ -113,13 +157,16 @@ def _end_streams_on_exit(hub: SubscriptionHub) -> None:
 @asynccontextmanager
 async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     settings = runtime.settings
+    # Every database read of the stream side goes through this one, bounded below the pool.
+    events = ThrottledEventLog(runtime.engine, settings.stream_db_slots)
     hub = SubscriptionHub(
-        runtime.transport, runtime.events, buffer=settings.client_buffer, sweep_interval=settings.poll_interval
+        runtime.transport, events, buffer=settings.client_buffer, sweep_interval=settings.poll_interval
     )
     await hub.start()
     _end_streams_on_exit(hub)
+    admission = StreamAdmission(settings.max_streams, settings.max_streams_per_license)
     try:
-        yield {"hub": hub}
+        yield {"hub": hub, "stream_events": events, "admission": admission}
     finally:
         await hub.close()
 

@@ -37,13 +37,22 @@ class _Sender:
 
 
 async def license_stream(
-    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+    events: EventLog,
+    hub: SubscriptionHub,
+    settings: Settings,
+    license_id: str,
+    last_seq: int | None,
+    *,
+    expires_at: float | None = None,
 ) -> AsyncGenerator[bytes, None]:
+    """One client's stream. It ends by itself at `expires_at` (epoch seconds, the token's `exp`):
+    a stream must not outlive the token that opened it; the client reconnects with a fresh one."""
     yield b"retry: %d\n\n" % settings.retry_ms
     try:
         # aclosing: when the response closes this generator, the inner one (and its hub
         # subscription) is closed at once rather than whenever it is garbage-collected.
-        async with contextlib.aclosing(_events(events, hub, settings, license_id, last_seq)) as inner:
+        inner_events = _events(events, hub, settings, license_id, last_seq, _deadline(settings, expires_at))
+        async with contextlib.aclosing(inner_events) as inner:
             async for chunk in inner:
                 yield chunk
     except HubClosed:
@@ -54,29 +63,69 @@ async def license_stream(
         log.warning("stream for %s ended, database unavailable: %s", license_id, exc)
 
 
-async def _events(
-    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+async def _catch_up(
+    events: EventLog, settings: Settings, license_id: str, last_seq: int | None, sender: _Sender
 ) -> AsyncGenerator[bytes, None]:
-    deadline = None
-    if settings.max_connection_lifetime:
-        # Jittered, so that clients of a restarted fleet do not all come back in the same second.
-        deadline = time.monotonic() + settings.max_connection_lifetime * random.uniform(0.85, 1.0)
-    async with hub.subscribe(license_id) as sub:
-        # Subscribed first, replayed second: an event committed during the replay is either read
-        # from the database or waiting in the queue, and `_Sender` drops the second copy.
-        if last_seq is None:
-            current = await events.current(license_id)
-            sender = _Sender(current.seq - 1)
-            chunk = sender.take(current)
-            del current  # an idle stream holds nothing it has sent (memory per connection)
-            assert chunk is not None
-            yield chunk
-        else:
-            sender = _Sender(last_seq)
-            async for event in events.replay(license_id, last_seq, settings.replay_batch):
+    """Everything the client lacks, up to the license's current state (read first, one query).
+
+    Without a resume point, the current state. With one, the events after it, in order, unless the
+    client is further behind than STREAM_REPLAY_LIMIT or claims a seq the license has not reached
+    (a database restored from a backup, a forged header): then the current state too, with its
+    own seq as id. A state event is complete (status, entitlement, features), so a client that
+    skips the events in between lacks nothing it needs to lock or unlock, and the replay a client
+    can ask for stays bounded. A client ahead of the license would otherwise skip every live event
+    up to its own number."""
+    current = await events.current(license_id)
+    behind = None if last_seq is None else current.seq - last_seq
+    replaying = behind is not None and 0 <= behind <= settings.replay_limit
+    if not replaying:
+        if behind is not None:
+            metrics.RESYNCED.inc()
+        sender.sent = current.seq - 1
+    else:
+        assert last_seq is not None
+        sender.sent = last_seq
+        # The events before the current one, in batches: a large backlog holds no connection long.
+        while sender.sent < current.seq - 1:
+            batch = await events.read(license_id, sender.sent, before=current.seq, limit=settings.replay_batch)
+            for event in batch:
                 if (chunk := sender.take(event)) is not None:
                     metrics.REPLAYED.inc()
                     yield chunk
+            if len(batch) < settings.replay_batch:
+                break  # rows pruned by EVENT_LOG_RETENTION_DAYS: the current state follows
+    if (chunk := sender.take(current)) is not None:
+        if replaying:
+            metrics.REPLAYED.inc()
+        yield chunk
+
+
+def _deadline(settings: Settings, expires_at: float | None) -> float | None:
+    """When the stream ends, on the monotonic clock: its token's expiry or its maximum lifetime."""
+    ends: list[float] = []
+    if expires_at is not None:
+        ends.append(time.monotonic() + (expires_at - time.time()))
+    if settings.max_connection_lifetime:
+        # Jittered, so that clients of a restarted fleet do not all come back in the same second.
+        ends.append(time.monotonic() + settings.max_connection_lifetime * random.uniform(0.85, 1.0))
+    return min(ends, default=None)
+
+
+async def _events(
+    events: EventLog,
+    hub: SubscriptionHub,
+    settings: Settings,
+    license_id: str,
+    last_seq: int | None,
+    deadline: float | None,
+) -> AsyncGenerator[bytes, None]:
+    async with hub.subscribe(license_id) as sub:
+        # Subscribed first, read second: an event committed during the catch-up is either read
+        # from the database or waiting in the queue, and `_Sender` drops the second copy.
+        sender = _Sender(-1)
+        async with contextlib.aclosing(_catch_up(events, settings, license_id, last_seq, sender)) as catch_up:
+            async for caught_up in catch_up:
+                yield caught_up
         while True:
             timeout = settings.heartbeat_interval
             if deadline is not None:

@@ -51,6 +51,8 @@ class LicenseClient:
         self.connections = 0
         self._http = http
         self._retry: float | None = None
+        # The Retry-After of a 429 or 503 (a server or a license at its stream limit).
+        self._retry_after: float | None = None
 
     def _headers(self) -> dict[str, str]:
         token = self.token() if callable(self.token) else self.token
@@ -66,6 +68,8 @@ class LicenseClient:
             async with aconnect_sse(http, "GET", self.url, headers=self._headers()) as source:
                 if source.response.status_code in (401, 403):
                     raise Unauthorized(f"{source.response.status_code} from {self.url}")
+                if source.response.status_code in (429, 503):
+                    self._retry_after = _seconds(source.response.headers.get("retry-after"))
                 source.response.raise_for_status()
                 self.connections += 1
                 async for sse in source.aiter_sse():
@@ -87,10 +91,11 @@ class LicenseClient:
 
         The server's `retry:` hint (else `min_backoff`) doubles with each failure up to
         `max_backoff`, then "equal jitter" takes between half and all of it: never sooner than
-        half the hint, and a fleet of clients cut off together does not return in one burst."""
+        half the hint, and a fleet of clients cut off together does not return in one burst.
+        After a 429 or 503, never sooner than its Retry-After."""
         base = self._retry if self._retry is not None else self.min_backoff
         ceiling = min(base * 2.0 ** (failures - 1), self.max_backoff)
-        return ceiling * random.uniform(0.5, 1.0)
+        return max(ceiling * random.uniform(0.5, 1.0), self._retry_after or 0.0)
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         failures = 0
@@ -107,10 +112,21 @@ class LicenseClient:
             # A connection that stayed up a while was healthy, events or not (a resumed stream
             # may carry none): its end starts the backoff afresh.
             failures = 1 if time.monotonic() - started > self.max_backoff else failures + 1
-            await asyncio.sleep(self.reconnect_delay(failures))
+            delay = self.reconnect_delay(failures)
+            self._retry_after = None
+            await asyncio.sleep(delay)
 
     async def run(self, on_event: Callable[[dict[str, Any]], Awaitable[None] | None]) -> None:
         async for event in self:
             result = on_event(event)
             if result is not None:
                 await result
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After in seconds (the broker never sends the HTTP-date form), capped at an hour."""
+    try:
+        value = float(retry_after) if retry_after else -1.0
+    except ValueError:
+        return None
+    return min(value, 3600.0) if value >= 0 else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response
@@ -32,9 +32,18 @@ PING = b": ping\n\n"
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncGenerator[bytes, None], *, send_timeout: float) -> None:
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        send_timeout: float,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.stream = body
         self.send_timeout = send_timeout
+        # Runs however the response ends, even when the body never started (a client gone
+        # before the first send): what admitted the stream is released here.
+        self.on_close = on_close
         self.status_code = 200
         self.background: BackgroundTask | None = None
 
@@ -83,5 +92,7 @@ class EventStreamResponse(Response):
                 await self.stream.aclose()
             finally:
                 metrics.OPEN_STREAMS.dec()
+                if self.on_close is not None:
+                    self.on_close()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher

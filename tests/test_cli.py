@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 
 from broker import tokens
+from broker.settings import Settings
 from stream.client import LicenseClient
 from tests.conftest import ADMIN_URL, ROOT, TOKEN_SECRET, Process, _psycopg_connect, wait_until
 
@@ -56,7 +57,19 @@ def test_migrate_against_an_unreachable_database_fails_with_one_line() -> None:
 def test_token_prints_a_jwt_for_the_license() -> None:
     result = cli("token", "lic_42", "--ttl", "60", env={"STREAM_TOKEN_SECRET": TOKEN_SECRET})
     assert result.returncode == 0
-    assert tokens.verify(TOKEN_SECRET, result.stdout.strip()) == "lic_42"
+    assert tokens.verify(TOKEN_SECRET, result.stdout.strip()).license_id == "lic_42"
+
+
+def test_token_mints_what_the_stream_accepts_with_an_audience_an_issuer_and_a_maximum_lifetime() -> None:
+    env = {"STREAM_TOKEN_SECRET": TOKEN_SECRET, "STREAM_TOKEN_AUDIENCE": "licenses", "STREAM_TOKEN_ISSUER": "shop",
+           "STREAM_TOKEN_MAX_TTL": "600"}  # fmt: skip
+    result = cli("token", "lic_42", "--ttl", "600", env=env)
+    assert result.returncode == 0, result.stderr
+    settings = Settings.from_env(env)
+    assert tokens.verify_for(settings, result.stdout.strip()).license_id == "lic_42"
+    too_long = cli("token", "lic_42", "--ttl", "601", env=env)
+    assert too_long.returncode == 2
+    assert too_long.stderr.strip() == "license-broker: token: --ttl must be between 0 and STREAM_TOKEN_MAX_TTL (600 s)"
 
 
 def test_token_without_a_secret_names_the_setting() -> None:

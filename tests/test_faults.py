@@ -295,7 +295,8 @@ async def test_every_lost_message_arrives_through_the_sweep_even_beside_a_client
     waiting = None
     try:
         await anext(liar)
-        waiting = asyncio.create_task(anext(liar))  # replays nothing, then waits for live events
+        assert seq_of(await anext(liar)) == 0  # brought back to the license's current state
+        waiting = asyncio.create_task(anext(liar))  # then waits for live events
         await async_wait_until(lambda: license_id in hub._sweep.known, what="the sweep to follow")  # type: ignore[union-attr]
         topic = hub._topics[license_id]
         await async_wait_until(lambda: any(sub.queue._getters for sub in topic.subs), what="the liar to wait live")  # type: ignore[attr-defined]
@@ -304,6 +305,8 @@ async def test_every_lost_message_arrives_through_the_sweep_even_beside_a_client
         for _ in range(3):
             await transport_publish_lost(engine, hub, license_id)
         assert [seq_of(await asyncio.wait_for(anext(honest), 5)) for _ in range(3)] == [1, 2, 3]
+        assert seq_of(await asyncio.wait_for(waiting, 5)) == 1
+        assert [seq_of(await asyncio.wait_for(anext(liar), 5)) for _ in range(2)] == [2, 3]
     finally:
         if waiting is not None:
             waiting.cancel()

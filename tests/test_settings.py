@@ -20,6 +20,12 @@ def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:
     assert settings.entitled_statuses == {"trialing", "active", "past_due"}
     assert settings.webhook_secrets == () and settings.token_secret is None
     assert settings.webhook_max_body == 256 * 1024
+    assert (settings.max_streams, settings.max_streams_per_license, settings.replay_limit) == (20_000, 10, 1000)
+
+
+def test_the_stream_reads_leave_connections_of_the_pool_to_the_webhook() -> None:
+    assert Settings.from_env({"DATABASE_POOL_SIZE": "10"}).stream_db_slots == 8
+    assert Settings.from_env({"DATABASE_POOL_SIZE": "1"}).stream_db_slots == 1
 
 
 def test_redis_url_selects_the_redis_transport() -> None:
@@ -52,6 +58,15 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"BROKER_DEV": "maybe"}, "BROKER_DEV"),
         ({"WEBHOOK_MAX_BODY": "lots"}, "WEBHOOK_MAX_BODY"),
         ({"WEBHOOK_MAX_BODY": "10"}, "WEBHOOK_MAX_BODY"),
+        ({"STREAM_MAX_CONNECTIONS": "0"}, "STREAM_MAX_CONNECTIONS"),
+        ({"STREAM_MAX_CONNECTIONS": "lots"}, "STREAM_MAX_CONNECTIONS"),
+        ({"STREAM_MAX_PER_LICENSE": "1.5"}, "STREAM_MAX_PER_LICENSE"),
+        ({"STREAM_REPLAY_LIMIT": "-1"}, "STREAM_REPLAY_LIMIT"),
+        ({"STREAM_TOKEN_MAX_TTL": "0"}, "STREAM_TOKEN_MAX_TTL"),
+        ({"STREAM_TOKEN_MAX_TTL": "30d"}, "STREAM_TOKEN_MAX_TTL"),
+        ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
+        ({"METRICS_PORT": "metrics"}, "METRICS_PORT"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:

@@ -1,0 +1,112 @@
+"""/metrics off the public port (METRICS_PORT) or behind METRICS_TOKEN; /readyz from a result at
+most a second old."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+import broker.readiness
+from broker.readiness import ReadinessProbe
+from broker.transports.memory import MemoryTransport
+from license_broker.embedded import create_app
+from tests.conftest import ROOT, free_port, make_settings, serving
+from webhook.app import create_app as create_webhook_app
+
+METRICS_TOKEN = "metrics-token-0123456789"
+
+
+async def test_with_a_metrics_port_metrics_leave_the_public_port_and_the_port_closes_with_the_app(
+    pg_url: str,
+) -> None:
+    port = free_port()
+    settings = make_settings(pg_url, metrics_port=port)
+    for app in (create_app(settings), create_webhook_app(settings)):
+        async with serving(app) as url, httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/metrics")).status_code == 404
+            private = await http.get(f"http://127.0.0.1:{port}/metrics")
+            assert private.status_code == 200
+            assert "license_broker_webhooks_total" in private.text
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(httpx.ConnectError):  # released: the next app (or a restart) can take it
+                await http.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+async def test_with_a_metrics_token_metrics_answer_only_its_bearer(pg_url: str) -> None:
+    app = create_app(make_settings(pg_url, metrics_token=METRICS_TOKEN))
+    async with serving(app) as url, httpx.AsyncClient() as http:
+        assert (await http.get(f"{url}/metrics")).status_code == 401
+        wrong = await http.get(f"{url}/metrics", headers={"authorization": "Bearer metrics-token-0123456788"})
+        assert (wrong.status_code, wrong.json()) == (401, {"error": "invalid token"})
+        right = await http.get(f"{url}/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+        assert right.status_code == 200 and "license_broker_open_streams" in right.text
+
+
+def test_a_metrics_port_with_several_workers_is_refused_with_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "STREAM_TOKEN_SECRET": "x" * 32, "METRICS_PORT": "9100"}
+    result = subprocess.run(
+        [sys.executable, "-m", "license_broker", "stream", "--workers", "2"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("license-broker: METRICS_PORT: ")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_readiness_is_checked_at_most_once_per_second_however_many_ask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pings = 0
+    release = asyncio.Event()
+
+    async def slow_ping(engine: object) -> None:
+        nonlocal pings
+        pings += 1
+        await release.wait()
+
+    monkeypatch.setattr(broker.readiness, "ping", slow_ping)
+    clock = Clock()
+    probe = ReadinessProbe(None, MemoryTransport(), clock=clock)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(probe.check()) for _ in range(50)]  # all during one slow check
+    await asyncio.sleep(0)
+    release.set()
+    assert {(r.status, r.database) for r in await asyncio.gather(*waiting)} == {("ok", True)}
+    assert pings == 1
+    clock.now += 1.0
+    await probe.check()
+    assert pings == 1  # a second old: still served
+    clock.now += 0.01
+    await probe.check()
+    assert pings == 2
+
+
+async def test_a_flood_of_readyz_calls_costs_one_database_check(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pings = 0
+    real_ping = broker.readiness.ping
+
+    async def counting_ping(engine: object) -> None:
+        nonlocal pings
+        pings += 1
+        await real_ping(engine)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(broker.readiness, "ping", counting_ping)
+    async with serving(create_app(make_settings(pg_url))) as url, httpx.AsyncClient() as http:
+        answers = await asyncio.gather(*(http.get(f"{url}/readyz") for _ in range(40)))
+    assert {(a.status_code, a.json()["status"]) for a in answers} == {(200, "ok")}
+    assert pings <= 2  # the calls may straddle a one-second boundary, never more
