@@ -198,6 +198,7 @@ class Settings:
         if not self.is_sqlite:
             raise SettingsError("BROKER_DEV: development mode needs an SQLite DATABASE_URL, never production")
 
+    @property
     def stream_db_slots(self) -> int:
         """How many database connections the stream side may use at once (catch-up, gap fills,
         the sweep): two fewer than the pool, so that under `serve` a reconnect storm leaves

@@ -31,7 +31,7 @@ def test_stream_token_secret_takes_several_the_first_one_signing() -> None:
 
 def test_a_token_signed_with_any_secret_of_a_rotation_verifies() -> None:
     for secret in (NEW, OLD):
-        assert tokens.verify((NEW, OLD), tokens.mint(secret, "lic_1")) == "lic_1"
+        assert tokens.verify((NEW, OLD), tokens.mint(secret, "lic_1")).license_id == "lic_1"
     with pytest.raises(tokens.InvalidToken):
         tokens.verify((NEW, OLD), tokens.mint("a-third-secret-nobody-configured-000000", "lic_1"))
     # An expired token is refused whichever secret signed it, not tried against the next one.
@@ -51,7 +51,7 @@ def test_the_token_command_signs_with_the_first_secret() -> None:
     )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
-    assert tokens.verify(NEW, token) == "lic_9"
+    assert tokens.verify(NEW, token).license_id == "lic_9"
     with pytest.raises(tokens.InvalidToken):
         tokens.verify(OLD, token)
 
