@@ -391,7 +391,7 @@ class EventFilter:
 
     def reason(self, event: Mapping[str, Any]) -> str | None:
         account = event.get("account")
-        if account is not None and account not in self.accounts:
+        if account is not None and (not isinstance(account, str) or account not in self.accounts):
             return "Connect account not listed in STRIPE_ACCOUNTS"
         if self.livemode is not None and (event.get("livemode") is True) != self.livemode:
             return (
