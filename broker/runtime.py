@@ -1,4 +1,5 @@
-"""What a process holds while it runs: the engine, the event log and the transport."""
+"""What a process holds while it runs: the engine, the event log, the transport and the lease
+signer (None without LICENSE_SIGNING_KEY)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import create_engine, migrate
 from broker.eventlog import EventLog
+from broker.leases import LeaseSigner
 from broker.settings import Settings
 from broker.transports import Transport, create_transport
 
@@ -20,6 +22,7 @@ class Runtime:
     engine: AsyncEngine
     events: EventLog
     transport: Transport
+    leases: LeaseSigner | None = None
 
 
 @asynccontextmanager
@@ -32,7 +35,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         transport = create_transport(settings, events)
         await transport.connect()
         try:
-            yield Runtime(settings, engine, events, transport)
+            leases = LeaseSigner(settings.lease_keys, ttl=settings.lease_ttl) if settings.lease_keys else None
+            yield Runtime(settings, engine, events, transport, leases)
         finally:
             await transport.close()
     finally:

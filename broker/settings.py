@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, cast, get_args
 from urllib.parse import unquote, urlsplit
 
+from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
+
 TransportName = Literal["redis", "poll", "memory"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
@@ -47,6 +49,9 @@ class Settings:
     # Rows of subscription_event_logs older than this are pruned (each license's latest row is
     # always kept); None keeps everything.
     event_log_retention_days: float | None = None
+    # Signed leases (broker.leases): off without a key.
+    lease_keys: LeaseKeys | None = None
+    lease_ttl: float = DEFAULT_TTL
     dev: bool = False
 
     @classmethod
@@ -74,9 +79,16 @@ class Settings:
         if token_secret is not None and len(token_secret) < 32:
             # HS256 wants a key of at least 256 bits (RFC 7518 3.2).
             raise SettingsError("STREAM_TOKEN_SECRET: must be at least 32 characters")
+        lease_keys = None
+        if (pem := _str(env, "LICENSE_SIGNING_KEY")) is not None:
+            try:
+                lease_keys = LeaseKeys.from_pem(pem)
+            except InvalidKey as exc:
+                raise SettingsError(f"LICENSE_SIGNING_KEY: {exc}") from None
         if dev:
             secrets = secrets or (DEV_WEBHOOK_SECRET,)
             token_secret = token_secret or DEV_TOKEN_SECRET
+            lease_keys = lease_keys or LeaseKeys.generate(ephemeral=True)
         statuses = frozenset(
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
@@ -100,6 +112,8 @@ class Settings:
             entitled_statuses=statuses,
             max_connection_lifetime=lifetime or None,
             event_log_retention_days=retention or None,
+            lease_keys=lease_keys,
+            lease_ttl=_float(env, "LICENSE_LEASE_TTL", DEFAULT_TTL, minimum=1),
             dev=dev,
         )
 

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from broker import tokens
 from broker.http import ops_routes, settings_from_env
+from broker.leases import NO_LEASES, with_lease
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
@@ -65,7 +66,7 @@ async def license_events(request: Request) -> Response:
     hub: SubscriptionHub = request.state.hub
     if hub.closing:
         return JSONResponse({"error": "shutting down"}, status_code=503, headers={"retry-after": "1"})
-    body = license_stream(runtime.events, hub, runtime.settings, license_id, last_seq)
+    body = license_stream(runtime.events, hub, runtime.settings, license_id, last_seq, runtime.leases)
     return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout)
 
 
@@ -78,12 +79,21 @@ async def license_state(request: Request) -> Response:
         current = await runtime.events.current(license_id)
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
-    return Response(current.data, media_type="application/json")
+    return Response(with_lease(current.data, runtime.leases), media_type="application/json")
+
+
+async def jwks(request: Request) -> Response:
+    """The public keys that verify leases (none without LICENSE_SIGNING_KEY). Cacheable for a
+    while: a rotation publishes the next key well before it signs (docs/desktop.md)."""
+    leases = request.state.runtime.leases
+    body = leases.jwks() if leases is not None else b'{"keys":[]}'
+    return Response(body, media_type="application/json", headers={"cache-control": "public, max-age=300"})
 
 
 routes = [
     Route("/api/licenses/{license_id}/events", license_events, methods=["GET"]),
     Route("/api/licenses/{license_id}", license_state, methods=["GET"]),
+    Route("/.well-known/jwks.json", jwks, methods=["GET"]),
 ]
 
 
@@ -118,6 +128,7 @@ async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     )
     await hub.start()
     _end_streams_on_exit(hub)
+    log.info(runtime.leases.describe() if runtime.leases is not None else NO_LEASES)
     try:
         yield {"hub": hub}
     finally:

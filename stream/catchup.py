@@ -1,11 +1,13 @@
 """One client's stream: subscribe, replay from the database, then forward live events, each
-exactly once and in seq order."""
+exactly once and in seq order; with leases on, each state the client ends up holding is followed
+by its signed lease, renewed while the connection stays open."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator
@@ -14,36 +16,49 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker import metrics
 from broker.eventlog import EventLog, LicenseEvent
+from broker.leases import LeaseSigner, lease_claims
 from broker.settings import Settings
 from stream.hub import HubClosed, SubscriptionHub
-from stream.sse import PING, encode
+from stream.sse import PING, encode, encode_lease
 
 log = logging.getLogger("stream")
 
 
 class _Sender:
-    """Tracks the last seq sent; everything below it is skipped, so nothing is sent twice."""
+    """Tracks the last seq sent; everything below it is skipped, so nothing is sent twice.
+    `last` is the newest event sent whose lease is still due (see `_events`)."""
 
-    __slots__ = ("sent",)
+    __slots__ = ("last", "sent")
 
     def __init__(self, sent: int) -> None:
         self.sent = sent
+        self.last: LicenseEvent | None = None
 
     def take(self, event: LicenseEvent) -> bytes | None:
         if event.seq <= self.sent:
             return None
         self.sent = event.seq
+        self.last = event
         return encode(event.seq, event.data)
 
 
+def _lease(leases: LeaseSigner, claims: dict[str, object]) -> bytes:
+    return encode_lease(leases.sign(claims).sse_data())
+
+
 async def license_stream(
-    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+    events: EventLog,
+    hub: SubscriptionHub,
+    settings: Settings,
+    license_id: str,
+    last_seq: int | None,
+    leases: LeaseSigner | None = None,
 ) -> AsyncGenerator[bytes, None]:
     yield b"retry: %d\n\n" % settings.retry_ms
     try:
         # aclosing: when the response closes this generator, the inner one (and its hub
         # subscription) is closed at once rather than whenever it is garbage-collected.
-        async with contextlib.aclosing(_events(events, hub, settings, license_id, last_seq)) as inner:
+        async with contextlib.aclosing(_events(events, hub, settings, license_id, last_seq, leases)) as inner:
             async for chunk in inner:
                 yield chunk
     except HubClosed:
@@ -55,8 +70,15 @@ async def license_stream(
 
 
 async def _events(
-    events: EventLog, hub: SubscriptionHub, settings: Settings, license_id: str, last_seq: int | None
+    events: EventLog,
+    hub: SubscriptionHub,
+    settings: Settings,
+    license_id: str,
+    last_seq: int | None,
+    leases: LeaseSigner | None,
 ) -> AsyncGenerator[bytes, None]:
+    claims: dict[str, object] | None = None  # what the last lease said, signed again to renew it
+    renew_at = math.inf
     deadline = None
     if settings.max_connection_lifetime:
         # Jittered, so that clients of a restarted fleet do not all come back in the same second.
@@ -73,12 +95,30 @@ async def _events(
             yield chunk
         else:
             sender = _Sender(last_seq)
-            async for event in events.replay(license_id, last_seq, settings.replay_batch):
+            # With leases, read from the state the client already holds too (it is not sent
+            # again): a resumed stream with nothing missed still renews that state's lease,
+            # without a query of its own. (At seq 0 there is no row: the state "none" never
+            # entitles, so no lease is missed.)
+            start = last_seq - 1 if leases is not None and last_seq > 0 else last_seq
+            async for event in events.replay(license_id, start, settings.replay_batch):
                 if (chunk := sender.take(event)) is not None:
                     metrics.REPLAYED.inc()
                     yield chunk
+                elif event.seq == last_seq:
+                    sender.last = event
         while True:
-            timeout = settings.heartbeat_interval
+            if sender.last is not None:
+                # Before waiting again, the lease of the newest state sent: right after each live
+                # event and the initial state, and once after a replay (the replayed states before
+                # the last are superseded at once; signing each would triple a replay's cost).
+                # A separate id-less event, so the state events' bytes stay as they are.
+                if leases is not None:
+                    claims = lease_claims(sender.last.data)
+                    yield _lease(leases, claims)
+                    renew_at = time.monotonic() + leases.renew_after()
+                sender.last = None  # an idle stream holds nothing it has sent (memory per connection)
+            # The heartbeat's timer also renews the lease: no task or timer of its own per stream.
+            timeout = min(settings.heartbeat_interval, renew_at - time.monotonic())
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
@@ -88,8 +128,13 @@ async def _events(
                 async with asyncio.timeout(timeout):
                     live = await sub.get()
             except TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     return
+                if leases is not None and claims is not None and now >= renew_at:
+                    yield _lease(leases, claims)
+                    renew_at = now + leases.renew_after()
+                    continue
                 yield PING
                 continue
             if live is None:

@@ -71,8 +71,8 @@ class LicenseClient:
                 async for sse in source.aiter_sse():
                     if sse.retry is not None:
                         self._retry = sse.retry / 1000
-                    if not sse.data:
-                        continue
+                    if not sse.data or sse.event != "message":
+                        continue  # a lease (event: lease) is not a state
                     event: dict[str, Any] = orjson.loads(sse.data)
                     if sse.id:
                         self.last_event_id = int(sse.id)

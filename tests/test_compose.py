@@ -19,8 +19,13 @@ SECRETS = {"STRIPE_WEBHOOK_SECRET": "whsec_compose_test", "STREAM_TOKEN_SECRET":
 
 
 def interpolate(value: str) -> str:
-    """Compose's ${VAR:?message} / ${VAR} with the secrets a user puts in .env."""
-    return re.sub(r"\$\{(\w+)(?::\?[^}]*)?\}", lambda m: SECRETS[m.group(1)], value)
+    """Compose's ${VAR:?message} / ${VAR} with the secrets a user puts in .env; ${VAR:-default}
+    takes the default when the user left VAR out."""
+    return re.sub(
+        r"\$\{(\w+)(?::\?[^}]*|:-([^}]*))?\}",
+        lambda m: SECRETS[m.group(1)] if m.group(2) is None else SECRETS.get(m.group(1), m.group(2)),
+        value,
+    )
 
 
 @pytest.fixture(scope="module")
