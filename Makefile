@@ -22,12 +22,31 @@ $(VENV)/.client-installed: $(VENV)/.installed $(CLIENT_PY_SOURCES)
 	  rm -rf $$tmp clients/python/build clients/python/src/*.egg-info
 	touch $@
 
+# The JS client (clients/js): installed from its lock file with `npm ci` (no install scripts) and
+# built with tsc. Without node and npm it is left unbuilt and tests/test_node_client.py skips (fails
+# under CI=true); nothing here needs root.
+JS := clients/js
+JS_SOURCES := $(JS)/package.json $(JS)/scripts/build.mjs $(wildcard $(JS)/tsconfig*.json $(JS)/src/*.ts)
+.PHONY: js-client
+js-client:
+	@if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory $(JS)/dist/.built; \
+	else \
+	  echo "make: node or npm not found: $(JS) is not built, so its tests skip (and fail under CI=true)"; \
+	fi
+$(JS)/node_modules/.installed: $(JS)/package-lock.json $(JS)/package.json
+	cd $(JS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+$(JS)/dist/.built: $(JS)/node_modules/.installed $(JS_SOURCES)
+	cd $(JS) && npm run --silent build
+	touch $@
+
 ## make run: serve the webhook and the stream on 127.0.0.1:8000 (SQLite, in-process transport)
 run: $(VENV)/.installed
 	BROKER_DEV=1 $(VENV)/bin/license-broker serve
 
 ## make test: the whole suite, against Postgres and Redis on 127.0.0.1
-test: $(VENV)/.installed $(VENV)/.client-installed
+test: $(VENV)/.installed $(VENV)/.client-installed js-client
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## make check: lint, format and types
@@ -41,4 +60,4 @@ bench: $(VENV)/.installed
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist
