@@ -1,6 +1,8 @@
 """The npm package clients/js (license-broker-client), built by `make test` (npm ci, tsc), runs its
 own tests with `node --test` against real servers started here: four deployments on one
-database, for the lease, the rotation and the reconnect tests (clients/js/test/server.test.mjs)."""
+database, for the lease, the rotation and the reconnect tests (clients/js/test/server.test.mjs).
+Then the Electron example's main-process code (examples/electron/license.js) runs the same way,
+with the built package installed beside it."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from license_broker.embedded import create_app
 from tests.conftest import ROOT, make_settings, serving, unavailable
 
 JS = ROOT / "clients" / "js"
+EXAMPLE = ROOT / "examples" / "electron"
 
 
 def node_tests() -> list[str]:
@@ -47,24 +50,46 @@ async def test_the_js_client_passes_its_node_tests_against_running_servers(pg_ur
             "BROKER_URL_SHORT": url_short,
             "LEASE_PUBLIC_KEY_A": public_pem(key_a.signing.public_key()),
         }
-        proc = await asyncio.create_subprocess_exec(
-            "node",
-            "--test",
-            "--test-reporter=tap",
-            *tests,
-            cwd=JS,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), 100)
-        except TimeoutError:
-            proc.kill()
-            output, _ = await proc.communicate()
-            raise AssertionError(f"node --test timed out:\n{output.decode()}") from None
-    report = output.decode()
+        report = await run_node_tests(tests, JS, env)
     (tmp_path / "node-test.txt").write_text(report)
+    assert "\n# skipped 0" in report, report  # the server tests ran: BROKER_URL was set
+
+
+async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """`node --test` (TAP); the report, once every test passed."""
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        "--test",
+        "--test-reporter=tap",
+        *tests,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), 100)
+    except TimeoutError:
+        proc.kill()
+        output, _ = await proc.communicate()
+        raise AssertionError(f"node --test timed out:\n{output.decode()}") from None
+    report = output.decode()
     assert proc.returncode == 0, report
     assert "\n# fail 0" in report, report
-    assert "\n# skipped 0" in report, report  # the server tests ran: BROKER_URL was set
+    return report
+
+
+async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(pg_url: str, tmp_path: Path) -> None:
+    node_tests()
+    app = tmp_path / "electron"
+    app.mkdir()
+    for name in ("package.json", "license.js", "license.test.mjs"):
+        shutil.copy(EXAMPLE / name, app / name)
+    # What `npm install` of "file:../../clients/js" makes: a link to the built package.
+    (app / "node_modules").mkdir()
+    (app / "node_modules" / "license-broker-client").symlink_to(JS, target_is_directory=True)
+    key = LeaseKeys.generate()
+    async with serving(create_app(make_settings(pg_url, dev=True, lease_keys=key))) as url:
+        env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
+        report = await run_node_tests(["license.test.mjs"], app, env)
+    assert "\n# pass 1" in report and "\n# skipped 0" in report, report

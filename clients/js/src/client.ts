@@ -253,6 +253,7 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
     });
     // No id: the lease leaves Last-Event-ID alone. It follows the state it signs.
     source.addEventListener("lease", (message) => {
+      if (source !== this.source) return;
       const { lease } = JSON.parse(message.data) as { lease: string };
       void this.acceptLease(lease);
     });
@@ -289,7 +290,8 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
     headers.set("authorization", `Bearer ${token}`);
     if (this.lastEventId !== null) headers.set("last-event-id", String(this.lastEventId));
     const response = await this.fetchImpl(input, { ...init, headers });
-    if (!response.ok || response.body === null) return response;
+    // Closed while the request was in flight: no watchdog for a stream nobody reads.
+    if (!response.ok || response.body === null || init.signal?.aborted) return response;
     return new Response(response.body.pipeThrough(this.watch()), {
       status: response.status,
       statusText: response.statusText,
