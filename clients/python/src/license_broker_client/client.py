@@ -117,12 +117,13 @@ class LicenseClient:
             return None
         if not lease.supersedes(self.lease, self.verifier.clock()):
             return None
-        self._lease = lease
+        # Cached first: once the app is told, a restart finds the same answer on disk.
         if self.cache is not None:
             try:
                 self.cache.save(token)
             except OSError as exc:
                 log.warning("lease not cached: %s", exc)
+        self._lease = lease
         if self.on_lease is not None:
             self.on_lease(lease)
         return lease
