@@ -4,6 +4,7 @@ ends up holding, renewal before half the lease is spent, the JWKS and `GET /api/
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -284,3 +285,19 @@ async def test_without_a_key_there_is_no_lease_and_an_empty_jwks(pg_url: str) ->
     async with serving(create_app(make_settings(pg_url))) as url, httpx.AsyncClient() as client:
         assert (await client.get(f"{url}/.well-known/jwks.json")).json() == {"keys": []}
         assert "lease" not in (await client.get(f"{url}/api/licenses/{license_id}", headers=headers)).json()
+
+
+@pytest.mark.parametrize("keys", [None, KEYS], ids=["without a key", "with a key"])
+async def test_the_stream_app_says_at_start_up_whether_it_signs_leases(
+    pg_url: str, keys: LeaseKeys | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stream.app import create_app as create_stream_app
+
+    caplog.set_level(logging.INFO, logger="stream")
+    async with serving(create_stream_app(make_settings(pg_url, lease_keys=keys))):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "stream" and r.getMessage().startswith("leases:")]
+    expected = (
+        "LICENSE_SIGNING_KEY is not set" if keys is None else f"signing with kid {key_id(KEYS.signing.public_key())}"
+    )
+    assert len(lines) == 1 and expected in lines[0], lines
