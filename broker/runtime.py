@@ -1,4 +1,5 @@
-"""What a process holds while it runs: the engine, the event log and the transport."""
+"""What a process holds while it runs: the engine, the event log, the transport and the lease
+signer (None without LICENSE_SIGNING_KEY)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import create_engine, migrate
 from broker.eventlog import EventLog
+from broker.leases import LeaseSigner
 from broker.metrics_server import metrics_server
 from broker.readiness import ReadinessProbe
 from broker.settings import Settings
@@ -23,6 +25,7 @@ class Runtime:
     events: EventLog
     transport: Transport
     readiness: ReadinessProbe
+    leases: LeaseSigner | None = None
 
 
 @asynccontextmanager
@@ -35,8 +38,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         transport = create_transport(settings, events)
         await transport.connect()
         try:
+            leases = LeaseSigner(settings.lease_keys, ttl=settings.lease_ttl) if settings.lease_keys else None
             with metrics_server(settings):
-                yield Runtime(settings, engine, events, transport, ReadinessProbe(engine, transport))
+                yield Runtime(settings, engine, events, transport, ReadinessProbe(engine, transport), leases)
         finally:
             await transport.close()
     finally:

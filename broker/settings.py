@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, cast, get_args
 from urllib.parse import unquote, urlsplit
 
+from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
+
 TransportName = Literal["redis", "poll", "memory"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
@@ -77,6 +79,9 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_token: str | None = None
+    # Signed leases (broker.leases): off without a key.
+    lease_keys: LeaseKeys | None = None
+    lease_ttl: float = DEFAULT_TTL
     dev: bool = False
 
     @classmethod
@@ -106,9 +111,16 @@ class Settings:
             # HS256 wants a key of at least 256 bits (RFC 7518 3.2).
             raise SettingsError("STREAM_TOKEN_SECRET: each secret must be at least 32 characters")
         token_secret = token_secrets[0] if token_secrets else None
+        lease_keys = None
+        if (pem := _str(env, "LICENSE_SIGNING_KEY")) is not None:
+            try:
+                lease_keys = LeaseKeys.from_pem(pem)
+            except InvalidKey as exc:
+                raise SettingsError(f"LICENSE_SIGNING_KEY: {exc}") from None
         if dev:
             secrets = secrets or (DEV_WEBHOOK_SECRET,)
             token_secret = token_secret or DEV_TOKEN_SECRET
+            lease_keys = lease_keys or LeaseKeys.generate(ephemeral=True)
         statuses = frozenset(
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
@@ -166,6 +178,8 @@ class Settings:
             metrics_port=_int(env, "METRICS_PORT", 0, minimum=1, maximum=65535) or None,
             metrics_host=_str(env, "METRICS_HOST") or "127.0.0.1",
             metrics_token=metrics_token,
+            lease_keys=lease_keys,
+            lease_ttl=_float(env, "LICENSE_LEASE_TTL", DEFAULT_TTL, minimum=1),
             dev=dev,
         )
 

@@ -176,6 +176,30 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from broker import leases
+
+    if args.action == "generate":
+        # Printed, not written to a file: where a secret is kept is the operator's choice.
+        keys = leases.LeaseKeys.generate()
+        public = keys.signing.public_key()
+        print(f"# kid {leases.key_id(public)}")
+        print("# LICENSE_SIGNING_KEY (private: keep it secret, e.g. in your secret store)")
+        print(leases.private_pem(keys.signing), end="")
+        print("# the public key: pin it in your app (or let the app read /.well-known/jwks.json)")
+        print(leases.public_pem(public), end="")
+        return 0
+    if settings.lease_keys is None:
+        raise SettingsError("LICENSE_SIGNING_KEY: required by keys public")
+    if args.jwks:
+        print(orjson.dumps({"keys": [leases.public_jwk(k) for k in settings.lease_keys.published]}).decode())
+        return 0
+    for i, key in enumerate(settings.lease_keys.published):
+        print(f"# kid {leases.key_id(key)}{' (signs)' if i == 0 else ' (published only)'}")
+        print(leases.public_pem(key), end="")
+    return 0
+
+
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from webhook.samples import SampleEvents
 
@@ -246,6 +270,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("license_id")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
     p.set_defaults(run=cmd_token)
+    p = sub.add_parser("keys", help="lease signing keys: generate a pair, or print the configured public keys")
+    p.add_argument("action", choices=["generate", "public"])
+    p.add_argument("--jwks", action="store_true", help="public: print the JWKS instead of PEM")
+    p.set_defaults(run=cmd_keys)
     p = sub.add_parser("send", help="sign and post a realistic Stripe event to a running webhook")
     p.add_argument("action", choices=ACTIONS, help="; ".join(f"{a}: {h}" for a, h in ACTION_HELP.items()))
     p.add_argument("license_id")

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from broker import metrics, tokens
 from broker.eventlog import EventLog
 from broker.http import ops_routes, settings_from_env
+from broker.leases import NO_LEASES, with_lease
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.schema import licenses
@@ -108,7 +109,13 @@ async def license_events(request: Request) -> Response:
         headers = {"retry-after": str(refused.retry_after)}
         return JSONResponse({"error": refused.reason}, status_code=refused.status, headers=headers)
     body = license_stream(
-        request.state.stream_events, hub, runtime.settings, license_id, last_seq, expires_at=grant.expires_at
+        request.state.stream_events,
+        hub,
+        runtime.settings,
+        license_id,
+        last_seq,
+        runtime.leases,
+        expires_at=grant.expires_at,
     )
     return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout, on_close=slot.release)
 
@@ -122,12 +129,21 @@ async def license_state(request: Request) -> Response:
         current = await events.current(license_id)
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
-    return Response(current.data, media_type="application/json")
+    return Response(with_lease(current.data, request.state.runtime.leases), media_type="application/json")
+
+
+async def jwks(request: Request) -> Response:
+    """The public keys that verify leases (none without LICENSE_SIGNING_KEY). Cacheable for a
+    while: a rotation publishes the next key well before it signs (docs/desktop.md)."""
+    leases = request.state.runtime.leases
+    body = leases.jwks() if leases is not None else b'{"keys":[]}'
+    return Response(body, media_type="application/json", headers={"cache-control": "public, max-age=300"})
 
 
 routes = [
     Route("/api/licenses/{license_id}/events", license_events, methods=["GET"]),
     Route("/api/licenses/{license_id}", license_state, methods=["GET"]),
+    Route("/.well-known/jwks.json", jwks, methods=["GET"]),
 ]
 
 
@@ -165,6 +181,7 @@ async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     await hub.start()
     _end_streams_on_exit(hub)
     admission = StreamAdmission(settings.max_streams, settings.max_streams_per_license)
+    log.info(runtime.leases.describe() if runtime.leases is not None else NO_LEASES)
     try:
         yield {"hub": hub, "stream_events": events, "admission": admission}
     finally:

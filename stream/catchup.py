@@ -1,11 +1,13 @@
 """One client's stream: subscribe, replay from the database, then forward live events, each
-exactly once and in seq order."""
+exactly once and in seq order; with leases on, each state the client ends up holding is followed
+by its signed lease, renewed while the connection stays open."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator
@@ -14,26 +16,34 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker import metrics
 from broker.eventlog import EventLog, LicenseEvent
+from broker.leases import LeaseSigner, lease_claims
 from broker.settings import Settings
 from stream.hub import HubClosed, SubscriptionHub
-from stream.sse import PING, encode
+from stream.sse import PING, encode, encode_lease
 
 log = logging.getLogger("stream")
 
 
 class _Sender:
-    """Tracks the last seq sent; everything below it is skipped, so nothing is sent twice."""
+    """Tracks the last seq sent; everything below it is skipped, so nothing is sent twice.
+    `last` is the newest event sent whose lease is still due (see `_events`)."""
 
-    __slots__ = ("sent",)
+    __slots__ = ("last", "sent")
 
     def __init__(self, sent: int) -> None:
         self.sent = sent
+        self.last: LicenseEvent | None = None
 
     def take(self, event: LicenseEvent) -> bytes | None:
         if event.seq <= self.sent:
             return None
         self.sent = event.seq
+        self.last = event
         return encode(event.seq, event.data)
+
+
+def _lease(leases: LeaseSigner, claims: dict[str, object]) -> bytes:
+    return encode_lease(leases.sign(claims).sse_data())
 
 
 async def license_stream(
@@ -42,6 +52,7 @@ async def license_stream(
     settings: Settings,
     license_id: str,
     last_seq: int | None,
+    leases: LeaseSigner | None = None,
     *,
     expires_at: float | None = None,
 ) -> AsyncGenerator[bytes, None]:
@@ -51,7 +62,7 @@ async def license_stream(
     try:
         # aclosing: when the response closes this generator, the inner one (and its hub
         # subscription) is closed at once rather than whenever it is garbage-collected.
-        inner_events = _events(events, hub, settings, license_id, last_seq, _deadline(settings, expires_at))
+        inner_events = _events(events, hub, settings, license_id, last_seq, _deadline(settings, expires_at), leases)
         async with contextlib.aclosing(inner_events) as inner:
             async for chunk in inner:
                 yield chunk
@@ -98,6 +109,9 @@ async def _catch_up(
         if replaying:
             metrics.REPLAYED.inc()
         yield chunk
+    elif current.seq == last_seq:
+        # Nothing missed: not sent again, but its lease is renewed (see `_events`).
+        sender.last = current
 
 
 def _deadline(settings: Settings, expires_at: float | None) -> float | None:
@@ -118,7 +132,10 @@ async def _events(
     license_id: str,
     last_seq: int | None,
     deadline: float | None,
+    leases: LeaseSigner | None,
 ) -> AsyncGenerator[bytes, None]:
+    claims: dict[str, object] | None = None  # what the last lease said, signed again to renew it
+    renew_at = math.inf
     async with hub.subscribe(license_id) as sub:
         # Subscribed first, read second: an event committed during the catch-up is either read
         # from the database or waiting in the queue, and `_Sender` drops the second copy.
@@ -127,7 +144,18 @@ async def _events(
             async for caught_up in catch_up:
                 yield caught_up
         while True:
-            timeout = settings.heartbeat_interval
+            if sender.last is not None:
+                # Before waiting again, the lease of the newest state sent: right after each live
+                # event and the initial state, and once after a replay (the replayed states before
+                # the last are superseded at once; signing each would triple a replay's cost).
+                # A separate id-less event, so the state events' bytes stay as they are.
+                if leases is not None:
+                    claims = lease_claims(sender.last.data)
+                    yield _lease(leases, claims)
+                    renew_at = time.monotonic() + leases.renew_after()
+                sender.last = None  # an idle stream holds nothing it has sent (memory per connection)
+            # The heartbeat's timer also renews the lease: no task or timer of its own per stream.
+            timeout = min(settings.heartbeat_interval, renew_at - time.monotonic())
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
@@ -137,8 +165,13 @@ async def _events(
                 async with asyncio.timeout(timeout):
                     live = await sub.get()
             except TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     return
+                if leases is not None and claims is not None and now >= renew_at:
+                    yield _lease(leases, claims)
+                    renew_at = now + leases.renew_after()
+                    continue
                 yield PING
                 continue
             if live is None:

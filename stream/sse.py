@@ -26,6 +26,12 @@ def encode(seq: int, data: bytes) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (seq, data)
 
 
+def encode_lease(data: bytes) -> bytes:
+    # A named event without `id:`: EventSource's onmessage does not see it, and the client's
+    # Last-Event-ID stays the seq of the last state event (an id-less event leaves it unchanged).
+    return b"event: lease\ndata: %s\n\n" % data
+
+
 PING = b": ping\n\n"
 
 

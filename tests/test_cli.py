@@ -10,9 +10,10 @@ import sys
 import uuid
 from collections.abc import Callable
 
+from license_broker_client import LicenseClient
+
 from broker import tokens
 from broker.settings import Settings
-from stream.client import LicenseClient
 from tests.conftest import ADMIN_URL, ROOT, TOKEN_SECRET, Process, _psycopg_connect, wait_until
 
 

@@ -1,5 +1,6 @@
-"""The reference client (stream.client.LicenseClient): reconnects, resumes, honours `retry:`,
-keeps the last state, and gives up only on 401/403."""
+"""The Python client (license_broker_client.LicenseClient, installed from its wheel) against a
+real server: reconnects, resumes, honours `retry:`, keeps the last state, and gives up only on
+401/403."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from license_broker_client import LicenseClient, Unauthorized
 
 from license_broker.embedded import create_app
-from stream.client import LicenseClient, Unauthorized
 from tests.conftest import (
     Process,
     async_wait_until,

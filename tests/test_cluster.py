@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from license_broker_client import LicenseClient
 
 from broker.db import create_engine
 from broker.settings import ClusterAddress, Settings, SettingsError, parse_cluster_url
 from broker.transports.base import channel
 from broker.transports.redis_cluster import RedisClusterTransport
-from stream.client import LicenseClient
 from tests.conftest import (
     Harness,
     LocalCluster,

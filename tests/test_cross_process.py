@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from license_broker_client import LicenseClient
 
-from stream.client import LicenseClient
 from tests.conftest import Process, new_license, post_event, process_env, token_for
 from webhook.samples import SampleEvents
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+from license_broker_client import LicenseClient
 
 from broker.db import create_engine
 from broker.eventlog import EventLog
@@ -19,7 +20,6 @@ from broker.settings import Settings
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from stream.catchup import license_stream
-from stream.client import LicenseClient
 from stream.hub import SubscriptionHub
 from tests.conftest import (
     Process,

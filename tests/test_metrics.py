@@ -6,10 +6,10 @@ import asyncio
 from typing import Any
 
 import httpx
+from license_broker_client import LicenseClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from license_broker.embedded import create_app
-from stream.client import LicenseClient
 from tests.conftest import async_wait_until, make_settings, new_license, post_event, serving, token_for
 from webhook.samples import SampleEvents
 

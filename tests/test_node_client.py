@@ -1,113 +1,95 @@
-"""The Electron main-process code of docs/desktop.md (tests/node/license-stream.mjs), run by Node
-with the `eventsource` npm package against a real server: it receives the state, then the event."""
+"""The npm package clients/js (license-broker-client), built by `make test` (npm ci, tsc), runs its
+own tests with `node --test` against real servers started here: four deployments on one
+database, for the lease, the rotation and the reconnect tests (clients/js/test/server.test.mjs).
+Then the Electron example's main-process code (examples/electron/license.js) runs the same way,
+with the built package installed beside it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
-import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-import orjson
-import pytest
-
+from broker.leases import LeaseKeys, public_pem
 from license_broker.embedded import create_app
-from tests.conftest import ROOT, make_settings, new_license, post_event, serving, token_for, unavailable
-from webhook.samples import SampleEvents
+from tests.conftest import ROOT, make_settings, serving, unavailable
 
-NODE_DIR = ROOT / "tests" / "node"
-EVENTSOURCE = "eventsource@4"  # 4.x runs on Node 20 (5.x wants Node 22.12)
+JS = ROOT / "clients" / "js"
+EXAMPLE = ROOT / "examples" / "electron"
 
 
-@pytest.fixture(scope="session")
-def node_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/node's scripts beside a node_modules holding `eventsource` (npm's cache makes the
-    install quick after the first run)."""
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        unavailable("node and npm", FileNotFoundError("npm" if npm is None else "node"))
-    assert npm is not None
-    where = tmp_path_factory.mktemp("node-client")
-    (where / "package.json").write_text('{"private": true, "type": "module"}\n')
-    install = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", EVENTSOURCE],
-        cwd=where,
-        capture_output=True,
-        text=True,
-        timeout=180,
+def node_tests() -> list[str]:
+    node = shutil.which("node")
+    if node is None:
+        unavailable("node", FileNotFoundError("node"))
+    if not (JS / "dist" / "esm" / "index.js").exists() or not (JS / "dist" / "cjs" / "index.js").exists():
+        unavailable("the built JS client", FileNotFoundError(f"{JS}/dist (make test runs npm ci, which builds it)"))
+    tests = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.*js"))
+    assert "test/server.test.mjs" in tests and "test/cjs.test.cjs" in tests
+    return tests
+
+
+async def test_the_js_client_passes_its_node_tests_against_running_servers(pg_url: str, tmp_path: Path) -> None:
+    tests = node_tests()
+    key_a, key_b = LeaseKeys.generate(), LeaseKeys.generate()
+    rotating = key_b.with_published(key_a.signing.public_key())
+    async with (
+        serving(create_app(make_settings(pg_url, dev=True, lease_keys=key_a))) as url,
+        serving(create_app(make_settings(pg_url, dev=True, lease_keys=rotating))) as url_rotating,
+        serving(create_app(make_settings(pg_url, dev=True, lease_keys=key_b))) as url_rotated,
+        serving(
+            create_app(make_settings(pg_url, dev=True, lease_keys=key_a, max_connection_lifetime=0.3, retry_ms=100))
+        ) as url_short,
+    ):
+        env = {
+            **os.environ,
+            "BROKER_URL": url,
+            "BROKER_URL_ROTATING": url_rotating,
+            "BROKER_URL_ROTATED": url_rotated,
+            "BROKER_URL_SHORT": url_short,
+            "LEASE_PUBLIC_KEY_A": public_pem(key_a.signing.public_key()),
+        }
+        report = await run_node_tests(tests, JS, env)
+    (tmp_path / "node-test.txt").write_text(report)
+    assert "\n# skipped 0" in report, report  # the server tests ran: BROKER_URL was set
+
+
+async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """`node --test` (TAP); the report, once every test passed."""
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        "--test",
+        "--test-reporter=tap",
+        *tests,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
-    if install.returncode != 0:
-        unavailable(f"npm install {EVENTSOURCE}", RuntimeError(install.stderr.strip()[-500:]))
-    for script in NODE_DIR.glob("*.mjs"):
-        shutil.copy(script, where / script.name)
-    return where
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), 100)
+    except TimeoutError:
+        proc.kill()
+        output, _ = await proc.communicate()
+        raise AssertionError(f"node --test timed out:\n{output.decode()}") from None
+    report = output.decode()
+    assert proc.returncode == 0, report
+    assert "\n# fail 0" in report, report
+    return report
 
 
-class NodeFollower:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def next(self, deadline_s: float = 10) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), deadline_s)
-        assert line, "node exited"
-        message: dict[str, Any] = orjson.loads(line)
-        return message
-
-    async def next_state(self, deadline_s: float = 10) -> dict[str, Any]:
-        while "state" not in (message := await self.next(deadline_s)):
-            pass
-        state: dict[str, Any] = message["state"]
-        return state
-
-
-@pytest.fixture
-async def follow(node_client: Path) -> AsyncIterator[Any]:
-    started: list[asyncio.subprocess.Process] = []
-
-    async def start(url: str, license_id: str, token: str) -> NodeFollower:
-        env = {**os.environ, "BROKER_URL": url, "LICENSE_ID": license_id, "TOKEN": token}
-        proc = await asyncio.create_subprocess_exec(
-            "node", "follow.mjs", cwd=node_client, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        started.append(proc)
-        return NodeFollower(proc)
-
-    yield start
-    for proc in started:
-        if proc.returncode is None:
-            assert proc.stdin is not None
-            proc.stdin.close()  # follow.mjs stops and exits when stdin closes
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-async def test_the_node_eventsource_client_receives_the_state_then_the_event(pg_url: str, follow: Any) -> None:
-    license_id = new_license()
-    async with serving(create_app(make_settings(pg_url))) as url:
-        node = await follow(url, license_id, token_for(license_id))
-        first = await node.next_state()
-        assert (first["seq"], first["status"], first["entitled"]) == (0, "none", False)
-        seqs = []
-        async with httpx.AsyncClient() as client:
-            for event in SampleEvents(license_id).for_action("pay"):
-                response = await post_event(client, url, event)
-                assert response.status_code == 200
-                seqs.append(response.json().get("seq", 0))
-        received = [await node.next_state() for _ in range(max(seqs))]
-        assert [state["seq"] for state in received] == list(range(1, max(seqs) + 1))
-        assert (received[-1]["status"], received[-1]["entitled"]) == ("active", True)
-
-
-async def test_the_node_client_reports_a_refused_token(pg_url: str, follow: Any) -> None:
-    license_id = new_license()
-    async with serving(create_app(make_settings(pg_url))) as url:
-        node = await follow(url, license_id, token_for(new_license()))
-        assert await node.next() == {"status": "unauthorized"}
+async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(pg_url: str, tmp_path: Path) -> None:
+    node_tests()
+    app = tmp_path / "electron"
+    app.mkdir()
+    for name in ("package.json", "license.js", "license.test.mjs"):
+        shutil.copy(EXAMPLE / name, app / name)
+    # What `npm install` of "file:../../clients/js" makes: a link to the built package.
+    (app / "node_modules").mkdir()
+    (app / "node_modules" / "license-broker-client").symlink_to(JS, target_is_directory=True)
+    key = LeaseKeys.generate()
+    async with serving(create_app(make_settings(pg_url, dev=True, lease_keys=key))) as url:
+        env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
+        report = await run_node_tests(["license.test.mjs"], app, env)
+    assert "\n# pass 1" in report and "\n# skipped 0" in report, report

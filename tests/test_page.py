@@ -3,7 +3,9 @@ endpoints behind its buttons."""
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from broker.leases import LeaseKeys
 from broker.settings import SettingsError
 from license_broker.embedded import create_app
 from tests.conftest import ROOT, make_settings, new_license, post_event, serving, token_for, unavailable
@@ -18,6 +21,7 @@ from webhook.samples import SampleEvents
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
+KEYS = LeaseKeys.generate()
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -123,11 +127,12 @@ async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(sqlite_url
     from playwright.async_api import expect
 
     license_id = new_license()
-    async with serving(create_app(make_settings(sqlite_url, dev=True))) as url:
+    async with serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=KEYS))) as url:
         await page.goto(f"{url}/?license={license_id}")
         await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
         await expect(page.locator("#badge")).to_have_text("LOCKED")
         await expect(page.locator("#status")).to_have_text("none")
+        await expect(page.locator("#lease")).to_have_text(re.compile(r"^verified \(seq 0, not entitled, kid "))
 
         await page.get_by_role("button", name="Pay", exact=True).click()
         await expect(page.locator("#badge")).to_have_text("UNLOCKED")
@@ -139,6 +144,10 @@ async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(sqlite_url
         paid = await current_seq(url, license_id)
         await expect(page.locator("#seq")).to_have_text(str(paid))
         await expect(page.locator("#log tr")).to_have_count(paid + 1)
+        # The lease of the paid state, verified in the page against the JWKS (WebCrypto Ed25519).
+        await expect(page.locator("#lease")).to_have_attribute("data-verdict", "verified")
+        await expect(page.locator("#lease")).to_contain_text(f"seq {paid}, entitled")
+        await expect(page.locator("#lease-expires")).to_contain_text("(in 7 days; an app offline stays unlocked")
 
         await page.get_by_role("button", name="Open a dispute", exact=True).click()
         await expect(page.locator("#badge")).to_have_text("LOCKED")
@@ -155,6 +164,7 @@ async def test_clicking_pay_unlocks_and_cancel_locks_the_license_live(sqlite_url
         await expect(page.locator("#status")).to_have_text("canceled")
         await expect(page.locator("#log tr")).to_have_count(paid + 4)
         await expect(page.locator("#log tr").first).to_contain_text("customer.subscription.deleted")
+        await expect(page.locator("#lease")).to_contain_text(f"seq {paid + 3}, not entitled")
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
 
@@ -169,6 +179,7 @@ async def test_outside_development_mode_the_page_follows_with_a_pasted_token(pg_
         await expect(page.locator("#connection")).to_have_text("needs a token")
         await expect(page.locator("#token-hint")).to_be_visible()
         await expect(page.locator("#dev")).to_be_hidden()
+        await expect(page.locator("#lease")).to_contain_text("none: this server signs no leases")
 
         await page.locator("#token").fill(token_for(license_id))
         await page.get_by_role("button", name="Follow").click()
@@ -189,3 +200,36 @@ async def test_a_token_for_another_license_is_refused_on_the_page(pg_url: str, p
         await page.locator("#token").fill(token_for(new_license()))
         await page.get_by_role("button", name="Follow").click()
         await expect(page.locator("#connection")).to_have_text("refused: check the token")
+
+
+@pytest.mark.browser
+async def test_the_page_verifies_leases_rejects_forgeries_and_says_when_it_cannot_verify(
+    pg_url: str, page: Any
+) -> None:
+    license_id = new_license()
+    async with serving(create_app(make_settings(pg_url, lease_keys=KEYS))) as url:
+        await page.goto(f"{url}/?license={license_id}")
+        headers = {"authorization": f"Bearer {token_for(license_id)}"}
+        async with httpx.AsyncClient() as client:
+            for event in SampleEvents(license_id).for_action("pay"):
+                assert (await post_event(client, url, event)).status_code == 200
+            lease = (await client.get(f"{url}/api/licenses/{license_id}", headers=headers)).json()["lease"]
+        header, payload, signature = lease.split(".")
+        # A longer lease, claimed with the old signature.
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=="))
+        claims["exp"] += 365 * 86400
+        tampered = f"{header}.{base64.urlsafe_b64encode(orjson.dumps(claims)).rstrip(b'=').decode()}.{signature}"
+
+        async def verdict(token: str, for_license: str = license_id) -> list[str]:
+            result: dict[str, Any] = await page.evaluate("([t, l]) => verifyLease(t, l)", [token, for_license])
+            return [result["verdict"], result["why"]]
+
+        assert (await verdict(lease))[0] == "verified"
+        assert await verdict(tampered) == ["invalid", "bad signature"]
+        assert await verdict(lease, new_license()) == ["invalid", "for another license"]
+        # A browser without Ed25519 in WebCrypto shows the lease as unverified rather than failing.
+        await page.evaluate(
+            "() => { crypto.subtle.importKey = async () => { throw new DOMException('no', 'NotSupportedError'); }; }"
+        )
+        verdict_, why = await verdict(lease)
+        assert verdict_ == "unverified" and "no Ed25519 in WebCrypto (NotSupportedError)" in why

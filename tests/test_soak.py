@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import httpx
+from license_broker_client import LicenseClient
 
-from stream.client import LicenseClient
 from tests.conftest import Process, RedisServer, new_license, post_event, process_env, token_for
 from webhook.samples import SampleEvents
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from license_broker_client import LicenseClient, Unauthorized
 
 from broker import metrics, tokens
 from broker.db import create_engine
@@ -17,7 +18,6 @@ from broker.settings import Settings
 from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
-from stream.client import LicenseClient, Unauthorized
 from stream.hub import SubscriptionHub
 from tests.conftest import TOKEN_SECRET, append, make_settings, new_license, post_event, serving, token_for
 from webhook.samples import SampleEvents

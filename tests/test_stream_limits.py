@@ -11,11 +11,11 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from license_broker_client import LicenseClient
 
 from broker.db import create_engine
 from broker.settings import Settings
 from license_broker.embedded import create_app
-from stream.client import LicenseClient
 from tests.conftest import append, make_settings, new_license, post_event, serving, token_for
 from webhook.samples import SampleEvents
 

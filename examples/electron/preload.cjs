@@ -1,0 +1,11 @@
+// The renderer gets a narrow API, never ipcRenderer itself. (CommonJS: sandboxed preloads are.)
+const { contextBridge, ipcRenderer } = require("electron");
+
+contextBridge.exposeInMainWorld("license", {
+  get: () => ipcRenderer.invoke("license:get"),
+  onChange: (callback) => {
+    const listener = (_event, snapshot) => callback(snapshot);
+    ipcRenderer.on("license:changed", listener);
+    return () => ipcRenderer.off("license:changed", listener);
+  },
+});
