@@ -30,16 +30,16 @@ def node_tests() -> list[str]:
     return tests
 
 
-async def test_the_js_client_passes_its_node_tests_against_running_servers(pg_url: str, tmp_path: Path) -> None:
+async def test_the_js_client_passes_its_node_tests_against_running_servers(sqlite_url: str, tmp_path: Path) -> None:
     tests = node_tests()
     key_a, key_b = LeaseKeys.generate(), LeaseKeys.generate()
     rotating = key_b.with_published(key_a.signing.public_key())
     async with (
-        serving(create_app(make_settings(pg_url, dev=True, lease_keys=key_a))) as url,
-        serving(create_app(make_settings(pg_url, dev=True, lease_keys=rotating))) as url_rotating,
-        serving(create_app(make_settings(pg_url, dev=True, lease_keys=key_b))) as url_rotated,
+        serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key_a))) as url,
+        serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=rotating))) as url_rotating,
+        serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key_b))) as url_rotated,
         serving(
-            create_app(make_settings(pg_url, dev=True, lease_keys=key_a, max_connection_lifetime=0.3, retry_ms=100))
+            create_app(make_settings(sqlite_url, dev=True, lease_keys=key_a, max_connection_lifetime=0.3, retry_ms=100))
         ) as url_short,
     ):
         env = {
@@ -79,7 +79,7 @@ async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> st
     return report
 
 
-async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(pg_url: str, tmp_path: Path) -> None:
+async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(sqlite_url: str, tmp_path: Path) -> None:
     node_tests()
     app = tmp_path / "electron"
     app.mkdir()
@@ -89,7 +89,7 @@ async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline
     (app / "node_modules").mkdir()
     (app / "node_modules" / "license-broker-client").symlink_to(JS, target_is_directory=True)
     key = LeaseKeys.generate()
-    async with serving(create_app(make_settings(pg_url, dev=True, lease_keys=key))) as url:
+    async with serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key))) as url:
         env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
         report = await run_node_tests(["license.test.mjs"], app, env)
     assert "\n# pass 1" in report and "\n# skipped 0" in report, report
