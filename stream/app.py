@@ -113,9 +113,7 @@ def _end_streams_on_exit(hub: SubscriptionHub) -> None:
 @asynccontextmanager
 async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     settings = runtime.settings
-    hub = SubscriptionHub(
-        runtime.transport, runtime.events, buffer=settings.client_buffer, sweep_interval=settings.poll_interval
-    )
+    hub = SubscriptionHub(runtime.transport, buffer=settings.client_buffer)
     await hub.start()
     _end_streams_on_exit(hub)
     try:

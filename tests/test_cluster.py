@@ -19,18 +19,11 @@ from broker.settings import ClusterAddress, Settings, SettingsError, parse_clust
 from broker.transports.base import channel
 from broker.transports.redis_cluster import RedisClusterTransport
 from stream.client import LicenseClient
-from tests.conftest import (
-    Harness,
-    LocalCluster,
-    Process,
-    async_wait_until,
-    free_port,
-    new_license,
-    post_event,
-    process_env,
-    token_for,
-    wait_until,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.licenses import new_license, post_event, token_for
+from tests.support.processes import Process, process_env
+from tests.support.transports import Harness
+from tests.support.waiting import async_wait_until, free_port, wait_until
 from webhook.samples import SampleEvents
 
 pytestmark = pytest.mark.slow

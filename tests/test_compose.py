@@ -13,7 +13,7 @@ import yaml
 
 from broker.settings import Settings
 from license_broker.cli import parser
-from tests.conftest import ROOT, Process
+from tests.support.processes import ROOT, Process
 
 SECRETS = {"STRIPE_WEBHOOK_SECRET": "whsec_compose_test", "STREAM_TOKEN_SECRET": "c" * 40}
 

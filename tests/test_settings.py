@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
-from tests.conftest import ROOT
+from tests.support.processes import ROOT
 
 
 def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:

@@ -8,9 +8,15 @@ import pytest
 import redis
 
 from broker.db import create_engine
+from broker.eventlog import EventLog
 from broker.settings import Settings
+from broker.transports.base import GapHandler, MessageHandler, ignore_gap
+from broker.transports.memory import MemoryTransport
 from broker.transports.redis import RedisTransport
-from tests.conftest import Harness, new_license
+from broker.transports.sweep import DatabaseSweep
+from broker.transports.swept import SweptTransport
+from tests.support.licenses import append, new_license
+from tests.support.transports import Harness
 
 
 async def test_a_message_published_after_listen_reaches_the_handler(harness: Harness) -> None:
@@ -90,3 +96,83 @@ async def test_redis_reconnects_resubscribes_and_reports_the_gap(redis_server, p
     finally:
         await transport.close()
         await engine.dispose()
+
+
+class LossyTransport(MemoryTransport):
+    """Delivers only while `up`, as Redis pub/sub does; `reconnect` reports the gap."""
+
+    reliable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = True
+        self._on_gap: GapHandler = ignore_gap
+
+    async def start(self, on_message: MessageHandler, on_gap: GapHandler = ignore_gap) -> None:
+        await super().start(on_message)
+        self._on_gap = on_gap
+
+    async def publish(self, license_id: str, payload: bytes) -> None:
+        if self.up:
+            await super().publish(license_id, payload)
+
+    def reconnect(self) -> None:
+        self.up = True
+        self._on_gap()
+
+
+async def swept(pg_url: str, interval: float) -> tuple[SweptTransport, LossyTransport, Harness]:
+    engine = create_engine(Settings(database_url=pg_url))
+    inner = LossyTransport()
+    transport = SweptTransport(inner, DatabaseSweep(EventLog(engine), interval))
+    h = Harness(transport, engine)
+    await transport.start(h.on_message)
+    return transport, inner, h
+
+
+async def test_what_a_lossy_transport_loses_the_sweep_delivers_at_once_after_the_gap(pg_url: str) -> None:
+    transport, inner, h = await swept(pg_url, interval=60)  # only the gap can wake the sweep in time
+    license_id = new_license()
+    try:
+        await transport.listen(license_id)
+        assert (await h.commit_and_publish(license_id)).seq == (await h.next()).seq == 1  # live
+        inner.up = False
+        await h.commit_and_publish(license_id)
+        await h.commit_and_publish(license_id, "past_due")  # both lost on the way
+        inner.reconnect()
+        assert [(await h.next()).seq for _ in range(2)] == [2, 3]  # from the database
+    finally:
+        await transport.close()
+        await h.engine.dispose()
+
+
+async def test_the_sweep_does_not_fetch_again_what_arrived_live(pg_url: str) -> None:
+    transport, _, h = await swept(pg_url, interval=60)
+    license_id = new_license()
+    try:
+        await transport.listen(license_id)
+        for status in ("active", "past_due"):
+            await h.commit_and_publish(license_id, status)
+        assert [(await h.next()).seq for _ in range(2)] == [1, 2]
+        assert await transport.sweep.sweep_once() == 0
+        assert h.received.empty()
+    finally:
+        await transport.close()
+        await h.engine.dispose()
+
+
+async def test_the_sweep_follows_from_the_database_not_from_before_listen(pg_url: str) -> None:
+    """Events committed before listen() are the client's replay, not the sweep's."""
+    transport, inner, h = await swept(pg_url, interval=60)
+    license_id = new_license()
+    try:
+        await append(h.engine, license_id)
+        await transport.listen(license_id)
+        assert await transport.sweep.sweep_once() == 0
+        inner.up = False
+        await h.commit_and_publish(license_id)
+        assert await transport.sweep.sweep_once() == 1
+        assert (await h.next()).seq == 2
+    finally:
+        await transport.close()
+        await h.engine.dispose()
