@@ -9,6 +9,8 @@ from typing import Literal, cast, get_args
 from urllib.parse import unquote, urlsplit
 
 TransportName = Literal["redis", "poll", "memory"]
+LogFormat = Literal["text", "json"]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
 DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
@@ -48,6 +50,13 @@ class Settings:
     # always kept); None keeps everything.
     event_log_retention_days: float | None = None
     dev: bool = False
+    # The command's servers: where they listen (PORT unset: each command's own port), how many
+    # worker processes, and how they log.
+    host: str = "127.0.0.1"
+    port: int | None = None
+    workers: int = 1
+    log_format: LogFormat = "text"
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -81,6 +90,13 @@ class Settings:
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
         lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
+        log_format = (_str(env, "LOG_FORMAT") or "text").lower()
+        if log_format not in get_args(LogFormat):
+            raise SettingsError(f"LOG_FORMAT: expected text or json, got {log_format!r}")
+        log_level = (_str(env, "LOG_LEVEL") or "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        port = _float(env, "PORT", 0, minimum=1)
         retention = _float(env, "EVENT_LOG_RETENTION_DAYS", 0.0, minimum=0.0)
         return cls(
             database_url=normalize_database_url(_str(env, "DATABASE_URL") or DEFAULT_DATABASE_URL),
@@ -101,6 +117,11 @@ class Settings:
             max_connection_lifetime=lifetime or None,
             event_log_retention_days=retention or None,
             dev=dev,
+            host=_str(env, "HOST") or "127.0.0.1",
+            port=int(port) or None,
+            workers=int(_float(env, "WEB_CONCURRENCY", 1, minimum=1)),
+            log_format=cast(LogFormat, log_format),
+            log_level=log_level,
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -93,7 +93,8 @@ class FakeRedisTransport(RedisTransport):
         options = {**subscriber.subscriber_options(), "health_check_interval": 0}
         # A new fakeredis client sets its server's `connected`: to the line's state, not to True.
         options["connected"] = not self.line.down.is_set()
-        return fakeredis.FakeAsyncRedis(server=self.line.server, connection_class=self.line.connection_class(), **options)
+        options["connection_class"] = self.line.connection_class()
+        return fakeredis.FakeAsyncRedis(server=self.line.server, **options)
 
 
 class Received:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
+from license_broker import cli
 from tests.support.processes import ROOT
 
 
@@ -46,11 +48,45 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"STREAM_TOKEN_SECRET": "short"}, "STREAM_TOKEN_SECRET"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"BROKER_DEV": "maybe"}, "BROKER_DEV"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "0"}, "PORT"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=f"^{named}:"):
         Settings.from_env(env)
+
+
+def test_the_servers_listen_work_and_log_as_the_environment_says() -> None:
+    assert Settings.from_env({}).host == "127.0.0.1" and Settings.from_env({}).port is None
+    settings = Settings.from_env(
+        {"HOST": "0.0.0.0", "PORT": "9000", "WEB_CONCURRENCY": "3", "LOG_FORMAT": "JSON", "LOG_LEVEL": "debug"}
+    )
+    assert (settings.host, settings.port, settings.workers) == ("0.0.0.0", 9000, 3)
+    assert (settings.log_format, settings.log_level) == ("json", "DEBUG")
+
+
+def test_the_command_line_overrides_the_settings_and_each_command_has_its_own_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[str, int, int | None]] = []
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        seen.append((args.host, args.port, getattr(args, "workers", None)))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_stream", run)
+    monkeypatch.setattr(cli, "cmd_webhook", run)
+    for name in ("HOST", "PORT", "WEB_CONCURRENCY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["stream"]) == cli.main(["webhook", "--port", "7001"]) == 0
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    assert cli.main(["stream", "--workers", "2"]) == 0
+    assert seen == [("127.0.0.1", 8002, 1), ("127.0.0.1", 7001, 1), ("0.0.0.0", 8002, 2)]
 
 
 def test_secrets_have_no_default_outside_development() -> None:
