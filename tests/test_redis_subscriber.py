@@ -15,10 +15,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker import metrics
-from broker.eventlog import LicenseEvent
 from broker.transports import subscriber
 from broker.transports.base import channel
 from broker.transports.redis import CONTROL_CHANNEL, RedisTransport
+from tests.support.transports import Received
 from tests.support.waiting import async_wait_until
 
 
@@ -95,21 +95,6 @@ class FakeRedisTransport(RedisTransport):
         options["connected"] = not self.line.down.is_set()
         options["connection_class"] = self.line.connection_class()
         return fakeredis.FakeAsyncRedis(server=self.line.server, **options)
-
-
-class Received:
-    def __init__(self) -> None:
-        self.events: asyncio.Queue[LicenseEvent] = asyncio.Queue()
-        self.gaps = 0
-
-    def on_message(self, event: LicenseEvent) -> None:
-        self.events.put_nowait(event)
-
-    def on_gap(self) -> None:
-        self.gaps += 1
-
-    async def next(self) -> LicenseEvent:
-        return await asyncio.wait_for(self.events.get(), 5)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -121,58 +122,59 @@ class LossyTransport(MemoryTransport):
         self._on_gap()
 
 
-async def swept(pg_url: str, interval: float) -> tuple[SweptTransport, LossyTransport, Harness]:
+@pytest.fixture
+async def swept(pg_url: str) -> AsyncIterator[tuple[SweptTransport, LossyTransport, Harness]]:
+    """A lossy transport with the sweep under it; the sweep's interval longer than any test, so
+    that what it delivers it delivers because it was woken or called."""
     engine = create_engine(Settings(database_url=pg_url))
     inner = LossyTransport()
-    transport = SweptTransport(inner, DatabaseSweep(EventLog(engine), interval))
+    transport = SweptTransport(inner, DatabaseSweep(EventLog(engine), interval=60))
     h = Harness(transport, engine)
     await transport.start(h.on_message)
-    return transport, inner, h
-
-
-async def test_what_a_lossy_transport_loses_the_sweep_delivers_at_once_after_the_gap(pg_url: str) -> None:
-    transport, inner, h = await swept(pg_url, interval=60)  # only the gap can wake the sweep in time
-    license_id = new_license()
     try:
-        await transport.listen(license_id)
-        assert (await h.commit_and_publish(license_id)).seq == (await h.next()).seq == 1  # live
-        inner.up = False
-        await h.commit_and_publish(license_id)
-        await h.commit_and_publish(license_id, "past_due")  # both lost on the way
-        inner.reconnect()
-        assert [(await h.next()).seq for _ in range(2)] == [2, 3]  # from the database
+        yield transport, inner, h
     finally:
         await transport.close()
-        await h.engine.dispose()
+        await engine.dispose()
 
 
-async def test_the_sweep_does_not_fetch_again_what_arrived_live(pg_url: str) -> None:
-    transport, _, h = await swept(pg_url, interval=60)
+async def test_what_a_lossy_transport_loses_the_sweep_delivers_at_once_after_the_gap(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, inner, h = swept
     license_id = new_license()
-    try:
-        await transport.listen(license_id)
-        for status in ("active", "past_due"):
-            await h.commit_and_publish(license_id, status)
-        assert [(await h.next()).seq for _ in range(2)] == [1, 2]
-        assert await transport.sweep.sweep_once() == 0
-        assert h.received.empty()
-    finally:
-        await transport.close()
-        await h.engine.dispose()
+    await transport.listen(license_id)
+    assert (await h.commit_and_publish(license_id)).seq == (await h.next()).seq == 1  # live
+    inner.up = False
+    await h.commit_and_publish(license_id)
+    await h.commit_and_publish(license_id, "past_due")  # both lost on the way
+    inner.reconnect()
+    assert [(await h.next()).seq for _ in range(2)] == [2, 3]  # from the database
 
 
-async def test_the_sweep_follows_from_the_database_not_from_before_listen(pg_url: str) -> None:
+async def test_the_sweep_does_not_fetch_again_what_arrived_live(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, _, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    for status in ("active", "past_due"):
+        await h.commit_and_publish(license_id, status)
+    assert [(await h.next()).seq for _ in range(2)] == [1, 2]
+    assert await transport.sweep.sweep_once() == 0
+    assert h.received.empty()
+
+
+async def test_the_sweep_follows_from_the_database_not_from_before_listen(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
     """Events committed before listen() are the client's replay, not the sweep's."""
-    transport, inner, h = await swept(pg_url, interval=60)
+    transport, inner, h = swept
     license_id = new_license()
-    try:
-        await append(h.engine, license_id)
-        await transport.listen(license_id)
-        assert await transport.sweep.sweep_once() == 0
-        inner.up = False
-        await h.commit_and_publish(license_id)
-        assert await transport.sweep.sweep_once() == 1
-        assert (await h.next()).seq == 2
-    finally:
-        await transport.close()
-        await h.engine.dispose()
+    await append(h.engine, license_id)
+    await transport.listen(license_id)
+    assert await transport.sweep.sweep_once() == 0
+    inner.up = False
+    await h.commit_and_publish(license_id)
+    assert await transport.sweep.sweep_once() == 1
+    assert (await h.next()).seq == 2

@@ -7,7 +7,6 @@ reconnect.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -71,11 +70,10 @@ class RedisTransport(RedisSubscriber):
         confirmed = self._expect(name)
         try:
             await pubsub.subscribe(name)
-            # Wait for Redis to confirm, so that the caller's replay from the database starts
-            # only once nothing published from now on can be missed.
-            await asyncio.wait_for(asyncio.shield(confirmed), self.subscribe_timeout)
         except Exception as exc:
-            log.warning("subscribe to %s not confirmed: %s", name, exc)
+            log.warning("subscribe to %s failed: %s", name, exc)
+            return
+        await self._until_confirmed(name, confirmed)
 
     async def unlisten(self, license_id: str) -> None:
         name = channel(license_id)
@@ -105,13 +103,8 @@ class RedisTransport(RedisSubscriber):
         try:
             while True:
                 message = await pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                kind = message["type"]
-                if kind == "message":
-                    self._deliver(message["channel"], message["data"])
-                elif kind == "subscribe":
-                    self._confirm(message["channel"])
+                if message is not None:
+                    self._handled(message)
         except BaseException as exc:
             await self._lost(pubsub, exc)
             raise

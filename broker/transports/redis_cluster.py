@@ -133,12 +133,8 @@ class RedisClusterTransport(RedisSubscriber):
                 log.warning("ssubscribe %s on %s failed: %s", name, shard.name, exc)
                 self._shard_failed(shard)
                 return
-        try:
-            # Confirmed before the caller replays from the database, so that nothing published
-            # from now on can be missed (a MOVED answer is retried on the right node by the resync).
-            await asyncio.wait_for(asyncio.shield(confirmed), self.subscribe_timeout)
-        except Exception as exc:
-            log.warning("ssubscribe to %s not confirmed: %s", name, exc)
+        # A MOVED answer (the slot moved meanwhile) is retried on the right node by the resync.
+        await self._until_confirmed(name, confirmed)
 
     async def unlisten(self, license_id: str) -> None:
         name = channel(license_id)
@@ -291,14 +287,9 @@ class RedisClusterTransport(RedisSubscriber):
                     self._lost = True
                     self._resync.set()
                     continue
-                if message is None:
+                if message is None or self._handled(message):
                     continue
-                kind = message["type"]
-                if kind == "smessage":
-                    self._deliver(message["channel"], message["data"])
-                elif kind == "ssubscribe":
-                    self._confirm(message["channel"])
-                elif kind == "sunsubscribe":
+                if message["type"] == "sunsubscribe":
                     ch = message["channel"].decode()
                     if ch in self._channels and self._owner.get(ch) == shard.name:
                         # Sent by the server when this node stops serving the slot (a failover

@@ -121,8 +121,19 @@ class RedisSubscriber(Transport):
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, self.max_backoff)
 
+    def _handled(self, message: dict[str, Any]) -> bool:
+        """Deliver a message, or note the confirmation of a subscription, of plain or sharded
+        pub/sub; False for any other kind."""
+        kind = message["type"]
+        if kind in ("message", "smessage"):
+            self._deliver(message["channel"], message["data"])
+        elif kind in ("subscribe", "ssubscribe"):
+            self._confirm(message["channel"])
+        else:
+            return False
+        return True
+
     def _deliver(self, name: bytes, data: bytes) -> None:
-        """A message on channel `name`: to the handler, as an event."""
         on_message = self._on_message
         if on_message is None or not name.startswith(PREFIX):
             return
@@ -135,6 +146,15 @@ class RedisSubscriber(Transport):
         if confirmed is None:
             confirmed = self._pending[name] = asyncio.get_running_loop().create_future()
         return confirmed
+
+    async def _until_confirmed(self, name: str, confirmed: asyncio.Future[None]) -> None:
+        """Wait for Redis to confirm the subscription to `name`, so that the caller's replay
+        from the database starts only once nothing published from now on can be missed. A
+        failure or a timeout is logged, not raised: the sweep covers the channel meanwhile."""
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self.subscribe_timeout)
+        except Exception as exc:
+            log.warning("subscription to %s not confirmed: %s", name, exc)
 
     def _confirm(self, name: bytes) -> None:
         confirmed = self._pending.pop(name.decode(), None)

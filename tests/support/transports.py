@@ -37,10 +37,10 @@ class RecordingTransport(MemoryTransport):
         self.listened.discard(license_id)
 
 
-class Harness:
-    def __init__(self, transport: Transport, engine: AsyncEngine) -> None:
-        self.transport = transport
-        self.engine = engine
+class Received:
+    """The handlers given to a transport's start(): what it delivered, and how many gaps."""
+
+    def __init__(self) -> None:
         self.received: asyncio.Queue[LicenseEvent] = asyncio.Queue()
         self.gaps = 0
 
@@ -50,13 +50,22 @@ class Harness:
     def on_gap(self) -> None:
         self.gaps += 1
 
+    async def next(self, within: float = 5.0) -> LicenseEvent:
+        return await asyncio.wait_for(self.received.get(), within)
+
+
+class Harness(Received):
+    """A transport, a database, and what the transport delivered."""
+
+    def __init__(self, transport: Transport, engine: AsyncEngine) -> None:
+        super().__init__()
+        self.transport = transport
+        self.engine = engine
+
     async def commit_and_publish(self, license_id: str, status: str = "active") -> LicenseEvent:
         event = await append(self.engine, license_id, status)
         await self.transport.publish(license_id, event.data)
         return event
-
-    async def next(self, within: float = 5.0) -> LicenseEvent:
-        return await asyncio.wait_for(self.received.get(), within)
 
 
 @pytest.fixture(params=["memory", "poll", "redis", "redis-cluster"])
