@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 
 class ClusterUnavailable(RuntimeError):
@@ -68,8 +70,9 @@ class LocalCluster:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
-    def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2)
+    def client(self, port: int, timeout: float = 2) -> redis.Redis:
+        # No retries: a node that does not answer in time is polled again by the caller.
+        return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
     def command(self, port: int, *args: str) -> Any:
         return self.client(port).execute_command(*args)  # type: ignore[no-untyped-call]
@@ -136,7 +139,7 @@ class LocalCluster:
 
     def _pings(self, port: int) -> bool:
         try:
-            return bool(self.client(port).ping())
+            return bool(self.client(port, timeout=0.5).ping())
         except redis.RedisError:
             return False
 
@@ -164,21 +167,23 @@ class LocalCluster:
         """What each node says about itself and the cluster, and the end of its log."""
         lines: list[str] = []
         for port, proc in self.procs.items():
-            state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
-            lines.append(f"-- node 127.0.0.1:{port} ({state})")
-            try:
-                info = self.command(port, "CLUSTER", "INFO").decode().split()
-                keep = ("cluster_state", "cluster_slots_assigned", "cluster_slots_ok", "cluster_known_nodes")
-                lines.append("   " + " ".join(i for i in info if i.startswith(keep)))
-                replication = self.client(port).info("replication")
-                role = replication["role"]
-                lines.append(f"   role {role} {replication.get('master_link_status', '')}".rstrip())
-            except redis.RedisError as exc:
-                lines.append(f"   no answer: {exc}")
+            code = proc.poll()
+            lines.append(f"-- node 127.0.0.1:{port} " + ("(running)" if code is None else f"(exited with {code})"))
+            if code is None:
+                lines.append(f"   {self._describe(port)}")
             with contextlib.suppress(OSError):
                 tail = self._log(port).read_text(errors="replace").splitlines()[-8:]
                 lines += [f"   | {line}" for line in tail]
         return "\n".join(lines)
+
+    def _describe(self, port: int) -> str:
+        keep = ("cluster_state", "cluster_slots_assigned", "cluster_slots_ok", "cluster_known_nodes")
+        try:
+            info = [i for i in self.command(port, "CLUSTER", "INFO").decode().split() if i.startswith(keep)]
+            replication = self.client(port).info("replication")
+        except redis.RedisError as exc:
+            return f"no answer: {exc}"
+        return " ".join([*info, "role", replication["role"], replication.get("master_link_status", "")]).rstrip()
 
     def master_of(self, name: str) -> int:
         """The port of the master that owns the channel's slot, as the cluster sees it now."""
