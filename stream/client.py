@@ -10,10 +10,11 @@ or, with a callback: `await client.run(on_event)`. `client.state` is the last st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -59,7 +60,7 @@ class LicenseClient:
             headers["last-event-id"] = str(self.last_event_id)
         return headers
 
-    async def connect_once(self) -> AsyncIterator[dict[str, Any]]:
+    async def connect_once(self) -> AsyncGenerator[dict[str, Any], None]:
         """One connection: the events it carries, until the server or the network ends it."""
         http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(10, read=self.read_timeout))
         try:
@@ -97,9 +98,12 @@ class LicenseClient:
         while True:
             started = time.monotonic()
             try:
-                async for event in self.connect_once():
-                    failures = 0
-                    yield event
+                # aclosing: when this generator is closed, the connection is closed with it, in
+                # this task, not later by the garbage collector in another one.
+                async with contextlib.aclosing(self.connect_once()) as events:
+                    async for event in events:
+                        failures = 0
+                        yield event
             except Unauthorized:
                 raise
             except (httpx.HTTPError, OSError) as exc:

@@ -92,10 +92,11 @@ async def test_a_master_failover_resubscribes_on_the_new_master_and_reports_the_
 
 
 async def collect(client: LicenseClient, until: int, into: list[int]) -> None:
-    async for event in client:
-        into.append(event["seq"])
-        if event["seq"] >= until:
-            return
+    async with contextlib.aclosing(aiter(client)) as events:
+        async for event in events:
+            into.append(event["seq"])
+            if event["seq"] >= until:
+                return
 
 
 async def test_every_client_of_two_stream_processes_gets_every_event_across_a_master_failover(
