@@ -167,7 +167,11 @@ class RedisClusterTransport(RedisSubscriber):
     # --- the resync loop (RedisSubscriber._run) ----------------------------------------------------
 
     async def _subscribe_all(self, *, first: bool) -> bool:
-        return await self._sync(refresh=not first)
+        try:
+            return await self._sync(refresh=not first)
+        except Exception:
+            self._lost = True  # whatever failed, the next success reports a gap
+            raise
 
     async def _serve(self) -> None:
         # The shards' tasks read; this waits for one of them, a MOVED or a periodic refresh to ask
@@ -248,7 +252,6 @@ class RedisClusterTransport(RedisSubscriber):
             # live messages overlap rather than leave a window between them.
             await asyncio.wait(confirmations, timeout=self.subscribe_timeout)
         if problems:
-            self._lost = True
             raise ConnectionError("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
         return lost
 
