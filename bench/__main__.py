@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import measure, report
-from bench.cluster import local_cluster
 from bench.stack import (
     TOKEN_SECRET,
     WEBHOOK_SECRET,
@@ -31,6 +30,7 @@ from bench.stack import (
     scratch_database,
     server_env,
 )
+from localcluster import local_cluster
 
 EVENTS_PER_SCENARIO = {1: 200, 100: 300, 1000: 1000, 10000: 2000}
 TRANSPORTS = ("redis", "poll", "redis-cluster")

@@ -9,7 +9,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,11 @@ import redis
 from sqlalchemy.engine import make_url
 
 from broker.settings import CLUSTER_SCHEMES, normalize_database_url, parse_cluster_url
+from localcluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "whsec_bench_" + secrets.token_hex(16)
 TOKEN_SECRET = "bench-token-secret-" + secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def machine() -> dict[str, Any]:

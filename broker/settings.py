@@ -13,6 +13,8 @@ from urllib.parse import unquote, urlsplit
 from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
 
 TransportName = Literal["redis", "poll", "memory"]
+LogFormat = Literal["text", "json"]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
 DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
@@ -83,6 +85,12 @@ class Settings:
     lease_keys: LeaseKeys | None = None
     lease_ttl: float = DEFAULT_TTL
     dev: bool = False
+    # The command's servers: where they listen (PORT unset: each command's own port), how many
+    # worker processes, and how they log.
+    port: int | None = None
+    workers: int = 1
+    log_format: LogFormat = "text"
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -143,6 +151,13 @@ class Settings:
         if metrics_token is not None and len(metrics_token) < 16:
             raise SettingsError("METRICS_TOKEN: must be at least 16 characters")
         lifetime = _float(env, "STREAM_MAX_CONNECTION_LIFETIME", 0.0, minimum=0.0)
+        log_format = (_str(env, "LOG_FORMAT") or "text").lower()
+        if log_format not in get_args(LogFormat):
+            raise SettingsError(f"LOG_FORMAT: expected text or json, got {log_format!r}")
+        log_level = (_str(env, "LOG_LEVEL") or "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        port = _float(env, "PORT", 0, minimum=1)
         retention = _float(env, "EVENT_LOG_RETENTION_DAYS", 0.0, minimum=0.0)
         return cls(
             database_url=normalize_database_url(_str(env, "DATABASE_URL") or DEFAULT_DATABASE_URL),
@@ -181,6 +196,10 @@ class Settings:
             lease_keys=lease_keys,
             lease_ttl=_float(env, "LICENSE_LEASE_TTL", DEFAULT_TTL, minimum=1),
             dev=dev,
+            port=int(port) or None,
+            workers=int(_float(env, "WEB_CONCURRENCY", 1, minimum=1)),
+            log_format=cast(LogFormat, log_format),
+            log_level=log_level,
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import sys
 from collections.abc import Sequence
 
@@ -46,7 +45,7 @@ def stream_app() -> Starlette:
     return create_app()
 
 
-def _server(app: object, args: argparse.Namespace, *, factory: bool = False) -> None:
+def _server(app: object, args: argparse.Namespace, settings: Settings, *, factory: bool = False) -> None:
     _tune_gc()
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -57,7 +56,7 @@ def _server(app: object, args: argparse.Namespace, *, factory: bool = False) -> 
         loop="auto",
         http="auto",
         lifespan="on",
-        log_config=logs.configure(),
+        log_config=logs.configure(settings),
         proxy_headers=True,
         # Streams end themselves on SIGTERM (stream.app); this bounds whatever else is open.
         timeout_graceful_shutdown=10,
@@ -101,7 +100,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.require_webhook()
     settings.require_stream()
-    _server(create_app(settings, on_ready=_banner(args)), args)  # type: ignore[arg-type]
+    _server(create_app(settings, on_ready=_banner(args)), args, settings)  # type: ignore[arg-type]
     return 0
 
 
@@ -116,14 +115,14 @@ def _one_metrics_port_per_process(args: argparse.Namespace, settings: Settings) 
 def cmd_webhook(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_webhook()
     _one_metrics_port_per_process(args, settings)
-    _server("license_broker.cli:webhook_app", args, factory=True)
+    _server("license_broker.cli:webhook_app", args, settings, factory=True)
     return 0
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_stream()
     _one_metrics_port_per_process(args, settings)
-    _server("license_broker.cli:stream_app", args, factory=True)
+    _server("license_broker.cli:stream_app", args, settings, factory=True)
     return 0
 
 
@@ -250,13 +249,15 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     def server(name: str, help: str, port: int, workers: bool) -> argparse.ArgumentParser:
+        # Defaults from the settings (HOST, PORT, WEB_CONCURRENCY), filled in by main().
         p = sub.add_parser(name, help=help)
         # Not from a HOST variable: some shells export one (the machine's name), which would
         # silently bind to a public interface. Containers pass --host 0.0.0.0 explicitly.
         p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=int(os.environ.get("PORT", port)))
+        p.add_argument("--port", type=int, help=f"default: PORT, else {port}")
         if workers:
-            p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", 1)))
+            p.add_argument("--workers", type=int, help="default: WEB_CONCURRENCY, else 1")
+        p.set_defaults(command_port=port)
         return p
 
     server("serve", "both apps in one process (the embedded default)", 8000, False).set_defaults(run=cmd_serve)
@@ -299,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if hasattr(args, "command_port"):  # a server: what the command line leaves out, the settings give
+            args.port = args.port or settings.port or args.command_port
+            if hasattr(args, "workers"):
+                args.workers = args.workers or settings.workers
         settings.require_development_ok(args.command, getattr(args, "host", None))
         code: int = args.run(args, settings)
         return code

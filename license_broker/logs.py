@@ -4,11 +4,11 @@ request that wrote it. Tokens in query strings are redacted."""
 from __future__ import annotations
 
 import logging
-import os
 
 import orjson
 
 from broker.requestlog import RedactTokens, RequestIdFilter
+from broker.settings import Settings
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -29,10 +29,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def configure() -> dict[str, object]:
+def configure(settings: Settings) -> dict[str, object]:
     """A uvicorn log_config: every logger, uvicorn's access log included, through one handler."""
-    json = os.environ.get("LOG_FORMAT", "").lower() == "json"
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    json = settings.log_format == "json"
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -46,7 +45,7 @@ def configure() -> dict[str, object]:
                 "stream": "ext://sys.stderr",
             }
         },
-        "root": {"handlers": ["default"], "level": level},
+        "root": {"handlers": ["default"], "level": settings.log_level},
         "loggers": {
             "uvicorn": {"handlers": [], "propagate": True},
             "uvicorn.error": {"handlers": [], "propagate": True},

@@ -173,11 +173,10 @@ def _end_streams_on_exit(hub: SubscriptionHub) -> None:
 @asynccontextmanager
 async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     settings = runtime.settings
-    # Every database read of the stream side goes through this one, bounded below the pool.
+    # Every database read of the stream side (catch-up, gap fills) goes through this one, bounded
+    # below the pool; the sweep's one query per interval is the transport's own.
     events = ThrottledEventLog(runtime.engine, settings.stream_db_slots)
-    hub = SubscriptionHub(
-        runtime.transport, events, buffer=settings.client_buffer, sweep_interval=settings.poll_interval
-    )
+    hub = SubscriptionHub(runtime.transport, buffer=settings.client_buffer)
     await hub.start()
     _end_streams_on_exit(hub)
     admission = StreamAdmission(settings.max_streams, settings.max_streams_per_license)

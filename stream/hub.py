@@ -9,9 +9,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from broker import background, metrics
-from broker.eventlog import EventLog, LicenseEvent
-from broker.sweep import DatabaseSweep
+from broker import metrics
+from broker.eventlog import LicenseEvent
 from broker.transports import Transport
 
 log = logging.getLogger("stream.hub")
@@ -60,23 +59,18 @@ class _Topic:
 
 
 class SubscriptionHub:
-    def __init__(self, transport: Transport, events: EventLog, *, buffer: int, sweep_interval: float) -> None:
+    """Takes a reliable transport (create_transport's): every committed event of a followed
+    license reaches `_fan_out`, perhaps twice or out of order, which the stream sorts out."""
+
+    def __init__(self, transport: Transport, *, buffer: int) -> None:
+        assert transport.reliable, "a lossy transport needs the database sweep (create_transport)"
         self.transport = transport
         self.buffer = buffer
         self._topics: dict[str, _Topic] = {}
         self._closing = False
-        # A lossy transport (Redis) gets the database sweep underneath it.
-        self._sweep = None if transport.reliable else DatabaseSweep(events, sweep_interval, self._on_swept)
-        self._sweep_task: asyncio.Task[None] | None = None
-
-    @property
-    def clients(self) -> int:
-        return sum(len(topic.subs) for topic in self._topics.values())
 
     async def start(self) -> None:
-        await self.transport.start(self._on_message, self._on_gap)
-        if self._sweep is not None:
-            self._sweep_task = asyncio.create_task(self._sweep.run(), name="database-sweep")
+        await self.transport.start(self._fan_out)
 
     @property
     def closing(self) -> bool:
@@ -92,8 +86,6 @@ class SubscriptionHub:
     async def close(self) -> None:
         """End every stream (clients reconnect elsewhere) and release the transport. Idempotent."""
         self.end_streams()
-        await background.stop(self._sweep_task)
-        self._sweep_task = None
         await self.transport.close()
 
     @contextlib.asynccontextmanager
@@ -114,11 +106,6 @@ class SubscriptionHub:
                 if not topic.listening:
                     await self.transport.listen(license_id)
                     topic.listening = True
-                if self._sweep is not None:
-                    # Baseline read after the transport listens (a no-op once followed): anything
-                    # committed later is delivered live or found by the sweep; anything before is
-                    # in the client's replay. Never from a client's Last-Event-ID, which may lie.
-                    await self._sweep.follow(license_id)
             yield sub
         finally:
             topic.subs.discard(sub)
@@ -132,33 +119,12 @@ class SubscriptionHub:
                 return
             if self._topics.get(license_id) is topic:
                 del self._topics[license_id]
-            if self._sweep is not None:
-                self._sweep.unfollow(license_id)
             if topic.listening:
                 topic.listening = False
                 try:
                     await self.transport.unlisten(license_id)
                 except Exception as exc:
                     log.warning("unlisten %s failed: %s", license_id, exc)
-
-    def _on_message(self, license_id: str, payload: bytes) -> None:
-        try:
-            event = LicenseEvent.from_json(payload)
-        except Exception:
-            log.warning("dropped a malformed message for license %s", license_id)
-            return
-        if event.license_id != license_id:
-            return
-        if self._sweep is not None:
-            self._sweep.note(license_id, event.seq)
-        self._fan_out(event)
-
-    def _on_swept(self, license_id: str, payload: bytes) -> None:
-        self._fan_out(LicenseEvent.from_json(payload))
-
-    def _on_gap(self) -> None:
-        if self._sweep is not None:
-            self._sweep.wake()
 
     def _fan_out(self, event: LicenseEvent) -> None:
         topic = self._topics.get(event.license_id)

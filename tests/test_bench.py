@@ -11,7 +11,7 @@ import pytest
 
 from bench.__main__ import BenchConfig, run
 from bench.report import COLUMNS, summary, write_json
-from tests.conftest import ADMIN_URL, _psycopg_connect, unavailable
+from tests.support.services import ADMIN_URL, psycopg_connect, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def admin_url() -> str:
     try:
-        _psycopg_connect(ADMIN_URL).close()
+        psycopg_connect(ADMIN_URL).close()
     except psycopg.OperationalError as exc:
         unavailable("Postgres", exc)
     return ADMIN_URL

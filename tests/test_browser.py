@@ -10,7 +10,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.conftest import CI, ROOT, Process, new_license, process_env, signed, token_for, wait_until
+from tests.support.licenses import new_license, signed, token_for
+from tests.support.processes import ROOT, Process, process_env
+from tests.support.services import CI
+from tests.support.waiting import wait_until
 from webhook.samples import SampleEvents
 
 CHROMIUM = "/usr/bin/chromium"

@@ -14,7 +14,10 @@ from license_broker_client import LicenseClient
 
 from broker import tokens
 from broker.settings import Settings
-from tests.conftest import ADMIN_URL, ROOT, TOKEN_SECRET, Process, _psycopg_connect, wait_until
+from tests.support.licenses import TOKEN_SECRET
+from tests.support.processes import ROOT, Process
+from tests.support.services import ADMIN_URL, psycopg_connect
+from tests.support.waiting import wait_until
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -30,7 +33,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_migrate_creates_the_schema_and_is_idempotent(postgres_url: str) -> None:
     name = f"lb_migrate_{uuid.uuid4().hex[:8]}"
-    with _psycopg_connect(ADMIN_URL) as admin:
+    with psycopg_connect(ADMIN_URL) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
     try:
@@ -38,13 +41,13 @@ def test_migrate_creates_the_schema_and_is_idempotent(postgres_url: str) -> None
         second = cli("migrate", env={"DATABASE_URL": url})
         assert first.returncode == 0, first.stderr
         assert second.returncode == 0, second.stderr
-        with _psycopg_connect(url) as conn:
+        with psycopg_connect(url) as conn:
             tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
             version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
         assert {"licenses", "stripe_events", "subscription_event_logs", "alembic_version"} <= tables
         assert version is not None
     finally:
-        with _psycopg_connect(ADMIN_URL) as admin:
+        with psycopg_connect(ADMIN_URL) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -14,17 +14,9 @@ import pytest
 from license_broker_client import LicenseClient, Unauthorized
 
 from license_broker.embedded import create_app
-from tests.conftest import (
-    Process,
-    async_wait_until,
-    free_port,
-    make_settings,
-    new_license,
-    post_event,
-    process_env,
-    serving,
-    token_for,
-)
+from tests.support.licenses import make_settings, new_license, post_event, token_for
+from tests.support.processes import Process, process_env, serving
+from tests.support.waiting import async_wait_until, free_port
 from webhook.samples import SampleEvents
 
 

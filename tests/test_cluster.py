@@ -19,18 +19,11 @@ from broker.db import create_engine
 from broker.settings import ClusterAddress, Settings, SettingsError, parse_cluster_url
 from broker.transports.base import channel
 from broker.transports.redis_cluster import RedisClusterTransport
-from tests.conftest import (
-    Harness,
-    LocalCluster,
-    Process,
-    async_wait_until,
-    free_port,
-    new_license,
-    post_event,
-    process_env,
-    token_for,
-    wait_until,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.licenses import new_license, post_event, token_for
+from tests.support.processes import Process, process_env
+from tests.support.transports import Harness
+from tests.support.waiting import async_wait_until, free_port, wait_until
 from webhook.samples import SampleEvents
 
 pytestmark = pytest.mark.slow
@@ -99,10 +92,11 @@ async def test_a_master_failover_resubscribes_on_the_new_master_and_reports_the_
 
 
 async def collect(client: LicenseClient, until: int, into: list[int]) -> None:
-    async for event in client:
-        into.append(event["seq"])
-        if event["seq"] >= until:
-            return
+    async with contextlib.aclosing(aiter(client)) as events:
+        async for event in events:
+            into.append(event["seq"])
+            if event["seq"] >= until:
+                return
 
 
 async def test_every_client_of_two_stream_processes_gets_every_event_across_a_master_failover(

@@ -19,7 +19,8 @@ from sqlalchemy.engine import make_url
 
 from broker.settings import Settings, SettingsError
 from license_broker.cli import parser
-from tests.conftest import ROOT, Process, free_port, unavailable, wait_until
+from tests.conftest import free_port, unavailable, wait_until
+from tests.support.processes import ROOT, Process
 
 # What a user puts in .env next to compose.yaml.
 SECRETS = {

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from license_broker_client import LicenseClient
 
-from tests.conftest import Process, new_license, post_event, process_env, token_for
+from tests.support.licenses import new_license, post_event, token_for
+from tests.support.processes import Process, process_env
 from webhook.samples import SampleEvents
 
 

@@ -14,25 +14,20 @@ import pytest
 from license_broker_client import LicenseClient
 
 from broker.db import create_engine
-from broker.eventlog import EventLog
+from broker.eventlog import EventLog, LicenseEvent
 from broker.licenses import LicenseStore
 from broker.settings import Settings
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
+from broker.transports.sweep import DatabaseSweep
+from broker.transports.swept import SweptTransport
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
-from tests.conftest import (
-    Process,
-    RedisServer,
-    TcpProxy,
-    append,
-    async_wait_until,
-    make_settings,
-    new_license,
-    post_event,
-    process_env,
-    token_for,
-)
+from tests.support.faults import RedisServer, TcpProxy
+from tests.support.licenses import append, make_settings, new_license, post_event, token_for
+from tests.support.processes import Process, process_env
+from tests.support.transports import RecordingTransport
+from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
 
 
@@ -114,9 +109,9 @@ async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothin
 async def test_transactions_that_commit_out_of_id_order_are_all_delivered(pg_url: str) -> None:
     """A poller that followed a global id would skip the first transaction (lower id, later commit)."""
     engine = create_engine(Settings(database_url=pg_url))
-    transport = PollTransport(EventLog(engine), interval=0.05)
-    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-    await transport.start(lambda lid, payload: got.put_nowait((lid, payload)), lambda: None)
+    transport = PollTransport(DatabaseSweep(EventLog(engine), interval=0.05))
+    got: asyncio.Queue[LicenseEvent] = asyncio.Queue()
+    await transport.start(got.put_nowait)
     slow, fast = new_license(), new_license()
     await transport.listen(slow)
     await transport.listen(fast)
@@ -129,8 +124,8 @@ async def test_transactions_that_commit_out_of_id_order_are_all_delivered(pg_url
                 conn, slow, 1, row.state, stripe_event_id=None, stripe_event_type="t", occurred_at=datetime.now(UTC)
             )
             await append(engine, fast, "active")  # takes a higher id, commits first
-            assert (await asyncio.wait_for(got.get(), 5))[0] == fast
-        assert (await asyncio.wait_for(got.get(), 5))[0] == slow  # committed last, still found
+            assert (await asyncio.wait_for(got.get(), 5)).license_id == fast
+        assert (await asyncio.wait_for(got.get(), 5)).license_id == slow  # committed last, still found
     finally:
         await transport.close()
         await engine.dispose()
@@ -138,10 +133,10 @@ async def test_transactions_that_commit_out_of_id_order_are_all_delivered(pg_url
 
 async def hub_and_stream(pg_url: str, **changes: object):  # type: ignore[no-untyped-def]
     engine = create_engine(Settings(database_url=pg_url))
-    transport = MemoryTransport()
+    transport = RecordingTransport()
     events = EventLog(engine)
     settings = make_settings(pg_url, **changes)
-    hub = SubscriptionHub(transport, events, buffer=settings.client_buffer, sweep_interval=1)
+    hub = SubscriptionHub(transport, buffer=settings.client_buffer)
     await hub.start()
     return engine, transport, events, settings, hub
 
@@ -171,16 +166,16 @@ async def test_a_live_message_that_skips_ahead_makes_the_stream_fetch_the_gap_fi
 
 
 async def test_a_client_that_leaves_in_the_middle_of_a_replay_releases_everything(pg_url: str) -> None:
-    engine, _, events, settings, hub = await hub_and_stream(pg_url, replay_batch=10)
+    engine, transport, events, settings, hub = await hub_and_stream(pg_url, replay_batch=10)
     license_id = new_license()
     for _ in range(50):
         await append(engine, license_id)
     stream = license_stream(events, hub, settings, license_id, 0)
     await anext(stream)
     assert [seq_of(await anext(stream)) for _ in range(15)] == list(range(1, 16))
-    assert hub.clients == 1
+    assert transport.listened == {license_id}
     await stream.aclose()
-    assert hub.clients == 0
+    assert transport.listened == set()
     assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     await hub.close()
     await engine.dispose()
@@ -287,7 +282,8 @@ async def test_every_lost_message_arrives_through_the_sweep_even_beside_a_client
     engine = create_engine(Settings(database_url=pg_url))
     events = EventLog(engine)
     settings = make_settings(pg_url, heartbeat_interval=30)
-    hub = SubscriptionHub(LosingTransport(), events, buffer=16, sweep_interval=0.05)
+    transport = SweptTransport(LosingTransport(), DatabaseSweep(events, interval=0.05))
+    hub = SubscriptionHub(transport, buffer=16)
     await hub.start()
     license_id = new_license()
     liar = license_stream(events, hub, settings, license_id, 9999)  # claims events that don't exist
@@ -297,7 +293,7 @@ async def test_every_lost_message_arrives_through_the_sweep_even_beside_a_client
         await anext(liar)
         assert seq_of(await anext(liar)) == 0  # brought back to the license's current state
         waiting = asyncio.create_task(anext(liar))  # then waits for live events
-        await async_wait_until(lambda: license_id in hub._sweep.known, what="the sweep to follow")  # type: ignore[union-attr]
+        await async_wait_until(lambda: license_id in transport.sweep.known, what="the sweep to follow")
         topic = hub._topics[license_id]
         await async_wait_until(lambda: any(sub.queue._getters for sub in topic.subs), what="the liar to wait live")  # type: ignore[attr-defined]
         await anext(honest)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from broker.schema import metadata
 from stream.app import create_app as create_stream_app
-from tests.conftest import TOKEN_SECRET, WEBHOOK_SECRET, _psycopg_connect, make_settings, serving
+from tests.conftest import TOKEN_SECRET, WEBHOOK_SECRET, make_settings, psycopg_connect, serving
 from webhook.app import create_app as create_webhook_app
 from webhook.signature import sign
 
@@ -142,7 +142,7 @@ def signed_headers(body: bytes) -> dict[str, str]:
 
 
 def rows_written(url: str) -> dict[str, int]:
-    with _psycopg_connect(url) as conn:
+    with psycopg_connect(url) as conn:
         counts = {t.name: conn.execute(f"SELECT count(*) FROM {t.name}").fetchone() for t in metadata.sorted_tables}
     return {name: int(row[0]) if row else 0 for name, row in counts.items() if row and row[0]}
 

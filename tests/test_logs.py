@@ -16,21 +16,17 @@ import pytest
 
 from broker.requestlog import redact
 from license_broker.embedded import create_app
-from tests.conftest import (
-    ROOT,
+from tests.support.licenses import (
     TOKEN_SECRET,
     WEBHOOK_SECRET,
-    Process,
-    free_port,
     make_settings,
     new_license,
     post_event,
-    process_env,
-    serving,
     signed,
     token_for,
-    wait_until,
 )
+from tests.support.processes import ROOT, Process, process_env, serving
+from tests.support.waiting import free_port, wait_until
 from webhook.samples import SampleEvents
 
 

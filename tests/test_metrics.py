@@ -10,7 +10,9 @@ from license_broker_client import LicenseClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from license_broker.embedded import create_app
-from tests.conftest import async_wait_until, make_settings, new_license, post_event, serving, token_for
+from tests.support.licenses import make_settings, new_license, post_event, token_for
+from tests.support.processes import serving
+from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

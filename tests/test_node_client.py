@@ -13,7 +13,9 @@ from pathlib import Path
 
 from broker.leases import LeaseKeys, public_pem
 from license_broker.embedded import create_app
-from tests.conftest import ROOT, make_settings, serving, unavailable
+from tests.support.licenses import make_settings
+from tests.support.processes import ROOT, serving
+from tests.support.services import unavailable
 
 JS = ROOT / "clients" / "js"
 EXAMPLE = ROOT / "examples" / "electron"
@@ -79,7 +81,9 @@ async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> st
     return report
 
 
-async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(sqlite_url: str, tmp_path: Path) -> None:
+async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     node_tests()
     app = tmp_path / "electron"
     app.mkdir()

@@ -16,7 +16,9 @@ import pytest
 from broker.leases import LeaseKeys
 from broker.settings import SettingsError
 from license_broker.embedded import create_app
-from tests.conftest import ROOT, make_settings, new_license, post_event, serving, token_for, unavailable
+from tests.support.licenses import make_settings, new_license, post_event, token_for
+from tests.support.processes import ROOT, serving
+from tests.support.services import unavailable
 from webhook.samples import SampleEvents
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -17,7 +17,8 @@ from broker.eventlog import EventLog
 from broker.retention import prune_event_log
 from broker.schema import subscription_event_logs
 from broker.settings import Settings, SettingsError
-from tests.conftest import ROOT, append, new_license
+from tests.support.licenses import append, new_license
+from tests.support.processes import ROOT
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ from tests.conftest import (
     ADMIN_URL,
     ROOT,
     Process,
-    _psycopg_connect,
     make_settings,
     new_license,
     post_event,
     process_env,
+    psycopg_connect,
     serving,
     wait_until,
 )
@@ -102,12 +102,12 @@ def empty_database() -> Iterator[str]:
     """A Postgres database without the schema: every statement of the webhook fails."""
     name = f"lb_empty_{uuid.uuid4().hex[:8]}"
     try:
-        with _psycopg_connect(ADMIN_URL) as admin:
+        with psycopg_connect(ADMIN_URL) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
     except Exception as exc:  # the shared fixtures skip (or fail under CI) the same way
         pytest.skip(f"Postgres is not available: {exc}")
     yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with _psycopg_connect(ADMIN_URL) as admin:
+    with psycopg_connect(ADMIN_URL) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import subprocess
@@ -8,8 +9,9 @@ import sys
 import pytest
 
 from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
+from license_broker import cli
 from license_broker.cli import parser
-from tests.conftest import ROOT
+from tests.support.processes import ROOT
 
 
 def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:
@@ -67,11 +69,45 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
         ({"METRICS_PORT": "metrics"}, "METRICS_PORT"),
         ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "0"}, "PORT"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=f"^{named}:"):
         Settings.from_env(env)
+
+
+def test_the_servers_listen_work_and_log_as_the_environment_says() -> None:
+    assert Settings.from_env({}).port is None
+    settings = Settings.from_env(
+        {"HOST": "0.0.0.0", "PORT": "9000", "WEB_CONCURRENCY": "3", "LOG_FORMAT": "JSON", "LOG_LEVEL": "debug"}
+    )
+    assert (settings.port, settings.workers) == (9000, 3)  # HOST is never read: --host only
+    assert (settings.log_format, settings.log_level) == ("json", "DEBUG")
+
+
+def test_the_command_line_overrides_the_settings_and_each_command_has_its_own_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[str, int, int | None]] = []
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        seen.append((args.host, args.port, getattr(args, "workers", None)))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_stream", run)
+    monkeypatch.setattr(cli, "cmd_webhook", run)
+    for name in ("HOST", "PORT", "WEB_CONCURRENCY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["stream"]) == cli.main(["webhook", "--port", "7001"]) == 0
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    assert cli.main(["stream", "--workers", "2"]) == 0
+    assert seen == [("127.0.0.1", 8002, 1), ("127.0.0.1", 7001, 1), ("127.0.0.1", 8002, 2)]
 
 
 def test_secrets_have_no_default_outside_development() -> None:

@@ -13,7 +13,9 @@ from collections.abc import Callable
 import httpx
 from license_broker_client import LicenseClient
 
-from tests.conftest import Process, RedisServer, new_license, post_event, process_env, token_for
+from tests.support.faults import RedisServer
+from tests.support.licenses import new_license, post_event, token_for
+from tests.support.processes import Process, process_env
 from webhook.samples import SampleEvents
 
 LICENSES = 6

@@ -14,7 +14,9 @@ from broker.db import create_engine
 from broker.eventlog import EventLog
 from broker.licenses import LicenseStore
 from broker.settings import Settings
-from tests.conftest import Process, _psycopg_connect, new_license, process_env, token_for
+from tests.support.licenses import new_license, token_for
+from tests.support.processes import Process, process_env
+from tests.support.services import psycopg_connect
 
 CLIENTS = 1000
 LICENSES = 100
@@ -50,7 +52,7 @@ async def test_a_thousand_clients_reconnecting_at_once_are_all_caught_up_within_
     async def watch_connections() -> None:
         nonlocal peak
         while True:
-            with _psycopg_connect(pg_url) as conn:
+            with psycopg_connect(pg_url) as conn:
                 row = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
                 ).fetchone()

@@ -12,11 +12,11 @@ import httpx
 from broker import metrics
 from license_broker.embedded import create_app
 from tests.conftest import (
-    _psycopg_connect,
     async_wait_until,
     make_settings,
     new_license,
     post_event,
+    psycopg_connect,
     serving,
     token_for,
 )
@@ -27,7 +27,7 @@ POOL = 4
 
 def lock_waiters(url: str) -> int:
     database = url.rsplit("/", 1)[1]
-    with _psycopg_connect(url) as conn:
+    with psycopg_connect(url) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (database,)
         ).fetchone()
@@ -51,7 +51,7 @@ async def test_a_webhook_commits_at_once_while_a_storm_of_streams_holds_up_its_r
                 first_states.append(line)
 
         # Every read of the event log waits while this lock is held: the slowest storm there is.
-        blocker = _psycopg_connect(pg_url)
+        blocker = psycopg_connect(pg_url)
         try:
             with blocker.transaction():
                 blocker.execute("LOCK TABLE subscription_event_logs IN ACCESS EXCLUSIVE MODE")

@@ -15,11 +15,12 @@ from broker import metrics, tokens
 from broker.db import create_engine
 from broker.eventlog import EventLog
 from broker.settings import Settings
-from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
-from tests.conftest import TOKEN_SECRET, append, make_settings, new_license, post_event, serving, token_for
+from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
+from tests.support.processes import serving
+from tests.support.transports import RecordingTransport
 from webhook.samples import SampleEvents
 
 
@@ -167,9 +168,9 @@ async def test_an_event_committed_during_the_replay_is_sent_once(pg_url: str, ba
     """Subscribe, replay, then live: an event that commits while the replay runs is both read
     from the database and queued live, and must reach the client exactly once."""
     engine = create_engine(Settings(database_url=pg_url))
-    transport = MemoryTransport()
+    transport = RecordingTransport()
     events = EventLog(engine)
-    hub = SubscriptionHub(transport, events, buffer=64, sweep_interval=1)
+    hub = SubscriptionHub(transport, buffer=64)
     await hub.start()
     license_id = new_license()
     for status in ("active", "past_due", "active"):
@@ -186,10 +187,11 @@ async def test_an_event_committed_during_the_replay_is_sent_once(pg_url: str, ba
         after = await append(engine, license_id, "active")
         await transport.publish(license_id, after.data)
         chunks.append(await asyncio.wait_for(anext(stream), 5))
+        await stream.aclose()
+        assert transport.listened == set()  # the last client gone, the hub let go of the license
     finally:
         await stream.aclose()
         await hub.close()
         await engine.dispose()
     ids = [int(chunk.split(b"\n", 1)[0].removeprefix(b"id: ")) for chunk in chunks]
     assert ids == [1, 2, 3, 4, 5]
-    assert hub.clients == 0

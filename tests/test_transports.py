@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
 
 from broker.db import create_engine
+from broker.eventlog import EventLog
 from broker.settings import Settings
+from broker.transports.base import GapHandler, MessageHandler, ignore_gap
+from broker.transports.memory import MemoryTransport
 from broker.transports.redis import RedisTransport
-from tests.conftest import Harness, new_license
+from broker.transports.sweep import DatabaseSweep
+from broker.transports.swept import SweptTransport
+from tests.support.licenses import append, new_license
+from tests.support.transports import Harness
 
 
 async def test_a_message_published_after_listen_reaches_the_handler(harness: Harness) -> None:
@@ -90,3 +97,84 @@ async def test_redis_reconnects_resubscribes_and_reports_the_gap(redis_server, p
     finally:
         await transport.close()
         await engine.dispose()
+
+
+class LossyTransport(MemoryTransport):
+    """Delivers only while `up`, as Redis pub/sub does; `reconnect` reports the gap."""
+
+    reliable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = True
+        self._on_gap: GapHandler = ignore_gap
+
+    async def start(self, on_message: MessageHandler, on_gap: GapHandler = ignore_gap) -> None:
+        await super().start(on_message)
+        self._on_gap = on_gap
+
+    async def publish(self, license_id: str, payload: bytes) -> None:
+        if self.up:
+            await super().publish(license_id, payload)
+
+    def reconnect(self) -> None:
+        self.up = True
+        self._on_gap()
+
+
+@pytest.fixture
+async def swept(pg_url: str) -> AsyncIterator[tuple[SweptTransport, LossyTransport, Harness]]:
+    """A lossy transport with the sweep under it; the sweep's interval longer than any test, so
+    that what it delivers it delivers because it was woken or called."""
+    engine = create_engine(Settings(database_url=pg_url))
+    inner = LossyTransport()
+    transport = SweptTransport(inner, DatabaseSweep(EventLog(engine), interval=60))
+    h = Harness(transport, engine)
+    await transport.start(h.on_message)
+    try:
+        yield transport, inner, h
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+async def test_what_a_lossy_transport_loses_the_sweep_delivers_at_once_after_the_gap(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, inner, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    assert (await h.commit_and_publish(license_id)).seq == (await h.next()).seq == 1  # live
+    inner.up = False
+    await h.commit_and_publish(license_id)
+    await h.commit_and_publish(license_id, "past_due")  # both lost on the way
+    inner.reconnect()
+    assert [(await h.next()).seq for _ in range(2)] == [2, 3]  # from the database
+
+
+async def test_the_sweep_does_not_fetch_again_what_arrived_live(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, _, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    for status in ("active", "past_due"):
+        await h.commit_and_publish(license_id, status)
+    assert [(await h.next()).seq for _ in range(2)] == [1, 2]
+    assert await transport.sweep.sweep_once() == 0
+    assert h.received.empty()
+
+
+async def test_the_sweep_follows_from_the_database_not_from_before_listen(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    """Events committed before listen() are the client's replay, not the sweep's."""
+    transport, inner, h = swept
+    license_id = new_license()
+    await append(h.engine, license_id)
+    await transport.listen(license_id)
+    assert await transport.sweep.sweep_once() == 0
+    inner.up = False
+    await h.commit_and_publish(license_id)
+    assert await transport.sweep.sweep_once() == 1
+    assert (await h.next()).seq == 2

@@ -15,7 +15,9 @@ from prometheus_client import REGISTRY
 from broker.db import create_engine
 from broker.schema import licenses, stripe_events, subscription_event_logs
 from broker.settings import Settings
-from tests.conftest import WEBHOOK_SECRET, count_rows, make_settings, new_license, post_event, serving, signed
+from tests.support.licenses import WEBHOOK_SECRET, make_settings, new_license, post_event, signed
+from tests.support.processes import serving
+from tests.support.services import count_rows
 from webhook.app import create_app
 from webhook.samples import SampleEvents
 from webhook.signature import sign

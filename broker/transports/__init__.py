@@ -1,29 +1,38 @@
-"""Transports, chosen by name (BROKER_TRANSPORT); each module imported only when chosen."""
+"""Transports, chosen by name (BROKER_TRANSPORT); each backend imported only when chosen."""
 
 from __future__ import annotations
 
 from broker.eventlog import EventLog
 from broker.settings import Settings
 from broker.transports.base import GapHandler, MessageHandler, Transport, channel
+from broker.transports.sweep import DatabaseSweep
+from broker.transports.swept import SweptTransport
 
 __all__ = ["GapHandler", "MessageHandler", "Transport", "channel", "create_transport"]
 
 
 def create_transport(settings: Settings, events: EventLog) -> Transport:
-    if settings.transport == "redis" and settings.redis_cluster:
-        from broker.transports.redis_cluster import RedisClusterTransport
+    """The transport the settings name; a lossy one with the database sweep underneath."""
+    transport = _named(settings, events)
+    if transport.reliable:
+        return transport
+    return SweptTransport(transport, DatabaseSweep(events, settings.poll_interval))
 
-        assert settings.redis_url is not None
-        return RedisClusterTransport(settings.redis_url)
+
+def _named(settings: Settings, events: EventLog) -> Transport:
     if settings.transport == "redis":
+        assert settings.redis_url is not None
+        if settings.redis_cluster:
+            from broker.transports.redis_cluster import RedisClusterTransport
+
+            return RedisClusterTransport(settings.redis_url)
         from broker.transports.redis import RedisTransport
 
-        assert settings.redis_url is not None
         return RedisTransport(settings.redis_url)
     if settings.transport == "poll":
         from broker.transports.poll import PollTransport
 
-        return PollTransport(events, settings.poll_interval)
+        return PollTransport(DatabaseSweep(events, settings.poll_interval))
     from broker.transports.memory import MemoryTransport
 
     return MemoryTransport()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-# Called with (license_id, payload) for each message; never concurrently, must not block.
-MessageHandler = Callable[[str, bytes], None]
-# Called after the transport may have lost messages (a reconnect): the hub sweeps the database.
+from broker.eventlog import LicenseEvent
+
+log = logging.getLogger("broker.transports")
+
+# Called with each event the transport delivers; never concurrently, must not block.
+MessageHandler = Callable[[LicenseEvent], None]
+# Called after the transport may have lost messages (a reconnect): SweptTransport sweeps then.
 GapHandler = Callable[[], None]
 
 
@@ -15,28 +20,48 @@ def channel(license_id: str) -> str:
     return f"license:{license_id}"
 
 
+def ignore_gap() -> None:
+    """The gap handler of a caller that needs none (the transport below it is reliable)."""
+
+
+def decode(license_id: str, payload: bytes) -> LicenseEvent | None:
+    """The event a message of license `license_id` carries, or None (logged) if it carries none:
+    parsed once here, where it comes off the wire, never per client."""
+    try:
+        event = LicenseEvent.from_json(payload)
+    except Exception:
+        log.warning("dropped a malformed message for license %s", license_id)
+        return None
+    if event.license_id != license_id:
+        log.warning("dropped a message of license %s sent for license %s", event.license_id, license_id)
+        return None
+    return event
+
+
 class Transport(ABC):
     """Carries event payloads (the JSON of one LicenseEvent) between processes.
 
     Contract:
-    - `publish` is called after the commit. Delivery is at most once: a transport may lose a
-      message (Redis pub/sub does, during an outage), so the stream never relies on it alone:
-      it fetches gaps and sweeps the database (stream.hub).
-    - After `listen(license_id)` returns, messages published for that license reach the handler
-      given to `start` (unless lost as above). `listen`/`unlisten` are reference-free: the hub
-      counts its clients and calls each once per license.
+    - `publish` is called after the commit. A lossy transport (`reliable = False`: Redis pub/sub
+      loses what is published while its subscriber is disconnected) is never used alone:
+      `create_transport` puts it inside a SweptTransport, whose database sweep finds what it
+      loses. A reliable transport delivers every committed event to its handler, possibly twice
+      or out of order (the stream skips seqs already sent and fetches gaps: stream.catchup).
+    - After `listen(license_id)` returns, events committed for that license reach the handler
+      given to `start`. `listen`/`unlisten` are reference-free: the hub counts its clients and
+      calls each once per license.
     - `start` and `close` own the transport's connections and tasks; `close` is safe to call twice.
     - Publish-only users (the webhook) never call `start`.
     """
 
     name: str = "?"
-    # True when the transport itself never loses a message (no database sweep needed on top).
+    # True when nothing committed can fail to reach the handler (no database sweep needed on top).
     reliable: bool = False
 
     async def connect(self) -> None:
         """Open what publishing needs."""
 
-    async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
+    async def start(self, on_message: MessageHandler, on_gap: GapHandler = ignore_gap) -> None:
         """Begin receiving (stream processes)."""
 
     @abstractmethod

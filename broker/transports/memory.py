@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.transports.base import GapHandler, MessageHandler, Transport
+from broker.transports.base import GapHandler, MessageHandler, Transport, decode, ignore_gap
 
 
 class MemoryTransport(Transport):
@@ -15,12 +15,14 @@ class MemoryTransport(Transport):
         self._handler: MessageHandler | None = None
         self._listening: set[str] = set()
 
-    async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
+    async def start(self, on_message: MessageHandler, on_gap: GapHandler = ignore_gap) -> None:
         self._handler = on_message
 
     async def publish(self, license_id: str, payload: bytes) -> None:
-        if self._handler is not None and license_id in self._listening:
-            self._handler(license_id, payload)
+        if self._handler is None or license_id not in self._listening:
+            return
+        if (event := decode(license_id, payload)) is not None:
+            self._handler(event)
 
     async def listen(self, license_id: str) -> None:
         self._listening.add(license_id)

@@ -1,63 +1,44 @@
 """Redis pub/sub: the fast path. One subscriber connection per process carries every channel.
 
 Redis pub/sub is at most once: a message published while the subscriber is disconnected is gone.
-The stream covers that with gap fetches and the database sweep, woken by `on_gap` after every
+The database sweep under this transport (SweptTransport) finds it, woken by `on_gap` after every
 reconnect.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from broker import background, metrics
-from broker.transports.base import GapHandler, MessageHandler, Transport, channel
+from broker.transports.base import channel
+from broker.transports.subscriber import RedisSubscriber, subscriber_options
 
 log = logging.getLogger("broker.redis")
 
 # Subscribed for the life of the connection, so that the connection exists and can be read
 # even while no client follows any license.
 CONTROL_CHANNEL = "license-broker:control"
-PREFIX = b"license:"
 
 
-class RedisTransport(Transport):
+class RedisTransport(RedisSubscriber):
     name = "redis"
 
     def __init__(
         self, url: str, *, subscribe_timeout: float = 2.0, max_backoff: float = 5.0, publish_backoff: float = 1.0
     ) -> None:
+        super().__init__(subscribe_timeout=subscribe_timeout, max_backoff=max_backoff)
         self.url = url
         self.publish_backoff = publish_backoff
         self._publish_down_until = 0.0
-        self.subscribe_timeout = subscribe_timeout
-        self.max_backoff = max_backoff
         self._client: aioredis.Redis | None = None
-        self._pubsub: Any = None  # redis.asyncio.client.PubSub while connected
-        self._channels: set[str] = set()
-        self._pending: dict[str, asyncio.Future[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._on_message: MessageHandler | None = None
-        self._on_gap: GapHandler | None = None
+        self._pubsub: Any = None  # redis.asyncio.client.PubSub while subscribed
 
     def _new_client(self) -> aioredis.Redis:
-        # No hidden retries: a failure surfaces at once and our own loop backs off and reconnects.
-        return aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=2,
-            socket_timeout=2,
-            socket_keepalive=True,
-            health_check_interval=10,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return aioredis.Redis.from_url(self.url, **subscriber_options())
 
     async def connect(self) -> None:
         if self._client is None:
@@ -76,22 +57,9 @@ class RedisTransport(Transport):
             self._publish_down_until = time.monotonic() + self.publish_backoff
             raise
 
-    async def check(self) -> bool:
-        await self.connect()
+    async def _ping(self) -> object:
         assert self._client is not None
-        try:
-            return bool(await asyncio.wait_for(self._client.ping(), 2))
-        except Exception:
-            return False
-
-    async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
-        await self.connect()
-        self._on_message, self._on_gap = on_message, on_gap
-        ready = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(ready), name="redis-subscriber")
-        # Wait for the first connection, but start anyway if Redis is down: the sweep serves.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(ready), self.subscribe_timeout)
+        return await self._client.ping()
 
     async def listen(self, license_id: str) -> None:
         name = channel(license_id)
@@ -99,16 +67,13 @@ class RedisTransport(Transport):
         pubsub = self._pubsub
         if pubsub is None:
             return  # disconnected: subscribed on reconnect, the sweep covers the meantime
-        confirmed = self._pending.get(name)
-        if confirmed is None:
-            confirmed = self._pending[name] = asyncio.get_running_loop().create_future()
+        confirmed = self._expect(name)
         try:
             await pubsub.subscribe(name)
-            # Wait for Redis to confirm, so that the caller's replay from the database starts
-            # only once nothing published from now on can be missed.
-            await asyncio.wait_for(asyncio.shield(confirmed), self.subscribe_timeout)
         except Exception as exc:
-            log.warning("subscribe to %s not confirmed: %s", name, exc)
+            log.warning("subscribe to %s failed: %s", name, exc)
+            return
+        await self._until_confirmed(name, confirmed)
 
     async def unlisten(self, license_id: str) -> None:
         name = channel(license_id)
@@ -118,74 +83,40 @@ class RedisTransport(Transport):
             with contextlib.suppress(Exception):
                 await pubsub.unsubscribe(name)
 
-    async def _run(self, ready: asyncio.Future[None]) -> None:
-        backoff = 0.05
-        first = True
-        while True:
-            pubsub = self._new_client().pubsub()
-            try:
-                initial = set(self._channels)
-                await pubsub.subscribe(CONTROL_CHANNEL, *initial)
-                self._pubsub = pubsub
-                self._publish_down_until = 0.0  # Redis answers again
-                # Channels that clients added while we were subscribing; later ones subscribe themselves.
-                if missing := self._channels - initial:
-                    await pubsub.subscribe(*missing)
-                metrics.TRANSPORT_UP.labels("redis").set(1)
-                if not first:
-                    log.info("redis subscriber reconnected (%d channels)", len(self._channels))
-                    assert self._on_gap is not None
-                    self._on_gap()  # whatever was published while we were away is in the database
-                first = False
-                if not ready.done():
-                    ready.set_result(None)
-                backoff = 0.05
-                await self._read(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._pubsub is not None or first:
-                    log.warning("redis subscriber lost: %s", exc)
-                first = False
-                self._pubsub = None
-                metrics.TRANSPORT_UP.labels("redis").set(0)
-                self._fail_pending(exc)
-                # Exponential backoff with full jitter, so that many processes do not reconnect in step.
-                await asyncio.sleep(random.uniform(0, backoff))
-                backoff = min(backoff * 2, self.max_backoff)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _subscribe_all(self, *, first: bool) -> bool:
+        pubsub = self._new_client().pubsub()
+        try:
+            initial = set(self._channels)
+            await pubsub.subscribe(CONTROL_CHANNEL, *initial)
+            self._pubsub = pubsub
+            self._publish_down_until = 0.0  # Redis answers again
+            # Channels that clients added while we were subscribing; later ones subscribe themselves.
+            if missing := self._channels - initial:
+                await pubsub.subscribe(*missing)
+        except BaseException as exc:
+            await self._lost(pubsub, exc)
+            raise
+        return True  # a reconnect: whatever was published meanwhile is gone
 
-    async def _read(self, pubsub: Any) -> None:
-        on_message = self._on_message
-        assert on_message is not None
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            if message is None:
-                continue
-            kind = message["type"]
-            name: bytes = message["channel"]
-            if kind == "message":
-                if name.startswith(PREFIX):
-                    on_message(name[len(PREFIX) :].decode(), message["data"])
-            elif kind == "subscribe":
-                confirmed = self._pending.pop(name.decode(), None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
+    async def _serve(self) -> None:
+        pubsub = self._pubsub
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self._handled(message)
+        except BaseException as exc:
+            await self._lost(pubsub, exc)
+            raise
 
-    def _fail_pending(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved here so an unawaited one logs nothing
-        self._pending.clear()
+    async def _lost(self, pubsub: Any, exc: BaseException) -> None:
+        self._pubsub = None
+        self._fail_pending(exc if isinstance(exc, Exception) else ConnectionError("closed"))
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
 
-    async def close(self) -> None:
-        await background.stop(self._task)
-        self._task = None
+    async def _disconnect(self) -> None:
         self._pubsub = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        metrics.TRANSPORT_UP.labels("redis").set(0)

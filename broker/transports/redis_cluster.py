@@ -22,25 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from broker import background, metrics
+from broker import background
 from broker.settings import parse_cluster_url
-from broker.transports.base import GapHandler, MessageHandler, Transport, channel
+from broker.transports.base import channel
+from broker.transports.subscriber import RedisSubscriber, subscriber_options
 
 log = logging.getLogger("broker.redis_cluster")
-
-PREFIX = b"license:"
-METRIC = "redis-cluster"
 
 
 class _Shard:
@@ -63,7 +60,7 @@ class _Shard:
             await self.client.aclose()
 
 
-class RedisClusterTransport(Transport):
+class RedisClusterTransport(RedisSubscriber):
     name = "redis-cluster"
 
     def __init__(
@@ -74,34 +71,21 @@ class RedisClusterTransport(Transport):
         max_backoff: float = 5.0,
         refresh_interval: float = 30.0,
     ) -> None:
+        super().__init__(subscribe_timeout=subscribe_timeout, max_backoff=max_backoff)
         self.address = parse_cluster_url(url)
-        self.subscribe_timeout = subscribe_timeout
-        self.max_backoff = max_backoff
         # Failovers and slot moves are noticed at once (a broken connection, a server-side
         # sunsubscribe, a MOVED); the periodic refresh is for what is noticed by nothing.
         self.refresh_interval = refresh_interval
         self._client: RedisCluster | None = None
         self._shards: dict[str, _Shard] = {}
-        self._channels: set[str] = set()  # wanted: followed by the hub
         self._owner: dict[str, str] = {}  # channel -> name of the shard it is subscribed on
-        self._pending: dict[str, asyncio.Future[None]] = {}
         # Serialises changes to _shards/_owner between listen/unlisten and the resync.
         self._lock = asyncio.Lock()
         self._resync = asyncio.Event()
         self._lost = False  # messages may have been missed since the last successful resync
-        self._task: asyncio.Task[None] | None = None
-        self._on_message: MessageHandler | None = None
-        self._on_gap: GapHandler | None = None
 
-    def _connection_kwargs(self) -> dict[str, Any]:
-        return {
-            "username": self.address.username,
-            "password": self.address.password,
-            "ssl": self.address.ssl,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 2,
-            "socket_keepalive": True,
-        }
+    def _auth(self) -> dict[str, Any]:
+        return {"username": self.address.username, "password": self.address.password, "ssl": self.address.ssl}
 
     async def connect(self) -> None:
         if self._client is None:
@@ -110,7 +94,10 @@ class RedisClusterTransport(Transport):
                 # A publish during a failover fails within about a second and is logged by the
                 # webhook; the stream's sweep delivers the event. Longer retries only delay the 200.
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
-                **self._connection_kwargs(),
+                socket_connect_timeout=2,
+                socket_timeout=2,
+                socket_keepalive=True,
+                **self._auth(),
             )
 
     async def publish(self, license_id: str, payload: bytes) -> None:
@@ -118,23 +105,14 @@ class RedisClusterTransport(Transport):
         assert self._client is not None
         await self._client.spublish(channel(license_id), payload)
 
-    async def check(self) -> bool:
-        await self.connect()
+    async def _ping(self) -> object:
         assert self._client is not None
-        try:
-            await asyncio.wait_for(self._client.ping(target_nodes=RedisCluster.PRIMARIES), 2)
-            return True
-        except Exception:
-            return False
+        await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
+        return True
 
-    async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
-        await self.connect()
-        self._on_message, self._on_gap = on_message, on_gap
-        ready = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(ready), name="redis-cluster-subscriber")
-        # Wait for the first connections, but start anyway if the cluster is down: the sweep serves.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(ready), self.subscribe_timeout + 2)
+    @property
+    def _start_timeout(self) -> float:
+        return self.subscribe_timeout + 2  # the slot map first, then a connection per master
 
     async def listen(self, license_id: str) -> None:
         name = channel(license_id)
@@ -146,9 +124,7 @@ class RedisClusterTransport(Transport):
                 # covers the meantime.
                 self._resync.set()
                 return
-            confirmed = self._pending.get(name)
-            if confirmed is None:
-                confirmed = self._pending[name] = asyncio.get_running_loop().create_future()
+            confirmed = self._expect(name)
             shard.channels.add(name)
             self._owner[name] = shard.name
             try:
@@ -157,12 +133,8 @@ class RedisClusterTransport(Transport):
                 log.warning("ssubscribe %s on %s failed: %s", name, shard.name, exc)
                 self._shard_failed(shard)
                 return
-        try:
-            # Confirmed before the caller replays from the database, so that nothing published
-            # from now on can be missed (a MOVED answer is retried on the right node by the resync).
-            await asyncio.wait_for(asyncio.shield(confirmed), self.subscribe_timeout)
-        except Exception as exc:
-            log.warning("ssubscribe to %s not confirmed: %s", name, exc)
+        # A MOVED answer (the slot moved meanwhile) is retried on the right node by the resync.
+        await self._until_confirmed(name, confirmed)
 
     async def unlisten(self, license_id: str) -> None:
         name = channel(license_id)
@@ -192,38 +164,21 @@ class RedisClusterTransport(Transport):
         self._lost = True
         self._resync.set()
 
-    # --- the resync loop -------------------------------------------------------------------------
+    # --- the resync loop (RedisSubscriber._run) ----------------------------------------------------
 
-    async def _run(self, ready: asyncio.Future[None]) -> None:
-        backoff = 0.05
-        first = True
-        while True:
-            try:
-                lost = await self._sync(refresh=not first)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if first or not self._lost:
-                    log.warning("redis cluster subscriber: %s", exc)
-                first = False
-                self._lost = True
-                metrics.TRANSPORT_UP.labels(METRIC).set(0)
-                # Exponential backoff with full jitter, so that many processes do not retry in step.
-                await asyncio.sleep(random.uniform(0, backoff))
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            metrics.TRANSPORT_UP.labels(METRIC).set(1)
-            if lost and not first:
-                log.info("redis cluster subscriber resynced (%d channels)", len(self._channels))
-                assert self._on_gap is not None
-                self._on_gap()  # whatever was published while we were away is in the database
-            first = False
-            backoff = 0.05
-            if not ready.done():
-                ready.set_result(None)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resync.wait(), self.refresh_interval)
-            self._resync.clear()
+    async def _subscribe_all(self, *, first: bool) -> bool:
+        try:
+            return await self._sync(refresh=not first)
+        except Exception:
+            self._lost = True  # whatever failed, the next success reports a gap
+            raise
+
+    async def _serve(self) -> None:
+        # The shards' tasks read; this waits for one of them, a MOVED or a periodic refresh to ask
+        # for a resync.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._resync.wait(), self.refresh_interval)
+        self._resync.clear()
 
     async def _sync(self, *, refresh: bool) -> bool:
         """Align the shard connections with the masters and every wanted channel with its
@@ -283,10 +238,7 @@ class RedisClusterTransport(Transport):
                 # SSUBSCRIBE takes several channels only when they share a slot (else CROSSSLOT).
                 for names in by_slot.values():
                     for ch in names:
-                        future = self._pending.get(ch)
-                        if future is None:
-                            future = self._pending[ch] = asyncio.get_running_loop().create_future()
-                        confirmations.append(future)
+                        confirmations.append(self._expect(ch))
                         shard.channels.add(ch)
                         self._owner[ch] = shard.name
                     try:
@@ -300,7 +252,6 @@ class RedisClusterTransport(Transport):
             # live messages overlap rather than leave a window between them.
             await asyncio.wait(confirmations, timeout=self.subscribe_timeout)
         if problems:
-            self._lost = True
             raise ConnectionError("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
         return lost
 
@@ -310,10 +261,9 @@ class RedisClusterTransport(Transport):
             aioredis.Redis(
                 host=node.host,
                 port=int(node.port),
-                health_check_interval=10,
-                # No hidden retries: a broken connection ends the shard and the resync replaces it.
-                retry=Retry(NoBackoff(), 0),
-                **self._connection_kwargs(),
+                # A broken connection ends the shard and the resync replaces it.
+                **subscriber_options(),
+                **self._auth(),
             ),
         )
         try:
@@ -329,8 +279,6 @@ class RedisClusterTransport(Transport):
         return shard
 
     async def _read(self, shard: _Shard) -> None:
-        on_message = self._on_message
-        assert on_message is not None
         try:
             while True:
                 try:
@@ -342,18 +290,9 @@ class RedisClusterTransport(Transport):
                     self._lost = True
                     self._resync.set()
                     continue
-                if message is None:
+                if message is None or self._handled(message):
                     continue
-                kind = message["type"]
-                if kind == "smessage":
-                    name: bytes = message["channel"]
-                    if name.startswith(PREFIX):
-                        on_message(name[len(PREFIX) :].decode(), message["data"])
-                elif kind == "ssubscribe":
-                    confirmed = self._pending.pop(message["channel"].decode(), None)
-                    if confirmed is not None and not confirmed.done():
-                        confirmed.set_result(None)
-                elif kind == "sunsubscribe":
+                if message["type"] == "sunsubscribe":
                     ch = message["channel"].decode()
                     if ch in self._channels and self._owner.get(ch) == shard.name:
                         # Sent by the server when this node stops serving the slot (a failover
@@ -366,19 +305,10 @@ class RedisClusterTransport(Transport):
             raise
         except Exception as exc:
             log.warning("redis cluster shard %s lost: %s", shard.name, exc)
-            self._fail_pending(shard, exc)
+            self._fail_pending(exc, shard.channels)
             self._shard_failed(shard)
 
-    def _fail_pending(self, shard: _Shard, exc: Exception) -> None:
-        for ch in shard.channels:
-            future = self._pending.pop(ch, None)
-            if future is not None and not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved here so an unawaited one logs nothing
-
-    async def close(self) -> None:
-        await background.stop(self._task)
-        self._task = None
+    async def _disconnect(self) -> None:
         for shard in list(self._shards.values()):
             await shard.close()
         self._shards.clear()
@@ -387,4 +317,3 @@ class RedisClusterTransport(Transport):
             with contextlib.suppress(Exception):
                 await self._client.aclose()
             self._client = None
-        metrics.TRANSPORT_UP.labels(METRIC).set(0)

@@ -1,4 +1,4 @@
-"""The database sweep: the poll transport, and the safety net under lossy transports."""
+"""The database sweep: the poll transport, and the safety net under lossy ones (SweptTransport)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from broker import metrics
+from broker import background, metrics
 from broker.eventlog import EventLog
 from broker.transports.base import MessageHandler
 
@@ -24,15 +24,26 @@ class DatabaseSweep:
     would not: ids of concurrent transactions commit out of order.
     """
 
-    def __init__(self, events: EventLog, interval: float, on_message: MessageHandler) -> None:
+    def __init__(self, events: EventLog, interval: float) -> None:
         self.events = events
         self.interval = interval
-        self.on_message = on_message
         self.known: dict[str, int] = {}
         self._wake = asyncio.Event()
+        self._on_message: MessageHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, on_message: MessageHandler) -> None:
+        """Sweep every `interval` (and when woken), handing each event found to `on_message`."""
+        self._on_message = on_message
+        self._task = asyncio.create_task(self._run(), name="database-sweep")
+
+    async def stop(self) -> None:
+        """Idempotent."""
+        await background.stop(self._task)
+        self._task = None
 
     async def follow(self, license_id: str) -> None:
-        """Follow from the license's current seq (one query)."""
+        """Follow from the license's current seq (one query; nothing once followed)."""
         if license_id not in self.known:
             seqs = await self.events.latest_seqs([license_id])
             self.known.setdefault(license_id, seqs.get(license_id, 0))
@@ -50,6 +61,8 @@ class DatabaseSweep:
         self._wake.set()
 
     async def sweep_once(self) -> int:
+        on_message = self._on_message
+        assert on_message is not None, "start() first"
         found = 0
         latest = await self.events.latest_seqs(list(self.known))
         behind = {lid: seq for lid, seq in latest.items() if seq > self.known.get(lid, seq)}
@@ -60,14 +73,14 @@ class DatabaseSweep:
             for event in events:
                 if event.license_id in self.known:
                     self.note(event.license_id, event.seq)
-                    self.on_message(event.license_id, event.data)
+                    on_message(event)
                     found += 1
             for lid in list(behind)[:_LICENSES_PER_READ]:
                 if not events or self.known.get(lid, behind[lid]) >= behind[lid]:
                     del behind[lid]  # caught up, unfollowed, or nothing more to read
         return found
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         failures = 0
         while True:
             with contextlib.suppress(TimeoutError):

@@ -1,0 +1,230 @@
+"""The Redis subscriber loop against fakeredis, with the connection cut at exact points: reconnect,
+backoff and resubscribe, deterministic and in milliseconds. The same paths against a real
+redis-server that is stopped and started are in test_transports.py and test_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import fakeredis
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from broker import metrics
+from broker.transports import subscriber
+from broker.transports.base import channel
+from broker.transports.redis import CONTROL_CHANNEL, RedisTransport
+from tests.support.transports import Received
+from tests.support.waiting import async_wait_until
+
+
+class Line:
+    """The network between the transport and a fakeredis server. The test cuts and restores it,
+    pauses the replies on their way back, and holds SUBSCRIBEs on their way out."""
+
+    def __init__(self) -> None:
+        self.server = fakeredis.FakeServer()
+        self.down = asyncio.Event()  # set while cut: every read in progress fails at once
+        self.replies = asyncio.Event()  # cleared to pause the replies
+        self.replies.set()
+        self.hold: asyncio.Event | None = None  # a SUBSCRIBE waits for it to be set
+        self.held = asyncio.Event()  # a SUBSCRIBE is waiting for `hold`
+        self.subscribes_sent = 0
+
+    def cut(self) -> None:
+        self.server.connected = False
+        self.down.set()
+
+    def restore(self) -> None:
+        self.server.connected = True
+        self.down = asyncio.Event()
+        self.replies.set()
+
+    def connection_class(self) -> type[fakeredis.FakeAsyncRedisConnection]:
+        line = self
+
+        class Connection(fakeredis.FakeAsyncRedisConnection):  # type: ignore[misc]
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                parts = command if isinstance(command, list) else [command]
+                subscribe = any(b"SUBSCRIBE" in bytes(part) for part in parts)
+                if subscribe and line.hold is not None:
+                    line.held.set()
+                    await line.hold.wait()
+                if line.down.is_set():
+                    raise RedisConnectionError("connection cut")
+                await super().send_packed_command(command, check_health)
+                line.subscribes_sent += subscribe
+
+            async def read_response(self, **kwargs: Any) -> Any:
+                down = line.down
+                if down.is_set():
+                    raise RedisConnectionError("connection cut")
+
+                async def read() -> Any:
+                    reply = await super(Connection, self).read_response(**kwargs)
+                    await line.replies.wait()  # held while paused, lost if cut meanwhile
+                    return reply
+
+                reading, cut = asyncio.ensure_future(read()), asyncio.ensure_future(down.wait())
+                await asyncio.wait({reading, cut}, return_when=asyncio.FIRST_COMPLETED)
+                cut.cancel()
+                if reading.done():
+                    return reading.result()
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+                raise RedisConnectionError("connection cut")
+
+        return Connection
+
+
+class FakeRedisTransport(RedisTransport):
+    """RedisTransport, its connections over `line` to a fakeredis server."""
+
+    def __init__(self, line: Line, **options: Any) -> None:
+        super().__init__("redis://fake", **options)
+        self.line = line
+
+    def _new_client(self) -> aioredis.Redis:
+        # Without the health check's PING, whose reply fakeredis does not shape as Redis does.
+        options = {**subscriber.subscriber_options(), "health_check_interval": 0}
+        # A new fakeredis client sets its server's `connected`: to the line's state, not to True.
+        options["connected"] = not self.line.down.is_set()
+        options["connection_class"] = self.line.connection_class()
+        return fakeredis.FakeAsyncRedis(server=self.line.server, **options)
+
+
+@pytest.fixture
+def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The upper bound of each backoff the loop draws; it then waits no time at all."""
+    drawn: list[float] = []
+
+    def uniform(low: float, high: float) -> float:
+        drawn.append(high)
+        return 0.0
+
+    monkeypatch.setattr(subscriber.random, "uniform", uniform)
+    return drawn
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[Line]:
+    yield Line()
+
+
+@pytest.fixture
+async def started(line: Line, backoffs: list[float]) -> AsyncIterator[tuple[FakeRedisTransport, Received]]:
+    # A subscribe_timeout longer than any test: a listen() that returns did not time out.
+    transport = FakeRedisTransport(line, subscribe_timeout=60, max_backoff=0.4)
+    received = Received()
+    await transport.start(received.on_message, received.on_gap)
+    try:
+        yield transport, received
+    finally:
+        await transport.close()
+
+
+async def publish(line: Line, license_id: str, seq: int) -> None:
+    client = fakeredis.FakeAsyncRedis(server=line.server)
+    await client.publish(channel(license_id), orjson.dumps({"license_id": license_id, "seq": seq}))
+    await client.aclose()
+
+
+def subscribed(line: Line) -> set[str]:
+    names: Iterable[bytes] = fakeredis.FakeRedis(server=line.server).pubsub_channels()
+    return {name.decode() for name in names}
+
+
+def up() -> float:
+    return float(metrics.TRANSPORT_UP.labels("redis")._value.get())
+
+
+async def test_a_cut_while_reading_reconnects_resubscribes_every_channel_and_reports_one_gap(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    transport, received = started
+    licenses = ["lic_a", "lic_b"]
+    for license_id in licenses:
+        await transport.listen(license_id)
+    await publish(line, "lic_a", 1)
+    assert (await received.next()).seq == 1
+    line.cut()
+    await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    assert subscribed(line) == {CONTROL_CHANNEL, *(channel(i) for i in licenses)}
+    for n, license_id in enumerate(licenses, start=2):
+        await publish(line, license_id, n)  # no new listen(): resubscribed by the reconnect
+        event = await received.next()
+        assert (event.license_id, event.seq) == (license_id, n)
+    assert received.gaps == 1 and up() == 1
+
+
+async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_starts_over_after(
+    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: list[float]
+) -> None:
+    _, received = started
+    line.cut()
+    await async_wait_until(lambda: len(backoffs) >= 6, 5, "six failed reconnects")
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    assert backoffs[:6] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
+    drawn = len(backoffs)
+    line.cut()
+    await async_wait_until(lambda: len(backoffs) > drawn, 5, "a failed reconnect")
+    assert backoffs[drawn] == 0.05  # a success resets the backoff
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 2, 5, "the second reconnect")
+
+
+async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_listen_at_once(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    transport, received = started
+    sent = line.subscribes_sent
+    line.replies.clear()
+    listening = asyncio.create_task(transport.listen("lic_a"))
+    await async_wait_until(lambda: line.subscribes_sent > sent, 5, "the SUBSCRIBE to be sent")
+    line.cut()  # its confirmation never comes back
+    # Returned on the cut, not after its 60 s subscribe_timeout: the caller replays, the sweep covers.
+    await asyncio.wait_for(listening, 5)
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    await publish(line, "lic_a", 1)
+    assert (await received.next()).license_id == "lic_a"  # subscribed by the reconnect
+
+
+async def test_a_listen_during_the_reconnect_subscribe_is_subscribed_by_the_reconnect(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    transport, received = started
+    await transport.listen("lic_a")
+    line.cut()
+    await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
+    gate = line.hold = asyncio.Event()
+    line.restore()
+    await asyncio.wait_for(line.held.wait(), 5)  # the reconnect's SUBSCRIBE, of lic_a only
+    await transport.listen("lic_b")  # not subscribed yet: only noted
+    line.hold = None
+    gate.set()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    for license_id in ("lic_a", "lic_b"):
+        await publish(line, license_id, 1)
+        assert (await received.next()).license_id == license_id
+
+
+async def test_a_malformed_or_misdirected_message_is_dropped_and_the_next_one_delivered(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    transport, received = started
+    await transport.listen("lic_a")
+    client = fakeredis.FakeAsyncRedis(server=line.server)
+    await client.publish(channel("lic_a"), b"not json")
+    await client.publish(channel("lic_a"), orjson.dumps({"license_id": "lic_b", "seq": 1}))
+    await client.aclose()
+    await publish(line, "lic_a", 7)
+    event = await received.next()
+    assert (event.license_id, event.seq) == ("lic_a", 7)
