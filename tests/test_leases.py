@@ -139,7 +139,7 @@ async def parts(pg_url: str) -> AsyncIterator[tuple[Any, EventLog, SubscriptionH
     engine = create_engine(Settings(database_url=pg_url))
     transport = MemoryTransport()
     events = EventLog(engine)
-    hub = SubscriptionHub(transport, events, buffer=64, sweep_interval=1)
+    hub = SubscriptionHub(transport, buffer=64)
     await hub.start()
     try:
         yield engine, events, hub, transport

@@ -114,7 +114,7 @@ async def test_the_stream_ends_at_its_token_expiry_even_before_its_maximum_lifet
     engine = create_engine(make_settings(pg_url))
     events = EventLog(engine)
     settings = make_settings(pg_url, heartbeat_interval=0.1, max_connection_lifetime=3600.0)
-    hub = SubscriptionHub(MemoryTransport(), events, buffer=8, sweep_interval=1)
+    hub = SubscriptionHub(MemoryTransport(), buffer=8)
     await hub.start()
     try:
         stream = license_stream(events, hub, settings, new_license(), None, expires_at=time.time() + 0.5)
