@@ -276,3 +276,14 @@ def test_any_interleaving_of_several_objects_events_gives_the_same_license(lengt
     shuffled = list(events)
     rng.shuffle(shuffled)
     assert license_of(shuffled, "lic_any") == license_of(events, "lic_any")
+
+
+def test_every_event_type_the_rules_use_is_in_the_list_users_enable() -> None:
+    from pathlib import Path
+
+    from broker.stripe_objects import EVENT_TYPES
+
+    enable = (Path(__file__).parents[1] / "docs" / "stripe.md").read_text().split("## 2.", 1)[1].split("## 3.", 1)[0]
+    for kind in EVENT_TYPES:
+        prefix, _, last = kind.rpartition(".")
+        assert f"`{kind}`" in enable or (f"`{prefix}." in enable and f"`.{last}`" in enable), kind
