@@ -276,6 +276,7 @@ def _seed_rows(license_id: str, n: int) -> Iterator[tuple[Any, ...]]:
             stripe_event_id=f"evt_seed_{seq}",
             stripe_event_type="customer.subscription.updated",
             occurred_at=now,
+            recorded_at=now,
         )
         yield (license_id, seq, event["stripe_event_id"], event["stripe_event_type"], status, True,
                orjson.dumps(event).decode(), now, now)  # fmt: skip
@@ -291,7 +292,7 @@ def seed_backlog(database_url: str, license_id: str, n: int) -> None:
         )
         with db.cursor().copy(
             "COPY subscription_event_logs (license_id, seq, stripe_event_id, stripe_event_type, status, entitled,"
-            " event, occurred_at, recorded_at) FROM STDIN"
+            " data, occurred_at, recorded_at) FROM STDIN"
         ) as copy:
             for row in _seed_rows(license_id, n):
                 copy.write_row(row)
