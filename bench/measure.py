@@ -360,3 +360,42 @@ async def idle_connections(
         "redis_connections_idle": before_redis,
         "redis_connections": during_redis,
     }
+
+
+# --- ceiling --------------------------------------------------------------------------------------
+
+
+async def ceiling(*, database_url: str, events: int, concurrency: int) -> dict[str, Any]:
+    """What the database allows at all: `events` bare single-row INSERT + COMMIT transactions, from
+    this process over `concurrency` psycopg connections (the driver the webhook uses), into a
+    scratch table of the same database. Ingest / ceiling is how much of it the webhook's work takes."""
+    import psycopg
+
+    libpq = _admin(database_url).info.dsn
+    table = f"bench_ceiling_{secrets.token_hex(3)}"
+    with _admin(database_url) as db:
+        db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL)")
+    conns = [await psycopg.AsyncConnection.connect(libpq) for _ in range(concurrency)]
+    numbers = iter(range(events))
+    payload = "x" * 200
+
+    async def worker(conn: psycopg.AsyncConnection[Any]) -> None:
+        for i in numbers:
+            await conn.execute(f"INSERT INTO {table} (id, payload) VALUES (%s, %s)", (i, payload))
+            await conn.commit()
+
+    try:
+        start = now_ns()
+        await asyncio.gather(*(worker(c) for c in conns))
+        elapsed = (now_ns() - start) / 1e9
+    finally:
+        for conn in conns:
+            await conn.close()
+        with _admin(database_url) as db:
+            db.execute(f"DROP TABLE {table}")
+    return {
+        "events": events,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "commits_per_s": round(events / elapsed, 1) if elapsed else 0.0,
+    }

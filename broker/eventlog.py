@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.licenses import LicenseState, initial_state
@@ -104,9 +103,9 @@ def encode_event(
     )
 
 
-def _event(row: Row[Any]) -> LicenseEvent:
-    # The stored text is the wire format: no JSON decoding or encoding on the way out.
-    return LicenseEvent(row.license_id, row.seq, row.data.encode())
+def _event(row: Sequence[Any]) -> LicenseEvent:
+    # (license_id, seq, data): the stored text is the wire format, no JSON decoding on the way out.
+    return LicenseEvent(row[0], row[1], row[2].encode())
 
 
 class EventLog:

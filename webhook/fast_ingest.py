@@ -180,10 +180,11 @@ class FastIngest:
         ids = sorted(reported.ids)
         lock_ids = sorted(set(ids) | ({reported.customer} if reported.customer else set()))
         customers = sorted({o.customer for o in reported.objects if o.customer})
+        # One Sync for the three (fetching inside the block would add a round trip per fetch).
         async with pg.pipeline():
             locked = await pg.execute(LOCK, {"lock_ids": lock_ids, "ids": ids, "own": own})
             read = await pg.execute(READ, {"own": own, "customers": customers, "event_id": event["id"]})
-            first, second = await locked.fetchone(), await read.fetchone()
+        first, second = await locked.fetchone(), await read.fetchone()
         assert first is not None and second is not None
         _, bound_ids, bound_licenses, license_id, seq, state_text, last_created = first
         seen, target, objects_text = second
@@ -281,10 +282,11 @@ class FastIngest:
             "data": data.decode(),
             "occurred_at": occurred_at,
         }
+        # COMMIT as a statement of the pipeline: connection.commit() would Sync once more.
         async with pg.pipeline():
             written = await pg.execute(WRITE, params)
-            await pg.commit()
-            row = await written.fetchone()
+            await pg.execute("COMMIT")
+        row = await written.fetchone()
         if row is None or row[0] == 0:
             return ("duplicate", None, None, own[0])
         appended = LicenseEvent(license_id, seq, data, now.timestamp()) if changed else None
