@@ -1,11 +1,12 @@
 """The common ingest on Postgres: an event whose objects and links are all bound already, in two
-network round trips and three statements (plus BEGIN and COMMIT, pipelined with them), through
+network round trips and three statements (BEGIN and COMMIT ride in the same pipelines), through
 psycopg directly with statements that are the same text every time (prepared after a few uses).
 
     round trip 1: BEGIN; LOCK (the id locks, the bindings, the license row locked); READ (the
-                  license's ledger objects and whether the event was recorded before)
+                  license's ledger objects and whether the event was recorded before); Sync
     Python:       broker.binding.resolve, broker.ledger.merge and LicenseRules.derive, unchanged
-    round trip 2: WRITE (the event with its outcome, objects, links, license row, log entry); COMMIT
+    round trip 2: WRITE (the event with its outcome, objects, links, license row, log entry);
+                  COMMIT; Sync
 
 Why READ is its own statement: under READ COMMITTED a statement reads the snapshot taken when it
 started, before any lock it waits for inside. LOCK's snapshot may miss what the holder of an id
@@ -160,18 +161,19 @@ class FastIngest:
         async with self.engine.connect() as conn:
             pooled = await conn.get_raw_connection()
             pg: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
+            # BEGIN is a statement of the first pipeline: psycopg's implicit BEGIN would be a round
+            # trip of its own (it Syncs after it). The pool gets the connection back as it lent it.
+            await pg.set_autocommit(True)
             try:
                 return await self._apply(pg, event, raw, reported)
             except psycopg.Error as exc:
-                if pg.broken or pg.closed:
-                    await conn.invalidate()
-                else:
-                    await pg.rollback()
                 raise _db_error(exc) from exc
-            except BaseException:
-                if not (pg.broken or pg.closed):
-                    await pg.rollback()
-                raise
+            finally:
+                try:
+                    await pg.rollback()  # nothing to do unless _apply stopped in the transaction
+                    await pg.set_autocommit(False)
+                except psycopg.Error:
+                    await conn.invalidate()
 
     async def _apply(
         self, pg: psycopg.AsyncConnection[Any], event: Mapping[str, Any], raw: bytes | None, reported: Reported
@@ -180,8 +182,9 @@ class FastIngest:
         ids = sorted(reported.ids)
         lock_ids = sorted(set(ids) | ({reported.customer} if reported.customer else set()))
         customers = sorted({o.customer for o in reported.objects if o.customer})
-        # One Sync for the three (fetching inside the block would add a round trip per fetch).
+        # One Sync for BEGIN, LOCK and READ (a fetch inside the block would Sync once more).
         async with pg.pipeline():
+            await pg.execute("BEGIN")
             locked = await pg.execute(LOCK, {"lock_ids": lock_ids, "ids": ids, "own": own})
             read = await pg.execute(READ, {"own": own, "customers": customers, "event_id": event["id"]})
         first, second = await locked.fetchone(), await read.fetchone()
