@@ -16,7 +16,15 @@ import orjson
 from psycopg.types.json import Json
 
 from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
-from bench.stack import RedisConnections, _admin, backend_pids, cpu_seconds, redis_connections, rss_kb
+from bench.stack import (
+    RedisConnections,
+    _admin,
+    backend_pids,
+    cpu_seconds,
+    libpq_url,
+    redis_connections,
+    rss_kb,
+)
 from broker.eventlog import build_event
 from broker.licenses import initial_state
 
@@ -378,7 +386,7 @@ async def ceiling(*, database_url: str, events: int, concurrency: int) -> dict[s
     scratch table of the same database. Ingest / ceiling is how much of it the webhook's work takes."""
     import psycopg
 
-    libpq = _admin(database_url).info.dsn
+    libpq = libpq_url(database_url)
     table = f"bench_ceiling_{secrets.token_hex(3)}"
     with _admin(database_url) as db:
         db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL)")
