@@ -55,6 +55,7 @@ class BenchConfig:
     ingest_licenses: int = 500
     replay_events: int = 10_000
     idle_clients: int = 1000
+    db_pool_size: int = 10  # the servers' DATABASE_POOL_SIZE default
     scale: str = "default"
 
     @classmethod
@@ -170,6 +171,10 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 "out_of_order": r.out_of_order,
                 "webhook_response_p50_ms": report.percentile(r.webhook_response_ms, 50),
                 "webhook_response_p99_ms": report.percentile(r.webhook_response_ms, 99),
+                # Each license's first event (a new binding: the ingest's general path), before
+                # the measured ones.
+                "first_event_response_p50_ms": report.percentile(r.first_event_response_ms, 50),
+                "first_event_response_p99_ms": report.percentile(r.first_event_response_ms, 99),
                 "webhook_cpu_ms_per_event": r.webhook_cpu_ms_per_event,
                 "stream_cpu_ms_per_event": r.stream_cpu_ms_per_event,
                 "webhooks_rejected": r.rejected,
@@ -202,6 +207,18 @@ async def run(config: BenchConfig) -> dict[str, Any]:
         if p50.get("redis") and p50.get("poll"):
             results["redis_vs_poll_p50"] = round(p50["poll"] / p50["redis"], 1)
 
+        # The ceiling: bare INSERT + COMMIT at each ingest concurrency, capped at the webhook's
+        # database pool (it never holds more connections than that).
+        results["ceiling"] = []
+        for concurrency in config.ingest_concurrency:
+            connections = min(concurrency, config.db_pool_size)
+            progress(f"ceiling: {config.ingest_events} bare INSERT + COMMIT over {connections} connection(s)")
+            top = await measure.ceiling(database_url=database_url, events=config.ingest_events, concurrency=connections)
+            top["ingest_concurrency"] = concurrency
+            results["ceiling"].append(top)
+            progress(f"  {top['commits_per_s']} commits/s")
+        ceilings = {c["ingest_concurrency"]: c["commits_per_s"] for c in results["ceiling"]}
+
         results["ingest"] = []
         for workers in config.ingest_workers:
             webhook = Server(
@@ -220,6 +237,9 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                         licenses=config.ingest_licenses,
                     )
                     run_["webhook_workers"] = workers
+                    # Per worker process the pool caps the connections; the ceiling is per process.
+                    if ceilings.get(concurrency):
+                        run_["fraction_of_ceiling"] = round(run_["events_per_s"] / ceilings[concurrency], 3)
                     results["ingest"].append(run_)
                     progress(f"  {run_['events_per_s']} events/s ({run_['errors']} errors)")
 

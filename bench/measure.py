@@ -16,7 +16,15 @@ import orjson
 from psycopg.types.json import Json
 
 from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
-from bench.stack import RedisConnections, _admin, backend_pids, cpu_seconds, redis_connections, rss_kb
+from bench.stack import (
+    RedisConnections,
+    _admin,
+    backend_pids,
+    cpu_seconds,
+    libpq_url,
+    redis_connections,
+    rss_kb,
+)
 from broker.eventlog import build_event
 from broker.licenses import initial_state
 
@@ -68,6 +76,7 @@ class LatencyResult:
     not_applied: int
     stream_pids: list[int]
     webhook_response_ms: list[float] = field(default_factory=list)
+    first_event_response_ms: list[float] = field(default_factory=list)
     webhook_cpu_ms_per_event: float = 0.0
     stream_cpu_ms_per_event: float = 0.0
     # One per stream process, in the order of `stream_pids`; None without Redis.
@@ -135,6 +144,11 @@ async def latency(
     stream_pids = [s.pid for s in streams]
     rss_before = sum(rss_kb(pid) for pid in stream_pids)
     factory = EventFactory(webhook_secret)
+    # Each license's first event binds its subscription (the ingest's general path, a Checkout's
+    # once per customer); the desktop apps follow licenses that exist. So each license gets one
+    # event before its client connects: timed as `first_event_response_ms`, not as latency.
+    first = [(license_id, *factory.signed(license_id)) for license_id in ids]
+    first_posted = await _post_paced(_port(webhook.url), first, rate=10_000, connections=8)
     work = [(ids[i % clients], *factory.signed(ids[i % clients])) for i in range(events)]
     async with contextlib.AsyncExitStack() as stack:
         subscribers: list[SseClient] = []
@@ -192,6 +206,7 @@ async def latency(
         not_applied=sum(1 for p in posted if p.status == 200 and p.seq is None),
         stream_pids=stream_pids,
         webhook_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in posted),
+        first_event_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in first_posted),
         webhook_cpu_ms_per_event=round(1000 * cpu_webhook / max(1, len(posted)), 3),
         stream_cpu_ms_per_event=round(1000 * cpu_stream / max(1, len(expected)), 3),
         redis_connections=connections,
@@ -276,6 +291,7 @@ def _seed_rows(license_id: str, n: int) -> Iterator[tuple[Any, ...]]:
             stripe_event_id=f"evt_seed_{seq}",
             stripe_event_type="customer.subscription.updated",
             occurred_at=now,
+            recorded_at=now,
         )
         yield (license_id, seq, event["stripe_event_id"], event["stripe_event_type"], status, True,
                orjson.dumps(event).decode(), now, now)  # fmt: skip
@@ -291,7 +307,7 @@ def seed_backlog(database_url: str, license_id: str, n: int) -> None:
         )
         with db.cursor().copy(
             "COPY subscription_event_logs (license_id, seq, stripe_event_id, stripe_event_type, status, entitled,"
-            " event, occurred_at, recorded_at) FROM STDIN"
+            " data, occurred_at, recorded_at) FROM STDIN"
         ) as copy:
             for row in _seed_rows(license_id, n):
                 copy.write_row(row)
@@ -358,4 +374,43 @@ async def idle_connections(
         "rss_kb_per_connection": round((after - before) / clients, 2),
         "redis_connections_idle": before_redis,
         "redis_connections": during_redis,
+    }
+
+
+# --- ceiling --------------------------------------------------------------------------------------
+
+
+async def ceiling(*, database_url: str, events: int, concurrency: int) -> dict[str, Any]:
+    """What the database allows at all: `events` bare single-row INSERT + COMMIT transactions, from
+    this process over `concurrency` psycopg connections (the driver the webhook uses), into a
+    scratch table of the same database. Ingest / ceiling is how much of it the webhook's work takes."""
+    import psycopg
+
+    libpq = libpq_url(database_url)
+    table = f"bench_ceiling_{secrets.token_hex(3)}"
+    with _admin(database_url) as db:
+        db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL)")
+    conns = [await psycopg.AsyncConnection.connect(libpq) for _ in range(concurrency)]
+    numbers = iter(range(events))
+    payload = "x" * 200
+
+    async def worker(conn: psycopg.AsyncConnection[Any]) -> None:
+        for i in numbers:
+            await conn.execute(f"INSERT INTO {table} (id, payload) VALUES (%s, %s)", (i, payload))
+            await conn.commit()
+
+    try:
+        start = now_ns()
+        await asyncio.gather(*(worker(c) for c in conns))
+        elapsed = (now_ns() - start) / 1e9
+    finally:
+        for conn in conns:
+            await conn.close()
+        with _admin(database_url) as db:
+            db.execute(f"DROP TABLE {table}")
+    return {
+        "events": events,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "commits_per_s": round(events / elapsed, 1) if elapsed else 0.0,
     }

@@ -58,12 +58,20 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
 
 def summary(results: dict[str, Any]) -> str:
     out = [f"machine: {results['machine']}", "", latency_table(results["rows"]), ""]
+    for top in results.get("ceiling", []):
+        out.append(
+            f"ceiling: {top['commits_per_s']:.0f} bare INSERT + COMMIT/s "
+            f"({top['concurrency']} connection(s), for ingest concurrency {top['ingest_concurrency']})"
+        )
     for run in results.get("ingest", []):
+        fraction = run.get("fraction_of_ceiling")
         out.append(
             f"webhook ingest: {run['events_per_s']:.0f} events/s committed "
             f"({run['committed']} events, concurrency {run['concurrency']}, {run['webhook_workers']} webhook "
             f"worker(s), response p50 {run['response_p50_ms']} ms, p99 {run['response_p99_ms']} ms, "
-            f"{run['errors']} errors)"
+            f"webhook CPU {run['webhook_cpu_ms_per_event']} ms/event, {run['errors']} errors"
+            + (f", {fraction:.0%} of the ceiling" if fraction is not None else "")
+            + ")"
         )
     if (replay := results.get("replay")) is not None:
         out.append(

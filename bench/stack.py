@@ -52,10 +52,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _admin(url: str) -> psycopg.Connection[Any]:
+def libpq_url(url: str) -> str:
     # libpq takes the URL itself, so ?host=/var/run/postgresql (a Unix socket) works too.
-    libpq_url = make_url(normalize_database_url(url)).set(drivername="postgresql")
-    return psycopg.connect(libpq_url.render_as_string(hide_password=False), autocommit=True, connect_timeout=5)
+    return make_url(normalize_database_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _admin(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=5)
 
 
 @contextlib.contextmanager

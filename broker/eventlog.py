@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.licenses import LicenseState, initial_state
@@ -21,7 +20,8 @@ _CHUNK = 1000
 
 @dataclass(frozen=True, slots=True)
 class LicenseEvent:
-    """One event of one license: `data` is the exact JSON sent on the stream and on Redis."""
+    """One event of one license: `data` is the exact JSON sent on the stream and on Redis, encoded
+    once by the webhook and stored as it is (`subscription_event_logs.data`)."""
 
     license_id: str
     seq: int
@@ -36,6 +36,24 @@ class LicenseEvent:
         recorded_at = datetime.fromisoformat(recorded).timestamp() if recorded else None
         return cls(license_id=str(obj["license_id"]), seq=int(obj["seq"]), data=data, recorded_at=recorded_at)
 
+    @classmethod
+    def from_wire(cls, license_id: str, data: bytes) -> LicenseEvent:
+        """As from_json, for a message of a known license, without decoding the JSON: build_event
+        starts every event with its license id, seq and recorded_at, in that order."""
+        prefix = b'{"license_id":' + orjson.dumps(license_id) + b',"seq":'
+        if data.startswith(prefix):
+            end = data.find(b",", len(prefix))
+            rest = data[end : end + 45]
+            if end > 0 and rest.startswith(b',"recorded_at":'):
+                seq = data[len(prefix) : end]
+                if seq.isdigit():
+                    recorded_at = None
+                    if rest[15:16] == b'"':
+                        stamp = rest[16:].split(b'"', 1)[0]
+                        recorded_at = datetime.fromisoformat(stamp.decode()).timestamp()
+                    return cls(license_id, int(seq), data, recorded_at)
+        return cls.from_json(data)
+
 
 def build_event(
     license_id: str,
@@ -47,21 +65,47 @@ def build_event(
     occurred_at: datetime | None,
     recorded_at: datetime | None = None,
 ) -> dict[str, Any]:
+    # The first three keys stay first: LicenseEvent.from_wire reads them without decoding.
     return {
         "license_id": license_id,
         "seq": seq,
+        "recorded_at": recorded_at.isoformat() if recorded_at else None,
         "status": state["status"],
         "entitled": state["entitled"],
         "stripe_event_id": stripe_event_id,
         "stripe_event_type": stripe_event_type,
         "occurred_at": occurred_at.isoformat() if occurred_at else None,
-        "recorded_at": recorded_at.isoformat() if recorded_at else None,
         "state": state,
     }
 
 
-def _event(row: RowMapping) -> LicenseEvent:
-    return LicenseEvent(row["license_id"], row["seq"], orjson.dumps(row["event"]))
+def encode_event(
+    license_id: str,
+    seq: int,
+    state: LicenseState,
+    *,
+    stripe_event_id: str | None,
+    stripe_event_type: str | None,
+    occurred_at: datetime | None,
+    recorded_at: datetime | None = None,
+) -> bytes:
+    """The event's wire bytes: encoded once, stored, published and streamed as they are."""
+    return orjson.dumps(
+        build_event(
+            license_id,
+            seq,
+            state,
+            stripe_event_id=stripe_event_id,
+            stripe_event_type=stripe_event_type,
+            occurred_at=occurred_at,
+            recorded_at=recorded_at,
+        )
+    )
+
+
+def _event(row: Sequence[Any]) -> LicenseEvent:
+    # (license_id, seq, data): the stored text is the wire format, no JSON decoding on the way out.
+    return LicenseEvent(row[0], row[1], row[2].encode())
 
 
 class EventLog:
@@ -75,14 +119,14 @@ class EventLog:
         """The license's current state as an event whose seq is the current seq (0: never changed)."""
         query = (
             sa.select(
-                subscription_event_logs.c.license_id, subscription_event_logs.c.seq, subscription_event_logs.c.event
+                subscription_event_logs.c.license_id, subscription_event_logs.c.seq, subscription_event_logs.c.data
             )
             .where(subscription_event_logs.c.license_id == license_id)
             .order_by(subscription_event_logs.c.seq.desc())
             .limit(1)
         )
         async with self.engine.connect() as conn:
-            row = (await conn.execute(query)).mappings().first()
+            row = (await conn.execute(query)).first()
         if row is not None:
             return _event(row)
         empty = build_event(
@@ -96,7 +140,7 @@ class EventLog:
         """Events with after < seq (< before), in seq order, at most `limit`."""
         t = subscription_event_logs
         query = (
-            sa.select(t.c.license_id, t.c.seq, t.c.event)
+            sa.select(t.c.license_id, t.c.seq, t.c.data)
             .where(t.c.license_id == license_id, t.c.seq > after)
             .order_by(t.c.seq)
             .limit(limit)
@@ -104,20 +148,20 @@ class EventLog:
         if before is not None:
             query = query.where(t.c.seq < before)
         async with self.engine.connect() as conn:
-            return [_event(row) for row in (await conn.execute(query)).mappings()]
+            return [_event(row) for row in await conn.execute(query)]
 
     async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
         """The events after each license's position, in (license, seq) order, in one query; at
         most `limit` (read again from the new positions for the rest)."""
         t = subscription_event_logs
         query = (
-            sa.select(t.c.license_id, t.c.seq, t.c.event)
+            sa.select(t.c.license_id, t.c.seq, t.c.data)
             .where(sa.or_(*(sa.and_(t.c.license_id == lid, t.c.seq > seq) for lid, seq in after.items())))
             .order_by(t.c.license_id, t.c.seq)
             .limit(limit)
         )
         async with self.engine.connect() as conn:
-            return [_event(row) for row in (await conn.execute(query)).mappings()]
+            return [_event(row) for row in await conn.execute(query)]
 
     async def replay(self, license_id: str, after: int, batch: int = 500) -> AsyncIterator[LicenseEvent]:
         """Every event after `after`, in batches so that a large backlog holds no connection long."""
@@ -151,7 +195,7 @@ class EventLog:
         occurred_at: datetime,
     ) -> LicenseEvent:
         recorded_at = datetime.now(UTC)
-        event = build_event(
+        data = encode_event(
             license_id,
             seq,
             state,
@@ -168,9 +212,9 @@ class EventLog:
                 stripe_event_type=stripe_event_type,
                 status=state["status"],
                 entitled=state["entitled"],
-                event=event,
+                data=data.decode(),
                 occurred_at=occurred_at,
                 recorded_at=recorded_at,
             )
         )
-        return LicenseEvent(license_id, seq, orjson.dumps(event))
+        return LicenseEvent(license_id, seq, data, recorded_at.timestamp())

@@ -58,8 +58,9 @@ subscription_event_logs = sa.Table(
     sa.Column("stripe_event_type", sa.String(200)),
     sa.Column("status", sa.String(40), nullable=False),
     sa.Column("entitled", sa.Boolean, nullable=False),
-    # The exact JSON object sent on the stream and published to Redis.
-    sa.Column("event", sa.JSON, nullable=False),
+    # The exact bytes (one JSON object) sent on the stream and published to Redis, encoded once by
+    # the webhook and never decoded on the way out (migration 0004).
+    sa.Column("data", sa.Text, nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True),
     sa.UniqueConstraint("license_id", "seq", name="uq_subscription_event_logs_license_seq"),

@@ -46,7 +46,7 @@ async def receive_webhook(request: Request) -> Response:
         log.info("webhook rejected: %s", exc)
         return JSONResponse({"error": exc.public}, status_code=400)
     try:
-        outcome = await ingestor.ingest(event)
+        outcome = await ingestor.ingest(event, payload)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         # Nothing was committed: Stripe retries on a 5xx.
         metrics.WEBHOOKS.labels("error").inc()

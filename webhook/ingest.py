@@ -29,6 +29,7 @@ from broker.runtime import Runtime
 from broker.schema import stripe_events
 from broker.stripe_objects import BadLicenseId, EventFilter, Reported, Unprocessable, report
 from broker.stripe_refresh import NoRefresh, Refresher
+from webhook.fast_ingest import FastIngest
 
 log = logging.getLogger("webhook.ingest")
 
@@ -65,8 +66,19 @@ def _envelope_problem(event: dict[str, Any]) -> str | None:
     return None
 
 
-async def _record(conn: AsyncConnection, event: dict[str, Any]) -> bool:
-    """Record the event id; False if it was recorded before (a duplicate delivery).
+def _payload(conn: AsyncConnection, event: dict[str, Any], raw: bytes | None) -> Any:
+    """The verified body as Stripe sent it, stored without encoding the parsed event again."""
+    if raw is None:
+        return event
+    text = sa.type_coerce(raw.decode(), sa.Text)
+    return sa.cast(text, sa.JSON) if conn.dialect.name == "postgresql" else text
+
+
+async def _record(
+    conn: AsyncConnection, event: dict[str, Any], raw: bytes | None = None, outcome: Outcome | None = None
+) -> bool:
+    """Record the event id (with its outcome, when already known); False if it was recorded before
+    (a duplicate delivery).
 
     Two deliveries of one id racing: the second INSERT waits on the first's uncommitted key, then
     does nothing once it commits, so it is answered as a duplicate, never as an error."""
@@ -77,8 +89,11 @@ async def _record(conn: AsyncConnection, event: dict[str, Any]) -> bool:
             type=event["type"],
             created=event["created"],
             livemode=bool(event.get("livemode")),
-            outcome="received",
-            payload=event,
+            outcome=outcome.kind if outcome else "received",
+            license_id=outcome.license_id if outcome else None,
+            object_id=outcome.object_id if outcome else None,
+            reason=outcome.reason[:200] if outcome and outcome.reason else None,
+            payload=_payload(conn, event, raw),
             received_at=datetime.now(UTC),
         )
         .on_conflict_do_nothing(index_elements=["id"])
@@ -126,17 +141,24 @@ class Ingestor:
         self.rules = rules
         self.filter = event_filter or EventFilter()
         self.refresher = refresher or NoRefresh()
+        # Postgres: the common path in two round trips (webhook.fast_ingest); SQLite: the general one.
+        self._fast = (
+            FastIngest(runtime.engine, rules, refreshes=not isinstance(self.refresher, NoRefresh))
+            if runtime.engine.dialect.name == "postgresql"
+            else None
+        )
         # Fault injection for the crash-between-commit-and-publish test; never set in production.
         self._crash_after_commit = os.environ.get("LICENSE_BROKER_FAULT") == "exit-after-commit"
 
-    async def ingest(self, event: dict[str, Any]) -> Outcome:
+    async def ingest(self, event: dict[str, Any], raw: bytes | None = None) -> Outcome:
+        """`raw`: the verified body `event` was parsed from, stored as it is (default: re-encoded)."""
         problem = _envelope_problem(event)
         if problem is not None:
             # Not even storable under its id; answered 2xx all the same (a retry cannot fix it).
             log.warning("webhook event not recorded: %s", problem)
             return Outcome("unmatched", reason=problem)
         try:
-            outcome = await self._commit(event)
+            outcome = await self._commit(event, raw)
         except sa.exc.DataError as exc:
             # Content the database refuses (not an outage): recorded without it, never a 5xx,
             # which Stripe would retry for three days.
@@ -153,19 +175,31 @@ class Ingestor:
         outcome = Outcome("unmatched", reason="content the database refuses")
         stub = {"id": event["id"], "type": event["type"], "created": event["created"], "refused": True}
         async with self.runtime.engine.begin() as conn:
-            if await _record(conn, stub):
-                await _set_outcome(conn, event["id"], outcome)
+            await _record(conn, stub, outcome=outcome)
         return outcome
 
-    async def _commit(self, event: dict[str, Any]) -> Outcome:
+    async def _commit(self, event: dict[str, Any], raw: bytes | None) -> Outcome:
+        decided = self._decide(event)
+        if isinstance(decided, Outcome):
+            # Decided without the database: one statement records the event with its outcome.
+            async with self.runtime.engine.begin() as conn:
+                return decided if await _record(conn, event, raw, decided) else Outcome("duplicate")
+        if self._fast is not None and FastIngest.eligible(decided):
+            result = await self._fast.apply(event, raw, decided)
+            if result is not None:
+                kind, license_id, appended, object_id = result
+                if kind == "duplicate":
+                    return Outcome("duplicate")
+                return Outcome(kind, license_id, (appended,) if appended else (), object_id=object_id)
         async with self.runtime.engine.begin() as conn:
-            if not await _record(conn, event):
+            if not await _record(conn, event, raw):
                 return Outcome("duplicate")
-            outcome = await self._apply(conn, event)
+            outcome = await self.apply_reported(conn, decided, event)
             await _set_outcome(conn, event["id"], outcome)
             return outcome
 
-    async def _apply(self, conn: AsyncConnection, event: dict[str, Any]) -> Outcome:
+    def _decide(self, event: dict[str, Any]) -> Outcome | Reported:
+        """What the event reports, or its outcome when it cannot change a license."""
         reason = self.filter.reason(event)
         if reason is not None:
             return Outcome("ignored", reason=reason)
@@ -177,7 +211,7 @@ class Ingestor:
             return Outcome("unmatched", reason=str(exc))
         if reported is None:
             return Outcome("ignored", reason="event type not used")
-        return await self.apply_reported(conn, reported, event)
+        return reported
 
     async def apply_reported(
         self, conn: AsyncConnection, reported: Reported, event: dict[str, Any], *, refresh: bool = True
