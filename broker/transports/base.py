@@ -26,9 +26,10 @@ def ignore_gap() -> None:
 
 def decode(license_id: str, payload: bytes) -> LicenseEvent | None:
     """The event a message of license `license_id` carries, or None (logged) if it carries none:
-    parsed once here, where it comes off the wire, never per client."""
+    read once here, where it comes off the wire (its leading license id, seq and recorded_at,
+    without decoding the JSON), never per client."""
     try:
-        event = LicenseEvent.from_json(payload)
+        event = LicenseEvent.from_wire(license_id, payload)
     except Exception:
         log.warning("dropped a malformed message for license %s", license_id)
         return None
