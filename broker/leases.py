@@ -161,8 +161,9 @@ class LeaseSigner:
 
     def renew_after(self) -> float:
         """Seconds after signing when a connected client gets a fresh lease: before half of the
-        current one is spent, so a client that misses one renewal still has a valid lease."""
-        return self.ttl / 2
+        current one is spent, so a client that misses one renewal still has a valid lease. `iat`
+        is whole seconds, so a lease lives between ttl - 1 and ttl seconds from its signing."""
+        return max(self.ttl - 1, 0.5) / 2
 
     def jwks(self) -> bytes:
         return self._jwks
