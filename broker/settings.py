@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 from urllib.parse import unquote, urlsplit
 
@@ -201,9 +201,6 @@ class Settings:
             log_format=cast(LogFormat, log_format),
             log_level=log_level,
         )
-
-    def with_(self, **changes: object) -> Settings:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
     def require_webhook(self) -> None:
         if not self.webhook_secrets:

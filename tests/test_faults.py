@@ -45,7 +45,7 @@ async def test_a_webhook_killed_between_commit_and_publish_still_reaches_the_cli
     pg_url: str, redis_url: str, spawn: Callable[..., Process]
 ) -> None:
     env = process_env(pg_url, REDIS_URL=redis_url)
-    doomed = spawn("webhook", {**env, "LICENSE_BROKER_FAULT": "exit-after-commit"})
+    doomed = spawn("", env, module="tests.support.crashing_webhook")
     stream_process = spawn("stream", env)
     license_id = new_license()
     stream = LicenseClient(stream_process.url, license_id, token_for(license_id)).connect_once()

@@ -22,7 +22,7 @@ from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from broker.stripe_objects import EventFilter
 from broker.stripe_refresh import open_refresher
-from webhook.ingest import Ingestor
+from webhook.ingest import AfterCommit, Ingestor
 from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
 log = logging.getLogger("webhook")
@@ -72,7 +72,7 @@ routes = [Route("/api/stripe/webhooks", receive_webhook, methods=["POST"])]
 
 
 @asynccontextmanager
-async def webhook_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
+async def webhook_state(runtime: Runtime, after_commit: AfterCommit | None = None) -> AsyncIterator[dict[str, Any]]:
     settings = runtime.settings
     warn_about_mode(settings)
     async with open_refresher(settings) as refresher:
@@ -83,6 +83,7 @@ async def webhook_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
                 LicenseRules(settings.entitled_statuses, settings.license_products),
                 EventFilter(settings.stripe_livemode, settings.stripe_accounts),
                 refresher,
+                after_commit,
             ),
         }
 
@@ -92,14 +93,14 @@ def warn_about_mode(settings: Settings) -> None:
         log.warning("STRIPE_LIVEMODE is not set: test-mode and live-mode events both change licenses")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, after_commit: AfterCommit | None = None) -> Starlette:
     if settings is None:
         settings = settings_from_env(Settings.require_webhook)
     settings.require_webhook()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_runtime(settings) as runtime, webhook_state(runtime) as state:
+        async with open_runtime(settings) as runtime, webhook_state(runtime, after_commit) as state:
             yield {"runtime": runtime, **state}
 
     return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])

@@ -10,7 +10,7 @@ summary, deleted customer) moves every license that holds an object of its custo
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +53,9 @@ class Outcome:
     @property
     def to_publish(self) -> list[LicenseEvent]:
         return list(self.appended)
+
+
+AfterCommit = Callable[[Outcome], None]
 
 
 def _envelope_problem(event: dict[str, Any]) -> str | None:
@@ -136,6 +139,7 @@ class Ingestor:
         rules: LicenseRules,
         event_filter: EventFilter | None = None,
         refresher: Refresher | None = None,
+        after_commit: AfterCommit | None = None,
     ) -> None:
         self.runtime = runtime
         self.rules = rules
@@ -147,8 +151,8 @@ class Ingestor:
             if runtime.engine.dialect.name == "postgresql"
             else None
         )
-        # Fault injection for the crash-between-commit-and-publish test; never set in production.
-        self._crash_after_commit = os.environ.get("LICENSE_BROKER_FAULT") == "exit-after-commit"
+        # Called between the commit and the publish (the fault tests kill the process there).
+        self.after_commit = after_commit
 
     async def ingest(self, event: dict[str, Any], raw: bytes | None = None) -> Outcome:
         """`raw`: the verified body `event` was parsed from, stored as it is (default: re-encoded)."""
@@ -164,10 +168,9 @@ class Ingestor:
             # which Stripe would retry for three days.
             log.warning("webhook %s: content refused by the database (%s)", event["id"], type(exc.orig).__name__)
             outcome = await self._record_refused(event)
-        published = outcome.to_publish
-        if published and self._crash_after_commit:
-            os._exit(86)
-        for appended in published:
+        if self.after_commit is not None:
+            self.after_commit(outcome)
+        for appended in outcome.to_publish:
             await self._publish(appended)
         return outcome
 

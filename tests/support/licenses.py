@@ -3,6 +3,7 @@ webhooks, and events appended the way the webhook's transaction appends them."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +34,7 @@ def make_settings(database_url: str, **changes: Any) -> Settings:
         poll_interval=0.2,
         heartbeat_interval=15.0,
     )
-    return base.with_(**changes)
+    return dataclasses.replace(base, **changes)
 
 
 def token_for(license_id: str, ttl: float = 600) -> str:

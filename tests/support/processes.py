@@ -55,13 +55,15 @@ async def serving(app: Any) -> AsyncIterator[str]:
 class Process:
     """`license-broker <command>` in a separate process, ready once /healthz answers."""
 
-    def __init__(self, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str], port: int, log: Path, module: str = "license_broker"
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         with log.open("ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "license_broker", *command, "--port", str(port)],
+                [sys.executable, "-m", module, *command, "--port", str(port)],
                 env={**os.environ, **env},
                 cwd=ROOT,
                 stdout=out,
@@ -94,8 +96,12 @@ class Process:
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
-    def start(command: str, env: dict[str, str], port: int | None = None, ready: bool = True) -> Process:
-        process = Process([command], env, port or free_port(), tmp_path / f"{command}-{len(started)}.log")
+    def start(
+        command: str, env: dict[str, str], port: int | None = None, ready: bool = True, module: str = "license_broker"
+    ) -> Process:
+        """`license-broker <command>`, or `python -m <module>` (a test's own server, command "")."""
+        args = [command] if command else []
+        process = Process(args, env, port or free_port(), tmp_path / f"{command or module}-{len(started)}.log", module)
         started.append(process)
         if ready:
             process.wait_ready()
