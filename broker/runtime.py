@@ -22,7 +22,7 @@ from broker.transports import Transport, create_transport
 class Runtime:
     settings: Settings
     engine: AsyncEngine
-    events: EventLog
+    event_log: EventLog
     transport: Transport
     readiness: ReadinessProbe
     leases: LeaseSigner | None = None
