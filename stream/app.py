@@ -13,17 +13,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics, tokens
+from broker.asgi import Part, build_app
 from broker.eventlog import EventLog
-from broker.http import ops_routes, settings_from_env
+from broker.http import settings_from_env
 from broker.leases import NO_LEASES, with_lease
-from broker.requestlog import RequestIdMiddleware
-from broker.runtime import Runtime, open_runtime
+from broker.runtime import Runtime
 from broker.schema import licenses
 from broker.settings import Settings
 from stream.catchup import license_stream
@@ -191,13 +190,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings is None:
         settings = settings_from_env(Settings.require_stream)
     settings.require_stream()
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_runtime(settings) as runtime, stream_state(runtime) as state:
-            yield {"runtime": runtime, **state}
-
-    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])
+    return build_app(settings, [Part(routes, stream_state)])
 
 
 def __getattr__(name: str) -> Any:

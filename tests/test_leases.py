@@ -214,9 +214,10 @@ async def test_a_resumed_stream_with_nothing_missed_renews_the_lease_of_the_stat
 async def test_an_open_stream_gets_a_renewed_lease_before_half_of_the_last_is_spent(pg_url: str, parts: Any) -> None:
     _, events, hub, _ = parts
     license_id = new_license()
-    # Heartbeats every 30 s: the renewal after ~1 s (half of 2 s) must come from its own deadline.
+    # Heartbeats every 30 s: the renewal after ~1.5 s (half of a 4 s lease, whose iat is whole
+    # seconds) must come from its own deadline.
     settings = make_settings(pg_url, heartbeat_interval=30)
-    stream = license_stream(events, hub, settings, license_id, None, LeaseSigner(KEYS, ttl=2))
+    stream = license_stream(events, hub, settings, license_id, None, LeaseSigner(KEYS, ttl=4))
     try:
         chunks = await collect(stream, 3)
         first = decode(chunk_data(chunks[2])["lease"])

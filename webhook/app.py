@@ -9,16 +9,15 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics
-from broker.http import BodyTooLarge, ops_routes, read_body, settings_from_env, too_large
+from broker.asgi import Part, build_app
+from broker.http import BodyTooLarge, read_body, settings_from_env, too_large
 from broker.ledger import LicenseRules
-from broker.requestlog import RequestIdMiddleware
-from broker.runtime import Runtime, open_runtime
+from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.stripe_objects import EventFilter
 from broker.stripe_refresh import open_refresher
@@ -97,13 +96,7 @@ def create_app(settings: Settings | None = None, *, after_commit: AfterCommit | 
     if settings is None:
         settings = settings_from_env(Settings.require_webhook)
     settings.require_webhook()
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_runtime(settings) as runtime, webhook_state(runtime, after_commit) as state:
-            yield {"runtime": runtime, **state}
-
-    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])
+    return build_app(settings, [Part(routes, lambda runtime: webhook_state(runtime, after_commit))])
 
 
 def __getattr__(name: str) -> Any:
