@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import orjson
 from psycopg.types.json import Json
 
 from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
@@ -25,7 +24,7 @@ from bench.stack import (
     redis_connections,
     rss_kb,
 )
-from broker.eventlog import build_event
+from broker.eventlog import encode_event
 from broker.licenses import initial_state
 
 Progress = Callable[[str], None]
@@ -284,17 +283,11 @@ def _seed_rows(license_id: str, n: int) -> Iterator[tuple[Any, ...]]:
     for seq in range(1, n + 1):
         status = ("active", "past_due")[seq % 2]
         state = {**state, "status": status, "entitled": True, "kind": "subscription"}
-        event = build_event(
-            license_id,
-            seq,
-            state,
-            stripe_event_id=f"evt_seed_{seq}",
-            stripe_event_type="customer.subscription.updated",
-            occurred_at=now,
-            recorded_at=now,
+        event_id, kind = f"evt_seed_{seq}", "customer.subscription.updated"
+        data = encode_event(
+            license_id, seq, state, stripe_event_id=event_id, stripe_event_type=kind, occurred_at=now, recorded_at=now
         )
-        yield (license_id, seq, event["stripe_event_id"], event["stripe_event_type"], status, True,
-               orjson.dumps(event).decode(), now, now)  # fmt: skip
+        yield (license_id, seq, event_id, kind, status, True, data.decode(), now, now)
 
 
 def seed_backlog(database_url: str, license_id: str, n: int) -> None:

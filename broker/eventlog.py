@@ -38,7 +38,7 @@ class LicenseEvent:
 
     @classmethod
     def from_wire(cls, license_id: str, data: bytes) -> LicenseEvent:
-        """As from_json, for a message of a known license, without decoding the JSON: build_event
+        """As from_json, for a message of a known license, without decoding the JSON: encode_event
         starts every event with its license id, seq and recorded_at, in that order."""
         prefix = b'{"license_id":' + orjson.dumps(license_id) + b',"seq":'
         if data.startswith(prefix):
@@ -55,30 +55,6 @@ class LicenseEvent:
         return cls.from_json(data)
 
 
-def build_event(
-    license_id: str,
-    seq: int,
-    state: LicenseState,
-    *,
-    stripe_event_id: str | None,
-    stripe_event_type: str | None,
-    occurred_at: datetime | None,
-    recorded_at: datetime | None = None,
-) -> dict[str, Any]:
-    # The first three keys stay first: LicenseEvent.from_wire reads them without decoding.
-    return {
-        "license_id": license_id,
-        "seq": seq,
-        "recorded_at": recorded_at.isoformat() if recorded_at else None,
-        "status": state["status"],
-        "entitled": state["entitled"],
-        "stripe_event_id": stripe_event_id,
-        "stripe_event_type": stripe_event_type,
-        "occurred_at": occurred_at.isoformat() if occurred_at else None,
-        "state": state,
-    }
-
-
 def encode_event(
     license_id: str,
     seq: int,
@@ -90,16 +66,19 @@ def encode_event(
     recorded_at: datetime | None = None,
 ) -> bytes:
     """The event's wire bytes: encoded once, stored, published and streamed as they are."""
+    # The first three keys stay first: LicenseEvent.from_wire reads them without decoding.
     return orjson.dumps(
-        build_event(
-            license_id,
-            seq,
-            state,
-            stripe_event_id=stripe_event_id,
-            stripe_event_type=stripe_event_type,
-            occurred_at=occurred_at,
-            recorded_at=recorded_at,
-        )
+        {
+            "license_id": license_id,
+            "seq": seq,
+            "recorded_at": recorded_at.isoformat() if recorded_at else None,
+            "status": state["status"],
+            "entitled": state["entitled"],
+            "stripe_event_id": stripe_event_id,
+            "stripe_event_type": stripe_event_type,
+            "occurred_at": occurred_at.isoformat() if occurred_at else None,
+            "state": state,
+        }
     )
 
 
@@ -129,10 +108,10 @@ class EventLog:
             row = (await conn.execute(query)).first()
         if row is not None:
             return _event(row)
-        empty = build_event(
+        empty = encode_event(
             license_id, 0, initial_state(), stripe_event_id=None, stripe_event_type=None, occurred_at=None
         )
-        return LicenseEvent(license_id, 0, orjson.dumps(empty))
+        return LicenseEvent(license_id, 0, empty)
 
     async def read(
         self, license_id: str, after: int, before: int | None = None, limit: int = 500

@@ -227,6 +227,15 @@ def _own_id(obj: Mapping[str, Any]) -> str:
     return own
 
 
+def _object(
+    kind: str, obj: Mapping[str, Any], created: int, status: Any, state: dict[str, Any], *links: str | None
+) -> StripeObject:
+    """The ledger row of a Stripe object of its own id, ranked by its status."""
+    return StripeObject(
+        _own_id(obj), kind, created, rank_of(kind, status), state, _id(obj.get("customer")), _links(*links)
+    )
+
+
 def _checkout(session: dict[str, Any], outcome: str | None, created: int) -> Reported | None:
     mode = session.get("mode")
     if mode not in ("payment", "subscription"):
@@ -244,15 +253,7 @@ def _checkout(session: dict[str, Any], outcome: str | None, created: int) -> Rep
         "payment_intent": payment_intent,
         "products": _products(session.get("line_items")),
     }
-    own = StripeObject(
-        _own_id(session),
-        "checkout",
-        created,
-        rank_of("checkout", outcome),
-        state,
-        _id(session.get("customer")),
-        _links(subscription, invoice, payment_intent),
-    )
+    own = _object("checkout", session, created, outcome, state, subscription, invoice, payment_intent)
     named = license_of(session.get("metadata"))
     reference = session.get("client_reference_id")
     if named is None and reference not in (None, ""):
@@ -315,15 +316,7 @@ def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Repo
         else None,
         "products": _products(invoice.get("lines")),
     }
-    own = StripeObject(
-        _own_id(invoice),
-        "invoice",
-        created,
-        rank_of("invoice", status),
-        state,
-        _id(invoice.get("customer")),
-        _links(subscription, charge, payment_intent, *payments),
-    )
+    own = _object("invoice", invoice, created, status, state, subscription, charge, payment_intent, *payments)
     return Reported((own,), license_of(details.get("metadata")) or license_of(invoice.get("metadata")))
 
 
@@ -333,15 +326,7 @@ def _invoice_payment(payment: dict[str, Any], created: int) -> Reported:
     charge, payment_intent = _id(paid_with.get("charge")), _id(paid_with.get("payment_intent"))
     status = "paid"  # what invoice_payment.paid says, whatever the snapshot's status field holds
     state = {"invoice": invoice, "charge": charge, "payment_intent": payment_intent, "status": status}
-    own = StripeObject(
-        _own_id(payment),
-        "invoice_payment",
-        created,
-        rank_of("invoice_payment", status),
-        state,
-        None,
-        _links(invoice, charge, payment_intent),
-    )
+    own = _object("invoice_payment", payment, created, status, state, invoice, charge, payment_intent)
     return Reported((own,))
 
 
@@ -376,9 +361,7 @@ def _simple(obj: dict[str, Any], kind: str, created: int, link_fields: tuple[str
     linked = {f: _id(obj.get(f)) for f in link_fields}
     status = obj.get("status") if isinstance(obj.get("status"), str) else None
     state: dict[str, Any] = {"status": status, **linked}
-    own = StripeObject(
-        _own_id(obj), kind, created, rank_of(kind, status), state, _id(obj.get("customer")), _links(*linked.values())
-    )
+    own = _object(kind, obj, created, status, state, *linked.values())
     return Reported((own,), license_of(obj.get("metadata")))
 
 

@@ -61,13 +61,22 @@ def _bad(message: str) -> Response:
     return JSONResponse({"error": message}, status_code=400)
 
 
-async def dev_token(request: Request) -> Response:
+async def _license_request(request: Request) -> tuple[dict[str, Any], str] | Response:
+    """The JSON object of a dev request and the license it names, or the 4xx to answer."""
     body = await _json_object(request)
     if isinstance(body, Response):
         return body
     license_id = _license_id(body)
     if license_id is None:
         return _bad("license_id: letters, digits and _.:- (at most 100)")
+    return body, license_id
+
+
+async def dev_token(request: Request) -> Response:
+    asked = await _license_request(request)
+    if isinstance(asked, Response):
+        return asked
+    _, license_id = asked
     runtime: Runtime = request.state.runtime
     token = tokens.mint_for(runtime.settings, license_id, ttl=TOKEN_TTL)
     return JSONResponse({"license_id": license_id, "token": token, "expires_in": TOKEN_TTL})
@@ -86,12 +95,10 @@ def _own_url(request: Request) -> str:
 async def dev_simulate(request: Request) -> Response:
     """Sign the sample events of `action` with the webhook secret and POST them to this process's
     own webhook endpoint, as Stripe would: the same verification, transaction, publish and logs."""
-    body = await _json_object(request)
-    if isinstance(body, Response):
-        return body
-    license_id = _license_id(body)
-    if license_id is None:
-        return _bad("license_id: letters, digits and _.:- (at most 100)")
+    asked = await _license_request(request)
+    if isinstance(asked, Response):
+        return asked
+    body, license_id = asked
     action = body.get("action")
     if action not in ACTIONS:
         return _bad(f"action: one of {', '.join(ACTIONS)}")
