@@ -16,7 +16,9 @@ from license_broker_client import InvalidLease, Lease, LeaseCache, LeaseVerifier
 
 from broker.leases import LeaseKeys, public_pem
 from license_broker.embedded import create_app
-from tests.conftest import async_wait_until, free_port, make_settings, new_license, post_event, serving, token_for
+from tests.support.licenses import make_settings, new_license, post_event, token_for
+from tests.support.processes import serving
+from tests.support.waiting import async_wait_until, free_port
 from webhook.samples import SampleEvents
 
 KEY_A, KEY_B = LeaseKeys.generate(), LeaseKeys.generate()

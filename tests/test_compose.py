@@ -19,8 +19,9 @@ from sqlalchemy.engine import make_url
 
 from broker.settings import Settings, SettingsError
 from license_broker.cli import parser
-from tests.conftest import free_port, unavailable, wait_until
 from tests.support.processes import ROOT, Process
+from tests.support.services import unavailable
+from tests.support.waiting import free_port, wait_until
 
 # What a user puts in .env next to compose.yaml.
 SECRETS = {

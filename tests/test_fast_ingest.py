@@ -15,7 +15,8 @@ from broker.binding import MemoryLedger
 from broker.ledger import LicenseRules
 from broker.runtime import Runtime, open_runtime
 from broker.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
-from tests.conftest import make_settings, truncate
+from tests.support.licenses import make_settings
+from tests.support.services import truncate
 from webhook import fast_ingest
 from webhook.ingest import Ingestor, Outcome
 from webhook.samples import SampleEvents

@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 
 from broker.schema import metadata
 from stream.app import create_app as create_stream_app
-from tests.conftest import TOKEN_SECRET, WEBHOOK_SECRET, make_settings, psycopg_connect, serving
+from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, make_settings
+from tests.support.processes import serving
+from tests.support.services import psycopg_connect
 from webhook.app import create_app as create_webhook_app
 from webhook.signature import sign
 

@@ -29,7 +29,8 @@ from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
 from stream.sse import encode
-from tests.conftest import ROOT, append, make_settings, new_license, post_event, serving, token_for
+from tests.support.licenses import append, make_settings, new_license, post_event, token_for
+from tests.support.processes import ROOT, serving
 from webhook.samples import SampleEvents
 
 KEYS = LeaseKeys.generate()

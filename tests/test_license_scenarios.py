@@ -21,9 +21,11 @@ import pytest
 import stripe
 from httpx_sse import connect_sse
 
-from tests.conftest import TOKEN_SECRET, WEBHOOK_SECRET, Process, free_port, new_license, process_env
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import OTHER_PRICE, OTHER_PRODUCT, Scenario
+from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, new_license
+from tests.support.processes import Process, process_env
+from tests.support.waiting import free_port
 
 # Settings of the ledger's mode and account filters; cleared unless a broker sets them, so the
 # environment the suite runs in cannot leak into these processes.

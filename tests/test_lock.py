@@ -10,7 +10,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import ROOT
+from tests.support.processes import ROOT
 
 _PIN = re.compile(r"^([A-Za-z0-9._-]+)==(\S+)")
 

@@ -14,7 +14,9 @@ import broker.readiness
 from broker.readiness import ReadinessProbe
 from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
-from tests.conftest import ROOT, free_port, make_settings, serving
+from tests.support.licenses import make_settings
+from tests.support.processes import ROOT, serving
+from tests.support.waiting import free_port
 from webhook.app import create_app as create_webhook_app
 
 METRICS_TOKEN = "metrics-token-0123456789"

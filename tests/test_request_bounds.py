@@ -15,7 +15,9 @@ from prometheus_client import REGISTRY
 
 from license_broker import dev
 from license_broker.embedded import create_app as create_embedded_app
-from tests.conftest import count_rows, make_settings, new_license, serving, signed
+from tests.support.licenses import make_settings, new_license, signed
+from tests.support.processes import serving
+from tests.support.services import count_rows
 from webhook.app import create_app as create_webhook_app
 from webhook.samples import SampleEvents
 

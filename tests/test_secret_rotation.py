@@ -13,7 +13,8 @@ import pytest
 from broker import tokens
 from broker.settings import Settings, SettingsError
 from license_broker.embedded import create_app
-from tests.conftest import ROOT, make_settings, new_license, serving, signed
+from tests.support.licenses import make_settings, new_license, signed
+from tests.support.processes import ROOT, serving
 from webhook.samples import SampleEvents
 
 OLD = "old-stream-token-secret-0123456789abcdef"

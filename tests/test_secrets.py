@@ -18,18 +18,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.db import create_engine
 from broker.settings import Settings, SettingsError, mask_password
-from tests.conftest import (
-    ADMIN_URL,
-    ROOT,
-    Process,
-    make_settings,
-    new_license,
-    post_event,
-    process_env,
-    psycopg_connect,
-    serving,
-    wait_until,
-)
+from tests.support.licenses import make_settings, new_license, post_event
+from tests.support.processes import ROOT, Process, process_env, serving
+from tests.support.services import ADMIN_URL, psycopg_connect
+from tests.support.waiting import wait_until
 from webhook.app import create_app
 from webhook.samples import SampleEvents
 

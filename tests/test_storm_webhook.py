@@ -11,15 +11,10 @@ import httpx
 
 from broker import metrics
 from license_broker.embedded import create_app
-from tests.conftest import (
-    async_wait_until,
-    make_settings,
-    new_license,
-    post_event,
-    psycopg_connect,
-    serving,
-    token_for,
-)
+from tests.support.licenses import make_settings, new_license, post_event, token_for
+from tests.support.processes import serving
+from tests.support.services import psycopg_connect
+from tests.support.waiting import async_wait_until
 
 STREAMS = 40
 POOL = 4

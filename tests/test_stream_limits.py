@@ -16,7 +16,8 @@ from license_broker_client import LicenseClient
 from broker.db import create_engine
 from broker.settings import Settings
 from license_broker.embedded import create_app
-from tests.conftest import append, make_settings, new_license, post_event, serving, token_for
+from tests.support.licenses import append, make_settings, new_license, post_event, token_for
+from tests.support.processes import serving
 from webhook.samples import SampleEvents
 
 

@@ -17,7 +17,8 @@ from broker.db import create_engine
 from broker.schema import licenses, stripe_events, subscription_event_logs
 from broker.settings import Settings
 from license_broker import cli
-from tests.conftest import WEBHOOK_SECRET, make_settings, serving
+from tests.support.licenses import WEBHOOK_SECRET, make_settings
+from tests.support.processes import serving
 from webhook.app import create_app
 from webhook.samples import SampleEvents
 from webhook.signature import sign

@@ -25,7 +25,9 @@ from broker.db import create_engine
 from broker.schema import licenses
 from broker.settings import Settings
 from broker.stripe_refresh import refreshed_event
-from tests.conftest import free_port, make_settings, new_license, post_event, serving
+from tests.support.licenses import make_settings, new_license, post_event
+from tests.support.processes import serving
+from tests.support.waiting import free_port
 from webhook.app import create_app
 
 OPENAPI = Path(__file__).parents[2] / "shared" / "fixtures" / "stripe-openapi"

@@ -18,7 +18,8 @@ from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
-from tests.conftest import TOKEN_SECRET, make_settings, new_license, serving
+from tests.support.licenses import TOKEN_SECRET, make_settings, new_license
+from tests.support.processes import serving
 
 DAY = 86400
 
