@@ -55,7 +55,6 @@ class LicenseRow:
     id: str
     seq: int
     state: LicenseState
-    last_event_created: int
     stripe_customer_id: str | None
     stripe_subscription_id: str | None
 
@@ -84,7 +83,6 @@ class LicenseStore:
             id=row["id"],
             seq=row["seq"],
             state=row["state"],
-            last_event_created=row["last_event_created"],
             stripe_customer_id=row["stripe_customer_id"],
             stripe_subscription_id=row["stripe_subscription_id"],
         )
@@ -99,7 +97,6 @@ class LicenseStore:
                 status=row.state["status"],
                 entitled=row.state["entitled"],
                 state=row.state,
-                last_event_created=row.last_event_created,
                 stripe_customer_id=row.stripe_customer_id,
                 stripe_subscription_id=row.stripe_subscription_id,
                 updated_at=datetime.now(UTC),

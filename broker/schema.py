@@ -16,8 +16,6 @@ licenses = sa.Table(
     sa.Column("status", sa.String(40), nullable=False, server_default="none"),
     sa.Column("entitled", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("state", sa.JSON, nullable=False),
-    # `created` (unix seconds) of the Stripe event that last changed the license.
-    sa.Column("last_event_created", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("stripe_customer_id", sa.String(200), index=True),
     sa.Column("stripe_subscription_id", sa.String(200), index=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),

@@ -9,4 +9,3 @@ pytest_plugins = [
     "tests.support.cluster",
     "tests.support.transports",
 ]
-

@@ -56,13 +56,13 @@ bound AS (
     SELECT stripe_id, license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[])
 ),
 license AS (
-    SELECT l.id, l.seq, l.state::text AS state, l.last_event_created
+    SELECT l.id, l.seq, l.state::text AS state
     FROM licenses l, locked
     WHERE l.id = ({_TARGET}) AND locked.n >= 0
     FOR UPDATE OF l
 )
 SELECT (SELECT n FROM locked), (SELECT array_agg(stripe_id) FROM bound), (SELECT array_agg(license_id) FROM bound),
-       license.id, license.seq, license.state, license.last_event_created
+       license.id, license.seq, license.state
 FROM (SELECT 1) AS one LEFT JOIN license ON true
 """
 
@@ -119,7 +119,7 @@ links AS (
 ),
 license AS (
     UPDATE licenses SET seq = %(seq)s, status = %(status)s, entitled = %(entitled)s, state = %(state)s::json,
-        last_event_created = %(last_created)s, stripe_customer_id = %(customer)s,
+        stripe_customer_id = %(customer)s,
         stripe_subscription_id = %(subscription)s, updated_at = %(now)s
     WHERE id = %(license_id)s AND %(changed)s AND EXISTS (SELECT 1 FROM event)
 ),
@@ -189,7 +189,7 @@ class FastIngest:
             read = await pg.execute(READ, {"own": own, "customers": customers, "event_id": event["id"]})
         first, second = await locked.fetchone(), await read.fetchone()
         assert first is not None and second is not None
-        _, bound_ids, bound_licenses, license_id, seq, state_text, last_created = first
+        _, bound_ids, bound_licenses, license_id, seq, state_text = first
         seen, target, objects_text = second
         bindings = dict(zip(bound_ids or (), bound_licenses or (), strict=True))
         if seen:
@@ -279,7 +279,6 @@ class FastIngest:
             "status": state["status"],
             "entitled": state["entitled"],
             "state": orjson.dumps(state).decode(),
-            "last_created": max(last_created, event["created"]),
             "customer": state["customer"],
             "subscription": state["subscription"],
             "data": data.decode(),

@@ -283,7 +283,6 @@ class Ingestor:
         row.state = state
         row.stripe_customer_id = state["customer"]
         row.stripe_subscription_id = state["subscription"]
-        row.last_event_created = max(row.last_event_created, event["created"])
         await LicenseStore.save(conn, row)
         return await EventLog.append(
             conn,
