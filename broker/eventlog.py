@@ -11,7 +11,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.licenses import LicenseState, initial_state
+from broker.licenses import LicenseRow, LicenseState, LicenseStore, initial_state
 from broker.schema import licenses, subscription_event_logs
 
 # Keeps each IN (...) list well under every driver's parameter limit.
@@ -161,6 +161,35 @@ class EventLog:
                 query = sa.select(licenses.c.id, licenses.c.seq).where(licenses.c.id.in_(ids[start : start + _CHUNK]))
                 result.update({row.id: row.seq for row in await conn.execute(query)})
         return result
+
+    @staticmethod
+    async def advance(
+        conn: AsyncConnection,
+        row: LicenseRow,
+        state: LicenseState,
+        *,
+        stripe_event_id: str | None,
+        stripe_event_type: str | None,
+        occurred_at: datetime,
+    ) -> LicenseEvent | None:
+        """Move the locked license to `state` with the next seq and its log entry; None (nothing
+        written) when the state is the one it holds."""
+        if state == row.state:
+            return None
+        row.seq += 1
+        row.state = state
+        row.stripe_customer_id = state["customer"]
+        row.stripe_subscription_id = state["subscription"]
+        await LicenseStore.save(conn, row)
+        return await EventLog.append(
+            conn,
+            row.id,
+            row.seq,
+            state,
+            stripe_event_id=stripe_event_id,
+            stripe_event_type=stripe_event_type,
+            occurred_at=occurred_at,
+        )
 
     @staticmethod
     async def append(

@@ -208,7 +208,7 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
             raise Unprocessable("entitlement summary without a customer")
         entitlements = _dict(obj.get("entitlements")).get("data") or []
         features = sorted({e["lookup_key"] for e in entitlements if isinstance(_dict(e).get("lookup_key"), str)})
-        summary = StripeObject(f"entitlements:{customer}", "entitlements", created, 0, {"features": features}, customer)
+        summary = StripeObject(entitlements_id(customer), "entitlements", created, 0, {"features": features}, customer)
         return Reported((summary,), customer_level=True)
     if kind == "customer.deleted":
         customer = _id(obj.get("id"))
@@ -218,6 +218,11 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
             (StripeObject(customer, "customer", created, 0, {"deleted": True}, customer),), customer_level=True
         )
     return None
+
+
+def entitlements_id(customer: str) -> str:
+    """The ledger id of a customer's entitlement summary (Stripe gives the summary no id)."""
+    return f"entitlements:{customer}"
 
 
 def _own_id(obj: Mapping[str, Any]) -> str:

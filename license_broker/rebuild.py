@@ -40,17 +40,11 @@ async def rebuild(settings: Settings, license_id: str | None = None) -> list[tup
             for each in sorted(ids):
                 row = await LicenseStore.lock(conn, each)
                 state = rules.derive(ledger.objects_of(each))
-                if state == row.state:
-                    continue
-                row.seq += 1
-                row.state = state
-                row.stripe_customer_id = state["customer"]
-                row.stripe_subscription_id = state["subscription"]
-                await LicenseStore.save(conn, row)
-                await EventLog.append(
-                    conn, each, row.seq, state, stripe_event_id=None, stripe_event_type="rebuild", occurred_at=now
+                appended = await EventLog.advance(
+                    conn, row, state, stripe_event_id=None, stripe_event_type="rebuild", occurred_at=now
                 )
-                changed.append((each, row.seq))
+                if appended is not None:
+                    changed.append((each, appended.seq))
     finally:
         await engine.dispose()
     return changed

@@ -27,7 +27,16 @@ from broker.ledger_store import LedgerStore
 from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.schema import stripe_events
-from broker.stripe_objects import BadLicenseId, EventFilter, Reported, Unprocessable, report
+from broker.stripe_objects import (
+    MAX_CREATED,
+    MAX_ID,
+    BadLicenseId,
+    EventFilter,
+    Reported,
+    Unprocessable,
+    entitlements_id,
+    report,
+)
 from broker.stripe_refresh import NoRefresh, Refresher
 from webhook.fast_ingest import FastIngest
 
@@ -60,11 +69,11 @@ AfterCommit = Callable[[Outcome], None]
 
 def _envelope_problem(event: dict[str, Any]) -> str | None:
     event_id, kind, created = event["id"], event["type"], event["created"]
-    if not (0 < len(event_id) <= 255 and event_id.isprintable()):
+    if not (0 < len(event_id) <= MAX_ID and event_id.isprintable()):
         return "event id is not a Stripe id"
     if not (0 < len(kind) <= 200 and kind.isprintable()):
         return "event type is not a Stripe event type"
-    if not 0 <= created < 2**53:
+    if not 0 <= created < MAX_CREATED:
         return "created is not a timestamp"
     return None
 
@@ -259,7 +268,7 @@ class Ingestor:
             waiting = newly - ids
             if newly and reported.customer:
                 # Customer-level objects that waited for a license of their customer.
-                waiting |= {reported.customer, f"entitlements:{reported.customer}"}
+                waiting |= {reported.customer, entitlements_id(reported.customer)}
             if waiting:
                 await _mark_linked(conn, resolution.license_id, waiting)
         if reported.customer_level and reported.customer:
@@ -277,17 +286,9 @@ class Ingestor:
         """Lock the license, derive it from its objects; its log entry if it changed."""
         row = await LicenseStore.lock(conn, license_id)
         state = self.rules.derive(await LedgerStore.license_objects(conn, license_id))
-        if state == row.state:
-            return None
-        row.seq += 1
-        row.state = state
-        row.stripe_customer_id = state["customer"]
-        row.stripe_subscription_id = state["subscription"]
-        await LicenseStore.save(conn, row)
-        return await EventLog.append(
+        return await EventLog.advance(
             conn,
-            license_id,
-            row.seq,
+            row,
             state,
             stripe_event_id=event["id"],
             stripe_event_type=event["type"],
