@@ -9,7 +9,8 @@ import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.settings import Settings
 
@@ -63,6 +64,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
         json_serializer=orjson.dumps,
         json_deserializer=orjson.loads,
     )
+
+
+def upsert_into(conn: AsyncConnection, table: sa.Table) -> Any:
+    """INSERT with ON CONFLICT for the connection's dialect (Postgres, or the embedded SQLite)."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _alembic_config(connection: sa.Connection) -> Config:

@@ -7,17 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.db import upsert_into
 from broker.ledger import CUSTOMER_KINDS, StripeObject
 from broker.schema import stripe_bindings, stripe_links, stripe_objects
 
 _CUSTOMER_KINDS = sorted(CUSTOMER_KINDS)
-
-
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _object(row: Any, links: Iterable[str] = ()) -> StripeObject:
@@ -64,13 +60,13 @@ class LedgerStore:
             "state": dict(obj.state),
             "updated_at": datetime.now(UTC),
         }
-        insert = _insert(conn, stripe_objects).values(**values)
+        insert = upsert_into(conn, stripe_objects).values(**values)
         await conn.execute(
             insert.on_conflict_do_update(index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"})
         )
         rows = [{"object_id": obj.id, "linked_id": linked} for linked in sorted(set(new_links))]
         if rows:
-            await conn.execute(_insert(conn, stripe_links).values(rows).on_conflict_do_nothing())
+            await conn.execute(upsert_into(conn, stripe_links).values(rows).on_conflict_do_nothing())
 
     @staticmethod
     async def bindings(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
@@ -97,7 +93,7 @@ class LedgerStore:
             fresh = sorted(frontier - set(owners))
             if fresh:
                 rows = [{"stripe_id": i, "license_id": license_id, "bound_at": datetime.now(UTC)} for i in fresh]
-                await conn.execute(_insert(conn, stripe_bindings).values(rows).on_conflict_do_nothing())
+                await conn.execute(upsert_into(conn, stripe_bindings).values(rows).on_conflict_do_nothing())
                 newly |= set(fresh)
             seen |= frontier
             frontier = await LedgerStore._neighbours(conn, set(fresh)) - seen

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.db import upsert_into
 from broker.schema import licenses
 
 
@@ -59,10 +59,6 @@ class LicenseRow:
     stripe_subscription_id: str | None
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(licenses)
-
-
 class LicenseStore:
     """License rows, inside the caller's transaction."""
 
@@ -74,7 +70,7 @@ class LicenseStore:
         transaction that wrote seq N has committed: per license, seq order is commit order.
         (SQLite has no row locks; it serialises every writer, which gives the same order.)"""
         # One round trip: the upsert's (no-op) update takes the row lock, as SELECT ... FOR UPDATE would.
-        insert = _insert(conn).values(id=license_id, state=initial_state())
+        insert = upsert_into(conn, licenses).values(id=license_id, state=initial_state())
         query = insert.on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}).returning(
             *licenses.c
         )

@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
 from broker.binding import resolve
+from broker.db import upsert_into
 from broker.eventlog import EventLog, LicenseEvent
 from broker.ledger import OLDER, LicenseRules, merge
 from broker.ledger_store import LedgerStore
@@ -94,7 +94,7 @@ async def _record(
 
     Two deliveries of one id racing: the second INSERT waits on the first's uncommitted key, then
     does nothing once it commits, so it is answered as a duplicate, never as an error."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(stripe_events)
+    insert = upsert_into(conn, stripe_events)
     query = (
         insert.values(
             id=event["id"],
