@@ -20,21 +20,44 @@ def _object(row: Any, links: Iterable[str] = ()) -> StripeObject:
     return StripeObject(row.id, row.kind, row.version, row.rank, row.state, row.customer, frozenset(links))
 
 
+class LocksBusy(Exception):
+    """Ids found after the first locks are held, and locked by another transaction: waiting for
+    them could deadlock (ids are locked in sorted order). The caller rolls back and starts again
+    holding them from the start (`Ingestor`)."""
+
+    def __init__(self, ids: set[str]) -> None:
+        super().__init__(f"{len(ids)} linked ids locked by another transaction")
+        self.ids = ids
+
+
 class LedgerStore:
     @staticmethod
-    async def lock_ids(conn: AsyncConnection, ids: Iterable[str]) -> None:
+    async def lock_ids(conn: AsyncConnection, ids: Iterable[str], *, wait: bool = True) -> None:
         """Serialise the events that share a Stripe id (or a customer), so that an object and the
         event that binds its id cannot miss each other's uncommitted rows. Taken in sorted order;
-        SQLite needs none, it serialises every writer. Two events that reach each other's ids
-        through a link found later can still deadlock: Postgres aborts one (503) and Stripe retries."""
+        SQLite needs none, it serialises every writer. `wait=False`: ids found later, while other
+        locks are held, are only taken if free (else LocksBusy), so that no two transactions wait
+        for each other's ids."""
         keys = sorted({i for i in ids if i})
-        if keys and conn.dialect.name == "postgresql":
+        if not keys or conn.dialect.name != "postgresql":
+            return
+        if wait:
             await conn.execute(
                 sa.text(
                     "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(CAST(:ids AS text[])) k"
                 ),
                 {"ids": keys},
             )
+            return
+        busy = await conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM unnest(CAST(:ids AS text[])) k"
+                " WHERE NOT pg_try_advisory_xact_lock(hashtextextended(k, 0))"
+            ),
+            {"ids": keys},
+        )
+        if busy:
+            raise LocksBusy(set(keys))
 
     @staticmethod
     async def objects(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, StripeObject]:
@@ -78,9 +101,12 @@ class LedgerStore:
         return {row.stripe_id: row.license_id for row in rows}
 
     @staticmethod
-    async def bind(conn: AsyncConnection, license_id: str, start: Iterable[str], known: dict[str, str]) -> set[str]:
+    async def bind(
+        conn: AsyncConnection, license_id: str, start: Iterable[str], known: dict[str, str], *, wait: bool = False
+    ) -> set[str]:
         """Bind `start` and every id linked to it, transitively, that no license holds yet; the ids
-        bound just now. `known`: bindings already read (and locked) in this transaction.
+        bound just now. `known`: bindings already read (and locked) in this transaction. `start` is
+        locked already; ids found by the walk are locked only if free (LocksBusy), unless `wait`.
 
         Invariant: the ids linked to a bound id are bound too (each id bound here has its links
         followed), so the walk only follows ids bound just now, and ids held by another license
@@ -88,7 +114,7 @@ class LedgerStore:
         frontier, seen, newly = set(start), set[str](), set[str]()
         while frontier:
             unknown = frontier - set(known)
-            await LedgerStore.lock_ids(conn, unknown)
+            await LedgerStore.lock_ids(conn, unknown, wait=wait or not seen)
             owners = {i: known[i] for i in frontier if i in known} | await LedgerStore.bindings(conn, unknown)
             fresh = sorted(frontier - set(owners))
             if fresh:

@@ -1,28 +1,39 @@
-"""The common ingest on Postgres: an event whose objects and links are all bound already, in two
-network round trips and three statements (BEGIN and COMMIT ride in the same pipelines), through
-psycopg directly with statements that are the same text every time (prepared after a few uses).
+"""The common ingest on Postgres: events whose objects and links are all bound already, several in
+one transaction when several are waiting, in two network round trips and three statements per
+transaction (BEGIN and COMMIT ride in the same pipelines), through psycopg directly with statements
+that are the same text every time (prepared after a few uses).
 
-    round trip 1: BEGIN; LOCK (the id locks, the bindings, the license row locked); READ (the
-                  license's ledger objects and whether the event was recorded before); Sync
-    Python:       broker.binding.resolve, broker.ledger.merge and LicenseRules.derive, unchanged
-    round trip 2: WRITE (the event with its outcome, objects, links, license row, log entry);
+    round trip 1: BEGIN; LOCK (the id locks of every event, the bindings, the license rows locked);
+                  READ (those licenses' ledger objects, which events were recorded before); Sync
+    Python:       per event, in arrival order: broker.binding.resolve, broker.ledger.merge and
+                  LicenseRules.derive, unchanged, each on the objects as the events before it left them
+    round trip 2: WRITE (the events with their outcomes, objects, links, license rows, log entries);
                   COMMIT; Sync
+
+Group commit: a webhook arriving while `RUNNERS` transactions are in flight waits for the next
+one, which takes every event waiting then (up to `MAX_BATCH`). Alone, an event is a transaction of
+its own at once; under load the round trips, the statements and the commit are shared. A batch
+that fails as a whole (a deadlock, content one of its events carries that the database refuses) is
+retried one event per transaction, so one event never decides another's fate.
 
 Why READ is its own statement: under READ COMMITTED a statement reads the snapshot taken when it
 started, before any lock it waits for inside. LOCK's snapshot may miss what the holder of an id
-lock or of the license row lock committed meanwhile, so it only reads what cannot change once
-seen (bindings are set once and never moved; the locked license row is returned as it is after the
-wait). READ starts after every lock is held, so it sees each committed object.
+lock or of a license row lock committed meanwhile, so it only reads what cannot change once seen
+(bindings are set once and never moved; the locked license rows are returned as they are after
+the wait). READ starts after every lock is held, so it sees each committed object.
 
 Anything else goes to the general path (webhook.ingest, SQLAlchemy), which takes the same locks in
-the same order (event ids, then the license row): an id not bound yet (a new binding may bind
-pending objects), a customer-level event, an event a refresh from Stripe's API may replace.
-Nothing is written before the decision, so giving up is a rollback.
+the same order (event ids, sorted, then license rows, sorted): an id not bound yet (a new binding
+may bind pending objects), a customer-level event, an event a refresh from Stripe's API may replace.
+Nothing of such an event is written here, so giving it up costs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,44 +45,40 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker.binding import resolve
 from broker.eventlog import LicenseEvent, encode_event
 from broker.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, merge
+from broker.licenses import initial_state
 from broker.stripe_objects import Reported
 
 _CUSTOMER_KINDS = "{" + ",".join(sorted(CUSTOMER_KINDS)) + "}"
 
-# The license the event's own objects are bound to: the first of them that is bound (as resolve).
-_TARGET = """
-    SELECT b.license_id FROM stripe_bindings b
-    JOIN unnest(%(own)s::text[]) WITH ORDINALITY AS o(id, n) ON o.id = b.stripe_id
-    ORDER BY o.n LIMIT 1
-"""
-
-# The advisory locks of the event's ids (sorted, as LedgerStore.lock_ids), then the license row.
-# LockRows sits above the join with `locked`, whose aggregate takes every id lock first, so the
-# order is the general path's: ids, then the license.
-LOCK = f"""
+# The advisory locks of every id of the batch (sorted, as LedgerStore.lock_ids), then the rows of
+# the licenses its ids are bound to or its events name, in id order. LockRows sits above the sort
+# and the join with `locked`, whose aggregate takes every id lock first: ids, then licenses, as the
+# general path.
+LOCK = """
 WITH locked AS (
     SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) AS n FROM unnest(%(lock_ids)s::text[]) AS k
 ),
-bound AS (
-    SELECT stripe_id, license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[])
-),
 license AS (
-    SELECT l.id, l.seq, l.state::text AS state
+    SELECT l.id, l.seq, l.state
     FROM licenses l, locked
-    WHERE l.id = ({_TARGET}) AND locked.n >= 0
+    WHERE (l.id IN (SELECT license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[]))
+           OR l.id = ANY(%(named)s::text[]))
+      AND locked.n >= 0
+    ORDER BY l.id
     FOR UPDATE OF l
 )
-SELECT (SELECT n FROM locked), (SELECT array_agg(stripe_id) FROM bound), (SELECT array_agg(license_id) FROM bound),
-       license.id, license.seq, license.state
-FROM (SELECT 1) AS one LEFT JOIN license ON true
+SELECT (SELECT n FROM locked), (SELECT json_agg(json_build_array(id, seq, state)) FROM license)::text
 """
 
-# Every object of the license, the event's own objects (with their links), and the customer-level
-# objects of any customer they or the event name (the caller keeps those of the license's).
+# With every lock held, a snapshot that sees all they guard: every binding of those licenses, their
+# objects, the events' own objects (with their links), the customer-level objects of any customer
+# the license objects or the events name; which events were recorded; which named licenses exist;
+# and the unbound ids that are not new (an object or a link holds them: the general path binds those).
 READ = f"""
-WITH target AS ({_TARGET}),
-bound AS (
-    SELECT stripe_id FROM stripe_bindings WHERE license_id = (SELECT license_id FROM target)
+WITH bound AS (
+    SELECT stripe_id, license_id FROM stripe_bindings WHERE license_id IN (
+        SELECT license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[])
+    ) OR license_id = ANY(%(named)s::text[])
 ),
 wanted AS (
     SELECT stripe_id AS id FROM bound
@@ -83,22 +90,32 @@ wanted AS (
     )
 )
 SELECT
-    EXISTS (SELECT 1 FROM stripe_events WHERE id = %(event_id)s),
-    (SELECT license_id FROM target),
+    (SELECT array_agg(id) FROM stripe_events WHERE id = ANY(%(event_ids)s::text[])),
+    (SELECT array_agg(id) FROM licenses WHERE id = ANY(%(named)s::text[])),
+    (SELECT array_agg(k) FROM unnest(%(ids)s::text[]) AS k
+     WHERE NOT EXISTS (SELECT 1 FROM stripe_bindings b WHERE b.stripe_id = k)
+       AND (EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = k)
+            OR EXISTS (SELECT 1 FROM stripe_links l WHERE l.object_id = k)
+            OR EXISTS (SELECT 1 FROM stripe_links l WHERE l.linked_id = k))),
+    (SELECT json_object_agg(stripe_id, license_id) FROM bound)::text,
     (SELECT json_agg(json_build_array(
-        o.id, o.kind, o.version, o.rank, o.state, o.customer, o.id IN (SELECT stripe_id FROM bound),
+        o.id, o.kind, o.version, o.rank, o.state, o.customer,
         CASE WHEN o.id = ANY(%(own)s::text[])
              THEN (SELECT array_agg(k.linked_id) FROM stripe_links k WHERE k.object_id = o.id) END
     )) FROM stripe_objects o JOIN wanted w ON w.id = o.id)::text
 """
 
-# The event with its outcome, and what the rules decided. ON CONFLICT: should another delivery of
-# the event have been recorded after all, nothing else is written and the caller answers duplicate.
+# The events with their outcomes, and what the rules decided. Should another delivery of one of
+# the events have been recorded after all, or a new license or binding been written meanwhile (ON
+# CONFLICT), the division fails: the transaction is rolled back and the batch retried one event at
+# a time (alone, such an event goes to the general path, which decides it on what is there now).
 WRITE = """
 WITH event AS (
     INSERT INTO stripe_events (id, type, created, livemode, outcome, license_id, object_id, payload, received_at)
-    VALUES (%(event_id)s, %(type)s, %(created)s, %(livemode)s, %(outcome)s, %(license_id)s, %(object_id)s,
-            %(payload)s::json, %(now)s)
+    SELECT e.id, e.type, e.created, e.livemode, e.outcome, e.license_id, e.object_id, e.payload::json, %(now)s
+    FROM unnest(%(e_ids)s::text[], %(e_types)s::text[], %(e_created)s::int8[], %(e_livemode)s::bool[],
+                %(e_outcomes)s::text[], %(e_licenses)s::text[], %(e_objects)s::text[], %(e_payloads)s::text[])
+         AS e(id, type, created, livemode, outcome, license_id, object_id, payload)
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ),
@@ -107,34 +124,57 @@ objects AS (
     SELECT o.id, o.kind, o.version, o.rank, o.customer, o.state::json, %(now)s
     FROM unnest(%(o_ids)s::text[], %(o_kinds)s::text[], %(o_versions)s::int8[], %(o_ranks)s::int8[],
                 %(o_customers)s::text[], %(o_states)s::text[]) AS o(id, kind, version, rank, customer, state)
-    WHERE EXISTS (SELECT 1 FROM event)
     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, version = excluded.version, rank = excluded.rank,
         customer = excluded.customer, state = excluded.state, updated_at = excluded.updated_at
+),
+bindings AS (
+    INSERT INTO stripe_bindings (stripe_id, license_id, bound_at)
+    SELECT b.stripe_id, b.license_id, %(now)s
+    FROM unnest(%(b_ids)s::text[], %(b_licenses)s::text[]) AS b(stripe_id, license_id)
+    ON CONFLICT DO NOTHING
+    RETURNING stripe_id
+),
+created AS (
+    INSERT INTO licenses (id, seq, status, entitled, state, stripe_customer_id, stripe_subscription_id, created_at,
+                          updated_at)
+    SELECT c.id, c.seq, c.status, c.entitled, c.state::json, c.customer, c.subscription, %(now)s, %(now)s
+    FROM unnest(%(c_ids)s::text[], %(c_seqs)s::int8[], %(c_statuses)s::text[], %(c_entitled)s::bool[],
+                %(c_states)s::text[], %(c_customers)s::text[], %(c_subscriptions)s::text[])
+         AS c(id, seq, status, entitled, state, customer, subscription)
+    ON CONFLICT DO NOTHING
+    RETURNING id
 ),
 links AS (
     INSERT INTO stripe_links (object_id, linked_id)
     SELECT a, b FROM unnest(%(l_from)s::text[], %(l_to)s::text[]) AS x(a, b)
-    WHERE EXISTS (SELECT 1 FROM event)
     ON CONFLICT DO NOTHING
 ),
 license AS (
-    UPDATE licenses SET seq = %(seq)s, status = %(status)s, entitled = %(entitled)s, state = %(state)s::json,
-        stripe_customer_id = %(customer)s,
-        stripe_subscription_id = %(subscription)s, updated_at = %(now)s
-    WHERE id = %(license_id)s AND %(changed)s AND EXISTS (SELECT 1 FROM event)
+    UPDATE licenses l SET seq = u.seq, status = u.status, entitled = u.entitled, state = u.state::json,
+        stripe_customer_id = u.customer, stripe_subscription_id = u.subscription, updated_at = %(now)s
+    FROM unnest(%(u_ids)s::text[], %(u_seqs)s::int8[], %(u_statuses)s::text[], %(u_entitled)s::bool[],
+                %(u_states)s::text[], %(u_customers)s::text[], %(u_subscriptions)s::text[])
+         AS u(id, seq, status, entitled, state, customer, subscription)
+    WHERE l.id = u.id
 ),
 log AS (
     INSERT INTO subscription_event_logs
         (license_id, seq, stripe_event_id, stripe_event_type, status, entitled, data, occurred_at, recorded_at)
-    SELECT %(license_id)s, %(seq)s, %(event_id)s, %(type)s, %(status)s, %(entitled)s, %(data)s, %(occurred_at)s,
-           %(now)s
-    WHERE %(changed)s AND EXISTS (SELECT 1 FROM event)
+    SELECT g.license_id, g.seq, g.event_id, g.type, g.status, g.entitled, g.data, g.occurred_at, %(now)s
+    FROM unnest(%(g_licenses)s::text[], %(g_seqs)s::int8[], %(g_events)s::text[], %(g_types)s::text[],
+                %(g_statuses)s::text[], %(g_entitled)s::bool[], %(g_data)s::text[], %(g_occurred)s::timestamptz[])
+         AS g(license_id, seq, event_id, type, status, entitled, data, occurred_at)
 )
-SELECT count(*) FROM event
+SELECT 1 / ((SELECT count(*) FROM event) = %(n)s AND (SELECT count(*) FROM bindings) = %(n_bindings)s
+             AND (SELECT count(*) FROM created) = %(n_created)s)::int
 """
 
 # What the general path's Outcome needs, without importing it (webhook.ingest imports this).
 Result = tuple[str, str | None, LicenseEvent | None, str]  # kind, license_id, appended, object_id
+
+# Transactions in flight at once per process, and events per transaction.
+RUNNERS = 2
+MAX_BATCH = 64
 
 
 def _db_error(exc: psycopg.Error) -> sa.exc.DBAPIError:
@@ -144,6 +184,92 @@ def _db_error(exc: psycopg.Error) -> sa.exc.DBAPIError:
     return cls("fast ingest", None, exc)
 
 
+@dataclass(slots=True)
+class _Request:
+    event: Mapping[str, Any]
+    raw: bytes | None
+    reported: Reported
+    future: asyncio.Future[Result | None]
+
+
+def _license_rows(prefix: str, rows: dict[str, tuple[int, Any]]) -> dict[str, list[Any]]:
+    items = sorted(rows.items())
+    return {
+        f"{prefix}_ids": [lid for lid, _ in items],
+        f"{prefix}_seqs": [seq for _, (seq, _) in items],
+        f"{prefix}_statuses": [s["status"] for _, (_, s) in items],
+        f"{prefix}_entitled": [s["entitled"] for _, (_, s) in items],
+        f"{prefix}_states": [orjson.dumps(s).decode() for _, (_, s) in items],
+        f"{prefix}_customers": [s["customer"] for _, (_, s) in items],
+        f"{prefix}_subscriptions": [s["subscription"] for _, (_, s) in items],
+    }
+
+
+def _columns(names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    columns = list(zip(*rows, strict=True)) or [()] * len(names)
+    return {name: list(column) for name, column in zip(names, columns, strict=True)}
+
+
+@dataclass(slots=True)
+class _Writes:
+    """The rows one transaction writes, as the WRITE statement's arrays."""
+
+    now: datetime
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    objects: dict[str, StripeObject] = field(default_factory=dict)
+    links: set[tuple[str, str]] = field(default_factory=set)
+    bindings: dict[str, str] = field(default_factory=dict)
+    licenses: dict[str, tuple[int, Any]] = field(default_factory=dict)  # changed: seq, state
+    created: dict[str, tuple[int, Any]] = field(default_factory=dict)  # new: seq, state
+    log: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def license(self, license_id: str, seq: int, state: Any) -> None:
+        (self.created if license_id in self.created else self.licenses)[license_id] = (seq, state)
+
+    def params(self) -> dict[str, Any]:
+        objects = list(self.objects.values())
+        links = sorted(self.links)
+        return {
+            "now": self.now,
+            "n": len(self.events),
+            "n_bindings": len(self.bindings),
+            "n_created": len(self.created),
+            **_columns(
+                ("e_ids", "e_types", "e_created", "e_livemode", "e_outcomes", "e_licenses", "e_objects", "e_payloads"),
+                self.events,
+            ),
+            "o_ids": [o.id for o in objects],
+            "o_kinds": [o.kind for o in objects],
+            "o_versions": [o.version for o in objects],
+            "o_ranks": [o.rank for o in objects],
+            "o_customers": [o.customer for o in objects],
+            "o_states": [orjson.dumps(dict(o.state)).decode() for o in objects],
+            "l_from": [a for a, _ in links],
+            "l_to": [b for _, b in links],
+            "b_ids": list(self.bindings),
+            "b_licenses": list(self.bindings.values()),
+            **_license_rows("u", self.licenses),
+            **_license_rows("c", self.created),
+            **_columns(
+                ("g_licenses", "g_seqs", "g_events", "g_types", "g_statuses", "g_entitled", "g_data", "g_occurred"),
+                self.log,
+            ),
+        }
+
+
+@dataclass(slots=True)
+class _Read:
+    """What round trip 1 returned, updated in memory as each event of the batch is decided."""
+
+    licenses: dict[str, tuple[int, Any]]  # locked: seq and state
+    recorded: set[str]  # event ids recorded before
+    existing: set[str]  # named licenses that exist
+    entangled: set[str]  # unbound ids an object or a link holds already
+    members: dict[str, str]  # every id bound to a license the batch's ids are bound to or name
+    objects: dict[str, StripeObject]
+    by_customer: dict[str, list[StripeObject]]  # customer-level objects
+
+
 class FastIngest:
     def __init__(self, engine: AsyncEngine, rules: LicenseRules, refreshes: bool) -> None:
         self.engine = engine
@@ -151,6 +277,8 @@ class FastIngest:
         # With STRIPE_API_KEY an event that is not newer than its object is re-read from Stripe:
         # the general path does that.
         self.refreshes = refreshes
+        self._waiting: deque[_Request] = deque()
+        self._runners: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def eligible(reported: Reported) -> bool:
@@ -158,6 +286,57 @@ class FastIngest:
 
     async def apply(self, event: Mapping[str, Any], raw: bytes | None, reported: Reported) -> Result | None:
         """The outcome, committed; None to take the general path (nothing written)."""
+        future: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Request(event, raw, reported, future))
+        if len(self._runners) < RUNNERS:
+            runner = asyncio.create_task(self._run())
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
+        return await future
+
+    async def _run(self) -> None:
+        batch: list[_Request] = []
+        try:
+            while self._waiting:
+                batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
+                await self._settle(batch)
+        except BaseException:
+            # Cancelled (the process is stopping): nobody waits forever, the last runner included.
+            last = self._runners <= {asyncio.current_task()}
+            for request in [*batch, *(self._waiting if last else ())]:
+                if not request.future.done():
+                    request.future.cancel()
+            raise
+
+    async def _settle(self, batch: list[_Request]) -> None:
+        try:
+            results = await self._transaction(batch)
+        except psycopg.errors.DivisionByZero:
+            if len(batch) > 1:
+                return await self._one_by_one(batch)
+            # Written meanwhile: another delivery of the event, or the license or a binding it
+            # creates. The general path decides it on what is there now.
+            results = [None]
+        except psycopg.Error as exc:
+            if len(batch) > 1:
+                return await self._one_by_one(batch)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(_db_error(exc))
+            return
+        except Exception as exc:
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        for request, result in zip(batch, results, strict=True):
+            if not request.future.done():
+                request.future.set_result(result)
+
+    async def _one_by_one(self, batch: list[_Request]) -> None:
+        for request in batch:
+            await self._settle([request])
+
+    async def _transaction(self, batch: list[_Request]) -> list[Result | None]:
         async with self.engine.connect() as conn:
             pooled = await conn.get_raw_connection()
             pg: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
@@ -165,9 +344,7 @@ class FastIngest:
             # trip of its own (it Syncs after it). The pool gets the connection back as it lent it.
             await pg.set_autocommit(True)
             try:
-                return await self._apply(pg, event, raw, reported)
-            except psycopg.Error as exc:
-                raise _db_error(exc) from exc
+                return await self._apply(pg, batch)
             finally:
                 try:
                     await pg.rollback()  # nothing to do unless _apply stopped in the transaction
@@ -175,75 +352,123 @@ class FastIngest:
                 except psycopg.Error:
                     await conn.invalidate()
 
-    async def _apply(
-        self, pg: psycopg.AsyncConnection[Any], event: Mapping[str, Any], raw: bytes | None, reported: Reported
-    ) -> Result | None:
-        own = [o.id for o in reported.objects]
-        ids = sorted(reported.ids)
-        lock_ids = sorted(set(ids) | ({reported.customer} if reported.customer else set()))
-        customers = sorted({o.customer for o in reported.objects if o.customer})
+    async def _apply(self, pg: psycopg.AsyncConnection[Any], batch: list[_Request]) -> list[Result | None]:
+        read = await self._read(pg, batch)
+        writes = _Writes(datetime.now(UTC))
+        results = [self._decide(request, read, writes) for request in batch]
+        if not writes.events:
+            await pg.execute("ROLLBACK")
+            return results
+        # COMMIT as a statement of the pipeline: connection.commit() would Sync once more.
+        async with pg.pipeline():
+            await pg.execute(WRITE, writes.params())
+            await pg.execute("COMMIT")
+        return results
+
+    async def _read(self, pg: psycopg.AsyncConnection[Any], batch: list[_Request]) -> _Read:
+        own = list(dict.fromkeys(o.id for r in batch for o in r.reported.objects))
+        ids = sorted({i for r in batch for i in r.reported.ids})
+        named = sorted({lid for r in batch if (lid := r.reported.license_id)})
+        customers = sorted({c for r in batch for o in r.reported.objects if (c := o.customer)})
+        lock_ids = sorted(set(ids) | {c for r in batch if (c := r.reported.customer)})
         # One Sync for BEGIN, LOCK and READ (a fetch inside the block would Sync once more).
         async with pg.pipeline():
             await pg.execute("BEGIN")
-            locked = await pg.execute(LOCK, {"lock_ids": lock_ids, "ids": ids, "own": own})
-            read = await pg.execute(READ, {"own": own, "customers": customers, "event_id": event["id"]})
-        first, second = await locked.fetchone(), await read.fetchone()
+            locked = await pg.execute(LOCK, {"lock_ids": lock_ids, "ids": ids, "named": named})
+            found = await pg.execute(
+                READ,
+                {
+                    "ids": ids,
+                    "own": own,
+                    "named": named,
+                    "customers": customers,
+                    "event_ids": [r.event["id"] for r in batch],
+                },
+            )
+        first, second = await locked.fetchone(), await found.fetchone()
         assert first is not None and second is not None
-        _, bound_ids, bound_licenses, license_id, seq, state_text = first
-        seen, target, objects_text = second
-        bindings = dict(zip(bound_ids or (), bound_licenses or (), strict=True))
-        if seen:
-            await pg.rollback()
-            return ("duplicate", None, None, own[0])
-        if license_id is None or target != license_id or not reported.ids <= bindings.keys():
-            await pg.rollback()
-            return None
-        resolution = resolve(reported, bindings)
-        assert resolution.license_id == license_id and resolution.rejected is None
+        _, licenses_text = first
+        recorded, existing, entangled, members_text, objects_text = second
+        objects: dict[str, StripeObject] = {}
+        by_customer: dict[str, list[StripeObject]] = {}
+        for oid, kind, version, rank, state, customer, links in orjson.loads(objects_text or "[]"):
+            obj = objects[oid] = StripeObject(oid, kind, version, rank, state, customer, frozenset(links or ()))
+            if customer and kind in CUSTOMER_KINDS:
+                by_customer.setdefault(customer, []).append(obj)
+        return _Read(
+            licenses={lid: (seq, state) for lid, seq, state in orjson.loads(licenses_text or "[]")},
+            recorded=set(recorded or ()),
+            existing=set(existing or ()),
+            entangled=set(entangled or ()),
+            members=orjson.loads(members_text or "{}"),
+            objects=objects,
+            by_customer=by_customer,
+        )
 
-        current: dict[str, StripeObject] = {}
-        bound: dict[str, StripeObject] = {}  # the license's objects, as derive reads them
-        customer_level: list[StripeObject] = []
-        for oid, kind, version, rank, state, customer, of_license, links in orjson.loads(objects_text or "[]"):
-            obj = StripeObject(oid, kind, version, rank, state, customer, frozenset(links or ()))
-            if oid in own:
-                current[oid] = obj
-            if of_license:
-                bound[oid] = obj
-            elif kind in CUSTOMER_KINDS:
-                customer_level.append(obj)
-        held, proposed = current.get(own[0]), reported.primary
+    def _decide(self, request: _Request, read: _Read, writes: _Writes) -> Result | None:
+        """One event on the objects as the events before it in the batch left them; its rows go to
+        `writes`. None: the general path decides it (nothing of it written)."""
+        event, reported = request.event, request.reported
+        own = [o.id for o in reported.objects]
+        if event["id"] in read.recorded:
+            return ("duplicate", None, None, own[0])
+        known = {i: lid for i in reported.ids if (lid := read.members.get(i)) is not None}
+        new = reported.ids - known.keys()
+        if new and (
+            # A new binding here binds the event's ids and nothing else: ids an object or a link
+            # holds already (a walk to pending objects), customer-level objects waiting for a
+            # license of their customer, and the Payment Link takeover check are the general path's.
+            new & read.entangled
+            or (reported.customer and read.by_customer.get(reported.customer))
+            or (reported.by_reference and not known.keys() & set(own))
+        ):
+            return None
+        resolution = resolve(reported, known)
+        license_id = resolution.license_id
+        if license_id is None or resolution.rejected is not None:
+            return None  # pending, or rejected: the general path records why
+        created = license_id not in read.licenses
+        if not created:
+            seq, held_state = read.licenses[license_id]
+        elif license_id == reported.license_id and license_id not in read.existing:
+            seq, held_state = 0, initial_state()
+        else:
+            return None  # bound after the license rows were locked
+        held, proposed = read.objects.get(own[0]), reported.primary
         if (
             self.refreshes
             and held is not None
             and proposed.version <= held.version
             and dict(held.state) != dict(proposed.state)
         ):
-            await pg.rollback()
             return None
 
+        if created:
+            writes.created[license_id] = (seq, held_state)
+        for i in sorted(new):
+            read.members[i] = writes.bindings[i] = license_id
         verdicts = set()
-        saves: list[StripeObject] = []
-        new_links: set[tuple[str, str]] = set()
         for obj in reported.objects:
-            before = current.get(obj.id)
+            before = read.objects.get(obj.id)
             merged, verdict = merge(before, obj)
             verdicts.add(verdict)
             if merged is not None:
-                saves.append(merged)
-                new_links |= {(obj.id, i) for i in obj.links - (before.links if before else frozenset())}
-                if bindings.get(obj.id) == license_id:
-                    bound[obj.id] = merged
-        license_customers = {o.customer for o in bound.values() if o.customer}
-        derived = {**{o.id: o for o in customer_level if o.customer in license_customers}, **bound}
-        state = self.rules.derive(derived.values())
-        changed = state != orjson.loads(state_text)
+                read.objects[obj.id] = writes.objects[obj.id] = merged
+                writes.links |= {(obj.id, i) for i in obj.links - (before.links if before else frozenset())}
+        bound = [read.objects[i] for i, lid in read.members.items() if lid == license_id and i in read.objects]
+        license_customers = {o.customer for o in bound if o.customer}
+        customer_level = [
+            o
+            for c in sorted(license_customers)
+            for o in read.by_customer.get(c, ())
+            if read.members.get(o.id) != license_id
+        ]
+        state = self.rules.derive({**{o.id: o for o in customer_level}, **{o.id: o for o in bound}}.values())
+        changed = state != held_state
 
-        now = datetime.now(UTC)
         occurred_at = datetime.fromtimestamp(event["created"], UTC)
-        stale = verdicts == {OLDER}
-        kind = "applied" if changed else ("stale" if stale else "unchanged")
-        data = b""
+        kind = "applied" if changed else ("stale" if verdicts == {OLDER} else "unchanged")
+        appended = None
         if changed:
             seq += 1
             data = encode_event(
@@ -253,43 +478,29 @@ class FastIngest:
                 stripe_event_id=event["id"],
                 stripe_event_type=event["type"],
                 occurred_at=occurred_at,
-                recorded_at=now,
+                recorded_at=writes.now,
             )
-        links = sorted(new_links)
-        params = {
-            "event_id": event["id"],
-            "type": event["type"],
-            "created": event["created"],
-            "livemode": bool(event.get("livemode")),
-            "outcome": kind,
-            "license_id": license_id,
-            "object_id": own[0],
-            "payload": (raw if raw is not None else orjson.dumps(event)).decode(),
-            "now": now,
-            "o_ids": [o.id for o in saves],
-            "o_kinds": [o.kind for o in saves],
-            "o_versions": [o.version for o in saves],
-            "o_ranks": [o.rank for o in saves],
-            "o_customers": [o.customer for o in saves],
-            "o_states": [orjson.dumps(dict(o.state)).decode() for o in saves],
-            "l_from": [a for a, _ in links],
-            "l_to": [b for _, b in links],
-            "changed": changed,
-            "seq": seq,
-            "status": state["status"],
-            "entitled": state["entitled"],
-            "state": orjson.dumps(state).decode(),
-            "customer": state["customer"],
-            "subscription": state["subscription"],
-            "data": data.decode(),
-            "occurred_at": occurred_at,
-        }
-        # COMMIT as a statement of the pipeline: connection.commit() would Sync once more.
-        async with pg.pipeline():
-            written = await pg.execute(WRITE, params)
-            await pg.execute("COMMIT")
-        row = await written.fetchone()
-        if row is None or row[0] == 0:
-            return ("duplicate", None, None, own[0])
-        appended = LicenseEvent(license_id, seq, data, now.timestamp()) if changed else None
+            read.licenses[license_id] = (seq, state)
+            writes.license(license_id, seq, state)
+            text = data.decode()
+            writes.log.append(
+                (license_id, seq, event["id"], event["type"], state["status"], state["entitled"], text, occurred_at)
+            )
+            appended = LicenseEvent(license_id, seq, data, writes.now.timestamp())
+        else:
+            read.licenses[license_id] = (seq, held_state)
+        payload = (request.raw if request.raw is not None else orjson.dumps(event)).decode()
+        writes.events.append(
+            (
+                event["id"],
+                event["type"],
+                event["created"],
+                bool(event.get("livemode")),
+                kind,
+                license_id,
+                own[0],
+                payload,
+            )
+        )
+        read.recorded.add(event["id"])
         return (kind, license_id, appended, own[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from broker.binding import resolve
 from broker.db import upsert_into
 from broker.eventlog import EventLog, LicenseEvent
 from broker.ledger import OLDER, LicenseRules, merge
-from broker.ledger_store import LedgerStore
+from broker.ledger_store import LedgerStore, LocksBusy
 from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.schema import stripe_events
@@ -43,6 +44,7 @@ from webhook.fast_ingest import FastIngest
 log = logging.getLogger("webhook.ingest")
 
 NOT_MATCHED = ("pending", "unmatched", "rejected", "ignored")
+LOCK_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +205,22 @@ class Ingestor:
                 if kind == "duplicate":
                     return Outcome("duplicate")
                 return Outcome(kind, license_id, (appended,) if appended else (), object_id=object_id)
-        async with self.runtime.engine.begin() as conn:
-            if not await _record(conn, event, raw):
-                return Outcome("duplicate")
-            outcome = await self.apply_reported(conn, decided, event)
-            await _set_outcome(conn, event["id"], outcome)
-            return outcome
+        # Linked ids the walk of a new binding finds locked elsewhere: rolled back, and taken in
+        # sorted order with the event's own at the next attempt (the last one waits for them).
+        extra: set[str] = set()
+        for attempt in range(1, LOCK_ATTEMPTS + 1):
+            try:
+                async with self.runtime.engine.begin() as conn:
+                    if not await _record(conn, event, raw):
+                        return Outcome("duplicate")
+                    outcome = await self.apply_reported(
+                        conn, decided, event, extra_locks=extra, wait=attempt == LOCK_ATTEMPTS
+                    )
+                    await _set_outcome(conn, event["id"], outcome)
+                    return outcome
+            except LocksBusy as busy:
+                extra |= busy.ids
+        raise AssertionError("the last attempt waits for its locks")
 
     def _decide(self, event: dict[str, Any]) -> Outcome | Reported:
         """What the event reports, or its outcome when it cannot change a license."""
@@ -226,11 +238,18 @@ class Ingestor:
         return reported
 
     async def apply_reported(
-        self, conn: AsyncConnection, reported: Reported, event: dict[str, Any], *, refresh: bool = True
+        self,
+        conn: AsyncConnection,
+        reported: Reported,
+        event: dict[str, Any],
+        *,
+        refresh: bool = True,
+        extra_locks: AbstractSet[str] = frozenset(),
+        wait: bool = True,
     ) -> Outcome:
         own = reported.primary.id
         ids = reported.ids
-        await LedgerStore.lock_ids(conn, ids | ({reported.customer} if reported.customer else set()))
+        await LedgerStore.lock_ids(conn, ids | extra_locks | ({reported.customer} if reported.customer else set()))
         known = await LedgerStore.bindings(conn, ids)
         claimed: set[str] = set()
         if reported.license_id and reported.by_reference and reported.customer:
@@ -253,7 +272,7 @@ class Ingestor:
             # bounded by REFRESH_TIMEOUT; newer events never wait for it.
             fresh = await self.refresher.refresh(event, proposed, held.version)
             if fresh is not None:
-                return await self.apply_reported(conn, fresh, event, refresh=False)
+                return await self.apply_reported(conn, fresh, event, refresh=False, extra_locks=extra_locks, wait=wait)
         verdicts = set()
         for obj in reported.objects:
             before = current.get(obj.id)
@@ -264,7 +283,7 @@ class Ingestor:
         licenses: set[str] = set()
         if resolution.license_id is not None:
             licenses.add(resolution.license_id)
-            newly = await LedgerStore.bind(conn, resolution.license_id, ids, known)
+            newly = await LedgerStore.bind(conn, resolution.license_id, ids, known, wait=wait)
             waiting = newly - ids
             if newly and reported.customer:
                 # Customer-level objects that waited for a license of their customer.
