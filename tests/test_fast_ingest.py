@@ -242,7 +242,8 @@ async def test_an_event_the_database_refuses_does_not_take_its_batch_with_it(
     def with_poison(self: Any) -> dict[str, Any]:
         p = params(self)
         # A value the database refuses (bigint out of range), carried by one event only.
-        p["e_created"] = [2**63 if e == poisoned else c for e, c in zip(p["e_ids"], p["e_created"], strict=True)]
+        rows = orjson.loads(p["events"])
+        p["events"] = orjson.dumps([{**r, "created": 2**63} if r["id"] == poisoned else r for r in rows]).decode()
         return p
 
     monkeypatch.setattr(fast_ingest._Writes, "params", with_poison)

@@ -112,58 +112,56 @@ SELECT
 WRITE = """
 WITH event AS (
     INSERT INTO stripe_events (id, type, created, livemode, outcome, license_id, object_id, payload, received_at)
-    SELECT e.id, e.type, e.created, e.livemode, e.outcome, e.license_id, e.object_id, e.payload::json, %(now)s
-    FROM unnest(%(e_ids)s::text[], %(e_types)s::text[], %(e_created)s::int8[], %(e_livemode)s::bool[],
-                %(e_outcomes)s::text[], %(e_licenses)s::text[], %(e_objects)s::text[], %(e_payloads)s::text[])
-         AS e(id, type, created, livemode, outcome, license_id, object_id, payload)
+    SELECT e.id, e.type, e.created, e.livemode, e.outcome, e.license_id, e.object_id, e.payload, %(now)s
+    FROM json_to_recordset(%(events)s::json)
+         AS e(id text, type text, created int8, livemode bool, outcome text, license_id text, object_id text,
+              payload json)
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ),
 objects AS (
     INSERT INTO stripe_objects (id, kind, version, rank, customer, state, updated_at)
-    SELECT o.id, o.kind, o.version, o.rank, o.customer, o.state::json, %(now)s
-    FROM unnest(%(o_ids)s::text[], %(o_kinds)s::text[], %(o_versions)s::int8[], %(o_ranks)s::int8[],
-                %(o_customers)s::text[], %(o_states)s::text[]) AS o(id, kind, version, rank, customer, state)
+    SELECT o.id, o.kind, o.version, o.rank, o.customer, o.state, %(now)s
+    FROM json_to_recordset(%(objects)s::json)
+         AS o(id text, kind text, version int8, rank int8, customer text, state json)
     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, version = excluded.version, rank = excluded.rank,
         customer = excluded.customer, state = excluded.state, updated_at = excluded.updated_at
 ),
 bindings AS (
     INSERT INTO stripe_bindings (stripe_id, license_id, bound_at)
     SELECT b.stripe_id, b.license_id, %(now)s
-    FROM unnest(%(b_ids)s::text[], %(b_licenses)s::text[]) AS b(stripe_id, license_id)
+    FROM json_to_recordset(%(bindings)s::json) AS b(stripe_id text, license_id text)
     ON CONFLICT DO NOTHING
     RETURNING stripe_id
 ),
 created AS (
     INSERT INTO licenses (id, seq, status, entitled, state, stripe_customer_id, stripe_subscription_id, created_at,
                           updated_at)
-    SELECT c.id, c.seq, c.status, c.entitled, c.state::json, c.customer, c.subscription, %(now)s, %(now)s
-    FROM unnest(%(c_ids)s::text[], %(c_seqs)s::int8[], %(c_statuses)s::text[], %(c_entitled)s::bool[],
-                %(c_states)s::text[], %(c_customers)s::text[], %(c_subscriptions)s::text[])
-         AS c(id, seq, status, entitled, state, customer, subscription)
+    SELECT c.id, c.seq, c.status, c.entitled, c.state, c.customer, c.subscription, %(now)s, %(now)s
+    FROM json_to_recordset(%(created)s::json)
+         AS c(id text, seq int8, status text, entitled bool, state json, customer text, subscription text)
     ON CONFLICT DO NOTHING
     RETURNING id
 ),
 links AS (
     INSERT INTO stripe_links (object_id, linked_id)
-    SELECT a, b FROM unnest(%(l_from)s::text[], %(l_to)s::text[]) AS x(a, b)
+    SELECT k.object_id, k.linked_id FROM json_to_recordset(%(links)s::json) AS k(object_id text, linked_id text)
     ON CONFLICT DO NOTHING
 ),
 license AS (
-    UPDATE licenses l SET seq = u.seq, status = u.status, entitled = u.entitled, state = u.state::json,
+    UPDATE licenses l SET seq = u.seq, status = u.status, entitled = u.entitled, state = u.state,
         stripe_customer_id = u.customer, stripe_subscription_id = u.subscription, updated_at = %(now)s
-    FROM unnest(%(u_ids)s::text[], %(u_seqs)s::int8[], %(u_statuses)s::text[], %(u_entitled)s::bool[],
-                %(u_states)s::text[], %(u_customers)s::text[], %(u_subscriptions)s::text[])
-         AS u(id, seq, status, entitled, state, customer, subscription)
+    FROM json_to_recordset(%(licenses)s::json)
+         AS u(id text, seq int8, status text, entitled bool, state json, customer text, subscription text)
     WHERE l.id = u.id
 ),
 log AS (
     INSERT INTO subscription_event_logs
         (license_id, seq, stripe_event_id, stripe_event_type, status, entitled, data, occurred_at, recorded_at)
     SELECT g.license_id, g.seq, g.event_id, g.type, g.status, g.entitled, g.data, g.occurred_at, %(now)s
-    FROM unnest(%(g_licenses)s::text[], %(g_seqs)s::int8[], %(g_events)s::text[], %(g_types)s::text[],
-                %(g_statuses)s::text[], %(g_entitled)s::bool[], %(g_data)s::text[], %(g_occurred)s::timestamptz[])
-         AS g(license_id, seq, event_id, type, status, entitled, data, occurred_at)
+    FROM json_to_recordset(%(log)s::json)
+         AS g(license_id text, seq int8, event_id text, type text, status text, entitled bool, data text,
+              occurred_at timestamptz)
 )
 SELECT 1 / ((SELECT count(*) FROM event) = %(n)s AND (SELECT count(*) FROM bindings) = %(n_bindings)s
              AND (SELECT count(*) FROM created) = %(n_created)s)::int
@@ -192,68 +190,70 @@ class _Request:
     future: asyncio.Future[Result | None]
 
 
-def _license_rows(prefix: str, rows: dict[str, tuple[int, Any]]) -> dict[str, list[Any]]:
-    items = sorted(rows.items())
-    return {
-        f"{prefix}_ids": [lid for lid, _ in items],
-        f"{prefix}_seqs": [seq for _, (seq, _) in items],
-        f"{prefix}_statuses": [s["status"] for _, (_, s) in items],
-        f"{prefix}_entitled": [s["entitled"] for _, (_, s) in items],
-        f"{prefix}_states": [orjson.dumps(s).decode() for _, (_, s) in items],
-        f"{prefix}_customers": [s["customer"] for _, (_, s) in items],
-        f"{prefix}_subscriptions": [s["subscription"] for _, (_, s) in items],
-    }
+def _json(rows: Any) -> str:
+    return orjson.dumps(rows).decode()
 
 
-def _columns(names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
-    columns = list(zip(*rows, strict=True)) or [()] * len(names)
-    return {name: list(column) for name, column in zip(names, columns, strict=True)}
+def _license_rows(rows: dict[str, tuple[int, Any]]) -> str:
+    return _json(
+        [
+            {
+                "id": lid,
+                "seq": seq,
+                "status": state["status"],
+                "entitled": state["entitled"],
+                "state": state,
+                "customer": state["customer"],
+                "subscription": state["subscription"],
+            }
+            for lid, (seq, state) in sorted(rows.items())
+        ]
+    )
 
 
 @dataclass(slots=True)
 class _Writes:
-    """The rows one transaction writes, as the WRITE statement's arrays."""
+    """The rows one transaction writes, as the WRITE statement's JSON documents (one parameter per
+    table: Postgres parses them in C, where arrays of JSON text would be escaped one by one here).
+    The raw bodies are embedded as they are (orjson.Fragment), and stored as they are."""
 
     now: datetime
-    events: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
     objects: dict[str, StripeObject] = field(default_factory=dict)
     links: set[tuple[str, str]] = field(default_factory=set)
     bindings: dict[str, str] = field(default_factory=dict)
     licenses: dict[str, tuple[int, Any]] = field(default_factory=dict)  # changed: seq, state
     created: dict[str, tuple[int, Any]] = field(default_factory=dict)  # new: seq, state
-    log: list[tuple[Any, ...]] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
 
     def license(self, license_id: str, seq: int, state: Any) -> None:
         (self.created if license_id in self.created else self.licenses)[license_id] = (seq, state)
 
     def params(self) -> dict[str, Any]:
-        objects = list(self.objects.values())
-        links = sorted(self.links)
         return {
             "now": self.now,
             "n": len(self.events),
             "n_bindings": len(self.bindings),
             "n_created": len(self.created),
-            **_columns(
-                ("e_ids", "e_types", "e_created", "e_livemode", "e_outcomes", "e_licenses", "e_objects", "e_payloads"),
-                self.events,
+            "events": _json(self.events),
+            "objects": _json(
+                [
+                    {
+                        "id": o.id,
+                        "kind": o.kind,
+                        "version": o.version,
+                        "rank": o.rank,
+                        "customer": o.customer,
+                        "state": dict(o.state),
+                    }
+                    for o in self.objects.values()
+                ]
             ),
-            "o_ids": [o.id for o in objects],
-            "o_kinds": [o.kind for o in objects],
-            "o_versions": [o.version for o in objects],
-            "o_ranks": [o.rank for o in objects],
-            "o_customers": [o.customer for o in objects],
-            "o_states": [orjson.dumps(dict(o.state)).decode() for o in objects],
-            "l_from": [a for a, _ in links],
-            "l_to": [b for _, b in links],
-            "b_ids": list(self.bindings),
-            "b_licenses": list(self.bindings.values()),
-            **_license_rows("u", self.licenses),
-            **_license_rows("c", self.created),
-            **_columns(
-                ("g_licenses", "g_seqs", "g_events", "g_types", "g_statuses", "g_entitled", "g_data", "g_occurred"),
-                self.log,
-            ),
+            "links": _json([{"object_id": a, "linked_id": b} for a, b in sorted(self.links)]),
+            "bindings": _json([{"stripe_id": i, "license_id": lid} for i, lid in self.bindings.items()]),
+            "licenses": _license_rows(self.licenses),
+            "created": _license_rows(self.created),
+            "log": _json(self.log),
         }
 
 
@@ -482,25 +482,33 @@ class FastIngest:
             )
             read.licenses[license_id] = (seq, state)
             writes.license(license_id, seq, state)
-            text = data.decode()
             writes.log.append(
-                (license_id, seq, event["id"], event["type"], state["status"], state["entitled"], text, occurred_at)
+                {
+                    "license_id": license_id,
+                    "seq": seq,
+                    "event_id": event["id"],
+                    "type": event["type"],
+                    "status": state["status"],
+                    "entitled": state["entitled"],
+                    "data": data.decode(),
+                    "occurred_at": occurred_at,
+                }
             )
             appended = LicenseEvent(license_id, seq, data, writes.now.timestamp())
         else:
             read.licenses[license_id] = (seq, held_state)
-        payload = (request.raw if request.raw is not None else orjson.dumps(event)).decode()
         writes.events.append(
-            (
-                event["id"],
-                event["type"],
-                event["created"],
-                bool(event.get("livemode")),
-                kind,
-                license_id,
-                own[0],
-                payload,
-            )
+            {
+                "id": event["id"],
+                "type": event["type"],
+                "created": event["created"],
+                "livemode": bool(event.get("livemode")),
+                "outcome": kind,
+                "license_id": license_id,
+                "object_id": own[0],
+                # The verified body, embedded as it is (it parsed as JSON).
+                "payload": orjson.Fragment(request.raw) if request.raw is not None else event,
+            }
         )
         read.recorded.add(event["id"])
         return (kind, license_id, appended, own[0])
