@@ -271,8 +271,11 @@ class _Read:
 
 
 class FastIngest:
-    def __init__(self, engine: AsyncEngine, rules: LicenseRules, refreshes: bool) -> None:
+    def __init__(self, engine: AsyncEngine, rules: LicenseRules, refreshes: bool, prepared: bool = True) -> None:
         self.engine = engine
+        # Prepared statements (DB_PREPARED_STATEMENTS, off behind PgBouncer's transaction pooling,
+        # where a session setting would leak to other clients): their plans are made generic.
+        self.prepared = prepared
         self.rules = rules
         # With STRIPE_API_KEY an event that is not newer than its object is re-read from Stripe:
         # the general path does that.
@@ -343,6 +346,13 @@ class FastIngest:
             # BEGIN is a statement of the first pipeline: psycopg's implicit BEGIN would be a round
             # trip of its own (it Syncs after it). The pool gets the connection back as it lent it.
             await pg.set_autocommit(True)
+            if self.prepared and not pooled.info.get("generic_plans"):
+                # The statements here are prepared (after psycopg's few uses) and their best plan does
+                # not depend on the values: planning them again at each execution (Postgres's
+                # default for a prepared statement's first executions, and whenever a custom plan
+                # looks cheaper) cost more than executing them. Once per connection.
+                await pg.execute("SET plan_cache_mode = force_generic_plan")
+                pooled.info["generic_plans"] = True
             try:
                 return await self._apply(pg, batch)
             finally:
