@@ -314,23 +314,19 @@ class FastIngest:
     async def _settle(self, batch: list[_Request]) -> None:
         try:
             results = await self._transaction(batch)
-        except psycopg.errors.DivisionByZero:
-            if len(batch) > 1:
-                return await self._one_by_one(batch)
-            # Written meanwhile: another delivery of the event, or the license or a binding it
-            # creates. The general path decides it on what is there now.
-            results = [None]
-        except psycopg.Error as exc:
-            if len(batch) > 1:
-                return await self._one_by_one(batch)
-            if not batch[0].future.done():
-                batch[0].future.set_exception(_db_error(exc))
-            return
         except Exception as exc:
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
-            return
+            if len(batch) > 1:
+                # Whatever failed (a deadlock, content the database refuses, a conflict) failed one
+                # event's transaction or the batch's: alone, each ends as it would have.
+                return await self._one_by_one(batch)
+            if isinstance(exc, psycopg.errors.DivisionByZero):
+                # Written meanwhile: another delivery of the event, or the license or a binding it
+                # creates. The general path decides it on what is there now.
+                results = [None]
+            else:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(_db_error(exc) if isinstance(exc, psycopg.Error) else exc)
+                return
         for request, result in zip(batch, results, strict=True):
             if not request.future.done():
                 request.future.set_result(result)
