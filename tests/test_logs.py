@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from broker.requestlog import redact
+from broker.requestlog import RequestIds, redact
 from license_broker.embedded import create_app
 from tests.support.licenses import (
     TOKEN_SECRET,
@@ -146,3 +146,20 @@ async def test_a_request_id_is_made_when_none_or_an_unsafe_one_is_given(pg_url: 
         license_id = new_license()
         event = SampleEvents(license_id).checkout_completed(int(time.time()))
         assert "x-request-id" in (await post_event(client, url, event)).headers
+
+
+def test_made_request_ids_differ_between_processes_and_after_a_fork() -> None:
+    ids = RequestIds()
+    made = [ids.next() for _ in range(1000)]
+    assert len(set(made)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+    assert RequestIds().next()[:16] != made[0][:16]  # another process has another prefix
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports the id it makes next, as the parent would have made it
+        os.write(write, ids.next().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child[:16] != made[0][:16] and child != ids.next()
