@@ -21,8 +21,8 @@ WEBHOOK_OUTCOMES = (
     "rejected",
     "error",
 )
-for _outcome in WEBHOOK_OUTCOMES:
-    WEBHOOKS.labels(_outcome)
+# Bound once: `labels()` is a locked dict lookup that the webhook would otherwise pay per request.
+WEBHOOKS_BY_OUTCOME = {outcome: WEBHOOKS.labels(outcome) for outcome in WEBHOOK_OUTCOMES}
 PUBLISH_FAILURES = Counter("license_broker_publish_failures_total", "Publishes that failed after the commit")
 OPEN_STREAMS = Gauge("license_broker_open_streams", "SSE connections open in this process")
 DELIVERED = Counter("license_broker_events_delivered_total", "Events written to SSE clients")
