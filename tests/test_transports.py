@@ -36,6 +36,18 @@ async def test_messages_of_one_license_arrive_in_publish_order(harness: Harness)
     assert [(await harness.next()).seq for _ in range(5)] == [1, 2, 3, 4, 5]
 
 
+async def test_concurrent_publishes_each_arrive_once(harness: Harness) -> None:
+    # Many webhooks publishing at once (the Redis transport sends them as one batch). Their order
+    # is not promised (the stream orders by seq): Redis Cluster's publishes may overtake.
+    licenses = [new_license() for _ in range(3)]
+    for license_id in licenses:
+        await harness.transport.listen(license_id)
+    events = [await append(harness.engine, lid, status) for status in ("active", "past_due") for lid in licenses]
+    await asyncio.gather(*(harness.transport.publish(e.license_id, e.data) for e in events))
+    received = [await harness.next() for _ in events]
+    assert sorted((e.license_id, e.seq) for e in received) == sorted((e.license_id, e.seq) for e in events)
+
+
 async def test_only_listened_licenses_are_delivered(harness: Harness) -> None:
     followed, other = new_license(), new_license()
     await harness.transport.listen(followed)
@@ -87,6 +99,14 @@ async def test_redis_reconnects_resubscribes_and_reports_the_gap(redis_server, p
         assert await transport.check() is False
         with pytest.raises(redis.ConnectionError):
             await h.commit_and_publish(license_id)  # committed; the publish fails (seq 2 is lost)
+        # Publishes sent together (one batch) fail together, each to its own caller.
+        batched = RedisTransport(redis_server.url, publish_backoff=0)
+        try:
+            publishes = (batched.publish(license_id, b"{}") for _ in range(3))
+            failed = await asyncio.gather(*publishes, return_exceptions=True)
+            assert all(isinstance(f, redis.ConnectionError) for f in failed), failed
+        finally:
+            await batched.close()
         redis_server.start()
         deadline = asyncio.get_running_loop().time() + 10
         while h.gaps == 0:

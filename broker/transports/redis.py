@@ -7,6 +7,7 @@ reconnect.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker import background
 from broker.transports.base import channel
 from broker.transports.subscriber import RedisSubscriber, subscriber_options
 
@@ -36,6 +38,11 @@ class RedisTransport(RedisSubscriber):
         self._publish_down_until = 0.0
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None  # redis.asyncio.client.PubSub while subscribed
+        # Publishes waiting for the sender (channel, payload, the future its publisher awaits).
+        self._queued: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._wake: asyncio.Event | None = None  # set when something is queued
+        self._sender: asyncio.Task[None] | None = None
+        self._publisher: Any = None  # the sender's own redis.asyncio Connection, made on first use
 
     def _new_client(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(self.url, **subscriber_options())
@@ -50,12 +57,59 @@ class RedisTransport(RedisSubscriber):
         if time.monotonic() < self._publish_down_until:
             raise ConnectionError("redis unavailable (recent publish failed)")
         await self.connect()
-        assert self._client is not None
+        sent = asyncio.get_running_loop().create_future()
+        self._queued.append((channel(license_id), payload, sent))
+        if self._wake is None or self._sender is None or self._sender.done():
+            self._wake = asyncio.Event()
+            self._sender = asyncio.create_task(self._send_queued(self._wake), name="redis-publisher")
+        self._wake.set()
+        await sent
+
+    async def _send_queued(self, wake: asyncio.Event) -> None:
+        """The publishes of concurrent webhooks go out together: whatever queued while the last
+        batch was on the wire is one pipeline, one write and one read for all of them instead of a
+        round trip (two system calls and redis-py's per-command work) each. Each publisher still waits
+        for its own publish and gets its failure; the stream needs no order (it orders by seq)."""
         try:
-            await self._client.publish(channel(license_id), payload)
-        except Exception:
+            while True:
+                await wake.wait()
+                wake.clear()
+                batch, self._queued = self._queued, []
+                if batch:
+                    await self._send(batch)
+        finally:
+            closed = ConnectionError("redis transport closed")
+            for _, _, sent in self._queued:
+                if not sent.done():
+                    sent.set_exception(closed)
+            self._queued = []
+
+    async def _send(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> None:
+        try:
+            if time.monotonic() < self._publish_down_until:  # queued behind a batch that failed
+                raise ConnectionError("redis unavailable (recent publish failed)")
+            # A connection of its own rather than the pool's: no pool lock, no retry wrapper, no
+            # pipeline object per batch (redis-py's own pipeline costs as much as the round trip).
+            if self._publisher is None:
+                assert self._client is not None
+                self._publisher = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            conn = self._publisher
+            commands = [("PUBLISH", name, payload) for name, payload, _ in batch]
+            await conn.send_packed_command(conn.pack_commands(commands))
+            for _ in batch:
+                await conn.read_response()
+        except Exception as exc:
+            if self._publisher is not None:  # replies may be left unread: start afresh
+                with contextlib.suppress(Exception):
+                    await self._publisher.disconnect()
             self._publish_down_until = time.monotonic() + self.publish_backoff
-            raise
+            for _, _, sent in batch:
+                if not sent.done():  # not if its publisher was cancelled meanwhile
+                    sent.set_exception(exc)
+            return
+        for _, _, sent in batch:
+            if not sent.done():
+                sent.set_result(None)
 
     async def _ping(self) -> object:
         assert self._client is not None
@@ -116,6 +170,12 @@ class RedisTransport(RedisSubscriber):
             await pubsub.aclose()
 
     async def _disconnect(self) -> None:
+        await background.stop(self._sender)
+        self._sender = self._wake = None
+        if self._publisher is not None:
+            with contextlib.suppress(Exception):
+                await self._publisher.disconnect()
+            self._publisher = None
         self._pubsub = None
         if self._client is not None:
             await self._client.aclose()
