@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,9 @@ def _server(app: object, args: argparse.Namespace, settings: Settings, *, factor
         http="auto",
         lifespan="on",
         log_config=logs.configure(settings),
+        # Above INFO no access line is ever written, but uvicorn would still build its arguments
+        # (client address, path with query) for every request.
+        access_log=logging.getLevelName(settings.log_level) <= logging.INFO,
         proxy_headers=True,
         # Streams end themselves on SIGTERM (stream.app); this bounds whatever else is open.
         timeout_graceful_shutdown=10,
