@@ -198,3 +198,26 @@ async def test_the_sweep_follows_from_the_database_not_from_before_listen(
     await h.commit_and_publish(license_id)
     assert await transport.sweep.sweep_once() == 1
     assert (await h.next()).seq == 2
+
+
+async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its_reply() -> None:
+    received = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # takes the PUBLISH and never answers
+        received.set()
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = RedisTransport(f"redis://127.0.0.1:{port}/0")
+    try:
+        publish = asyncio.create_task(transport.publish(new_license(), b"{}"))
+        async with asyncio.timeout(5):
+            await received.wait()
+        await transport.close()
+        with pytest.raises(ConnectionError):
+            async with asyncio.timeout(1):  # well before the socket timeout (2 s) could end it
+                await publish
+    finally:
+        server.close()

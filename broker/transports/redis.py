@@ -70,6 +70,7 @@ class RedisTransport(RedisSubscriber):
         batch was on the wire is one pipeline, one write and one read for all of them instead of a
         round trip (two system calls and redis-py's per-command work) each. Each publisher still waits
         for its own publish and gets its failure; the stream needs no order (it orders by seq)."""
+        batch: list[tuple[str, bytes, asyncio.Future[None]]] = []
         try:
             while True:
                 await wake.wait()
@@ -78,8 +79,9 @@ class RedisTransport(RedisSubscriber):
                 if batch:
                     await self._send(batch)
         finally:
+            # Closed, maybe while a batch was on the wire: no publisher is left waiting.
             closed = ConnectionError("redis transport closed")
-            for _, _, sent in self._queued:
+            for _, _, sent in [*batch, *self._queued]:
                 if not sent.done():
                     sent.set_exception(closed)
             self._queued = []
