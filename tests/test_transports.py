@@ -201,12 +201,16 @@ async def test_the_sweep_follows_from_the_database_not_from_before_listen(
 
 
 async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its_reply() -> None:
-    received = asyncio.Event()
+    received, hung_up = asyncio.Event(), asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1)  # takes the PUBLISH and never answers
-        received.set()
-        await reader.read()
+        try:
+            await reader.read(1)  # takes what the client sends and never answers
+            received.set()
+            await reader.read()  # until the client hangs up
+        finally:
+            writer.close()
+            hung_up.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -217,7 +221,10 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
             await received.wait()
         await transport.close()
         with pytest.raises(ConnectionError):
-            async with asyncio.timeout(1):  # well before the socket timeout (2 s) could end it
+            async with asyncio.timeout(1):  # well before the publish timeout (2 s) could end it
                 await publish
+        async with asyncio.timeout(5):
+            await hung_up.wait()
     finally:
         server.close()
+        await server.wait_closed()

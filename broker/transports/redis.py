@@ -24,6 +24,9 @@ log = logging.getLogger("broker.redis")
 # Subscribed for the life of the connection, so that the connection exists and can be read
 # even while no client follows any license.
 CONTROL_CHANNEL = "license-broker:control"
+# How long a batch of publishes may take, connecting included, as the socket timeout of the
+# subscriber options bounds any other command.
+PUBLISH_TIMEOUT = 2.0
 
 
 class RedisTransport(RedisSubscriber):
@@ -92,14 +95,18 @@ class RedisTransport(RedisSubscriber):
                 raise ConnectionError("redis unavailable (recent publish failed)")
             # A connection of its own rather than the pool's: no pool lock, no retry wrapper, no
             # pipeline object per batch (redis-py's own pipeline costs as much as the round trip).
+            # One deadline for the batch instead of redis-py's per-call socket timeout (on a send,
+            # an asyncio.wait_for: a task per call).
             if self._publisher is None:
                 assert self._client is not None
-                self._publisher = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+                pool = self._client.connection_pool
+                self._publisher = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
             conn = self._publisher
             commands = [("PUBLISH", name, payload) for name, payload, _ in batch]
-            await conn.send_packed_command(conn.pack_commands(commands))
-            for _ in batch:
-                await conn.read_response()
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await conn.send_packed_command(conn.pack_commands(commands))
+                for _ in batch:
+                    await conn.read_response()
         except Exception as exc:
             if self._publisher is not None:  # replies may be left unread: start afresh
                 with contextlib.suppress(Exception):
