@@ -61,8 +61,8 @@ WITH locked AS (
 license AS (
     SELECT l.id, l.seq, l.state
     FROM licenses l, locked
-    WHERE (l.id IN (SELECT license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[]))
-           OR l.id = ANY(%(named)s::text[]))
+    WHERE l.id IN (SELECT license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[])
+                   UNION SELECT unnest(%(named)s::text[]))
       AND locked.n >= 0
     ORDER BY l.id
     FOR UPDATE OF l
@@ -75,34 +75,43 @@ SELECT (SELECT n FROM locked), (SELECT json_agg(json_build_array(id, seq, state)
 # the license objects or the events name; which events were recorded; which named licenses exist;
 # and the unbound ids that are not new (an object or a link holds them: the general path binds those).
 READ = f"""
-WITH bound AS (
-    SELECT stripe_id, license_id FROM stripe_bindings WHERE license_id IN (
-        SELECT license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[])
-    ) OR license_id = ANY(%(named)s::text[])
+WITH license AS (
+    SELECT license_id FROM stripe_bindings WHERE stripe_id = ANY(%(ids)s::text[])
+    UNION SELECT unnest(%(named)s::text[])
+),
+bound AS (
+    SELECT b.stripe_id, b.license_id
+    FROM license l, LATERAL (SELECT * FROM stripe_bindings b WHERE b.license_id = l.license_id OFFSET 0) b
+),
+customer AS (
+    SELECT o.customer
+    FROM bound, LATERAL (SELECT customer FROM stripe_objects o WHERE o.id = bound.stripe_id OFFSET 0) o
+    WHERE o.customer IS NOT NULL
+    UNION SELECT unnest(%(customers)s::text[])
 ),
 wanted AS (
     SELECT stripe_id AS id FROM bound
     UNION SELECT unnest(%(own)s::text[])
-    UNION SELECT o.id FROM stripe_objects o
-    WHERE o.kind = ANY('{_CUSTOMER_KINDS}'::text[]) AND o.customer IN (
-        SELECT c.customer FROM stripe_objects c WHERE c.id IN (SELECT stripe_id FROM bound) AND c.customer IS NOT NULL
-        UNION SELECT unnest(%(customers)s::text[])
-    )
+    UNION SELECT o.id
+    FROM customer c, LATERAL (
+        SELECT id FROM stripe_objects o WHERE o.customer = c.customer AND o.kind = ANY('{_CUSTOMER_KINDS}'::text[])
+        OFFSET 0
+    ) o
 )
 SELECT
     (SELECT array_agg(id) FROM stripe_events WHERE id = ANY(%(event_ids)s::text[])),
     (SELECT array_agg(id) FROM licenses WHERE id = ANY(%(named)s::text[])),
     (SELECT array_agg(k) FROM unnest(%(ids)s::text[]) AS k
      WHERE NOT EXISTS (SELECT 1 FROM stripe_bindings b WHERE b.stripe_id = k)
-       AND (EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = k)
-            OR EXISTS (SELECT 1 FROM stripe_links l WHERE l.object_id = k)
-            OR EXISTS (SELECT 1 FROM stripe_links l WHERE l.linked_id = k))),
+       AND EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = k
+                   UNION ALL SELECT 1 FROM stripe_links l WHERE l.object_id = k
+                   UNION ALL SELECT 1 FROM stripe_links l WHERE l.linked_id = k)),
     (SELECT json_object_agg(stripe_id, license_id) FROM bound)::text,
     (SELECT json_agg(json_build_array(
         o.id, o.kind, o.version, o.rank, o.state, o.customer,
         CASE WHEN o.id = ANY(%(own)s::text[])
              THEN (SELECT array_agg(k.linked_id) FROM stripe_links k WHERE k.object_id = o.id) END
-    )) FROM stripe_objects o JOIN wanted w ON w.id = o.id)::text
+    )) FROM wanted w, LATERAL (SELECT * FROM stripe_objects o WHERE o.id = w.id OFFSET 0) o)::text
 """
 
 # The events with their outcomes, and what the rules decided. Should another delivery of one of
