@@ -54,3 +54,8 @@ REFRESHES = Counter(
 )
 for _result in ("ok", "failed"):
     REFRESHES.labels(_result)
+INGEST_BATCH = Histogram(
+    "license_broker_ingest_batch_events",
+    "Events per transaction of the webhook's common path (several when they arrive together: group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)

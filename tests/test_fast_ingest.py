@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from broker.binding import MemoryLedger
 from broker.ledger import LicenseRules
@@ -219,11 +220,15 @@ async def test_events_arriving_together_share_a_transaction_and_end_as_one_at_a_
     by_general = await ingest_all(general, events)
     general_rows = await rows(runtime)
     truncate(pg_url)
+    metric = "license_broker_ingest_batch_events"
+    before = [REGISTRY.get_sample_value(f"{metric}_{x}") or 0 for x in ("count", "sum")]
     # Each license's events in order, licenses at once: one wave per step.
     by_fast = [o for wave in (first, updates[:12], updates[12:], [first[0], updates[-1]])
                for o in await asyncio.gather(*(fast.ingest(e, orjson.dumps(e)) for e in wave))]  # fmt: skip
 
     assert max(batches) > 1  # some transactions held several events ...
+    after = [REGISTRY.get_sample_value(f"{metric}_{x}") or 0 for x in ("count", "sum")]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [len(batches), sum(batches)]  # (exported)
     assert [(o.kind, o.license_id, o.event.seq if o.event else None) for o in by_fast] == [
         (o.kind, o.license_id, o.event.seq if o.event else None) for o in by_general
     ]  # ... and each ended as it does alone

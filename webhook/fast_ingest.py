@@ -42,6 +42,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import metrics
 from broker.binding import resolve
 from broker.eventlog import LicenseEvent, encode_event
 from broker.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, merge
@@ -345,6 +346,7 @@ class FastIngest:
             await self._settle([request])
 
     async def _transaction(self, batch: list[_Request]) -> list[Result | None]:
+        metrics.INGEST_BATCH.observe(len(batch))
         async with self.engine.connect() as conn:
             pooled = await conn.get_raw_connection()
             pg: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
