@@ -4,10 +4,9 @@ out to a bounded queue per connected client."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import deque
 
 from broker import metrics
 from broker.eventlog import LicenseEvent
@@ -21,32 +20,79 @@ class HubClosed(Exception):
 
 
 class Subscription:
-    """One client's view of one license: a bounded queue. None in the queue means "stop"."""
+    """One client's view of one license: the events not yet taken, at most `size` of them.
 
-    __slots__ = ("license_id", "overflowed", "queue")
+    An idle stream is most of what a stream process holds, so this holds nothing while idle:
+    the buffer exists only while events wait in it, and the future only while its client
+    waits (asyncio.Queue kept three deques and an Event for the life of each stream, ~3 KB)."""
 
-    def __init__(self, license_id: str, size: int) -> None:
+    __slots__ = ("_ended", "_hub", "_pending", "_size", "_waiter", "license_id", "overflowed")
+
+    def __init__(self, hub: SubscriptionHub, license_id: str, size: int) -> None:
+        self._hub = hub
         self.license_id = license_id
-        self.queue: asyncio.Queue[LicenseEvent | None] = asyncio.Queue(size)
         self.overflowed = False
+        self._size = size
+        self._pending: deque[LicenseEvent] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+
+    # A class of its own rather than an @asynccontextmanager: no generator per stream.
+    async def __aenter__(self) -> Subscription:
+        await self._hub._join(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._hub._leave(self)
 
     def push(self, event: LicenseEvent) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self._ended:
+            return
+        if self._pending is None:
+            self._pending = deque()
+        elif len(self._pending) >= self._size:
             # The client is not reading fast enough. Dropping it keeps memory bounded; it
             # reconnects with Last-Event-ID and catches up from the database.
             self.overflowed = True
             metrics.SLOW_CLIENTS.inc()
             self.end()
+            return
+        self._pending.append(event)
+        self._wake()
 
     def end(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
+        """What is pending is dropped; `get` answers None from now on. Idempotent."""
+        self._ended = True
+        self._pending = None
+        self._wake()
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._pending is None else len(self._pending)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a `get` is waiting for the next event."""
+        return self._waiter is not None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def get(self) -> LicenseEvent | None:
-        return await self.queue.get()
+        """The next event, in the order pushed; None once ended (overflowed, or shutting down)."""
+        while not self._pending:
+            if self._ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        event = self._pending.popleft()
+        if not self._pending:
+            self._pending = None
+        return event
 
 
 class _Topic:
@@ -88,14 +134,17 @@ class SubscriptionHub:
         self.end_streams()
         await self.transport.close()
 
-    @contextlib.asynccontextmanager
-    async def subscribe(self, license_id: str) -> AsyncIterator[Subscription]:
-        """Register a client. Once this yields, every message for the license that the transport
-        delivers is queued for it; the caller replays from the database afterwards and skips
-        what it already sent (seq), so nothing published during the replay is missed."""
+    def subscribe(self, license_id: str) -> Subscription:
+        """A client's subscription, registered by `async with`: once entered, every message for
+        the license that the transport delivers is queued for it; the caller replays from the
+        database afterwards and skips what it already sent (seq), so nothing published during
+        the replay is missed. Leaving it releases the channel when no one else follows it."""
+        return Subscription(self, license_id, self.buffer)
+
+    async def _join(self, sub: Subscription) -> None:
         if self._closing:
             raise HubClosed
-        sub = Subscription(license_id, self.buffer)
+        license_id = sub.license_id
         topic = self._topics.get(license_id)
         if topic is None:
             topic = self._topics[license_id] = _Topic()
@@ -106,12 +155,18 @@ class SubscriptionHub:
                 if not topic.listening:
                     await self.transport.listen(license_id)
                     topic.listening = True
-            yield sub
-        finally:
-            topic.subs.discard(sub)
-            if not topic.subs:
-                # Shielded: a cancelled client must still release the channel.
-                await asyncio.shield(self._release(license_id, topic))
+        except BaseException:
+            await self._leave(sub)
+            raise
+
+    async def _leave(self, sub: Subscription) -> None:
+        topic = self._topics.get(sub.license_id)
+        if topic is None or sub not in topic.subs:
+            return
+        topic.subs.discard(sub)
+        if not topic.subs:
+            # Shielded: a cancelled client must still release the channel.
+            await asyncio.shield(self._release(sub.license_id, topic))
 
     async def _release(self, license_id: str, topic: _Topic) -> None:
         async with topic.lock:
