@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from broker import metrics, tokens
-from broker.asgi import Part, build_app
+from broker.asgi import Part, StreamRoute, build_app
 from broker.eventlog import EventLog
 from broker.http import settings_from_env
 from broker.leases import NO_LEASES, with_lease
@@ -124,7 +124,7 @@ class LicenseEvents:
     """GET /api/licenses/{license_id}/events, as an ASGI app rather than a request handler:
     starlette's request_response wrapper would keep two more coroutine frames, two closures and
     a Request alive for the whole life of every stream (~2 KB each; docs/bench.md). The Request
-    here is dropped once the stream is decided."""
+    here is dropped once the stream is decided. A StreamRoute: no middleware but the request id."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _open_stream(Request(scope))
@@ -152,7 +152,7 @@ async def jwks(request: Request) -> Response:
 
 
 routes = [
-    Route("/api/licenses/{license_id}/events", LicenseEvents(), methods=["GET"]),
+    StreamRoute("/api/licenses/{license_id}/events", LicenseEvents(), methods=["GET"]),
     Route("/api/licenses/{license_id}", license_state, methods=["GET"]),
     Route("/.well-known/jwks.json", jwks, methods=["GET"]),
 ]
