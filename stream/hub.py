@@ -79,16 +79,28 @@ class Subscription:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self) -> LicenseEvent | None:
-        """The next event, in the order pushed; None once ended (overflowed, or shutting down)."""
-        while not self._pending:
+    async def get(self, timeout: float) -> LicenseEvent | None:  # noqa: ASYNC109 (see the timer below)
+        """The next event, in the order pushed; None once ended (overflowed, or shutting down);
+        TimeoutError if none comes within `timeout` seconds."""
+        if not self._pending:
             if self._ended:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            # A timer that wakes the waiter, rather than asyncio.timeout's cancellation: no
+            # Timeout object per wait, and no exception thrown through the frames (a heartbeat
+            # is most of what an idle stream does).
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, self._wake)
             try:
-                await self._waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
+            if not self._pending:
+                if self._ended:
+                    return None
+                raise TimeoutError
+        assert self._pending is not None
         event = self._pending.popleft()
         if not self._pending:
             self._pending = None
