@@ -79,9 +79,16 @@ class Subscription:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
     async def get(self, timeout: float) -> LicenseEvent | None:  # noqa: ASYNC109 (see the timer below)
-        """The next event, in the order pushed; None once ended (overflowed, or shutting down);
-        TimeoutError if none comes within `timeout` seconds."""
+        """The next event, in the order pushed; None if none comes within `timeout` seconds, or
+        once ended (overflowed, or shutting down: `ended`).
+
+        None rather than TimeoutError: an exception raised through the caller's frame gives that
+        frame an object of its own (~0.4 KB) that it keeps for as long as the stream lives."""
         if not self._pending:
             if self._ended:
                 return None
@@ -97,9 +104,7 @@ class Subscription:
                 timer.cancel()
                 self._waiter = None
             if not self._pending:
-                if self._ended:
-                    return None
-                raise TimeoutError
+                return None
         assert self._pending is not None
         event = self._pending.popleft()
         if not self._pending:
