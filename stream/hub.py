@@ -1,5 +1,5 @@
 """The per-process subscription hub: one transport subscription per followed license, fanned
-out to a bounded queue per connected client."""
+out to a bounded buffer per connected client."""
 
 from __future__ import annotations
 
