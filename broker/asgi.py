@@ -11,7 +11,8 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.http import ops_routes
 from broker.requestlog import RequestIdMiddleware
@@ -25,6 +26,33 @@ StateFactory = Callable[[Runtime], AbstractAsyncContextManager[dict[str, Any]]]
 class Part:
     routes: Sequence[BaseRoute]
     state: StateFactory | None = None
+
+
+class StreamRoute(Route):
+    """A route whose response lasts as long as its connection (an SSE stream). Its requests skip
+    starlette's middleware stack and router, with only the request id around them: every layer is
+    a suspended coroutine, with its closures and a Request, for the whole life of the stream,
+    ~3 KB of each idle connection (docs/bench.md). Its endpoint answers its own errors; an
+    exception that escapes it is uvicorn's 500. Anything but a full match (another method: 405)
+    goes the usual way."""
+
+
+class _App(Starlette):
+    def __init__(self, *, streams: Sequence[StreamRoute], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._streams: list[tuple[StreamRoute, ASGIApp]] = [(r, RequestIdMiddleware(r.app)) for r in streams]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route, app in self._streams:
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope["app"] = self
+                    scope["route"] = route
+                    scope.update(child_scope)
+                    await app(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
 
 
 def build_app(
@@ -42,4 +70,9 @@ def build_app(
             yield state
 
     routes = [route for part in parts for route in part.routes]
-    return Starlette(routes=[*routes, *ops_routes()], lifespan=lifespan, middleware=[Middleware(RequestIdMiddleware)])
+    return _App(
+        streams=[route for route in routes if isinstance(route, StreamRoute)],
+        routes=[*routes, *ops_routes()],
+        lifespan=lifespan,
+        middleware=[Middleware(RequestIdMiddleware)],
+    )

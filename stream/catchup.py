@@ -4,13 +4,12 @@ by its signed lease, renewed while the connection stays open."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -26,7 +25,7 @@ log = logging.getLogger("stream")
 
 class _Sender:
     """Tracks the last seq sent; everything below it is skipped, so nothing is sent twice.
-    `last` is the newest event sent whose lease is still due (see `_events`)."""
+    `last` is the newest event sent whose lease is still due (see `license_stream`)."""
 
     __slots__ = ("last", "sent")
 
@@ -40,6 +39,11 @@ class _Sender:
         self.sent = event.seq
         self.last = event
         return encode(event.seq, event.data)
+
+    def take_each(self, events: list[LicenseEvent]) -> Iterator[bytes]:
+        for event in events:
+            if (chunk := self.take(event)) is not None:
+                yield chunk
 
 
 def _lease(leases: LeaseSigner, claims: dict[str, object]) -> bytes:
@@ -57,14 +61,74 @@ async def license_stream(
     expires_at: float | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """One client's stream. It ends by itself at `expires_at` (epoch seconds, the token's `exp`):
-    a stream must not outlive the token that opened it; the client reconnects with a fresh one."""
+    a stream must not outlive the token that opened it; the client reconnects with a fresh one.
+
+    One generator, which holds no event and no chunk while it waits: thousands of idle streams
+    are most of what a stream process holds (docs/bench.md)."""
     yield b"retry: %d\n\n" % settings.retry_ms
+    deadline = _deadline(settings, expires_at)
+    claims: dict[str, object] | None = None  # what the last lease said, signed again to renew it
+    renew_at = math.inf
+    chunk: bytes | None = None
+    live: LicenseEvent | None = None
     try:
-        # aclosing: when the response closes this generator, the inner one (and its hub
-        # subscription) is closed at once rather than whenever it is garbage-collected.
-        inner_events = _events(events, hub, settings, license_id, last_seq, _deadline(settings, expires_at), leases)
-        async with contextlib.aclosing(inner_events) as inner:
-            async for chunk in inner:
+        async with hub.subscribe(license_id) as sub:
+            # Subscribed first, read second: an event committed during the catch-up is either read
+            # from the database or waiting in the subscription, and `_Sender` drops the second copy.
+            sender = _Sender(-1)
+            async with contextlib.aclosing(_catch_up(events, settings, license_id, last_seq, sender)) as catch_up:
+                # anext with a default rather than `async for`, whose ending StopAsyncIteration is
+                # raised in this frame: the frame would then keep an object of its own (~0.4 KB)
+                # for the rest of the stream. Likewise no exception below while all is well.
+                while (chunk := await anext(catch_up, None)) is not None:
+                    yield chunk
+            del catch_up
+            while True:
+                if sender.last is not None:
+                    # Before waiting again, the lease of the newest state sent: right after each
+                    # live event and the initial state, and once after a replay (the replayed
+                    # states before the last are superseded at once; signing each would triple a
+                    # replay's cost). A separate id-less event, so the state events' bytes stay
+                    # as they are.
+                    if leases is not None:
+                        claims = lease_claims(sender.last.data)
+                        yield _lease(leases, claims)
+                        renew_at = time.monotonic() + leases.renew_after()
+                    sender.last = None
+                # An idle stream holds nothing it has sent: ~0.5 KB a stream otherwise.
+                chunk = live = None
+                # The heartbeat's timer also renews the lease: no task or timer of its own per stream.
+                timeout = min(settings.heartbeat_interval, renew_at - time.monotonic())
+                if deadline is not None:
+                    timeout = min(timeout, deadline - time.monotonic())
+                    if timeout <= 0:
+                        return
+                live = await sub.get(timeout)
+                if live is None:
+                    if sub.ended:
+                        return  # overflowed or shutting down: the client reconnects and catches up
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        return
+                    if leases is not None and claims is not None and now >= renew_at:
+                        yield _lease(leases, claims)
+                        renew_at = now + leases.renew_after()
+                        continue
+                    yield PING
+                    continue
+                if live.seq <= sender.sent:
+                    continue
+                if live.seq > sender.sent + 1:
+                    # A gap: Redis lost or reordered a message. Every seq below this one committed
+                    # before it (per-license row lock), so the database has them.
+                    for chunk in sender.take_each(await events.read(license_id, sender.sent, before=live.seq)):
+                        metrics.REPLAYED.inc()
+                        yield chunk
+                    if sender.sent != live.seq - 1:
+                        return  # cannot happen with a healthy database; reconnecting is always safe
+                chunk = sender.take(live)
+                assert chunk is not None
+                metrics.DELIVERED.inc()
                 yield chunk
     except HubClosed:
         pass  # shutting down: the client reconnects to another process
@@ -110,7 +174,7 @@ async def _catch_up(
             metrics.REPLAYED.inc()
         yield chunk
     elif current.seq == last_seq:
-        # Nothing missed: not sent again, but its lease is renewed (see `_events`).
+        # Nothing missed: not sent again, but its lease is renewed (see `license_stream`).
         sender.last = current
 
 
@@ -123,71 +187,3 @@ def _deadline(settings: Settings, expires_at: float | None) -> float | None:
         # Jittered, so that clients of a restarted fleet do not all come back in the same second.
         ends.append(time.monotonic() + settings.max_connection_lifetime * random.uniform(0.85, 1.0))
     return min(ends, default=None)
-
-
-async def _events(
-    events: EventLog,
-    hub: SubscriptionHub,
-    settings: Settings,
-    license_id: str,
-    last_seq: int | None,
-    deadline: float | None,
-    leases: LeaseSigner | None,
-) -> AsyncGenerator[bytes, None]:
-    claims: dict[str, object] | None = None  # what the last lease said, signed again to renew it
-    renew_at = math.inf
-    async with hub.subscribe(license_id) as sub:
-        # Subscribed first, read second: an event committed during the catch-up is either read
-        # from the database or waiting in the queue, and `_Sender` drops the second copy.
-        sender = _Sender(-1)
-        async with contextlib.aclosing(_catch_up(events, settings, license_id, last_seq, sender)) as catch_up:
-            async for caught_up in catch_up:
-                yield caught_up
-        while True:
-            if sender.last is not None:
-                # Before waiting again, the lease of the newest state sent: right after each live
-                # event and the initial state, and once after a replay (the replayed states before
-                # the last are superseded at once; signing each would triple a replay's cost).
-                # A separate id-less event, so the state events' bytes stay as they are.
-                if leases is not None:
-                    claims = lease_claims(sender.last.data)
-                    yield _lease(leases, claims)
-                    renew_at = time.monotonic() + leases.renew_after()
-                sender.last = None  # an idle stream holds nothing it has sent (memory per connection)
-            # The heartbeat's timer also renews the lease: no task or timer of its own per stream.
-            timeout = min(settings.heartbeat_interval, renew_at - time.monotonic())
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
-                    return
-            try:
-                # asyncio.timeout, not wait_for: no extra task per wait (on 3.11), ~2 KB a stream.
-                async with asyncio.timeout(timeout):
-                    live = await sub.get()
-            except TimeoutError:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    return
-                if leases is not None and claims is not None and now >= renew_at:
-                    yield _lease(leases, claims)
-                    renew_at = now + leases.renew_after()
-                    continue
-                yield PING
-                continue
-            if live is None:
-                return  # overflowed or shutting down: the client reconnects and catches up
-            if live.seq <= sender.sent:
-                continue
-            if live.seq > sender.sent + 1:
-                # A gap: Redis lost or reordered a message. Every seq below this one committed
-                # before it (per-license row lock), so the database has them.
-                for missed in await events.read(license_id, sender.sent, before=live.seq):
-                    if (chunk := sender.take(missed)) is not None:
-                        metrics.REPLAYED.inc()
-                        yield chunk
-                if sender.sent != live.seq - 1:
-                    return  # cannot happen with a healthy database; reconnecting is always safe
-            chunk = sender.take(live)
-            assert chunk is not None
-            metrics.DELIVERED.inc()
-            yield chunk

@@ -1,13 +1,12 @@
 """The per-process subscription hub: one transport subscription per followed license, fanned
-out to a bounded queue per connected client."""
+out to a bounded buffer per connected client."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import deque
 
 from broker import metrics
 from broker.eventlog import LicenseEvent
@@ -21,39 +20,105 @@ class HubClosed(Exception):
 
 
 class Subscription:
-    """One client's view of one license: a bounded queue. None in the queue means "stop"."""
+    """One client's view of one license: the events not yet taken, at most `size` of them.
 
-    __slots__ = ("license_id", "overflowed", "queue")
+    An idle stream is most of what a stream process holds, so this holds nothing while idle:
+    the buffer exists only while events wait in it, and the future only while its client
+    waits (asyncio.Queue kept three deques and an Event for the life of each stream, ~3 KB)."""
 
-    def __init__(self, license_id: str, size: int) -> None:
+    __slots__ = ("_ended", "_hub", "_pending", "_size", "_waiter", "license_id", "overflowed")
+
+    def __init__(self, hub: SubscriptionHub, license_id: str, size: int) -> None:
+        self._hub = hub
         self.license_id = license_id
-        self.queue: asyncio.Queue[LicenseEvent | None] = asyncio.Queue(size)
         self.overflowed = False
+        self._size = size
+        self._pending: deque[LicenseEvent] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+
+    # A class of its own rather than an @asynccontextmanager: no generator per stream.
+    async def __aenter__(self) -> Subscription:
+        await self._hub._join(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._hub._leave(self)
 
     def push(self, event: LicenseEvent) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self._ended:
+            return
+        if self._pending is None:
+            self._pending = deque()
+        elif len(self._pending) >= self._size:
             # The client is not reading fast enough. Dropping it keeps memory bounded; it
             # reconnects with Last-Event-ID and catches up from the database.
             self.overflowed = True
             metrics.SLOW_CLIENTS.inc()
             self.end()
+            return
+        self._pending.append(event)
+        self._wake()
 
     def end(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
+        """What is pending is dropped; `get` answers None from now on. Idempotent."""
+        self._ended = True
+        self._pending = None
+        self._wake()
 
-    async def get(self) -> LicenseEvent | None:
-        return await self.queue.get()
+    @property
+    def pending(self) -> int:
+        return 0 if self._pending is None else len(self._pending)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a `get` is waiting for the next event."""
+        return self._waiter is not None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    async def get(self, timeout: float) -> LicenseEvent | None:  # noqa: ASYNC109 (see the timer below)
+        """The next event, in the order pushed; None if none comes within `timeout` seconds, or
+        once ended (overflowed, or shutting down: `ended`).
+
+        None rather than TimeoutError: an exception raised through the caller's frame gives that
+        frame an object of its own (~0.4 KB) that it keeps for as long as the stream lives."""
+        if not self._pending:
+            if self._ended:
+                return None
+            # A timer that wakes the waiter, rather than asyncio.timeout's cancellation: no
+            # Timeout object per wait, and no exception thrown through the frames (a heartbeat
+            # is most of what an idle stream does).
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, self._wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._pending:
+                return None
+        assert self._pending is not None
+        event = self._pending.popleft()
+        if not self._pending:
+            self._pending = None
+        return event
 
 
 class _Topic:
     __slots__ = ("listening", "lock", "subs")
 
     def __init__(self) -> None:
-        self.subs: set[Subscription] = set()
+        # A list: most licenses have one client at a time (and STREAM_MAX_PER_LICENSE a few), and
+        # a set of one is ~0.2 KB more per followed license.
+        self.subs: list[Subscription] = []
         self.lock = asyncio.Lock()
         self.listening = False
 
@@ -88,30 +153,39 @@ class SubscriptionHub:
         self.end_streams()
         await self.transport.close()
 
-    @contextlib.asynccontextmanager
-    async def subscribe(self, license_id: str) -> AsyncIterator[Subscription]:
-        """Register a client. Once this yields, every message for the license that the transport
-        delivers is queued for it; the caller replays from the database afterwards and skips
-        what it already sent (seq), so nothing published during the replay is missed."""
+    def subscribe(self, license_id: str) -> Subscription:
+        """A client's subscription, registered by `async with`: once entered, every message for
+        the license that the transport delivers is queued for it; the caller replays from the
+        database afterwards and skips what it already sent (seq), so nothing published during
+        the replay is missed. Leaving it releases the channel when no one else follows it."""
+        return Subscription(self, license_id, self.buffer)
+
+    async def _join(self, sub: Subscription) -> None:
         if self._closing:
             raise HubClosed
-        sub = Subscription(license_id, self.buffer)
+        license_id = sub.license_id
         topic = self._topics.get(license_id)
         if topic is None:
             topic = self._topics[license_id] = _Topic()
         # Joined before taking the lock: a concurrent release then sees a non-empty topic.
-        topic.subs.add(sub)
+        topic.subs.append(sub)
         try:
             async with topic.lock:
                 if not topic.listening:
                     await self.transport.listen(license_id)
                     topic.listening = True
-            yield sub
-        finally:
-            topic.subs.discard(sub)
-            if not topic.subs:
-                # Shielded: a cancelled client must still release the channel.
-                await asyncio.shield(self._release(license_id, topic))
+        except BaseException:
+            await self._leave(sub)
+            raise
+
+    async def _leave(self, sub: Subscription) -> None:
+        topic = self._topics.get(sub.license_id)
+        if topic is None or sub not in topic.subs:
+            return
+        topic.subs.remove(sub)
+        if not topic.subs:
+            # Shielded: a cancelled client must still release the channel.
+            await asyncio.shield(self._release(sub.license_id, topic))
 
     async def _release(self, license_id: str, topic: _Topic) -> None:
         async with topic.lock:

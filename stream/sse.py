@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable
 
-from starlette.background import BackgroundTask
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from broker import metrics
@@ -35,8 +33,11 @@ def encode_lease(data: bytes) -> bytes:
 PING = b": ping\n\n"
 
 
-class EventStreamResponse(Response):
-    media_type = "text/event-stream"
+class EventStreamResponse:
+    """An ASGI response that sends `body`'s chunks as they come, until the body ends or the client
+    goes away. A plain class with slots rather than a starlette Response: one per open stream."""
+
+    __slots__ = ("_gone", "_handler", "_streaming", "on_close", "send_timeout", "stream")
 
     def __init__(
         self,
@@ -50,26 +51,25 @@ class EventStreamResponse(Response):
         # Runs however the response ends, even when the body never started (a client gone
         # before the first send): what admitted the stream is released here.
         self.on_close = on_close
-        self.status_code = 200
-        self.background: BackgroundTask | None = None
+        self._handler: asyncio.Task[object] | None = None
+        self._streaming = True
+        self._gone = False
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # Only interrupt the body while it runs: never the clean-up in __call__.
+        if self._streaming and self._handler is not None:
+            self._gone = True
+            self._handler.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics.OPEN_STREAMS.inc()
-        handler = asyncio.current_task()
+        self._handler = handler = asyncio.current_task()
         assert handler is not None
         # Plain asyncio rather than an anyio task group: with 10,000 idle streams per process the
         # group's bookkeeping was ~2 KB of each connection's ~35 KB (docs/bench.md).
-        state = {"streaming": True, "gone": False}
-
-        async def watch_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            # Only interrupt the body while it runs: never the clean-up below.
-            if state["streaming"]:
-                state["gone"] = True
-                handler.cancel()
-
-        watcher = asyncio.create_task(watch_disconnect(), name="sse-disconnect")
+        watcher = asyncio.create_task(self._watch_disconnect(receive), name="sse-disconnect")
         loop = asyncio.get_running_loop()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
@@ -82,17 +82,19 @@ class EventStreamResponse(Response):
                     send_deadline.reschedule(loop.time() + self.send_timeout)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     send_deadline.reschedule(None)
+                    del chunk  # not held while the body waits for the next one
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             metrics.SLOW_CLIENTS.inc()
         except OSError:
             pass  # the client went away mid-send
         except asyncio.CancelledError:
-            if not state["gone"]:
+            if not self._gone:
                 raise  # the server is cancelling us, not the client leaving
             handler.uncancel()
         finally:
-            state["streaming"] = False
+            self._streaming = False
+            self._handler = None
             watcher.cancel()
             try:
                 await self.stream.aclose()

@@ -192,7 +192,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_buffer_stays_bound
         for _ in range(10):  # the client reads nothing meanwhile
             event = await append(engine, license_id)
             await transport.publish(license_id, event.data)
-            assert sub.queue.qsize() <= 4
+            assert sub.pending <= 4
         assert sub.overflowed
         # The stream ends instead of growing; the client reconnects with Last-Event-ID.
         with pytest.raises(StopAsyncIteration):
@@ -295,7 +295,7 @@ async def test_every_lost_message_arrives_through_the_sweep_even_beside_a_client
         waiting = asyncio.create_task(anext(liar))  # then waits for live events
         await async_wait_until(lambda: license_id in transport.sweep.known, what="the sweep to follow")
         topic = hub._topics[license_id]
-        await async_wait_until(lambda: any(sub.queue._getters for sub in topic.subs), what="the liar to wait live")  # type: ignore[attr-defined]
+        await async_wait_until(lambda: any(sub.waiting for sub in topic.subs), what="the liar to wait live")
         await anext(honest)
         assert seq_of(await anext(honest)) == 0
         for _ in range(3):

@@ -131,6 +131,21 @@ async def test_a_malformed_last_event_id_is_400(server: str) -> None:
     assert response.status_code == 400
 
 
+async def test_the_stream_carries_its_request_id_and_other_methods_are_405(server: str) -> None:
+    # Streams skip starlette's middleware stack (broker.asgi.StreamRoute), but not the request id.
+    license_id = new_license()
+    headers = {"authorization": f"Bearer {token_for(license_id)}", "x-request-id": "req-s1"}
+    url = f"{server}/api/licenses/{license_id}/events"
+    async with httpx.AsyncClient() as client:
+        async with client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200
+            assert response.headers["x-request-id"] == "req-s1"
+            assert response.headers["content-type"].startswith("text/event-stream")
+        refused = await client.post(url, headers=headers)
+        assert refused.status_code == 405
+        assert refused.headers["x-request-id"] == "req-s1"
+
+
 async def test_the_stream_sends_a_retry_hint_and_ping_heartbeats(server: str) -> None:
     license_id = new_license()
     headers = {"authorization": f"Bearer {token_for(license_id)}"}
