@@ -88,6 +88,17 @@ class StripeObject:
     customer: str | None = None
     links: frozenset[str] = field(default_factory=frozenset)
 
+    def row(self) -> dict[str, Any]:
+        """Its `stripe_objects` columns, but for when it was written."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "version": self.version,
+            "rank": self.rank,
+            "customer": self.customer,
+            "state": dict(self.state),
+        }
+
     def order(self) -> tuple[int, int, bytes]:
         return self.version, self.rank, orjson.dumps(dict(self.state), option=orjson.OPT_SORT_KEYS)
 

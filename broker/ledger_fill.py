@@ -34,18 +34,7 @@ def fill_ledger(
     ledger = fold_stored(conn, keep)
     for table in (stripe_bindings, stripe_links, stripe_objects):
         conn.execute(table.delete())
-    objects = [
-        {
-            "id": o.id,
-            "kind": o.kind,
-            "version": o.version,
-            "rank": o.rank,
-            "customer": o.customer,
-            "state": dict(o.state),
-            "updated_at": now,
-        }
-        for o in ledger.objects.values()
-    ]
+    objects = [{**o.row(), "updated_at": now} for o in ledger.objects.values()]
     links = [{"object_id": a, "linked_id": b} for a, b in sorted(ledger.links())]
     bindings = [{"stripe_id": k, "license_id": v, "bound_at": now} for k, v in sorted(ledger.bindings.items())]
     for table, rows in ((stripe_objects, objects), (stripe_links, links), (stripe_bindings, bindings)):

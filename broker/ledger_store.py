@@ -74,15 +74,7 @@ class LedgerStore:
 
     @staticmethod
     async def save(conn: AsyncConnection, obj: StripeObject, *, new_links: Iterable[str]) -> None:
-        values = {
-            "id": obj.id,
-            "kind": obj.kind,
-            "version": obj.version,
-            "rank": obj.rank,
-            "customer": obj.customer,
-            "state": dict(obj.state),
-            "updated_at": datetime.now(UTC),
-        }
+        values = {**obj.row(), "updated_at": datetime.now(UTC)}
         insert = upsert_into(conn, stripe_objects).values(**values)
         await conn.execute(
             insert.on_conflict_do_update(index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"})

@@ -60,6 +60,14 @@ def story(license_id: str) -> list[dict[str, Any]]:
     return events
 
 
+def both_paths(runtime: Runtime) -> tuple[Ingestor, Ingestor]:
+    """An ingestor with the common path, and one with only the general path."""
+    rules = LicenseRules(runtime.settings.entitled_statuses)
+    fast, general = Ingestor(runtime, rules), Ingestor(runtime, rules)
+    general._fast = None
+    return fast, general
+
+
 async def ingest_all(ingestor: Ingestor, events: list[dict[str, Any]]) -> list[Outcome]:
     return [await ingestor.ingest(e, orjson.dumps(e)) for e in events]
 
@@ -101,9 +109,7 @@ async def rows(runtime: Runtime) -> dict[str, Any]:
 async def test_the_fast_path_leaves_the_rows_and_outcomes_of_the_general_path(
     runtime: Runtime, fast_results: list[bool], pg_url: str
 ) -> None:
-    rules = LicenseRules(runtime.settings.entitled_statuses)
-    fast, general = Ingestor(runtime, rules), Ingestor(runtime, rules)
-    general._fast = None
+    fast, general = both_paths(runtime)
     events = story("lic_same")
     by_general = await ingest_all(general, events)
     general_rows = await rows(runtime)
@@ -183,9 +189,7 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 async def test_a_new_license_and_its_subscription_are_bound_in_the_common_path(
     runtime: Runtime, fast_results: list[bool], pg_url: str
 ) -> None:
-    rules = LicenseRules(runtime.settings.entitled_statuses)
-    fast, general = Ingestor(runtime, rules), Ingestor(runtime, rules)
-    general._fast = None
+    fast, general = both_paths(runtime)
     sample = SampleEvents("lic_new")
     events = [
         sample.subscription_event("customer.subscription.updated", s, T + i) for i, s in enumerate(("active",) * 2)
@@ -204,9 +208,7 @@ async def test_a_new_license_and_its_subscription_are_bound_in_the_common_path(
 async def test_events_arriving_together_share_a_transaction_and_end_as_one_at_a_time(
     runtime: Runtime, batches: list[int], pg_url: str
 ) -> None:
-    rules = LicenseRules(runtime.settings.entitled_statuses)
-    fast, general = Ingestor(runtime, rules), Ingestor(runtime, rules)
-    general._fast = None
+    fast, general = both_paths(runtime)
     ids = [f"lic_batch_{i}" for i in range(12)]
     samples = {lid: SampleEvents(lid) for lid in ids}
     # Each license's first event (a new binding), then two updates each, and repeated deliveries.

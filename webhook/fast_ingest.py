@@ -246,19 +246,7 @@ class _Writes:
             "n_bindings": len(self.bindings),
             "n_created": len(self.created),
             "events": _json(self.events),
-            "objects": _json(
-                [
-                    {
-                        "id": o.id,
-                        "kind": o.kind,
-                        "version": o.version,
-                        "rank": o.rank,
-                        "customer": o.customer,
-                        "state": dict(o.state),
-                    }
-                    for o in self.objects.values()
-                ]
-            ),
+            "objects": _json([o.row() for o in self.objects.values()]),
             "links": _json([{"object_id": a, "linked_id": b} for a, b in sorted(self.links)]),
             "bindings": _json([{"stripe_id": i, "license_id": lid} for i, lid in self.bindings.items()]),
             "licenses": _license_rows(self.licenses),
