@@ -158,12 +158,7 @@ class Ingestor:
         self.refresher = refresher or NoRefresh()
         # Postgres: the common path in two round trips (webhook.fast_ingest); SQLite: the general one.
         self._fast = (
-            FastIngest(
-                runtime.engine,
-                rules,
-                refreshes=not isinstance(self.refresher, NoRefresh),
-                prepared=runtime.settings.db_prepared_statements,
-            )
+            FastIngest(runtime.engine, rules, refreshes=not isinstance(self.refresher, NoRefresh))
             if runtime.engine.dialect.name == "postgresql"
             else None
         )
