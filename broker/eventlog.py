@@ -202,27 +202,49 @@ class EventLog:
         stripe_event_type: str | None,
         occurred_at: datetime,
     ) -> LicenseEvent:
-        recorded_at = datetime.now(UTC)
-        data = encode_event(
+        row, event = log_entry(
             license_id,
             seq,
             state,
             stripe_event_id=stripe_event_id,
             stripe_event_type=stripe_event_type,
             occurred_at=occurred_at,
-            recorded_at=recorded_at,
+            recorded_at=datetime.now(UTC),
         )
-        await conn.execute(
-            subscription_event_logs.insert().values(
-                license_id=license_id,
-                seq=seq,
-                stripe_event_id=stripe_event_id,
-                stripe_event_type=stripe_event_type,
-                status=state["status"],
-                entitled=state["entitled"],
-                data=data.decode(),
-                occurred_at=occurred_at,
-                recorded_at=recorded_at,
-            )
-        )
-        return LicenseEvent(license_id, seq, data, recorded_at.timestamp())
+        await conn.execute(subscription_event_logs.insert().values(**row))
+        return event
+
+
+def log_entry(
+    license_id: str,
+    seq: int,
+    state: LicenseState,
+    *,
+    stripe_event_id: str | None,
+    stripe_event_type: str | None,
+    occurred_at: datetime,
+    recorded_at: datetime,
+) -> tuple[dict[str, Any], LicenseEvent]:
+    """A log entry: its `subscription_event_logs` row, and the event it carries (the wire bytes,
+    encoded once)."""
+    data = encode_event(
+        license_id,
+        seq,
+        state,
+        stripe_event_id=stripe_event_id,
+        stripe_event_type=stripe_event_type,
+        occurred_at=occurred_at,
+        recorded_at=recorded_at,
+    )
+    row = {
+        "license_id": license_id,
+        "seq": seq,
+        "stripe_event_id": stripe_event_id,
+        "stripe_event_type": stripe_event_type,
+        "status": state["status"],
+        "entitled": state["entitled"],
+        "data": data.decode(),
+        "occurred_at": occurred_at,
+        "recorded_at": recorded_at,
+    }
+    return row, LicenseEvent(license_id, seq, data, recorded_at.timestamp())

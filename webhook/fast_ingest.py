@@ -1,32 +1,36 @@
-"""The common ingest on Postgres: events whose objects and links are all bound already, several in
-one transaction when several are waiting, in two network round trips and three statements per
-transaction (BEGIN and COMMIT ride in the same pipelines), through psycopg directly with statements
-that are the same text every time (prepared after a few uses).
+"""The common ingest on Postgres, several events in one transaction when several are waiting, in
+two network round trips per transaction, through psycopg directly with statements that are the same
+text every time (prepared after a few uses): events whose ids are bound already, or new (no object
+and no link holds them yet: a license's first event, a new invoice of a bound subscription).
 
-    round trip 1: BEGIN; LOCK (the id locks of every event, the bindings, the license rows locked);
-                  READ (those licenses' ledger objects, which events were recorded before); Sync
+    round trip 1: BEGIN; PLANS (how this transaction's statements are planned); LOCK (the id locks
+                  of every event, then the rows of the licenses they are bound to or name); READ
+                  (those licenses' bindings and ledger objects, which events were recorded, which
+                  named licenses exist, which unbound ids are held already); Sync
     Python:       per event, in arrival order: broker.binding.resolve, broker.ledger.merge and
                   LicenseRules.derive, unchanged, each on the objects as the events before it left them
-    round trip 2: WRITE (the events with their outcomes, objects, links, license rows, log entries);
-                  COMMIT; Sync
+    round trip 2: WRITE (the events with their outcomes, objects, links, bindings, new licenses,
+                  license rows, log entries); COMMIT; Sync
 
 Group commit: a webhook arriving while `RUNNERS` transactions are in flight waits for the next
 one, which takes every event waiting then (up to `MAX_BATCH`). Alone, an event is a transaction of
 its own at once; under load the round trips, the statements and the commit are shared. A batch
-that fails as a whole (a deadlock, content one of its events carries that the database refuses) is
-retried one event per transaction, so one event never decides another's fate.
+that fails as a whole (a deadlock, content one of its events carries that the database refuses, a
+row written meanwhile) is retried one event per transaction, so one event never decides another's
+fate.
 
 Why READ is its own statement: under READ COMMITTED a statement reads the snapshot taken when it
 started, before any lock it waits for inside. LOCK's snapshot may miss what the holder of an id
-lock or of a license row lock committed meanwhile, so it only reads what cannot change once seen
-(bindings are set once and never moved; the locked license rows are returned as they are after
-the wait). READ starts after every lock is held, so it sees each committed object.
+lock or of a license row lock committed meanwhile, so it only locks (the locked license rows are
+returned as they are after the wait). READ starts after every lock is held, so it sees each
+committed binding and object.
 
 Anything else goes to the general path (webhook.ingest, SQLAlchemy), which takes the same locks in
-the same order (event ids, sorted, then license rows, sorted): an id not bound yet (a new binding
-may bind pending objects), a customer-level event, an event a refresh from Stripe's API may replace.
-Nothing of such an event is written here, so giving it up costs nothing.
-"""
+the same order (event ids, sorted, then license rows, sorted): an unbound id an object or a link
+holds already (binding it may bind pending objects), a customer-level event or one whose customer
+has customer-level objects waiting, a Payment Link's client_reference_id on an unbound object (the
+takeover check), an event a refresh from Stripe's API may replace. Nothing of such an event is
+written here, so giving it up costs nothing."""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.binding import resolve
-from broker.eventlog import LicenseEvent, encode_event
+from broker.eventlog import LicenseEvent, log_entry
 from broker.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, merge
 from broker.licenses import initial_state
 from broker.stripe_objects import Reported
@@ -181,10 +185,9 @@ license AS (
 log AS (
     INSERT INTO subscription_event_logs
         (license_id, seq, stripe_event_id, stripe_event_type, status, entitled, data, occurred_at, recorded_at)
-    SELECT g.license_id, g.seq, g.event_id, g.type, g.status, g.entitled, g.data, g.occurred_at, %(now)s
-    FROM json_to_recordset(%(log)s::json)
-         AS g(license_id text, seq int8, event_id text, type text, status text, entitled bool, data text,
-              occurred_at timestamptz)
+    SELECT * FROM json_to_recordset(%(log)s::json)
+         AS g(license_id text, seq int8, stripe_event_id text, stripe_event_type text, status text, entitled bool,
+              data text, occurred_at timestamptz, recorded_at timestamptz)
 )
 SELECT 1 / ((SELECT count(*) FROM event) = %(n)s AND (SELECT count(*) FROM bindings) = %(n_bindings)s
              AND (SELECT count(*) FROM created) = %(n_created)s)::int
@@ -355,7 +358,7 @@ class FastIngest:
                 return await self._apply(pg, batch)
             finally:
                 try:
-                    await pg.rollback()  # nothing to do unless _apply stopped in the transaction
+                    await pg.rollback()  # nothing to do unless _apply left the transaction open
                     await pg.set_autocommit(False)
                 except psycopg.Error:
                     await conn.invalidate()
@@ -365,8 +368,7 @@ class FastIngest:
         writes = _Writes(datetime.now(UTC))
         results = [self._decide(request, read, writes) for request in batch]
         if not writes.events:
-            await pg.execute("ROLLBACK")
-            return results
+            return results  # nothing to write: the caller rolls back
         # COMMIT as a statement of the pipeline: connection.commit() would Sync once more.
         async with pg.pipeline():
             await pg.execute(WRITE, writes.params())
@@ -480,7 +482,7 @@ class FastIngest:
         appended = None
         if changed:
             seq += 1
-            data = encode_event(
+            entry, appended = log_entry(
                 license_id,
                 seq,
                 state,
@@ -489,23 +491,9 @@ class FastIngest:
                 occurred_at=occurred_at,
                 recorded_at=writes.now,
             )
-            read.licenses[license_id] = (seq, state)
             writes.license(license_id, seq, state)
-            writes.log.append(
-                {
-                    "license_id": license_id,
-                    "seq": seq,
-                    "event_id": event["id"],
-                    "type": event["type"],
-                    "status": state["status"],
-                    "entitled": state["entitled"],
-                    "data": data.decode(),
-                    "occurred_at": occurred_at,
-                }
-            )
-            appended = LicenseEvent(license_id, seq, data, writes.now.timestamp())
-        else:
-            read.licenses[license_id] = (seq, held_state)
+            writes.log.append(entry)
+        read.licenses[license_id] = (seq, state)  # a new license's too
         writes.events.append(
             {
                 "id": event["id"],
