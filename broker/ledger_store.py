@@ -94,11 +94,12 @@ class LedgerStore:
 
     @staticmethod
     async def bind(
-        conn: AsyncConnection, license_id: str, start: Iterable[str], known: dict[str, str], *, wait: bool = False
+        conn: AsyncConnection, license_id: str, start: Iterable[str], known: dict[str, str], *, wait: bool = True
     ) -> set[str]:
         """Bind `start` and every id linked to it, transitively, that no license holds yet; the ids
         bound just now. `known`: bindings already read (and locked) in this transaction. `start` is
-        locked already; ids found by the walk are locked only if free (LocksBusy), unless `wait`.
+        locked already; ids found by the walk are waited for, or with `wait=False` taken only if free
+        (else LocksBusy).
 
         Invariant: the ids linked to a bound id are bound too (each id bound here has its links
         followed), so the walk only follows ids bound just now, and ids held by another license
