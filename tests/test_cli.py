@@ -15,20 +15,13 @@ from license_broker_client import LicenseClient
 from broker import tokens
 from broker.settings import Settings
 from tests.support.licenses import TOKEN_SECRET
-from tests.support.processes import ROOT, Process
+from tests.support.processes import ROOT, Process, run_module
 from tests.support.services import ADMIN_URL, psycopg_connect
 from tests.support.waiting import wait_until
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "license_broker", *args],
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_module("license_broker", *args, env=env, timeout=60)
 
 
 def test_migrate_creates_the_schema_and_is_idempotent(postgres_url: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +29,7 @@ from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
 from stream.sse import encode
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
-from tests.support.processes import ROOT, serving
+from tests.support.processes import run_module, serving
 from webhook.samples import SampleEvents
 
 KEYS = LeaseKeys.generate()
@@ -112,14 +111,7 @@ def test_leases_are_off_without_a_key_and_ephemeral_in_development_mode() -> Non
 
 def test_keys_generate_prints_a_pair_that_the_setting_accepts() -> None:
     def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "license_broker", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": "/usr/bin:/bin", **env},
-        )
+        return run_module("license_broker", *args, env=env)
 
     generated = cli("keys", "generate")
     assert generated.returncode == 0, generated.stderr

@@ -4,8 +4,6 @@ most a second old."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -15,7 +13,7 @@ from broker.readiness import ReadinessProbe
 from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings
-from tests.support.processes import ROOT, serving
+from tests.support.processes import run_module, serving
 from tests.support.waiting import free_port
 from webhook.app import create_app as create_webhook_app
 
@@ -50,14 +48,7 @@ async def test_with_a_metrics_token_metrics_answer_only_its_bearer(pg_url: str) 
 
 def test_a_metrics_port_with_several_workers_is_refused_with_one_line() -> None:
     env = {"PATH": "/usr/bin:/bin", "STREAM_TOKEN_SECRET": "x" * 32, "METRICS_PORT": "9100"}
-    result = subprocess.run(
-        [sys.executable, "-m", "license_broker", "stream", "--workers", "2"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_module("license_broker", "stream", "--workers", "2", env=env)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("license-broker: METRICS_PORT: ")

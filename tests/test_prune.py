@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -18,7 +17,7 @@ from broker.retention import prune_event_log
 from broker.schema import subscription_event_logs
 from broker.settings import Settings, SettingsError
 from tests.support.licenses import append, new_license
-from tests.support.processes import ROOT
+from tests.support.processes import run_module
 
 
 @pytest.fixture
@@ -76,12 +75,11 @@ async def test_prune_works_in_batches_of_short_transactions(engine: AsyncEngine)
 
 
 def run_cli(pg_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "license_broker", "prune", *args],
+    return run_module(
+        "license_broker",
+        "prune",
+        *args,
         env={**os.environ, "DATABASE_URL": pg_url, "EVENT_LOG_RETENTION_DAYS": "", **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=60,
     )
 

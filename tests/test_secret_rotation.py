@@ -3,8 +3,6 @@ what was signed with the old secret and with the new one, and signs only with th
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import httpx
@@ -14,7 +12,7 @@ from broker import tokens
 from broker.settings import Settings, SettingsError
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, signed
-from tests.support.processes import ROOT, serving
+from tests.support.processes import run_module, serving
 from webhook.samples import SampleEvents
 
 OLD = "old-stream-token-secret-0123456789abcdef"
@@ -42,14 +40,7 @@ def test_a_token_signed_with_any_secret_of_a_rotation_verifies() -> None:
 
 def test_the_token_command_signs_with_the_first_secret() -> None:
     env = {"PATH": "/usr/bin:/bin", "STREAM_TOKEN_SECRET": f"{NEW},{OLD}"}
-    result = subprocess.run(
-        [sys.executable, "-m", "license_broker", "token", "lic_9"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_module("license_broker", "token", "lic_9", env=env)
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     assert tokens.verify(NEW, token).license_id == "lic_9"

@@ -4,8 +4,6 @@ through one masking helper, database errors are logged without their bound param
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.db import create_engine
 from broker.settings import Settings, SettingsError, mask_password
 from tests.support.licenses import make_settings, new_license, post_event
-from tests.support.processes import ROOT, Process, process_env, serving
+from tests.support.processes import Process, process_env, run_module, serving
 from tests.support.services import ADMIN_URL, psycopg_connect
 from tests.support.waiting import wait_until
 from webhook.app import create_app
@@ -79,11 +77,9 @@ def test_serve_prints_the_database_url_with_its_password_masked(pg_url: str, spa
 def test_migrate_prints_the_database_url_with_its_password_masked(postgres_url: str) -> None:
     url = make_url(postgres_url).set(username="postgres", password=PASSWORD).render_as_string(hide_password=False)
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": url}
-    ok = subprocess.run([sys.executable, "-m", "license_broker", "migrate"], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    ok = run_module("license_broker", "migrate", env=env, timeout=60)
     env["DATABASE_URL"] = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/none"
-    failed = subprocess.run([sys.executable, "-m", "license_broker", "migrate"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    failed = run_module("license_broker", "migrate", env=env, timeout=60)
     assert ok.returncode == 0 and "postgres:***@" in ok.stdout, ok.stderr
     assert failed.returncode == 1
     assert PASSWORD not in ok.stdout + ok.stderr + failed.stdout + failed.stderr

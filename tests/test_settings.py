@@ -4,14 +4,13 @@ import argparse
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
 
 from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
 from license_broker import cli
 from license_broker.cli import parser
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, run_module
 
 
 def test_defaults_are_the_embedded_sqlite_and_memory_transport() -> None:
@@ -129,9 +128,7 @@ def test_development_mode_supplies_development_secrets() -> None:
 @pytest.mark.parametrize("command", ["webhook", "stream", "serve"])
 def test_the_process_refuses_to_start_with_one_line_naming_the_setting(command: str) -> None:
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db", "BROKER_POLL_INTERVAL": "-1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "license_broker", command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    result = run_module("license_broker", command, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "license-broker: BROKER_POLL_INTERVAL: must be at least 0.01, got '-1'"
@@ -140,14 +137,7 @@ def test_the_process_refuses_to_start_with_one_line_naming_the_setting(command: 
 
 def test_uvicorn_on_its_own_refuses_a_missing_secret_with_one_line() -> None:
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db"}
-    result = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "webhook.app:app", "--port", "0"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_module("uvicorn", "webhook.app:app", "--port", "0", env=env)
     assert result.returncode == 2
     assert "license-broker: STRIPE_WEBHOOK_SECRET: required by the webhook app" in result.stderr
     assert "Traceback" not in result.stderr
@@ -205,9 +195,7 @@ def test_development_mode_anywhere_else_stops_start_up_with_one_line(
     argv: list[str], extra: dict[str, str], reason: str
 ) -> None:
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db", "BROKER_DEV": "1", **extra}
-    result = subprocess.run(
-        [sys.executable, "-m", *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    result = run_module(*argv, env=env)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("license-broker: BROKER_DEV: ") and reason in lines[0], lines

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,21 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     yield start
     for process in started:
         process.stop(signal.SIGKILL)
+
+
+def run_module(
+    *argv: str, env: Mapping[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <argv>` from the repository root, with PATH and `env` for its environment and its
+    output captured as text (a command's one-line refusals, its printed results)."""
+    return subprocess.run(
+        [sys.executable, "-m", *argv],
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def process_env(database_url: str, **extra: str) -> dict[str, str]:
