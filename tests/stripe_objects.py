@@ -1,5 +1,5 @@
 """Stripe events built from Stripe's own published example objects (stripe/openapi fixtures3.json,
-kept in shared/fixtures/stripe-openapi/resources.json), in two API shapes.
+kept in tests/fixtures/stripe-openapi/resources.json), in two API shapes.
 
 Each builder deep-copies Stripe's example, sets every field a license rule may read, and clears the
 example's filler values that would mislead a rule (the subscription example is canceled with
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import secrets
 from functools import cache
 from pathlib import Path
@@ -26,33 +25,13 @@ Shape = Literal["current", "legacy"]
 SHAPES: tuple[Shape, ...] = ("current", "legacy")
 API_VERSIONS: dict[Shape, str] = {"current": "2025-09-30.clover", "legacy": "2025-02-24.acacia"}
 
-FIXTURES_ENV = "STRIPE_OPENAPI_FIXTURES"
-_FIXTURES_DIR = Path("fixtures") / "stripe-openapi"
-
-
-def fixtures_dir() -> Path:
-    """$STRIPE_OPENAPI_FIXTURES, else the nearest shared/fixtures/stripe-openapi (or a copy in
-    fixtures/stripe-openapi) found walking up from this file: the worktrees sit beside shared/."""
-    configured = os.environ.get(FIXTURES_ENV, "").strip()
-    if configured:
-        path = Path(configured)
-        if not (path / "resources.json").is_file():
-            raise FileNotFoundError(f"{FIXTURES_ENV}={configured}: no resources.json there")
-        return path
-    here = Path(__file__).resolve().parent
-    for folder in (here, *here.parents):
-        for candidate in (folder / "shared" / _FIXTURES_DIR, folder / _FIXTURES_DIR):
-            if (candidate / "resources.json").is_file():
-                return candidate
-    raise FileNotFoundError(
-        f"Stripe's example objects (shared/fixtures/stripe-openapi/resources.json) not found above {here}; "
-        f"set {FIXTURES_ENV} to the folder that holds resources.json"
-    )
+# Stripe's published example objects, copied into the repository (source and license in its README).
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "stripe-openapi"
 
 
 @cache
 def _examples() -> dict[str, dict[str, Any]]:
-    examples: dict[str, dict[str, Any]] = json.loads((fixtures_dir() / "resources.json").read_text())
+    examples: dict[str, dict[str, Any]] = json.loads((FIXTURES_DIR / "resources.json").read_text())
     return examples
 
 

@@ -1,4 +1,4 @@
-"""Every Stripe fixture (tests/fixtures/stripe, copied from the shared set) through POST
+"""Every Stripe fixture (tests/fixtures/stripe, copied from Stripe's published fixtures) through POST
 /api/stripe/webhooks with a real signature over its exact bytes, against Postgres and SQLite."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from webhook.samples import SampleEvents
 from webhook.signature import sign
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
-OPENAPI = Path(__file__).parents[2] / "shared" / "fixtures" / "stripe-openapi"
+OPENAPI = Path(__file__).parent / "fixtures" / "stripe-openapi"
 LICENSE_A = "lic_01JBX5Q7T9M2K4N6P8R0S2U4W6"  # a new purchase, then refunded
 LICENSE_B = "lic_01JC2TRIAL7Q9M2K4N6P8R0S2"  # a trial, paused, resumed
 LICENSE_C = "lic_01J5C9V2X4Z6B8D0F2H4K6M8P0"  # a renewal that fails and recovers, then disputed
@@ -119,7 +119,7 @@ async def log_of(db_url: str, license_id: str) -> list[tuple[int, str, str]]:
 
 
 def invoice_payment_for_the_disputed_charge() -> bytes:
-    """The `invoice_payment.paid` Stripe sends for story C's retried renewal (not in the shared set):
+    """The `invoice_payment.paid` Stripe sends for story C's retried renewal (not among the synthesized fixtures):
     the event that tells the broker which invoice, so which license, the disputed payment paid for."""
     event = {
         "id": "evt_3RyT4pInPaLkdIwHu7ix03",

@@ -171,13 +171,7 @@ def test_a_built_object_is_a_copy_changing_it_does_not_change_the_next_one() -> 
     assert objects.example("subscription")["items"]["data"][0]["price"]["id"] != "price_changed"
 
 
-def test_the_examples_are_found_through_the_environment_variable(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    found = objects.fixtures_dir()
-    assert (found / "resources.json").is_file()
-    monkeypatch.setenv(objects.FIXTURES_ENV, str(found))
-    assert objects.fixtures_dir() == found
-    monkeypatch.setenv(objects.FIXTURES_ENV, str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=objects.FIXTURES_ENV):
-        objects.fixtures_dir()
+def test_the_examples_are_read_from_the_repository_itself() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    assert objects.FIXTURES_DIR.is_relative_to(repo)
+    assert (objects.FIXTURES_DIR / "resources.json").is_file()

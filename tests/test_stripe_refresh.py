@@ -30,7 +30,7 @@ from tests.support.processes import serving
 from tests.support.waiting import free_port
 from webhook.app import create_app
 
-OPENAPI = Path(__file__).parents[2] / "shared" / "fixtures" / "stripe-openapi"
+OPENAPI = Path(__file__).parent / "fixtures" / "stripe-openapi"
 EXAMPLES: dict[str, dict[str, Any]] = orjson.loads((OPENAPI / "resources.json").read_bytes())
 T = 1_800_000_000
 KEY = "sk_test_refresh"
