@@ -79,7 +79,7 @@ class LeaseHolder:
                 cached = self._check_cached(token, on_disk)
             except InvalidLease as exc:
                 expired = isinstance(exc, LeaseExpired)
-                log.warning("cached lease ignored: %s", exc)
+                log.log(logging.INFO if expired else logging.WARNING, "cached lease ignored: %s", exc)
             else:
                 if cached.supersedes(self._lease, self.now()):
                     self._lease = cached
