@@ -6,7 +6,7 @@
 //   locked for paying users or, worse, be tempted to trust whatever a server says.
 // - A packaged build reads nothing from the environment: a BROKER_URL set by whoever starts the
 //   app would point it at a server of their choosing. Only a development run (`npm start` from
-//   the source) takes BROKER_URL and LICENSE_ID from the environment.
+//   the source) takes BROKER_URL, LICENSE_ID and LICENSE_TOKEN from the environment.
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { LeaseVerifier } from "license-broker-client";
@@ -21,7 +21,7 @@ export const KEY_FILE = "public-key.pem";
  * @param {boolean} options.packaged  Electron's app.isPackaged
  * @param {Record<string, string | undefined>} options.env  process.env (ignored when packaged)
  * @param {string} options.dir  where public-key.pem is (the app's own directory)
- * @returns {{ baseUrl: string, licenseId: string, publicKeys: string[] }}
+ * @returns {{ baseUrl: string, licenseId: string, publicKeys: string[], token: string | null }}
  */
 export function loadConfig({ packaged, env, dir }) {
   const keyFile = path.join(dir, KEY_FILE);
@@ -43,5 +43,7 @@ export function loadConfig({ packaged, env, dir }) {
   if (packaged && !baseUrl.startsWith("https://")) throw new Error(`a packaged build talks to its broker over https, not ${baseUrl}`);
   // In a real app the license id comes from the signed-in user's account.
   const licenseId = packaged ? "lic_demo" : (env.LICENSE_ID ?? "lic_demo");
-  return { baseUrl, licenseId, publicKeys: [text] };
+  // Development only: a token from `license-broker token <license id>`; else main.js asks.
+  const token = packaged ? null : (env.LICENSE_TOKEN ?? null);
+  return { baseUrl, licenseId, publicKeys: [text], token };
 }

@@ -9,7 +9,7 @@ import { test } from "node:test";
 import { loadConfig, PRODUCTION_BROKER_URL } from "./config.js";
 
 const publicPem = () => generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" });
-const HOSTILE = { BROKER_URL: "http://evil.example", LICENSE_ID: "lic_someone_else" };
+const HOSTILE = { BROKER_URL: "http://evil.example", LICENSE_ID: "lic_someone_else", LICENSE_TOKEN: "a-token" };
 
 async function appDir(keyFile) {
   const dir = await mkdtemp(join(tmpdir(), "lb-electron-config-"));
@@ -44,9 +44,9 @@ test("it pins exactly what `keys public` writes", async () => {
 test("a packaged build takes its broker from the build, never from the environment", async () => {
   const dir = await appDir(publicPem());
   const packaged = loadConfig({ packaged: true, env: HOSTILE, dir });
-  assert.deepEqual([packaged.baseUrl, packaged.licenseId], [PRODUCTION_BROKER_URL, "lic_demo"]);
+  assert.deepEqual([packaged.baseUrl, packaged.licenseId, packaged.token], [PRODUCTION_BROKER_URL, "lic_demo", null]);
   assert.ok(PRODUCTION_BROKER_URL.startsWith("https://"));
   const development = loadConfig({ packaged: false, env: HOSTILE, dir });
-  assert.deepEqual([development.baseUrl, development.licenseId], [HOSTILE.BROKER_URL, HOSTILE.LICENSE_ID]);
+  assert.deepEqual([development.baseUrl, development.licenseId, development.token], [HOSTILE.BROKER_URL, HOSTILE.LICENSE_ID, "a-token"]);
   assert.equal(loadConfig({ packaged: false, env: {}, dir }).baseUrl, "http://127.0.0.1:8000");
 });

@@ -7,8 +7,10 @@ import { loadConfig } from "./config.js";
 import { startLicense } from "./license.js";
 
 // Replace this with your web app's endpoint, authenticated with the user's session. The one here
-// is the broker's development-mode endpoint (`make run`), which mints a token for anyone.
-function tokenSource(baseUrl, licenseId) {
+// takes LICENSE_TOKEN (`license-broker token lic_demo`, development runs only), or else asks the
+// broker's development-mode endpoint (`make run`), which mints a token for anyone.
+function tokenSource({ baseUrl, licenseId, token }) {
+  if (token) return async () => token;
   return async () => {
     const response = await fetch(`${baseUrl}/dev/token`, {
       method: "POST",
@@ -54,8 +56,10 @@ app.whenReady().then(async () => {
     return;
   }
   const license = await startLicense({
-    ...config,
-    getToken: tokenSource(config.baseUrl, config.licenseId),
+    baseUrl: config.baseUrl,
+    licenseId: config.licenseId,
+    publicKeys: config.publicKeys,
+    getToken: tokenSource(config),
     cachePath: path.join(app.getPath("userData"), "license-lease"),
     send: sendToWindows,
   });
