@@ -103,13 +103,15 @@ async def test_a_fake_broker_with_its_own_jwks_cannot_unlock_a_client_that_pins_
     assert not restarted.is_entitled()
 
 
+@pytest.mark.parametrize("verifier", ["none", "for_server(url), no key"])
 async def test_a_client_with_no_pinned_key_follows_the_live_state_only_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, verifier: str
 ) -> None:
     fake = FakeBroker(LICENSE)
     async with serving(fake.app) as url:
+        unpinned = None if verifier == "none" else LeaseVerifier.for_server(url)  # 0.1 read the JWKS then
         with caplog.at_level(logging.WARNING, "license_broker_client"):
-            client = LicenseClient(url, LICENSE, "any-token", cache=tmp_path / "lease")
+            client = LicenseClient(url, LICENSE, "any-token", verifier=unpinned, cache=tmp_path / "lease")
         assert client.trust == "unverified"
         assert "no pinned lease key" in caplog.text and "never unlocks offline" in caplog.text
         entitlement: list[bool] = []
@@ -118,8 +120,9 @@ async def test_a_client_with_no_pinned_key_follows_the_live_state_only_and_says_
         # Online it follows the (unsigned, here fake) live state: that is all an unpinned client can do.
         assert client.is_entitled() and entitlement == [True]
         assert client.lease is None and await client.accept_lease(fake.lease) is None
+    assert "/.well-known/jwks.json" not in fake.requests
     assert not (tmp_path / "lease").exists() and not (tmp_path / "lease.watermark").exists()
-    assert not LicenseClient(OFFLINE, LICENSE, "t", cache=tmp_path / "lease").is_entitled()
+    assert not LicenseClient(OFFLINE, LICENSE, "t", verifier=unpinned, cache=tmp_path / "lease").is_entitled()
 
 
 def test_the_client_pins_exactly_what_keys_public_prints_during_a_rotation() -> None:

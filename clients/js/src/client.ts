@@ -38,8 +38,9 @@ export interface LicenseClientOptions {
   /** A subscriber token, or a function asked for one on every connection (so expired ones are replaced). */
   token: string | (() => string | Promise<string>);
   /**
-   * Verifies leases with the keys pinned in the app. Without one, isEntitled() follows the last
-   * (unsigned) state, online only, and the client says so (a process warning, `trust`).
+   * Verifies leases with the keys pinned in the app. Without one (or with one given no key),
+   * isEntitled() follows the last (unsigned) state, online only, and the client says so (a
+   * process warning, `trust`).
    */
   verifier?: LeaseVerifier;
   /** Where the last valid lease is kept (a path or a LeaseCache). */
@@ -111,11 +112,14 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
     this.cache = typeof options.cache === "string" ? new LeaseCache(options.cache) : options.cache;
     const watermark = options.watermark ?? (this.cache ? `${this.cache.path}.watermark` : undefined);
     this.watermark = typeof watermark === "string" ? new Watermark(watermark) : watermark;
-    this.trust = this.verifier === undefined ? "unverified" : "pinned";
-    this.holder = this.verifier && new LeaseHolder(this.licenseId, this.verifier, this.cache, this.watermark, (m) => this.emitWarning(m));
-    if (this.verifier === undefined) {
+    // Without a pinned key (no verifier, or one given no key) leases prove nothing: the client
+    // follows the live state only, and says so.
+    const pinned = this.verifier !== undefined && this.verifier.kids.size > 0;
+    this.trust = pinned ? "pinned" : "unverified";
+    this.holder = pinned && this.verifier ? new LeaseHolder(this.licenseId, this.verifier, this.cache, this.watermark, (m) => this.emitWarning(m)) : undefined;
+    if (this.holder === undefined) {
       process.emitWarning(
-        `license-broker-client: no pinned lease key (no verifier): leases are not verified, the app follows the live state only, which anything answering at ${options.baseUrl} can fake, and it never unlocks offline. Pin the broker's public key: new LeaseVerifier({ publicKeys: [<what \`license-broker keys public\` prints>] }).`,
+        `license-broker-client: no pinned lease key: leases are not verified, the app follows the live state only, which anything answering at ${options.baseUrl} can fake, and it never unlocks offline. Pin the broker's public key: new LeaseVerifier({ publicKeys: [<what \`license-broker keys public\` prints>] }).`,
         { code: "LICENSE_BROKER_UNVERIFIED" },
       );
     }
@@ -134,7 +138,7 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
   }
 
   /**
-   * Whether the app may unlock now. With a verifier: only on a valid, unexpired lease for this
+   * Whether the app may unlock now. With a pinned key: only on a valid, unexpired lease for this
    * license, online or off (await restore() first at start-up), with a clock that was not turned
    * back. Without one: the last state received, unsigned, online only.
    */

@@ -68,7 +68,7 @@ const REMOVED = ["jwksUrl", "jwksMaxAgeMs", "jwksCooldownMs"];
 
 /**
  * Verifies leases (Ed25519 compact JWS, EdDSA) against the keys pinned in the app, and nothing
- * else: no network. The broker's JWKS is never consulted: it is served by whatever answers at the
+ * else: no network. With no key pinned it verifies nothing. The broker's JWKS is never consulted: it is served by whatever answers at the
  * broker's address, so a fake broker (or anyone between the app and the broker) would serve its
  * own key with it, and a key set saved to disk would be as easy to edit as the cached lease. A key
  * rotation ships the next public key in an app update before it signs (docs/desktop.md).
@@ -78,19 +78,16 @@ export class LeaseVerifier {
   readonly maxSkewMs: number;
   private readonly pinned: Map<string, KeyObject>;
 
-  constructor(options: LeaseVerifierOptions) {
+  constructor(options: LeaseVerifierOptions = {}) {
     const removed = REMOVED.filter((name) => name in (options ?? {}));
     if (removed.length > 0) {
       throw new TypeError(
         `LeaseVerifier: ${removed.join(", ")} no longer exist (0.2): leases verify only with pinned keys, never with the broker's JWKS, which a fake broker serves too`,
       );
     }
+    // Every key given must be usable (InvalidKeyError otherwise). None given at all: this verifier
+    // verifies nothing, and a client holding it follows the live state only, and says so.
     this.pinned = pinnedKeys(options?.publicKeys, options?.jwks);
-    if (this.pinned.size === 0) {
-      throw new TypeError(
-        "LeaseVerifier needs at least one pinned public key (what `license-broker keys public` prints, shipped with the app); without one, leave `verifier` out: the client then follows the live state only and never unlocks offline",
-      );
-    }
     this.clock = options.clock ?? Date.now;
     this.maxSkewMs = options.maxSkewMs ?? DEFAULT_MAX_SKEW_MS;
   }
@@ -118,6 +115,9 @@ export class LeaseVerifier {
    * clock (beyond maxSkewMs) and is unexpired at `nowMs` (default: the clock).
    */
   async verify(token: string, licenseId: string, options: { nowMs?: number } = {}): Promise<Lease> {
+    if (this.pinned.size === 0) {
+      throw new InvalidLeaseError("this app pins no lease key: leases are not verified, and nothing unlocks offline (pin what `license-broker keys public` prints)");
+    }
     const j = await jose();
     let kid: string;
     try {

@@ -41,13 +41,15 @@ test("a fake broker serving its own JWKS cannot unlock a client that pins the re
   assert.equal(restarted.isEntitled(), false);
 });
 
-test("a client with no pinned key follows the live state only, says so, and never unlocks offline", async () => {
+for (const how of ["no verifier", "forServer(url), no key"]) {
+test(`a client with no pinned key (${how}) follows the live state only, says so, and never unlocks offline`, async () => {
   const fake = await fakeBroker(LICENSE);
   const cache = join(await mkdtemp(join(tmpdir(), "lb-fake-")), "lease");
   const warnings = [];
   const onWarning = (warning) => warnings.push(warning);
   process.on("warning", onWarning);
-  const client = new LicenseClient({ baseUrl: fake.url, licenseId: LICENSE, token: "any-token", cache });
+  const verifier = how === "no verifier" ? undefined : LeaseVerifier.forServer(fake.url); // 0.1 read the JWKS then
+  const client = new LicenseClient({ baseUrl: fake.url, licenseId: LICENSE, token: "any-token", cache, verifier });
   const entitlement = [];
   client.on("entitlement", (entitled) => entitlement.push(entitled));
   client.start();
@@ -62,8 +64,10 @@ test("a client with no pinned key follows the live state only, says so, and neve
     await fake.close();
   }
   assert.ok(warnings.some((w) => w.code === "LICENSE_BROKER_UNVERIFIED" && /never unlocks offline/.test(w.message)));
+  assert.ok(!fake.requests.includes("/.well-known/jwks.json"));
   assert.deepEqual([await exists(cache), await exists(`${cache}.watermark`)], [false, false]);
-  const restarted = new LicenseClient({ baseUrl: OFFLINE, licenseId: LICENSE, token: "t", cache });
+  const restarted = new LicenseClient({ baseUrl: OFFLINE, licenseId: LICENSE, token: "t", cache, verifier });
   await restarted.restore();
   assert.equal(restarted.isEntitled(), false);
 });
+}

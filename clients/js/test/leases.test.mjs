@@ -153,10 +153,14 @@ test("a key the client cannot use is an error at construction", async () => {
   assert.throws(() => new LeaseVerifier({ jwks: { keys: [{ kty: "OKP", crv: "Ed25519", x: "short" }] } }), /cannot be read/);
 });
 
-test("a verifier without a pinned key is refused, and the broker's JWKS is not an option", () => {
-  assert.throws(() => new LeaseVerifier({}), /at least one pinned public key/);
-  assert.throws(() => LeaseVerifier.forServer("https://licenses.example.com"), /at least one pinned public key/);
-  assert.throws(() => new LeaseVerifier({ publicKeys: [], jwksUrl: "https://licenses.example.com/.well-known/jwks.json" }), /jwksUrl/);
+test("a verifier without a pinned key verifies nothing, and the broker's JWKS is not an option", async () => {
+  const key = await newKey();
+  for (const unpinned of [new LeaseVerifier(), new LeaseVerifier({ publicKeys: [] }), LeaseVerifier.forServer("https://licenses.example.com")]) {
+    assert.equal(unpinned.kids.size, 0);
+    await assert.rejects(unpinned.verify(await signLease(key), LICENSE), /pins no lease key/);
+    assert.equal(new LicenseClient({ baseUrl: OFFLINE, licenseId: LICENSE, token: "t", verifier: unpinned }).trust, "unverified");
+  }
+  assert.throws(() => new LeaseVerifier({ publicKeys: [key.pem], jwksUrl: "https://licenses.example.com/.well-known/jwks.json" }), /jwksUrl/);
 });
 
 test("forServer pins the keys given and nothing else", async () => {

@@ -252,15 +252,18 @@ def test_a_pinned_jwks_with_a_key_the_client_cannot_use_is_an_error_at_construct
         LeaseVerifier(jwks={"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "short"}]})
 
 
-def test_a_verifier_without_a_pinned_key_is_refused_and_the_broker_jwks_is_not_an_option() -> None:
-    with pytest.raises(InvalidKey, match="at least one pinned public key"):
-        LeaseVerifier()
-    with pytest.raises(InvalidKey, match="at least one pinned public key"):
-        LeaseVerifier.for_server("https://licenses.example.com")
+def test_a_verifier_without_a_pinned_key_verifies_nothing_and_the_broker_jwks_is_not_an_option(
+    key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    for unpinned in (LeaseVerifier(), LeaseVerifier([]), LeaseVerifier.for_server("https://licenses.example.com")):
+        assert unpinned.kids == set()
+        with pytest.raises(InvalidLease, match="pins no lease key"):
+            unpinned.verify(lease(key), LICENSE)
+        with caplog.at_level(logging.WARNING, "license_broker_client"):
+            client = LicenseClient("https://licenses.example.com", LICENSE, "t", verifier=unpinned)
+        assert client.trust == "unverified" and "no pinned lease key" in caplog.text
     with pytest.raises(TypeError, match="jwks_url"):
-        LeaseVerifier(
-            [pem(Ed25519PrivateKey.generate())], jwks_url="https://licenses.example.com/.well-known/jwks.json"
-        )
+        LeaseVerifier([pem(key)], jwks_url="https://licenses.example.com/.well-known/jwks.json")
 
 
 def test_for_server_pins_the_keys_given_and_nothing_else(key: Ed25519PrivateKey) -> None:

@@ -44,7 +44,7 @@ TokenSource = str | Callable[[], str | Awaitable[str]]
 EXPIRY_CHECK_INTERVAL = 60.0
 
 UNVERIFIED = (
-    "license_broker_client: no pinned lease key (verifier=None): leases are not verified, the app "
+    "license_broker_client: no pinned lease key: leases are not verified, the app "
     "follows the live state only, which anything answering at %s can fake, and it never unlocks "
     "offline. Pin the broker's public key: LeaseVerifier(<what `license-broker keys public` prints>)."
 )
@@ -97,15 +97,18 @@ class LicenseClient:
         self.status: Status = "stopped"
         self.connections = 0
         self.rejected_leases = 0
-        self.trust: Trust = "pinned" if verifier is not None else "unverified"
-        self._holder = LeaseHolder(license_id, verifier, self.cache, self.watermark) if verifier is not None else None
+        # Without a pinned key (no verifier, or one given no key) leases prove nothing: the client
+        # follows the live state only, and says so.
+        pinned = verifier is not None and bool(verifier.kids)
+        self.trust: Trust = "pinned" if pinned else "unverified"
+        self._holder = LeaseHolder(license_id, verifier, self.cache, self.watermark) if pinned and verifier else None
         self._entitled = False  # the app starts locked; on_entitlement reports each change from there
         self._new_lease = asyncio.Event()
         self._http = http
         self._retry: float | None = None
         # The Retry-After of a 429 or 503 (a server or a license at its stream limit).
         self._retry_after: float | None = None
-        if verifier is None:
+        if self._holder is None:
             log.warning(UNVERIFIED, base_url)
 
     # --- leases -----------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class LicenseClient:
         return None if self._holder is None else self._holder.lease
 
     def is_entitled(self) -> bool:
-        """Whether the app may unlock now. With a verifier: only on a valid, unexpired lease for
+        """Whether the app may unlock now. With a pinned key: only on a valid, unexpired lease for
         this license (online or off), with a clock that was not turned back. Without one: the
         last state received, unsigned, online only."""
         if self._holder is None:

@@ -17,11 +17,17 @@ from typing import Any
 
 import jwt
 
-from license_broker_client.keys import ALGORITHM, InvalidKey, PinnedKey, pinned_keys
+from license_broker_client.keys import ALGORITHM, PinnedKey, pinned_keys
 
 # How far a lease's `iat` may be ahead of this machine's clock: the broker's clock and the
 # machine's are never exactly equal. Beyond it the machine's clock is behind (or was turned back).
 DEFAULT_MAX_SKEW = 300.0
+
+
+NO_PINNED_KEY = (
+    "this app pins no lease key: leases are not verified, and nothing unlocks offline (pin what "
+    "`license-broker keys public` prints)"
+)
 
 
 class InvalidLease(Exception):
@@ -65,7 +71,8 @@ class Lease:
 
 
 class LeaseVerifier:
-    """Verifies leases against the keys pinned in the app, and nothing else (no network)."""
+    """Verifies leases against the keys pinned in the app, and nothing else (no network). With no
+    key pinned it verifies nothing."""
 
     def __init__(
         self,
@@ -81,13 +88,9 @@ class LeaseVerifier:
                 f"LeaseVerifier: {', '.join(sorted(removed))} no longer exist (0.2): leases verify only "
                 "with pinned keys, never with the broker's JWKS, which a fake broker serves too"
             )
+        # Every key given must be usable (InvalidKey otherwise). None given at all: this verifier
+        # verifies nothing, and a client holding it follows the live state only, and says so.
         self._pinned = pinned_keys(public_keys, jwks)
-        if not self._pinned:
-            raise InvalidKey(
-                "LeaseVerifier needs at least one pinned public key (what `license-broker keys public` "
-                "prints, shipped with the app); without one, leave verifier=None: the client then "
-                "follows the live state only and never unlocks offline"
-            )
         self.clock = clock
         self.max_skew = max_skew
 
@@ -108,6 +111,8 @@ class LeaseVerifier:
     def verify(self, token: str, license_id: str, *, now: float | None = None) -> Lease:
         """The lease, if it verifies with a pinned key, is for `license_id`, was not issued after
         the clock (beyond `max_skew`) and is unexpired at `now` (default: the clock)."""
+        if not self._pinned:
+            raise InvalidLease(NO_PINNED_KEY)
         kid = _kid(token)
         key = self._pinned.get(kid)
         if key is None:
