@@ -92,7 +92,7 @@ async def test_the_electron_examples_main_process_code_unlocks_gates_and_holds_o
     node_tests()
     app = tmp_path / "electron"
     app.mkdir()
-    for name in ("package.json", "config.js", "config.test.mjs", "license.js", "license.test.mjs"):
+    for name in ("package.json", "main.js", "config.js", "config.test.mjs", "license.js", "license.test.mjs"):
         shutil.copy(EXAMPLE / name, app / name)
     # What `npm install` of "file:../../clients/js" makes: a link to the built package.
     (app / "node_modules").mkdir()
@@ -101,4 +101,4 @@ async def test_the_electron_examples_main_process_code_unlocks_gates_and_holds_o
     async with serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key))) as url:
         env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
         report = await run_node_tests(["config.test.mjs", "license.test.mjs"], app, env)
-    assert "\n# pass 5" in report and "\n# skipped 0" in report, report
+    assert "\n# pass 6" in report and "\n# skipped 0" in report, report

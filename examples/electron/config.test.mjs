@@ -2,7 +2,7 @@
 // packaged build takes nothing from the environment. tests/test_node_client.py runs this file.
 import assert from "node:assert/strict";
 import { generateKeyPairSync } from "node:crypto";
-import { mkdtemp, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -49,4 +49,14 @@ test("a packaged build takes its broker from the build, never from the environme
   const development = loadConfig({ packaged: false, env: HOSTILE, dir });
   assert.deepEqual([development.baseUrl, development.licenseId, development.token], [HOSTILE.BROKER_URL, HOSTILE.LICENSE_ID, "a-token"]);
   assert.equal(loadConfig({ packaged: false, env: {}, dir }).baseUrl, "http://127.0.0.1:8000");
+});
+
+test("main.js takes its settings from loadConfig only, and exits when it refuses", async () => {
+  // Electron is not installed for the tests: this reads main.js, so that it cannot go back to
+  // reading BROKER_URL itself or to starting without a key.
+  const main = await readFile(new URL("./main.js", import.meta.url), "utf8");
+  assert.match(main, /loadConfig\(\{ packaged: app\.isPackaged, env: process\.env, dir: import\.meta\.dirname \}\)/);
+  assert.match(main, /catch \(error\) \{[^}]*dialog\.showErrorBox\([^}]*app\.exit\(1\);\s*return;/s);
+  assert.doesNotMatch(main, /process\.env\.[A-Z_]+/);
+  assert.doesNotMatch(main, /public-key\.pem|existsSync/);
 });
