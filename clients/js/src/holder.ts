@@ -118,7 +118,8 @@ export class LeaseHolder {
     const lease = await this.verifier.verify(token, this.licenseId);
     const mark = this.marked;
     if (lease.seq <= mark.seq && lease.issuedAt < mark.issuedAt) {
-      // A lease the broker signed before one this app already held: a replay.
+      if (lease.seq === mark.seq) return null; // the same state, signed a moment earlier (another broker process's clock)
+      // An older state's lease, signed before one this app already held: a replay.
       throw new InvalidLeaseError(`older than a lease this app has held (seq ${lease.seq}, seq ${mark.seq} held)`);
     }
     if (!supersedes(lease, this.current, this.nowMs())) return null;

@@ -287,6 +287,16 @@ test("a watermark left ahead by a wrong clock is reset by the broker's next leas
   assert.equal((await app(key, cache)).isEntitled(), true);
 });
 
+test("the same state signed a moment earlier is ignored, not rejected", async () => {
+  const key = await newKey();
+  const client = await app(key, join(await tmp(), "lease"), () => NOW + 5000); // two broker processes, clocks a second apart
+  assert.notEqual(await client.acceptLease(await signLease(key, { seq: 4, iat: NOW / 1000 + 2 })), null);
+  assert.equal(await client.acceptLease(await signLease(key, { seq: 4, iat: NOW / 1000 + 1 })), null);
+  assert.deepEqual([client.rejectedLeases, client.lease.issuedAt], [0, NOW / 1000 + 2]);
+  assert.notEqual(await client.acceptLease(await signLease(key, { seq: 5, entitled: false, iat: NOW / 1000 + 1 })), null); // a new state
+  assert.equal(client.isEntitled(), false);
+});
+
 // --- the expiry timer, backoff ------------------------------------------------------------------
 
 test("the expiry timer tells the app when its lease runs out, offline", async () => {

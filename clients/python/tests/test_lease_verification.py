@@ -401,3 +401,15 @@ async def test_a_watermark_left_ahead_by_a_wrong_clock_is_reset_by_the_brokers_n
     assert await client.accept_lease(lease(key)) is not None  # the broker's signed time says otherwise
     assert client.is_entitled()
     assert app(key, tmp_path / "lease").is_entitled()
+
+
+async def test_the_same_state_signed_a_moment_earlier_is_ignored_not_rejected(
+    key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    # Two broker processes whose clocks differ by a second: reconnecting to the slower one.
+    client = app(key, tmp_path / "lease", Clock(NOW + 5))
+    assert await client.accept_lease(lease(key, seq=4, iat=NOW + 2)) is not None
+    assert await client.accept_lease(lease(key, seq=4, iat=NOW + 1)) is None
+    assert client.rejected_leases == 0 and client.lease is not None and client.lease.issued_at == NOW + 2
+    assert await client.accept_lease(lease(key, seq=5, entitled=False, iat=NOW + 1)) is not None  # a new state
+    assert not client.is_entitled()

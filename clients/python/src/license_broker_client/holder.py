@@ -107,7 +107,9 @@ class LeaseHolder:
         lease = self.verifier.verify(token, self.license_id)
         mark = self._mark
         if lease.seq <= mark.seq and lease.issued_at < mark.issued_at:
-            # A lease the broker signed before one this app already held: a replay.
+            if lease.seq == mark.seq:
+                return None  # the same state, signed a moment earlier (another broker process's clock)
+            # An older state's lease, signed before one this app already held: a replay.
             raise InvalidLease(f"older than a lease this app has held (seq {lease.seq}, seq {mark.seq} held)")
         if not lease.supersedes(self._lease, self.now()):
             return None
