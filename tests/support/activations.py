@@ -3,6 +3,7 @@ fingerprints, activations."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
@@ -63,3 +64,60 @@ async def activate(
 
 def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
+
+
+class EventStream:
+    """An SSE stream read event by event: (event name, data) pairs; `ended` once the server
+    closed it."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None) -> None:
+        self.client = client
+        self.url = url
+        self.headers = headers or {}
+        self.response: httpx.Response | None = None
+        self.ended = False
+        self._lines: Any = None
+
+    async def __aenter__(self) -> EventStream:
+        request = self.client.build_request("GET", self.url, headers=self.headers)
+        self.response = await self.client.send(request, stream=True)
+        self._lines = self.response.aiter_lines()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.response is not None
+        await self.response.aclose()
+
+    async def next(self, within: float = 10.0) -> tuple[str, str] | None:
+        """The next event (comments and retry hints skipped), or None when the stream ends."""
+        name, data = "message", []
+        async with asyncio.timeout(within):
+            while True:
+                try:
+                    line = await anext(self._lines)
+                except StopAsyncIteration:
+                    self.ended = True
+                    return None
+                if line == "":
+                    if data:
+                        return name, "\n".join(data)
+                    name = "message"
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "event":
+                    name = value
+                elif field == "data":
+                    data.append(value)
+
+    async def until(self, name: str, within: float = 10.0) -> str:
+        """The data of the next event called `name` (others skipped)."""
+        while True:
+            event = await self.next(within)
+            assert event is not None, f"the stream ended before an {name!r} event"
+            if event[0] == name:
+                return event[1]
+
+    async def end(self, within: float = 10.0) -> None:
+        """Read until the server ends the stream (each event within `within` seconds)."""
+        while await self.next(within) is not None:
+            pass
