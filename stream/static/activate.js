@@ -48,6 +48,11 @@ async function explain() {
   try {
     const response = await fetch(`/api/checkout-sessions/${encodeURIComponent(sessionId)}/license`, { cache: "no-store" });
     if (response.ok) { render(await response.json()); return; }
+    const body = await response.json().catch(() => ({}));
+    if (response.status === 404 && /keys are off/.test(body.error || "")) {
+      problem("This server does not issue license keys (LICENSE_KEY_SECRET is not set).");
+      return;
+    }
     const why = {
       400: "This link does not name a checkout. Open the page from the link at the end of your checkout.",
       404: "This purchase is not confirmed yet. Reload this page in a minute.",
