@@ -86,3 +86,47 @@ async def test_the_page_says_what_is_wrong_with_a_bad_link(pg_url: str, page: An
     async with serving(create_app(make_settings(pg_url))) as url:
         await page.goto(f"{url}/activate?session_id=cs_test_abc")
         await expect(page.locator("#problem-text")).to_contain_text("does not issue license keys")
+
+
+async def test_the_live_page_buys_shows_the_key_activates_machines_and_ends_a_released_ones_stream(
+    sqlite_url: str, page: Any
+) -> None:
+    """`make run`'s page: Pay, the key and its /activate link, machines that each hold a stream,
+    the limit, and a release whose stream ends."""
+    from playwright.async_api import expect
+
+    from broker.settings import Settings
+
+    license_id = new_license()
+    settings = Settings.from_env({"BROKER_DEV": "1", "DATABASE_URL": sqlite_url, "STREAM_RETRY_MS": "200"})
+    async with serving(create_app(settings)) as url:
+        await page.goto(f"{url}/?license={license_id}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await expect(page.locator("#keys")).to_be_visible()
+        await expect(page.locator("#no-key")).to_be_visible()
+        await page.get_by_role("button", name="Pay", exact=True).click()
+        await expect(page.locator("#badge")).to_have_text("UNLOCKED")
+        await expect(page.locator("#key-box")).to_be_visible()
+        key = await page.locator("#license-key").text_content()
+        assert key is not None and len(key.split("-")) == 5
+        assert (
+            await page.locator("#activate-link").get_attribute("href")
+            == f"/activate?session_id={session_of(license_id)}"
+        )
+        for n in (1, 2, 3):
+            await page.get_by_role("button", name="Activate a machine").click()
+            await expect(page.locator("#machines tr")).to_have_count(n)
+        await expect(page.locator("#machines .stream-state")).to_have_text(["live", "live", "live"])
+        await page.get_by_role("button", name="Activate a machine").click()
+        await expect(page.locator("#activation-result")).to_have_text("machine limit reached (3): release one first")
+        released = await page.locator("#machines tr").first.get_attribute("data-machine")
+        row = page.locator(f'#machines tr[data-machine="{released}"]')
+        await row.get_by_role("button", name="Release").click()
+        await expect(row.locator(".stream-state")).to_have_text("ended: token refused (released)")
+        await expect(page.locator("#machine-count")).to_have_text("2 of 3 machines in use.")
+        await expect(page.locator("#machines .stream-state")).to_have_text(
+            ["live", "live", "ended: token refused (released)"]
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "live-page-machines.png"), full_page=True)
+        await page.goto("about:blank")  # its streams closed before the server stops
