@@ -93,11 +93,22 @@ def _banner(args: argparse.Namespace) -> object:
                 "In another, pay for it (a signed checkout.session.completed, as Stripe would send it):",
                 f"  .venv/bin/license-broker send pay lic_demo --url {base}",
                 "Then try: fail, recover, cancel, refund.",
+                "Once paid, the buyer's page (Checkout's success_url) shows its license key:",
+                f"  {base}/activate?session_id={_demo_session()}",
+                "and the key activates machines: POST /api/activations (docs/desktop.md), or the live page",
+                f"  {base}/?license=lic_demo",
                 "",
             ]
         print("\n".join(lines), flush=True)
 
     return on_ready
+
+
+def _demo_session() -> str:
+    from webhook.samples import SampleEvents
+
+    session_id: str = SampleEvents("lic_demo").checkout_completed(0)["data"]["object"]["id"]
+    return session_id
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from broker import metrics
 from broker.eventlog import EventLog
 from broker.licensing import keys
+from broker.licensing.metrics import SESSION_LOOKUPS
 from broker.licensing.ratelimit import SESSIONS
 from broker.licensing.sessions import TooManyWaiting, license_of_sessions, valid_session_id
 from stream.desktop import Desktop, error, keys_off, unavailable
@@ -72,9 +73,11 @@ async def static_file(request: Request) -> Response:
 async def _session(request: Request, desktop: Desktop) -> tuple[str, str | None] | Response:
     """The session id and its license (None: not recorded yet), or the refusal."""
     if (refused := await desktop.refused(request, SESSIONS)) is not None:
+        SESSION_LOOKUPS.labels("throttled").inc()
         return refused
     session_id = request.path_params["session_id"]
     if not valid_session_id(session_id):
+        SESSION_LOOKUPS.labels("malformed").inc()
         await desktop.failed(request, SESSIONS)
         return error("not a Checkout Session id", 400)
     try:
@@ -82,6 +85,7 @@ async def _session(request: Request, desktop: Desktop) -> tuple[str, str | None]
     except SQLAlchemyError:
         return unavailable()
     license_id = found.get(session_id)
+    SESSION_LOOKUPS.labels("not_found" if license_id is None else "found").inc()
     if license_id is None:
         await desktop.failed(request, SESSIONS)
     return session_id, license_id

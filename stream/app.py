@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -22,7 +23,7 @@ from broker import metrics, tokens
 from broker.asgi import Part, StreamRoute, build_app
 from broker.eventlog import EventLog
 from broker.http import settings_from_env
-from broker.leases import NO_LEASES, with_lease
+from broker.leases import NO_LEASES, lease_claims, with_lease
 from broker.runtime import Runtime
 from broker.schema import licenses
 from broker.settings import Settings
@@ -161,14 +162,23 @@ class LicenseEvents:
 
 async def license_state(request: Request) -> Response:
     license_id = request.path_params["license_id"]
-    if isinstance(denied := _authorize(request, license_id), Response):
-        return denied
+    if isinstance(grant := _authorize(request, license_id), Response):
+        return grant
+    if grant.machine_id is not None and (refused := await _released(request, grant)) is not None:
+        return refused
     events: EventLog = request.state.stream_events
     try:
         current = await events.current(license_id)
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
-    return Response(with_lease(current.data, request.state.runtime.leases), media_type="application/json")
+    leases = request.state.runtime.leases
+    if grant.machine_id is not None and leases is not None:
+        # A machine's lease names the machine, as on its stream.
+        machine = StreamMachine(request.state.runtime.settings, license_id, grant)
+        state = orjson.loads(current.data)
+        state["lease"] = leases.sign(lease_claims(state) | machine.lease_claims()).token
+        return Response(orjson.dumps(state), media_type="application/json")
+    return Response(with_lease(current.data, leases), media_type="application/json")
 
 
 async def jwks(request: Request) -> Response:

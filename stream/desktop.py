@@ -22,6 +22,7 @@ from broker.eventlog import EventLog
 from broker.http import BodyTooLarge, read_body, too_large
 from broker.licensing import keys
 from broker.licensing.machines import BadRequest, InvalidKey, LimitReached, Machines, fingerprint_of, label
+from broker.licensing.metrics import ACTIVATIONS as ACTIVATION_OUTCOMES
 from broker.licensing.ratelimit import ACTIVATIONS, Limit, RateLimiter, address_bucket, create_rate_limiter
 from broker.licensing.sessions import SessionWatch
 from broker.licensing.store import KeyStore
@@ -188,6 +189,7 @@ async def activate(request: Request) -> Response:
     if desktop is None:
         return keys_off()
     if (refused := await desktop.refused(request, ACTIVATIONS)) is not None:
+        ACTIVATION_OUTCOMES.labels("throttled").inc()
         return refused
     body = await json_body(request)
     if isinstance(body, Response):
@@ -198,6 +200,7 @@ async def activate(request: Request) -> Response:
             raise keys.MalformedKey("not a string")
         key = keys.normalize(text)
     except keys.MalformedKey:
+        ACTIVATION_OUTCOMES.labels("malformed").inc()
         await desktop.failed(request, ACTIVATIONS)
         return error("malformed key", 400)
     try:
@@ -208,19 +211,23 @@ async def activate(request: Request) -> Response:
         return error(str(exc), 400)
     key_bucket = desktop.key_bucket(key)
     if (refused := await desktop.refused(request, ACTIVATIONS, key_bucket)) is not None:
+        ACTIVATION_OUTCOMES.labels("throttled").inc()
         return refused
     try:
         activated = await desktop.machines.activate(key, fingerprint, name, platform)
     except InvalidKey:
         # Unknown and rotated keys alike: the answer tells a guesser nothing.
+        ACTIVATION_OUTCOMES.labels("invalid").inc()
         await desktop.failed(request, ACTIVATIONS)
         return error("invalid key", 403)
     except LimitReached as full:
+        ACTIVATION_OUTCOMES.labels("limit").inc()
         await desktop.failed(request, ACTIVATIONS, key_bucket)
         listed = [m.public() for m in full.machines]
         return error("machine limit reached", 409, machines=listed, max=full.limit)
     except SQLAlchemyError:
         return unavailable()
+    ACTIVATION_OUTCOMES.labels("created" if activated.created else "again").inc()
     return JSONResponse(activated.body(), status_code=201 if activated.created else 200)
 
 

@@ -286,3 +286,36 @@ async def test_checkout_session_lookups_are_404_until_recorded_and_limited_per_a
         # The right id from the guessing address is refused too; from the buyer's it is not.
         assert (await client.get(path, headers=guesser)).status_code == 429
         assert (await client.get(path, headers=buyer)).status_code == 200
+
+
+def counter(metrics: str, name: str, outcome: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'{name}{{outcome="{outcome}"}} '):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{outcome={outcome}}} is not exported")
+
+
+async def test_activation_and_lookup_outcomes_are_counted_in_metrics(broker: str) -> None:
+    license_id = new_license()
+    async with httpx.AsyncClient() as client:
+
+        async def scrape() -> str:
+            return (await client.get(f"{broker}/metrics")).text
+
+        before = await scrape()
+        key = await key_of(client, broker, await buy(client, broker, license_id))
+        assert (await client.get(f"{broker}/api/checkout-sessions/cs_test_nothing/license")).status_code == 404
+        fp = fingerprint()
+        for text, fp_ in ((key, fp), (key, fp), ("AAAA", fp), (keys.display(keys.generate()), fp)):
+            await activate(client, broker, text, fp_)
+        after = await scrape()
+    for name, outcome, delta in [
+        ("license_broker_activations_total", "created", 1),
+        ("license_broker_activations_total", "again", 1),
+        ("license_broker_activations_total", "malformed", 1),
+        ("license_broker_activations_total", "invalid", 1),
+        ("license_broker_activations_total", "limit", 0),
+        ("license_broker_checkout_session_lookups_total", "found", 1),
+        ("license_broker_checkout_session_lookups_total", "not_found", 1),
+    ]:
+        assert counter(after, name, outcome) - counter(before, name, outcome) == delta, (name, outcome)

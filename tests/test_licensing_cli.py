@@ -4,9 +4,11 @@ their own against the database (and Redis) the servers use."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import orjson
@@ -15,6 +17,7 @@ from broker.licensing import keys
 from tests.support.activations import KEY_SECRET, EventStream, activate, bearer, buy, key_of, keyed_env
 from tests.support.licenses import new_license
 from tests.support.processes import Process, process_env, run_module
+from tests.support.waiting import async_wait_until
 
 
 async def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -76,3 +79,24 @@ async def test_machines_lists_and_release_ends_the_stream_of_another_process(
         again = await cli("machines", "release", machine["machine"]["id"], env=env)
         assert again.returncode == 1 and "no machine" in again.stderr
     assert took < 10
+
+
+async def test_make_run_needs_none_of_the_new_settings_and_prints_where_the_key_shows(
+    tmp_path: Path, spawn: Callable[..., Process]
+) -> None:
+    env = {"BROKER_DEV": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "STRIPE_WEBHOOK_SECRET": "",
+           "STREAM_TOKEN_SECRET": "", "REDIS_URL": "", "BROKER_TRANSPORT": "", "LICENSE_KEY_SECRET": ""}  # fmt: skip
+    server = spawn("serve", env)
+    await async_wait_until(lambda: "/activate?session_id=" in server.log.read_text(), what="the banner")
+    page = re.search(r"^\s+(http://\S+/activate\?session_id=(cs_test_\w+))$", server.log.read_text(), re.M)
+    assert page is not None, server.log.read_text()
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(page.group(1))).status_code == 200
+        json_url = f"{server.url}/api/checkout-sessions/{page.group(2)}/license"
+        assert (await client.get(json_url)).status_code == 404  # not paid yet
+        paid = await cli("send", "pay", "lic_demo", "--url", server.url, env={})
+        assert paid.returncode == 0, paid.stdout + paid.stderr
+        shown = (await client.get(json_url)).json()
+        assert (shown["license_id"], shown["entitled"]) == ("lic_demo", True)
+        activated = await activate(client, server.url, shown["key"])
+        assert activated.status_code == 201 and activated.json()["lease"] is not None

@@ -234,3 +234,18 @@ async def test_release_ends_the_machines_streams_in_every_stream_process(
             assert refused.status_code == 401
     assert took < bound, f"the released machine's streams ended {took:.2f} s after the release"
     print(f"\nrelease -> both streams ended ({transport}): {took * 1000:.0f} ms")
+
+
+async def test_the_state_route_refuses_a_released_machine_and_binds_its_lease_to_the_machine(pg_url: str) -> None:
+    license_id = new_license()
+    async with serving(create_app(keyed_settings(pg_url))) as url, httpx.AsyncClient(timeout=10) as client:
+        key = await key_of(client, url, await buy(client, url, license_id))
+        fp = fingerprint()
+        machine = await activated(client, url, key, fp=fp)
+        state = await client.get(f"{url}/api/licenses/{license_id}", headers=bearer(machine["token"]))
+        claims = jwt.decode(state.json()["lease"], options={"verify_signature": False})
+        assert (claims["machine"], claims["fingerprint"], claims["entitled"]) == (machine["machine"]["id"], fp, True)
+        path = f"{url}/api/machines/{machine['machine']['id']}"
+        assert (await client.delete(path, headers=bearer(machine["token"]))).status_code == 200  # itself
+        refused = await client.get(f"{url}/api/licenses/{license_id}", headers=bearer(machine["token"]))
+        assert (refused.status_code, refused.json()) == (401, {"error": "machine released"})

@@ -18,6 +18,7 @@ from broker.leases import LeaseSigner, lease_claims
 from broker.ledger import StripeObject
 from broker.ledger_store import LedgerStore
 from broker.licensing import keys
+from broker.licensing.metrics import RELEASED
 from broker.licensing.store import KeyStore, Machine, MachineStore
 from broker.settings import MACHINES_CEILING, Settings
 from broker.transports import Transport
@@ -190,6 +191,7 @@ class Machines:
         async with self.engine.begin() as conn:
             released = await MachineStore.delete(conn, license_id, machine_id)
         if released:
+            RELEASED.labels("request").inc()
             log.info("license %s: machine %s released", license_id, machine_id)
             await self.announce([license_id])
         return released
@@ -200,6 +202,7 @@ class Machines:
         async with self.engine.begin() as conn:
             gone = await MachineStore.expire(conn, before)
         if gone:
+            RELEASED.labels("ttl").inc(len(gone))
             log.info("released %d machine(s) not seen for %g s (LICENSE_MACHINE_TTL)", len(gone), ttl)
             await self.announce({license_id for license_id, _ in gone})
         return len(gone)

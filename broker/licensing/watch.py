@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import background
 from broker.licensing.machines import Machines
+from broker.licensing.metrics import STREAMS_ENDED
 from broker.licensing.store import MachineStore
 
 log = logging.getLogger("broker.licensing")
@@ -98,6 +99,7 @@ class MachineWatch:
                 released.setdefault(license_id, set()).add(machine_id)
         ended = sum(self.streams.end_machines(lid, ids) for lid, ids in released.items())
         if ended:
+            STREAMS_ENDED.inc(ended)
             log.info("ended %d stream(s) of %d released machine(s)", ended, sum(map(len, released.values())))
         return ended
 
