@@ -270,7 +270,7 @@ def test_the_three_packages_share_one_version_and_the_docs_name_its_files() -> N
     npm = json.loads((ROOT / "clients" / "js" / "package.json").read_text())["version"]
     assert VERSION == client == npm
     for doc in ("README.md", "clients/python/README.md", "clients/js/README.md", "docs/desktop.md"):
-        for named in re.findall(
-            r"license[-_]broker(?:[-_]client)?-(\d[^\s`\"/]*?)(?:-py3|\.tar\.gz|\.tgz)", (ROOT / doc).read_text()
-        ):
-            assert named == VERSION, f"{doc} names version {named}"
+        text = (ROOT / doc).read_text()
+        named = re.findall(r"license[-_]broker(?:[-_]client)?-(\d[^\s`\"/]*?)(?:-py3|\.tar\.gz|\.tgz)", text)
+        assert named, f"{doc} names no package file"
+        assert set(named) == {VERSION}, f"{doc} names versions {sorted(set(named))}, not {VERSION}"
