@@ -6,10 +6,7 @@ PORT ?= 8000
 # Where `make dist` puts the five packages.
 DIST ?= dist
 
-# setuptools tells every editable install that it is one ("Please be careful with folders in your
-# working directory..."), through pip as a 10-line warning per build: that one notice is silenced,
-# every other warning still shows.
-PIP := PYTHONWARNINGS=ignore::UserWarning:setuptools.command.editable_wheel $(PY) -m pip
+PIP := $(PY) -m pip
 
 .PHONY: run test check lock bench dist clean
 
@@ -22,6 +19,11 @@ define venv_install
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.$(1)'
 endef
+
+# setuptools tells every editable install that it is one ("Please be careful with folders in your
+# working directory..."), through pip as a 10-line warning per build: that one notice is silenced,
+# every other warning still shows.
+$(VENV)/.base $(VENV)/.installed: export PYTHONWARNINGS = ignore::UserWarning:setuptools.command.editable_wheel
 
 $(VENV)/.base: pyproject.toml
 	$(call venv_install,)
@@ -95,7 +97,7 @@ dist: $(VENV)/.installed
 	$(PY) -m build --outdir $(DIST) . >$(DIST)/.build.log 2>&1 || { cat $(DIST)/.build.log; exit 1; }
 	$(PY) -m build --outdir $(DIST) clients/python >$(DIST)/.build.log 2>&1 || { cat $(DIST)/.build.log; exit 1; }
 	rm -f $(DIST)/.build.log
-	rm -rf clients/python/build build
+	rm -rf build clients/python/build clients/python/src/*.egg-info
 	cd $(JS) && npm pack --ignore-scripts --silent --pack-destination $(abspath $(DIST)) >/dev/null
 	$(VENV)/bin/twine check --strict $(DIST)/*.whl $(DIST)/*.tar.gz
 	$(PY) -m scripts.check_npm_tarball $(DIST)/*.tgz
