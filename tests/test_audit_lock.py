@@ -1,6 +1,6 @@
 """`make check`'s audit (scripts/audit_lock.py) judges pip-audit by its own exit status and output:
-vulnerabilities and partial audits fail, an unreachable vulnerability service is reported as
-skipped, and no package index is named anywhere in the repository."""
+vulnerabilities, partial audits and other failures fail; an unreachable vulnerability service is
+reported as skipped."""
 
 from __future__ import annotations
 

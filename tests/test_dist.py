@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from license_broker.embedded import create_app
+from scripts.check_npm_tarball import problems
 from tests.support.licenses import make_settings, new_license, token_for
 from tests.support.markdown import Command, commands
 from tests.support.processes import ROOT, serving
@@ -93,6 +94,28 @@ def test_make_dist_builds_the_five_packages_and_checks_each(built: tuple[Path, s
     for name in FILES.values():
         assert re.search(rf"^Checking \S*/{re.escape(name)}: PASSED$", output, re.M), output
     assert "twine check --strict" in output
+
+
+def test_the_tarball_check_names_a_missing_entry_point_a_wrong_module_type_and_shipped_stamps(
+    tmp_path: Path,
+) -> None:
+    package = {"name": "p", "version": "1.0.0", "description": "d", "license": "MIT", "engines": {"node": ">=20"},
+               "main": "./dist/cjs/index.js", "types": "./dist/cjs/index.d.ts",
+               "exports": {".": {"import": "./dist/esm/index.js", "require": "./dist/cjs/index.js"}}}  # fmt: skip
+    files = {"package.json": json.dumps(package), "README.md": "# p", "dist/cjs/index.js": "",
+             "dist/cjs/index.d.ts": "", "dist/cjs/package.json": '{"type": "commonjs"}',
+             "dist/esm/package.json": '{"type": "commonjs"}', "dist/.built": "", "test/a.test.mjs": ""}  # fmt: skip
+    for name, text in files.items():
+        (tmp_path / "package" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "package" / name).write_text(text)
+    with tarfile.open(tmp_path / "p.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "package", arcname="package")
+    assert sorted(problems(tmp_path / "p.tgz")) == [
+        "./dist/esm/index.js is named by package.json but is not in the tarball",
+        "dist/.built should not be shipped",
+        "dist/esm/package.json does not say type 'module'",
+        "test/a.test.mjs should not be shipped",
+    ]
 
 
 def test_the_server_packages_hold_the_migrations_the_page_and_the_command(built: tuple[Path, str]) -> None:
