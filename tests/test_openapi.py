@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+import tomllib
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from license_broker.embedded import create_app as serve_app
 from stream.app import create_app as stream_app
 from tests.support.activations import EventStream, activate, bearer, fingerprint, key_of, keyed_settings
 from tests.support.licenses import make_settings, new_license, post_event, token_for
-from tests.support.processes import serving
+from tests.support.processes import ROOT, serving
 from webhook.app import create_app as webhook_app
 from webhook.samples import SampleEvents
 
@@ -47,6 +48,8 @@ def schema_errors(instance: object, ref: str) -> list[str]:
 
 def test_the_document_is_valid_openapi_3_1() -> None:
     assert DOCUMENT["openapi"].startswith("3.1.")
+    # The version of the API is the server package's.
+    assert DOCUMENT["info"]["version"] == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     validate(DOCUMENT)
     for path, item in DOCUMENT["paths"].items():
         for method, operation in item.items():
