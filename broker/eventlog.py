@@ -152,6 +152,19 @@ class EventLog:
             if len(events) < batch:
                 return
 
+    async def stored(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+        """The stored bytes of each (license id, seq) that the log holds, in one query per thousand."""
+        t = subscription_event_logs
+        result: dict[tuple[str, int], bytes] = {}
+        async with self.engine.connect() as conn:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start : start + _CHUNK]
+                query = sa.select(t.c.license_id, t.c.seq, t.c.data).where(
+                    sa.tuple_(t.c.license_id, t.c.seq).in_(chunk)
+                )
+                result.update({(row[0], row[1]): row[2].encode() for row in await conn.execute(query)})
+        return result
+
     async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
         """The current seq of each license that exists, in one query per thousand licenses."""
         ids = list(license_ids)

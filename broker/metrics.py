@@ -40,6 +40,17 @@ RESYNCED = Counter(
 )
 SLOW_CLIENTS = Counter("license_broker_slow_clients_total", "Clients disconnected for not reading fast enough")
 SWEPT_EVENTS = Counter("license_broker_swept_events_total", "Events the database sweep found that the transport missed")
+LIVE_REJECTED = Counter(
+    "license_broker_live_messages_rejected_total",
+    "Live transport (Redis) messages dropped: no stored event for their seq (unknown) or other bytes than "
+    "the stored one (mismatch): someone else publishes on the broker's channels",
+    ["reason"],
+)
+LIVE_REJECTED_BY_REASON = {reason: LIVE_REJECTED.labels(reason) for reason in ("unknown", "mismatch")}
+LIVE_UNCHECKED = Counter(
+    "license_broker_live_messages_unchecked_total",
+    "Live transport messages left to the database sweep: their check could not read the database, or too many waited",
+)
 SWEEP_FAILURES = Counter("license_broker_sweep_failures_total", "Database sweeps that failed")
 TRANSPORT_UP = Gauge("license_broker_transport_up", "1 while the transport's subscriber is connected", ["transport"])
 DELIVERY_LAG = Histogram(

@@ -1,0 +1,116 @@
+"""Live messages are checked against the database before anything trusts them.
+
+Redis carries each event's bytes from the webhook to the streams, but Redis is not the truth:
+whoever can PUBLISH on `license:<id>` (a leaked Redis password, a Redis shared with other
+services, another deployment on the same server) could otherwise put any state into every
+stream of that license, and with leases on, get it signed with the genuine key. So each live
+message is compared, byte for byte, with the stored event of its (license, seq): the same bytes
+go on, anything else (other bytes, a seq the log does not hold) is dropped and counted
+(`license_broker_live_messages_rejected_total`). Leases are therefore only ever signed over
+bytes the database holds. A genuine message always finds its row: the webhook publishes after
+its commit.
+
+Cost: one query per batch of messages per process, never per client: messages that arrive while
+a check is in flight are checked together by the next one (one round trip for all of them), and
+the hub fans each checked event out to its clients as before.
+
+Nothing is lost by dropping: a message the check cannot read the database for, or that finds the
+queue full, is left to the database sweep (woken at once), which reads the event itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from broker import background, metrics
+from broker.eventlog import EventLog, LicenseEvent
+from broker.transports.base import GapHandler, MessageHandler
+
+log = logging.getLogger("broker.livecheck")
+
+# Messages waiting for their check: beyond this (a database far slower than Redis, or a flood of
+# forgeries), further ones are left to the sweep rather than held in memory.
+QUEUE_LIMIT = 10_000
+# At most one warning of each kind per this many seconds: a flood of forgeries must not flood the log.
+LOG_EVERY = 10.0
+
+
+class LiveCheck:
+    """Takes each message of a lossy transport (`submit`), hands on those whose bytes are the
+    stored event of their seq (`on_checked`), in the order they came; `on_unchecked` is called
+    when messages could not be checked (the sweep then fetches them from the database)."""
+
+    def __init__(
+        self, events: EventLog, on_checked: MessageHandler, on_unchecked: GapHandler, *, limit: int = QUEUE_LIMIT
+    ) -> None:
+        self.events = events
+        self.limit = limit
+        self._on_checked = on_checked
+        self._on_unchecked = on_unchecked
+        self._pending: list[LicenseEvent] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._warned_at: dict[str, float] = {}
+        self._unwarned: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="live-check")
+
+    async def stop(self) -> None:
+        """Idempotent; what is pending is dropped (the process is closing)."""
+        await background.stop(self._task)
+        self._task = None
+        self._pending = []
+
+    def submit(self, event: LicenseEvent) -> None:
+        """A message as it came off the wire (the transport's handler: never blocks)."""
+        if len(self._pending) >= self.limit:
+            metrics.LIVE_UNCHECKED.inc()
+            self._warn("full", f"live messages left to the database sweep: {self.limit} wait for their check")
+            self._on_unchecked()
+            return
+        self._pending.append(event)
+        self._wake.set()
+
+    async def check_pending(self) -> None:
+        """Check everything submitted so far, in one query per thousand messages."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            stored = await self.events.stored(list({(e.license_id, e.seq) for e in batch}))
+        except Exception as exc:  # the database may be down: the sweep delivers once it is back
+            metrics.LIVE_UNCHECKED.inc(len(batch))
+            self._warn("failed", f"live messages left to the database sweep, their check failed: {exc}")
+            self._on_unchecked()
+            return
+        for event in batch:
+            data = stored.get((event.license_id, event.seq))
+            if data == event.data:
+                self._on_checked(event)
+                continue
+            reason = "unknown" if data is None else "mismatch"
+            metrics.LIVE_REJECTED_BY_REASON[reason].inc()
+            self._warn(
+                reason,
+                f"dropped a live message for license {event.license_id} seq {event.seq}: "
+                + ("no such event in the database" if data is None else "not the stored event of its seq")
+                + " (someone else publishes on this Redis?)",
+            )
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.check_pending()
+
+    def _warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at.get(kind, -LOG_EVERY) < LOG_EVERY:
+            self._unwarned[kind] = self._unwarned.get(kind, 0) + 1
+            return
+        more = self._unwarned.pop(kind, 0)
+        self._warned_at[kind] = now
+        log.warning("%s%s", message, f" (and {more} more like it in the last {LOG_EVERY:g} s)" if more else "")
