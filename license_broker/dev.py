@@ -138,7 +138,8 @@ async def dev_public_key(request: Request) -> Response:
     if (refused := _refused(request)) is not None:
         return refused
     signer: leases.LeaseSigner | None = request.state.runtime.leases
-    assert signer is not None  # development mode always signs
+    if signer is None:  # BROKER_DEV always signs; an app built from other settings may not
+        return JSONResponse({"error": "this server signs no leases"}, status_code=404)
     return PlainTextResponse(leases.public_pems(signer.keys), media_type="application/x-pem-file")
 
 

@@ -14,6 +14,7 @@ import httpx
 from license_broker_client import LicenseClient
 
 from broker import tokens
+from broker.leases import LeaseKeys, public_pems
 from broker.settings import Settings
 from tests.support.licenses import TOKEN_SECRET
 from tests.support.processes import ROOT, Process, run_module
@@ -123,3 +124,22 @@ def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
     first, paid = asyncio.run(follow())
     assert (first["status"], first["entitled"]) == ("none", False)
     assert (paid["status"], paid["entitled"], paid["seq"]) == ("active", True, 1)
+
+
+def test_keys_public_prints_the_configured_key_whatever_else_the_environment_says(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As a seller's or the Electron example's shell has it: BROKER_DEV exported, no secrets, a
+    database that is not there. `keys` reads LICENSE_SIGNING_KEY and nothing else."""
+    generated = cli("keys", "generate")
+    assert generated.returncode == 0, generated.stderr
+    keys = LeaseKeys.from_pem(generated.stdout)
+    for extra in ({}, {"BROKER_DEV": "1"}, {"BROKER_DEV": "1", "DATABASE_URL": "postgresql://127.0.0.1:1/x"},
+                  {"BROKER_POLL_INTERVAL": "-1", "STREAM_TOKEN_SECRET": "short"}):  # fmt: skip
+        public = cli("keys", "public", env={"LICENSE_SIGNING_KEY": generated.stdout, **extra})
+        assert public.returncode == 0, (extra, public.stderr)
+        assert public.stdout == public_pems(keys)
+        pem = tmp_path / "public-key.pem"
+        pem.write_text(public.stdout)
+        assert "-----BEGIN PUBLIC KEY-----" in pem.read_text()
+    missing = cli("keys", "public", env={"BROKER_DEV": "1"})
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr.strip() == "license-broker: LICENSE_SIGNING_KEY: required by keys public"
