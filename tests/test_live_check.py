@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 import jwt
@@ -17,12 +16,14 @@ import pytest
 import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client import REGISTRY
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.db import create_engine
 from broker.eventlog import EventLog, LicenseEvent, encode_event
 from broker.leases import LeaseKeys
 from broker.licenses import initial_state
 from broker.settings import Settings
+from broker.transports import livecheck
 from broker.transports.base import channel
 from broker.transports.livecheck import LiveCheck
 from broker.transports.redis import RedisTransport
@@ -31,6 +32,7 @@ from broker.transports.swept import SweptTransport
 from license_broker.embedded import create_app
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
+from tests.support.services import psycopg_connect
 from tests.support.transports import Received
 from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
@@ -188,22 +190,27 @@ async def test_a_forged_seq_far_ahead_does_not_stop_the_sweep_finding_lost_event
         await engine.dispose()
 
 
-class CountingEventLog(EventLog):
-    def __init__(self, events: EventLog) -> None:
-        super().__init__(events.engine)
-        self.queries: list[int] = []
+@pytest.fixture
+def queries(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[tuple[str, int]]]:
+    """The keys of each query the live check makes."""
+    made: list[Sequence[tuple[str, int]]] = []
+    stored = livecheck.stored_events
 
-    async def stored(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
-        self.queries.append(len(keys))
-        return await super().stored(keys)
+    async def counting(conn: AsyncConnection, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+        made.append(keys)
+        return await stored(conn, keys)
+
+    monkeypatch.setattr(livecheck, "stored_events", counting)
+    return made
 
 
-async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_order(pg_url: str) -> None:
+async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_order(
+    pg_url: str, queries: list[Sequence[tuple[str, int]]]
+) -> None:
     engine = create_engine(Settings(database_url=pg_url))
-    events = CountingEventLog(EventLog(engine))
     passed: list[LicenseEvent] = []
     unchecked: list[int] = []
-    check = LiveCheck(events, passed.append, lambda: unchecked.append(1), limit=40)
+    check = LiveCheck(engine, passed.append, lambda: unchecked.append(1), limit=40)
     try:
         genuine = [await append(engine, lid) for lid in (new_license(), new_license()) for _ in range(10)]
         forged = [
@@ -217,7 +224,7 @@ async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_o
         for event in arriving:
             check.submit(event)
         await check.check_pending()
-        assert events.queries == [25]  # 40 messages, 25 distinct (license, seq): one query
+        assert [len(keys) for keys in queries] == [25]  # 40 messages, 25 distinct (license, seq): one query
         assert passed == genuine
         assert unchecked == []
         # Beyond the queue's limit, messages are left to the sweep (which reads the database itself).
@@ -225,23 +232,15 @@ async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_o
             check.submit(event)
         assert unchecked == [1]
         await check.check_pending()
-        assert len(events.queries) == 2 and len(passed) == 20 + 40
+        assert len(queries) == 2 and len(passed) == 20 + 40
     finally:
         await check.stop()
         await engine.dispose()
 
 
 async def test_an_event_reaching_many_clients_of_one_process_is_checked_once(
-    pg_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, redis_url: str, queries: list[Sequence[tuple[str, int]]]
 ) -> None:
-    queries: list[Sequence[tuple[str, int]]] = []
-    stored = EventLog.stored
-
-    async def counting(self: EventLog, keys: Sequence[tuple[str, int]]) -> Any:
-        queries.append(keys)
-        return await stored(self, keys)
-
-    monkeypatch.setattr(EventLog, "stored", counting)
     license_id = new_license()
     settings = make_settings(pg_url, redis_url=redis_url, transport="redis", lease_keys=KEYS)
     async with serving(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
@@ -257,3 +256,37 @@ async def test_an_event_reaching_many_clients_of_one_process_is_checked_once(
                 await follower.close()
     checked = [key for keys in queries for key in keys]
     assert sorted(checked) == [(license_id, seq) for seq in range(1, paid + 1)]  # once each, not once per client
+
+
+async def test_the_check_opens_a_new_connection_after_its_own_dies(pg_url: str) -> None:
+    """It holds one connection: a database restart (or a killed backend) costs the messages of one
+    batch their live path (the sweep delivers them), never the check itself."""
+    engine = create_engine(Settings(database_url=pg_url))
+    check_engine = create_engine(Settings(database_url=pg_url, db_pool_size=1))
+    passed: list[LicenseEvent] = []
+    unchecked: list[int] = []
+    check = LiveCheck(check_engine, passed.append, lambda: unchecked.append(1))
+    license_id = new_license()
+    try:
+        first = await append(engine, license_id)
+        check.submit(first)
+        await check.check_pending()
+        assert passed == [first]
+        with psycopg_connect(pg_url) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'SELECT subscription_event_logs.data%FROM subscription_event_logs%WHERE%'"
+            ).fetchall()
+        assert killed == [(True,)]
+        second = await append(engine, license_id)
+        check.submit(second)
+        await check.check_pending()
+        assert (passed, unchecked) == ([first], [1])  # left to the sweep
+        third = await append(engine, license_id)
+        check.submit(third)
+        await check.check_pending()
+        assert passed == [first, third]
+    finally:
+        await check.stop()
+        await check_engine.dispose()
+        await engine.dispose()

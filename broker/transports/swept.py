@@ -9,6 +9,8 @@ neither reaches a client nor moves the sweep past events it has yet to find."""
 
 from __future__ import annotations
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from broker.eventlog import LicenseEvent
 from broker.transports.base import GapHandler, MessageHandler, Transport, ignore_gap
 from broker.transports.livecheck import LiveCheck
@@ -20,11 +22,14 @@ class SweptTransport(Transport):
     # database. The same event may come both ways; the stream sends each seq once.
     reliable = True
 
-    def __init__(self, inner: Transport, sweep: DatabaseSweep) -> None:
+    def __init__(self, inner: Transport, sweep: DatabaseSweep, check_engine: AsyncEngine | None = None) -> None:
+        """`check_engine`: the live check's own (one connection, owned and disposed here; the
+        sweep's engine when None)."""
         self.inner = inner
         self.sweep = sweep
         self.name = inner.name
         self.live_check: LiveCheck | None = None
+        self._check_engine = check_engine
 
     async def connect(self) -> None:
         await self.inner.connect()
@@ -34,7 +39,7 @@ class SweptTransport(Transport):
             self.sweep.note(event.license_id, event.seq)  # delivered: the sweep need not fetch it
             on_message(event)
 
-        self.live_check = LiveCheck(self.sweep.events, checked, self.sweep.wake)
+        self.live_check = LiveCheck(self._check_engine or self.sweep.events.engine, checked, self.sweep.wake)
         self.live_check.start()
         await self.inner.start(self.live_check.submit, self.sweep.wake)
         self.sweep.start(on_message)
@@ -61,3 +66,5 @@ class SweptTransport(Transport):
         await self.inner.close()
         if self.live_check is not None:
             await self.live_check.stop()
+        if self._check_engine is not None:
+            await self._check_engine.dispose()
