@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import jwt
@@ -18,7 +19,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.db import create_engine
+from broker.db import create_engine, migrate
 from broker.eventlog import EventLog, LicenseEvent, encode_event
 from broker.leases import LeaseKeys
 from broker.licenses import initial_state
@@ -194,20 +195,21 @@ async def test_a_forged_seq_far_ahead_does_not_stop_the_sweep_finding_lost_event
 def queries(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[tuple[str, int]]]:
     """The keys of each query the live check makes."""
     made: list[Sequence[tuple[str, int]]] = []
-    stored = livecheck.stored_events
+    read = livecheck.read_stored
 
-    async def counting(conn: AsyncConnection, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+    async def counting(conn: AsyncConnection, pg: Any, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
         made.append(keys)
-        return await stored(conn, keys)
+        return await read(conn, pg, keys)
 
-    monkeypatch.setattr(livecheck, "stored_events", counting)
+    monkeypatch.setattr(livecheck, "read_stored", counting)
     return made
 
 
 async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_order(
-    pg_url: str, queries: list[Sequence[tuple[str, int]]]
+    db_url: str, queries: list[Sequence[tuple[str, int]]]
 ) -> None:
-    engine = create_engine(Settings(database_url=pg_url))
+    engine = create_engine(Settings(database_url=db_url))
+    await migrate(engine)  # Postgres's is migrated already; SQLite's is new
     passed: list[LicenseEvent] = []
     unchecked: list[int] = []
     check = LiveCheck(engine, passed.append, lambda: unchecked.append(1), limit=40)
@@ -275,7 +277,7 @@ async def test_the_check_opens_a_new_connection_after_its_own_dies(pg_url: str) 
         with psycopg_connect(pg_url) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND query LIKE 'SELECT subscription_event_logs.data%FROM subscription_event_logs%WHERE%'"
+                "AND query LIKE 'SELECT k.license_id, k.seq, e.data FROM unnest%'"
             ).fetchall()
         assert killed == [(True,)]
         second = await append(engine, license_id)
