@@ -223,9 +223,11 @@ async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_o
             LicenseEvent(e.license_id, e.seq, forged_event(e.license_id, e.seq, entitled=True)) for e in genuine[5:10]
         ]
         arriving = [item for pair in zip(genuine, [*forged, *mismatched] * 2, strict=True) for item in pair]
+        checks = REGISTRY.get_sample_value("license_broker_live_check_seconds_count") or 0.0
         for event in arriving:
             check.submit(event)
         await check.check_pending()
+        assert REGISTRY.get_sample_value("license_broker_live_check_seconds_count") == checks + 1
         assert [len(keys) for keys in queries] == [25]  # 40 messages, 25 distinct (license, seq): one query
         assert passed == genuine
         assert unchecked == []
