@@ -205,7 +205,7 @@ def cmd_keys(args: argparse.Namespace, settings: None) -> int:
         print(f"# kid {leases.key_id(public)}")
         print("# LICENSE_SIGNING_KEY (private: keep it secret, e.g. in your secret store)")
         print(leases.private_pem(keys.signing), end="")
-        print("# the public key: pin it in your app (or let the app read /.well-known/jwks.json)")
+        print("# the public key: pin it in your app (`license-broker keys public` prints it again)")
         print(leases.public_pem(public), end="")
         return 0
     configured = lease_keys_from_env(os.environ)
