@@ -23,8 +23,8 @@ from starlette.routing import Route
 
 from broker.db import create_engine
 from broker.schema import licenses
-from broker.settings import Settings
-from broker.stripe_refresh import refreshed_event
+from broker.settings import Settings, SettingsError
+from broker.stripe_refresh import StripeRefresher, refreshed_event
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
 from tests.support.waiting import free_port
@@ -324,3 +324,9 @@ def test_the_refreshed_event_keeps_what_its_type_adds_only_to_an_open_object() -
     assert refreshed_event(stale, session, T)["type"] == "checkout.session.async_payment_failed"
     session.update(status="expired", payment_status="unpaid")
     assert refreshed_event(stale, session, T)["type"] == "checkout.session.expired"
+
+
+@pytest.mark.parametrize("base", ["http://stripe-proxy.internal", "http://192.0.2.7:8080"])
+def test_the_refresher_never_sends_the_key_in_clear_text_off_this_machine(base: str) -> None:
+    with pytest.raises(SettingsError, match=r"^STRIPE_API_BASE: must be https://"):
+        StripeRefresher(KEY, base)
