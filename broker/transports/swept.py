@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.eventlog import LicenseEvent
-from broker.transports.base import GapHandler, MessageHandler, Transport, ignore_gap
+from broker.transports.base import NOTICE_SEQ, GapHandler, MessageHandler, Transport, ignore_gap
 from broker.transports.livecheck import LiveCheck
 from broker.transports.sweep import DatabaseSweep
 
@@ -39,9 +39,20 @@ class SweptTransport(Transport):
             self.sweep.note(event.license_id, event.seq)  # delivered: the sweep need not fetch it
             on_message(event)
 
-        self.live_check = LiveCheck(self._check_engine or self.sweep.events.engine, checked, self.sweep.wake)
-        self.live_check.start()
-        await self.inner.start(self.live_check.submit, self.sweep.wake)
+        live_check = LiveCheck(self._check_engine or self.sweep.events.engine, checked, self.sweep.wake)
+        self.live_check = live_check
+
+        def received(event: LicenseEvent) -> None:
+            # A notice is no event and is never stored: nothing to compare it with. It only prompts
+            # the process to read the license's machines from the database (broker.licensing.watch),
+            # so a forged one ends nothing; it goes straight on, unnoted by the sweep.
+            if event.seq == NOTICE_SEQ:
+                on_message(event)
+            else:
+                live_check.submit(event)
+
+        live_check.start()
+        await self.inner.start(received, self.sweep.wake)
         self.sweep.start(on_message)
 
     async def publish(self, license_id: str, payload: bytes) -> None:
