@@ -15,7 +15,7 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
-from broker import tokens
+from broker import http_server, tokens
 from broker.db import create_engine, migrate
 from broker.runtime import Runtime
 from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError, mask_password
@@ -55,7 +55,8 @@ def _server(app: object, args: argparse.Namespace, settings: Settings, *, factor
         port=args.port,
         workers=getattr(args, "workers", None),
         loop="auto",
-        http="auto",
+        # httptools, with the request head bounded in bytes and in time (broker.http_server).
+        http=http_server.PROTOCOL,
         lifespan="on",
         log_config=logs.configure(settings),
         # Above INFO no access line is ever written, but uvicorn would still build its arguments
