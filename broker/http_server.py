@@ -65,26 +65,38 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         # Between requests (and before the first) whatever arrives is the start of a head.
         self._in_head = True
-        self._head_bytes = 0
-        self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_started: float | None = None  # loop time; None while no head is arriving
+        self._head_bytes = 0  # of the reads the head has spanned so far
+        self._read_bytes = 0  # of the read being parsed
+        self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+
+    # The timer is not cancelled when a head completes, nor armed for each request: at most one
+    # per connection is pending, and when it fires it looks at the head in progress, if any, and
+    # waits for what is left of its time. Per request that leaves a clock read and a comparison
+    # (a timer armed and cancelled per request cost as much as the rest of this class).
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._head_started = self.loop.time()
+        self._timer = self.loop.call_later(self.head_timeout, self._check_time)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._read_bytes = len(data)
         if self._in_head:
-            # A head that spans reads is counted here, each read whole: one that also holds the
-            # body counts only if the head is still unfinished after it. A head that ends within
-            # the read is measured by on_headers_complete.
-            self._head_bytes += len(data)
-            if self._head_deadline is None:
-                self._arm()
+            if self._head_started is None:  # the first byte of a further request
+                self._head_started = self.loop.time()
+                if self._timer is None:
+                    self._timer = self.loop.call_later(self.head_timeout, self._check_time)
+            # Each read counted whole: one that also holds the body matters only if the head is
+            # still unfinished after it. A head that ends in this read is measured below.
+            self._head_bytes += self._read_bytes
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_head_bytes:
             self._refuse(TOO_LARGE)
@@ -93,13 +105,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_head = False
-        self._disarm()
-        # The head's size as written in the usual form ("METHOD url HTTP/1.1", "name: value"
-        # lines): llhttp hands over the parts, not the bytes. Checked before any app sees it.
-        size = len(self.parser.get_method()) + len(self.url) + 14
-        if size + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_head_bytes:
-            self._refuse(TOO_LARGE)
-            return
+        self._head_started = None
+        # The head lies within the reads counted so far and this one: only when they could hold
+        # more than the limit is it measured, as written in the usual form ("METHOD url HTTP/1.1",
+        # "name: value" lines; llhttp hands over the parts, not the bytes).
+        if self._head_bytes + self._read_bytes > self.max_head_bytes:
+            size = len(self.parser.get_method()) + len(self.url) + 14
+            if size + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_head_bytes:
+                self._refuse(TOO_LARGE)
+                return
         super().on_headers_complete()
 
     # After a refusal the parser still reads the rest of the read it came in: nothing of it runs.
@@ -111,27 +125,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._refused:
             return
         super().on_message_complete()
-        # Whatever comes next is the next request's head. Its timer starts with its first byte:
-        # the response to this one may take hours (an SSE stream), and in between the keep-alive
-        # timer closes an idle connection.
+        # Whatever comes next is the next request's head, timed from its first byte: the response
+        # to this one may take hours (an SSE stream), and until a byte comes the keep-alive timer
+        # closes an idle connection.
         self._in_head = True
         self._head_bytes = 0
 
-    def _arm(self) -> None:
-        self._head_deadline = self.loop.call_later(self.head_timeout, self._head_timed_out)
-
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
-        self._refuse(TIMED_OUT if self._head_bytes else None)
+    def _check_time(self) -> None:
+        self._timer = None
+        if self._head_started is None or self._refused:
+            return  # no head arriving: the next one arms the timer again
+        left = self._head_started + self.head_timeout - self.loop.time()
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._check_time)
+        else:
+            self._refuse(TIMED_OUT if self._head_bytes else None)
 
     def _refuse(self, response: bytes | None) -> None:
         self._refused = True
-        self._disarm()
         if self.transport.is_closing():
             return
         # Never into the middle of a response still being sent (a pipelined head during a stream).

@@ -327,3 +327,20 @@ async def test_a_head_under_the_limit_is_served_one_over_it_is_431_and_a_large_b
             await writer.drain()
             assert await status_of(reader) == 200
             assert (await asyncio.wait_for(reader.readuntil(b"bytes"), 10)).endswith(b"%d bytes" % len(body))
+
+
+async def test_a_further_head_on_a_kept_alive_connection_has_its_own_deadline_from_its_first_byte() -> None:
+    async with serving(TICKS, http=QuickHead) as url, connection(url) as (reader, writer):
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert await status_of(reader) == 200
+        await asyncio.wait_for(reader.readuntil(b"bytes"), 10)
+        await asyncio.sleep(0.3)  # idle, within the keep-alive, past half the first deadline
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        answer = b""
+        # Never the blank line that ends the head.
+        while data := await asyncio.wait_for(reader.read(1024), 10):
+            answer += data
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert QuickHead.head_timeout - 0.1 < waited < QuickHead.head_timeout + 1, waited
