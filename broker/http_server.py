@@ -24,8 +24,8 @@ from uvicorn.server import ServerState
 # `?token=`) are under 2 KiB. What a connection can make the process hold is this plus one read.
 MAX_HEAD_BYTES = 32 * 1024
 # From the connection's start, or from the first byte of a further request on a kept-alive one,
-# to the end of the head. A real client sends a head of this size in one or two segments; ten
-# seconds leave room for a few retransmissions on a bad link.
+# to the end of the head. A real client sends its head (a few hundred bytes to 2 KiB) in one or two
+# segments at once; ten seconds leave room for a few retransmissions on a bad link.
 HEAD_TIMEOUT = 10.0
 
 # `uvicorn --http` takes this (`uvicorn webhook.app:app --http broker.http_server:BoundedHeadProtocol`).

@@ -7,7 +7,7 @@ import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -153,8 +153,8 @@ def events_that_change_no_license() -> list[dict[str, Any]]:
     return [unlisted, too_long, no_id]
 
 
-async def ingest(pg_url: str, events: list[dict[str, Any]]) -> list[str]:
-    async with open_runtime(make_settings(pg_url)) as runtime:
+async def ingest(url: str, events: list[dict[str, Any]]) -> list[str]:
+    async with open_runtime(make_settings(url)) as runtime:
         rules = LicenseRules(runtime.settings.entitled_statuses)
         ingestor = Ingestor(runtime, rules, EventFilter(accounts=frozenset({LISTED})))
         return [(await ingestor.ingest(e, orjson.dumps(e))).kind for e in events]
@@ -162,7 +162,7 @@ async def ingest(pg_url: str, events: list[dict[str, Any]]) -> list[str]:
 
 async def received_days_ago(engine: AsyncEngine, ids: list[str], days: float) -> None:
     async with engine.begin() as conn:
-        received = sa.func.now() - sa.text(f"interval '{days * 86400:f} seconds'")
+        received = datetime.now(UTC) - timedelta(days=days)
         await conn.execute(stripe_events.update().where(stripe_events.c.id.in_(ids)).values(received_at=received))
 
 
@@ -202,9 +202,14 @@ async def test_prune_drops_old_payloads_of_events_that_changed_no_license_and_ke
     assert await rebuild(make_settings(pg_url, stripe_accounts=frozenset({LISTED}))) == []
 
 
-async def test_prune_drops_payloads_in_batches_of_short_transactions(engine: AsyncEngine, pg_url: str) -> None:
+async def test_prune_drops_payloads_in_batches_of_short_transactions(db_url: str) -> None:
     events = events_that_change_no_license()
-    await ingest(pg_url, events)
-    await received_days_ago(engine, [e["id"] for e in events], 10)
-    assert await prune_event_payloads(engine, timedelta(days=1), batch=2) == 3
-    assert set((await payloads(engine)).values()) == {None}
+    await ingest(db_url, events)
+    engine = create_engine(Settings(database_url=db_url))
+    try:
+        await received_days_ago(engine, [e["id"] for e in events], 10)
+        assert await prune_event_payloads(engine, timedelta(days=1), batch=2) == 3
+        assert await prune_event_payloads(engine, timedelta(days=1), batch=2) == 0
+        assert set((await payloads(engine)).values()) == {None}
+    finally:
+        await engine.dispose()
