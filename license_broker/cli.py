@@ -17,7 +17,7 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
-from broker import tokens
+from broker import http_server, tokens
 from broker.db import create_engine, migrate
 from broker.runtime import Runtime
 from broker.settings import Settings, SettingsError, lease_keys_from_env, mask_password
@@ -57,7 +57,8 @@ def _server(app: object, args: argparse.Namespace, settings: Settings, *, factor
         port=args.port,
         workers=getattr(args, "workers", None),
         loop="auto",
-        http="auto",
+        # httptools, with the request head bounded in bytes and in time (broker.http_server).
+        http=http_server.PROTOCOL,
         lifespan="on",
         log_config=logs.configure(settings),
         # Above INFO no access line is ever written, but uvicorn would still build its arguments
@@ -174,20 +175,24 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import timedelta
 
-    from broker.retention import prune_event_log
+    from broker.retention import prune_event_log, prune_event_payloads
 
     days = args.older_than_days if args.older_than_days is not None else settings.event_log_retention_days
     if not days:
         raise SettingsError("EVENT_LOG_RETENTION_DAYS: required by prune (or --older-than-days)")
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         engine = create_engine(settings)
         try:
-            return await prune_event_log(engine, timedelta(days=days))
+            older_than = timedelta(days=days)
+            return await prune_event_log(engine, older_than), await prune_event_payloads(engine, older_than)
         finally:
             await engine.dispose()
 
-    print(f"pruned {asyncio.run(run())} event log rows older than {days:g} days (each license's latest kept)")
+    rows, payloads = asyncio.run(run())
+    print(f"pruned {rows} event log rows older than {days:g} days (each license's latest kept)")
+    print(f"dropped the payloads of {payloads} Stripe events older than {days:g} days that changed no license "
+          "(ignored, unmatched, rejected; each event's id kept)")  # fmt: skip
     return 0
 
 
@@ -269,7 +274,9 @@ def cmd_unmatched(args: argparse.Namespace, settings: Settings) -> int:
     events = asyncio.run(run())
     for e in events:
         if args.json:
-            print(orjson.dumps(e["payload"]).decode())
+            # A payload not kept (an event type not used, or pruned): what its row recorded.
+            kept = {k: e[k] for k in ("id", "type", "created")} | {"payload": "not kept"}
+            print(orjson.dumps(e["payload"] if e["payload"] is not None else kept).decode())
         else:
             detail = " ".join(str(e[k]) for k in ("object_id", "reason") if e[k])
             print(f"{e['id']} {e['type']} created={e['created']} {e['outcome']} {detail}".rstrip())
@@ -321,7 +328,11 @@ def parser() -> argparse.ArgumentParser:
     server("webhook", "the Stripe webhook app", 8001, True).set_defaults(run=cmd_webhook)
     server("stream", "the SSE stream app", 8002, True).set_defaults(run=cmd_stream)
     sub.add_parser("migrate", help="apply schema migrations to DATABASE_URL").set_defaults(run=cmd_migrate)
-    p = sub.add_parser("prune", help="delete old event log rows, keeping each license's latest")
+    p = sub.add_parser(
+        "prune",
+        help="delete old event log rows, keeping each license's latest, and the old payloads of Stripe events "
+        "that changed no license",
+    )
     p.add_argument("--older-than-days", type=float, help="default: EVENT_LOG_RETENTION_DAYS")
     p.set_defaults(run=cmd_prune)
     p = sub.add_parser("token", help="print a subscriber token for a license")
