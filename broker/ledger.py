@@ -32,6 +32,13 @@ REVOKING_DISPUTES = frozenset({"needs_response", "under_review", "lost", "preven
 UNDONE_REFUNDS = frozenset({"failed", "canceled"})
 # Subscription statuses a paid latest invoice moves to `active` (https://docs.stripe.com/billing/subscriptions/overview).
 AWAITING_PAYMENT = frozenset({"incomplete", "past_due", "unpaid"})
+# The invoices that pay for a subscription's period, the one a refund or a chargeback revokes: the
+# first and each renewal (https://docs.stripe.com/api/invoices/object#invoice_object-billing_reason).
+# A `subscription_update` invoice pays for a period only when the change restarts the billing cycle
+# (a new interval: Stripe charges the new price at once and resets the billing date,
+# https://docs.stripe.com/api/subscriptions/update), which shows as a line that is not a proration;
+# a proration invoice (`proration_behavior=always_invoice`) pays for a change within the period.
+PERIOD_BILLING_REASONS = frozenset({"subscription_create", "subscription_cycle"})
 
 # Which object decides `status` and `kind`: entitling objects first, then the one nearest to paying.
 PRECEDENCE = (
@@ -298,7 +305,8 @@ class _View:
                 status = "past_due"
         if sub.customer in self.deleted and self.deleted[sub.customer] >= sub.version:
             status = "canceled"  # deleting a customer cancels its subscriptions at once
-        if latest and status not in ("canceled", "incomplete_expired") and self._paid_by(latest) & self.revoked:
+        period = self.period_invoice(sub)
+        if period and status not in ("canceled", "incomplete_expired") and self._paid_by(period) & self.revoked:
             status = "revoked"  # its current period was refunded or charged back
         if self.products and not (set(state.get("products") or ()) & self.products):
             return None  # LICENSE_PRODUCTS: another product's subscription grants nothing here
@@ -328,6 +336,20 @@ class _View:
         floor = _int(named_obj.state.get("created")) if named_obj else sub.version
         newer = [i for i in known if i.id != named and _int(i.state.get("created")) > floor]
         return newer[-1].id if newer else str(named)
+
+    def period_invoice(self, sub: StripeObject) -> str | None:
+        """The invoice that paid for the subscription's current period: the newest of its invoices
+        that pay for a period (PERIOD_BILLING_REASONS), or the latest invoice it names while that one
+        is unknown here (it may be a renewal)."""
+        candidates = [
+            (_int(i.state.get("created")), i.id)
+            for i in self.invoices.values()
+            if i.state.get("subscription") == sub.id and _pays_for_period(i)
+        ]
+        named = sub.state.get("latest_invoice")
+        if named and named not in self.invoices:
+            candidates.append((sub.version, str(named)))
+        return max(candidates)[1] if candidates else None
 
     # -- one-time purchases -------------------------------------------------------------------
 
@@ -384,6 +406,13 @@ class _View:
             ):
                 return {"type": "trial_will_end", "subscription": sub.id, "trial_end": iso(sub.state.get("trial_end"))}
         return None
+
+
+def _pays_for_period(invoice: StripeObject) -> bool:
+    reason = invoice.state.get("billing_reason")
+    if reason is None or reason in PERIOD_BILLING_REASONS:
+        return True  # None: a ledger row written before billing reasons were kept
+    return reason == "subscription_update" and bool(invoice.state.get("period_line"))
 
 
 def _int(value: Any) -> int:

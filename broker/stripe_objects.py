@@ -163,6 +163,22 @@ def _products(items: Any) -> list[str]:
     return sorted(found)
 
 
+def _pays_a_period(lines: Any) -> bool:
+    """Whether an invoice has a subscription line that is not a proration: the period itself, not a
+    change within it (since 2025-03-31 `parent.subscription_item_details.proration`, before
+    `type: subscription` and `proration`)."""
+    for line in _dict(lines).get("data") or []:
+        line = _dict(line)
+        parent = _dict(line.get("parent"))
+        if parent:
+            details = _dict(parent.get("subscription_item_details"))
+            if parent.get("type") == "subscription_item_details" and details.get("proration") is False:
+                return True
+        elif line.get("type") == "subscription" and line.get("proration") is False:
+            return True
+    return False
+
+
 def report(event: Mapping[str, Any], *, fetched: bool = False) -> Reported | None:
     """The objects an event reports, or None for a type that changes no license.
 
@@ -320,6 +336,7 @@ def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Repo
         if isinstance(invoice.get("hosted_invoice_url"), str)
         else None,
         "products": _products(invoice.get("lines")),
+        "period_line": _pays_a_period(invoice.get("lines")),
     }
     own = _object("invoice", invoice, created, status, state, subscription, charge, payment_intent, *payments)
     return Reported((own,), license_of(details.get("metadata")) or license_of(invoice.get("metadata")))

@@ -100,6 +100,8 @@ def subscription(
     ended_at: int | None = None,
     trial_start: int | None = None,
     trial_end: int | None = None,
+    quantity: int = 1,
+    collection_method: str = "charge_automatically",
 ) -> dict[str, Any]:
     sub = example("subscription")
     sub.update(
@@ -118,6 +120,8 @@ def subscription(
         ended_at=ended_at,
         trial_start=trial_start,
         trial_end=trial_end,
+        collection_method=collection_method,
+        days_until_due=30 if collection_method == "send_invoice" else None,
         # The example's filler: a pause, a pending update, a Connect transfer, a pending invoice item.
         pause_collection=None,
         pending_update=None,
@@ -131,7 +135,7 @@ def subscription(
     )
     sub["cancellation_details"] = {"comment": None, "feedback": None, "reason": None}
     item_obj = sub["items"]["data"][0]
-    item_obj.update(id=item, subscription=id, created=created, billing_thresholds=None)
+    item_obj.update(id=item, subscription=id, created=created, billing_thresholds=None, quantity=quantity)
     item_obj["price"].update(id=price, product=product, livemode=livemode, lookup_key=None)
     item_obj["plan"].update(id=price, product=product, livemode=livemode, currency="usd", amount=2000)
     item_obj["plan"].update(amount_decimal="2000", billing_scheme="per_unit", interval_count=1)
@@ -173,8 +177,14 @@ def invoice(
     subscription_metadata: dict[str, str] | None = None,
     charge: str | None = None,
     payment_intent: str | None = None,
+    proration: bool = False,
+    collection_method: str = "charge_automatically",
+    due_date: int | None = None,
 ) -> dict[str, Any]:
-    """A subscription's invoice. `charge` / `payment_intent` appear only in the legacy shape."""
+    """A subscription's invoice. `charge` / `payment_intent` appear only in the legacy shape.
+
+    `proration`: its one line is a proration (a mid-period change invoiced at once, `always_invoice`),
+    not the period. `collection_method="send_invoice"`: emailed, paid on the hosted page by `due_date`."""
     paid = status == "paid"
     inv = example("invoice")
     inv.update(
@@ -201,8 +211,9 @@ def invoice(
         number=f"{id[-8:].upper()}-0001",
         hosted_invoice_url=f"https://invoice.stripe.com/i/{id}",
         invoice_pdf=f"https://pay.stripe.com/invoice/{id}/pdf",
-        next_payment_attempt=None if paid else created + 3 * 86400,
-        due_date=None,
+        next_payment_attempt=None if paid or collection_method == "send_invoice" else created + 3 * 86400,
+        collection_method=collection_method,
+        due_date=due_date,
         from_invoice=None,
         last_finalization_error=None,
         shipping_cost=None,
@@ -222,7 +233,7 @@ def invoice(
         amount=amount,
         subtotal=amount,
         livemode=livemode,
-        description=f"1 x {product} (at ${amount / 100:.2f} / month)",
+        description=f"Prorated change of {product}" if proration else f"1 x {product} (at ${amount / 100:.2f} / month)",
         period={"start": period_start, "end": period_end},
         metadata=dict(subscription_metadata or {}),
     )
@@ -233,8 +244,8 @@ def invoice(
             "type": "subscription_item_details",
             "invoice_item_details": None,
             "subscription_item_details": {
-                "invoice_item": None,
-                "proration": False,
+                "invoice_item": new_id("ii") if proration else None,
+                "proration": proration,
                 "proration_details": {"credited_items": None},
                 "subscription": subscription,
                 "subscription_item": item,
@@ -248,10 +259,10 @@ def invoice(
         for newer in ("parent", "pricing", "pretax_credit_amounts", "taxes"):
             line.pop(newer, None)
         line.update(
-            type="subscription",
+            type="invoiceitem" if proration else "subscription",
             subscription=subscription,
             subscription_item=item,
-            proration=False,
+            proration=proration,
             price={"id": price, "object": "price", "product": product, "unit_amount": amount},
         )
         for newer in ("parent", "amount_overpaid", "customer_account", "from_invoice", "latest_revision"):

@@ -273,10 +273,14 @@ class Purchase:
 
 
 class Invoice:
-    def __init__(self, sub: Subscription, billing_reason: str) -> None:
+    def __init__(
+        self, sub: Subscription, billing_reason: str, *, amount: int | None = None, proration: bool = False
+    ) -> None:
         self.sub = sub
         self.id = new_id("in")
         self.billing_reason = billing_reason
+        self.amount = sub.amount if amount is None else amount
+        self.proration = proration
         self.created = sub.s.clock.now
         self.period_start, self.period_end = sub.period_start, sub.period_end
         self.status = "open"
@@ -291,7 +295,7 @@ class Invoice:
             subscription=sub.id,
             status=self.status,
             created=self.created,
-            amount=sub.amount,
+            amount=self.amount,
             billing_reason=self.billing_reason,
             period_start=self.period_start,
             period_end=self.period_end,
@@ -302,12 +306,13 @@ class Invoice:
             subscription_metadata=sub.metadata,
             charge=self.payment.charge if self.payment else None,
             payment_intent=self.payment.payment_intent if self.payment else None,
+            proration=self.proration,
         )
 
     def pay(self) -> Payment:
         """charge.succeeded, invoice.paid and, since 2025-03-31, invoice_payment.paid."""
         s = self.sub.s
-        self.payment = Payment(s, self.sub.customer, self.sub.amount, invoice=self.id)
+        self.payment = Payment(s, self.sub.customer, self.amount, invoice=self.id)
         self.payment.succeed()
         self.status = "paid"
         s.emit("invoice.paid", self.snapshot())
@@ -316,7 +321,7 @@ class Invoice:
                 id=new_id("inpay"),
                 invoice=self.id,
                 payment_intent=self.payment.payment_intent,
-                amount=self.sub.amount,
+                amount=self.amount,
                 created=s.clock.now,
                 livemode=s.livemode,
             )
@@ -340,6 +345,7 @@ class Subscription:
         self.created = scenario.clock.now
         self.status = "incomplete"
         self.period_start, self.period_end = self.created, self.created + MONTH
+        self.quantity = 1
         self.cancel_at: int | None = None
         self.cancel_at_period_end = False
         self.canceled_at: int | None = None
@@ -365,6 +371,7 @@ class Subscription:
             livemode=self.s.livemode,
             metadata=self.metadata,
             latest_invoice=self.invoices[-1].id if self.invoices else None,
+            quantity=self.quantity,
             cancel_at=self.cancel_at,
             cancel_at_period_end=self.cancel_at_period_end,
             canceled_at=self.canceled_at,
@@ -387,8 +394,8 @@ class Subscription:
         after = self.snapshot()
         self.s.emit("customer.subscription.updated", after, {k: v for k, v in before.items() if after.get(k) != v})
 
-    def new_invoice(self, billing_reason: str) -> Invoice:
-        invoice = Invoice(self, billing_reason)
+    def new_invoice(self, billing_reason: str, *, amount: int | None = None, proration: bool = False) -> Invoice:
+        invoice = Invoice(self, billing_reason, amount=amount, proration=proration)
         self.invoices.append(invoice)
         return invoice
 
@@ -413,6 +420,17 @@ class Subscription:
         invoice.fail()
         self.status = status
         self._updated(before)
+        return invoice
+
+    def change_quantity(self, quantity: int, proration_amount: int) -> Invoice:
+        """A mid-period change with `proration_behavior=always_invoice`: the subscription is updated,
+        and a proration invoice (`billing_reason=subscription_update`) for the rest of the period,
+        now its latest invoice, is paid at once. The period keeps the invoice that paid for it."""
+        before = self.snapshot()
+        self.quantity = quantity
+        invoice = self.new_invoice("subscription_update", amount=proration_amount, proration=True)
+        self._updated(before)
+        invoice.pay()
         return invoice
 
     def schedule_cancel(self) -> None:

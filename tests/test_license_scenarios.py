@@ -266,6 +266,26 @@ def test_a_refund_revokes_only_the_period_it_paid_for_and_only_when_full(
     assert seen(broker.state(license_id), expected) == expected
 
 
+@pytest.mark.parametrize(
+    ("refunded", "expected"),
+    [
+        ("the proration charge", {"entitled": True, "status": "active"}),
+        ("the period's own charge", {"entitled": False, "status": "revoked"}),
+    ],
+)
+def test_a_proration_invoice_is_not_the_period_a_refund_revokes(
+    broker: Broker, s: Scenario, refunded: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    period = sub.latest_invoice.payment
+    proration = sub.change_quantity(2, proration_amount=1500).payment  # now the latest invoice
+    assert period is not None and proration is not None
+    (proration if refunded == "the proration charge" else period).refund()
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+
+
 def test_a_full_refund_of_a_one_time_purchase_revokes_it(broker: Broker, s: Scenario) -> None:
     license_id = new_license()
     purchase = s.buy(s.customer(), license_id)
