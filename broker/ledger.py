@@ -39,6 +39,13 @@ AWAITING_PAYMENT = frozenset({"incomplete", "past_due", "unpaid"})
 # https://docs.stripe.com/api/subscriptions/update), which shows as a line that is not a proration;
 # a proration invoice (`proration_behavior=always_invoice`) pays for a change within the period.
 PERIOD_BILLING_REASONS = frozenset({"subscription_create", "subscription_cycle"})
+# A "confirm your payment" notice (`invoice.payment_action_required`: the customer must authenticate,
+# https://docs.stripe.com/billing/subscriptions/overview#requires-action) lasts until its invoice is
+# settled, paid or not (https://docs.stripe.com/invoicing/overview#invoice-statuses), or its
+# subscription ends: canceled, or `incomplete_expired`, where Stripe voids that invoice
+# (https://docs.stripe.com/billing/subscriptions/overview#subscription-statuses).
+SETTLED_INVOICES = frozenset({"paid", "void", "uncollectible"})
+ENDED_SUBSCRIPTIONS = frozenset({"canceled", "incomplete_expired"})
 
 # Which object decides `status` and `kind`: entitling objects first, then the one nearest to paying.
 PRECEDENCE = (
@@ -388,14 +395,22 @@ class _View:
         return customers[-1][1] if customers else None
 
     def notice(self) -> dict[str, Any] | None:
-        for invoice in sorted(self.invoices.values(), key=lambda i: -i.version):
-            if invoice.state.get("status") == "action_required":
-                return {
-                    "type": "payment_action_required",
-                    "invoice": invoice.id,
-                    "hosted_invoice_url": invoice.state.get("hosted_invoice_url"),
-                }
         subs = self.by_kind.get("subscription", {})
+        for notice in sorted(self.by_kind.get("action_notice", {}).values(), key=lambda n: (-n.version, n.id)):
+            invoice = self.invoices.get(str(notice.state.get("invoice")))
+            if invoice is not None and invoice.state.get("status") in SETTLED_INVOICES:
+                continue
+            sub = subs.get(str(notice.state.get("subscription")))
+            if sub is not None and (
+                sub.state.get("status") in ENDED_SUBSCRIPTIONS
+                or (sub.customer in self.deleted and self.deleted[sub.customer] >= sub.version)
+            ):
+                continue
+            return {
+                "type": "payment_action_required",
+                "invoice": notice.state.get("invoice"),
+                "hosted_invoice_url": notice.state.get("hosted_invoice_url"),
+            }
         for notice in sorted(self.by_kind.get("trial_notice", {}).values(), key=lambda n: -n.version):
             sub = subs.get(str(notice.state.get("subscription")))
             # Gone once the trial ends (no longer trialing) or is extended (another trial_end).

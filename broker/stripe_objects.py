@@ -38,12 +38,16 @@ CHECKOUT_EVENTS: Mapping[str, str | None] = {
     "checkout.session.async_payment_failed": "failed",
     "checkout.session.expired": "expired",
 }
-# What the invoice events say of the invoice; any other invoice.* event carries its `status`.
+# What each invoice event the rules use says of the invoice. Any other invoice.* event (created,
+# updated, finalized, ...) is ignored: an `invoice.updated` of an open invoice would otherwise erase
+# the failed attempt or the action required that a payment event reported.
 INVOICE_OUTCOMES: Mapping[str, str] = {
     "invoice.paid": "paid",
     "invoice.payment_succeeded": "paid",
     "invoice.payment_failed": "failed",
     "invoice.payment_action_required": "action_required",
+    "invoice.voided": "void",
+    "invoice.marked_uncollectible": "uncollectible",
 }
 CHARGE_EVENTS = frozenset(
     {"charge.succeeded", "charge.refunded", "charge.updated", "charge.captured", "charge.failed", "charge.pending"}
@@ -65,8 +69,6 @@ EVENT_TYPES = tuple(
             *SUBSCRIPTION_EVENTS,
             *CHECKOUT_EVENTS,
             *INVOICE_OUTCOMES,
-            "invoice.voided",
-            "invoice.marked_uncollectible",
             "invoice_payment.paid",
             *CHARGE_EVENTS,
             *REFUND_EVENTS,
@@ -206,8 +208,8 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
         return _checkout(obj, CHECKOUT_EVENTS[kind], created)
     if kind in SUBSCRIPTION_EVENTS:
         return _subscription(obj, created, notice=kind == "customer.subscription.trial_will_end")
-    if kind.startswith("invoice.") and obj.get("object", "invoice") == "invoice":
-        return _invoice(obj, INVOICE_OUTCOMES.get(kind), created)
+    if kind in INVOICE_OUTCOMES and obj.get("object", "invoice") == "invoice":
+        return _invoice(obj, INVOICE_OUTCOMES[kind], created)
     if kind == "invoice_payment.paid":
         return _invoice_payment(obj, created)
     if kind in CHARGE_EVENTS:
@@ -312,7 +314,7 @@ def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reporte
     return Reported(tuple(objects), license_of(sub.get("metadata")))
 
 
-def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Reported:
+def _invoice(invoice: dict[str, Any], outcome: str, created: int) -> Reported:
     details = _dict(_dict(invoice.get("parent")).get("subscription_details"))
     subscription = _id(details.get("subscription"))
     if subscription is None:  # before API version 2025-03-31
@@ -323,7 +325,8 @@ def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Repo
         paid_with = _dict(_dict(item).get("payment"))
         payments |= {p for p in (_id(paid_with.get("charge")), _id(paid_with.get("payment_intent"))) if p}
     charge, payment_intent = _id(invoice.get("charge")), _id(invoice.get("payment_intent"))
-    status = outcome or str(invoice.get("status") or "open")
+    status = outcome
+    hosted = invoice.get("hosted_invoice_url") if isinstance(invoice.get("hosted_invoice_url"), str) else None
     state = {
         "status": status,
         "subscription": subscription,
@@ -332,14 +335,19 @@ def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Repo
         "charge": charge,
         "payment_intent": payment_intent,
         "payments": sorted(payments),
-        "hosted_invoice_url": invoice.get("hosted_invoice_url")
-        if isinstance(invoice.get("hosted_invoice_url"), str)
-        else None,
+        "hosted_invoice_url": hosted,
         "products": _products(invoice.get("lines")),
         "period_line": _pays_a_period(invoice.get("lines")),
     }
     own = _object("invoice", invoice, created, status, state, subscription, charge, payment_intent, *payments)
-    return Reported((own,), license_of(details.get("metadata")) or license_of(invoice.get("metadata")))
+    objects = [own]
+    if outcome == "action_required":
+        # An object of its own, so that a failed attempt of the same second (which outranks the
+        # action required in the invoice's own snapshot) cannot erase it.
+        notice = {"invoice": own.id, "subscription": subscription, "hosted_invoice_url": hosted}
+        notice_id = f"{own.id}#payment_action_required"
+        objects.append(StripeObject(notice_id, "action_notice", created, 0, notice, own.customer, _links(own.id)))
+    return Reported(tuple(objects), license_of(details.get("metadata")) or license_of(invoice.get("metadata")))
 
 
 def _invoice_payment(payment: dict[str, Any], created: int) -> Reported:

@@ -25,6 +25,13 @@ from broker.stripe_objects import CHECKOUT_EVENTS, Reported, Unprocessable, repo
 
 log = logging.getLogger("broker.stripe_refresh")
 
+# A settled invoice read from the API, as the event that settles it.
+SETTLED_INVOICE_EVENTS: Mapping[str, str] = {
+    "paid": "invoice.paid",
+    "void": "invoice.voided",
+    "uncollectible": "invoice.marked_uncollectible",
+}
+
 # The read happens inside the event's transaction, under the advisory locks of its ids (see
 # webhook.ingest): a short bound keeps a slow API from holding them and a pooled connection. No
 # retries: Stripe retries the webhook itself, and a retry storm against a struggling API helps nobody.
@@ -106,8 +113,8 @@ def refreshed_event(event: Mapping[str, Any], fetched: dict[str, Any], held_vers
     invoice's failed attempt, a session whose async payment failed); a settled invoice or session
     is read by its own status, whatever the stale event said."""
     kind = str(event["type"])
-    if kind.startswith("invoice.") and fetched.get("status") != "open":
-        kind = "invoice.updated"  # any invoice.* event other than the outcomes carries `status`
+    if kind.startswith("invoice.") and fetched.get("status") in SETTLED_INVOICE_EVENTS:
+        kind = SETTLED_INVOICE_EVENTS[fetched["status"]]
     elif kind in CHECKOUT_EVENTS:
         if fetched.get("status") == "expired":
             kind = "checkout.session.expired"

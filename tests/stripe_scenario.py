@@ -60,11 +60,15 @@ class Scenario:
     def customer(self) -> str:
         return new_id("cus")
 
-    def emit(self, kind: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    def emit(
+        self, kind: str, obj: dict[str, Any], previous: dict[str, Any] | None = None, *, same_second: bool = False
+    ) -> dict[str, Any]:
+        """`same_second`: created in the second of the previous event (Stripe's `created` has
+        one-second resolution, and some events come in pairs)."""
         envelope = objects.event(
             kind,
             obj,
-            created=self.clock.tick(),
+            created=self.clock.now if same_second else self.clock.tick(),
             shape=self.shape,
             livemode=self.livemode,
             account=self.account,
@@ -113,6 +117,15 @@ class Scenario:
             **_naming(license_id, bind),
         )
         self.emit("checkout.session.completed", session)
+        return sub
+
+    def subscribe_by_api(self, customer: str, license_id: str) -> Subscription:
+        """A subscription created with the API (`payment_behavior=default_incomplete`), no Checkout:
+        it is `incomplete` and its first invoice waits for the customer to authenticate (3-D Secure)."""
+        sub = Subscription(self, customer, {"license_id": license_id}, price=PRICE, product=PRODUCT, amount=2000)
+        first = sub.new_invoice("subscription_create")
+        sub.emit("customer.subscription.created")
+        first.require_action(failed_attempt=False)
         return sub
 
     def buy(
@@ -331,6 +344,22 @@ class Invoice:
     def fail(self) -> None:
         self.sub.s.emit("invoice.payment_failed", self.snapshot())
 
+    def require_action(self, *, failed_attempt: bool = True) -> None:
+        """The payment needs the customer to authenticate (3-D Secure) on the hosted invoice page.
+        On a renewal Stripe reports the attempt as failed too, in the same second."""
+        if failed_attempt:
+            self.fail()
+        self.sub.s.emit("invoice.payment_action_required", self.snapshot(), same_second=failed_attempt)
+
+    def touch(self) -> None:
+        """invoice.updated: something other than its payment changed (a memo, the next attempt)."""
+        previous = {"description": None}
+        self.sub.s.emit("invoice.updated", {**self.snapshot(), "description": "Thanks for your business"}, previous)
+
+    def void(self) -> None:
+        self.status = "void"
+        self.sub.s.emit("invoice.voided", self.snapshot())
+
 
 class Subscription:
     def __init__(
@@ -432,6 +461,22 @@ class Subscription:
         self._updated(before)
         invoice.pay()
         return invoice
+
+    def renewal_needs_action(self) -> Invoice:
+        """The next period's payment needs 3-D Secure: the invoice stays open, the subscription
+        turns past_due until the customer authenticates."""
+        before = self.snapshot()
+        invoice = self._next_period()
+        invoice.require_action()
+        self.status = "past_due"
+        self._updated(before)
+        return invoice
+
+    def expire_incomplete(self) -> None:
+        """The first invoice was not paid within 23 hours: `incomplete_expired`, its invoice voided."""
+        self.s.clock.tick(23 * 3600)
+        self.update(status="incomplete_expired")
+        self.latest_invoice.void()
 
     def schedule_cancel(self) -> None:
         """Cancel at the end of the period (classic billing, the Customer Portal's old default)."""

@@ -189,6 +189,25 @@ def test_a_payment_that_needs_action_is_a_notice_until_paid() -> None:
     assert license_of([*story(s, "pay"), action, paid], "lic_sca")["notice"] is None
 
 
+@pytest.mark.parametrize("action_first", [True, False])
+def test_a_failed_attempt_of_the_same_second_does_not_hide_the_action_required_notice(action_first: bool) -> None:
+    s = SampleEvents("lic_sca_tie")
+    action = s.invoice_event("invoice.payment_action_required", T + 100, 2)
+    failed = s.invoice_event("invoice.payment_failed", T + 100, 2)
+    pair = [action, failed] if action_first else [failed, action]
+    state = license_of([*story(s, "pay"), *pair], "lic_sca_tie")
+    assert state["notice"] is not None and state["notice"]["invoice"] == s.period(2)[0]
+    voided = s.invoice_event("invoice.voided", T + 200, 2)
+    voided["data"]["object"]["status"] = "void"
+    assert license_of([*story(s, "pay"), *pair, voided], "lic_sca_tie")["notice"] is None
+
+
+def test_invoice_events_the_rules_do_not_list_report_nothing() -> None:
+    s = SampleEvents("lic_unlisted")
+    for kind in ("invoice.updated", "invoice.created", "invoice.finalized", "invoice.upcoming"):
+        assert report(s.invoice_event(kind, T)) is None, kind
+
+
 def test_a_deleted_customer_loses_its_subscriptions_and_features() -> None:
     s = SampleEvents("lic_gone")
     summary = s.envelope(

@@ -360,6 +360,88 @@ def test_paying_an_older_open_invoice_does_not_reactivate_an_unpaid_subscription
     assert seen(broker.state(license_id), active) == active
 
 
+def test_an_invoice_event_the_rules_do_not_list_is_ignored_and_erases_no_failed_attempt(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    broker.deliver(s.take())
+    invoice = sub.fail_renewal()  # invoice.payment_failed, customer.subscription.updated (past_due)
+    invoice.touch()  # invoice.updated, the invoice still open
+    failed, _, updated = s.take()
+    # The subscription's own update has not arrived yet: the failed attempt alone says past_due.
+    answers = broker.deliver([failed, updated])
+    expected = {"entitled": True, "status": "past_due"}
+    assert seen(broker.state(license_id), expected) == expected
+    assert answers[-1]["outcome"] == "ignored"
+
+
+# --- notices: 3-D Secure ---------------------------------------------------------------------------
+
+
+def confirm_payment(invoice: Any) -> dict[str, Any]:
+    return {
+        "type": "payment_action_required",
+        "invoice": invoice.id,
+        "hosted_invoice_url": f"https://invoice.stripe.com/i/{invoice.id}",
+    }
+
+
+@pytest.mark.parametrize("order", ["as sent", "reversed"])
+def test_a_renewal_that_needs_3d_secure_asks_the_app_to_confirm_the_payment_in_any_delivery_order(
+    broker: Broker, s: Scenario, order: str
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    broker.deliver(s.take())
+    invoice = sub.renewal_needs_action()  # invoice.payment_failed and .payment_action_required, one second
+    events = s.take()
+    broker.deliver(events if order == "as sent" else reversed(events))
+    expected = {"entitled": True, "status": "past_due", "notice": confirm_payment(invoice)}
+    assert seen(broker.state(license_id), expected) == expected
+    assert seen(broker.streamed_state(license_id), expected) == expected
+    invoice.pay()
+    sub.update(status="active")
+    broker.deliver(s.take())
+    paid = {"entitled": True, "status": "active", "notice": None}
+    assert seen(broker.state(license_id), paid) == paid
+
+
+def test_a_payment_notice_ends_with_its_subscription_and_is_gone_after_a_new_purchase(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    sub = s.subscribe(alice, license_id)
+    invoice = sub.renewal_needs_action()
+    broker.deliver(s.take())
+    waiting = {"status": "past_due", "notice": confirm_payment(invoice)}
+    assert seen(broker.state(license_id), waiting) == waiting
+    sub.end()
+    broker.deliver(s.take())
+    ended = {"entitled": False, "status": "canceled", "notice": None}
+    assert seen(broker.state(license_id), ended) == ended
+    s.subscribe(alice, license_id)
+    broker.deliver(s.take())
+    again = {"entitled": True, "status": "active", "notice": None}
+    assert seen(broker.state(license_id), again) == again
+
+
+@pytest.mark.parametrize("told_by", ["both", "the subscription", "the voided invoice"])
+def test_a_first_payment_never_authenticated_ends_its_notice_when_the_subscription_expires(
+    broker: Broker, s: Scenario, told_by: str
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe_by_api(s.customer(), license_id)
+    broker.deliver(s.take())
+    waiting = {"entitled": False, "status": "incomplete", "notice": confirm_payment(sub.latest_invoice)}
+    assert seen(broker.state(license_id), waiting) == waiting
+    sub.expire_incomplete()  # customer.subscription.updated (incomplete_expired), invoice.voided
+    updated, voided = s.take()
+    broker.deliver({"both": [updated, voided], "the subscription": [updated], "the voided invoice": [voided]}[told_by])
+    expected = {"entitled": False, "notice": None}
+    assert seen(broker.state(license_id), expected) == expected
+
+
 # --- scheduled cancellations ---------------------------------------------------------------------
 
 

@@ -313,7 +313,8 @@ def test_the_refreshed_event_keeps_what_its_type_adds_only_to_an_open_object() -
     failed = envelope("invoice.payment_failed", invoice(invoice_id, sub_id, "open"), T)
     still_open = refreshed_event(failed, invoice(invoice_id, sub_id, "open"), T + 5)
     assert (still_open["type"], still_open["created"]) == ("invoice.payment_failed", T + 5)
-    assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["type"] == "invoice.updated"
+    assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["type"] == "invoice.voided"
+    assert refreshed_event(failed, invoice(invoice_id, sub_id, "paid"), T - 5)["type"] == "invoice.paid"
     assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["created"] == T
 
     session = copy.deepcopy(EXAMPLES["checkout.session"])
