@@ -82,9 +82,15 @@ RANKS: dict[str, dict[str, int]] = {
         "prevented": 5,
     },
 }
+# A charge's snapshots are ordered by `amount_refunded`, which only grows (refunds add to it,
+# https://docs.stripe.com/api/charges/object#charge_object-amount_refunded), then by status (a
+# pending charge settles as succeeded or failed): two partial refunds of one second that add up to
+# the whole charge end in the full refund, whatever order they arrive in.
+CHARGE_STATUSES = {"pending": 0, "succeeded": 1, "failed": 1}
+MAX_AMOUNT = 2**56  # far above any charge Stripe accepts; keeps every charge rank below FETCHED_RANK
 # A snapshot read from Stripe's API (STRIPE_API_KEY) is the truth at the time it was read: it wins
 # ties against webhook snapshots of the same second.
-FETCHED_RANK = 1000
+FETCHED_RANK = 2**60
 
 # Customer-level objects apply to every license that holds an object of their customer.
 CUSTOMER_KINDS = frozenset({"entitlements", "customer"})
@@ -118,9 +124,11 @@ class StripeObject:
 
 
 def rank_of(kind: str, status: Any) -> int:
-    if kind == "charge":
-        return 0
     return RANKS.get(kind, {}).get(str(status), 0)
+
+
+def charge_rank(amount_refunded: int, status: Any) -> int:
+    return min(amount_refunded, MAX_AMOUNT) * 4 + CHARGE_STATUSES.get(str(status), 0)
 
 
 NEWER, SAME, OLDER = "newer", "same", "older"

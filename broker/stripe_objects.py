@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.ledger import FETCHED_RANK, StripeObject, rank_of
+from broker.ledger import FETCHED_RANK, StripeObject, charge_rank, rank_of
 
 # Stripe ids fit these columns; a longer or odd value is content the broker cannot use.
 MAX_ID = 255
@@ -366,20 +366,19 @@ def _charge(charge: dict[str, Any], created: int) -> Reported:
     # `refunded` is true only for a full refund; a partial one leaves the payment standing.
     refunded = charge.get("refunded") is True or (captured > 0 and refunded_amount >= captured)
     payment_intent, invoice = _id(charge.get("payment_intent")), _id(charge.get("invoice"))
+    status = charge.get("status") if isinstance(charge.get("status"), str) else None
     state = {
         "payment_intent": payment_intent,
         "invoice": invoice,
         "refunded": refunded,
         "amount_refunded": refunded_amount,
-        "status": charge.get("status") if isinstance(charge.get("status"), str) else None,
+        "status": status,
     }
-    # Within one second, more refunded is the later stage.
-    rank = refunded_amount + (1 if refunded else 0)
     own = StripeObject(
         _own_id(charge),
         "charge",
         created,
-        min(rank, FETCHED_RANK - 1),
+        charge_rank(refunded_amount, status),
         state,
         _id(charge.get("customer")),
         _links(payment_intent, invoice),

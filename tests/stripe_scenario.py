@@ -61,14 +61,21 @@ class Scenario:
         return new_id("cus")
 
     def emit(
-        self, kind: str, obj: dict[str, Any], previous: dict[str, Any] | None = None, *, same_second: bool = False
+        self,
+        kind: str,
+        obj: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        *,
+        same_second: bool = False,
+        at: int | None = None,
     ) -> dict[str, Any]:
         """`same_second`: created in the second of the previous event (Stripe's `created` has
-        one-second resolution, and some events come in pairs)."""
+        one-second resolution, and some events come in pairs); `at`: in that second."""
+        created = at if at is not None else self.clock.now if same_second else self.clock.tick()
         envelope = objects.event(
             kind,
             obj,
-            created=self.clock.now if same_second else self.clock.tick(),
+            created=created,
             shape=self.shape,
             livemode=self.livemode,
             account=self.account,
@@ -167,6 +174,7 @@ class Payment:
         self.payment_intent = new_id("pi")
         self.created = scenario.clock.now
         self.refunds: list[dict[str, Any]] = []
+        self.refunded_at: int | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return objects.charge(
@@ -186,8 +194,9 @@ class Payment:
         self.created = self.s.clock.now
         self.s.emit("charge.succeeded", self.snapshot())
 
-    def refund(self, amount: int | None = None) -> None:
-        """A refund of `amount` (all of it by default): charge.refunded, then refund.created."""
+    def refund(self, amount: int | None = None, *, same_second: bool = False) -> None:
+        """A refund of `amount` (all of it by default): charge.refunded, then refund.created.
+        `same_second`: in the second of the previous event (two refunds issued together)."""
         refund = objects.refund(
             id=new_id("re"),
             charge=self.charge,
@@ -200,7 +209,9 @@ class Payment:
         self.refunds.append(refund)
         after = self.snapshot()
         previous = {k: before[k] for k in ("amount_refunded", "refunded", "refunds") if before[k] != after[k]}
-        self.s.emit("charge.refunded", after, previous)
+        # Two refunds issued together: their charge.refunded events share one second.
+        at = self.refunded_at if same_second else None
+        self.refunded_at = self.s.emit("charge.refunded", after, previous, at=at)["created"]
         self.s.emit("refund.created", refund)
 
     def dispute(self, status: str = "needs_response") -> Dispute:

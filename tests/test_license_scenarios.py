@@ -286,6 +286,21 @@ def test_a_proration_invoice_is_not_the_period_a_refund_revokes(
     assert seen(broker.state(license_id), expected) == expected
 
 
+@pytest.mark.parametrize("order", ["as sent", "reversed"])
+def test_two_partial_refunds_of_one_second_that_add_up_to_the_whole_charge_revoke(
+    broker: Broker, s: Scenario, order: str
+) -> None:
+    license_id = new_license()
+    payment = s.subscribe(s.customer(), license_id, amount=12000).latest_invoice.payment  # $120 a year
+    assert payment is not None
+    payment.refund(9000)
+    payment.refund(3000, same_second=True)  # charge.refunded: amount_refunded 9000, then 12000
+    events = s.take()
+    broker.deliver(events if order == "as sent" else reversed(events))
+    expected = {"entitled": False, "status": "revoked"}
+    assert seen(broker.state(license_id), expected) == expected
+
+
 def test_a_full_refund_of_a_one_time_purchase_revokes_it(broker: Broker, s: Scenario) -> None:
     license_id = new_license()
     purchase = s.buy(s.customer(), license_id)
