@@ -71,6 +71,15 @@ RANKS: dict[str, dict[str, int]] = {
     "invoice": {"draft": 0, "open": 1, "action_required": 2, "failed": 3, "paid": 4, "uncollectible": 5, "void": 5},
     "invoice_payment": {"open": 0, "paid": 1, "canceled": 2},
     "refund": {"pending": 0, "requires_action": 1, "succeeded": 2, "failed": 3, "canceled": 3},
+    "payment_intent": {
+        "requires_payment_method": 0,
+        "requires_confirmation": 1,
+        "requires_action": 2,
+        "processing": 3,
+        "requires_capture": 4,
+        "succeeded": 5,
+        "canceled": 5,
+    },
     "dispute": {
         "warning_needs_response": 0,
         "warning_under_review": 1,
@@ -232,6 +241,7 @@ class _View:
         self.invoices = by_kind.get("invoice", {})
         self.deleted = {o.id: o.version for o in by_kind.get("customer", {}).values() if o.state.get("deleted")}
         self.revoked = self._revoked_payments()
+        self.invoice_payments = self._invoice_payments()
 
     # -- payments -----------------------------------------------------------------------------
 
@@ -254,6 +264,16 @@ class _View:
             if dispute.state.get("status") in REVOKING_DISPUTES:
                 revoked |= {p for p in (dispute.state.get("charge"), dispute.state.get("payment_intent")) if p}
         return revoked
+
+    def _invoice_payments(self) -> set[str]:
+        """Every charge and payment intent known to have paid some invoice."""
+        paid: set[str] = set()
+        for invoice in self.invoices.values():
+            paid |= {p for p in (invoice.state.get("charge"), invoice.state.get("payment_intent")) if p}
+            paid |= set(invoice.state.get("payments") or ())
+        for payment in self.by_kind.get("invoice_payment", {}).values():
+            paid |= {p for p in (payment.state.get("payment_intent"), payment.state.get("charge")) if p}
+        return paid
 
     def _paid_by(self, invoice_id: str) -> set[str]:
         """Every charge and payment intent known to have paid an invoice (both API shapes)."""
@@ -369,6 +389,24 @@ class _View:
     # -- one-time purchases -------------------------------------------------------------------
 
     def purchases(self) -> list[_Candidate]:
+        return [*self._checkout_purchases(), *self._intent_purchases()]
+
+    def _intent_purchases(self) -> list[_Candidate]:
+        """Payment intents that name the license in their own metadata and that no Checkout Session
+        or invoice accounts for: purchases by the Payment Element or the API. A `succeeded` intent is
+        paid (https://docs.stripe.com/payments/paymentintents/lifecycle)."""
+        accounted = {s.state.get("payment_intent") for s in self.sessions.values()} | self.invoice_payments
+        found = []
+        for intent in self.by_kind.get("payment_intent", {}).values():
+            if not intent.state.get("purchase") or intent.id in accounted or intent.state.get("invoice"):
+                continue
+            status = "paid" if intent.state.get("status") == "succeeded" else "incomplete"
+            if status == "paid" and intent.id in self.revoked:
+                status = "revoked"
+            found.append(_Candidate(status, "perpetual", status == "paid", intent.version))
+        return found
+
+    def _checkout_purchases(self) -> list[_Candidate]:
         found = []
         for session in self.sessions.values():
             if session.state.get("mode") != "payment":

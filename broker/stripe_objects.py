@@ -219,7 +219,7 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
     if kind in DISPUTE_EVENTS:
         return _simple(obj, "dispute", created, ("charge", "payment_intent"))
     if kind == "payment_intent.succeeded":
-        return _simple(obj, "payment_intent", created, ("invoice",))
+        return _payment_intent(obj, created)
     if kind == "entitlements.active_entitlement_summary.updated":
         customer = _id(obj.get("customer"))
         if customer is None:
@@ -384,6 +384,16 @@ def _charge(charge: dict[str, Any], created: int) -> Reported:
         _links(payment_intent, invoice),
     )
     return Reported((own,), license_of(charge.get("metadata")))
+
+
+def _payment_intent(intent: dict[str, Any], created: int) -> Reported:
+    """A payment intent: a one-time purchase of its own when its metadata names the license (the
+    Payment Element or an API integration, no Checkout), else only the link to its charges."""
+    invoice = _id(intent.get("invoice"))  # before 2025-03-31: the invoice it paid
+    named = license_of(intent.get("metadata"))
+    status = intent.get("status") if isinstance(intent.get("status"), str) else None
+    state = {"status": status, "invoice": invoice, "purchase": named is not None}
+    return Reported((_object("payment_intent", intent, created, status, state, invoice),), named)
 
 
 def _simple(obj: dict[str, Any], kind: str, created: int, link_fields: tuple[str, ...]) -> Reported:

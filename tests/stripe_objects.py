@@ -347,6 +347,45 @@ def charge(
     return ch
 
 
+def payment_intent(
+    *,
+    id: str,
+    customer: str | None,
+    amount: int,
+    status: str,
+    created: int,
+    latest_charge: str | None,
+    livemode: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A payment intent confirmed with the Payment Element or the API (no Checkout, no invoice)."""
+    pi = example("payment_intent")
+    succeeded = status == "succeeded"
+    pi.update(
+        id=id,
+        customer=customer,
+        amount=amount,
+        amount_received=amount if succeeded else 0,
+        amount_capturable=0,
+        currency="usd",
+        status=status,
+        created=created,
+        livemode=livemode,
+        metadata=dict(metadata or {}),
+        latest_charge=latest_charge if succeeded else None,
+        client_secret=f"{id}_secret_{new_id('s')[2:]}",
+        canceled_at=None,
+        last_payment_error=None,
+        next_action=None,
+        processing=None,
+        transfer_data=None,
+        payment_method=new_id("pm"),
+        payment_method_configuration_details=None,
+        description="License (perpetual)",
+    )
+    return pi
+
+
 def refund(*, id: str, charge: str, payment_intent: str, amount: int, status: str, created: int) -> dict[str, Any]:
     re = example("refund")
     re.update(

@@ -126,6 +126,12 @@ class Scenario:
         self.emit("checkout.session.completed", session)
         return sub
 
+    def buy_with_payment_intent(self, customer: str, license_id: str, *, amount: int = 4900) -> IntentPurchase:
+        """A perpetual license paid through a payment intent alone (Payment Element, no Checkout)."""
+        purchase = IntentPurchase(self, customer, license_id, amount)
+        purchase.succeed()
+        return purchase
+
     def subscribe_by_api(self, customer: str, license_id: str) -> Subscription:
         """A subscription created with the API (`payment_behavior=default_incomplete`), no Checkout:
         it is `incomplete` and its first invoice waits for the customer to authenticate (3-D Secure)."""
@@ -152,6 +158,34 @@ class Scenario:
             purchase.payment_status = "paid"
         purchase.emit("checkout.session.completed")
         return purchase
+
+
+class IntentPurchase:
+    """A one-time purchase by a payment intent alone (the Payment Element, or the API): no Checkout
+    Session, no invoice; the seller's server names the license in the intent's metadata."""
+
+    def __init__(self, scenario: Scenario, customer: str, license_id: str, amount: int) -> None:
+        self.s = scenario
+        self.payment = Payment(scenario, customer, amount)
+        self.metadata = {"license_id": license_id}
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        p = self.payment
+        return objects.payment_intent(
+            id=p.payment_intent,
+            customer=p.customer,
+            amount=p.amount,
+            status=status,
+            created=p.created,
+            latest_charge=p.charge,
+            livemode=self.s.livemode,
+            metadata=self.metadata,
+        )
+
+    def succeed(self) -> None:
+        """charge.succeeded, then payment_intent.succeeded."""
+        self.payment.succeed()
+        self.s.emit("payment_intent.succeeded", self.snapshot("succeeded"))
 
 
 def _naming(license_id: str | None, bind: Bind) -> dict[str, Any]:

@@ -118,6 +118,26 @@ def purchase(license_id: str, session: str, payment_status: str, created: int, k
     return s.envelope(kind or "checkout.session.completed", obj, created)
 
 
+def intent(license_id: str, intent_id: str, created: int, **fields: Any) -> dict[str, Any]:
+    s = SampleEvents(license_id)
+    obj = {"id": intent_id, "object": "payment_intent", "customer": s.customer, "status": "succeeded"}
+    obj["metadata"] = {"license_id": license_id}
+    return s.envelope("payment_intent.succeeded", {**obj, **fields}, created)
+
+
+def test_a_payment_intent_that_names_the_license_is_a_purchase_unless_checkout_or_an_invoice_accounts_for_it() -> None:
+    alone = license_of([intent("lic_pi", "pi_alone", T)], "lic_pi")
+    assert (alone["status"], alone["kind"], alone["entitled"]) == ("paid", "perpetual", True)
+    of_an_invoice = license_of([intent("lic_pi2", "pi_inv", T, invoice="in_1")], "lic_pi2")
+    assert (of_an_invoice["status"], of_an_invoice["entitled"]) == ("none", False)
+    unpaid = purchase("lic_pi3", "cs_1", "unpaid", T)  # its session (pi_cs_1) still waits
+    state = license_of([unpaid, intent("lic_pi3", "pi_cs_1", T + 1)], "lic_pi3")
+    assert (state["status"], state["entitled"]) == ("incomplete", False)
+    refunded = {"id": "ch_1", "object": "charge", "payment_intent": "pi_alone", "refunded": True, "amount": 4900}
+    events = [intent("lic_pi", "pi_alone", T), SampleEvents("lic_pi").envelope("charge.refunded", refunded, T + 5)]
+    assert license_of(events, "lic_pi")["status"] == "revoked"
+
+
 def test_a_pending_second_purchase_does_not_lock_a_paid_license() -> None:
     events = [
         purchase("lic_p", "cs_1", "paid", T),

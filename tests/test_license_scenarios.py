@@ -311,6 +311,34 @@ def test_a_full_refund_of_a_one_time_purchase_revokes_it(broker: Broker, s: Scen
 
 
 @pytest.mark.parametrize(
+    ("then", "expected"),
+    [
+        ("nothing", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+        ("a full refund", {"entitled": False, "status": "revoked", "kind": "perpetual"}),
+        ("a partial refund", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+        ("a chargeback", {"entitled": False, "status": "revoked", "kind": "perpetual"}),
+        ("a chargeback that is won", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+    ],
+)
+def test_a_purchase_by_payment_intent_alone_is_a_paid_one_time_purchase(
+    broker: Broker, s: Scenario, then: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    payment = s.buy_with_payment_intent(s.customer(), license_id).payment
+    if then == "a full refund":
+        payment.refund()
+    elif then == "a partial refund":
+        payment.refund(payment.amount // 2)
+    elif then == "a chargeback":
+        payment.dispute("needs_response")
+    elif then == "a chargeback that is won":
+        payment.dispute("needs_response").close("won")
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+    assert seen(broker.streamed_state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize(
     ("story", "expected"),
     [
         ("an inquiry", {"entitled": True, "status": "active"}),
