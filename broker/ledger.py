@@ -175,6 +175,7 @@ class _Candidate:
     version: int
     subscription: StripeObject | None = None
     cancels_at: int | None = None
+    customer: str | None = None
 
 
 class LicenseRules:
@@ -200,7 +201,7 @@ class LicenseRules:
             "status": deciding.status if deciding else "none",
             "entitled": bool(entitling),
             "kind": deciding.kind if deciding else None,
-            "features": view.features(),
+            "features": view.features(entitling),
             "cancels_at": iso(max(cancels)) if entitling and None not in cancels else None,  # type: ignore[type-var]
             "cancel_at_period_end": bool(sub_state.get("cancel_at_period_end")),
             "current_period_end": iso(sub_state.get("current_period_end")),
@@ -355,6 +356,7 @@ class _View:
             sub.version,
             sub,
             cancels_at if isinstance(cancels_at, int) else None,
+            sub.customer,
         )
 
     def latest_invoice(self, sub: StripeObject) -> str | None:
@@ -403,7 +405,7 @@ class _View:
             status = "paid" if intent.state.get("status") == "succeeded" else "incomplete"
             if status == "paid" and intent.id in self.revoked:
                 status = "revoked"
-            found.append(_Candidate(status, "perpetual", status == "paid", intent.version))
+            found.append(_Candidate(status, "perpetual", status == "paid", intent.version, customer=intent.customer))
         return found
 
     def _checkout_purchases(self) -> list[_Candidate]:
@@ -418,14 +420,20 @@ class _View:
                 status = "revoked"
             if self.products and not (set(session.state.get("products") or ()) & self.products):
                 continue  # LICENSE_PRODUCTS: only purchases whose line items are known and listed
-            found.append(_Candidate(status, "perpetual", status == "paid", session.version))
+            found.append(_Candidate(status, "perpetual", status == "paid", session.version, customer=session.customer))
         return found
 
     # -- customer-level facts and notices -----------------------------------------------------
 
-    def features(self) -> list[str]:
+    def features(self, entitling: list[_Candidate]) -> list[str]:
+        """The active entitlements (https://docs.stripe.com/billing/entitlements) of the customers
+        whose subscriptions or purchases entitle the license; none while nothing does. Stripe keeps
+        them per customer, so two entitled licenses of one customer list the same features."""
+        customers = {c.customer for c in entitling if c.customer}
         features: set[str] = set()
         for summary in self.by_kind.get("entitlements", {}).values():
+            if summary.customer not in customers:
+                continue
             if summary.customer in self.deleted and self.deleted[summary.customer] >= summary.version:
                 continue
             features |= set(summary.state.get("features") or ())

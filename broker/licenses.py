@@ -21,7 +21,7 @@ class LicenseState(TypedDict):
     status: str
     entitled: bool
     kind: str | None  # "subscription" | "perpetual", of the deciding object
-    features: list[str]  # lookup_keys of the customer's active entitlements
+    features: list[str]  # lookup_keys of the entitling customer's active entitlements; [] unless entitled
     cancels_at: str | None  # when the entitlement is scheduled to end, if every entitling object ends
     cancel_at_period_end: bool
     current_period_end: str | None

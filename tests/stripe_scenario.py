@@ -126,6 +126,11 @@ class Scenario:
         self.emit("checkout.session.completed", session)
         return sub
 
+    def entitlements(self, customer: str, lookup_keys: list[str]) -> None:
+        """entitlements.active_entitlement_summary.updated: the customer's active features now."""
+        summary = objects.entitlement_summary(customer=customer, lookup_keys=lookup_keys, livemode=self.livemode)
+        self.emit("entitlements.active_entitlement_summary.updated", summary)
+
     def buy_with_payment_intent(self, customer: str, license_id: str, *, amount: int = 4900) -> IntentPurchase:
         """A perpetual license paid through a payment intent alone (Payment Element, no Checkout)."""
         purchase = IntentPurchase(self, customer, license_id, amount)

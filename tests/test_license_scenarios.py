@@ -369,6 +369,35 @@ def test_a_dispute_revokes_only_once_funds_are_withdrawn_and_a_won_one_restores(
     assert seen(broker.streamed_state(license_id), expected) == expected
 
 
+# --- features (Stripe Entitlements) ---------------------------------------------------------------
+
+
+def test_features_are_listed_only_while_the_license_is_entitled(broker: Broker, s: Scenario) -> None:
+    license_id, alice = new_license(), s.customer()
+    payment = s.subscribe(alice, license_id).latest_invoice.payment
+    s.entitlements(alice, ["pro", "sync"])
+    broker.deliver(s.take())
+    unlocked = {"entitled": True, "features": ["pro", "sync"]}
+    assert seen(broker.state(license_id), unlocked) == unlocked
+    assert payment is not None
+    payment.refund()  # the current period: revoked, while Stripe still lists the features
+    broker.deliver(s.take())
+    revoked = {"entitled": False, "status": "revoked", "features": []}
+    assert seen(broker.state(license_id), revoked) == revoked
+    assert seen(broker.streamed_state(license_id), revoked) == revoked
+
+
+def test_features_come_only_from_the_customer_whose_purchase_entitles_the_license(broker: Broker, s: Scenario) -> None:
+    license_id, alice, bob = new_license(), s.customer(), s.customer()
+    s.subscribe(alice, license_id).end()  # alice's subscription ended; her other products go on
+    s.entitlements(alice, ["backup"])
+    s.subscribe(bob, license_id)  # the license passed to bob, named by the seller's server
+    s.entitlements(bob, ["pro"])
+    broker.deliver(s.take())
+    expected = {"entitled": True, "status": "active", "features": ["pro"]}
+    assert seen(broker.state(license_id), expected) == expected
+
+
 # --- purchases and invoices still open -----------------------------------------------------------
 
 
