@@ -32,6 +32,11 @@ REVOKING_DISPUTES = frozenset({"needs_response", "under_review", "lost", "preven
 UNDONE_REFUNDS = frozenset({"failed", "canceled"})
 # Subscription statuses a paid latest invoice moves to `active` (https://docs.stripe.com/billing/subscriptions/overview).
 AWAITING_PAYMENT = frozenset({"incomplete", "past_due", "unpaid"})
+# A failed payment of the latest invoice makes a subscription past_due only when Stripe charges it
+# automatically. One billed by email "becomes `past_due` when its invoice is not paid by the due
+# date" (https://docs.stripe.com/api/subscriptions/object#subscription_object-status), however many
+# attempts fail on the hosted invoice page before then: its own status says so.
+BILLED_BY_EMAIL = "send_invoice"
 # The invoices that pay for a subscription's period, the one a refund or a chargeback revokes: the
 # first and each renewal (https://docs.stripe.com/api/invoices/object#invoice_object-billing_reason).
 # A `subscription_update` invoice pays for a period only when the change restarts the billing cycle
@@ -337,6 +342,7 @@ class _View:
                 and status == "active"
                 and invoice.version > sub.version
                 and invoice.state.get("billing_reason") != "subscription_update"
+                and BILLED_BY_EMAIL not in (invoice.state.get("collection_method"), state.get("collection_method"))
             ):
                 status = "past_due"
         if sub.customer in self.deleted and self.deleted[sub.customer] >= sub.version:

@@ -132,6 +132,10 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_CREATED else None
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def license_of(metadata: Any) -> str | None:
     value = _dict(metadata).get("license_id")
     if value is None or value == "":
@@ -297,6 +301,7 @@ def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reporte
         "cancel_at": _int(sub.get("cancel_at")),
         "cancel_at_period_end": sub.get("cancel_at_period_end") is True,
         "trial_end": _int(sub.get("trial_end")),
+        "collection_method": _str(sub.get("collection_method")),
         "products": _products(items),
     }
     own_id = _own_id(sub)
@@ -326,16 +331,17 @@ def _invoice(invoice: dict[str, Any], outcome: str, created: int) -> Reported:
         payments |= {p for p in (_id(paid_with.get("charge")), _id(paid_with.get("payment_intent"))) if p}
     charge, payment_intent = _id(invoice.get("charge")), _id(invoice.get("payment_intent"))
     status = outcome
-    hosted = invoice.get("hosted_invoice_url") if isinstance(invoice.get("hosted_invoice_url"), str) else None
+    hosted = _str(invoice.get("hosted_invoice_url"))
     state = {
         "status": status,
         "subscription": subscription,
         "created": _int(invoice.get("created")),
-        "billing_reason": invoice.get("billing_reason") if isinstance(invoice.get("billing_reason"), str) else None,
+        "billing_reason": _str(invoice.get("billing_reason")),
         "charge": charge,
         "payment_intent": payment_intent,
         "payments": sorted(payments),
         "hosted_invoice_url": hosted,
+        "collection_method": _str(invoice.get("collection_method")),
         "products": _products(invoice.get("lines")),
         "period_line": _pays_a_period(invoice.get("lines")),
     }
@@ -366,7 +372,7 @@ def _charge(charge: dict[str, Any], created: int) -> Reported:
     # `refunded` is true only for a full refund; a partial one leaves the payment standing.
     refunded = charge.get("refunded") is True or (captured > 0 and refunded_amount >= captured)
     payment_intent, invoice = _id(charge.get("payment_intent")), _id(charge.get("invoice"))
-    status = charge.get("status") if isinstance(charge.get("status"), str) else None
+    status = _str(charge.get("status"))
     state = {
         "payment_intent": payment_intent,
         "invoice": invoice,
@@ -391,14 +397,14 @@ def _payment_intent(intent: dict[str, Any], created: int) -> Reported:
     Payment Element or an API integration, no Checkout), else only the link to its charges."""
     invoice = _id(intent.get("invoice"))  # before 2025-03-31: the invoice it paid
     named = license_of(intent.get("metadata"))
-    status = intent.get("status") if isinstance(intent.get("status"), str) else None
+    status = _str(intent.get("status"))
     state = {"status": status, "invoice": invoice, "purchase": named is not None}
     return Reported((_object("payment_intent", intent, created, status, state, invoice),), named)
 
 
 def _simple(obj: dict[str, Any], kind: str, created: int, link_fields: tuple[str, ...]) -> Reported:
     linked = {f: _id(obj.get(f)) for f in link_fields}
-    status = obj.get("status") if isinstance(obj.get("status"), str) else None
+    status = _str(obj.get("status"))
     state: dict[str, Any] = {"status": status, **linked}
     own = _object(kind, obj, created, status, state, *linked.values())
     return Reported((own,), license_of(obj.get("metadata")))

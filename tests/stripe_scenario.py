@@ -131,6 +131,16 @@ class Scenario:
         summary = objects.entitlement_summary(customer=customer, lookup_keys=lookup_keys, livemode=self.livemode)
         self.emit("entitlements.active_entitlement_summary.updated", summary)
 
+    def subscribe_by_invoice(self, customer: str, license_id: str) -> Subscription:
+        """A subscription billed by email (`collection_method=send_invoice`, 30 days to pay): active
+        at once; each invoice is paid on its hosted page."""
+        sub = Subscription(self, customer, {"license_id": license_id}, price=PRICE, product=PRODUCT, amount=2000)
+        sub.collection_method, sub.status = "send_invoice", "active"
+        first = sub.new_invoice("subscription_create")
+        sub.emit("customer.subscription.created")
+        first.pay()
+        return sub
+
     def buy_with_payment_intent(self, customer: str, license_id: str, *, amount: int = 4900) -> IntentPurchase:
         """A perpetual license paid through a payment intent alone (Payment Element, no Checkout)."""
         purchase = IntentPurchase(self, customer, license_id, amount)
@@ -370,6 +380,8 @@ class Invoice:
             charge=self.payment.charge if self.payment else None,
             payment_intent=self.payment.payment_intent if self.payment else None,
             proration=self.proration,
+            collection_method=sub.collection_method,
+            due_date=self.created + 30 * 86400 if sub.collection_method == "send_invoice" else None,
         )
 
     def pay(self) -> Payment:
@@ -425,6 +437,7 @@ class Subscription:
         self.status = "incomplete"
         self.period_start, self.period_end = self.created, self.created + MONTH
         self.quantity = 1
+        self.collection_method = "charge_automatically"
         self.cancel_at: int | None = None
         self.cancel_at_period_end = False
         self.canceled_at: int | None = None
@@ -451,6 +464,7 @@ class Subscription:
             metadata=self.metadata,
             latest_invoice=self.invoices[-1].id if self.invoices else None,
             quantity=self.quantity,
+            collection_method=self.collection_method,
             cancel_at=self.cancel_at,
             cancel_at_period_end=self.cancel_at_period_end,
             canceled_at=self.canceled_at,
@@ -510,6 +524,14 @@ class Subscription:
         invoice = self.new_invoice("subscription_update", amount=proration_amount, proration=True)
         self._updated(before)
         invoice.pay()
+        return invoice
+
+    def send_renewal_invoice(self) -> Invoice:
+        """send_invoice billing: the next period starts and its invoice is emailed, open until its
+        due date; the subscription stays active meanwhile."""
+        before = self.snapshot()
+        invoice = self._next_period()
+        self._updated(before)
         return invoice
 
     def renewal_needs_action(self) -> Invoice:

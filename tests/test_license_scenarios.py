@@ -448,6 +448,23 @@ def test_an_invoice_event_the_rules_do_not_list_is_ignored_and_erases_no_failed_
     assert answers[-1]["outcome"] == "ignored"
 
 
+def test_a_declined_attempt_on_an_emailed_invoice_leaves_the_subscription_active_until_stripe_says_past_due(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe_by_invoice(s.customer(), license_id)
+    invoice = sub.send_renewal_invoice()
+    broker.deliver(s.take())
+    invoice.fail()  # the customer's card is declined on the hosted invoice page, weeks before the due date
+    broker.deliver(s.take())
+    active = {"entitled": True, "status": "active"}
+    assert seen(broker.state(license_id), active) == active
+    sub.update(status="past_due")  # the due date passed unpaid
+    broker.deliver(s.take())
+    past_due = {"entitled": True, "status": "past_due"}
+    assert seen(broker.state(license_id), past_due) == past_due
+
+
 # --- notices: 3-D Secure ---------------------------------------------------------------------------
 
 
