@@ -18,16 +18,29 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
 from broker.licenses import LicenseState
 
-# What a dispute in each status does: inquiries withdraw no funds and never revoke; a chargeback
-# revokes until it is won (https://docs.stripe.com/disputes/how-disputes-work).
-# `prevented` (Visa Rapid Dispute Resolution) refunds the cardholder at once: it revokes too.
+if TYPE_CHECKING:
+    from broker.settings import Settings
+
+# Dispute statuses in which the cardholder has the money back: a chargeback withdraws the funds at
+# once, until it is won (https://docs.stripe.com/disputes/how-disputes-work); inquiries
+# (`warning_*`) withdraw nothing and never revoke. `prevented`: Stripe's dispute prevention stopped
+# the chargeback before it was filed, either by refunding the cardholder ("automatically resolve
+# (refund)", `case_type: resolution`) or by blocking it with Compelling Evidence ("Block disputes
+# entirely", `case_type: block`), where no money moves and nothing is revoked
+# (https://docs.stripe.com/disputes/prevention-preview,
+# https://docs.stripe.com/changelog/basil/2025-08-27/add-preventions-to-dispute).
 REVOKING_DISPUTES = frozenset({"needs_response", "under_review", "lost", "prevented"})
+BLOCKED_DISPUTE = "block"
+# DISPUTE_REVOKES=license: a dispute lost, or a fraud claim ("the cardholder claims that they didn't
+# authorize the payment", https://docs.stripe.com/disputes/categories) with the money back, revokes
+# the whole license until it is won, not only the period its payment paid for (docs/stripe.md).
+FRAUD_REASON = "fraudulent"
 # A refund that did not go through restores the payment (https://docs.stripe.com/refunds#failed-refunds).
 UNDONE_REFUNDS = frozenset({"failed", "canceled"})
 # Subscription statuses a paid latest invoice moves to `active` (https://docs.stripe.com/billing/subscriptions/overview).
@@ -186,9 +199,19 @@ class _Candidate:
 class LicenseRules:
     """`derive`: the license of a set of ledger objects (see PRECEDENCE and docs/stripe.md)."""
 
-    def __init__(self, entitled_statuses: Iterable[str], products: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        entitled_statuses: Iterable[str],
+        products: Iterable[str] = (),
+        dispute_revokes: Literal["period", "license"] = "license",
+    ) -> None:
         self.entitled_statuses = frozenset(entitled_statuses) - {"revoked"}
         self.products = frozenset(products)
+        self.dispute_revokes = dispute_revokes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LicenseRules:
+        return cls(settings.entitled_statuses, settings.license_products, settings.dispute_revokes)
 
     def derive(self, objects: Iterable[StripeObject]) -> LicenseState:
         by_kind: dict[str, dict[str, StripeObject]] = defaultdict(dict)
@@ -196,6 +219,8 @@ class LicenseRules:
             by_kind[obj.kind][obj.id] = obj
         view = _View(by_kind, self.products, self.entitled_statuses)
         candidates = [*view.subscriptions(), *view.purchases()]
+        if self.dispute_revokes == "license" and view.license_disputed():
+            candidates = [replace(c, status="revoked", entitled=False) if c.entitled else c for c in candidates]
         candidates.sort(key=lambda c: (not c.entitled, _precedence(c.status), -c.version))
         deciding = candidates[0] if candidates else None
         entitling = [c for c in candidates if c.entitled]
@@ -267,9 +292,16 @@ class _View:
                     *([charge.state["payment_intent"]] if charge.state.get("payment_intent") else []),
                 }
         for dispute in self.by_kind.get("dispute", {}).values():
-            if dispute.state.get("status") in REVOKING_DISPUTES:
+            if _money_back(dispute):
                 revoked |= {p for p in (dispute.state.get("charge"), dispute.state.get("payment_intent")) if p}
         return revoked
+
+    def license_disputed(self) -> bool:
+        """A dispute of one of the license's payments lost, or a fraud claim, with the money back."""
+        return any(
+            _money_back(d) and (d.state.get("status") == "lost" or d.state.get("reason") == FRAUD_REASON)
+            for d in self.by_kind.get("dispute", {}).values()
+        )
 
     def _invoice_payments(self) -> set[str]:
         """Every charge and payment intent known to have paid some invoice."""
@@ -481,6 +513,11 @@ class _View:
             ):
                 return {"type": "trial_will_end", "subscription": sub.id, "trial_end": iso(sub.state.get("trial_end"))}
         return None
+
+
+def _money_back(dispute: StripeObject) -> bool:
+    status, case = dispute.state.get("status"), dispute.state.get("case_type")
+    return status in REVOKING_DISPUTES and not (status == "prevented" and case == BLOCKED_DISPUTE)
 
 
 def _pays_for_period(invoice: StripeObject) -> bool:

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
 
 TransportName = Literal["redis", "poll", "memory"]
+DisputeScope = Literal["period", "license"]
 LogFormat = Literal["text", "json"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -72,6 +73,9 @@ class Settings:
     stripe_accounts: frozenset[str] = frozenset()
     # Product or price ids that grant a license; empty: every product does.
     license_products: frozenset[str] = frozenset()
+    # What a lost or fraudulent chargeback revokes: the period its payment paid for, or the license
+    # (docs/stripe.md, "Disputes").
+    dispute_revokes: DisputeScope = "license"
     # Optional: re-read objects from Stripe's API when an event is not newer than the ledger's.
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
@@ -141,6 +145,9 @@ class Settings:
         for product in products:
             if not product.startswith(("prod_", "price_")):
                 raise SettingsError(f"LICENSE_PRODUCTS: expected prod_... or price_... ids, got {product!r}")
+        dispute_revokes = (_str(env, "DISPUTE_REVOKES") or "license").lower()
+        if dispute_revokes not in get_args(DisputeScope):
+            raise SettingsError(f"DISPUTE_REVOKES: expected period or license, got {dispute_revokes!r}")
         api_key = _str(env, "STRIPE_API_KEY")
         if api_key is not None and not api_key.startswith(("sk_", "rk_")):
             raise SettingsError("STRIPE_API_KEY: expected a secret (sk_...) or restricted (rk_...) key")
@@ -187,6 +194,7 @@ class Settings:
             stripe_livemode=None if livemode is None else _bool(env, "STRIPE_LIVEMODE", False),
             stripe_accounts=frozenset(accounts),
             license_products=frozenset(products),
+            dispute_revokes=cast(DisputeScope, dispute_revokes),
             stripe_api_key=api_key,
             stripe_api_base=api_base,
             webhook_max_body=int(_float(env, "WEBHOOK_MAX_BODY", 256 * 1024, minimum=1024)),

@@ -221,7 +221,7 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
     if kind in REFUND_EVENTS:
         return _simple(obj, "refund", created, ("charge", "payment_intent"))
     if kind in DISPUTE_EVENTS:
-        return _simple(obj, "dispute", created, ("charge", "payment_intent"))
+        return _dispute(obj, created)
     if kind == "payment_intent.succeeded":
         return _payment_intent(obj, created)
     if kind == "entitlements.active_entitlement_summary.updated":
@@ -400,6 +400,21 @@ def _payment_intent(intent: dict[str, Any], created: int) -> Reported:
     status = _str(intent.get("status"))
     state = {"status": status, "invoice": invoice, "purchase": named is not None}
     return Reported((_object("payment_intent", intent, created, status, state, invoice),), named)
+
+
+def _dispute(dispute: dict[str, Any], created: int) -> Reported:
+    charge, payment_intent = _id(dispute.get("charge")), _id(dispute.get("payment_intent"))
+    status = _str(dispute.get("status"))
+    card = _dict(_dict(dispute.get("payment_method_details")).get("card"))
+    state = {
+        "status": status,
+        "charge": charge,
+        "payment_intent": payment_intent,
+        "reason": _str(dispute.get("reason")),
+        "case_type": _str(card.get("case_type")),  # chargeback, inquiry, ... block, resolution (prevented)
+    }
+    own = _object("dispute", dispute, created, status, state, charge, payment_intent)
+    return Reported((own,), license_of(dispute.get("metadata")))
 
 
 def _simple(obj: dict[str, Any], kind: str, created: int, link_fields: tuple[str, ...]) -> Reported:

@@ -406,8 +406,19 @@ INQUIRY_STATUSES = frozenset({"warning_needs_response", "warning_under_review", 
 
 
 def dispute(
-    *, id: str, charge: str, payment_intent: str, amount: int, status: str, created: int, livemode: bool = False
+    *,
+    id: str,
+    charge: str,
+    payment_intent: str,
+    amount: int,
+    status: str,
+    created: int,
+    livemode: bool = False,
+    reason: str = "fraudulent",
+    case_type: str | None = None,
 ) -> dict[str, Any]:
+    """`case_type`: inquiry or chargeback by default (from the status); `block` or `resolution` for a
+    dispute Stripe's dispute prevention stopped (status `prevented`)."""
     du = example("dispute")
     du.update(
         id=id,
@@ -417,10 +428,11 @@ def dispute(
         status=status,
         created=created,
         livemode=livemode,
-        reason="fraudulent",
+        reason=reason,
         is_charge_refundable=status in INQUIRY_STATUSES,
     )
-    du["payment_method_details"]["card"]["case_type"] = "inquiry" if status in INQUIRY_STATUSES else "chargeback"
+    default_case = "inquiry" if status in INQUIRY_STATUSES else "chargeback"
+    du["payment_method_details"]["card"]["case_type"] = case_type or default_case
     du["evidence_details"]["due_by"] = created + 7 * 86400
     return du
 

@@ -263,18 +263,23 @@ class Payment:
         self.refunded_at = self.s.emit("charge.refunded", after, previous, at=at)["created"]
         self.s.emit("refund.created", refund)
 
-    def dispute(self, status: str = "needs_response") -> Dispute:
-        return Dispute(self, status)
+    def dispute(
+        self, status: str = "needs_response", *, reason: str = "fraudulent", case_type: str | None = None
+    ) -> Dispute:
+        return Dispute(self, status, reason, case_type)
 
 
 class Dispute:
-    def __init__(self, payment: Payment, status: str) -> None:
+    def __init__(self, payment: Payment, status: str, reason: str, case_type: str | None) -> None:
         self.payment = payment
         self.id = new_id("du")
         self.status = status
+        self.reason = reason
+        self.case_type = case_type
         self.created = payment.s.clock.now
         self.emit("charge.dispute.created")
-        if status not in objects.INQUIRY_STATUSES:
+        # A chargeback withdraws the funds at once; an inquiry or a prevented dispute does not.
+        if status not in objects.INQUIRY_STATUSES and status != "prevented":
             self.emit("charge.dispute.funds_withdrawn")
 
     def snapshot(self) -> dict[str, Any]:
@@ -287,6 +292,8 @@ class Dispute:
             status=self.status,
             created=self.created,
             livemode=p.s.livemode,
+            reason=self.reason,
+            case_type=self.case_type,
         )
 
     def emit(self, kind: str, previous: dict[str, Any] | None = None) -> None:

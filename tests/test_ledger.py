@@ -97,6 +97,36 @@ def test_disputes_revoke_only_when_funds_are_withdrawn(status: str, revoked: boo
     assert license_of([*story(s, "pay"), dispute], "lic_dispute")["entitled"] is not revoked
 
 
+@pytest.mark.parametrize(
+    ("scope", "reason", "status", "entitled"),
+    [
+        ("license", "fraudulent", "needs_response", False),
+        ("license", "fraudulent", "warning_needs_response", True),
+        ("license", "product_not_received", "needs_response", True),
+        ("license", "product_not_received", "lost", False),
+        ("license", "fraudulent", "won", True),
+        ("period", "fraudulent", "needs_response", True),
+        ("period", "product_not_received", "lost", True),
+    ],
+)
+def test_a_dispute_of_a_superseded_period_revokes_the_license_only_when_lost_or_fraudulent(
+    scope: Any, reason: str, status: str, entitled: bool
+) -> None:
+    s = SampleEvents("lic_late")
+    dispute = s._dispute(1, status) | {"reason": reason}
+    events = [*story(s, "pay", "fail", "recover"), s.envelope("charge.dispute.updated", dispute, T + 400)]
+    rules = LicenseRules(["trialing", "active", "past_due"], dispute_revokes=scope)
+    assert license_of(events, "lic_late", rules)["entitled"] is entitled
+
+
+@pytest.mark.parametrize(("case_type", "entitled"), [("block", True), ("resolution", False), (None, False)])
+def test_a_prevented_dispute_revokes_unless_it_was_blocked(case_type: str | None, entitled: bool) -> None:
+    s = SampleEvents("lic_prevented")
+    dispute = s._dispute(1, "prevented") | {"payment_method_details": {"card": {"case_type": case_type}}}
+    events = [*story(s, "pay"), s.envelope("charge.dispute.closed", dispute, T + 100)]
+    assert license_of(events, "lic_prevented")["entitled"] is entitled
+
+
 def test_a_won_dispute_restores() -> None:
     s = SampleEvents("lic_won")
     assert license_of(story(s, "pay", "dispute"), "lic_won")["status"] == "revoked"

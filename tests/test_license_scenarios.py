@@ -29,7 +29,15 @@ from tests.support.waiting import free_port
 
 # Settings of the ledger's mode and account filters; cleared unless a broker sets them, so the
 # environment the suite runs in cannot leak into these processes.
-STRIPE_SETTINGS = ("STRIPE_LIVEMODE", "STRIPE_ACCOUNTS", "LICENSE_PRODUCTS", "STRIPE_API_KEY", "ENTITLED_STATUSES")
+STRIPE_SETTINGS = (
+    "STRIPE_LIVEMODE",
+    "STRIPE_ACCOUNTS",
+    "LICENSE_PRODUCTS",
+    "STRIPE_API_KEY",
+    "STRIPE_API_BASE",
+    "ENTITLED_STATUSES",
+    "DISPUTE_REVOKES",
+)
 LISTED_ACCOUNT = "acct_1ListedPlatformUser"
 BASIC_PRICE = "price_desktop_basic_monthly"
 
@@ -121,6 +129,13 @@ def live_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.Temp
     """Only live-mode events count, and of Connect accounts only the listed one's."""
     logs = tmp_path_factory.mktemp("live-broker")
     yield from running_broker(postgres_url, redis_url, logs, STRIPE_LIVEMODE="true", STRIPE_ACCOUNTS=LISTED_ACCOUNT)
+
+
+@pytest.fixture(scope="module")
+def period_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """DISPUTE_REVOKES=period: a chargeback revokes only the period its payment paid for."""
+    logs = tmp_path_factory.mktemp("period-broker")
+    yield from running_broker(postgres_url, redis_url, logs, DISPUTE_REVOKES="period")
 
 
 @pytest.fixture(params=SHAPES)
@@ -395,6 +410,80 @@ def test_features_come_only_from_the_customer_whose_purchase_entitles_the_licens
     s.entitlements(bob, ["pro"])
     broker.deliver(s.take())
     expected = {"entitled": True, "status": "active", "features": ["pro"]}
+    assert seen(broker.state(license_id), expected) == expected
+
+
+LATE_DISPUTES = {
+    "a fraud chargeback": {"status": "needs_response"},
+    "a fraud chargeback that is won": {"status": "needs_response", "then": "won"},
+    "a fraud inquiry": {"status": "warning_needs_response"},
+    "an open chargeback for another reason": {"status": "needs_response", "reason": "product_unacceptable"},
+    "a lost chargeback for another reason": {
+        "status": "needs_response",
+        "reason": "product_unacceptable",
+        "then": "lost",
+    },
+}
+
+
+def late_dispute(s: Scenario, license_id: str, story: str) -> None:
+    """Month 1 paid, month 2 paid, then a dispute of month 1's payment (disputes usually come weeks later)."""
+    sub = s.subscribe(s.customer(), license_id)
+    first = sub.latest_invoice.payment
+    sub.renew()
+    assert first is not None
+    how = LATE_DISPUTES[story]
+    dispute = first.dispute(how["status"], reason=how.get("reason", "fraudulent"))
+    if "then" in how:
+        dispute.update("under_review")
+        dispute.close(how["then"])
+
+
+@pytest.mark.parametrize(
+    ("story", "expected"),
+    [
+        ("a fraud chargeback", {"entitled": False, "status": "revoked"}),
+        ("a fraud chargeback that is won", {"entitled": True, "status": "active"}),
+        ("a fraud inquiry", {"entitled": True, "status": "active"}),
+        ("an open chargeback for another reason", {"entitled": True, "status": "active"}),
+        ("a lost chargeback for another reason", {"entitled": False, "status": "revoked"}),
+    ],
+)
+def test_a_late_dispute_of_a_past_month_revokes_the_license_when_it_is_lost_or_a_fraud_claim(
+    broker: Broker, s: Scenario, story: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    late_dispute(s, license_id, story)
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize("story", ["a fraud chargeback", "a lost chargeback for another reason"])
+def test_with_dispute_revokes_period_a_late_dispute_of_a_past_month_changes_nothing(
+    period_broker: Broker, s: Scenario, story: str
+) -> None:
+    license_id = new_license()
+    late_dispute(s, license_id, story)
+    period_broker.deliver(s.take())
+    expected = {"entitled": True, "status": "active"}
+    assert seen(period_broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("case_type", "expected"),
+    [
+        ("block", {"entitled": True, "status": "active"}),  # stopped with Compelling Evidence: no money moves
+        ("resolution", {"entitled": False, "status": "revoked"}),  # resolved by refunding the cardholder
+    ],
+)
+def test_a_prevented_dispute_revokes_only_when_the_cardholder_was_refunded(
+    broker: Broker, s: Scenario, case_type: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    payment = s.subscribe(s.customer(), license_id).latest_invoice.payment
+    assert payment is not None
+    payment.dispute("prevented", case_type=case_type)
+    broker.deliver(s.take())
     assert seen(broker.state(license_id), expected) == expected
 
 

@@ -73,6 +73,7 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "0"}, "PORT"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"DISPUTE_REVOKES": "everything"}, "DISPUTE_REVOKES"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:

@@ -92,7 +92,7 @@ async def webhook_state(runtime: Runtime, after_commit: AfterCommit | None = Non
             "verifier": WebhookVerifier(settings.webhook_secrets, settings.webhook_tolerance),
             "ingestor": Ingestor(
                 runtime,
-                LicenseRules(settings.entitled_statuses, settings.license_products),
+                LicenseRules.from_settings(settings),
                 EventFilter(settings.stripe_livemode, settings.stripe_accounts),
                 refresher,
                 after_commit,
