@@ -124,6 +124,44 @@ CUSTOMER_KINDS = frozenset({"entitlements", "customer"})
 
 
 @dataclass(frozen=True, slots=True)
+class Grants:
+    """LICENSE_PRODUCTS: the product and price ids that grant a license, per kind of purchase. A
+    subscription grants when one of its items' prices or products is listed for `subscription`; a
+    one-time purchase when one of its line items' (read from Stripe's API: webhooks never carry a
+    Checkout Session's line items, https://docs.stripe.com/api/checkout/sessions/line_items) is
+    listed for `perpetual`. Nothing listed: every purchase that names the license grants."""
+
+    subscription: frozenset[str] = frozenset()
+    perpetual: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, entries: Iterable[str]) -> Grants:
+        """`prod_...` or `price_...`, for both kinds, or prefixed `subscription:` / `perpetual:`."""
+        kinds: dict[str, set[str]] = {"subscription": set(), "perpetual": set()}
+        for entry in entries:
+            kind, _, product = entry.rpartition(":")
+            for each in (kind,) if kind else tuple(kinds):
+                kinds[each].add(product)
+        return cls(frozenset(kinds["subscription"]), frozenset(kinds["perpetual"]))
+
+    @property
+    def listed(self) -> bool:
+        return bool(self.subscription or self.perpetual)
+
+    def grants(self, kind: str, products: Iterable[str] | None) -> bool:
+        """Whether a purchase of `kind` of these products grants (None: not known)."""
+        if not self.listed:
+            return True
+        listed = self.subscription if kind == "subscription" else self.perpetual
+        return products is not None and not listed.isdisjoint(products)
+
+
+def line_items_id(session_id: str) -> str:
+    """The ledger id of a Checkout Session's line items, read from Stripe's API."""
+    return f"{session_id}#line_items"
+
+
+@dataclass(frozen=True, slots=True)
 class StripeObject:
     """One ledger row: the fields of a Stripe object the rules read, and its ordering version."""
 
@@ -206,18 +244,23 @@ class LicenseRules:
         dispute_revokes: Literal["period", "license"] = "license",
     ) -> None:
         self.entitled_statuses = frozenset(entitled_statuses) - {"revoked"}
-        self.products = frozenset(products)
+        self.grants = Grants.of(products)
         self.dispute_revokes = dispute_revokes
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LicenseRules:
         return cls(settings.entitled_statuses, settings.license_products, settings.dispute_revokes)
 
+    def needs_line_items(self, obj: StripeObject) -> bool:
+        """Whether the rules judge this object by line items only Stripe's API gives: a one-time
+        Checkout purchase while LICENSE_PRODUCTS lists products for one-time purchases."""
+        return bool(self.grants.perpetual) and obj.kind == "checkout" and obj.state.get("mode") == "payment"
+
     def derive(self, objects: Iterable[StripeObject]) -> LicenseState:
         by_kind: dict[str, dict[str, StripeObject]] = defaultdict(dict)
         for obj in objects:
             by_kind[obj.kind][obj.id] = obj
-        view = _View(by_kind, self.products, self.entitled_statuses)
+        view = _View(by_kind, self.grants, self.entitled_statuses)
         candidates = [*view.subscriptions(), *view.purchases()]
         if self.dispute_revokes == "license" and view.license_disputed():
             candidates = [replace(c, status="revoked", entitled=False) if c.entitled else c for c in candidates]
@@ -262,11 +305,11 @@ class _View:
     def __init__(
         self,
         by_kind: Mapping[str, Mapping[str, StripeObject]],
-        products: frozenset[str],
+        grants: Grants,
         entitled_statuses: frozenset[str],
     ) -> None:
         self.by_kind = by_kind
-        self.products = products
+        self.grants = grants
         self.entitled_statuses = entitled_statuses
         self.sessions = by_kind.get("checkout", {})
         self.invoices = by_kind.get("invoice", {})
@@ -382,7 +425,7 @@ class _View:
         period = self.period_invoice(sub)
         if period and status not in ("canceled", "incomplete_expired") and self._paid_by(period) & self.revoked:
             status = "revoked"  # its current period was refunded or charged back
-        if self.products and not (set(state.get("products") or ()) & self.products):
+        if not self.grants.grants("subscription", state.get("products") or ()):
             return None  # LICENSE_PRODUCTS: another product's subscription grants nothing here
         cancels_at = state.get("cancel_at")
         if not isinstance(cancels_at, int) and state.get("cancel_at_period_end"):
@@ -440,6 +483,8 @@ class _View:
         for intent in self.by_kind.get("payment_intent", {}).values():
             if not intent.state.get("purchase") or intent.id in accounted or intent.state.get("invoice"):
                 continue
+            if not self.grants.grants("perpetual", intent.state.get("products")):
+                continue  # LICENSE_PRODUCTS: only an intent whose metadata.license_product is listed
             status = "paid" if intent.state.get("status") == "succeeded" else "incomplete"
             if status == "paid" and intent.id in self.revoked:
                 status = "revoked"
@@ -456,7 +501,8 @@ class _View:
             payment = session.state.get("payment_intent")
             if status == "paid" and payment and payment in self.revoked:
                 status = "revoked"
-            if self.products and not (set(session.state.get("products") or ()) & self.products):
+            line_items = self.by_kind.get("line_items", {}).get(line_items_id(session.id))
+            if not self.grants.grants("perpetual", line_items.state.get("products") if line_items else None):
                 continue  # LICENSE_PRODUCTS: only purchases whose line items are known and listed
             found.append(_Candidate(status, "perpetual", status == "paid", session.version, customer=session.customer))
         return found

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.ledger import FETCHED_RANK, StripeObject, charge_rank, rank_of
+from broker.ledger import FETCHED_RANK, StripeObject, charge_rank, line_items_id, rank_of
 
 # Stripe ids fit these columns; a longer or odd value is content the broker cannot use.
 MAX_ID = 255
@@ -153,7 +153,7 @@ def _links(*ids: str | None) -> frozenset[str]:
     return frozenset(i for i in ids if i)
 
 
-def _products(items: Any) -> list[str]:
+def products_of(items: Any) -> list[str]:
     """Price and product ids of subscription items, invoice lines or Checkout line items."""
     found: set[str] = set()
     for item in _dict(items).get("data") or []:
@@ -278,14 +278,26 @@ def _checkout(session: dict[str, Any], outcome: str | None, created: int) -> Rep
         "subscription": subscription,
         "invoice": invoice,
         "payment_intent": payment_intent,
-        "products": _products(session.get("line_items")),
     }
     own = _object("checkout", session, created, outcome, state, subscription, invoice, payment_intent)
+    objects = [own]
+    if isinstance(session.get("line_items"), dict):  # never in a webhook; in a session read with expand
+        objects.append(line_items(own, products_of(session["line_items"]), created))
     named = license_of(session.get("metadata"))
     reference = session.get("client_reference_id")
     if named is None and reference not in (None, ""):
-        return Reported((own,), valid_license_id(reference), by_reference=True)
-    return Reported((own,), named)
+        return Reported(tuple(objects), valid_license_id(reference), by_reference=True)
+    return Reported(tuple(objects), named)
+
+
+def line_items(session: StripeObject, products: list[str], created: int, *, fetched: bool = False) -> StripeObject:
+    """A Checkout Session's line items (their price and product ids): an object of its own, since
+    only Stripe's API gives them and later snapshots of the session do not carry them."""
+    state = {"products": sorted(set(products))}
+    rank = FETCHED_RANK if fetched else 0
+    return StripeObject(
+        line_items_id(session.id), "line_items", created, rank, state, session.customer, _links(session.id)
+    )
 
 
 def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reported:
@@ -302,7 +314,7 @@ def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reporte
         "cancel_at_period_end": sub.get("cancel_at_period_end") is True,
         "trial_end": _int(sub.get("trial_end")),
         "collection_method": _str(sub.get("collection_method")),
-        "products": _products(items),
+        "products": products_of(items),
     }
     own_id = _own_id(sub)
     customer = _id(sub.get("customer"))
@@ -342,7 +354,7 @@ def _invoice(invoice: dict[str, Any], outcome: str, created: int) -> Reported:
         "payments": sorted(payments),
         "hosted_invoice_url": hosted,
         "collection_method": _str(invoice.get("collection_method")),
-        "products": _products(invoice.get("lines")),
+        "products": products_of(invoice.get("lines")),
         "period_line": _pays_a_period(invoice.get("lines")),
     }
     own = _object("invoice", invoice, created, status, state, subscription, charge, payment_intent, *payments)
@@ -398,7 +410,14 @@ def _payment_intent(intent: dict[str, Any], created: int) -> Reported:
     invoice = _id(intent.get("invoice"))  # before 2025-03-31: the invoice it paid
     named = license_of(intent.get("metadata"))
     status = _str(intent.get("status"))
-    state = {"status": status, "invoice": invoice, "purchase": named is not None}
+    # An intent sells no Stripe product: with LICENSE_PRODUCTS, its metadata says which one it buys.
+    product = _str(_dict(intent.get("metadata")).get("license_product"))
+    state = {
+        "status": status,
+        "invoice": invoice,
+        "purchase": named is not None,
+        "products": [product] if product else [],
+    }
     return Reported((_object("payment_intent", intent, created, status, state, invoice),), named)
 
 

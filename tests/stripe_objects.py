@@ -491,24 +491,54 @@ def checkout_session(
     return session
 
 
+def line_item(*, price: str, product: str, amount: int, one_time: bool = True) -> dict[str, Any]:
+    """One of a Checkout Session's line items, as GET /v1/checkout/sessions/:id/line_items lists it."""
+    price_obj = example("price")
+    price_obj.update(id=price, product=product, unit_amount=amount, unit_amount_decimal=str(amount))
+    price_obj.update(transform_quantity=None, custom_unit_amount=None, created=1_700_000_000)
+    if one_time:
+        price_obj.update(type="one_time", recurring=None)
+    return {
+        "id": new_id("li"),
+        "object": "item",
+        "amount_discount": 0,
+        "amount_subtotal": amount,
+        "amount_tax": 0,
+        "amount_total": amount,
+        "currency": "usd",
+        "description": product,
+        "price": price_obj,
+        "quantity": 1,
+    }
+
+
 # --- customer-level facts -----------------------------------------------------------------------
 
+# An event's summary lists at most this many entitlements (`has_more` says there are others).
+SUMMARY_PAGE = 10
 
-def entitlement_summary(*, customer: str, lookup_keys: list[str], livemode: bool = False) -> dict[str, Any]:
+
+def active_entitlement(*, key: str, livemode: bool = False) -> dict[str, Any]:
+    """One of a customer's active entitlements, as the summary and GET /v1/entitlements/active_entitlements
+    list them."""
+    entry = example("entitlements.active_entitlement_summary")["entitlements"]["data"][0]
+    entry.update(id=new_id("ent"), lookup_key=key, livemode=livemode)
+    entry["feature"].update(id=new_id("feat"), lookup_key=key, name=key, livemode=livemode, metadata={})
+    return entry
+
+
+def entitlement_summary(
+    *, customer: str, lookup_keys: list[str], livemode: bool = False, entries: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The summary as `entitlements.active_entitlement_summary.updated` carries it: the first
+    SUMMARY_PAGE entitlements, `has_more` when there are others."""
     summary = example("entitlements.active_entitlement_summary")
-    template = summary["entitlements"]["data"][0]
-    data = []
-    for key in lookup_keys:
-        entry = copy.deepcopy(template)
-        feature_id = new_id("feat")
-        entry.update(id=new_id("ent"), lookup_key=key, livemode=livemode)
-        entry["feature"].update(id=feature_id, lookup_key=key, name=key, livemode=livemode, metadata={})
-        data.append(entry)
+    data = entries if entries is not None else [active_entitlement(key=k, livemode=livemode) for k in lookup_keys]
     summary.update(customer=customer, livemode=livemode)
     summary["entitlements"] = {
         "object": "list",
-        "data": data,
-        "has_more": False,
+        "data": data[:SUMMARY_PAGE],
+        "has_more": len(data) > SUMMARY_PAGE,
         "url": f"/v1/customer/{customer}/entitlements",
     }
     return summary

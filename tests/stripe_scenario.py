@@ -19,11 +19,15 @@ import time
 from typing import Any, Literal
 
 from tests import stripe_objects as objects
+from tests.stripe_api import FakeStripeApi
 from tests.stripe_objects import Shape, new_id
 
 MONTH = 30 * 86400
 PRICE, PRODUCT = "price_desktop_pro_monthly", "prod_desktop_pro"
 OTHER_PRICE, OTHER_PRODUCT = "price_cloud_backup_monthly", "prod_cloud_backup"
+# One-time prices: the perpetual license, and a small add-on bought through Checkout too.
+LIFETIME_PRICE = "price_desktop_pro_lifetime"
+ADDON_PRICE, ADDON_PRODUCT = "price_export_pack", "prod_export_pack"
 
 # How a Checkout Session names its license:
 #   metadata             session metadata and subscription_data.metadata (what docs/stripe.md asks)
@@ -49,10 +53,13 @@ class Clock:
 
 
 class Scenario:
-    def __init__(self, shape: Shape, *, livemode: bool = False, account: str | None = None) -> None:
+    def __init__(
+        self, shape: Shape, *, livemode: bool = False, account: str | None = None, api: FakeStripeApi | None = None
+    ) -> None:
         self.shape = shape
         self.livemode = livemode
         self.account = account
+        self.api = api  # where what only Stripe's API gives (line items, entitlements) can be read
         # The first period contains the present; renewals move on from there.
         self.clock = Clock(int(time.time()) - 5 * 86400)
         self.outbox: list[dict[str, Any]] = []
@@ -127,8 +134,14 @@ class Scenario:
         return sub
 
     def entitlements(self, customer: str, lookup_keys: list[str]) -> None:
-        """entitlements.active_entitlement_summary.updated: the customer's active features now."""
-        summary = objects.entitlement_summary(customer=customer, lookup_keys=lookup_keys, livemode=self.livemode)
+        """entitlements.active_entitlement_summary.updated: the customer's active features now (the
+        event lists the first 10; the fake API lists them all)."""
+        entries = [objects.active_entitlement(key=k, livemode=self.livemode) for k in lookup_keys]
+        summary = objects.entitlement_summary(
+            customer=customer, lookup_keys=lookup_keys, livemode=self.livemode, entries=entries
+        )
+        if self.api is not None:
+            self.api.put_list("/v1/entitlements/active_entitlements", entries, customer=customer)
         self.emit("entitlements.active_entitlement_summary.updated", summary)
 
     def subscribe_by_invoice(self, customer: str, license_id: str) -> Subscription:
@@ -164,10 +177,16 @@ class Scenario:
         bind: Bind = "metadata",
         pending: bool = False,
         amount: int = 4900,
+        price: str = LIFETIME_PRICE,
+        product: str = PRODUCT,
     ) -> Purchase:
-        """A Checkout in mode=payment (a perpetual license). `pending`: an asynchronous payment
-        method (SEPA debit, ACH): the session completes `unpaid` and settles days later."""
+        """A Checkout in mode=payment (a perpetual license, or whatever `price` is). `pending`: an
+        asynchronous payment method (SEPA debit, ACH): the session completes `unpaid` and settles
+        days later. Its line items are readable from the fake API, never in an event."""
         purchase = Purchase(self, customer, amount, _naming(license_id, bind))
+        if self.api is not None:
+            item = objects.line_item(price=price, product=product, amount=amount)
+            self.api.put_list(f"/v1/checkout/sessions/{purchase.id}/line_items", [item])
         if not pending:
             purchase.payment.succeed()
             purchase.payment_status = "paid"

@@ -4,15 +4,20 @@ behaviour of docs/stripe.md, and the order-independence properties."""
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
+import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.binding import TAKEOVER, MemoryLedger, resolve
-from broker.ledger import LicenseRules, StripeObject, merge
+from broker.ledger import FETCHED_RANK, LicenseRules, StripeObject, line_items_id, merge
+from broker.ledger_fill import fill_ledger
 from broker.licenses import initial_state
+from broker.schema import metadata, stripe_events, stripe_links, stripe_objects
 from broker.stripe_objects import EventFilter, Unprocessable, report
 from webhook.samples import SampleEvents
 
@@ -356,3 +361,24 @@ def test_every_event_type_the_rules_use_is_in_the_list_users_enable() -> None:
     for kind in EVENT_TYPES:
         prefix, _, last = kind.rpartition(".")
         assert f"`{kind}`" in enable or (f"`{prefix}." in enable and f"`.{last}`" in enable), kind
+
+
+def test_a_rebuild_keeps_what_was_read_from_stripes_api() -> None:
+    bought = purchase("lic_rebuilt", "cs_rebuilt", "paid", T)
+    engine = sa.create_engine("sqlite://")
+    metadata.create_all(engine)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            stripe_events.insert(),
+            {"id": bought["id"], "type": bought["type"], "created": T, "payload": orjson.dumps(bought).decode()}
+            | {"outcome": "applied", "received_at": now},
+        )
+        read = {"id": line_items_id("cs_rebuilt"), "kind": "line_items", "version": T, "rank": FETCHED_RANK}
+        conn.execute(stripe_objects.insert(), read | {"state": {"products": ["price_lifetime"]}, "updated_at": now})
+        conn.execute(stripe_links.insert(), {"object_id": read["id"], "linked_id": "cs_rebuilt"})
+        ledger = fill_ledger(conn, now)
+    rules = LicenseRules(["active"], ["perpetual:price_lifetime"])
+    state = rules.derive(ledger.objects_of("lic_rebuilt"))
+    assert (state["status"], state["entitled"]) == ("paid", True)
+    assert ledger.bindings[line_items_id("cs_rebuilt")] == "lic_rebuilt"

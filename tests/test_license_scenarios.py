@@ -21,10 +21,11 @@ import pytest
 import stripe
 from httpx_sse import connect_sse
 
+from tests.stripe_api import FakeStripeApi
 from tests.stripe_objects import SHAPES, Shape
-from tests.stripe_scenario import OTHER_PRICE, OTHER_PRODUCT, Scenario
+from tests.stripe_scenario import ADDON_PRICE, ADDON_PRODUCT, LIFETIME_PRICE, OTHER_PRICE, OTHER_PRODUCT, Scenario
 from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, new_license
-from tests.support.processes import Process, process_env
+from tests.support.processes import Process, process_env, run_module
 from tests.support.waiting import free_port
 
 # Settings of the ledger's mode and account filters; cleared unless a broker sets them, so the
@@ -136,6 +137,33 @@ def period_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.Te
     """DISPUTE_REVOKES=period: a chargeback revokes only the period its payment paid for."""
     logs = tmp_path_factory.mktemp("period-broker")
     yield from running_broker(postgres_url, redis_url, logs, DISPUTE_REVOKES="period")
+
+
+@pytest.fixture(scope="module")
+def stripe_api() -> Iterator[tuple[FakeStripeApi, str]]:
+    api = FakeStripeApi()
+    with api.serving() as base:
+        yield api, base
+
+
+# Which purchases grant: subscriptions of the desktop product, one-time purchases of its lifetime price.
+GRANTS = f"subscription:prod_desktop_pro,perpetual:{LIFETIME_PRICE}"
+
+
+@pytest.fixture(scope="module")
+def products_broker(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, stripe_api: tuple[FakeStripeApi, str]
+) -> Iterator[Broker]:
+    """LICENSE_PRODUCTS per kind, with STRIPE_API_KEY to read one-time purchases' line items."""
+    logs = tmp_path_factory.mktemp("products-broker")
+    yield from running_broker(
+        postgres_url,
+        redis_url,
+        logs,
+        LICENSE_PRODUCTS=GRANTS,
+        STRIPE_API_KEY="sk_test_scenarios",
+        STRIPE_API_BASE=stripe_api[1],
+    )
 
 
 @pytest.fixture(params=SHAPES)
@@ -485,6 +513,85 @@ def test_a_prevented_dispute_revokes_only_when_the_cardholder_was_refunded(
     payment.dispute("prevented", case_type=case_type)
     broker.deliver(s.take())
     assert seen(broker.state(license_id), expected) == expected
+
+
+# --- which purchases grant (LICENSE_PRODUCTS) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bought", "expected"),
+    [
+        ("the lifetime license", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+        ("a $5 add-on", NONE),
+    ],
+)
+def test_with_license_products_a_one_time_purchase_grants_by_its_line_items_read_from_stripe(
+    products_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape, bought: str, expected: dict[str, Any]
+) -> None:
+    api, _ = stripe_api
+    s = Scenario(shape, api=api)
+    license_id = new_license()
+    if bought == "a $5 add-on":
+        purchase = s.buy(s.customer(), license_id, price=ADDON_PRICE, product=ADDON_PRODUCT, amount=500)
+    else:
+        purchase = s.buy(s.customer(), license_id)
+    line_items = f"/v1/checkout/sessions/{purchase.id}/line_items"
+    products_broker.deliver(s.take())
+    assert seen(products_broker.state(license_id), expected) == expected
+    purchase.payment.refund(100)  # a later event of the purchase: its line items are not read again
+    products_broker.deliver(s.take())
+    assert api.requested(line_items) == 1
+
+
+def test_with_license_products_subscriptions_grant_by_their_items(products_broker: Broker, shape: Shape) -> None:
+    s = Scenario(shape)
+    listed, other, alice = new_license(), new_license(), s.customer()
+    s.subscribe(alice, listed)
+    s.subscribe(alice, other, price=OTHER_PRICE, product=OTHER_PRODUCT)
+    products_broker.deliver(s.take())
+    active = {"entitled": True, "status": "active"}
+    assert seen(products_broker.state(listed), active) == active
+    assert seen(products_broker.state(other), NONE) == NONE
+
+
+def test_a_failed_line_items_read_is_answered_503_and_the_redelivery_grants(
+    products_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape
+) -> None:
+    api, _ = stripe_api
+    s = Scenario(shape, api=api)
+    license_id = new_license()
+    s.buy(s.customer(), license_id)
+    events = s.take()
+    completed = events[-1]
+    assert completed["type"] == "checkout.session.completed"
+    products_broker.deliver(events[:-1])
+    api.failing = True
+    try:
+        payload = json.dumps(completed)
+        signature = stripe.WebhookSignature.generate_signature_header(payload, WEBHOOK_SECRET)
+        response = products_broker.http.post(
+            f"{products_broker.webhook.url}/api/stripe/webhooks",
+            content=payload,
+            headers={"stripe-signature": signature, "content-type": "application/json"},
+        )
+        assert response.status_code == 503, response.text  # nothing recorded: Stripe delivers it again
+    finally:
+        api.failing = False
+    assert products_broker.post(completed)["outcome"] == "applied"  # not a duplicate
+    paid = {"entitled": True, "status": "paid"}
+    assert seen(products_broker.state(license_id), paid) == paid
+
+
+def test_license_products_that_grant_one_time_purchases_need_a_stripe_api_key(postgres_url: str) -> None:
+    env = process_env(postgres_url, **{**dict.fromkeys(STRIPE_SETTINGS, ""), "LICENSE_PRODUCTS": "prod_desktop_pro"})
+    refused = run_module("license_broker", "webhook", "--port", str(free_port()), env=env)
+    assert refused.returncode != 0
+    assert refused.stderr.count("\n") == 1 and "LICENSE_PRODUCTS" in refused.stderr
+    assert "STRIPE_API_KEY" in refused.stderr and "line items" in refused.stderr
+    # Subscriptions alone need no key: their items are in every subscription event.
+    env["LICENSE_PRODUCTS"] = "subscription:prod_desktop_pro"
+    accepted = run_module("license_broker", "unmatched", "--limit", "1", env=env)
+    assert accepted.returncode == 0, accepted.stderr
 
 
 # --- purchases and invoices still open -----------------------------------------------------------

@@ -10,9 +10,9 @@ summary, deleted customer) moves every license that holds an object of its custo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from broker import metrics
 from broker.binding import resolve
 from broker.db import upsert_into
 from broker.eventlog import EventLog, LicenseEvent
-from broker.ledger import OLDER, LicenseRules, merge
+from broker.ledger import OLDER, LicenseRules, StripeObject, line_items_id, merge
 from broker.ledger_store import LedgerStore, LocksBusy
 from broker.licenses import LicenseStore
 from broker.runtime import Runtime
@@ -36,6 +36,7 @@ from broker.stripe_objects import (
     Reported,
     Unprocessable,
     entitlements_id,
+    line_items,
     report,
 )
 from broker.stripe_refresh import NoRefresh, Refresher
@@ -257,7 +258,7 @@ class Ingestor:
         resolution = resolve(reported, known, claimed)
         if resolution.rejected:
             return Outcome("rejected", reported.license_id, reason=resolution.rejected, object_id=own)
-        current = await LedgerStore.objects(conn, [o.id for o in reported.objects])
+        current = await LedgerStore.objects(conn, [o.id for o in reported.objects] + [line_items_id(own)])
         held, proposed = current.get(own), reported.primary
         if (
             refresh
@@ -273,6 +274,8 @@ class Ingestor:
             fresh = await self.refresher.refresh(event, proposed, held.version)
             if fresh is not None:
                 return await self.apply_reported(conn, fresh, event, refresh=False, extra_locks=extra_locks, wait=wait)
+        reported = await self._read_line_items(reported, event, current)
+        ids = reported.ids
         verdicts = set()
         for obj in reported.objects:
             before = current.get(obj.id)
@@ -300,6 +303,24 @@ class Ingestor:
         kind = "applied" if appended else ("stale" if stale else "unchanged")
         first = resolution.license_id or min(licenses)
         return Outcome(kind, first, tuple(appended), object_id=own)
+
+    async def _read_line_items(
+        self, reported: Reported, event: dict[str, Any], current: Mapping[str, StripeObject]
+    ) -> Reported:
+        """A one-time purchase judged by LICENSE_PRODUCTS gets its line items from Stripe's API,
+        once: no webhook carries them. A failed read raises StripeUnavailable (nothing recorded,
+        503: Stripe delivers the event again); without a key that can read them it is judged
+        without (it grants nothing)."""
+        session = reported.primary
+        if not self.rules.needs_line_items(session) or line_items_id(session.id) in current:
+            return reported
+        if any(o.kind == "line_items" for o in reported.objects):
+            return reported
+        products = await self.refresher.line_items(event, session.id)
+        if products is None:
+            return reported
+        read = line_items(session, products, event["created"], fetched=True)
+        return replace(reported, objects=(*reported.objects, read))
 
     async def _derive(self, conn: AsyncConnection, license_id: str, event: dict[str, Any]) -> LicenseEvent | None:
         """Lock the license, derive it from its objects; its log entry if it changed."""
