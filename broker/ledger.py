@@ -275,6 +275,7 @@ class LicenseRules:
             "entitled": bool(entitling),
             "kind": deciding.kind if deciding else None,
             "features": view.features(entitling),
+            "features_partial": view.features_partial(entitling),
             "cancels_at": iso(max(cancels)) if entitling and None not in cancels else None,  # type: ignore[type-var]
             "cancel_at_period_end": bool(sub_state.get("cancel_at_period_end")),
             "current_period_end": iso(sub_state.get("current_period_end")),
@@ -522,6 +523,14 @@ class _View:
                 continue
             features |= set(summary.state.get("features") or ())
         return sorted(features)
+
+    def features_partial(self, entitling: list[_Candidate]) -> bool:
+        """Whether `features` may miss some: a summary lists at most 10 entitlements (`has_more`),
+        and the rest could not be read (no STRIPE_API_KEY, or the read failed)."""
+        customers = {c.customer for c in entitling if c.customer}
+        return any(
+            s.customer in customers and s.state.get("partial") for s in self.by_kind.get("entitlements", {}).values()
+        )
 
     def customer(self) -> str | None:
         customers = sorted(

@@ -10,7 +10,7 @@ periods are on the subscription items.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from broker.ledger import FETCHED_RANK, StripeObject, charge_rank, line_items_id, rank_of
@@ -228,9 +228,12 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
         customer = _id(obj.get("customer"))
         if customer is None:
             raise Unprocessable("entitlement summary without a customer")
-        entitlements = _dict(obj.get("entitlements")).get("data") or []
+        listed = _dict(obj.get("entitlements"))
+        entitlements = listed.get("data") or []
         features = sorted({e["lookup_key"] for e in entitlements if isinstance(_dict(e).get("lookup_key"), str)})
-        summary = StripeObject(entitlements_id(customer), "entitlements", created, 0, {"features": features}, customer)
+        # The summary lists the first entitlements only; `has_more`: there are others.
+        state = {"features": features, "partial": listed.get("has_more") is True}
+        summary = StripeObject(entitlements_id(customer), "entitlements", created, 0, state, customer)
         return Reported((summary,), customer_level=True)
     if kind == "customer.deleted":
         customer = _id(obj.get("id"))
@@ -245,6 +248,12 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
 def entitlements_id(customer: str) -> str:
     """The ledger id of a customer's entitlement summary (Stripe gives the summary no id)."""
     return f"entitlements:{customer}"
+
+
+def complete_entitlements(summary: StripeObject, features: list[str]) -> StripeObject:
+    """A partial summary completed with every active entitlement, read from Stripe's API."""
+    state = {"features": sorted(set(features)), "partial": False}
+    return replace(summary, rank=summary.rank + FETCHED_RANK, state=state)
 
 
 def _own_id(obj: Mapping[str, Any]) -> str:

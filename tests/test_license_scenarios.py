@@ -146,16 +146,27 @@ def stripe_api() -> Iterator[tuple[FakeStripeApi, str]]:
         yield api, base
 
 
+@pytest.fixture(scope="module")
+def keyed_broker(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, stripe_api: tuple[FakeStripeApi, str]
+) -> Iterator[Broker]:
+    """STRIPE_API_KEY, reading from the fake Stripe API; every other setting as by default."""
+    logs = tmp_path_factory.mktemp("keyed-broker")
+    yield from running_broker(
+        postgres_url, redis_url, logs, STRIPE_API_KEY="sk_test_scenarios", STRIPE_API_BASE=stripe_api[1]
+    )
+
+
 # Which purchases grant: subscriptions of the desktop product, one-time purchases of its lifetime price.
 GRANTS = f"subscription:prod_desktop_pro,perpetual:{LIFETIME_PRICE}"
 
 
 @pytest.fixture(scope="module")
-def products_broker(
+def api_broker(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, stripe_api: tuple[FakeStripeApi, str]
 ) -> Iterator[Broker]:
-    """LICENSE_PRODUCTS per kind, with STRIPE_API_KEY to read one-time purchases' line items."""
-    logs = tmp_path_factory.mktemp("products-broker")
+    """STRIPE_API_KEY, reading from the fake Stripe API; LICENSE_PRODUCTS per kind."""
+    logs = tmp_path_factory.mktemp("api-broker")
     yield from running_broker(
         postgres_url,
         redis_url,
@@ -526,7 +537,7 @@ def test_a_prevented_dispute_revokes_only_when_the_cardholder_was_refunded(
     ],
 )
 def test_with_license_products_a_one_time_purchase_grants_by_its_line_items_read_from_stripe(
-    products_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape, bought: str, expected: dict[str, Any]
+    api_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape, bought: str, expected: dict[str, Any]
 ) -> None:
     api, _ = stripe_api
     s = Scenario(shape, api=api)
@@ -536,26 +547,26 @@ def test_with_license_products_a_one_time_purchase_grants_by_its_line_items_read
     else:
         purchase = s.buy(s.customer(), license_id)
     line_items = f"/v1/checkout/sessions/{purchase.id}/line_items"
-    products_broker.deliver(s.take())
-    assert seen(products_broker.state(license_id), expected) == expected
+    api_broker.deliver(s.take())
+    assert seen(api_broker.state(license_id), expected) == expected
     purchase.payment.refund(100)  # a later event of the purchase: its line items are not read again
-    products_broker.deliver(s.take())
+    api_broker.deliver(s.take())
     assert api.requested(line_items) == 1
 
 
-def test_with_license_products_subscriptions_grant_by_their_items(products_broker: Broker, shape: Shape) -> None:
+def test_with_license_products_subscriptions_grant_by_their_items(api_broker: Broker, shape: Shape) -> None:
     s = Scenario(shape)
     listed, other, alice = new_license(), new_license(), s.customer()
     s.subscribe(alice, listed)
     s.subscribe(alice, other, price=OTHER_PRICE, product=OTHER_PRODUCT)
-    products_broker.deliver(s.take())
+    api_broker.deliver(s.take())
     active = {"entitled": True, "status": "active"}
-    assert seen(products_broker.state(listed), active) == active
-    assert seen(products_broker.state(other), NONE) == NONE
+    assert seen(api_broker.state(listed), active) == active
+    assert seen(api_broker.state(other), NONE) == NONE
 
 
 def test_a_failed_line_items_read_is_answered_503_and_the_redelivery_grants(
-    products_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape
+    api_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape
 ) -> None:
     api, _ = stripe_api
     s = Scenario(shape, api=api)
@@ -564,22 +575,22 @@ def test_a_failed_line_items_read_is_answered_503_and_the_redelivery_grants(
     events = s.take()
     completed = events[-1]
     assert completed["type"] == "checkout.session.completed"
-    products_broker.deliver(events[:-1])
+    api_broker.deliver(events[:-1])
     api.failing = True
     try:
         payload = json.dumps(completed)
         signature = stripe.WebhookSignature.generate_signature_header(payload, WEBHOOK_SECRET)
-        response = products_broker.http.post(
-            f"{products_broker.webhook.url}/api/stripe/webhooks",
+        response = api_broker.http.post(
+            f"{api_broker.webhook.url}/api/stripe/webhooks",
             content=payload,
             headers={"stripe-signature": signature, "content-type": "application/json"},
         )
         assert response.status_code == 503, response.text  # nothing recorded: Stripe delivers it again
     finally:
         api.failing = False
-    assert products_broker.post(completed)["outcome"] == "applied"  # not a duplicate
+    assert api_broker.post(completed)["outcome"] == "applied"  # not a duplicate
     paid = {"entitled": True, "status": "paid"}
-    assert seen(products_broker.state(license_id), paid) == paid
+    assert seen(api_broker.state(license_id), paid) == paid
 
 
 def test_license_products_that_grant_one_time_purchases_need_a_stripe_api_key(postgres_url: str) -> None:
@@ -592,6 +603,33 @@ def test_license_products_that_grant_one_time_purchases_need_a_stripe_api_key(po
     env["LICENSE_PRODUCTS"] = "subscription:prod_desktop_pro"
     accepted = run_module("license_broker", "unmatched", "--limit", "1", env=env)
     assert accepted.returncode == 0, accepted.stderr
+
+
+FEATURES = [f"feature_{n:02}" for n in range(1, 13)]  # more than the 10 a summary event lists
+
+
+def test_a_summary_of_more_than_ten_entitlements_says_the_features_are_partial_without_a_key(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    s.subscribe(alice, license_id)
+    s.entitlements(alice, FEATURES)
+    broker.deliver(s.take())
+    expected = {"entitled": True, "features": FEATURES[:10], "features_partial": True}
+    assert seen(broker.state(license_id), expected) == expected
+
+
+def test_with_a_key_every_active_entitlement_is_read_when_the_summary_has_more(
+    keyed_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape
+) -> None:
+    s = Scenario(shape, api=stripe_api[0])
+    license_id, alice = new_license(), s.customer()
+    s.subscribe(alice, license_id)
+    s.entitlements(alice, FEATURES)
+    keyed_broker.deliver(s.take())
+    expected = {"entitled": True, "features": FEATURES, "features_partial": False}
+    assert seen(keyed_broker.state(license_id), expected) == expected
+    assert seen(keyed_broker.streamed_state(license_id), expected) == expected
 
 
 # --- purchases and invoices still open -----------------------------------------------------------

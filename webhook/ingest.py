@@ -35,11 +35,12 @@ from broker.stripe_objects import (
     EventFilter,
     Reported,
     Unprocessable,
+    complete_entitlements,
     entitlements_id,
     line_items,
     report,
 )
-from broker.stripe_refresh import NoRefresh, Refresher
+from broker.stripe_refresh import NoRefresh, Refresher, StripeUnavailable
 from webhook.fast_ingest import FastIngest
 
 log = logging.getLogger("webhook.ingest")
@@ -275,6 +276,7 @@ class Ingestor:
             if fresh is not None:
                 return await self.apply_reported(conn, fresh, event, refresh=False, extra_locks=extra_locks, wait=wait)
         reported = await self._read_line_items(reported, event, current)
+        reported = await self._read_entitlements(reported, event)
         ids = reported.ids
         verdicts = set()
         for obj in reported.objects:
@@ -321,6 +323,21 @@ class Ingestor:
             return reported
         read = line_items(session, products, event["created"], fetched=True)
         return replace(reported, objects=(*reported.objects, read))
+
+    async def _read_entitlements(self, reported: Reported, event: dict[str, Any]) -> Reported:
+        """A summary that lists only the first entitlements (`has_more`) is completed from Stripe's
+        API (every active entitlement of the customer); without a key, or when the read fails, it
+        applies as it is and the license says its features are partial."""
+        summary = reported.primary
+        if summary.kind != "entitlements" or not summary.state.get("partial") or summary.customer is None:
+            return reported
+        try:
+            features = await self.refresher.entitlements(event, summary.customer)
+        except StripeUnavailable:
+            return reported
+        if features is None:
+            return reported
+        return replace(reported, objects=(complete_entitlements(summary, features), *reported.objects[1:]))
 
     async def _derive(self, conn: AsyncConnection, license_id: str, event: dict[str, Any]) -> LicenseEvent | None:
         """Lock the license, derive it from its objects; its log entry if it changed."""
