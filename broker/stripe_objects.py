@@ -81,6 +81,41 @@ EVENT_TYPES = tuple(
 )
 
 
+# Webhook endpoints of these API versions get invoices that name no payment (2025-03-31 removed
+# `invoice.charge` and `invoice.payment_intent`, and `invoice` from charges and payment intents,
+# https://docs.stripe.com/changelog/basil/2025-03-31/add-support-for-multiple-partial-payments-on-invoices)
+# and no `invoice_payment.paid` event yet (it came with 2025-05-28): nothing in their events says
+# which payment paid a subscription's invoice, so its refunds and disputes revoke nothing unless the
+# invoice's payments are read from Stripe's API.
+UNLINKED_VERSIONS = ("2025-03-31", "2025-05-28")  # from, up to (excluded)
+
+
+def unlinked_version(api_version: Any) -> bool:
+    return isinstance(api_version, str) and UNLINKED_VERSIONS[0] <= api_version[:10] < UNLINKED_VERSIONS[1]
+
+
+def needs_invoice_payments(event: Mapping[str, Any], obj: StripeObject, held: StripeObject | None) -> bool:
+    """A paid invoice of such a version that names no payment, not known paid before."""
+    state = obj.state
+    return (
+        obj.kind == "invoice"
+        and state.get("status") == "paid"
+        and unlinked_version(event.get("api_version"))
+        and not (state.get("charge") or state.get("payment_intent") or state.get("payments"))
+        and not (held is not None and held.state.get("status") == "paid")
+    )
+
+
+def invoice_payments(items: list[dict[str, Any]], created: int) -> list[StripeObject]:
+    """Invoice payments read from Stripe's API, as `invoice_payment.paid` would report them."""
+    found = []
+    for item in items:
+        if _dict(item).get("status") == "paid":
+            own = _invoice_payment(item, created).primary
+            found.append(replace(own, rank=own.rank + FETCHED_RANK))
+    return found
+
+
 class Unprocessable(Exception):
     """A well-signed event whose content the broker cannot use: recorded with this reason, 2xx."""
 

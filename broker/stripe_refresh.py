@@ -76,9 +76,9 @@ class Refresher(Protocol):
         read. Raises StripeUnavailable when the read fails."""
         ...
 
-    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[str] | None:
-        """The payment intents and charges that paid the invoice; None when they cannot be read.
-        Raises StripeUnavailable when the read fails."""
+    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[dict[str, Any]] | None:
+        """The invoice's payments (invoice_payment objects); None when they cannot be read. Raises
+        StripeUnavailable when the read fails."""
         ...
 
 
@@ -92,7 +92,7 @@ class NoRefresh:
     async def entitlements(self, event: Mapping[str, Any], customer: str) -> list[str] | None:
         return None
 
-    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[str] | None:
+    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[dict[str, Any]] | None:
         return None
 
 
@@ -164,23 +164,17 @@ class StripeRefresher:
         )
         return sorted({i["lookup_key"] for i in items if isinstance(i.get("lookup_key"), str)})
 
-    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[str] | None:
+    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[dict[str, Any]] | None:
         options = self._options(event)
         if options is None:
             return None
-        items = await self._list(
+        return await self._list(
             f"the payments of {invoice_id}",
             lambda after: self.client.v1.invoice_payments.list_async(
                 params={"invoice": invoice_id, "limit": 100, **({"starting_after": after} if after else {})},
                 options=options,
             ),
         )
-        paid: set[str] = set()
-        for item in items:
-            payment = item.get("payment")
-            if item.get("status") == "paid" and isinstance(payment, dict):
-                paid |= {p for p in (payment.get("payment_intent"), payment.get("charge")) if isinstance(p, str)}
-        return sorted(paid)
 
     async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
         retrieve = RETRIEVE.get(obj.kind)

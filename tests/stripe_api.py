@@ -35,9 +35,16 @@ class FakeStripeApi:
         with self._lock:
             self.lists[key] = list(items)
 
-    def requested(self, path: str) -> int:
+    def requested(self, path: str, **filters: str) -> int:
+        """How many requests were made for `path` with these query parameters."""
+
+        def matches(target: str) -> bool:
+            url = urlsplit(target)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            return url.path == path and all(query.get(k) == v for k, v in filters.items())
+
         with self._lock:
-            return sum(1 for r in self.requests if urlsplit(r).path == path)
+            return sum(1 for r in self.requests if matches(r))
 
     def answer(self, target: str) -> tuple[int, dict[str, Any]]:
         url = urlsplit(target)

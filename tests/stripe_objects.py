@@ -24,6 +24,8 @@ from typing import Any, Literal
 Shape = Literal["current", "legacy"]
 SHAPES: tuple[Shape, ...] = ("current", "legacy")
 API_VERSIONS: dict[Shape, str] = {"current": "2025-09-30.clover", "legacy": "2025-02-24.acacia"}
+# The current shape before invoice_payment.paid existed: nothing in an event links an invoice to its payment.
+UNLINKED_API_VERSION = "2025-04-30.basil"
 
 # Stripe's published example objects, copied into the repository (source and license in its README).
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "stripe-openapi"
@@ -56,15 +58,17 @@ def event(
     livemode: bool = False,
     account: str | None = None,
     previous_attributes: dict[str, Any] | None = None,
+    api_version: str | None = None,
 ) -> dict[str, Any]:
-    """Stripe's `event` example around `obj`: a snapshot event as a webhook endpoint receives it."""
+    """Stripe's `event` example around `obj`: a snapshot event as a webhook endpoint receives it
+    (`api_version`: the endpoint's, if not the shape's usual one)."""
     envelope = example("event")
     envelope.update(
         id=new_id("evt"),
         type=kind,
         created=created,
         livemode=livemode,
-        api_version=API_VERSIONS[shape],
+        api_version=api_version or API_VERSIONS[shape],
         pending_webhooks=1,
         request={"id": new_id("req"), "idempotency_key": None},
     )

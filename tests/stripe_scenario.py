@@ -54,9 +54,18 @@ class Clock:
 
 class Scenario:
     def __init__(
-        self, shape: Shape, *, livemode: bool = False, account: str | None = None, api: FakeStripeApi | None = None
+        self,
+        shape: Shape,
+        *,
+        livemode: bool = False,
+        account: str | None = None,
+        api: FakeStripeApi | None = None,
+        api_version: str | None = None,
     ) -> None:
+        """`api_version`: the webhook endpoint's, when not the shape's usual one; with
+        objects.UNLINKED_API_VERSION (current shape), no invoice_payment.paid is sent."""
         self.shape = shape
+        self.api_version = api_version
         self.livemode = livemode
         self.account = account
         self.api = api  # where what only Stripe's API gives (line items, entitlements) can be read
@@ -87,6 +96,7 @@ class Scenario:
             livemode=self.livemode,
             account=self.account,
             previous_attributes=previous,
+            api_version=self.api_version,
         )
         self.outbox.append(envelope)
         return envelope
@@ -426,7 +436,10 @@ class Invoice:
                 created=s.clock.now,
                 livemode=s.livemode,
             )
-            s.emit("invoice_payment.paid", link)
+            if s.api is not None:
+                s.api.put_list("/v1/invoice_payments", [link], invoice=self.id)
+            if s.api_version != objects.UNLINKED_API_VERSION:
+                s.emit("invoice_payment.paid", link)
         return self.payment
 
     def fail(self) -> None:

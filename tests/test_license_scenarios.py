@@ -22,7 +22,7 @@ import stripe
 from httpx_sse import connect_sse
 
 from tests.stripe_api import FakeStripeApi
-from tests.stripe_objects import SHAPES, Shape
+from tests.stripe_objects import SHAPES, UNLINKED_API_VERSION, Shape
 from tests.stripe_scenario import ADDON_PRICE, ADDON_PRODUCT, LIFETIME_PRICE, OTHER_PRICE, OTHER_PRODUCT, Scenario
 from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, new_license
 from tests.support.processes import Process, process_env, run_module
@@ -630,6 +630,39 @@ def test_with_a_key_every_active_entitlement_is_read_when_the_summary_has_more(
     expected = {"entitled": True, "features": FEATURES, "features_partial": False}
     assert seen(keyed_broker.state(license_id), expected) == expected
     assert seen(keyed_broker.streamed_state(license_id), expected) == expected
+
+
+# --- API versions whose events do not link invoices to payments ---------------------------------
+
+
+def test_without_a_key_events_of_api_2025_03_31_to_05_27_are_said_to_leave_refunds_unlinked(
+    broker: Broker,
+) -> None:
+    s = Scenario("current", api_version=UNLINKED_API_VERSION)
+    license_id = new_license()
+    s.subscribe(s.customer(), license_id)
+    broker.deliver(s.take())
+    log = broker.webhook.log.read_text()
+    assert log.count(f"API version {UNLINKED_API_VERSION}") == 1, log[-2000:]
+    assert "STRIPE_API_KEY" in log and "refunds and disputes" in log
+
+
+def test_with_a_key_a_refund_of_api_2025_03_31_to_05_27_reaches_its_period_through_the_invoice_payments(
+    keyed_broker: Broker, stripe_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, _ = stripe_api
+    s = Scenario("current", api=api, api_version=UNLINKED_API_VERSION)
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    payment = sub.latest_invoice.payment
+    assert payment is not None
+    payment.refund()  # the current period's charge: no event says it paid the invoice
+    events = s.take()
+    assert "invoice_payment.paid" not in {e["type"] for e in events}
+    keyed_broker.deliver(events)
+    expected = {"entitled": False, "status": "revoked"}
+    assert seen(keyed_broker.state(license_id), expected) == expected
+    assert api.requested("/v1/invoice_payments", invoice=sub.latest_invoice.id) == 1
 
 
 # --- purchases and invoices still open -----------------------------------------------------------

@@ -37,8 +37,11 @@ from broker.stripe_objects import (
     Unprocessable,
     complete_entitlements,
     entitlements_id,
+    invoice_payments,
     line_items,
+    needs_invoice_payments,
     report,
+    unlinked_version,
 )
 from broker.stripe_refresh import NoRefresh, Refresher, StripeUnavailable
 from webhook.fast_ingest import FastIngest
@@ -166,6 +169,7 @@ class Ingestor:
         )
         # Called between the commit and the publish (the fault tests kill the process there).
         self.after_commit = after_commit
+        self._warned_unlinked = False
 
     async def ingest(self, event: dict[str, Any], raw: bytes | None = None) -> Outcome:
         """`raw`: the verified body `event` was parsed from, stored as it is (default: re-encoded)."""
@@ -229,6 +233,8 @@ class Ingestor:
         reason = self.filter.reason(event)
         if reason is not None:
             return Outcome("ignored", reason=reason)
+        if not self._warned_unlinked and unlinked_version(event.get("api_version")):
+            self._warn_unlinked(event["api_version"])
         try:
             reported = report(event)
         except BadLicenseId as exc:
@@ -238,6 +244,18 @@ class Ingestor:
         if reported is None:
             return Outcome("ignored", reason="event type not used")
         return reported
+
+    def _warn_unlinked(self, api_version: str) -> None:
+        """Once per process: the endpoint's API version cannot link subscription payments."""
+        self._warned_unlinked = True
+        if isinstance(self.refresher, NoRefresh):
+            log.warning(
+                "Stripe events of API version %s name no payment on their invoices and come without "
+                "invoice_payment.paid: refunds and disputes of subscription payments cannot reach their "
+                "licenses. Set STRIPE_API_KEY (the broker then reads each paid invoice's payments) or move "
+                "the webhook endpoint to API version 2025-05-28 or later (docs/stripe.md)",
+                api_version,
+            )
 
     async def apply_reported(
         self,
@@ -277,6 +295,7 @@ class Ingestor:
                 return await self.apply_reported(conn, fresh, event, refresh=False, extra_locks=extra_locks, wait=wait)
         reported = await self._read_line_items(reported, event, current)
         reported = await self._read_entitlements(reported, event)
+        reported = await self._read_invoice_payments(reported, event, held)
         ids = reported.ids
         verdicts = set()
         for obj in reported.objects:
@@ -338,6 +357,21 @@ class Ingestor:
         if features is None:
             return reported
         return replace(reported, objects=(complete_entitlements(summary, features), *reported.objects[1:]))
+
+    async def _read_invoice_payments(
+        self, reported: Reported, event: dict[str, Any], held: StripeObject | None
+    ) -> Reported:
+        """A paid invoice of an API version whose events name no payment (UNLINKED_VERSIONS) gets
+        its payments from Stripe's API, so that their refunds and disputes reach it; without a key,
+        or when the read fails, it applies as it is."""
+        invoice = reported.primary
+        if not needs_invoice_payments(event, invoice, held):
+            return reported
+        try:
+            items = await self.refresher.invoice_payments(event, invoice.id)
+        except StripeUnavailable:
+            return reported
+        return replace(reported, objects=(*reported.objects, *invoice_payments(items or [], event["created"])))
 
     async def _derive(self, conn: AsyncConnection, license_id: str, event: dict[str, Any]) -> LicenseEvent | None:
         """Lock the license, derive it from its objects; its log entry if it changed."""
