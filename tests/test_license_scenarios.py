@@ -978,6 +978,49 @@ def renewal_recovered(s: Scenario, license_id: str) -> dict[str, Any]:
     return {"entitled": True, "status": "active"}
 
 
+def proration_refunded(s: Scenario, license_id: str) -> dict[str, Any]:
+    proration = s.subscribe(s.customer(), license_id).change_quantity(2, proration_amount=1500).payment
+    assert proration is not None
+    proration.refund()
+    return {"entitled": True, "status": "active"}
+
+
+def intent_purchase_refunded_in_two_parts(s: Scenario, license_id: str) -> dict[str, Any]:
+    payment = s.buy_with_payment_intent(s.customer(), license_id, amount=12000).payment
+    payment.refund(9000)
+    payment.refund(3000, same_second=True)
+    return {"entitled": False, "status": "revoked", "kind": "perpetual"}
+
+
+class NoticeOfType:
+    """Equal to any notice of this type (the two scenarios of a story have their own invoice ids)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and other.get("type") == self.kind
+
+    def __repr__(self) -> str:
+        return f"<a {self.kind} notice>"
+
+
+def renewal_needs_3d_secure(s: Scenario, license_id: str) -> dict[str, Any]:
+    s.subscribe(s.customer(), license_id).renewal_needs_action()
+    return {"entitled": True, "status": "past_due", "notice": NoticeOfType("payment_action_required")}
+
+
+def late_fraud_chargeback(s: Scenario, license_id: str) -> dict[str, Any]:
+    late_dispute(s, license_id, "a fraud chargeback")
+    return {"entitled": False, "status": "revoked"}
+
+
+def emailed_invoice_declined(s: Scenario, license_id: str) -> dict[str, Any]:
+    sub = s.subscribe_by_invoice(s.customer(), license_id)
+    sub.send_renewal_invoice().fail()
+    return {"entitled": True, "status": "active"}
+
+
 STORIES: dict[str, Callable[[Scenario, str], dict[str, Any]]] = {
     f.__name__: f
     for f in (
@@ -989,6 +1032,11 @@ STORIES: dict[str, Callable[[Scenario, str], dict[str, Any]]] = {
         unrelated_subscription_ended,
         chargeback,
         renewal_recovered,
+        proration_refunded,
+        intent_purchase_refunded_in_two_parts,
+        renewal_needs_3d_secure,
+        late_fraud_chargeback,
+        emailed_invoice_declined,
     )
 }
 
