@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 # https://docs.stripe.com/changelog/basil/2025-08-27/add-preventions-to-dispute).
 REVOKING_DISPUTES = frozenset({"needs_response", "under_review", "lost", "prevented"})
 BLOCKED_DISPUTE = "block"
-# DISPUTE_REVOKES=license: a dispute lost, or a fraud claim ("the cardholder claims that they didn't
-# authorize the payment", https://docs.stripe.com/disputes/categories) with the money back, revokes
+# DISPUTE_REVOKES=license: a dispute lost, or a fraud claim (the cardholder says they did not
+# authorize the payment, https://docs.stripe.com/disputes/categories) with the money back, revokes
 # the whole license until it is won, not only the period its payment paid for (docs/stripe.md).
 FRAUD_REASON = "fraudulent"
 # A refund that did not go through restores the payment (https://docs.stripe.com/refunds#failed-refunds).
@@ -58,8 +58,8 @@ BILLED_BY_EMAIL = "send_invoice"
 # a proration invoice (`proration_behavior=always_invoice`) pays for a change within the period.
 PERIOD_BILLING_REASONS = frozenset({"subscription_create", "subscription_cycle"})
 # A "confirm your payment" notice (`invoice.payment_action_required`: the customer must authenticate,
-# https://docs.stripe.com/billing/subscriptions/overview#requires-action) lasts until its invoice is
-# settled, paid or not (https://docs.stripe.com/invoicing/overview#invoice-statuses), or its
+# https://docs.stripe.com/billing/subscriptions/overview) lasts until its invoice is settled, paid
+# or not (https://docs.stripe.com/api/invoices/object#invoice_object-status), or its
 # subscription ends: canceled, or `incomplete_expired`, where Stripe voids that invoice
 # (https://docs.stripe.com/billing/subscriptions/overview#subscription-statuses).
 SETTLED_INVOICES = frozenset({"paid", "void", "uncollectible"})

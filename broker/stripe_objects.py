@@ -413,7 +413,8 @@ def _invoice(invoice: dict[str, Any], outcome: str, created: int) -> Reported:
 
 
 def _invoice_payment(payment: dict[str, Any], created: int) -> Reported:
-    paid_with = _dict(payment.get("payment"))
+    # The payment under `payment` (2025-03-31 and later); some newer versions put it at the top.
+    paid_with = _dict(payment.get("payment")) or payment
     invoice = _id(payment.get("invoice"))
     charge, payment_intent = _id(paid_with.get("charge")), _id(paid_with.get("payment_intent"))
     status = "paid"  # what invoice_payment.paid says, whatever the snapshot's status field holds
