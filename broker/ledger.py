@@ -5,11 +5,14 @@ Ordering, per object: Stripe does not order its deliveries and an event's `creat
 resolution. An object takes an event's snapshot only when (created, rank, snapshot bytes) is greater
 than what it holds, where rank orders the stages of one object's life (a subscription's `canceled`
 after `past_due` after `active`, a paid invoice after a failed attempt, a refund's `failed` after
-`succeeded`). Each object is therefore the maximum of its snapshots, whatever order they arrive in,
-and events of different objects never overwrite each other. The license is `derive(objects)`, so any
-delivery order of the same events ends in the same license (tests/test_ledger.py checks both with
-hypothesis). Links between objects (a session names its subscription, an invoice its payments) only
-ever accumulate.
+`succeeded`, a charge's larger `amount_refunded` after a smaller one). Each object is therefore the
+maximum of its snapshots, whatever order they arrive in, and events of different objects never
+overwrite each other. What must outlive a later snapshot of its object is an object of its own: a
+3-D Secure notice (a failed attempt of the same second outranks the invoice's action required), a
+Checkout Session's line items (no later event of the session carries them). The license is
+`derive(objects)`, so any delivery order of the same events ends in the same license
+(tests/test_ledger.py checks both with hypothesis). Links between objects (a session names its
+subscription, an invoice its payments) only ever accumulate.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class Grants:
     def listed(self) -> bool:
         return bool(self.subscription or self.perpetual)
 
-    def grants(self, kind: str, products: Iterable[str] | None) -> bool:
+    def allow(self, kind: str, products: Iterable[str] | None) -> bool:
         """Whether a purchase of `kind` of these products grants (None: not known)."""
         if not self.listed:
             return True
@@ -426,7 +429,7 @@ class _View:
         period = self.period_invoice(sub)
         if period and status not in ("canceled", "incomplete_expired") and self._paid_by(period) & self.revoked:
             status = "revoked"  # its current period was refunded or charged back
-        if not self.grants.grants("subscription", state.get("products") or ()):
+        if not self.grants.allow("subscription", state.get("products") or ()):
             return None  # LICENSE_PRODUCTS: another product's subscription grants nothing here
         cancels_at = state.get("cancel_at")
         if not isinstance(cancels_at, int) and state.get("cancel_at_period_end"):
@@ -484,7 +487,7 @@ class _View:
         for intent in self.by_kind.get("payment_intent", {}).values():
             if not intent.state.get("purchase") or intent.id in accounted or intent.state.get("invoice"):
                 continue
-            if not self.grants.grants("perpetual", intent.state.get("products")):
+            if not self.grants.allow("perpetual", intent.state.get("products")):
                 continue  # LICENSE_PRODUCTS: only an intent whose metadata.license_product is listed
             status = "paid" if intent.state.get("status") == "succeeded" else "incomplete"
             if status == "paid" and intent.id in self.revoked:
@@ -503,7 +506,7 @@ class _View:
             if status == "paid" and payment and payment in self.revoked:
                 status = "revoked"
             line_items = self.by_kind.get("line_items", {}).get(line_items_id(session.id))
-            if not self.grants.grants("perpetual", line_items.state.get("products") if line_items else None):
+            if not self.grants.allow("perpetual", line_items.state.get("products") if line_items else None):
                 continue  # LICENSE_PRODUCTS: only purchases whose line items are known and listed
             found.append(_Candidate(status, "perpetual", status == "paid", session.version, customer=session.customer))
         return found
