@@ -325,3 +325,39 @@ def test_the_refreshed_event_keeps_what_its_type_adds_only_to_an_open_object() -
     assert refreshed_event(stale, session, T)["type"] == "checkout.session.async_payment_failed"
     session.update(status="expired", payment_status="unpaid")
     assert refreshed_event(stale, session, T)["type"] == "checkout.session.expired"
+
+
+def summary(customer: str, keys: list[str], has_more: bool) -> dict[str, Any]:
+    obj = copy.deepcopy(EXAMPLES["entitlements.active_entitlement_summary"])
+    template = obj["entitlements"]["data"][0]
+    data = [{**copy.deepcopy(template), "id": f"ent_{key}", "lookup_key": key} for key in keys]
+    obj.update(customer=customer, livemode=False)
+    obj["entitlements"] = {"object": "list", "data": data, "has_more": has_more, "url": "/v1/entitlements"}
+    return obj
+
+
+@pytest.mark.parametrize("api", ["answers", "fails"])
+async def test_a_summary_with_more_entitlements_is_completed_from_the_api_or_says_it_is_partial(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], api: str
+) -> None:
+    fake, base = fake_api
+    fake.failing = api == "fails"
+    license_id, sub_id = new_license(), f"sub_refresh_entitlements_{api}"
+    keys = [f"feature_{n:02}" for n in range(12)]
+    listed = [{"id": f"ent_{k}", "object": "entitlements.active_entitlement", "lookup_key": k} for k in keys]
+    fake.objects["/v1/entitlements/active_entitlements"] = {"object": "list", "data": listed, "has_more": False}
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    failed = refreshes("failed")
+    outcomes = await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T),
+        envelope("entitlements.active_entitlement_summary.updated", summary("cus_refresh", keys[:10], True), T + 1),
+    )
+    assert outcomes == ["applied", "applied"]  # a failed read is no reason to have the event sent again
+    state = await state_of(pg_url, license_id)
+    if api == "answers":
+        assert (state["features"], state["features_partial"]) == (keys, False)
+    else:
+        assert (state["features"], state["features_partial"]) == (keys[:10], True)
+        assert refreshes("failed") == failed + 1
+    assert any(r.startswith("/v1/entitlements/active_entitlements") for r in fake.requests)
