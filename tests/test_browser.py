@@ -85,3 +85,51 @@ def test_chromium_eventsource_receives_every_event_once_across_a_stream_restart(
             browser.close()
     assert seen == [0, 1, 2, 3, 4, 5, 6]
     assert opens >= 2
+
+
+# The Electron example's window (examples/electron/index.html), as its sandboxed renderer loads it
+# (a file: URL, its own Content-Security-Policy), with the preload's `window.license` stubbed.
+PRELOAD_STUB = """
+window.violations = [];
+document.addEventListener("securitypolicyviolation", (e) => window.violations.push(e.violatedDirective));
+window.used = [];
+window.license = {
+  get: async () => ({ entitled: false, status: "none", features: [], expiresAt: null, connection: "live" }),
+  onChange: (callback) => { window.change = callback; return () => {}; },
+  use: async (feature) => { window.used.push(feature); return { ok: true, result: "made by the main process" }; },
+};
+"""
+
+
+@pytest.mark.browser
+def test_the_electron_examples_window_applies_its_styles_under_its_csp_and_asks_the_main_process() -> None:
+    if not shutil.which(CHROMIUM):
+        if CI:
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    badge = "getComputedStyle(document.getElementById('badge')).backgroundColor"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.add_init_script(PRELOAD_STUB)
+            page.goto((ROOT / "examples" / "electron" / "index.html").as_uri())
+            page.wait_for_function("document.getElementById('why').textContent.includes('Buy a license')")
+            # styles.css applied under the page's own policy (an inline <style> is refused by it)
+            assert (page.evaluate(badge), page.evaluate("window.violations")) == ("rgb(254, 226, 226)", [])
+            assert page.is_disabled("button")  # a courtesy: the main process is the lock
+            page.click("button", force=True)  # a click on the disabled button does nothing
+            page.evaluate("window.change({entitled: true, status: 'active', features: [], expiresAt: null, "
+                          "connection: 'live'})")  # fmt: skip
+            unlocked = (page.evaluate(badge), page.is_disabled("button"))
+            page.click("button")
+            page.wait_for_function("document.getElementById('result').textContent !== ''")
+            result, used, violations = page.evaluate("[document.getElementById('result').textContent, "
+                                                     "window.used, window.violations]")  # fmt: skip
+        finally:
+            browser.close()
+    assert violations == []
+    assert unlocked == ("rgb(220, 252, 231)", False)
+    assert used == ["pro-report"] and result == "made by the main process"

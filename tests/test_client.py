@@ -170,3 +170,42 @@ async def test_unauthorized_is_raised_at_once_instead_of_retrying(pg_url: str, w
         with pytest.raises(Unauthorized, match="401" if which.endswith("(401)") else "403"):
             await asyncio.wait_for(client.run(lambda event: None), 5)
     assert client.connections == 0
+    assert client.status == "unauthorized"
+
+
+async def test_an_async_token_function_is_awaited_on_every_connection(pg_url: str) -> None:
+    license_id = new_license()
+    asked: list[float] = []
+
+    async def get_token() -> str:  # e.g. an httpx call to the seller's web app
+        await asyncio.sleep(0)
+        asked.append(time.monotonic())
+        return token_for(license_id)
+
+    # The server ends each connection after 0.3 s: every reconnect asks for a token again.
+    async with serving(create_app(make_settings(pg_url, max_connection_lifetime=0.3, retry_ms=50))) as url:
+        client = LicenseClient(url, license_id, get_token, min_backoff=0.01)
+        collector = Collector(client)
+        try:
+            await async_wait_until(lambda: client.connections >= 3 or collector.task.done(), 15, "3 connections")
+            if collector.task.done():
+                collector.task.result()
+        finally:
+            await collector.stop()
+    assert len(asked) >= 3 and collector.seqs[0] == 0
+
+
+async def test_status_callbacks_follow_the_connection(pg_url: str) -> None:
+    license_id = new_license()
+    statuses: list[str] = []
+    async with serving(create_app(make_settings(pg_url, max_connection_lifetime=0.3, retry_ms=50))) as url:
+        client = LicenseClient(url, license_id, token_for(license_id), min_backoff=0.01, on_status=statuses.append)
+        assert client.status == "stopped"
+        collector = Collector(client)
+        try:
+            await async_wait_until(lambda: client.connections >= 2, 15, "a reconnect")
+            assert client.status in ("live", "reconnecting")
+        finally:
+            await collector.stop()
+    assert statuses[:4] == ["connecting", "live", "reconnecting", "live"]
+    assert statuses[-1] == client.status == "stopped"

@@ -11,10 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
-from broker.leases import LeaseKeys, public_pem
+from broker.leases import LeaseKeys, private_pem, public_pem
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings
-from tests.support.processes import ROOT, serving
+from tests.support.processes import ROOT, run_module, serving
 from tests.support.services import unavailable
 
 JS = ROOT / "clients" / "js"
@@ -28,7 +28,7 @@ def node_tests() -> list[str]:
     if not (JS / "dist" / "esm" / "index.js").exists() or not (JS / "dist" / "cjs" / "index.js").exists():
         unavailable("the built JS client", FileNotFoundError(f"{JS}/dist (make test runs npm ci, which builds it)"))
     tests = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.*js"))
-    assert "test/server.test.mjs" in tests and "test/cjs.test.cjs" in tests
+    assert {"test/server.test.mjs", "test/cjs.test.cjs", "test/fake-broker.test.mjs"} <= set(tests)
     return tests
 
 
@@ -36,6 +36,10 @@ async def test_the_js_client_passes_its_node_tests_against_running_servers(sqlit
     tests = node_tests()
     key_a, key_b = LeaseKeys.generate(), LeaseKeys.generate()
     rotating = key_b.with_published(key_a.signing.public_key())
+    # What an operator pins during the rotation: exactly what `keys public` prints for its setting.
+    setting = private_pem(key_b.signing) + public_pem(key_a.signing.public_key())
+    printed = run_module("license_broker", "keys", "public", env={"LICENSE_SIGNING_KEY": setting})
+    assert printed.returncode == 0, printed.stderr
     async with (
         serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key_a))) as url,
         serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=rotating))) as url_rotating,
@@ -51,6 +55,7 @@ async def test_the_js_client_passes_its_node_tests_against_running_servers(sqlit
             "BROKER_URL_ROTATED": url_rotated,
             "BROKER_URL_SHORT": url_short,
             "LEASE_PUBLIC_KEY_A": public_pem(key_a.signing.public_key()),
+            "LEASE_KEYS_PUBLIC": printed.stdout,
         }
         report = await run_node_tests(tests, JS, env)
     (tmp_path / "node-test.txt").write_text(report)
@@ -81,13 +86,13 @@ async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> st
     return report
 
 
-async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline(
+async def test_the_electron_examples_main_process_code_unlocks_gates_and_holds_offline(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     node_tests()
     app = tmp_path / "electron"
     app.mkdir()
-    for name in ("package.json", "license.js", "license.test.mjs"):
+    for name in ("package.json", "main.js", "config.js", "config.test.mjs", "license.js", "license.test.mjs"):
         shutil.copy(EXAMPLE / name, app / name)
     # What `npm install` of "file:../../clients/js" makes: a link to the built package.
     (app / "node_modules").mkdir()
@@ -95,5 +100,5 @@ async def test_the_electron_examples_main_process_code_unlocks_and_holds_offline
     key = LeaseKeys.generate()
     async with serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key))) as url:
         env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
-        report = await run_node_tests(["license.test.mjs"], app, env)
-    assert "\n# pass 1" in report and "\n# skipped 0" in report, report
+        report = await run_node_tests(["config.test.mjs", "license.test.mjs"], app, env)
+    assert "\n# pass 6" in report and "\n# skipped 0" in report, report

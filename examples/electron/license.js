@@ -1,17 +1,15 @@
-// The license side of the main process: one LicenseClient for the whole app, and a snapshot of
-// what the windows need, sent to them on every change. No Electron here (`send` is injected), so
-// the repository's tests run this very file against a live broker (tests/test_node_client.py).
+// The license side of the main process: one LicenseClient for the whole app, a snapshot of what
+// the windows need (sent to them on every change), and the gate every paid feature goes through.
+// No Electron here (`send` is injected), so the repository's tests run this very file against a
+// live broker (tests/test_node_client.py).
 import { LeaseVerifier, LicenseClient } from "license-broker-client";
-
-// setTimeout's limit (~24.8 days): a longer lease is simply re-checked then.
-const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
  * @param {object} options
  * @param {string} options.baseUrl     the broker, e.g. "https://licenses.example.com"
  * @param {string} options.licenseId
  * @param {() => Promise<string>} options.getToken  asks your web app for a subscriber token
- * @param {string[]} options.publicKeys  the broker's lease keys, pinned in the app (PEM)
+ * @param {string[]} options.publicKeys  the broker's lease keys, pinned in the app (what `license-broker keys public` prints)
  * @param {string} options.cachePath     where the last lease is kept (under app.getPath("userData"))
  * @param {(channel: string, snapshot: object) => void} options.send  to every window
  */
@@ -20,9 +18,9 @@ export async function startLicense({ baseUrl, licenseId, getToken, publicKeys, c
     baseUrl,
     licenseId,
     token: getToken,
-    // Pinned keys verify offline; the JWKS follows a key rotation while online.
-    verifier: LeaseVerifier.forServer(baseUrl, { publicKeys }),
-    cache: cachePath,
+    // Only the pinned keys verify: a lease signed by anything else (a fake server's key) is refused.
+    verifier: new LeaseVerifier({ publicKeys }),
+    cache: cachePath, // the last lease, and its watermark beside it
   });
 
   // What a window shows. `entitled` comes from the signed lease only, never from the unsigned state.
@@ -35,29 +33,33 @@ export async function startLicense({ baseUrl, licenseId, getToken, publicKeys, c
   });
   const publish = () => send("license:changed", snapshot());
 
-  // A lease also ends on its own (offline for longer than the grace): look again when it expires.
-  let expiry = null;
-  const watchExpiry = () => {
-    clearTimeout(expiry);
-    if (client.lease === null) return;
-    const ms = client.lease.expiresAt * 1000 - Date.now() + 1000;
-    expiry = setTimeout(() => (publish(), watchExpiry()), Math.min(Math.max(ms, 0), MAX_TIMER_MS));
-  };
-
-  const onLease = () => (publish(), watchExpiry());
   await client.restore(); // the cached lease: the right answer at once, online or not
-  client.on("lease", onLease);
+  // "entitlement": a lease unlocked or locked the app, or the last one ran out (the client's own
+  // timer, for an app left offline that long). "lease": a renewal moves the offline deadline.
+  client.on("entitlement", publish);
+  client.on("lease", publish);
   client.on("status", publish);
-  watchExpiry();
   client.start();
   return {
     client,
     snapshot,
+    /**
+     * Runs a paid feature, here in the main process, only while a valid signed lease entitles the
+     * app. A window's CSS and scripts are the user's to change; this decision is not.
+     * @template T
+     * @param {string} feature
+     * @param {() => T} work
+     * @returns {{ ok: true, result: T } | { ok: false, reason: string }}
+     */
+    run(feature, work) {
+      if (!client.isEntitled()) return { ok: false, reason: "locked" };
+      // Selling tiers (Stripe Entitlements)? Check client.lease.features.includes(feature) here too.
+      return { ok: true, result: work() };
+    },
     stop() {
-      // Listeners first: a lease still being verified must not re-arm the timer after this.
-      client.off("lease", onLease);
+      client.off("entitlement", publish);
+      client.off("lease", publish);
       client.off("status", publish);
-      clearTimeout(expiry);
       client.stop();
     },
   };

@@ -35,13 +35,17 @@ test("the windows are told to unlock on payment, and a restart offline stays unl
     send: (channel, snapshot) => sent.push([channel, snapshot]),
   };
   const license = await startLicense({ ...options, baseUrl: BROKER_URL });
+  const paidWork = () => "the paid result";
   try {
     await until(() => sent.some(([, s]) => s.connection === "live" && s.status === "none"), "the first lease");
     assert.equal(license.snapshot().entitled, false);
+    // The paid feature is refused by the main process while locked, whatever the window shows.
+    assert.deepEqual(license.run("pro-report", paidWork), { ok: false, reason: "locked" });
     await dev("/dev/simulate", { license_id: licenseId, action: "pay" });
     await until(() => sent.at(-1)[1].entitled, "unlocked");
     assert.deepEqual(sent.at(-1)[0], "license:changed");
     assert.equal(sent.at(-1)[1].status, "active");
+    assert.deepEqual(license.run("pro-report", paidWork), { ok: true, result: "the paid result" });
   } finally {
     license.stop();
   }
@@ -57,5 +61,29 @@ test("the windows are told to unlock on payment, and a restart offline stays unl
     assert.equal(fresh.snapshot().entitled, false);
   } finally {
     fresh.stop();
+  }
+});
+
+test("a refund locks the paid feature in the main process at once", { skip: !BROKER_URL }, async () => {
+  const licenseId = `lic_electron_refund_${Date.now()}`;
+  const sent = [];
+  const license = await startLicense({
+    baseUrl: BROKER_URL,
+    licenseId,
+    getToken: async () => (await dev("/dev/token", { license_id: licenseId })).token,
+    publicKeys: [LEASE_PUBLIC_KEY_A],
+    cachePath: join(await mkdtemp(join(tmpdir(), "lb-electron-")), "license-lease"),
+    send: (channel, snapshot) => sent.push(snapshot),
+  });
+  try {
+    await dev("/dev/simulate", { license_id: licenseId, action: "pay" });
+    await until(() => sent.at(-1)?.entitled, "unlocked");
+    assert.equal(license.run("pro-report", () => 1).ok, true);
+    await dev("/dev/simulate", { license_id: licenseId, action: "refund" });
+    await until(() => sent.at(-1)?.entitled === false, "locked by the refund");
+    assert.deepEqual(license.run("pro-report", () => 1), { ok: false, reason: "locked" });
+    assert.equal(sent.at(-1).status, "revoked");
+  } finally {
+    license.stop();
   }
 });

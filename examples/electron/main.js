@@ -1,27 +1,31 @@
-// Electron's main process: holds the license stream (one for every window) and answers the
-// windows over IPC. The license logic itself is in license.js.
-import { readFileSync, existsSync } from "node:fs";
+// Electron's main process: holds the license stream (one for every window), answers the windows
+// over IPC, and runs the paid features. The license logic itself is in license.js, the settings
+// in config.js.
 import path from "node:path";
-import { app, BrowserWindow, ipcMain } from "electron";
+import { app, BrowserWindow, dialog, ipcMain } from "electron";
+import { loadConfig } from "./config.js";
 import { startLicense } from "./license.js";
 
-const BROKER_URL = process.env.BROKER_URL ?? "http://127.0.0.1:8000";
-const LICENSE_ID = process.env.LICENSE_ID ?? "lic_demo";
-// The broker's public lease key, shipped with the app (`license-broker keys public`).
-const KEY_FILE = path.join(import.meta.dirname, "public-key.pem");
-const PUBLIC_KEYS = existsSync(KEY_FILE) ? [readFileSync(KEY_FILE, "utf8")] : [];
-
 // Replace this with your web app's endpoint, authenticated with the user's session. The one here
-// is the broker's development-mode endpoint (`make run`), which mints a token for anyone.
-async function getToken() {
-  const response = await fetch(`${BROKER_URL}/dev/token`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ license_id: LICENSE_ID }),
-  });
-  if (!response.ok) throw new Error(`token: ${response.status}`);
-  return (await response.json()).token;
+// takes LICENSE_TOKEN (`license-broker token lic_demo`, development runs only), or else asks the
+// broker's development-mode endpoint (`make run`), which mints a token for anyone.
+function tokenSource({ baseUrl, licenseId, token }) {
+  if (token) return async () => token;
+  return async () => {
+    const response = await fetch(`${baseUrl}/dev/token`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ license_id: licenseId }),
+    });
+    if (!response.ok) throw new Error(`token: ${response.status}`);
+    return (await response.json()).token;
+  };
 }
+
+// The paid features: they run here, never in a window, and only through license.run().
+const PAID_FEATURES = {
+  "pro-report": () => `A paid report, made by the main process at ${new Date().toLocaleTimeString()}.`,
+};
 
 function sendToWindows(channel, payload) {
   for (const window of BrowserWindow.getAllWindows()) window.webContents.send(channel, payload);
@@ -42,15 +46,28 @@ function openWindow() {
 }
 
 app.whenReady().then(async () => {
+  let config;
+  try {
+    config = loadConfig({ packaged: app.isPackaged, env: process.env, dir: import.meta.dirname });
+  } catch (error) {
+    // No pinned key, or one the client cannot use: refuse to start, and say why.
+    dialog.showErrorBox("Cannot start", error.message);
+    app.exit(1);
+    return;
+  }
   const license = await startLicense({
-    baseUrl: BROKER_URL,
-    licenseId: LICENSE_ID,
-    getToken,
-    publicKeys: PUBLIC_KEYS,
+    baseUrl: config.baseUrl,
+    licenseId: config.licenseId,
+    publicKeys: config.publicKeys,
+    getToken: tokenSource(config),
     cachePath: path.join(app.getPath("userData"), "license-lease"),
     send: sendToWindows,
   });
   ipcMain.handle("license:get", () => license.snapshot()); // a window that opens later asks once
+  ipcMain.handle("feature:use", (_event, name) => {
+    const work = Object.hasOwn(PAID_FEATURES, name) ? PAID_FEATURES[name] : null;
+    return work === null ? { ok: false, reason: "unknown feature" } : license.run(name, work);
+  });
   app.on("before-quit", () => license.stop());
   openWindow();
   app.on("activate", () => BrowserWindow.getAllWindows().length === 0 && openWindow());

@@ -8,4 +8,6 @@ contextBridge.exposeInMainWorld("license", {
     ipcRenderer.on("license:changed", listener);
     return () => ipcRenderer.off("license:changed", listener);
   },
+  // Asks the main process to run a paid feature; it decides, from the signed lease.
+  use: (feature) => ipcRenderer.invoke("feature:use", feature),
 });

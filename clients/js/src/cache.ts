@@ -1,6 +1,25 @@
 import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 
+/** A crash leaves the old file or the new one, never half of one. */
+export async function writeAtomically(path: string, text: string): Promise<void> {
+  await mkdir(dirname(path), { recursive: true });
+  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Date.now()}.${Math.random().toString(36).slice(2)}`);
+  const file = await open(tmp, "w", 0o600);
+  try {
+    await file.writeFile(text, "ascii");
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  try {
+    await rename(tmp, path);
+  } catch (error) {
+    await rm(tmp, { force: true });
+    throw error;
+  }
+}
+
 /**
  * The last valid lease on disk, so that an app started offline knows whether to unlock. The file
  * holds the lease as received (a compact JWS) and nothing else: it is verified again when read,
@@ -18,23 +37,8 @@ export class LeaseCache {
     }
   }
 
-  /** Atomically: a crash leaves the old lease or the new one, never half of one. */
-  async save(token: string): Promise<void> {
-    await mkdir(dirname(this.path), { recursive: true });
-    const tmp = join(dirname(this.path), `.${basename(this.path)}.${process.pid}.${Date.now()}`);
-    const file = await open(tmp, "w", 0o600);
-    try {
-      await file.writeFile(`${token}\n`, "ascii");
-      await file.sync();
-    } finally {
-      await file.close();
-    }
-    try {
-      await rename(tmp, this.path);
-    } catch (error) {
-      await rm(tmp, { force: true });
-      throw error;
-    }
+  save(token: string): Promise<void> {
+    return writeAtomically(this.path, `${token}\n`);
   }
 
   async clear(): Promise<void> {

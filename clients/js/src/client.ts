@@ -1,7 +1,9 @@
 import { EventEmitter } from "node:events";
 import { EventSource } from "eventsource";
 import { LeaseCache } from "./cache.js";
-import { InvalidLeaseError, type Lease, LeaseVerifier, leaseValidAt, supersedes } from "./leases.js";
+import { LeaseHolder } from "./holder.js";
+import { InvalidLeaseError, type Lease, type LeaseVerifier } from "./leases.js";
+import { Watermark } from "./watermark.js";
 
 /** One event of the stream: the license's state after a change (or its current state). */
 export interface LicenseState {
@@ -15,6 +17,11 @@ export interface LicenseState {
 }
 
 export type ClientStatus = "connecting" | "live" | "reconnecting" | "unauthorized" | "stopped";
+/** "pinned": leases verified with pinned keys; "unverified": no verifier, the live state only. */
+export type ClientTrust = "pinned" | "unverified";
+
+/** The expiry timer wakes at least this often: a machine that slept, or a moved clock, is noticed. */
+const EXPIRY_CHECK_MS = 60_000;
 
 /** 401/403: a new token is needed; reconnecting with this one would never succeed. */
 export class UnauthorizedError extends Error {
@@ -30,10 +37,16 @@ export interface LicenseClientOptions {
   licenseId: string;
   /** A subscriber token, or a function asked for one on every connection (so expired ones are replaced). */
   token: string | (() => string | Promise<string>);
-  /** Verifies leases; without one, isEntitled() trusts the last (unsigned) state, online only. */
+  /**
+   * Verifies leases with the keys pinned in the app. Without one (or with one given no key),
+   * isEntitled() follows the last (unsigned) state, online only, and the client says so (a
+   * process warning, `trust`).
+   */
   verifier?: LeaseVerifier;
   /** Where the last valid lease is kept (a path or a LeaseCache). */
   cache?: LeaseCache | string;
+  /** Where the watermark is kept (a path or a Watermark); default: beside the cache, `<cache>.watermark`. */
+  watermark?: Watermark | string;
   /** Resume after this seq (e.g. saved by a previous run). */
   lastEventId?: number | null;
   minBackoffMs?: number;
@@ -46,6 +59,7 @@ export interface LicenseClientOptions {
 interface ClientEvents {
   state: [LicenseState];
   lease: [Lease];
+  entitlement: [boolean];
   status: [ClientStatus];
   rejected: [InvalidLeaseError];
 }
@@ -56,14 +70,17 @@ interface ClientEvents {
  * verified and cached, so that isEntitled() answers offline until the lease expires.
  *
  * Events: "state" (each state, in seq order, once), "lease" (each lease that verifies and
- * replaces the one held: the moment to lock or unlock), "status", "rejected" (a lease that did
- * not verify). Or iterate: `for await (const state of client)`.
+ * replaces the one held), "entitlement" (isEntitled() changed: the moment to lock or unlock; also
+ * when the lease runs out, from the client's own expiry timer), "status", "rejected" (a lease that
+ * did not verify). Or iterate: `for await (const state of client)`.
  */
 export class LicenseClient extends EventEmitter<ClientEvents> {
   readonly url: string;
   readonly licenseId: string;
   readonly verifier: LeaseVerifier | undefined;
   readonly cache: LeaseCache | undefined;
+  readonly watermark: Watermark | undefined;
+  readonly trust: ClientTrust;
   state: LicenseState | null = null;
   lastEventId: number | null;
   /** The server's `retry:` hint, in ms, once one has arrived. */
@@ -72,9 +89,10 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
   rejectedLeases = 0;
   status: ClientStatus = "stopped";
   unauthorized: UnauthorizedError | null = null;
-  private currentLease: Lease | null = null;
-  private restored: Promise<Lease | null> | undefined;
+  private readonly holder: LeaseHolder | undefined;
+  private entitled = false; // the app starts locked; "entitlement" reports each change from there
   private accepting: Promise<void> = Promise.resolve();
+  private expiryTimer: NodeJS.Timeout | null = null;
   private readonly options: Required<Pick<LicenseClientOptions, "minBackoffMs" | "maxBackoffMs" | "readTimeoutMs">>;
   private readonly token: LicenseClientOptions["token"];
   private readonly fetchImpl: typeof fetch;
@@ -92,6 +110,19 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
     this.token = options.token;
     this.verifier = options.verifier;
     this.cache = typeof options.cache === "string" ? new LeaseCache(options.cache) : options.cache;
+    const watermark = options.watermark ?? (this.cache ? `${this.cache.path}.watermark` : undefined);
+    this.watermark = typeof watermark === "string" ? new Watermark(watermark) : watermark;
+    // Without a pinned key (no verifier, or one given no key) leases prove nothing: the client
+    // follows the live state only, and says so.
+    const pinned = this.verifier !== undefined && this.verifier.kids.size > 0;
+    this.trust = pinned ? "pinned" : "unverified";
+    this.holder = pinned && this.verifier ? new LeaseHolder(this.licenseId, this.verifier, this.cache, this.watermark, (m) => this.emitWarning(m)) : undefined;
+    if (this.holder === undefined) {
+      process.emitWarning(
+        `license-broker-client: no pinned lease key: leases are not verified, the app follows the live state only, which anything answering at ${options.baseUrl} can fake, and it never unlocks offline. Pin the broker's public key: new LeaseVerifier({ publicKeys: [<what \`license-broker keys public\` prints>] }).`,
+        { code: "LICENSE_BROKER_UNVERIFIED" },
+      );
+    }
     this.lastEventId = options.lastEventId ?? null;
     this.options = {
       minBackoffMs: options.minBackoffMs ?? 500,
@@ -103,35 +134,25 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
 
   /** The newest valid lease: received on the stream, or restored from the cache. */
   get lease(): Lease | null {
-    return this.currentLease;
+    return this.holder?.lease ?? null;
   }
 
   /**
-   * Whether the app may unlock now. With a verifier: only on a valid, unexpired lease for this
-   * license, online or off (await restore() first at start-up). Without one: the last state received.
+   * Whether the app may unlock now. With a pinned key: only on a valid, unexpired lease for this
+   * license, online or off (await restore() first at start-up), with a clock that was not turned
+   * back. Without one: the last state received, unsigned, online only.
    */
   isEntitled(): boolean {
-    if (this.verifier === undefined) return this.state?.entitled === true;
-    const lease = this.currentLease;
-    return lease !== null && lease.entitled && leaseValidAt(lease, this.verifier.clock());
+    if (this.holder === undefined) return this.state?.entitled === true;
+    return this.holder.isEntitled();
   }
 
-  /** Read the cached lease and verify it with the pinned keys (no network). Once; start() calls it too. */
-  restore(): Promise<Lease | null> {
-    this.restored ??= (async () => {
-      if (this.cache === undefined || this.verifier === undefined) return null;
-      const token = await this.cache.load();
-      if (token === null) return null;
-      try {
-        const lease = await this.verifier.verifyOffline(token, this.licenseId);
-        if (supersedes(lease, this.currentLease, this.verifier.clock())) this.currentLease = lease;
-        return lease;
-      } catch (error) {
-        if (!(error instanceof InvalidLeaseError)) throw error;
-        return null;
-      }
-    })();
-    return this.restored;
+  /** Read the watermark and the cached lease, verified with the pinned keys (no network). Once; start() calls it too. */
+  async restore(): Promise<Lease | null> {
+    if (this.holder === undefined) return null;
+    const lease = await this.holder.restore();
+    this.checkEntitlement();
+    return lease;
   }
 
   /**
@@ -139,32 +160,63 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
    * it supersedes the one held. One at a time, in arrival order, so the cache ends with the newest.
    */
   acceptLease(token: string): Promise<Lease | null> {
-    const accepted = this.accepting.then(() => this.acceptOne(token));
-    this.accepting = accepted.then(
+    return this.serially(() => this.acceptOne(token));
+  }
+
+  private serially<T>(work: () => Promise<T>): Promise<T> {
+    const done = this.accepting.then(work);
+    this.accepting = done.then(
       () => undefined,
       () => undefined,
     );
-    return accepted;
+    return done;
   }
 
   private async acceptOne(token: string): Promise<Lease | null> {
-    if (this.verifier === undefined) return null;
-    let lease: Lease;
+    if (this.holder === undefined) return null;
+    let lease: Lease | null;
     try {
-      lease = await this.verifier.verify(token, this.licenseId);
+      lease = await this.holder.accept(token);
     } catch (error) {
       if (!(error instanceof InvalidLeaseError)) throw error;
       this.rejectedLeases += 1;
       this.emit("rejected", error);
       return null;
     }
-    await this.restore(); // a cached lease read later must not replace this one
-    if (!supersedes(lease, this.currentLease, this.verifier.clock())) return null;
-    // Cached first: once the app is told, a restart finds the same answer on disk.
-    if (this.cache !== undefined) await this.cache.save(token).catch(() => undefined); // a full disk must not stop the stream
-    this.currentLease = lease;
-    this.emit("lease", lease);
+    if (lease !== null) {
+      this.emit("lease", lease);
+      this.armExpiry();
+    }
+    this.checkEntitlement();
     return lease;
+  }
+
+  private checkEntitlement(): void {
+    const entitled = this.isEntitled();
+    if (entitled === this.entitled) return;
+    this.entitled = entitled;
+    this.emit("entitlement", entitled);
+  }
+
+  private emitWarning(message: string): void {
+    process.emitWarning(`license-broker-client: ${message}`, { code: "LICENSE_BROKER_LEASE" });
+  }
+
+  /** The lease-expiry timer: the app is told when its lease runs out (offline that long). */
+  private armExpiry(): void {
+    if (this.expiryTimer !== null) clearTimeout(this.expiryTimer);
+    this.expiryTimer = null;
+    if (!this.running || this.holder === undefined) return;
+    const left = this.holder.msLeft();
+    const delay = left === null ? EXPIRY_CHECK_MS : Math.min(Math.max(left, 0) + 50, EXPIRY_CHECK_MS);
+    this.expiryTimer = setTimeout(() => {
+      this.expiryTimer = null;
+      void this.serially(async () => {
+        await this.holder?.tick();
+        this.checkEntitlement();
+      }).finally(() => this.armExpiry());
+    }, delay);
+    this.expiryTimer.unref();
   }
 
   /**
@@ -185,12 +237,15 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
     this.unauthorized = null;
     this.failures = 0;
     void this.restore().finally(() => {
+      this.armExpiry();
       if (this.running && this.source === null && this.reconnectTimer === null) this.connect();
     });
   }
 
   stop(): void {
     this.running = false;
+    if (this.expiryTimer !== null) clearTimeout(this.expiryTimer);
+    this.expiryTimer = null;
     this.closeSource();
     if (this.reconnectTimer !== null) clearTimeout(this.reconnectTimer);
     this.reconnectTimer = null;
@@ -249,6 +304,7 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
       if (message.lastEventId) this.lastEventId = Number(message.lastEventId);
       const state = JSON.parse(message.data) as LicenseState;
       this.state = state;
+      if (this.holder === undefined) this.checkEntitlement();
       this.emit("state", state);
     });
     // No id: the lease leaves Last-Event-ID alone. It follows the state it signs.

@@ -1,4 +1,6 @@
+import type { KeyObject } from "node:crypto";
 import { jose } from "./jose.js";
+import { type JsonWebKeySet, pinnedKeys } from "./keys.js";
 
 /** A verified lease: what the broker vouched for about one license, until `expiresAt`. */
 export interface Lease {
@@ -15,105 +17,107 @@ export interface Lease {
   readonly kid: string;
 }
 
-export interface JsonWebKeySet {
-  keys: Array<Record<string, unknown>>;
-}
-
-/** The lease is forged, tampered with, expired, for another license, or signed by an unknown key. */
+/**
+ * The lease is forged, tampered with, expired, issued in the future, for another license, or
+ * signed by a key the app does not pin.
+ */
 export class InvalidLeaseError extends Error {
   override name = "InvalidLeaseError";
 }
 
+/** The lease verifies but its time is over. */
+export class LeaseExpiredError extends InvalidLeaseError {
+  override name = "LeaseExpiredError";
+}
+
 export const ALGORITHM = "EdDSA";
-export const JWKS_PATH = "/.well-known/jwks.json";
+/** How far a lease's `iat` may be ahead of this machine's clock (ms): clocks are never equal. */
+export const DEFAULT_MAX_SKEW_MS = 300_000;
 
 export function leaseValidAt(lease: Lease, nowMs: number): boolean {
   return nowMs < lease.expiresAt * 1000;
 }
 
 /**
- * Whether `next` should replace `current`: a newer state, the same state renewed, or anything
- * once `current` has expired. An older state's lease never wins while the newer one is valid
- * (a user replaying the lease of a state before a refund gains nothing).
+ * Whether `next` should replace `current`: a newer state, a lease signed later (a renewal; or the
+ * broker's current state after its database was restored from a backup, whose seq can be lower),
+ * or anything once `current` has expired. An older lease (lower seq and earlier `iat`) never wins
+ * while the newer one is valid: a user replaying the lease of a state before a refund gains nothing.
  */
 export function supersedes(next: Lease, current: Lease | null, nowMs: number): boolean {
   if (current === null || !leaseValidAt(current, nowMs)) return true;
-  return next.seq > current.seq || (next.seq === current.seq && next.expiresAt >= current.expiresAt);
+  if (next.seq > current.seq || next.issuedAt > current.issuedAt) return true;
+  return next.seq === current.seq && next.issuedAt === current.issuedAt && next.expiresAt >= current.expiresAt;
 }
 
 export interface LeaseVerifierOptions {
-  /** Public keys pinned in the app (SPKI PEM, from `license-broker keys generate`): they work offline. */
-  publicKeys?: readonly string[];
-  /** A JWKS document shipped with the app: pinned too. */
+  /**
+   * Public keys pinned in the app: the text `license-broker keys public` prints (comment lines and
+   * one or more PEM blocks), as one string or several.
+   */
+  publicKeys?: string | readonly string[];
+  /** A JWKS document shipped with the app (`license-broker keys public --jwks`): pinned too. */
   jwks?: JsonWebKeySet;
-  /** The broker's JWKS, fetched when a lease names an unknown key or the set is older than jwksMaxAgeMs. */
-  jwksUrl?: string;
-  jwksMaxAgeMs?: number;
-  /** The least time between two fetches of the JWKS for unknown keys (jose's cooldown). */
-  jwksCooldownMs?: number;
   /** Milliseconds since the epoch; the one clock that decides expiry. */
   clock?: () => number;
+  /** How far a lease's `iat` may be ahead of the clock (ms); default 5 minutes. */
+  maxSkewMs?: number;
 }
 
-type Jose = Awaited<ReturnType<typeof jose>>;
-type VerifyKey = Awaited<ReturnType<Jose["importJWK"]>>;
-type RemoteKeys = ReturnType<Jose["createRemoteJWKSet"]>;
+const REMOVED = ["jwksUrl", "jwksMaxAgeMs", "jwksCooldownMs"];
 
 /**
- * Verifies leases: Ed25519 compact JWS (EdDSA) signed by the broker. Pinned keys are the only way
- * to verify a cached lease offline: a key set saved to disk would be as easy to edit as the lease.
- * A JWKS URL follows a rotation online: a key the broker stops publishing stops verifying once the
- * fetched set is older than `jwksMaxAgeMs`.
+ * Verifies leases (Ed25519 compact JWS, EdDSA) against the keys pinned in the app, and nothing
+ * else: no network. With no key pinned it verifies nothing. The broker's JWKS is never consulted: it is served by whatever answers at the
+ * broker's address, so a fake broker (or anyone between the app and the broker) would serve its
+ * own key with it, and a key set saved to disk would be as easy to edit as the cached lease. A key
+ * rotation ships the next public key in an app update before it signs (docs/desktop.md).
  */
 export class LeaseVerifier {
   readonly clock: () => number;
-  private readonly options: LeaseVerifierOptions;
-  private pinned: Promise<Map<string, VerifyKey>> | undefined;
-  private remote: RemoteKeys | undefined;
+  readonly maxSkewMs: number;
+  private readonly pinned: Map<string, KeyObject>;
 
-  constructor(options: LeaseVerifierOptions) {
-    if (!options.publicKeys?.length && !options.jwks && !options.jwksUrl) {
-      throw new TypeError("LeaseVerifier needs publicKeys, a jwks or a jwksUrl");
+  constructor(options: LeaseVerifierOptions = {}) {
+    const removed = REMOVED.filter((name) => name in (options ?? {}));
+    if (removed.length > 0) {
+      throw new TypeError(
+        `LeaseVerifier: ${removed.join(", ")} no longer exist (0.2): leases verify only with pinned keys, never with the broker's JWKS, which a fake broker serves too`,
+      );
     }
-    this.options = options;
+    // Every key given must be usable (InvalidKeyError otherwise). None given at all: this verifier
+    // verifies nothing, and a client holding it follows the live state only, and says so.
+    this.pinned = pinnedKeys(options?.publicKeys, options?.jwks);
     this.clock = options.clock ?? Date.now;
+    this.maxSkewMs = options.maxSkewMs ?? DEFAULT_MAX_SKEW_MS;
   }
 
-  /** The broker's own JWKS, plus any options (pinned keys, for offline use). */
-  static forServer(baseUrl: string, options: Omit<LeaseVerifierOptions, "jwksUrl"> = {}): LeaseVerifier {
-    return new LeaseVerifier({ ...options, jwksUrl: baseUrl.replace(/\/+$/, "") + JWKS_PATH });
+  /**
+   * Kept for the code written for 0.1: the same as `new LeaseVerifier(options)`. `baseUrl` is not
+   * used: the broker's JWKS is not trusted.
+   */
+  static forServer(_baseUrl: string, options: LeaseVerifierOptions = {}): LeaseVerifier {
+    return new LeaseVerifier(options);
   }
 
-  /** Verify with pinned keys only: no network (what an app started offline can do). */
-  verifyOffline(token: string, licenseId: string): Promise<Lease> {
-    return this.verifyWith(token, licenseId, false);
+  /** The thumbprints of the pinned keys. */
+  get kids(): Set<string> {
+    return new Set(this.pinned.keys());
   }
 
-  /** Verify with pinned keys, or else the broker's JWKS (fetched when needed). */
-  verify(token: string, licenseId: string): Promise<Lease> {
-    return this.verifyWith(token, licenseId, true);
+  /** Kept for the code written for 0.1: the same as verify() (nothing is fetched in either). */
+  verifyOffline(token: string, licenseId: string, options: { nowMs?: number } = {}): Promise<Lease> {
+    return this.verify(token, licenseId, options);
   }
 
-  private async pinnedKeys(): Promise<Map<string, VerifyKey>> {
-    this.pinned ??= (async () => {
-      const { importSPKI, importJWK, exportJWK, calculateJwkThumbprint } = await jose();
-      const keys = new Map<string, VerifyKey>();
-      for (const pem of this.options.publicKeys ?? []) {
-        const key = await importSPKI(pem, ALGORITHM);
-        keys.set(await calculateJwkThumbprint(await exportJWK(key)), key);
-      }
-      for (const jwk of this.options.jwks?.keys ?? []) {
-        if (jwk.kty !== "OKP" || jwk.crv !== "Ed25519") continue;
-        // By thumbprint, not by the document's kid: a kid cannot alias another key.
-        const kid = await calculateJwkThumbprint({ kty: "OKP", crv: "Ed25519", x: String(jwk.x) });
-        keys.set(kid, await importJWK({ kty: "OKP", crv: "Ed25519", x: String(jwk.x) }, ALGORITHM));
-      }
-      return keys;
-    })();
-    return this.pinned;
-  }
-
-  private async verifyWith(token: string, licenseId: string, online: boolean): Promise<Lease> {
+  /**
+   * The lease, if it verifies with a pinned key, is for `licenseId`, was not issued after the
+   * clock (beyond maxSkewMs) and is unexpired at `nowMs` (default: the clock).
+   */
+  async verify(token: string, licenseId: string, options: { nowMs?: number } = {}): Promise<Lease> {
+    if (this.pinned.size === 0) {
+      throw new InvalidLeaseError("this app pins no lease key: leases are not verified, and nothing unlocks offline (pin what `license-broker keys public` prints)");
+    }
     const j = await jose();
     let kid: string;
     try {
@@ -124,45 +128,38 @@ export class LeaseVerifier {
       if (error instanceof InvalidLeaseError) throw error;
       throw new InvalidLeaseError(`not a JWS: ${(error as Error).message}`);
     }
-    const pinned = (await this.pinnedKeys()).get(kid);
-    let resolve: VerifyKey | RemoteKeys;
-    if (pinned !== undefined) {
-      resolve = pinned;
-    } else if (online && this.options.jwksUrl) {
-      // jose's remote set: fetched on an unknown kid (at most once per cooldown) and again once
-      // older than cacheMaxAge, so a key removed from the JWKS stops verifying.
-      this.remote ??= j.createRemoteJWKSet(new URL(this.options.jwksUrl), {
-        cacheMaxAge: this.options.jwksMaxAgeMs ?? 300_000,
-        cooldownDuration: this.options.jwksCooldownMs ?? 30_000,
-      });
-      resolve = this.remote;
-    } else {
-      throw new InvalidLeaseError(`signed by an unknown key (kid ${kid})`);
-    }
+    const key = this.pinned.get(kid);
+    if (key === undefined) throw new InvalidLeaseError(`signed by a key this app does not pin (kid ${kid})`);
     let payload: Record<string, unknown>;
     try {
-      const options = { algorithms: [ALGORITHM], currentDate: new Date(this.clock()), requiredClaims: ["sub", "seq", "exp", "iat"] };
-      ({ payload } = typeof resolve === "function" ? await j.jwtVerify(token, resolve, options) : await j.jwtVerify(token, resolve, options));
+      const verified = await j.compactVerify(token, key, { algorithms: [ALGORITHM] });
+      payload = JSON.parse(new TextDecoder().decode(verified.payload)) as Record<string, unknown>;
     } catch (error) {
-      if (error instanceof j.errors.JWTExpired) throw new InvalidLeaseError("expired");
-      if (error instanceof j.errors.JWKSNoMatchingKey) throw new InvalidLeaseError(`signed by an unknown key (kid ${kid})`);
       throw new InvalidLeaseError(`does not verify: ${(error as Error).message}`);
     }
+    if (typeof payload !== "object" || payload === null) throw new InvalidLeaseError("malformed claims");
     if (payload.sub !== licenseId) throw new InvalidLeaseError("for another license");
-    if (typeof payload.seq !== "number" || typeof payload.exp !== "number" || typeof payload.iat !== "number") {
+    if (![payload.seq, payload.exp, payload.iat].every((n) => typeof n === "number" && Number.isFinite(n))) {
       throw new InvalidLeaseError("malformed claims");
     }
-    return {
+    const lease: Lease = {
       token,
       licenseId,
-      seq: payload.seq,
+      seq: payload.seq as number,
       status: typeof payload.status === "string" ? payload.status : "none",
       entitled: payload.entitled === true,
       features: Array.isArray(payload.features) ? payload.features.map(String) : [],
       currentPeriodEnd: typeof payload.current_period_end === "string" ? payload.current_period_end : null,
-      issuedAt: payload.iat,
-      expiresAt: payload.exp,
+      issuedAt: payload.iat as number,
+      expiresAt: payload.exp as number,
       kid,
     };
+    const clock = this.clock();
+    if (lease.issuedAt * 1000 > clock + this.maxSkewMs) {
+      const ahead = Math.round(lease.issuedAt - clock / 1000);
+      throw new InvalidLeaseError(`issued in the future (${ahead} s ahead of this machine's clock): the clock is behind`);
+    }
+    if (!leaseValidAt(lease, options.nowMs ?? clock)) throw new LeaseExpiredError("expired");
+    return lease;
   }
 }

@@ -1,4 +1,4 @@
-// Shared by the tests: leases signed the way the broker signs them, and a tiny JWKS server.
+// Shared by the tests: leases signed the way the broker signs them, and a fake broker.
 import { createServer } from "node:http";
 import { calculateJwkThumbprint, exportJWK, exportSPKI, generateKeyPair, SignJWT } from "jose";
 
@@ -19,6 +19,11 @@ export async function signLease(key, { sub = LICENSE, seq = 3, entitled = true, 
     .setIssuedAt(Math.floor(iat)).setExpirationTime(Math.floor(iat) + ttl).sign(key.privateKey);
 }
 
+/** What `license-broker keys public` prints: a comment line before each PEM block. */
+export function keysPublicOutput(...keys) {
+  return keys.map((key, i) => `# kid ${key.kid}${i === 0 ? " (signs)" : " (published only)"}\n${key.pem}`).join("");
+}
+
 /** Replaces one claim of a signed lease, keeping its signature (what a user editing it would do). */
 export function tamper(token, changes) {
   const [header, payload, signature] = token.split(".");
@@ -26,18 +31,48 @@ export function tamper(token, changes) {
   return `${header}.${Buffer.from(JSON.stringify(claims)).toString("base64url")}.${signature}`;
 }
 
-/** Serves `keys()` as a JWKS; counts the fetches. */
-export async function jwksServer(keys) {
-  const served = { fetches: 0 };
+/**
+ * What an attacker serves at the broker's address (a hostile BROKER_URL, a DNS or network
+ * attacker): its own key in the JWKS, an entitled state, and a ten-year lease it signed. Records
+ * the paths asked for.
+ */
+export async function fakeBroker(licenseId) {
+  const key = await newKey();
+  const now = Math.floor(Date.now() / 1000);
+  const state = { license_id: licenseId, seq: 99, status: "active", entitled: true, stripe_event_id: "evt_fake",
+    stripe_event_type: "invoice.paid", occurred_at: "2030-01-01T00:00:00Z", state: { features: ["pro"] } };
+  const lease = await signLease(key, { sub: licenseId, seq: 99, iat: now, ttl: 10 * 365 * 86400 });
+  const requests = [];
+  const open = new Set();
   const server = createServer((request, response) => {
-    served.fetches += 1;
-    response.writeHead(200, { "content-type": "application/json" });
-    response.end(JSON.stringify({ keys: keys() }));
+    const path = new URL(request.url, "http://x").pathname;
+    requests.push(path);
+    if (path === "/.well-known/jwks.json") {
+      response.writeHead(200, { "content-type": "application/json" });
+      response.end(JSON.stringify({ keys: [key.jwk] }));
+    } else if (path === `/api/licenses/${licenseId}`) {
+      response.writeHead(200, { "content-type": "application/json" });
+      response.end(JSON.stringify({ ...state, lease }));
+    } else if (path === `/api/licenses/${licenseId}/events`) {
+      response.writeHead(200, { "content-type": "text/event-stream" });
+      response.write(`retry: 100\nid: 99\ndata: ${JSON.stringify(state)}\n\n`);
+      response.write(`event: lease\ndata: ${JSON.stringify({ lease, seq: 99, exp: now + 10 * 365 * 86400 })}\n\n`);
+      open.add(response); // open until the client leaves
+      response.on("close", () => open.delete(response));
+    } else {
+      response.writeHead(404).end();
+    }
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  served.url = `http://127.0.0.1:${server.address().port}/.well-known/jwks.json`;
-  served.close = () => new Promise((resolve) => server.close(resolve));
-  return served;
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    lease,
+    requests,
+    close: () => {
+      for (const response of open) response.destroy();
+      return new Promise((resolve) => server.close(resolve));
+    },
+  };
 }
 
 /** Polls `predicate` until it holds, or fails after `ms`. */

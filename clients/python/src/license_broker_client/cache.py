@@ -11,6 +11,22 @@ import tempfile
 from pathlib import Path
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """A crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class LeaseCache:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
@@ -23,17 +39,7 @@ class LeaseCache:
         return token or None
 
     def save(self, token: str) -> None:
-        """Atomically (a crash leaves the old lease or the new one, never half of one)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(token + "\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(self.path, token + "\n")
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,34 +1,53 @@
 """Follow one license from a Python desktop app.
 
-    verifier = LeaseVerifier(public_keys=[PINNED_PEM])          # shipped with the app
+    verifier = LeaseVerifier(PINNED_PEM)                  # shipped with the app
     client = LicenseClient(URL, "lic_123", get_token, verifier=verifier, cache="~/.myapp/lease")
+    client.on_entitlement = lambda entitled: set_locked(not entitled)
     set_locked(not client.is_entitled())      # at once, offline too: from the cached lease
-    client.on_lease = lambda lease: set_locked(not client.is_entitled())
     async for event in client:                # reconnects for ever, resuming where it left off
         show_status(event["status"])
 
 or, with a callback: `await client.run(on_event)`. `client.state` is the last state received;
-`client.lease` the newest valid lease (received, or read from the cache).
+`client.lease` the newest valid lease (received, or read from the cache); `client.status` the
+connection's ("connecting", "live", "reconnecting", "unauthorized", "stopped").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from httpx_sse import aconnect_sse
 
 from license_broker_client.cache import LeaseCache
+from license_broker_client.holder import LeaseHolder
 from license_broker_client.leases import InvalidLease, Lease, LeaseVerifier
+from license_broker_client.watermark import Watermark
 
 log = logging.getLogger("license_broker_client")
+
+Status = Literal["connecting", "live", "reconnecting", "unauthorized", "stopped"]
+Trust = Literal["pinned", "unverified"]
+TokenSource = str | Callable[[], str | Awaitable[str]]
+
+# The expiry timer wakes at least this often (seconds): a machine that slept, or a clock that was
+# moved, is noticed within it (timers run on the monotonic clock, leases expire on the wall clock).
+EXPIRY_CHECK_INTERVAL = 60.0
+
+UNVERIFIED = (
+    "license_broker_client: no pinned lease key: leases are not verified, the app "
+    "follows the live state only, which anything answering at %s can fake, and it never unlocks "
+    "offline. Pin the broker's public key: LeaseVerifier(<what `license-broker keys public` prints>)."
+)
 
 
 class Unauthorized(Exception):
@@ -40,11 +59,15 @@ class LicenseClient:
         self,
         base_url: str,
         license_id: str,
-        token: str | Callable[[], str],
+        token: TokenSource,
         *,
         verifier: LeaseVerifier | None = None,
         cache: LeaseCache | str | os.PathLike[str] | None = None,
+        watermark: Watermark | str | os.PathLike[str] | None = None,
         on_lease: Callable[[Lease], None] | None = None,
+        on_entitlement: Callable[[bool], None] | None = None,
+        on_status: Callable[[Status], None] | None = None,
+        on_rejected: Callable[[InvalidLease], None] | None = None,
         last_event_id: int | None = None,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -56,84 +79,109 @@ class LicenseClient:
         self.token = token
         self.verifier = verifier
         self.cache = cache if isinstance(cache, LeaseCache) or cache is None else LeaseCache(cache)
-        # Called after each lease that verifies and replaces the one held: the moment to lock or unlock.
-        self.on_lease = on_lease
+        if watermark is None and self.cache is not None:
+            # Its own file beside the cache, unless the app puts it elsewhere.
+            watermark = self.cache.path.with_name(self.cache.path.name + ".watermark")
+        self.watermark = watermark if isinstance(watermark, Watermark) or watermark is None else Watermark(watermark)
+        # Callbacks (plain functions, called on the event loop):
+        self.on_lease = on_lease  # each lease that verifies and replaces the one held
+        self.on_entitlement = on_entitlement  # is_entitled() changed: lock or unlock now
+        self.on_status = on_status  # the connection's status changed
+        self.on_rejected = on_rejected  # a lease that did not verify
         self.last_event_id = last_event_id
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         # Longer than the server's heartbeat (15 s): silence beyond it means a dead connection.
         self.read_timeout = read_timeout
         self.state: dict[str, Any] | None = None
+        self.status: Status = "stopped"
         self.connections = 0
         self.rejected_leases = 0
-        self._lease: Lease | None = None
-        self._cache_read = False
+        # Without a pinned key (no verifier, or one given no key) leases prove nothing: the client
+        # follows the live state only, and says so.
+        pinned = verifier is not None and bool(verifier.kids)
+        self.trust: Trust = "pinned" if pinned else "unverified"
+        self._holder = LeaseHolder(license_id, verifier, self.cache, self.watermark) if pinned and verifier else None
+        self._entitled = False  # the app starts locked; on_entitlement reports each change from there
+        self._new_lease = asyncio.Event()
         self._http = http
         self._retry: float | None = None
         # The Retry-After of a 429 or 503 (a server or a license at its stream limit).
         self._retry_after: float | None = None
+        if self._holder is None:
+            log.warning(UNVERIFIED, base_url)
 
     # --- leases -----------------------------------------------------------------------------
 
     @property
     def lease(self) -> Lease | None:
         """The newest valid lease: received on the stream, or else the cached one (read, and
-        verified with the keys known now, on first use: no I/O in the constructor)."""
-        if not self._cache_read:
-            self._cache_read = True
-            self._adopt_cached()
-        return self._lease
-
-    def _adopt_cached(self) -> None:
-        if self.cache is None or self.verifier is None:
-            return
-        token = self.cache.load()
-        if token is None:
-            return
-        try:
-            cached = self.verifier.verify(token, self.license_id)
-        except InvalidLease as exc:
-            log.info("cached lease ignored: %s", exc)
-            return
-        if cached.supersedes(self._lease, self.verifier.clock()):
-            self._lease = cached
+        verified with the pinned keys, on first use: no I/O in the constructor)."""
+        return None if self._holder is None else self._holder.lease
 
     def is_entitled(self) -> bool:
-        """Whether the app may unlock now. With a verifier: only on a valid, unexpired lease for
-        this license (online or off). Without one: the last state received, unsigned, online only."""
-        if self.verifier is None:
+        """Whether the app may unlock now. With a pinned key: only on a valid, unexpired lease for
+        this license (online or off), with a clock that was not turned back. Without one: the
+        last state received, unsigned, online only."""
+        if self._holder is None:
             return bool(self.state and self.state.get("entitled") is True)
-        lease = self.lease
-        return lease is not None and lease.entitled and lease.valid_at(self.verifier.clock())
+        return self._holder.is_entitled()
 
     async def accept_lease(self, token: str) -> Lease | None:
         """Verify a lease (from the stream, or from GET /api/licenses/{id}'s `lease`) and hold
         it, and cache it, if it supersedes the one held. None if it does not verify."""
-        if self.verifier is None:
+        if self._holder is None:
             return None
         try:
-            lease = await self.verifier.averify(token, self.license_id)
+            lease = self._holder.accept(token)
         except InvalidLease as exc:
             self.rejected_leases += 1
             log.warning("lease rejected: %s", exc)
+            if self.on_rejected is not None:
+                self.on_rejected(exc)
             return None
-        if not lease.supersedes(self.lease, self.verifier.clock()):
-            return None
-        # Cached first: once the app is told, a restart finds the same answer on disk.
-        if self.cache is not None:
-            try:
-                self.cache.save(token)
-            except OSError as exc:
-                log.warning("lease not cached: %s", exc)
-        self._lease = lease
-        if self.on_lease is not None:
-            self.on_lease(lease)
+        if lease is not None:
+            self._new_lease.set()
+            if self.on_lease is not None:
+                self.on_lease(lease)
+        self._check_entitlement()
         return lease
+
+    def _check_entitlement(self) -> None:
+        entitled = self.is_entitled()
+        if entitled != self._entitled:
+            self._entitled = entitled
+            if self.on_entitlement is not None:
+                self.on_entitlement(entitled)
+
+    async def _watch_expiry(self) -> None:
+        """The lease-expiry timer: the app is told when its lease runs out (offline that long)."""
+        while True:
+            left = self._holder.seconds_left() if self._holder is not None else None
+            delay = EXPIRY_CHECK_INTERVAL if left is None else min(max(left, 0.0) + 0.05, EXPIRY_CHECK_INTERVAL)
+            # A new lease re-arms the timer at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_lease.wait(), delay)
+            self._new_lease.clear()
+            try:
+                if self._holder is not None:
+                    self._holder.tick()
+                self._check_entitlement()
+            except Exception:  # the app's callback: reported, and the timer keeps running
+                log.exception("license_broker_client: on_entitlement failed")
 
     # --- the stream -------------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
+    def _set_status(self, status: Status) -> None:
+        if status != self.status:
+            self.status = status
+            if self.on_status is not None:
+                self.on_status(status)
+
+    async def _headers(self) -> dict[str, str]:
         token = self.token() if callable(self.token) else self.token
+        if inspect.isawaitable(token):
+            token = await token
         headers = {"authorization": f"Bearer {token}", "accept": "text/event-stream"}
         if self.last_event_id is not None:
             headers["last-event-id"] = str(self.last_event_id)
@@ -141,9 +189,10 @@ class LicenseClient:
 
     async def connect_once(self) -> AsyncIterator[dict[str, Any]]:
         """One connection: the states it carries, until the server or the network ends it."""
+        self._set_status("connecting" if self.connections == 0 else "reconnecting")
         http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(10, read=self.read_timeout))
         try:
-            async with aconnect_sse(http, "GET", self.url, headers=self._headers()) as source:
+            async with aconnect_sse(http, "GET", self.url, headers=await self._headers()) as source:
                 if source.response.status_code in (401, 403):
                     raise Unauthorized(f"{source.response.status_code} from {self.url}")
                 if source.response.status_code in (429, 503):
@@ -151,6 +200,7 @@ class LicenseClient:
                     self._retry_after = _seconds(source.response.headers.get("retry-after"))
                 source.response.raise_for_status()
                 self.connections += 1
+                self._set_status("live")
                 async for sse in source.aiter_sse():
                     if sse.retry is not None:
                         self._retry = sse.retry / 1000
@@ -166,6 +216,8 @@ class LicenseClient:
                     if sse.id:
                         self.last_event_id = int(sse.id)
                     self.state = event
+                    if self._holder is None:
+                        self._check_entitlement()
                     yield event
         finally:
             if self._http is None:
@@ -183,21 +235,34 @@ class LicenseClient:
         return max(ceiling * random.uniform(0.5, 1.0), self._retry_after or 0.0)
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        """Reconnects for ever; raises Unauthorized on 401/403. The lease-expiry timer runs for
+        as long as this does."""
+        self._check_entitlement()  # the cached lease, if it unlocks
+        timer = asyncio.create_task(self._watch_expiry())
         failures = 0
-        while True:
-            started = time.monotonic()
-            try:
-                async for event in self.connect_once():
-                    failures = 0
-                    yield event
-            except Unauthorized:
-                raise
-            except (httpx.HTTPError, OSError) as exc:
-                log.info("license stream interrupted: %s", exc)
-            # A connection that stayed up a while was healthy, events or not (a resumed stream
-            # may carry none): its end starts the backoff afresh.
-            failures = 1 if time.monotonic() - started > self.max_backoff else failures + 1
-            await asyncio.sleep(self.reconnect_delay(failures))
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    async for event in self.connect_once():
+                        failures = 0
+                        yield event
+                except Unauthorized:
+                    self._set_status("unauthorized")
+                    raise
+                except (httpx.HTTPError, OSError) as exc:
+                    log.info("license stream interrupted: %s", exc)
+                # A connection that stayed up a while was healthy, events or not (a resumed stream
+                # may carry none): its end starts the backoff afresh.
+                failures = 1 if time.monotonic() - started > self.max_backoff else failures + 1
+                self._set_status("reconnecting")
+                await asyncio.sleep(self.reconnect_delay(failures))
+        finally:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+            if self.status != "unauthorized":
+                self._set_status("stopped")
 
     async def run(self, on_event: Callable[[dict[str, Any]], Awaitable[None] | None]) -> None:
         async for event in self:
