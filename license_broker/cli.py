@@ -92,7 +92,7 @@ def _banner(args: argparse.Namespace) -> object:
                 f"  curl -N -H 'Authorization: Bearer {token}' {base}/api/licenses/lic_demo/events",
                 "In another, pay for it (a signed checkout.session.completed, as Stripe would send it):",
                 f"  .venv/bin/license-broker send pay lic_demo --url {base}",
-                "Then try: fail, recover, cancel, refund.",
+                "Then try: fail, recover, cancel_at_period_end, cancel, refund (`send --help` says what each is).",
                 "Once paid, the buyer's page (Checkout's success_url) shows its license key:",
                 f"  {base}/activate?session_id={_demo_session()}",
                 "and the key activates machines: POST /api/activations (docs/desktop.md), or the live page",
@@ -216,16 +216,24 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    from webhook.samples import SampleEvents
+    from webhook.samples import SampleEvents, explain
 
     secret = settings.webhook_secrets[0] if settings.webhook_secrets else DEV_WEBHOOK_SECRET
     url = args.url.rstrip("/") + "/api/stripe/webhooks"
+    print(f"{args.action}: {ACTION_HELP[args.action]}")
+    deliveries = SampleEvents(args.license_id).deliveries(args.action, secret)
     with httpx.Client(timeout=10) as client:
-        for event, payload, headers in SampleEvents(args.license_id).deliveries(args.action, secret):
+        for i, (event, payload, headers) in enumerate(deliveries):
             response = client.post(url, content=payload, headers=headers)
             print(f"{event['type']} {event['id']} -> {response.status_code} {response.text}")
             if response.status_code >= 300:
                 return 1
+            try:
+                outcome = response.json().get("outcome")
+            except ValueError:
+                continue
+            if note := explain(outcome, event, [later for later, _, _ in deliveries[i + 1 :]]):
+                print(f"  {outcome}: {note}")
     return 0
 
 

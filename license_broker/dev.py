@@ -20,7 +20,7 @@ from broker import tokens
 from broker.http import BodyTooLarge, read_body, too_large
 from broker.requestlog import REQUEST_ID
 from broker.runtime import Runtime
-from webhook.samples import ACTIONS, SampleEvents
+from webhook.samples import ACTIONS, SampleEvents, explain
 
 TOKEN_TTL = 3600
 # A license id and an action: a few dozen bytes.
@@ -105,8 +105,9 @@ async def dev_simulate(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     secret = runtime.settings.webhook_secrets[0]
     results: list[dict[str, Any]] = []
+    deliveries = SampleEvents(license_id).deliveries(action, secret)
     async with httpx.AsyncClient(base_url=_own_url(request), timeout=10) as client:
-        for event, payload, headers in SampleEvents(license_id).deliveries(action, secret):
+        for i, (event, payload, headers) in enumerate(deliveries):
             # The webhook's log lines then carry the id of the click that caused them.
             headers["x-request-id"] = REQUEST_ID.get() or ""
             response = await client.post("/api/stripe/webhooks", content=payload, headers=headers)
@@ -116,6 +117,9 @@ async def dev_simulate(request: Request) -> Response:
                 results[-1].update(response.json())
             if response.status_code >= 300:
                 return JSONResponse({"action": action, "events": results}, status_code=502)
+            # Why a "pending" or "unchanged" event changed nothing (what `send` prints too).
+            if note := explain(str(results[-1].get("outcome")), event, [e for e, _, _ in deliveries[i + 1 :]]):
+                results[-1]["note"] = note
     return JSONResponse({"action": action, "events": results})
 
 
