@@ -339,6 +339,7 @@ class Ingestor:
             return reported
         products = await self.refresher.line_items(event, session.id)
         if products is None:
+            log.warning("the line items of %s cannot be read (no key of its mode): it grants nothing", session.id)
             return reported
         read = line_items(session, products, event["created"], fetched=True)
         return replace(reported, objects=(*reported.objects, read))
