@@ -117,19 +117,11 @@ class StripeRefresher:
             options["stripe_account"] = event["account"]
         return options
 
-    async def _list(self, what: str, page: ListPage) -> list[dict[str, Any]]:
-        """Every item of a list, page after page (at most MAX_PAGES), within REFRESH_TIMEOUT."""
-        items: list[dict[str, Any]] = []
+    async def _list(self, what: str, read: Callable[[], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+        """What `read` lists, within REFRESH_TIMEOUT; counted, and a failure raised as StripeUnavailable."""
         try:
             async with asyncio.timeout(REFRESH_TIMEOUT):
-                after: str | None = None
-                for _ in range(MAX_PAGES):
-                    listed = (await page(after)).to_dict()
-                    data = [i for i in listed.get("data") or [] if isinstance(i, dict)]
-                    items += data
-                    if not listed.get("has_more") or not data:
-                        break
-                    after = str(data[-1].get("id"))
+                items = await read()
         except (stripe.StripeError, TimeoutError) as exc:
             metrics.REFRESHES.labels("failed").inc()
             log.warning("reading %s from the Stripe API failed: %s", what, exc)
@@ -137,29 +129,59 @@ class StripeRefresher:
         metrics.REFRESHES.labels("ok").inc()
         return items
 
+    @staticmethod
+    async def _pages(page: ListPage) -> list[dict[str, Any]]:
+        """Every item of a list, page after page (at most MAX_PAGES)."""
+        items: list[dict[str, Any]] = []
+        after: str | None = None
+        for _ in range(MAX_PAGES):
+            listed = (await page(after)).to_dict()
+            data = [i for i in listed.get("data") or [] if isinstance(i, dict)]
+            items += data
+            if not listed.get("has_more") or not data:
+                break
+            after = str(data[-1].get("id"))
+        return items
+
     async def line_items(self, event: Mapping[str, Any], session_id: str) -> list[str] | None:
         options = self._options(event)
         if options is None:
             return None
-        items = self._list(
-            f"the line items of {session_id}",
-            lambda after: self.client.v1.checkout.sessions.line_items.list_async(
-                session_id, params={"limit": 100, **({"starting_after": after} if after else {})}, options=options
-            ),
-        )
-        return products_of({"data": await items})
+        sessions = self.client.v1.checkout.sessions
+
+        async def read() -> list[dict[str, Any]]:
+            try:
+                return await self._pages(
+                    lambda after: sessions.line_items.list_async(
+                        session_id,
+                        params={"limit": 100, **({"starting_after": after} if after else {})},
+                        options=options,
+                    )
+                )
+            except stripe.InvalidRequestError:
+                # An API (a proxy, a fake) without the list endpoint: the session with them expanded.
+                session = await sessions.retrieve_async(session_id, params={"expand": ["line_items"]}, options=options)
+                listed = session.to_dict().get("line_items")
+                if not isinstance(listed, dict):
+                    raise
+                return [i for i in listed.get("data") or [] if isinstance(i, dict)]
+
+        return products_of({"data": await self._list(f"the line items of {session_id}", read)})
 
     async def entitlements(self, event: Mapping[str, Any], customer: str) -> list[str] | None:
         options = self._options(event)
         if options is None:
             return None
+        entitlements = self.client.v1.entitlements.active_entitlements
         items = await self._list(
             f"the active entitlements of {customer}",
-            lambda after: self.client.v1.entitlements.active_entitlements.list_async(
-                params={"customer": customer, "limit": 100, "starting_after": after}
-                if after
-                else {"customer": customer, "limit": 100},
-                options=options,
+            lambda: self._pages(
+                lambda after: entitlements.list_async(
+                    params={"customer": customer, "limit": 100, "starting_after": after}
+                    if after
+                    else {"customer": customer, "limit": 100},
+                    options=options,
+                )
             ),
         )
         return sorted({i["lookup_key"] for i in items if isinstance(i.get("lookup_key"), str)})
@@ -168,11 +190,14 @@ class StripeRefresher:
         options = self._options(event)
         if options is None:
             return None
+        payments = self.client.v1.invoice_payments
         return await self._list(
             f"the payments of {invoice_id}",
-            lambda after: self.client.v1.invoice_payments.list_async(
-                params={"invoice": invoice_id, "limit": 100, **({"starting_after": after} if after else {})},
-                options=options,
+            lambda: self._pages(
+                lambda after: payments.list_async(
+                    params={"invoice": invoice_id, "limit": 100, **({"starting_after": after} if after else {})},
+                    options=options,
+                )
             ),
         )
 

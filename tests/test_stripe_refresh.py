@@ -361,3 +361,37 @@ async def test_a_summary_with_more_entitlements_is_completed_from_the_api_or_say
         assert (state["features"], state["features_partial"]) == (keys[:10], True)
         assert refreshes("failed") == failed + 1
     assert any(r.startswith("/v1/entitlements/active_entitlements") for r in fake.requests)
+
+
+@pytest.mark.parametrize("served", ["the line items list", "only the session, line items expanded"])
+async def test_a_one_time_purchase_is_judged_by_the_line_items_the_api_gives(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], served: str
+) -> None:
+    api, base = fake_api
+    license_id, session_id = new_license(), f"cs_test_refresh_{served.split()[-1]}"
+    session = copy.deepcopy(EXAMPLES["checkout.session"])
+    session.update(
+        id=session_id,
+        mode="payment",
+        status="complete",
+        payment_status="paid",
+        customer="cus_refresh",
+        metadata={"license_id": license_id},
+        client_reference_id=None,
+        subscription=None,
+        invoice=None,
+        payment_intent="pi_refresh_lifetime",
+        livemode=False,
+    )
+    items = {"object": "list", "has_more": False, "data": [{"id": "li_1", "price": {"id": "price_lifetime"}}]}
+    if served == "the line items list":
+        api.objects[f"/v1/checkout/sessions/{session_id}/line_items"] = items
+    else:
+        api.objects[f"/v1/checkout/sessions/{session_id}"] = {**session, "line_items": items}
+    settings = make_settings(
+        pg_url, stripe_api_key=KEY, stripe_api_base=base, license_products=frozenset({"perpetual:price_lifetime"})
+    )
+    assert await deliver(settings, envelope("checkout.session.completed", session, T)) == ["applied"]
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["kind"], state["entitled"]) == ("paid", "perpetual", True)
+    assert api.requests[0] == f"/v1/checkout/sessions/{session_id}/line_items"
