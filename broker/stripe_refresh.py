@@ -191,15 +191,26 @@ class StripeRefresher:
         if options is None:
             return None
         payments = self.client.v1.invoice_payments
-        return await self._list(
-            f"the payments of {invoice_id}",
-            lambda: self._pages(
-                lambda after: payments.list_async(
-                    params={"invoice": invoice_id, "limit": 100, **({"starting_after": after} if after else {})},
-                    options=options,
+
+        async def read() -> list[dict[str, Any]]:
+            try:
+                return await self._pages(
+                    lambda after: payments.list_async(
+                        params={"invoice": invoice_id, "limit": 100, **({"starting_after": after} if after else {})},
+                        options=options,
+                    )
                 )
-            ),
-        )
+            except stripe.InvalidRequestError:
+                # An API without the list endpoint: the invoice with its payments expanded.
+                invoice = await self.client.v1.invoices.retrieve_async(
+                    invoice_id, params={"expand": ["payments"]}, options=options
+                )
+                listed = invoice.to_dict().get("payments")
+                if not isinstance(listed, dict):
+                    raise
+                return [{"invoice": invoice_id, **i} for i in listed.get("data") or [] if isinstance(i, dict)]
+
+        return await self._list(f"the payments of {invoice_id}", read)
 
     async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
         retrieve = RETRIEVE.get(obj.kind)

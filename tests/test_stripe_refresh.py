@@ -395,3 +395,41 @@ async def test_a_one_time_purchase_is_judged_by_the_line_items_the_api_gives(
     state = await state_of(pg_url, license_id)
     assert (state["status"], state["kind"], state["entitled"]) == ("paid", "perpetual", True)
     assert api.requests[0] == f"/v1/checkout/sessions/{session_id}/line_items"
+
+
+@pytest.mark.parametrize("served", ["the invoice payments list", "only the invoice, payments expanded"])
+async def test_a_paid_invoice_of_api_2025_04_is_linked_to_its_payment_through_the_api(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], served: str
+) -> None:
+    api, base = fake_api
+    tag = served.split()[-1]
+    license_id, sub_id, invoice_id = new_license(), f"sub_refresh_unlinked_{tag}", f"in_refresh_unlinked_{tag}"
+    payment_intent = f"pi_refresh_unlinked_{tag}"
+    payment = copy.deepcopy(EXAMPLES["invoice_payment"])
+    payment.update(id=f"inpay_{tag}", invoice=invoice_id, status="paid")
+    payment["payment"] = {"type": "payment_intent", "payment_intent": payment_intent}
+    listed = {"object": "list", "has_more": False, "data": [payment]}
+    paid = invoice(invoice_id, sub_id, "paid")
+    paid["billing_reason"] = "subscription_create"
+    if served == "the invoice payments list":
+        api.objects["/v1/invoice_payments"] = listed
+    else:
+        api.objects[f"/v1/invoices/{invoice_id}"] = {**paid, "payments": listed}
+    charge = copy.deepcopy(EXAMPLES["charge"])
+    charge.update(id=f"ch_refresh_unlinked_{tag}", payment_intent=payment_intent, customer="cus_refresh", amount=2000)
+    charge.update(amount_captured=2000, amount_refunded=2000, refunded=True, status="succeeded", metadata={})
+    version = {"api_version": "2025-04-30.basil"}
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    await deliver(
+        settings,
+        envelope(
+            "customer.subscription.updated",
+            subscription(sub_id, license_id, "active", latest_invoice=invoice_id),
+            T,
+            **version,
+        ),
+        envelope("invoice.paid", paid, T + 1, **version),
+        envelope("charge.refunded", charge, T + 2, **version),
+    )
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["entitled"]) == ("revoked", False)
