@@ -20,7 +20,7 @@ import stripe
 
 from broker import metrics
 from broker.ledger import StripeObject
-from broker.settings import Settings
+from broker.settings import Settings, require_https_or_loopback
 from broker.stripe_objects import CHECKOUT_EVENTS, Reported, Unprocessable, products_of, report
 
 log = logging.getLogger("broker.stripe_refresh")
@@ -98,6 +98,9 @@ class NoRefresh:
 
 class StripeRefresher:
     def __init__(self, api_key: str, api_base: str | None = None) -> None:
+        if api_base is not None:
+            # The key goes in every request, and the answer is taken as Stripe's truth.
+            require_https_or_loopback("STRIPE_API_BASE", api_base)
         self.http = stripe.HTTPXClient(timeout=REFRESH_TIMEOUT)
         self.client = stripe.StripeClient(
             api_key,

@@ -72,7 +72,8 @@ class Broker:
 
     def _auth(self, license_id: str) -> dict[str, str]:
         now = int(time.time())
-        token = jwt.encode({"sub": license_id, "iat": now, "exp": now + 600}, TOKEN_SECRET, algorithm="HS256")
+        claims = {"sub": license_id, "aud": "license-broker", "typ": "stream", "iat": now, "exp": now + 600}
+        token = jwt.encode(claims, TOKEN_SECRET, algorithm="HS256")
         return {"authorization": f"Bearer {token}"}
 
     def state(self, license_id: str) -> dict[str, Any]:

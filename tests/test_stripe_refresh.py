@@ -23,8 +23,8 @@ from starlette.routing import Route
 
 from broker.db import create_engine
 from broker.schema import licenses
-from broker.settings import Settings
-from broker.stripe_refresh import refreshed_event
+from broker.settings import Settings, SettingsError
+from broker.stripe_refresh import StripeRefresher, refreshed_event
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
 from tests.support.waiting import free_port
@@ -433,3 +433,9 @@ async def test_a_paid_invoice_of_api_2025_04_is_linked_to_its_payment_through_th
     )
     state = await state_of(pg_url, license_id)
     assert (state["status"], state["entitled"]) == ("revoked", False)
+
+
+@pytest.mark.parametrize("base", ["http://stripe-proxy.internal", "http://192.0.2.7:8080"])
+def test_the_refresher_never_sends_the_key_in_clear_text_off_this_machine(base: str) -> None:
+    with pytest.raises(SettingsError, match=r"^STRIPE_API_BASE: must be https://"):
+        StripeRefresher(KEY, base)

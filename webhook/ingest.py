@@ -60,6 +60,8 @@ class Outcome:
     appended: tuple[LicenseEvent, ...] = ()  # log entries, one per license the event changed
     reason: str | None = None  # why it changed nothing (ignored, rejected, unmatched)
     object_id: str | None = None
+    # False: the event is recorded without its payload (JSON null): its id, type and time only.
+    keep_payload: bool = True
 
     @property
     def event(self) -> LicenseEvent | None:
@@ -85,8 +87,11 @@ def _envelope_problem(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _payload(conn: AsyncConnection, event: dict[str, Any], raw: bytes | None) -> Any:
-    """The verified body as Stripe sent it, stored without encoding the parsed event again."""
+def _payload(conn: AsyncConnection, event: dict[str, Any], raw: bytes | None, outcome: Outcome | None) -> Any:
+    """The verified body as Stripe sent it, stored without encoding the parsed event again; JSON
+    null for an event whose payload is not kept."""
+    if outcome is not None and not outcome.keep_payload:
+        return sa.JSON.NULL
     if raw is None:
         return event
     text = sa.type_coerce(raw.decode(), sa.Text)
@@ -112,7 +117,7 @@ async def _record(
             license_id=outcome.license_id if outcome else None,
             object_id=outcome.object_id if outcome else None,
             reason=outcome.reason[:200] if outcome and outcome.reason else None,
-            payload=_payload(conn, event, raw),
+            payload=_payload(conn, event, raw, outcome),
             received_at=datetime.now(UTC),
         )
         .on_conflict_do_nothing(index_elements=["id"])
@@ -242,7 +247,11 @@ class Ingestor:
         except Unprocessable as exc:
             return Outcome("unmatched", reason=str(exc))
         if reported is None:
-            return Outcome("ignored", reason="event type not used")
+            # A type no rule reads (customer.created, with its name and address): nothing will
+            # ever read its payload, so only the id (idempotency), type and time are recorded.
+            # Events ignored by STRIPE_LIVEMODE or STRIPE_ACCOUNTS keep theirs: after fixing the
+            # setting, `license-broker rebuild` applies them (prune drops it after the retention).
+            return Outcome("ignored", reason="event type not used", keep_payload=False)
         return reported
 
     def _warn_unlinked(self, api_version: str) -> None:
