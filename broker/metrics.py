@@ -65,7 +65,7 @@ DELIVERY_LAG = Histogram(
 )
 REFRESHES = Counter(
     "license_broker_stripe_refreshes_total",
-    "Objects re-read from Stripe's API for events not newer than the ledger (STRIPE_API_KEY), by result",
+    "Reads of Stripe's API (STRIPE_API_KEY): stale events' objects, and what webhooks do not carry, by result",
     ["result"],
 )
 for _result in ("ok", "failed"):

@@ -15,6 +15,7 @@ from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
 from broker.licensing.keys import KeyVault
 
 TransportName = Literal["redis", "poll", "memory"]
+DisputeScope = Literal["period", "license"]
 LogFormat = Literal["text", "json"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -87,8 +88,12 @@ class Settings:
     stripe_livemode: bool | None = None
     # Connect accounts whose events count; an event with another `account` is ignored.
     stripe_accounts: frozenset[str] = frozenset()
-    # Product or price ids that grant a license; empty: every product does.
+    # Product or price ids that grant a license, optionally prefixed subscription: or perpetual:
+    # (broker.ledger.Grants); empty: every purchase that names a license grants it.
     license_products: frozenset[str] = frozenset()
+    # What a lost or fraudulent chargeback revokes: the period its payment paid for, or the license
+    # (docs/stripe.md, "Disputes").
+    dispute_revokes: DisputeScope = "license"
     # Optional: re-read objects from Stripe's API when an event is not newer than the ledger's.
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
@@ -189,12 +194,28 @@ class Settings:
             if not account.startswith("acct_"):
                 raise SettingsError(f"STRIPE_ACCOUNTS: expected acct_... ids, got {account!r}")
         products = _list(env, "LICENSE_PRODUCTS")
-        for product in products:
-            if not product.startswith(("prod_", "price_")):
-                raise SettingsError(f"LICENSE_PRODUCTS: expected prod_... or price_... ids, got {product!r}")
+        for entry in products:
+            kind, _, product = entry.rpartition(":")
+            if kind not in ("", "subscription", "perpetual") or not product.startswith(("prod_", "price_")):
+                raise SettingsError(
+                    "LICENSE_PRODUCTS: expected prod_... or price_... ids, each optionally prefixed "
+                    f"subscription: or perpetual:, got {entry!r}"
+                )
+        dispute_revokes = (_str(env, "DISPUTE_REVOKES") or "license").lower()
+        if dispute_revokes not in get_args(DisputeScope):
+            raise SettingsError(f"DISPUTE_REVOKES: expected period or license, got {dispute_revokes!r}")
         api_key = _str(env, "STRIPE_API_KEY")
         if api_key is not None and not api_key.startswith(("sk_", "rk_")):
             raise SettingsError("STRIPE_API_KEY: expected a secret (sk_...) or restricted (rk_...) key")
+        one_time = [e for e in products if not e.startswith("subscription:")]
+        if one_time and api_key is None:
+            # A one-time purchase is matched by its Checkout Session's line items, which no webhook
+            # carries (https://docs.stripe.com/api/checkout/sessions/line_items): only the API has them.
+            raise SettingsError(
+                f"LICENSE_PRODUCTS: {one_time[0]} would grant one-time purchases, whose line items only "
+                "Stripe's API gives (webhooks never carry them): set STRIPE_API_KEY, or list it as "
+                f"subscription:{one_time[0].rpartition(':')[2]} to grant subscriptions only"
+            )
         api_base = _str(env, "STRIPE_API_BASE")
         if api_base is not None:
             require_https_or_loopback("STRIPE_API_BASE", api_base)
@@ -238,6 +259,7 @@ class Settings:
             stripe_livemode=None if livemode is None else _bool(env, "STRIPE_LIVEMODE", False),
             stripe_accounts=frozenset(accounts),
             license_products=frozenset(products),
+            dispute_revokes=cast(DisputeScope, dispute_revokes),
             stripe_api_key=api_key,
             stripe_api_base=api_base,
             webhook_max_body=int(_float(env, "WEBHOOK_MAX_BODY", 256 * 1024, minimum=1024)),

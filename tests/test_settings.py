@@ -74,6 +74,7 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "0"}, "PORT"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"DISPUTE_REVOKES": "everything"}, "DISPUTE_REVOKES"),
         ({"STRIPE_API_BASE": "stripe-proxy.internal"}, "STRIPE_API_BASE"),
         ({"STRIPE_API_BASE": "ftp://stripe-proxy.internal"}, "STRIPE_API_BASE"),
     ],
