@@ -198,9 +198,13 @@ async def follow_with(python: Path, cwd: Path) -> str:
     """The installed client, in its own process, follows a new license on a live broker."""
     license_id = new_license()
     async with serving(create_app(make_settings(f"sqlite+aiosqlite:///{cwd / 'broker.db'}"))) as url:
-        return await asyncio.to_thread(
-            run, [str(python), "-c", FOLLOW_PY, url, license_id, token_for(license_id)], cwd, 60
-        )
+        return (
+            await asyncio.to_thread(
+                run, [str(python), "-c", FOLLOW_PY, url, license_id, token_for(license_id)], cwd, 60
+            )
+            .strip()
+            .splitlines()[-1]
+        )  # its last line: a client without a pinned key warns first
 
 
 async def test_the_python_client_installs_from_the_wheel_as_its_readme_says(

@@ -13,8 +13,11 @@ PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
 # Where the routes answer from. Development mode's routes (license_broker/dev.py) are not part of
 # the protocol.
 SOURCES = [*sorted((ROOT / "stream").glob("*.py")), *sorted((ROOT / "webhook").glob("*.py")),
-           ROOT / "broker" / "http.py"]  # fmt: skip
-_ERROR = re.compile(r'"error": "([^"{]+)"|\berror\("([^"]+)", \d{3}|\bpublic = "([^"]+)"|reason = "([^"]+)" if')
+           ROOT / "broker" / "http.py", ROOT / "broker" / "http_server.py"]  # fmt: skip
+_ERROR = re.compile(
+    r'"error": "([^"{]+)"|\berror\("([^"]+)", \d{3}|\bpublic = "([^"]+)"|reason = "([^"]+)" if'
+    r'|message = "([^"]+)"|_response\(b"\d{3} [^"]+", b"([^"]+)"\)'
+)
 
 
 def test_every_error_sentence_the_routes_answer_is_in_the_protocol() -> None:
