@@ -96,3 +96,38 @@ stripe_bindings = sa.Table(
     sa.Column("license_id", sa.String(200), nullable=False, index=True),
     sa.Column("bound_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
+
+# License keys (migration 0006): never the key itself. `digest` finds a typed key (HMAC under a key
+# derived from LICENSE_KEY_SECRET), `sealed` shows it again (AES-GCM); `secret_id` names the secret
+# that sealed it (broker.licensing.keys). One key per license; a rotation replaces the row's values.
+license_keys = sa.Table(
+    "license_keys",
+    metadata,
+    sa.Column("license_id", sa.String(200), sa.ForeignKey("licenses.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False),
+    sa.Column("sealed", sa.LargeBinary(128), nullable=False),
+    sa.Column("secret_id", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("rotated_at", sa.DateTime(timezone=True)),
+    # The last activation with this key (its row is locked then, which serialises them).
+    sa.Column("used_at", sa.DateTime(timezone=True)),
+    sa.UniqueConstraint("digest", name="uq_license_keys_digest"),
+)
+
+# Machines activated on a license (0006). A released machine's row is deleted: a machine token
+# whose row is gone is refused, and the rows a license can hold stay bounded.
+machines = sa.Table(
+    "machines",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column(
+        "license_id", sa.String(200), sa.ForeignKey("licenses.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    # SHA-256 of the fingerprint the client sent (itself a salted hash of the OS machine id).
+    sa.Column("fingerprint", sa.LargeBinary(32), nullable=False),
+    sa.Column("name", sa.String(200)),
+    sa.Column("platform", sa.String(100)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True),
+    sa.UniqueConstraint("license_id", "fingerprint", name="uq_machines_license_fingerprint"),
+)

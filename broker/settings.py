@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import secrets as random_secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 from urllib.parse import unquote, urlsplit
 
 from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
+from broker.licensing.keys import KeyVault
 
 TransportName = Literal["redis", "poll", "memory"]
 LogFormat = Literal["text", "json"]
@@ -24,6 +26,16 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 # Only ever used when BROKER_DEV=1 (what `make run` sets) and the real setting is absent.
 DEV_WEBHOOK_SECRET = "whsec_development_only_do_not_use_in_production"
 DEV_TOKEN_SECRET = "development-only-stream-token-secret-do-not-use"
+DEFAULT_MAX_MACHINES = 3
+# Machines a license can hold whatever its limit says (0, "no limit", included): the rows a key
+# holder can create stay bounded.
+MACHINES_CEILING = 1000
+DEFAULT_MACHINE_TOKEN_TTL = 30 * 86400.0
+# Schemes an "Open APP_NAME" link may not use: they open a browser, a file or a script, not an app.
+RESERVED_SCHEMES = frozenset(
+    {"http", "https", "file", "ftp", "ws", "wss", "data", "javascript", "vbscript", "blob", "about", "mailto", "chrome"}
+)
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 
 
 class SettingsError(Exception):
@@ -84,6 +96,19 @@ class Settings:
     # Signed leases (broker.leases): off without a key.
     lease_keys: LeaseKeys | None = None
     lease_ttl: float = DEFAULT_TTL
+    # License keys and machines (broker.licensing): off without LICENSE_KEY_SECRET.
+    license_keys: KeyVault | None = None
+    # Machines per license when neither the Checkout Session, the subscription nor the price says
+    # (metadata.max_machines); 0: no limit.
+    max_machines: int = DEFAULT_MAX_MACHINES
+    # A machine not seen (holding a stream, activating, renewing) for this long is released; None: never.
+    machine_ttl: float | None = None
+    machine_token_ttl: float = DEFAULT_MACHINE_TOKEN_TTL
+    # Where buyers reach this broker (the /activate page as Checkout's success_url), the app's name
+    # on that page, and the URL scheme its "Open" link uses (<scheme>://activate?key=...).
+    public_url: str | None = None
+    app_name: str | None = None
+    app_url_scheme: str | None = None
     dev: bool = False
     # The command's servers: where they listen (PORT unset: each command's own port), how many
     # worker processes, and how they log.
@@ -125,10 +150,26 @@ class Settings:
                 lease_keys = LeaseKeys.from_pem(pem)
             except InvalidKey as exc:
                 raise SettingsError(f"LICENSE_SIGNING_KEY: {exc}") from None
+        key_secrets = tuple(_list(env, "LICENSE_KEY_SECRET"))
+        if any(len(k) < 32 for k in key_secrets):
+            raise SettingsError("LICENSE_KEY_SECRET: each secret must be at least 32 characters")
+        license_keys = KeyVault(key_secrets) if key_secrets else None
         if dev:
             secrets = secrets or (DEV_WEBHOOK_SECRET,)
             token_secret = token_secret or DEV_TOKEN_SECRET
             lease_keys = lease_keys or LeaseKeys.generate(ephemeral=True)
+            # Per run: keys sealed by an earlier run cannot be opened (development data only).
+            license_keys = license_keys or KeyVault((random_secrets.token_urlsafe(32),), ephemeral=True)
+        token_max_ttl = _float(env, "STREAM_TOKEN_MAX_TTL", 30 * 86400.0, minimum=1)
+        machine_token_ttl = _float(env, "MACHINE_TOKEN_TTL", min(DEFAULT_MACHINE_TOKEN_TTL, token_max_ttl), minimum=60)
+        if machine_token_ttl > token_max_ttl:
+            raise SettingsError(
+                f"MACHINE_TOKEN_TTL: must be at most STREAM_TOKEN_MAX_TTL ({token_max_ttl:g}), "
+                f"got {machine_token_ttl:g}"
+            )
+        machine_ttl = _float(env, "LICENSE_MACHINE_TTL", 0.0, minimum=0.0)
+        if 0 < machine_ttl < 1:
+            raise SettingsError("LICENSE_MACHINE_TTL: must be 0 (off) or at least 1 second")
         statuses = frozenset(
             s.strip() for s in (_str(env, "ENTITLED_STATUSES") or ",".join(DEFAULT_ENTITLED_STATUSES)).split(",")
         ) - {""}
@@ -167,7 +208,7 @@ class Settings:
             webhook_secrets=secrets,
             token_secret=token_secret,
             previous_token_secrets=tuple(token_secrets[1:]),
-            token_max_ttl=_float(env, "STREAM_TOKEN_MAX_TTL", 30 * 86400.0, minimum=1),
+            token_max_ttl=token_max_ttl,
             token_audience=_str(env, "STREAM_TOKEN_AUDIENCE"),
             token_issuer=_str(env, "STREAM_TOKEN_ISSUER"),
             webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
@@ -195,6 +236,13 @@ class Settings:
             metrics_token=metrics_token,
             lease_keys=lease_keys,
             lease_ttl=_float(env, "LICENSE_LEASE_TTL", DEFAULT_TTL, minimum=1),
+            license_keys=license_keys,
+            max_machines=_int(env, "LICENSE_MAX_MACHINES", DEFAULT_MAX_MACHINES, minimum=0, maximum=MACHINES_CEILING),
+            machine_ttl=machine_ttl or None,
+            machine_token_ttl=machine_token_ttl,
+            public_url=_public_url(env),
+            app_name=_app_name(env),
+            app_url_scheme=_url_scheme(env),
             dev=dev,
             port=int(port) or None,
             workers=int(_float(env, "WEB_CONCURRENCY", 1, minimum=1)),
@@ -315,6 +363,43 @@ def normalize_database_url(url: str) -> str:
     if scheme in ("sqlite", "sqlite+aiosqlite"):
         return f"sqlite+aiosqlite://{rest}"
     raise SettingsError(f"DATABASE_URL: unsupported scheme {scheme!r} (use postgresql:// or sqlite:///)")
+
+
+def _public_url(env: Mapping[str, str]) -> str | None:
+    url = _str(env, "PUBLIC_URL")
+    if url is None:
+        return None
+    bad = SettingsError(f"PUBLIC_URL: expected https://host[/path] with no query, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not host or parts.query or parts.fragment or parts.username:
+        raise bad
+    if parts.scheme == "http" and not is_loopback(host):
+        raise SettingsError("PUBLIC_URL: must be https (buyers see their license key there), except on a loopback host")
+    return url.rstrip("/")
+
+
+def _app_name(env: Mapping[str, str]) -> str | None:
+    name = _str(env, "APP_NAME")
+    if name is not None and (len(name) > 80 or not name.isprintable()):
+        raise SettingsError("APP_NAME: at most 80 printable characters")
+    return name
+
+
+def _url_scheme(env: Mapping[str, str]) -> str | None:
+    scheme = _str(env, "APP_URL_SCHEME")
+    if scheme is None:
+        return None
+    scheme = scheme.lower().removesuffix("://").removesuffix(":")
+    if not _SCHEME.fullmatch(scheme) or scheme in RESERVED_SCHEMES:
+        raise SettingsError(
+            f"APP_URL_SCHEME: expected your app's own URL scheme (letters, digits, + . -; not http, file, ...), "
+            f"got {scheme!r}"
+        )
+    return scheme
 
 
 def _str(env: Mapping[str, str], name: str) -> str | None:

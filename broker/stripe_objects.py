@@ -163,6 +163,30 @@ def _products(items: Any) -> list[str]:
     return sorted(found)
 
 
+def _machine_count(value: Any) -> int | None:
+    """A metadata value (Stripe keeps strings) as a machine count, or None."""
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 6:
+        return int(value)
+    return None
+
+
+def machine_limits(metadata: Any, items: Any) -> dict[str, int]:
+    """`max_machines` from the object's own metadata and `price_max_machines` from its prices'
+    (subscription items, expanded Checkout line items), when they say so: nothing otherwise, so
+    that the state of an object without them is what it always was (broker.licensing reads them)."""
+    found: dict[str, int] = {}
+    if (own := _machine_count(_dict(metadata).get("max_machines"))) is not None:
+        found["max_machines"] = own
+    prices = [
+        n
+        for item in _dict(items).get("data") or []
+        if (n := _machine_count(_dict(_dict(_dict(item).get("price")).get("metadata")).get("max_machines"))) is not None
+    ]
+    if prices:
+        found["price_max_machines"] = max(prices)
+    return found
+
+
 def report(event: Mapping[str, Any], *, fetched: bool = False) -> Reported | None:
     """The objects an event reports, or None for a type that changes no license.
 
@@ -257,6 +281,7 @@ def _checkout(session: dict[str, Any], outcome: str | None, created: int) -> Rep
         "invoice": invoice,
         "payment_intent": payment_intent,
         "products": _products(session.get("line_items")),
+        **machine_limits(session.get("metadata"), session.get("line_items")),
     }
     own = _object("checkout", session, created, outcome, state, subscription, invoice, payment_intent)
     named = license_of(session.get("metadata"))
@@ -280,6 +305,7 @@ def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reporte
         "cancel_at_period_end": sub.get("cancel_at_period_end") is True,
         "trial_end": _int(sub.get("trial_end")),
         "products": _products(items),
+        **machine_limits(sub.get("metadata"), items),
     }
     own_id = _own_id(sub)
     customer = _id(sub.get("customer"))

@@ -1,5 +1,6 @@
 """Subscriber tokens: HS256 JWTs whose `sub` is the license id. The customer's web app mints
-them for a signed-in user; the broker only verifies."""
+them for a signed-in user; the broker verifies them, and mints machine tokens itself on
+activation (`typ` "machine", with the machine's id and fingerprint: docs/desktop.md)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,17 @@ class InvalidToken(Exception):
     """The reason is for the log only: a client is told `invalid token`, never which check failed."""
 
 
+MACHINE = "machine"
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     license_id: str
     expires_at: float  # epoch seconds: the stream ends then, and the client reconnects with a fresh token
+    # A machine token's machine (its row is checked on every use: a released machine's token is
+    # refused) and the fingerprint hash the client sent when it activated; None for other tokens.
+    machine_id: str | None = None
+    fingerprint: str | None = None
 
 
 def mint(
@@ -44,6 +52,29 @@ def mint_for(settings: Settings, license_id: str, ttl: float) -> str:
     assert settings.token_secret is not None
     ttl = min(ttl, settings.token_max_ttl)
     return mint(settings.token_secret, license_id, ttl, audience=settings.token_audience, issuer=settings.token_issuer)
+
+
+def mint_machine(
+    settings: Settings, license_id: str, machine_id: str, fingerprint: str, *, now: float | None = None
+) -> tuple[str, int]:
+    """A machine token (and its `exp`): minted by the broker on activation and renewed on the
+    stream; the broker's own audience and issuer, MACHINE_TOKEN_TTL."""
+    assert settings.token_secret is not None
+    iat = int(time.time() if now is None else now)
+    exp = iat + int(settings.machine_token_ttl)
+    claims: dict[str, object] = {
+        "sub": license_id,
+        "iat": iat,
+        "exp": exp,
+        "typ": MACHINE,
+        "machine": machine_id,
+        "fingerprint": fingerprint,
+    }
+    if settings.token_audience is not None:
+        claims["aud"] = settings.token_audience
+    if settings.token_issuer is not None:
+        claims["iss"] = settings.token_issuer
+    return jwt.encode(claims, settings.token_secret, algorithm=ALGORITHM), exp
 
 
 def verify(
@@ -75,7 +106,13 @@ def verify(
     expires_at = int(claims["exp"])  # PyJWT has checked that it is an integer in the future
     if max_ttl is not None and expires_at > time.time() + max_ttl + CLOCK_SKEW:
         raise InvalidToken(f"expires more than {max_ttl:g} s from now (STREAM_TOKEN_MAX_TTL)")
-    return Grant(str(claims["sub"]), float(min(expires_at, 2**62)))  # any int PyJWT took fits a float
+    expires = float(min(expires_at, 2**62))  # any int PyJWT took fits a float
+    if claims.get("typ") == MACHINE:
+        machine, fingerprint = claims.get("machine"), claims.get("fingerprint")
+        if not isinstance(machine, str) or not machine or not isinstance(fingerprint, str):
+            raise InvalidToken("a machine token without its machine and fingerprint")
+        return Grant(str(claims["sub"]), expires, machine, fingerprint)
+    return Grant(str(claims["sub"]), expires)
 
 
 def verify_for(settings: Settings, token: str) -> Grant:

@@ -7,7 +7,8 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import httpx
 import orjson
@@ -92,11 +93,22 @@ def _banner(args: argparse.Namespace) -> object:
                 "In another, pay for it (a signed checkout.session.completed, as Stripe would send it):",
                 f"  .venv/bin/license-broker send pay lic_demo --url {base}",
                 "Then try: fail, recover, cancel, refund.",
+                "Once paid, the buyer's page (Checkout's success_url) shows its license key:",
+                f"  {base}/activate?session_id={_demo_session()}",
+                "and the key activates machines: POST /api/activations (docs/desktop.md), or the live page",
+                f"  {base}/?license=lic_demo",
                 "",
             ]
         print("\n".join(lines), flush=True)
 
     return on_ready
+
+
+def _demo_session() -> str:
+    from webhook.samples import SampleEvents
+
+    session_id: str = SampleEvents("lic_demo").checkout_completed(0)["data"]["object"]["id"]
+    return session_id
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -248,6 +260,20 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _async_command(
+    use: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace, Settings], int]:
+    def command(args: argparse.Namespace, settings: Settings) -> int:
+        try:
+            return asyncio.run(use(args, settings))
+        except (SQLAlchemyError, OSError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            print(f"license-broker: {args.command}: database unavailable: {mask_password(reason)}", file=sys.stderr)
+            return 1
+
+    return command
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="license-broker", description="Stripe events to desktop apps, live.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -297,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="print each raw Stripe event as one JSON line")
     p.set_defaults(run=cmd_unmatched)
+    from license_broker import licensing_cli
+
+    licensing_cli.add_commands(sub, _async_command)
     return top
 
 

@@ -110,7 +110,8 @@ async def dev_simulate(request: Request) -> Response:
             # The webhook's log lines then carry the id of the click that caused them.
             headers["x-request-id"] = REQUEST_ID.get() or ""
             response = await client.post("/api/stripe/webhooks", content=payload, headers=headers)
-            results.append({"type": event["type"], "id": event["id"], "status": response.status_code})
+            result = {"type": event["type"], "id": event["id"], "object": event["data"]["object"].get("id")}
+            results.append(result | {"status": response.status_code})
             with contextlib.suppress(ValueError):  # not JSON: the status says enough
                 results[-1].update(response.json())
             if response.status_code >= 300:

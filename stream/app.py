@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -22,13 +23,16 @@ from broker import metrics, tokens
 from broker.asgi import Part, StreamRoute, build_app
 from broker.eventlog import EventLog
 from broker.http import settings_from_env
-from broker.leases import NO_LEASES, with_lease
+from broker.leases import NO_LEASES, lease_claims, with_lease
 from broker.runtime import Runtime
 from broker.schema import licenses
 from broker.settings import Settings
+from stream import activate, desktop
 from stream.catchup import license_stream
+from stream.desktop import Desktop, open_desktop
 from stream.hub import SubscriptionHub
 from stream.limits import StreamAdmission, StreamRefused, ThrottledEventLog
+from stream.machine import StreamMachine
 from stream.sse import EventStreamResponse
 
 log = logging.getLogger("stream")
@@ -88,11 +92,19 @@ def _resume_point(request: Request) -> int | None:
     return int(raw)
 
 
-def _open_stream(request: Request) -> Response | EventStreamResponse:
+async def _open_stream(request: Request) -> Response | EventStreamResponse:
     license_id = request.path_params["license_id"]
     grant = _authorize(request, license_id)
     if isinstance(grant, Response):
         return grant
+    machine = None
+    if grant.machine_id is not None:
+        # A machine token: refused as soon as its machine is released. The check also marks the
+        # machine seen; while the stream stays open, broker.licensing.watch keeps it so.
+        refused = await _released(request, grant)
+        if refused is not None:
+            return refused
+        machine = StreamMachine(request.state.runtime.settings, license_id, grant)
     try:
         last_seq = _resume_point(request)
     except ValueError:
@@ -116,8 +128,25 @@ def _open_stream(request: Request) -> Response | EventStreamResponse:
         last_seq,
         runtime.leases,
         expires_at=grant.expires_at,
+        machine=machine,
     )
     return EventStreamResponse(body, send_timeout=runtime.settings.send_timeout, on_close=slot.release)
+
+
+async def _released(request: Request, grant: tokens.Grant) -> Response | None:
+    """401 for the token of a released machine (503 without the database), else None."""
+    assert grant.machine_id is not None
+    desk: Desktop | None = request.state.desktop
+    if desk is None:
+        return _unauthorized()  # keys are off: no machine can be active
+    events: ThrottledEventLog = request.state.stream_events
+    try:
+        # Through the stream side's bounded share of the pool, like the catch-up's reads.
+        async with events.slots:
+            machine = await desk.machines.seen(grant.license_id, grant.machine_id)
+    except SQLAlchemyError:
+        return JSONResponse({"error": "database unavailable"}, status_code=503, headers={"retry-after": "2"})
+    return desktop.released() if machine is None else None
 
 
 class LicenseEvents:
@@ -127,20 +156,29 @@ class LicenseEvents:
     here is dropped once the stream is decided. A StreamRoute: no middleware but the request id."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = _open_stream(Request(scope))
+        response = await _open_stream(Request(scope))
         await response(scope, receive, send)
 
 
 async def license_state(request: Request) -> Response:
     license_id = request.path_params["license_id"]
-    if isinstance(denied := _authorize(request, license_id), Response):
-        return denied
+    if isinstance(grant := _authorize(request, license_id), Response):
+        return grant
+    if grant.machine_id is not None and (refused := await _released(request, grant)) is not None:
+        return refused
     events: EventLog = request.state.stream_events
     try:
         current = await events.current(license_id)
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
-    return Response(with_lease(current.data, request.state.runtime.leases), media_type="application/json")
+    leases = request.state.runtime.leases
+    if grant.machine_id is not None and leases is not None:
+        # A machine's lease names the machine, as on its stream.
+        machine = StreamMachine(request.state.runtime.settings, license_id, grant)
+        state = orjson.loads(current.data)
+        state["lease"] = leases.sign(lease_claims(state) | machine.lease_claims()).token
+        return Response(orjson.dumps(state), media_type="application/json")
+    return Response(with_lease(current.data, leases), media_type="application/json")
 
 
 async def jwks(request: Request) -> Response:
@@ -155,6 +193,9 @@ routes = [
     StreamRoute("/api/licenses/{license_id}/events", LicenseEvents(), methods=["GET"]),
     Route("/api/licenses/{license_id}", license_state, methods=["GET"]),
     Route("/.well-known/jwks.json", jwks, methods=["GET"]),
+    # Keys and machines (docs/protocol.md), and the buyer's /activate page.
+    *desktop.routes,
+    *activate.routes,
 ]
 
 
@@ -193,7 +234,10 @@ async def stream_state(runtime: Runtime) -> AsyncIterator[dict[str, Any]]:
     admission = StreamAdmission(settings.max_streams, settings.max_streams_per_license)
     log.info(runtime.leases.describe() if runtime.leases is not None else NO_LEASES)
     try:
-        yield {"hub": hub, "stream_events": events, "admission": admission}
+        async with open_desktop(runtime, hub, events) as desk:
+            if desk is not None:
+                hub.on_notice = desk.watch.prompt
+            yield {"hub": hub, "stream_events": events, "admission": admission, "desktop": desk}
     finally:
         await hub.close()
 

@@ -18,6 +18,7 @@ from broker.eventlog import EventLog, LicenseEvent
 from broker.leases import LeaseSigner, lease_claims
 from broker.settings import Settings
 from stream.hub import HubClosed, SubscriptionHub
+from stream.machine import StreamMachine
 from stream.sse import PING, encode, encode_lease
 
 log = logging.getLogger("stream")
@@ -59,20 +60,25 @@ async def license_stream(
     leases: LeaseSigner | None = None,
     *,
     expires_at: float | None = None,
+    machine: StreamMachine | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """One client's stream. It ends by itself at `expires_at` (epoch seconds, the token's `exp`):
     a stream must not outlive the token that opened it; the client reconnects with a fresh one.
+    Opened with a machine token (`machine`), its leases name the machine, its token is renewed on
+    the stream (`event: token`) and the stream lasts as long as the renewed token; it ends when
+    the machine is released (SubscriptionHub.end_machines).
 
     One generator, which holds no event and no chunk while it waits: thousands of idle streams
     are most of what a stream process holds (docs/bench.md)."""
     yield b"retry: %d\n\n" % settings.retry_ms
+    lifetime = _deadline(settings, None)
     deadline = _deadline(settings, expires_at)
     claims: dict[str, object] | None = None  # what the last lease said, signed again to renew it
     renew_at = math.inf
     chunk: bytes | None = None
     live: LicenseEvent | None = None
     try:
-        async with hub.subscribe(license_id) as sub:
+        async with hub.subscribe(license_id, machine.id if machine is not None else None) as sub:
             # Subscribed first, read second: an event committed during the catch-up is either read
             # from the database or waiting in the subscription, and `_Sender` drops the second copy.
             sender = _Sender(-1)
@@ -92,6 +98,8 @@ async def license_stream(
                     # as they are.
                     if leases is not None:
                         claims = lease_claims(sender.last.data)
+                        if machine is not None:
+                            claims |= machine.lease_claims()
                         yield _lease(leases, claims)
                         renew_at = time.monotonic() + leases.renew_after()
                     sender.last = None
@@ -99,10 +107,12 @@ async def license_stream(
                 chunk = live = None
                 # The heartbeat's timer also renews the lease: no task or timer of its own per stream.
                 timeout = min(settings.heartbeat_interval, renew_at - time.monotonic())
+                if machine is not None:
+                    timeout = min(timeout, machine.renew_in())
                 if deadline is not None:
-                    timeout = min(timeout, deadline - time.monotonic())
-                    if timeout <= 0:
+                    if deadline <= time.monotonic():
                         return
+                    timeout = min(timeout, deadline - time.monotonic())
                 live = await sub.get(timeout)
                 if live is None:
                     if sub.ended:
@@ -113,6 +123,10 @@ async def license_stream(
                     if leases is not None and claims is not None and now >= renew_at:
                         yield _lease(leases, claims)
                         renew_at = now + leases.renew_after()
+                        continue
+                    if machine is not None and machine.renew_in() <= 0:
+                        yield machine.renew()
+                        deadline = min(lifetime or math.inf, now + machine.expires_at - time.time())
                         continue
                     yield PING
                     continue

@@ -7,10 +7,12 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 
 from broker import metrics
 from broker.eventlog import LicenseEvent
 from broker.transports import Transport
+from broker.transports.base import NOTICE_SEQ
 
 log = logging.getLogger("stream.hub")
 
@@ -26,11 +28,12 @@ class Subscription:
     the buffer exists only while events wait in it, and the future only while its client
     waits (asyncio.Queue kept three deques and an Event for the life of each stream, ~3 KB)."""
 
-    __slots__ = ("_ended", "_hub", "_pending", "_size", "_waiter", "license_id", "overflowed")
+    __slots__ = ("_ended", "_hub", "_pending", "_size", "_waiter", "license_id", "machine_id", "overflowed")
 
-    def __init__(self, hub: SubscriptionHub, license_id: str, size: int) -> None:
+    def __init__(self, hub: SubscriptionHub, license_id: str, size: int, machine_id: str | None = None) -> None:
         self._hub = hub
         self.license_id = license_id
+        self.machine_id = machine_id  # the machine whose token opened the stream, if any
         self.overflowed = False
         self._size = size
         self._pending: deque[LicenseEvent] | None = None
@@ -133,6 +136,9 @@ class SubscriptionHub:
         self.buffer = buffer
         self._topics: dict[str, _Topic] = {}
         self._closing = False
+        # Called with the license id of each notice (broker.transports.base.notice): its machines
+        # are to be looked at (broker.licensing.watch). Must not block.
+        self.on_notice: Callable[[str], None] = lambda license_id: None
 
     async def start(self) -> None:
         await self.transport.start(self._fan_out)
@@ -153,12 +159,31 @@ class SubscriptionHub:
         self.end_streams()
         await self.transport.close()
 
-    def subscribe(self, license_id: str) -> Subscription:
+    def machines_of(self, license_id: str) -> set[str]:
+        """The machines that hold a stream of the license in this process."""
+        topic = self._topics.get(license_id)
+        return {s.machine_id for s in topic.subs if s.machine_id is not None} if topic else set()
+
+    def held_machines(self) -> dict[str, str]:
+        """Every machine that holds a stream in this process, with its license."""
+        return {s.machine_id: lid for lid, t in self._topics.items() for s in t.subs if s.machine_id is not None}
+
+    def end_machines(self, license_id: str, machine_ids: Iterable[str]) -> int:
+        """End the streams these machines hold (released); how many."""
+        ids, ended = set(machine_ids), 0
+        topic = self._topics.get(license_id)
+        for sub in tuple(topic.subs) if topic else ():
+            if sub.machine_id in ids and not sub.ended:
+                sub.end()
+                ended += 1
+        return ended
+
+    def subscribe(self, license_id: str, machine_id: str | None = None) -> Subscription:
         """A client's subscription, registered by `async with`: once entered, every message for
         the license that the transport delivers is queued for it; the caller replays from the
         database afterwards and skips what it already sent (seq), so nothing published during
         the replay is missed. Leaving it releases the channel when no one else follows it."""
-        return Subscription(self, license_id, self.buffer)
+        return Subscription(self, license_id, self.buffer, machine_id)
 
     async def _join(self, sub: Subscription) -> None:
         if self._closing:
@@ -203,6 +228,9 @@ class SubscriptionHub:
     def _fan_out(self, event: LicenseEvent) -> None:
         topic = self._topics.get(event.license_id)
         if topic is None:
+            return
+        if event.seq == NOTICE_SEQ:  # not an event: a prompt to look at the license's machines
+            self.on_notice(event.license_id)
             return
         if event.recorded_at is not None:
             # Wall clocks of two processes: clamp the skew rather than observe a negative lag.

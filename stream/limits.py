@@ -79,6 +79,11 @@ class ThrottledEventLog(EventLog):
         super().__init__(engine)
         self._slots = asyncio.Semaphore(slots)
 
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """For the stream side's other reads (a machine token's check at stream open)."""
+        return self._slots
+
     async def current(self, license_id: str) -> LicenseEvent:
         async with self._slots:
             return await super().current(license_id)

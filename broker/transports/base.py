@@ -6,6 +6,8 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import orjson
+
 from broker.eventlog import LicenseEvent
 
 log = logging.getLogger("broker.transports")
@@ -20,6 +22,18 @@ def channel(license_id: str) -> str:
     return f"license:{license_id}"
 
 
+# A notice on a license's channel is not an event: it asks the stream processes that follow the
+# license to look at its machines in the database now (broker.licensing.watch), rather than at
+# their next sweep. It is delivered as a LicenseEvent with seq NOTICE_SEQ and never stored,
+# replayed or sent to a client; being only a prompt to read the database, a forged one ends nothing.
+NOTICE_SEQ = -1
+_NOTICE_PREFIX = b'{"notice":'
+
+
+def notice(license_id: str) -> bytes:
+    return b'{"notice":"machines","license_id":%s}' % orjson.dumps(license_id)
+
+
 def ignore_gap() -> None:
     """The gap handler of a caller that needs none (the transport below it is reliable)."""
 
@@ -28,6 +42,8 @@ def decode(license_id: str, payload: bytes) -> LicenseEvent | None:
     """The event a message of license `license_id` carries, or None (logged) if it carries none:
     read once here, where it comes off the wire (its leading license id, seq and recorded_at,
     without decoding the JSON), never per client."""
+    if payload.startswith(_NOTICE_PREFIX):
+        return LicenseEvent(license_id, NOTICE_SEQ, payload)
     try:
         event = LicenseEvent.from_wire(license_id, payload)
     except Exception:

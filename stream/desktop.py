@@ -1,0 +1,311 @@
+"""The routes a desktop app calls besides its stream (docs/protocol.md): activate with a key,
+list and release machines, renew a machine token, show the key again. Each one checks its input,
+calls a use case of broker.licensing and answers; everything is off (404) without
+LICENSE_KEY_SECRET."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from broker import tokens
+from broker.eventlog import EventLog
+from broker.http import BodyTooLarge, read_body, too_large
+from broker.licensing import keys
+from broker.licensing.machines import BadRequest, InvalidKey, LimitReached, Machines, fingerprint_of, label
+from broker.licensing.metrics import ACTIVATIONS as ACTIVATION_OUTCOMES
+from broker.licensing.ratelimit import ACTIVATIONS, Limit, RateLimiter, address_bucket, create_rate_limiter
+from broker.licensing.sessions import SessionWatch
+from broker.licensing.store import KeyStore
+from broker.licensing.watch import HeldStreams, MachineWatch
+from broker.runtime import Runtime
+from broker.settings import Settings
+
+log = logging.getLogger("stream.desktop")
+
+# An activation is a key, a fingerprint, a name and a platform: a few hundred bytes.
+MAX_BODY = 4096
+
+
+@dataclass(frozen=True)
+class Desktop:
+    """What the desktop-facing routes use, built once per process when keys are on."""
+
+    settings: Settings
+    keys: KeyStore
+    machines: Machines
+    limiter: RateLimiter
+    sessions: SessionWatch
+    watch: MachineWatch
+
+    async def refused(self, request: Request, limit: Limit, *buckets: str) -> Response | None:
+        """429 while the client's address (or one of `buckets`) has failed too often."""
+        retry = await self.limiter.retry_after(limit, [client_bucket(request), *buckets])
+        if retry is None:
+            return None
+        return JSONResponse(
+            {"error": "too many failed attempts, try again later"}, status_code=429, headers={"retry-after": str(retry)}
+        )
+
+    async def failed(self, request: Request, limit: Limit, *buckets: str) -> None:
+        await self.limiter.failed(limit, [client_bucket(request), *buckets])
+
+    def key_bucket(self, key: str) -> str:
+        return "key:" + self.keys.vault.digests(key)[0][:16].hex()
+
+    def open_url(self, key: str) -> str | None:
+        scheme = self.settings.app_url_scheme
+        return f"{scheme}://activate?key={keys.display(key)}" if scheme else None
+
+
+@asynccontextmanager
+async def open_desktop(runtime: Runtime, streams: HeldStreams, events: EventLog) -> AsyncIterator[Desktop | None]:
+    settings = runtime.settings
+    if settings.license_keys is None:
+        log.info("license keys: LICENSE_KEY_SECRET is not set; activations and machines are off")
+        yield None
+        return
+    key_store = KeyStore(runtime.engine, settings.license_keys)
+    machines = Machines(runtime.engine, settings, key_store, runtime.transport, events, runtime.leases)
+    limiter = create_rate_limiter(settings)
+    sessions = SessionWatch(runtime.engine)
+    watch = MachineWatch(
+        runtime.engine, streams, machines, sweep_interval=settings.poll_interval, machine_ttl=settings.machine_ttl
+    )
+    sessions.start()
+    watch.start()
+    try:
+        yield Desktop(settings, key_store, machines, limiter, sessions, watch)
+    finally:
+        await watch.close()
+        await sessions.close()
+        await limiter.close()
+
+
+def client_bucket(request: Request) -> str:
+    # The peer uvicorn gives: a proxy's forwarded address only where FORWARDED_ALLOW_IPS trusts it.
+    return address_bucket(request.client.host if request.client else None)
+
+
+def error(message: str, status: int, **extra: Any) -> Response:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def keys_off() -> Response:
+    return error("license keys are off on this server (LICENSE_KEY_SECRET is not set)", 404)
+
+
+def unavailable() -> Response:
+    return JSONResponse({"error": "database unavailable"}, status_code=503, headers={"retry-after": "2"})
+
+
+async def json_body(request: Request) -> dict[str, Any] | Response:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return error("expected Content-Type: application/json", 415)
+    try:
+        raw = await read_body(request, MAX_BODY)
+    except BodyTooLarge:
+        return too_large()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    return body if isinstance(body, dict) else error("expected a JSON object", 400)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    license_id: str
+    machine_id: str | None = None  # a machine token's machine
+    fingerprint: str | None = None
+
+
+def _unauthorized() -> Response:
+    return JSONResponse(
+        {"error": "invalid token"}, status_code=401, headers={"www-authenticate": 'Bearer, License realm="key"'}
+    )
+
+
+async def authenticate(request: Request, desktop: Desktop, *, key: bool = True) -> Caller | Response:
+    """`Authorization: Bearer <token>` (a machine token, whose machine must still be active, or a
+    subscriber token minted by the seller's web app) or, where `key`, `Authorization: License
+    <key>` (an app whose activation met the limit has no token yet)."""
+    scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        try:
+            grant = tokens.verify_for(desktop.settings, value)
+        except tokens.InvalidToken as exc:
+            log.info("token refused: %s", exc)
+            return _unauthorized()
+        if grant.machine_id is None:
+            return Caller(grant.license_id)
+        try:
+            machine = await desktop.machines.seen(grant.license_id, grant.machine_id)
+        except SQLAlchemyError:
+            return unavailable()
+        if machine is None:
+            return released()
+        return Caller(grant.license_id, grant.machine_id, grant.fingerprint)
+    if scheme.lower() == "license" and key and value:
+        if (refused := await desktop.refused(request, ACTIVATIONS)) is not None:
+            return refused
+        try:
+            normalised = keys.normalize(value)
+        except keys.MalformedKey:
+            await desktop.failed(request, ACTIVATIONS)
+            return error("malformed key", 400)
+        try:
+            license_id = await desktop.keys.find(normalised)
+        except SQLAlchemyError:
+            return unavailable()
+        if license_id is None:
+            await desktop.failed(request, ACTIVATIONS)
+            return error("invalid key", 403)
+        return Caller(license_id)
+    return _unauthorized()
+
+
+def released() -> Response:
+    # The holder of this token knew a machine; telling it that the machine was released (so that
+    # the app asks for the key again) tells it nothing else.
+    return JSONResponse(
+        {"error": "machine released"}, status_code=401, headers={"www-authenticate": 'Bearer error="invalid_token"'}
+    )
+
+
+async def activate(request: Request) -> Response:
+    desktop: Desktop | None = request.state.desktop
+    if desktop is None:
+        return keys_off()
+    if (refused := await desktop.refused(request, ACTIVATIONS)) is not None:
+        ACTIVATION_OUTCOMES.labels("throttled").inc()
+        return refused
+    body = await json_body(request)
+    if isinstance(body, Response):
+        return body
+    text = body.get("key")
+    try:
+        if not isinstance(text, str):
+            raise keys.MalformedKey("not a string")
+        key = keys.normalize(text)
+    except keys.MalformedKey:
+        ACTIVATION_OUTCOMES.labels("malformed").inc()
+        await desktop.failed(request, ACTIVATIONS)
+        return error("malformed key", 400)
+    try:
+        fingerprint = fingerprint_of(body.get("fingerprint"))
+        name = label(body.get("name"), "name", 200)
+        platform = label(body.get("platform"), "platform", 100)
+    except BadRequest as exc:
+        return error(str(exc), 400)
+    key_bucket = desktop.key_bucket(key)
+    if (refused := await desktop.refused(request, ACTIVATIONS, key_bucket)) is not None:
+        ACTIVATION_OUTCOMES.labels("throttled").inc()
+        return refused
+    try:
+        activated = await desktop.machines.activate(key, fingerprint, name, platform)
+    except InvalidKey:
+        # Unknown and rotated keys alike: the answer tells a guesser nothing.
+        ACTIVATION_OUTCOMES.labels("invalid").inc()
+        await desktop.failed(request, ACTIVATIONS)
+        return error("invalid key", 403)
+    except LimitReached as full:
+        ACTIVATION_OUTCOMES.labels("limit").inc()
+        await desktop.failed(request, ACTIVATIONS, key_bucket)
+        listed = [m.public() for m in full.machines]
+        return error("machine limit reached", 409, machines=listed, max=full.limit)
+    except SQLAlchemyError:
+        return unavailable()
+    ACTIVATION_OUTCOMES.labels("created" if activated.created else "again").inc()
+    return JSONResponse(activated.body(), status_code=201 if activated.created else 200)
+
+
+async def list_machines(request: Request) -> Response:
+    desktop: Desktop | None = request.state.desktop
+    if desktop is None:
+        return keys_off()
+    caller = await authenticate(request, desktop)
+    if isinstance(caller, Response):
+        return caller
+    try:
+        found, limit = await desktop.machines.list(caller.license_id)
+    except SQLAlchemyError:
+        return unavailable()
+    listed = [m.public() | {"current": m.id == caller.machine_id} for m in found]
+    return JSONResponse({"license_id": caller.license_id, "machines": listed, "used": len(found), "max": limit})
+
+
+async def release_machine(request: Request) -> Response:
+    desktop: Desktop | None = request.state.desktop
+    if desktop is None:
+        return keys_off()
+    caller = await authenticate(request, desktop)
+    if isinstance(caller, Response):
+        return caller
+    machine_id = request.path_params["machine_id"]
+    if len(machine_id) > 40 or "\x00" in machine_id:
+        return error("no such machine", 404)
+    try:
+        done = await desktop.machines.release(caller.license_id, machine_id)
+    except SQLAlchemyError:
+        return unavailable()
+    if not done:
+        return error("no such machine", 404)
+    return JSONResponse({"id": machine_id, "released": True})
+
+
+async def renew_token(request: Request) -> Response:
+    desktop: Desktop | None = request.state.desktop
+    if desktop is None:
+        return keys_off()
+    caller = await authenticate(request, desktop, key=False)
+    if isinstance(caller, Response):
+        return caller
+    if caller.machine_id is None or caller.machine_id != request.path_params["machine_id"]:
+        return error("only a machine's own token renews it", 403)
+    assert caller.fingerprint is not None
+    try:
+        grant = await desktop.machines.grant(caller.license_id, caller.machine_id, caller.fingerprint)
+    except SQLAlchemyError:
+        return unavailable()
+    body = {"machine_id": caller.machine_id, "token": grant.token, "exp": grant.token_expires_at, "lease": grant.lease}
+    return JSONResponse(body)
+
+
+async def license_key(request: Request) -> Response:
+    desktop: Desktop | None = request.state.desktop
+    if desktop is None:
+        return keys_off()
+    caller = await authenticate(request, desktop, key=False)
+    if isinstance(caller, Response):
+        return caller
+    license_id = request.path_params["license_id"]
+    if caller.license_id != license_id:
+        return error("token is for another license", 403)
+    try:
+        key = await desktop.keys.reveal(license_id)
+    except SQLAlchemyError:
+        return unavailable()
+    if key is None:
+        return error("no such license", 404)
+    return JSONResponse({"license_id": license_id, "key": keys.display(key), "open_url": desktop.open_url(key)})
+
+
+routes = [
+    Route("/api/activations", activate, methods=["POST"]),
+    Route("/api/machines", list_machines, methods=["GET"]),
+    Route("/api/machines/{machine_id}", release_machine, methods=["DELETE"]),
+    Route("/api/machines/{machine_id}/token", renew_token, methods=["POST"]),
+    Route("/api/licenses/{license_id}/key", license_key, methods=["GET"]),
+]
