@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class MachineList:
     used: int
     max: int | None  # None: no limit
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Machine]:
         return iter(self.machines)
 
     def __len__(self) -> int:
