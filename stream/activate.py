@@ -11,6 +11,7 @@ that find nothing (and malformed ids) count against the client's address (429 be
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import logging
 import time
@@ -38,7 +39,6 @@ from stream.sse import PING, EventStreamResponse
 log = logging.getLogger("stream.activate")
 
 STATIC = Path(__file__).parent / "static"
-PAGE = (STATIC / "activate.html").read_text()
 # How long the page's stream waits for the session and then follows its license before ending
 # (the page then asks the buyer to reload).
 PAGE_STREAM_LIFETIME = 30 * 60.0
@@ -55,10 +55,14 @@ PAGE_HEADERS = {
 }
 
 
+@functools.cache
+def _page(app_name: str | None) -> str:
+    # Read once, when first asked for (nothing is read at import).
+    return (STATIC / "activate.html").read_text().replace("{{APP_NAME}}", html.escape(app_name or "the app"))
+
+
 async def activate_page(request: Request) -> Response:
-    settings = request.state.runtime.settings
-    name = html.escape(settings.app_name or "the app")
-    body = PAGE.replace("{{APP_NAME}}", name)
+    body = _page(request.state.runtime.settings.app_name)
     return Response(body, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 

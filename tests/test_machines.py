@@ -249,3 +249,20 @@ async def test_the_state_route_refuses_a_released_machine_and_binds_its_lease_to
         assert (await client.delete(path, headers=bearer(machine["token"]))).status_code == 200  # itself
         refused = await client.get(f"{url}/api/licenses/{license_id}", headers=bearer(machine["token"]))
         assert (refused.status_code, refused.json()) == (401, {"error": "machine released"})
+
+
+async def test_in_one_process_the_release_ends_the_stream_without_waiting_for_the_sweep(pg_url: str) -> None:
+    """`serve` with the in-process transport: the notice goes through it as through Redis (the
+    sweep runs every 30 s here, so it cannot be what ends the stream)."""
+    license_id = new_license()
+    settings = keyed_settings(pg_url, poll_interval=30.0)
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
+        key = await key_of(client, url, await buy(client, url, license_id))
+        gone, kept = await activated(client, url, key), await activated(client, url, key)
+        async with EventStream(client, events_url(url, license_id), bearer(gone["token"])) as stream:
+            await stream.until("lease")
+            started = time.monotonic()
+            path = f"{url}/api/machines/{gone['machine']['id']}"
+            assert (await client.delete(path, headers=bearer(kept["token"]))).status_code == 200
+            await stream.end(within=1.0)
+        assert time.monotonic() - started < 1.0
