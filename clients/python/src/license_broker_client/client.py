@@ -112,6 +112,7 @@ class LicenseClient:
             raise TypeError("LicenseClient: with app_id= the license and its token come from activate(key)")
         self.base_url = base_url.rstrip("/")
         self._license_id = license_id
+        self._url: str | None = None
         self.token = token
         self.app_id = app_id
         self.verifier = verifier
@@ -172,9 +173,22 @@ class LicenseClient:
             raise NotActivated("no machine is activated here: activate(key) first")
         return credentials.license_id
 
+    @license_id.setter
+    def license_id(self, value: str) -> None:
+        if self._machine is not None:
+            raise AttributeError("license_id: with app_id the license comes from activate(key)")
+        self._license_id = value
+
     @property
     def url(self) -> str:
-        return f"{self.base_url}/api/licenses/{self.license_id}/events"
+        """The license's stream (settable, as in 0.2: another stream process, say)."""
+        return self._url or f"{self.base_url}/api/licenses/{self.license_id}/events"
+
+    @url.setter
+    def url(self, value: str) -> None:
+        if self._machine is not None:
+            raise AttributeError("url: with app_id the license's stream follows the activation")
+        self._url = value
 
     @property
     def activated(self) -> bool:
