@@ -8,7 +8,8 @@ import { type Activation, type Credentials, type MachineFile, tokenTimes } from 
 /** The computer's name, as the machine lists show it ("deactivate my old laptop"). */
 export function defaultName(): string | null {
   try {
-    const name = [...hostname()].filter((c) => c >= " " && c !== "\x7f").join("").slice(0, 200);
+    // Printable characters only, as the broker takes them (no control, format or separator but space).
+    const name = [...hostname()].filter((c) => c === " " || !/[\p{C}\p{Z}]/u.test(c)).slice(0, 200).join("");
     return name || null;
   } catch {
     return null;
