@@ -119,6 +119,9 @@ class Checkouts:
         self.events = events
         self.prices = settings.stripe_prices
         self.ttl = settings.checkout_pending_ttl
+        # Checkouts of each address between the count and their commit in this process: counted
+        # with the pending ones, so that a burst does not make sessions at Stripe only to drop them.
+        self._in_flight: dict[str, int] = {}
 
     def price(self, asked: Any) -> str:
         """The price asked for (one of STRIPE_PRICES), or the first."""
@@ -135,8 +138,16 @@ class Checkouts:
     async def start(self, buyer: Buyer, price: str, *, success_url: str, origin: str) -> Started:
         """TooManyPending (429), AlreadyEntitled (409), GatewayUnavailable (503), GatewayRefused
         (502); nothing is left behind by any of them."""
-        if await self.pending(buyer.address) >= MAX_PENDING_PER_ADDRESS:
+        if await self.pending(buyer.address) + self._in_flight.get(buyer.address, 0) >= MAX_PENDING_PER_ADDRESS:
             raise TooManyPending
+        self._in_flight[buyer.address] = self._in_flight.get(buyer.address, 0) + 1
+        try:
+            return await self._start(buyer, price, success_url, origin)
+        finally:
+            if (left := self._in_flight.pop(buyer.address) - 1) > 0:
+                self._in_flight[buyer.address] = left
+
+    async def _start(self, buyer: Buyer, price: str, success_url: str, origin: str) -> Started:
         customer = None
         if buyer.license_id is not None:
             state = orjson.loads((await self.events.current(buyer.license_id)).data)["state"]
