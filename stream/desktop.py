@@ -54,7 +54,7 @@ class Desktop:
     watch: MachineWatch
     # Buying, trying and managing from the app (stream.purchase): None where off.
     checkouts: Checkouts | None = None
-    trials: Trials | None = None
+    trials: Trials | None = None  # ends trials whatever the setting; starts them with LICENSE_TRIAL_DAYS
     portal: Portal | None = None
     pending: PendingCheckouts | None = None
 
@@ -97,12 +97,11 @@ async def open_desktop(runtime: Runtime, streams: HeldStreams, events: EventLog)
     pending = (
         PendingCheckouts(runtime.engine, gateway, machines, ttl=settings.checkout_pending_ttl) if gateway else None
     )
-    trials, clock = None, None
-    if settings.trial_days is not None:
-        rules = LicenseRules(settings.entitled_statuses, settings.license_products)
-        trials = Trials(runtime.engine, machines, runtime.transport, rules, settings.trial_days)
-        clock = TrialClock(trials)
-        trials.on_start = clock.wake
+    # The clock runs with trials off too: trials started before LICENSE_TRIAL_DAYS was unset still end.
+    rules = LicenseRules(settings.entitled_statuses, settings.license_products)
+    trials = Trials(runtime.engine, machines, runtime.transport, rules, settings.trial_days)
+    clock = TrialClock(trials)
+    trials.on_start = clock.wake
     portal = Portal(settings, gateway, events) if gateway else None
     sessions.start()
     watch.start()

@@ -19,7 +19,7 @@ from broker.licensing.metrics import CHECKOUTS as CHECKOUT_OUTCOMES
 from broker.licensing.metrics import PORTALS as PORTAL_OUTCOMES
 from broker.licensing.metrics import TRIALS as TRIAL_OUTCOMES
 from broker.licensing.portal import NoCustomer
-from broker.licensing.ratelimit import CHECKOUTS, PORTALS, TRIALS
+from broker.licensing.ratelimit import CHECKOUTS, PORTALS, TRIALS, Limit
 from broker.licensing.trials import TrialUsed
 from stream.desktop import Caller, Desktop, authenticate, client_bucket, error, json_body, keys_off, unavailable
 
@@ -29,6 +29,18 @@ log = logging.getLogger("stream.purchase")
 def origin(request: Request, desktop: Desktop) -> str:
     """Where buyers reach this broker: PUBLIC_URL, else (development mode) the origin served."""
     return desktop.settings.public_url or str(request.base_url).rstrip("/")
+
+
+async def _bounded(request: Request, desktop: Desktop, limit: Limit, what: str) -> Response | None:
+    """429 once this address has asked for `limit.attempts` of these in the window."""
+    retry = await desktop.limiter.retry_after(limit, [client_bucket(request)])
+    if retry is None:
+        return None
+    return JSONResponse(
+        {"error": f"too many {what} from your network, try again later"},
+        status_code=429,
+        headers={"retry-after": str(retry)},
+    )
 
 
 def _stripe_failed(exc: Exception) -> Response:
@@ -51,7 +63,7 @@ async def checkout(request: Request) -> Response:
         if authenticated.machine_id is None:
             return error("a checkout is for a machine: call it with a machine token, or with none", 403)
         caller = authenticated
-    if (refused := await desktop.refused(request, CHECKOUTS)) is not None:
+    if (refused := await _bounded(request, desktop, CHECKOUTS, "checkouts")) is not None:
         CHECKOUT_OUTCOMES.labels("throttled").inc()
         return refused
     body = await json_body(request)
@@ -107,9 +119,9 @@ async def start_trial(request: Request) -> Response:
     desktop: Desktop | None = request.state.desktop
     if desktop is None:
         return keys_off()
-    if desktop.trials is None:
+    if desktop.trials is None or desktop.trials.length is None:
         return error("trials are off on this server (LICENSE_TRIAL_DAYS is not set)", 404)
-    if (refused := await desktop.refused(request, TRIALS)) is not None:
+    if (refused := await _bounded(request, desktop, TRIALS, "trials")) is not None:
         TRIAL_OUTCOMES.labels("throttled").inc()
         return refused
     body = await json_body(request)

@@ -137,14 +137,26 @@ async def test_one_trial_per_fingerprint_ever_even_after_its_machine_is_released
     assert await count_rows(pg_url, "trials") == 2
 
 
-async def test_trials_are_off_without_license_trial_days(pg_url: str) -> None:
+async def test_with_trials_turned_off_none_starts_but_a_running_one_still_ends(pg_url: str) -> None:
+    settings = keyed_settings(pg_url, trial_days=SHORT_TRIAL_DAYS)
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
+        body = (await start(client, url)).json()
+    trial_end = datetime.fromisoformat(body["trial_end"]).timestamp()
+    # LICENSE_TRIAL_DAYS unset since: no new trial, and the clock still ends the running one.
     async with serving(create_app(keyed_settings(pg_url))) as url, httpx.AsyncClient(timeout=10) as client:
         response = await start(client, url)
-    assert (response.status_code, response.json()) == (
-        404,
-        {"error": "trials are off on this server (LICENSE_TRIAL_DAYS is not set)"},
-    )
-    assert await count_rows(pg_url, "licenses") == 0
+        assert (response.status_code, response.json()) == (
+            404,
+            {"error": "trials are off on this server (LICENSE_TRIAL_DAYS is not set)"},
+        )
+        events_url = f"{url}/api/licenses/{body['license_id']}/events"
+        async with EventStream(client, events_url, bearer(body["token"])) as stream:
+            while (state := orjson.loads(await stream.until("message", within=trial_end - time.time() + 5)))[
+                "entitled"
+            ]:
+                pass
+        assert (state["status"], state["stripe_event_type"]) == ("expired", "trial.ended")
+    assert await count_rows(pg_url, "licenses") == 1
 
 
 async def test_a_thousand_trial_requests_from_one_address_start_ten_and_grow_nothing_else(pg_url: str) -> None:

@@ -131,7 +131,7 @@ class Trials:
         machines: Machines,
         transport: Transport,
         rules: LicenseRules,
-        days: float,
+        days: float | None,
         *,
         on_start: Callable[[], None] = lambda: None,
     ) -> None:
@@ -139,11 +139,13 @@ class Trials:
         self.machines = machines
         self.transport = transport
         self.rules = rules
-        self.length = days * 86400
+        # Seconds; None: no new trials (LICENSE_TRIAL_DAYS unset), but running ones still end.
+        self.length = None if days is None else days * 86400
         self.on_start = on_start  # the clock's wake-up: a new trial may end before any it knows
 
     async def start(self, fingerprint: str, name: str | None = None, platform: str | None = None) -> Started:
         """A new trial license with this machine on it; TrialUsed when the fingerprint had one."""
+        assert self.length is not None, "trials are off (LICENSE_TRIAL_DAYS)"
         now = datetime.now(UTC)
         # Whole seconds: the state, the lease's `exp` and the clock all say the same instant.
         ends = datetime.fromtimestamp(max(int(now.timestamp() + self.length), int(now.timestamp()) + 1), UTC)
