@@ -263,3 +263,33 @@ async def test_the_lease_of_a_trial_expires_at_its_end_and_a_rebuild_keeps_the_t
         finally:
             await engine.dispose()
         assert machine == trial and len(trial) == 32  # a hash, not the fingerprint sent
+
+
+async def test_migration_0007_creates_the_checkout_and_trial_tables_schema_py_declares(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from broker.db import migrate
+    from broker.schema import metadata
+
+    engine = create_engine(make_settings(db_url))
+
+    def differences(conn: sa.Connection) -> list[object]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return [d for d in compare_metadata(context, metadata) if {"checkouts", "trials"} & set(_names(d))]
+
+    try:
+        await migrate(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+def _names(diff: object) -> list[str]:
+    found = []
+    for item in diff if isinstance(diff, list) else [diff]:
+        for part in item if isinstance(item, tuple) else (item,):
+            name = getattr(part, "name", None) if not isinstance(part, str) else part
+            found += [str(name), str(getattr(getattr(part, "table", None), "name", ""))]
+    return found
