@@ -1,17 +1,40 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+# Where `make run` listens (the README's "Try it").
+PORT ?= 8000
+# Where `make dist` puts the five packages.
+DIST ?= dist
 
-.PHONY: run test check lock bench clean
+PIP := $(PY) -m pip
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+.PHONY: run test check lock bench dist clean
+
+# Two installs in one venv. .base: the project and what serving needs (`make run`). .installed:
+# the test and bench extras too (pytest, playwright, mypy, matplotlib, pip-audit, build, twine),
+# for test, check, lock, bench and dist; it implies .base.
+DEV_EXTRAS := [test,bench]
+define venv_install
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.$(1)'
+endef
+
+# setuptools tells every editable install that it is one ("Please be careful with folders in your
+# working directory..."), through pip as a 10-line warning per build: that one notice is silenced,
+# every other warning still shows.
+$(VENV)/.base $(VENV)/.installed: export PYTHONWARNINGS = ignore::UserWarning:setuptools.command.editable_wheel
+
+$(VENV)/.base: pyproject.toml
+	$(call venv_install,)
 	touch $@
 
+$(VENV)/.installed: pyproject.toml
+	$(call venv_install,$(DEV_EXTRAS))
+	touch $@ $(VENV)/.base
+
 # The Python client is a distribution of its own (clients/python): built as a wheel and installed
-# from it, so the tests exercise what `pip install license-broker-client` would give an app.
+# from it, so the tests exercise what installing the package gives an app.
 CLIENT_PY_SOURCES := clients/python/pyproject.toml $(wildcard clients/python/src/license_broker_client/*)
 $(VENV)/.client-installed: $(VENV)/.installed $(CLIENT_PY_SOURCES)
 	rm -rf clients/python/build
@@ -24,43 +47,40 @@ $(VENV)/.client-installed: $(VENV)/.installed $(CLIENT_PY_SOURCES)
 
 # The JS client (clients/js): installed from its lock file with `npm ci` (no install scripts) and
 # built with tsc. Without node and npm it is left unbuilt and tests/test_node_client.py skips (fails
-# under CI=true); nothing here needs root.
+# under CI=true); nothing here needs root. The build's stamp lives in node_modules, not in dist/,
+# which `npm pack` ships.
 JS := clients/js
 JS_SOURCES := $(JS)/package.json $(JS)/scripts/build.mjs $(wildcard $(JS)/tsconfig*.json $(JS)/src/*.ts)
 .PHONY: js-client
 js-client:
 	@if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory $(JS)/dist/.built; \
+	  $(MAKE) --no-print-directory $(JS)/node_modules/.built; \
 	else \
 	  echo "make: node or npm not found: $(JS) is not built, so its tests skip (and fail under CI=true)"; \
 	fi
 $(JS)/node_modules/.installed: $(JS)/package-lock.json $(JS)/package.json
 	cd $(JS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
-$(JS)/dist/.built: $(JS)/node_modules/.installed $(JS_SOURCES)
+$(JS)/node_modules/.built: $(JS)/node_modules/.installed $(JS_SOURCES)
 	cd $(JS) && npm run --silent build
 	touch $@
 
-## make run: serve the webhook and the stream on 127.0.0.1:8000 (SQLite, in-process transport)
-run: $(VENV)/.installed
-	BROKER_DEV=1 $(VENV)/bin/license-broker serve --host 127.0.0.1 --port 8000
+## make run: serve the webhook and the stream on 127.0.0.1:$(PORT) (SQLite, in-process transport);
+## installs only what serving needs
+run: $(VENV)/.base
+	BROKER_DEV=1 $(VENV)/bin/license-broker serve --host 127.0.0.1 --port $(PORT)
 
 ## make test: the whole suite, against Postgres and Redis on 127.0.0.1
 test: $(VENV)/.installed $(VENV)/.client-installed js-client
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## make check: lint, format, types, and known vulnerabilities in the locked versions
+## make check: lint, format, types, and known vulnerabilities in the locked versions (pip-audit,
+## reported as skipped where its vulnerability service cannot be reached)
 check: $(VENV)/.installed $(VENV)/.client-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	@if $(PY) -c "import urllib.request as r; r.urlopen('https://pypi.org/pypi/pip/24.0/json', timeout=10)" 2>/dev/null; then \
-		echo "$(VENV)/bin/pip-audit --strict --require-hashes --disable-pip -r requirements.lock"; \
-		$(VENV)/bin/pip-audit --strict --require-hashes --disable-pip -r requirements.lock --progress-spinner off; \
-	else \
-		echo "pip-audit SKIPPED: PyPI's vulnerability data (https://pypi.org/pypi/<name>/<version>/json) is not reachable from here;"; \
-		echo "  requirements.lock was not audited. Run make check where PyPI is reachable."; \
-	fi
+	$(PY) -m scripts.audit_lock requirements.lock
 
 ## make lock: pin the exact versions (with hashes) that the image installs, from pyproject.toml
 lock: $(VENV)/.installed
@@ -68,9 +88,24 @@ lock: $(VENV)/.installed
 		--allow-unsafe --all-build-deps --no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
 		-o requirements.lock pyproject.toml
 
+## make dist: the server's and the Python client's wheel and sdist, and the npm tarball, in $(DIST)/,
+## each checked (twine check --strict; the tarball against its package.json)
+dist: $(VENV)/.installed
+	@command -v npm >/dev/null 2>&1 || { echo "make dist: npm is needed for the npm tarball (Node >= 20)"; exit 1; }
+	$(MAKE) --no-print-directory $(JS)/node_modules/.built
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	$(PY) -m build --outdir $(DIST) . >$(DIST)/.build.log 2>&1 || { cat $(DIST)/.build.log; exit 1; }
+	$(PY) -m build --outdir $(DIST) clients/python >$(DIST)/.build.log 2>&1 || { cat $(DIST)/.build.log; exit 1; }
+	rm -f $(DIST)/.build.log
+	rm -rf build clients/python/build clients/python/src/*.egg-info
+	cd $(JS) && npm pack --ignore-scripts --silent --pack-destination $(abspath $(DIST)) >/dev/null
+	$(VENV)/bin/twine check --strict $(DIST)/*.whl $(DIST)/*.tar.gz
+	$(PY) -m scripts.check_npm_tarball $(DIST)/*.tgz
+	@ls -1 $(DIST)
+
 ## make bench: Redis against polling, latency and throughput (needs Postgres and Redis)
 bench: $(VENV)/.installed
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist $(DIST)

@@ -80,6 +80,14 @@ class MemoryLedger:
             touched |= self.licenses_of_customer(reported.customer)
         return touched
 
+    def seed(self, objects: Iterable[StripeObject]) -> None:
+        """Start from these rows (unbound): what no event carries (broker.ledger_fill)."""
+        for obj in objects:
+            self.objects[obj.id] = obj
+            for linked in obj.links:
+                self.neighbours[obj.id].add(linked)
+                self.neighbours[linked].add(obj.id)
+
     def bind(self, license_id: str, start: Iterable[str]) -> set[str]:
         """As LedgerStore.bind: binds what no license holds, following the links of what it binds."""
         frontier, seen, newly = set(start), set[str](), set[str]()

@@ -215,6 +215,28 @@ class EventLog:
         return event
 
 
+_STORED_ONE = sa.select(subscription_event_logs.c.data).where(
+    subscription_event_logs.c.license_id == sa.bindparam("license_id"),
+    subscription_event_logs.c.seq == sa.bindparam("seq"),
+)
+
+
+async def stored_events(conn: AsyncConnection, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+    """The stored bytes of each (license id, seq) that the log holds, on `conn`: one event, the
+    common case, with a statement compiled once; more, in one query per thousand."""
+    t = subscription_event_logs
+    if len(keys) == 1:
+        ((license_id, seq),) = keys
+        data = (await conn.execute(_STORED_ONE, {"license_id": license_id, "seq": seq})).scalar()
+        return {} if data is None else {(license_id, seq): data.encode()}
+    result: dict[tuple[str, int], bytes] = {}
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        query = sa.select(t.c.license_id, t.c.seq, t.c.data).where(sa.tuple_(t.c.license_id, t.c.seq).in_(chunk))
+        result.update({(row[0], row[1]): row[2].encode() for row in await conn.execute(query)})
+    return result
+
+
 def log_entry(
     license_id: str,
     seq: int,

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from broker.runtime import Runtime
-from broker.settings import Settings, SettingsError
+from broker.settings import Settings, SettingsError, is_loopback
 
 
 class BodyTooLarge(Exception):
@@ -38,6 +38,24 @@ def too_large() -> Response:
     # `connection: close` makes uvicorn close the socket once the 413 is sent; otherwise it keeps
     # reading (and discarding) the rest of the body until its keep-alive timeout.
     return JSONResponse({"error": "body too large"}, status_code=413, headers={"connection": "close"})
+
+
+_PROXY_HEADERS = ("forwarded", "via", "x-real-ip")
+
+
+def forwarded(request: Request) -> bool:
+    """Whether a proxy handled the request (Forwarded, X-Forwarded-*, X-Real-IP, Via). A proxy on
+    this machine connects from a loopback address, so a peer address or Host check alone would
+    take any request it forwards from anywhere for a local one."""
+    # Names in lower case, as ASGI servers hand them over.
+    return any(name in _PROXY_HEADERS or name.startswith("x-forwarded-") for name in request.headers)
+
+
+def local_peer(request: Request) -> bool:
+    """A request from this machine, not forwarded by a proxy: the peer's address (uvicorn has
+    already replaced it with X-Forwarded-For's when a trusted proxy sent one) is loopback."""
+    client = request.client
+    return client is not None and is_loopback(client.host) and not forwarded(request)
 
 
 def settings_from_env(*checks: Callable[[Settings], None]) -> Settings:
@@ -82,6 +100,11 @@ async def metrics(request: Request) -> Response:
         # Constant time: the comparison must not tell how much of a guess was right.
         if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
             return JSONResponse({"error": "invalid token"}, status_code=401, headers={"www-authenticate": "Bearer"})
+    elif not local_peer(request):
+        # Neither its own port nor a token: the public port answers a scraper on this machine only
+        # (what is connected, how many, how fast is no one else's business).
+        message = "/metrics answers only this machine without METRICS_TOKEN (or METRICS_PORT)"
+        return JSONResponse({"error": message}, status_code=403)
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -65,6 +65,16 @@ def private_pem(key: Ed25519PrivateKey) -> str:
     ).decode()
 
 
+def public_pems(keys: LeaseKeys) -> str:
+    """Every published key as PEM, each after a `# kid` comment line: what `license-broker keys
+    public` prints and what an app pins (both client packages read it as it is)."""
+    lines = []
+    for i, key in enumerate(keys.published):
+        lines.append(f"# kid {key_id(key)}{' (signs)' if i == 0 else ' (published only)'}\n")
+        lines.append(public_pem(key))
+    return "".join(lines)
+
+
 @dataclass(frozen=True)
 class LeaseKeys:
     """The key that signs, and every public key to publish (the signing key's first)."""

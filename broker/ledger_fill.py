@@ -1,4 +1,8 @@
-"""Fill the ledger tables from the stored Stripe events (migration 0003, `license-broker rebuild`)."""
+"""Fill the ledger tables from the stored Stripe events (migration 0003, `license-broker rebuild`).
+
+What was read from Stripe's API (STRIPE_API_KEY: refreshed snapshots, a purchase's line items, a
+complete entitlement list) is in no stored event: those rows (rank FETCHED_RANK and above) are
+kept and folded with the events, in which they win the ties of their second as they did live."""
 
 from __future__ import annotations
 
@@ -10,15 +14,17 @@ import orjson
 import sqlalchemy as sa
 
 from broker.binding import MemoryLedger
-from broker.ledger import BROKER_KINDS, StripeObject
+from broker.ledger import BROKER_KINDS, FETCHED_RANK, StripeObject
 from broker.schema import stripe_bindings, stripe_events, stripe_links, stripe_objects
 
 _BATCH = 1000
 
 
 def fold_stored(conn: sa.Connection, keep: Callable[[Mapping[str, Any]], bool] = lambda _: True) -> MemoryLedger:
-    """Every stored event, in the order the webhook received them, folded into a MemoryLedger."""
+    """Every stored event, in the order the webhook received them, folded into a MemoryLedger that
+    starts with the rows read from Stripe's API."""
     ledger = MemoryLedger()
+    ledger.seed(read_from_api(conn))
     t = stripe_events
     query = sa.select(t.c.payload).order_by(t.c.received_at, t.c.id)
     for (payload,) in conn.execute(query):
@@ -28,17 +34,30 @@ def fold_stored(conn: sa.Connection, keep: Callable[[Mapping[str, Any]], bool] =
     return ledger
 
 
+def read_from_api(conn: sa.Connection) -> list[StripeObject]:
+    o, k = stripe_objects, stripe_links
+    rows = conn.execute(sa.select(o).where(o.c.rank >= FETCHED_RANK).order_by(o.c.id)).all()
+    links: dict[str, set[str]] = {}
+    if rows:
+        query = sa.select(k).where(k.c.object_id.in_([r.id for r in rows]))
+        for link in conn.execute(query):
+            links.setdefault(link.object_id, set()).add(link.linked_id)
+    return [
+        StripeObject(r.id, r.kind, r.version, r.rank, r.state, r.customer, frozenset(links.get(r.id, ()))) for r in rows
+    ]
+
+
 def fill_ledger(
     conn: sa.Connection, now: datetime, keep: Callable[[Mapping[str, Any]], bool] = lambda _: True
 ) -> MemoryLedger:
     """Replace the ledger's rows with the fold of the stored events (and the broker's own objects,
     which no Stripe event makes, as they are)."""
     ledger = fold_stored(conn, keep)
-    o, b = stripe_objects, stripe_bindings
-    own = sa.select(o).where(o.c.kind.in_(sorted(BROKER_KINDS)))
+    held, bound = stripe_objects, stripe_bindings
+    own = sa.select(held).where(held.c.kind.in_(sorted(BROKER_KINDS)))
     for row in conn.execute(own):
         ledger.objects[row.id] = StripeObject(row.id, row.kind, row.version, row.rank, row.state, row.customer)
-    for row in conn.execute(sa.select(b).where(b.c.stripe_id.in_(own.with_only_columns(o.c.id)))):
+    for row in conn.execute(sa.select(bound).where(bound.c.stripe_id.in_(own.with_only_columns(held.c.id)))):
         ledger.bindings[row.stripe_id] = row.license_id
     for table in (stripe_bindings, stripe_links, stripe_objects):
         conn.execute(table.delete())

@@ -21,7 +21,8 @@ class LicenseState(TypedDict):
     status: str
     entitled: bool
     kind: str | None  # "subscription" | "perpetual" | "trial" (a trial without a card), of the deciding object
-    features: list[str]  # lookup_keys of the customer's active entitlements
+    features: list[str]  # lookup_keys of the entitling customer's active entitlements; [] unless entitled
+    features_partial: bool  # Stripe listed more entitlements than `features` holds, and they could not be read
     cancels_at: str | None  # when the entitlement is scheduled to end, if every entitling object ends
     cancel_at_period_end: bool
     current_period_end: str | None
@@ -39,6 +40,7 @@ def initial_state() -> LicenseState:
         "entitled": False,
         "kind": None,
         "features": [],
+        "features_partial": False,
         "cancels_at": None,
         "cancel_at_period_end": False,
         "current_period_end": None,

@@ -40,6 +40,22 @@ RESYNCED = Counter(
 )
 SLOW_CLIENTS = Counter("license_broker_slow_clients_total", "Clients disconnected for not reading fast enough")
 SWEPT_EVENTS = Counter("license_broker_swept_events_total", "Events the database sweep found that the transport missed")
+LIVE_REJECTED = Counter(
+    "license_broker_live_messages_rejected_total",
+    "Live transport (Redis) messages dropped: no stored event for their seq (unknown) or other bytes than "
+    "the stored one (mismatch): someone else publishes on the broker's channels",
+    ["reason"],
+)
+LIVE_REJECTED_BY_REASON = {reason: LIVE_REJECTED.labels(reason) for reason in ("unknown", "mismatch")}
+LIVE_CHECK_SECONDS = Histogram(
+    "license_broker_live_check_seconds",
+    "From a live message's arrival to the end of its check against the database (the oldest of each batch)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+LIVE_UNCHECKED = Counter(
+    "license_broker_live_messages_unchecked_total",
+    "Live transport messages left to the database sweep: their check could not read the database, or too many waited",
+)
 SWEEP_FAILURES = Counter("license_broker_sweep_failures_total", "Database sweeps that failed")
 TRANSPORT_UP = Gauge("license_broker_transport_up", "1 while the transport's subscriber is connected", ["transport"])
 DELIVERY_LAG = Histogram(
@@ -49,7 +65,7 @@ DELIVERY_LAG = Histogram(
 )
 REFRESHES = Counter(
     "license_broker_stripe_refreshes_total",
-    "Objects re-read from Stripe's API for events not newer than the ledger (STRIPE_API_KEY), by result",
+    "Reads of Stripe's API (STRIPE_API_KEY): stale events' objects, and what webhooks do not carry, by result",
     ["result"],
 )
 for _result in ("ok", "failed"):

@@ -39,7 +39,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await transport.connect()
         try:
             leases = LeaseSigner(settings.lease_keys, ttl=settings.lease_ttl) if settings.lease_keys else None
-            with metrics_server(settings):
+            async with metrics_server(settings):
                 yield Runtime(settings, engine, events, transport, ReadinessProbe(engine, transport), leases)
         finally:
             await transport.close()

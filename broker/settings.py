@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets as random_secrets
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
@@ -15,6 +15,7 @@ from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
 from broker.licensing.keys import KeyVault
 
 TransportName = Literal["redis", "poll", "memory"]
+DisputeScope = Literal["period", "license"]
 LogFormat = Literal["text", "json"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -23,9 +24,14 @@ DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
 # REDIS_URL schemes that name a Redis Cluster (sharded pub/sub) rather than one server.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
-# Only ever used when BROKER_DEV=1 (what `make run` sets) and the real setting is absent.
-DEV_WEBHOOK_SECRET = "whsec_development_only_do_not_use_in_production"
-DEV_TOKEN_SECRET = "development-only-stream-token-secret-do-not-use"
+# Subscriber tokens must carry this `aud` unless STREAM_TOKEN_AUDIENCE names another (broker.tokens).
+DEFAULT_TOKEN_AUDIENCE = "license-broker"
+# Development mode (BROKER_DEV=1, what `make run` sets) generates its secrets at each start and
+# prints them; each carries this mark, and so did the constants earlier versions used (they are
+# public: they were in this repository). Outside development mode the apps refuse any secret that
+# carries it (Settings.require_webhook / require_stream).
+DEV_MARK = "development-only"
+_DEV_SECRET = re.compile(r"development[-_]only", re.IGNORECASE)
 DEFAULT_MAX_MACHINES = 3
 # Machines a license can hold whatever its limit says (0, "no limit", included): the rows a key
 # holder can create stay bounded.
@@ -61,10 +67,10 @@ class Settings:
     token_secret: str | None = None
     # During a rotation: still verify, never sign (STREAM_TOKEN_SECRET=new,old).
     previous_token_secrets: tuple[str, ...] = ()
-    # Subscriber tokens: the longest lifetime accepted (seconds), and the `aud` / `iss` they must
-    # carry when set.
+    # Subscriber tokens: the longest lifetime accepted (seconds), the `aud` they must carry, and
+    # the `iss` they must carry when set.
     token_max_ttl: float = 30 * 86400.0
-    token_audience: str | None = None
+    token_audience: str = DEFAULT_TOKEN_AUDIENCE
     token_issuer: str | None = None
     webhook_tolerance: int = 300
     heartbeat_interval: float = 15.0
@@ -90,8 +96,12 @@ class Settings:
     stripe_livemode: bool | None = None
     # Connect accounts whose events count; an event with another `account` is ignored.
     stripe_accounts: frozenset[str] = frozenset()
-    # Product or price ids that grant a license; empty: every product does.
+    # Product or price ids that grant a license, optionally prefixed subscription: or perpetual:
+    # (broker.ledger.Grants); empty: every purchase that names a license grants it.
     license_products: frozenset[str] = frozenset()
+    # What a lost or fraudulent chargeback revokes: the period its payment paid for, or the license
+    # (docs/stripe.md, "Disputes").
+    dispute_revokes: DisputeScope = "license"
     # Optional: re-read objects from Stripe's API when an event is not newer than the ledger's.
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
@@ -151,8 +161,8 @@ class Settings:
             raise SettingsError(f"BROKER_TRANSPORT: expected one of redis, poll, memory, got {transport!r}")
         if transport == "redis" and redis_url is None:
             raise SettingsError("REDIS_URL: required when BROKER_TRANSPORT=redis")
-        secrets = tuple(s.strip() for s in (_str(env, "STRIPE_WEBHOOK_SECRET") or "").split(",") if s.strip())
-        for secret in secrets:
+        webhook_secrets = tuple(s.strip() for s in (_str(env, "STRIPE_WEBHOOK_SECRET") or "").split(",") if s.strip())
+        for secret in webhook_secrets:
             if not secret.startswith("whsec_"):
                 raise SettingsError("STRIPE_WEBHOOK_SECRET: each secret must start with whsec_")
         token_secrets = [t.strip() for t in (_str(env, "STREAM_TOKEN_SECRET") or "").split(",") if t.strip()]
@@ -160,22 +170,27 @@ class Settings:
             # HS256 wants a key of at least 256 bits (RFC 7518 3.2).
             raise SettingsError("STREAM_TOKEN_SECRET: each secret must be at least 32 characters")
         token_secret = token_secrets[0] if token_secrets else None
-        lease_keys = None
-        if (pem := _str(env, "LICENSE_SIGNING_KEY")) is not None:
-            try:
-                lease_keys = LeaseKeys.from_pem(pem)
-            except InvalidKey as exc:
-                raise SettingsError(f"LICENSE_SIGNING_KEY: {exc}") from None
+        lease_keys = lease_keys_from_env(env)
+        if dev:
+            if lease_keys is not None:
+                # A development server hands tokens to anyone on the machine and signs whatever
+                # its buttons simulate: with the real key, those leases would unlock real apps.
+                raise SettingsError(
+                    "LICENSE_SIGNING_KEY: refused in development mode (BROKER_DEV=1 signs with a key "
+                    "generated at each start); unset it, or run without BROKER_DEV"
+                )
+            # Generated at each start, never constants: a development secret that reached
+            # production would be known to nobody. `serve` prints them (for `send` and `token`).
+            webhook_secrets = webhook_secrets or (f"whsec_{DEV_MARK}_{secrets.token_hex(16)}",)
+            token_secret = token_secret or f"{DEV_MARK}-{secrets.token_hex(24)}"
+            lease_keys = LeaseKeys.generate(ephemeral=True)
         key_secrets = tuple(_list(env, "LICENSE_KEY_SECRET"))
         if any(len(k) < 32 for k in key_secrets):
             raise SettingsError("LICENSE_KEY_SECRET: each secret must be at least 32 characters")
         license_keys = KeyVault(key_secrets) if key_secrets else None
         if dev:
-            secrets = secrets or (DEV_WEBHOOK_SECRET,)
-            token_secret = token_secret or DEV_TOKEN_SECRET
-            lease_keys = lease_keys or LeaseKeys.generate(ephemeral=True)
             # Per run: keys sealed by an earlier run cannot be opened (development data only).
-            license_keys = license_keys or KeyVault((random_secrets.token_urlsafe(32),), ephemeral=True)
+            license_keys = license_keys or KeyVault((secrets.token_urlsafe(32),), ephemeral=True)
         token_max_ttl = _float(env, "STREAM_TOKEN_MAX_TTL", 30 * 86400.0, minimum=1)
         machine_token_ttl = _float(env, "MACHINE_TOKEN_TTL", min(DEFAULT_MACHINE_TOKEN_TTL, token_max_ttl), minimum=60)
         if machine_token_ttl > token_max_ttl:
@@ -195,15 +210,31 @@ class Settings:
             if not account.startswith("acct_"):
                 raise SettingsError(f"STRIPE_ACCOUNTS: expected acct_... ids, got {account!r}")
         products = _list(env, "LICENSE_PRODUCTS")
-        for product in products:
-            if not product.startswith(("prod_", "price_")):
-                raise SettingsError(f"LICENSE_PRODUCTS: expected prod_... or price_... ids, got {product!r}")
+        for entry in products:
+            kind, _, product = entry.rpartition(":")
+            if kind not in ("", "subscription", "perpetual") or not product.startswith(("prod_", "price_")):
+                raise SettingsError(
+                    "LICENSE_PRODUCTS: expected prod_... or price_... ids, each optionally prefixed "
+                    f"subscription: or perpetual:, got {entry!r}"
+                )
+        dispute_revokes = (_str(env, "DISPUTE_REVOKES") or "license").lower()
+        if dispute_revokes not in get_args(DisputeScope):
+            raise SettingsError(f"DISPUTE_REVOKES: expected period or license, got {dispute_revokes!r}")
         api_key = _str(env, "STRIPE_API_KEY")
         if api_key is not None and not api_key.startswith(("sk_", "rk_")):
             raise SettingsError("STRIPE_API_KEY: expected a secret (sk_...) or restricted (rk_...) key")
+        one_time = [e for e in products if not e.startswith("subscription:")]
+        if one_time and api_key is None:
+            # A one-time purchase is matched by its Checkout Session's line items, which no webhook
+            # carries (https://docs.stripe.com/api/checkout/sessions/line_items): only the API has them.
+            raise SettingsError(
+                f"LICENSE_PRODUCTS: {one_time[0]} would grant one-time purchases, whose line items only "
+                "Stripe's API gives (webhooks never carry them): set STRIPE_API_KEY, or list it as "
+                f"subscription:{one_time[0].rpartition(':')[2]} to grant subscriptions only"
+            )
         api_base = _str(env, "STRIPE_API_BASE")
-        if api_base is not None and not api_base.startswith(("http://", "https://")):
-            raise SettingsError("STRIPE_API_BASE: expected an http(s) URL")
+        if api_base is not None:
+            require_https_or_loopback("STRIPE_API_BASE", api_base)
         prices = tuple(_list(env, "STRIPE_PRICES"))
         for price in prices:
             if not re.fullmatch(r"price_[A-Za-z0-9_]{1,200}", price):
@@ -246,11 +277,11 @@ class Settings:
             redis_url=redis_url,
             transport=cast(TransportName, transport),
             poll_interval=_float(env, "BROKER_POLL_INTERVAL", 2.0, minimum=0.01),
-            webhook_secrets=secrets,
+            webhook_secrets=webhook_secrets,
             token_secret=token_secret,
             previous_token_secrets=tuple(token_secrets[1:]),
             token_max_ttl=token_max_ttl,
-            token_audience=_str(env, "STREAM_TOKEN_AUDIENCE"),
+            token_audience=_str(env, "STREAM_TOKEN_AUDIENCE") or DEFAULT_TOKEN_AUDIENCE,
             token_issuer=_str(env, "STREAM_TOKEN_ISSUER"),
             webhook_tolerance=int(_float(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1)),
             heartbeat_interval=_float(env, "STREAM_HEARTBEAT_INTERVAL", 15.0, minimum=0.01),
@@ -269,6 +300,7 @@ class Settings:
             stripe_livemode=None if livemode is None else _bool(env, "STRIPE_LIVEMODE", False),
             stripe_accounts=frozenset(accounts),
             license_products=frozenset(products),
+            dispute_revokes=cast(DisputeScope, dispute_revokes),
             stripe_api_key=api_key,
             stripe_api_base=api_base,
             webhook_max_body=int(_float(env, "WEBHOOK_MAX_BODY", 256 * 1024, minimum=1024)),
@@ -298,10 +330,22 @@ class Settings:
     def require_webhook(self) -> None:
         if not self.webhook_secrets:
             raise SettingsError("STRIPE_WEBHOOK_SECRET: required by the webhook app (whsec_..., comma-separated)")
+        self._refuse_development_secrets("STRIPE_WEBHOOK_SECRET", self.webhook_secrets)
 
     def require_stream(self) -> None:
         if not self.token_secret:
             raise SettingsError("STREAM_TOKEN_SECRET: required by the stream app")
+        self._refuse_development_secrets("STREAM_TOKEN_SECRET", self.token_secrets)
+
+    def _refuse_development_secrets(self, name: str, values: tuple[str, ...]) -> None:
+        """An app outside development mode refuses a development secret: the constants of earlier
+        versions are public, and a generated one was printed on a developer's terminal. (`token`
+        and `send` take them: they talk to the development server.)"""
+        if not self.dev and any(is_development_secret(value) for value in values):
+            raise SettingsError(
+                f"{name}: a development secret (from BROKER_DEV / `make run`) is refused outside development "
+                f"mode; generate a real one (openssl rand -hex 32)"
+            )
 
     @property
     def token_secrets(self) -> tuple[str, ...]:
@@ -309,9 +353,10 @@ class Settings:
         return (self.token_secret, *self.previous_token_secrets) if self.token_secret else ()
 
     def require_development_ok(self, command: str, host: str | None = None) -> None:
-        """Development mode fills in publicly known secrets and mounts /dev/token, which hands a
-        token for any license to anyone who asks: it is allowed only where nobody else can reach
-        it and nothing real is at stake (`serve`, a loopback host, SQLite)."""
+        """Development mode fills in secrets generated at start-up (printed by `serve`) and mounts
+        /dev/token, which hands a token for any license to anyone on the machine who asks: it is
+        allowed only where nobody else can reach it and nothing real is at stake (`serve`, a
+        loopback host, SQLite)."""
         if not self.dev:
             return
         if command != "serve":
@@ -386,6 +431,40 @@ def mask_password(text: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
+def is_development_secret(value: str) -> bool:
+    return _DEV_SECRET.search(value) is not None
+
+
+def lease_keys_from_env(env: Mapping[str, str]) -> LeaseKeys | None:
+    """LICENSE_SIGNING_KEY, read on its own: `license-broker keys public` needs nothing else
+    (and works whatever BROKER_DEV says)."""
+    pem = _str(env, "LICENSE_SIGNING_KEY")
+    if pem is None:
+        return None
+    try:
+        return LeaseKeys.from_pem(pem)
+    except InvalidKey as exc:
+        raise SettingsError(f"LICENSE_SIGNING_KEY: {exc}") from None
+
+
+def require_https_or_loopback(name: str, url: str) -> None:
+    """An https URL, or http to a loopback host (a local fake or proxy): anything else would send
+    a secret (an API key) in clear text and take the answer from whoever is on the path."""
+    try:
+        split = urlsplit(url)
+        host = split.hostname
+    except ValueError:
+        host = None
+        split = None
+    if split is None or split.scheme not in ("http", "https") or not host:
+        raise SettingsError(f"{name}: expected an https:// URL, got {mask_password(url)!r}")
+    if split.scheme == "http" and not is_loopback(host):
+        raise SettingsError(
+            f"{name}: must be https:// (http:// only to a loopback host: 127.0.0.0/8, ::1, localhost), "
+            f"got {mask_password(url)!r}"
+        )
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 (bracketed or not) and localhost."""
     host = host.strip().removeprefix("[").removesuffix("]")
@@ -429,18 +508,8 @@ def _trial_days(env: Mapping[str, str]) -> float | None:
 def _https_url(env: Mapping[str, str], name: str) -> str | None:
     """A page a buyer is sent to: https, or http on a loopback host."""
     url = _str(env, name)
-    if url is None:
-        return None
-    bad = SettingsError(f"{name}: expected an https://... URL, got {url!r}")
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        raise bad from None
-    if parts.scheme not in ("http", "https") or not host or parts.username:
-        raise bad
-    if parts.scheme == "http" and not is_loopback(host):
-        raise SettingsError(f"{name}: must be https, except on a loopback host")
+    if url is not None:
+        require_https_or_loopback(name, url)
     return url
 
 

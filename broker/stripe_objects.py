@@ -10,10 +10,10 @@ periods are on the subscription items.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from broker.ledger import FETCHED_RANK, StripeObject, rank_of
+from broker.ledger import FETCHED_RANK, StripeObject, charge_rank, line_items_id, rank_of
 
 # Stripe ids fit these columns; a longer or odd value is content the broker cannot use.
 MAX_ID = 255
@@ -38,12 +38,16 @@ CHECKOUT_EVENTS: Mapping[str, str | None] = {
     "checkout.session.async_payment_failed": "failed",
     "checkout.session.expired": "expired",
 }
-# What the invoice events say of the invoice; any other invoice.* event carries its `status`.
+# What each invoice event the rules use says of the invoice. Any other invoice.* event (created,
+# updated, finalized, ...) is ignored: an `invoice.updated` of an open invoice would otherwise erase
+# the failed attempt or the action required that a payment event reported.
 INVOICE_OUTCOMES: Mapping[str, str] = {
     "invoice.paid": "paid",
     "invoice.payment_succeeded": "paid",
     "invoice.payment_failed": "failed",
     "invoice.payment_action_required": "action_required",
+    "invoice.voided": "void",
+    "invoice.marked_uncollectible": "uncollectible",
 }
 CHARGE_EVENTS = frozenset(
     {"charge.succeeded", "charge.refunded", "charge.updated", "charge.captured", "charge.failed", "charge.pending"}
@@ -65,8 +69,6 @@ EVENT_TYPES = tuple(
             *SUBSCRIPTION_EVENTS,
             *CHECKOUT_EVENTS,
             *INVOICE_OUTCOMES,
-            "invoice.voided",
-            "invoice.marked_uncollectible",
             "invoice_payment.paid",
             *CHARGE_EVENTS,
             *REFUND_EVENTS,
@@ -77,6 +79,41 @@ EVENT_TYPES = tuple(
         }
     )
 )
+
+
+# Webhook endpoints of these API versions get invoices that name no payment (2025-03-31 removed
+# `invoice.charge` and `invoice.payment_intent`, and `invoice` from charges and payment intents,
+# https://docs.stripe.com/changelog/basil/2025-03-31/add-support-for-multiple-partial-payments-on-invoices)
+# and no `invoice_payment.paid` event yet (it came with 2025-05-28): nothing in their events says
+# which payment paid a subscription's invoice, so its refunds and disputes revoke nothing unless the
+# invoice's payments are read from Stripe's API.
+UNLINKED_VERSIONS = ("2025-03-31", "2025-05-28")  # from, up to (excluded)
+
+
+def unlinked_version(api_version: Any) -> bool:
+    return isinstance(api_version, str) and UNLINKED_VERSIONS[0] <= api_version[:10] < UNLINKED_VERSIONS[1]
+
+
+def needs_invoice_payments(event: Mapping[str, Any], obj: StripeObject, held: StripeObject | None) -> bool:
+    """A paid invoice of such a version that names no payment, not known paid before."""
+    state = obj.state
+    return (
+        obj.kind == "invoice"
+        and state.get("status") == "paid"
+        and unlinked_version(event.get("api_version"))
+        and not (state.get("charge") or state.get("payment_intent") or state.get("payments"))
+        and not (held is not None and held.state.get("status") == "paid")
+    )
+
+
+def invoice_payments(items: list[dict[str, Any]], created: int) -> list[StripeObject]:
+    """Invoice payments read from Stripe's API, as `invoice_payment.paid` would report them."""
+    found = []
+    for item in items:
+        if _dict(item).get("status") == "paid":
+            own = _invoice_payment(item, created).primary
+            found.append(replace(own, rank=own.rank + FETCHED_RANK))
+    return found
 
 
 class Unprocessable(Exception):
@@ -130,6 +167,10 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_CREATED else None
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def license_of(metadata: Any) -> str | None:
     value = _dict(metadata).get("license_id")
     if value is None or value == "":
@@ -147,7 +188,7 @@ def _links(*ids: str | None) -> frozenset[str]:
     return frozenset(i for i in ids if i)
 
 
-def _products(items: Any) -> list[str]:
+def products_of(items: Any) -> list[str]:
     """Price and product ids of subscription items, invoice lines or Checkout line items."""
     found: set[str] = set()
     for item in _dict(items).get("data") or []:
@@ -161,6 +202,22 @@ def _products(items: Any) -> list[str]:
                 if isinstance(value, str) and value:
                     found.add(value)
     return sorted(found)
+
+
+def _pays_a_period(lines: Any) -> bool:
+    """Whether an invoice has a subscription line that is not a proration: the period itself, not a
+    change within it (since 2025-03-31 `parent.subscription_item_details.proration`, before
+    `type: subscription` and `proration`)."""
+    for line in _dict(lines).get("data") or []:
+        line = _dict(line)
+        parent = _dict(line.get("parent"))
+        if parent:
+            details = _dict(parent.get("subscription_item_details"))
+            if parent.get("type") == "subscription_item_details" and details.get("proration") is False:
+                return True
+        elif line.get("type") == "subscription" and line.get("proration") is False:
+            return True
+    return False
 
 
 def _machine_count(value: Any) -> int | None:
@@ -214,8 +271,8 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
         return _checkout(obj, CHECKOUT_EVENTS[kind], created)
     if kind in SUBSCRIPTION_EVENTS:
         return _subscription(obj, created, notice=kind == "customer.subscription.trial_will_end")
-    if kind.startswith("invoice.") and obj.get("object", "invoice") == "invoice":
-        return _invoice(obj, INVOICE_OUTCOMES.get(kind), created)
+    if kind in INVOICE_OUTCOMES and obj.get("object", "invoice") == "invoice":
+        return _invoice(obj, INVOICE_OUTCOMES[kind], created)
     if kind == "invoice_payment.paid":
         return _invoice_payment(obj, created)
     if kind in CHARGE_EVENTS:
@@ -223,16 +280,19 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
     if kind in REFUND_EVENTS:
         return _simple(obj, "refund", created, ("charge", "payment_intent"))
     if kind in DISPUTE_EVENTS:
-        return _simple(obj, "dispute", created, ("charge", "payment_intent"))
+        return _dispute(obj, created)
     if kind == "payment_intent.succeeded":
-        return _simple(obj, "payment_intent", created, ("invoice",))
+        return _payment_intent(obj, created)
     if kind == "entitlements.active_entitlement_summary.updated":
         customer = _id(obj.get("customer"))
         if customer is None:
             raise Unprocessable("entitlement summary without a customer")
-        entitlements = _dict(obj.get("entitlements")).get("data") or []
+        listed = _dict(obj.get("entitlements"))
+        entitlements = listed.get("data") or []
         features = sorted({e["lookup_key"] for e in entitlements if isinstance(_dict(e).get("lookup_key"), str)})
-        summary = StripeObject(entitlements_id(customer), "entitlements", created, 0, {"features": features}, customer)
+        # The summary lists the first entitlements only; `has_more`: there are others.
+        state = {"features": features, "partial": listed.get("has_more") is True}
+        summary = StripeObject(entitlements_id(customer), "entitlements", created, 0, state, customer)
         return Reported((summary,), customer_level=True)
     if kind == "customer.deleted":
         customer = _id(obj.get("id"))
@@ -247,6 +307,12 @@ def _report(kind: str, obj: dict[str, Any], created: int) -> Reported | None:
 def entitlements_id(customer: str) -> str:
     """The ledger id of a customer's entitlement summary (Stripe gives the summary no id)."""
     return f"entitlements:{customer}"
+
+
+def complete_entitlements(summary: StripeObject, features: list[str]) -> StripeObject:
+    """A partial summary completed with every active entitlement, read from Stripe's API."""
+    state = {"features": sorted(set(features)), "partial": False}
+    return replace(summary, rank=summary.rank + FETCHED_RANK, state=state)
 
 
 def _own_id(obj: Mapping[str, Any]) -> str:
@@ -280,15 +346,27 @@ def _checkout(session: dict[str, Any], outcome: str | None, created: int) -> Rep
         "subscription": subscription,
         "invoice": invoice,
         "payment_intent": payment_intent,
-        "products": _products(session.get("line_items")),
         **machine_limits(session.get("metadata"), session.get("line_items")),
     }
     own = _object("checkout", session, created, outcome, state, subscription, invoice, payment_intent)
+    objects = [own]
+    if isinstance(session.get("line_items"), dict):  # never in a webhook; in a session read with expand
+        objects.append(line_items(own, products_of(session["line_items"]), created))
     named = license_of(session.get("metadata"))
     reference = session.get("client_reference_id")
     if named is None and reference not in (None, ""):
-        return Reported((own,), valid_license_id(reference), by_reference=True)
-    return Reported((own,), named)
+        return Reported(tuple(objects), valid_license_id(reference), by_reference=True)
+    return Reported(tuple(objects), named)
+
+
+def line_items(session: StripeObject, products: list[str], created: int, *, fetched: bool = False) -> StripeObject:
+    """A Checkout Session's line items (their price and product ids): an object of its own, since
+    only Stripe's API gives them and later snapshots of the session do not carry them."""
+    state = {"products": sorted(set(products))}
+    rank = FETCHED_RANK if fetched else 0
+    return StripeObject(
+        line_items_id(session.id), "line_items", created, rank, state, session.customer, _links(session.id)
+    )
 
 
 def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reported:
@@ -304,7 +382,8 @@ def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reporte
         "cancel_at": _int(sub.get("cancel_at")),
         "cancel_at_period_end": sub.get("cancel_at_period_end") is True,
         "trial_end": _int(sub.get("trial_end")),
-        "products": _products(items),
+        "collection_method": _str(sub.get("collection_method")),
+        "products": products_of(items),
         **machine_limits(sub.get("metadata"), items),
     }
     own_id = _own_id(sub)
@@ -322,7 +401,7 @@ def _subscription(sub: dict[str, Any], created: int, *, notice: bool) -> Reporte
     return Reported(tuple(objects), license_of(sub.get("metadata")))
 
 
-def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Reported:
+def _invoice(invoice: dict[str, Any], outcome: str, created: int) -> Reported:
     details = _dict(_dict(invoice.get("parent")).get("subscription_details"))
     subscription = _id(details.get("subscription"))
     if subscription is None:  # before API version 2025-03-31
@@ -333,26 +412,35 @@ def _invoice(invoice: dict[str, Any], outcome: str | None, created: int) -> Repo
         paid_with = _dict(_dict(item).get("payment"))
         payments |= {p for p in (_id(paid_with.get("charge")), _id(paid_with.get("payment_intent"))) if p}
     charge, payment_intent = _id(invoice.get("charge")), _id(invoice.get("payment_intent"))
-    status = outcome or str(invoice.get("status") or "open")
+    status = outcome
+    hosted = _str(invoice.get("hosted_invoice_url"))
     state = {
         "status": status,
         "subscription": subscription,
         "created": _int(invoice.get("created")),
-        "billing_reason": invoice.get("billing_reason") if isinstance(invoice.get("billing_reason"), str) else None,
+        "billing_reason": _str(invoice.get("billing_reason")),
         "charge": charge,
         "payment_intent": payment_intent,
         "payments": sorted(payments),
-        "hosted_invoice_url": invoice.get("hosted_invoice_url")
-        if isinstance(invoice.get("hosted_invoice_url"), str)
-        else None,
-        "products": _products(invoice.get("lines")),
+        "hosted_invoice_url": hosted,
+        "collection_method": _str(invoice.get("collection_method")),
+        "products": products_of(invoice.get("lines")),
+        "period_line": _pays_a_period(invoice.get("lines")),
     }
     own = _object("invoice", invoice, created, status, state, subscription, charge, payment_intent, *payments)
-    return Reported((own,), license_of(details.get("metadata")) or license_of(invoice.get("metadata")))
+    objects = [own]
+    if outcome == "action_required":
+        # An object of its own, so that a failed attempt of the same second (which outranks the
+        # action required in the invoice's own snapshot) cannot erase it.
+        notice = {"invoice": own.id, "subscription": subscription, "hosted_invoice_url": hosted}
+        notice_id = f"{own.id}#payment_action_required"
+        objects.append(StripeObject(notice_id, "action_notice", created, 0, notice, own.customer, _links(own.id)))
+    return Reported(tuple(objects), license_of(details.get("metadata")) or license_of(invoice.get("metadata")))
 
 
 def _invoice_payment(payment: dict[str, Any], created: int) -> Reported:
-    paid_with = _dict(payment.get("payment"))
+    # The payment under `payment` (2025-03-31 and later); some newer versions put it at the top.
+    paid_with = _dict(payment.get("payment")) or payment
     invoice = _id(payment.get("invoice"))
     charge, payment_intent = _id(paid_with.get("charge")), _id(paid_with.get("payment_intent"))
     status = "paid"  # what invoice_payment.paid says, whatever the snapshot's status field holds
@@ -367,20 +455,19 @@ def _charge(charge: dict[str, Any], created: int) -> Reported:
     # `refunded` is true only for a full refund; a partial one leaves the payment standing.
     refunded = charge.get("refunded") is True or (captured > 0 and refunded_amount >= captured)
     payment_intent, invoice = _id(charge.get("payment_intent")), _id(charge.get("invoice"))
+    status = _str(charge.get("status"))
     state = {
         "payment_intent": payment_intent,
         "invoice": invoice,
         "refunded": refunded,
         "amount_refunded": refunded_amount,
-        "status": charge.get("status") if isinstance(charge.get("status"), str) else None,
+        "status": status,
     }
-    # Within one second, more refunded is the later stage.
-    rank = refunded_amount + (1 if refunded else 0)
     own = StripeObject(
         _own_id(charge),
         "charge",
         created,
-        min(rank, FETCHED_RANK - 1),
+        charge_rank(refunded_amount, status),
         state,
         _id(charge.get("customer")),
         _links(payment_intent, invoice),
@@ -388,9 +475,41 @@ def _charge(charge: dict[str, Any], created: int) -> Reported:
     return Reported((own,), license_of(charge.get("metadata")))
 
 
+def _payment_intent(intent: dict[str, Any], created: int) -> Reported:
+    """A payment intent: a one-time purchase of its own when its metadata names the license (the
+    Payment Element or an API integration, no Checkout), else only the link to its charges."""
+    invoice = _id(intent.get("invoice"))  # before 2025-03-31: the invoice it paid
+    named = license_of(intent.get("metadata"))
+    status = _str(intent.get("status"))
+    # An intent sells no Stripe product: with LICENSE_PRODUCTS, its metadata says which one it buys.
+    product = _str(_dict(intent.get("metadata")).get("license_product"))
+    state = {
+        "status": status,
+        "invoice": invoice,
+        "purchase": named is not None,
+        "products": [product] if product else [],
+    }
+    return Reported((_object("payment_intent", intent, created, status, state, invoice),), named)
+
+
+def _dispute(dispute: dict[str, Any], created: int) -> Reported:
+    charge, payment_intent = _id(dispute.get("charge")), _id(dispute.get("payment_intent"))
+    status = _str(dispute.get("status"))
+    card = _dict(_dict(dispute.get("payment_method_details")).get("card"))
+    state = {
+        "status": status,
+        "charge": charge,
+        "payment_intent": payment_intent,
+        "reason": _str(dispute.get("reason")),
+        "case_type": _str(card.get("case_type")),  # chargeback, inquiry, ... block, resolution (prevented)
+    }
+    own = _object("dispute", dispute, created, status, state, charge, payment_intent)
+    return Reported((own,), license_of(dispute.get("metadata")))
+
+
 def _simple(obj: dict[str, Any], kind: str, created: int, link_fields: tuple[str, ...]) -> Reported:
     linked = {f: _id(obj.get(f)) for f in link_fields}
-    status = obj.get("status") if isinstance(obj.get("status"), str) else None
+    status = _str(obj.get("status"))
     state: dict[str, Any] = {"status": status, **linked}
     own = _object(kind, obj, created, status, state, *linked.values())
     return Reported((own,), license_of(obj.get("metadata")))

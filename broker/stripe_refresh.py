@@ -20,10 +20,17 @@ import stripe
 
 from broker import metrics
 from broker.ledger import StripeObject
-from broker.settings import Settings
-from broker.stripe_objects import CHECKOUT_EVENTS, Reported, Unprocessable, report
+from broker.settings import Settings, require_https_or_loopback
+from broker.stripe_objects import CHECKOUT_EVENTS, Reported, Unprocessable, products_of, report
 
 log = logging.getLogger("broker.stripe_refresh")
+
+# A settled invoice read from the API, as the event that settles it.
+SETTLED_INVOICE_EVENTS: Mapping[str, str] = {
+    "paid": "invoice.paid",
+    "void": "invoice.voided",
+    "uncollectible": "invoice.marked_uncollectible",
+}
 
 # The read happens inside the event's transaction, under the advisory locks of its ids (see
 # webhook.ingest): a short bound keeps a slow API from holding them and a pooled connection. No
@@ -31,6 +38,9 @@ log = logging.getLogger("broker.stripe_refresh")
 REFRESH_TIMEOUT = 3.0
 
 Retrieve = Callable[[stripe.StripeClient, str, stripe.RequestOptions], Awaitable[stripe.StripeObject]]
+ListPage = Callable[[str | None], Awaitable[stripe.ListObject[Any]]]  # the page after this id
+# A list read (line items, entitlements, invoice payments) follows at most this many pages of 100.
+MAX_PAGES = 10
 # Ledger kind -> how to read one object of it. Customer-level kinds (entitlement summaries, deleted
 # customers) and trial notices have no single object to read: their events apply as they come.
 RETRIEVE: Mapping[str, Retrieve] = {
@@ -45,10 +55,30 @@ RETRIEVE: Mapping[str, Retrieve] = {
 }
 
 
+class StripeUnavailable(Exception):
+    """A read the event cannot be judged without failed (HTTP error, timeout, refused connection):
+    nothing is recorded and the webhook answers 503, so that Stripe delivers the event again."""
+
+
 class Refresher(Protocol):
     async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
         """What the event reports, with its own object read from Stripe now; None to apply the
         event as it is (no key, a kind with nothing to read, or the read failed)."""
+        ...
+
+    async def line_items(self, event: Mapping[str, Any], session_id: str) -> list[str] | None:
+        """The price and product ids of a Checkout Session's line items; None when they cannot be
+        read (no key, or a key of the other mode). Raises StripeUnavailable when the read fails."""
+        ...
+
+    async def entitlements(self, event: Mapping[str, Any], customer: str) -> list[str] | None:
+        """The lookup keys of every active entitlement of the customer; None when they cannot be
+        read. Raises StripeUnavailable when the read fails."""
+        ...
+
+    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[dict[str, Any]] | None:
+        """The invoice's payments (invoice_payment objects); None when they cannot be read. Raises
+        StripeUnavailable when the read fails."""
         ...
 
 
@@ -56,9 +86,21 @@ class NoRefresh:
     async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
         return None
 
+    async def line_items(self, event: Mapping[str, Any], session_id: str) -> list[str] | None:
+        return None
+
+    async def entitlements(self, event: Mapping[str, Any], customer: str) -> list[str] | None:
+        return None
+
+    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[dict[str, Any]] | None:
+        return None
+
 
 class StripeRefresher:
     def __init__(self, api_key: str, api_base: str | None = None) -> None:
+        if api_base is not None:
+            # The key goes in every request, and the answer is taken as Stripe's truth.
+            require_https_or_loopback("STRIPE_API_BASE", api_base)
         self.http = stripe.HTTPXClient(timeout=REFRESH_TIMEOUT)
         self.client = stripe.StripeClient(
             api_key,
@@ -69,13 +111,115 @@ class StripeRefresher:
         # A live key cannot read test-mode objects and a test key cannot read live ones.
         self.livemode = api_key.startswith(("sk_live_", "rk_live_"))
 
-    async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
-        retrieve = RETRIEVE.get(obj.kind)
-        if retrieve is None or (event.get("livemode") is True) != self.livemode:
+    def _options(self, event: Mapping[str, Any]) -> stripe.RequestOptions | None:
+        """How to read for this event; None when the key cannot (the other mode)."""
+        if (event.get("livemode") is True) != self.livemode:
             return None
         options: stripe.RequestOptions = {}
         if isinstance(event.get("account"), str):  # a Connect account listed in STRIPE_ACCOUNTS
             options["stripe_account"] = event["account"]
+        return options
+
+    async def _list(self, what: str, read: Callable[[], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+        """What `read` lists, within REFRESH_TIMEOUT; counted, and a failure raised as StripeUnavailable."""
+        try:
+            async with asyncio.timeout(REFRESH_TIMEOUT):
+                items = await read()
+        except (stripe.StripeError, TimeoutError) as exc:
+            metrics.REFRESHES.labels("failed").inc()
+            log.warning("reading %s from the Stripe API failed: %s", what, exc)
+            raise StripeUnavailable(f"reading {what} from the Stripe API failed") from exc
+        metrics.REFRESHES.labels("ok").inc()
+        return items
+
+    @staticmethod
+    async def _pages(page: ListPage) -> list[dict[str, Any]]:
+        """Every item of a list, page after page (at most MAX_PAGES)."""
+        items: list[dict[str, Any]] = []
+        after: str | None = None
+        for _ in range(MAX_PAGES):
+            listed = (await page(after)).to_dict()
+            data = [i for i in listed.get("data") or [] if isinstance(i, dict)]
+            items += data
+            if not listed.get("has_more") or not data:
+                break
+            after = str(data[-1].get("id"))
+        return items
+
+    async def line_items(self, event: Mapping[str, Any], session_id: str) -> list[str] | None:
+        options = self._options(event)
+        if options is None:
+            return None
+        sessions = self.client.v1.checkout.sessions
+
+        async def read() -> list[dict[str, Any]]:
+            try:
+                return await self._pages(
+                    lambda after: sessions.line_items.list_async(
+                        session_id,
+                        params={"limit": 100, **({"starting_after": after} if after else {})},
+                        options=options,
+                    )
+                )
+            except stripe.InvalidRequestError:
+                # An API (a proxy, a fake) without the list endpoint: the session with them expanded.
+                session = await sessions.retrieve_async(session_id, params={"expand": ["line_items"]}, options=options)
+                listed = session.to_dict().get("line_items")
+                if not isinstance(listed, dict):
+                    raise
+                return [i for i in listed.get("data") or [] if isinstance(i, dict)]
+
+        return products_of({"data": await self._list(f"the line items of {session_id}", read)})
+
+    async def entitlements(self, event: Mapping[str, Any], customer: str) -> list[str] | None:
+        options = self._options(event)
+        if options is None:
+            return None
+        entitlements = self.client.v1.entitlements.active_entitlements
+        items = await self._list(
+            f"the active entitlements of {customer}",
+            lambda: self._pages(
+                lambda after: entitlements.list_async(
+                    params={"customer": customer, "limit": 100, "starting_after": after}
+                    if after
+                    else {"customer": customer, "limit": 100},
+                    options=options,
+                )
+            ),
+        )
+        return sorted({i["lookup_key"] for i in items if isinstance(i.get("lookup_key"), str)})
+
+    async def invoice_payments(self, event: Mapping[str, Any], invoice_id: str) -> list[dict[str, Any]] | None:
+        options = self._options(event)
+        if options is None:
+            return None
+        payments = self.client.v1.invoice_payments
+
+        async def read() -> list[dict[str, Any]]:
+            try:
+                return await self._pages(
+                    lambda after: payments.list_async(
+                        params={"invoice": invoice_id, "limit": 100, **({"starting_after": after} if after else {})},
+                        options=options,
+                    )
+                )
+            except stripe.InvalidRequestError:
+                # An API without the list endpoint: the invoice with its payments expanded.
+                invoice = await self.client.v1.invoices.retrieve_async(
+                    invoice_id, params={"expand": ["payments"]}, options=options
+                )
+                listed = invoice.to_dict().get("payments")
+                if not isinstance(listed, dict):
+                    raise
+                return [{"invoice": invoice_id, **i} for i in listed.get("data") or [] if isinstance(i, dict)]
+
+        return await self._list(f"the payments of {invoice_id}", read)
+
+    async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
+        retrieve = RETRIEVE.get(obj.kind)
+        options = self._options(event)
+        if retrieve is None or options is None:
+            return None
         try:
             async with asyncio.timeout(REFRESH_TIMEOUT):
                 fetched = (await retrieve(self.client, obj.id, options)).to_dict()
@@ -106,8 +250,8 @@ def refreshed_event(event: Mapping[str, Any], fetched: dict[str, Any], held_vers
     invoice's failed attempt, a session whose async payment failed); a settled invoice or session
     is read by its own status, whatever the stale event said."""
     kind = str(event["type"])
-    if kind.startswith("invoice.") and fetched.get("status") != "open":
-        kind = "invoice.updated"  # any invoice.* event other than the outcomes carries `status`
+    if kind.startswith("invoice.") and fetched.get("status") in SETTLED_INVOICE_EVENTS:
+        kind = SETTLED_INVOICE_EVENTS[fetched["status"]]
     elif kind in CHECKOUT_EVENTS:
         if fetched.get("status") == "expired":
             kind = "checkout.session.expired"

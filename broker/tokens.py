@@ -1,6 +1,12 @@
-"""Subscriber tokens: HS256 JWTs whose `sub` is the license id. The customer's web app mints
-them for a signed-in user; the broker verifies them, and mints machine tokens itself on
-activation (`typ` "machine", with the machine's id and fingerprint: docs/desktop.md)."""
+"""Subscriber tokens: HS256 JWTs whose `sub` is the license id. The seller's web app mints them
+for a signed-in user (`typ` "stream"), `license-broker token` too, and the broker mints machine
+tokens on activation (`typ` "machine").
+
+A token is accepted only if it was meant for this broker: its `aud` must be the broker's audience
+(STREAM_TOKEN_AUDIENCE, `license-broker` unless set), and a `typ`, when present, one the broker
+expects. A web app that signs its own session or refresh tokens with the same secret (which it
+should not: docs/deploy.md) has tokens without that audience, or with another `typ`, and none of
+them opens a stream here."""
 
 from __future__ import annotations
 
@@ -10,12 +16,18 @@ from dataclasses import dataclass
 
 import jwt
 
-from broker.settings import Settings
+from broker.settings import DEFAULT_TOKEN_AUDIENCE, Settings
 
 ALGORITHM = "HS256"
 # The minting machine's clock may run ahead of ours: a token minted for exactly the maximum
 # lifetime there is still accepted here.
 CLOCK_SKEW = 60
+# The `typ` claims the broker accepts (docs/security.md): subscriber tokens, and machine tokens
+# the broker mints on activation. Absent `typ` is a subscriber token (what sellers' web apps minted
+# before `typ` existed); any other `typ` (a web app's "refresh", "id", "session") is refused.
+STREAM = "stream"
+MACHINE = "machine"
+TOKEN_TYPES = frozenset({STREAM, MACHINE})
 
 
 class InvalidToken(Exception):
@@ -36,12 +48,17 @@ class Grant:
 
 
 def mint(
-    secret: str, license_id: str, ttl: float = 3600.0, *, audience: str | None = None, issuer: str | None = None
+    secret: str,
+    license_id: str,
+    ttl: float = 3600.0,
+    *,
+    audience: str = DEFAULT_TOKEN_AUDIENCE,
+    issuer: str | None = None,
+    typ: str = STREAM,
 ) -> str:
+    """A token as the broker mints it: always with its audience and its `typ`."""
     now = int(time.time())
-    claims: dict[str, object] = {"sub": license_id, "iat": now, "exp": now + int(ttl)}
-    if audience is not None:
-        claims["aud"] = audience
+    claims: dict[str, object] = {"sub": license_id, "aud": audience, "typ": typ, "iat": now, "exp": now + int(ttl)}
     if issuer is not None:
         claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
@@ -82,14 +99,14 @@ def verify(
     token: str,
     *,
     max_ttl: float | None = None,
-    audience: str | None = None,
+    audience: str = DEFAULT_TOKEN_AUDIENCE,
     issuer: str | None = None,
 ) -> Grant:
-    """What the token grants, or InvalidToken. `exp` and `sub` are required; `aud` and `iss` too
-    when an audience or issuer is configured; an `exp` further away than `max_ttl` is refused,
-    so that a leaked token cannot be one that never expires. Several secrets during a rotation:
-    the token may be signed with any of them."""
-    required = ["exp", "sub", *(["aud"] if audience else []), *(["iss"] if issuer else [])]
+    """What the token grants, or InvalidToken. `exp`, `sub` and `aud` (= `audience`) are required,
+    `iss` too when an issuer is configured; a `typ` must be one of TOKEN_TYPES; an `exp` further
+    away than `max_ttl` is refused, so that a leaked token cannot be one that never expires.
+    Several secrets during a rotation: the token may be signed with any of them."""
+    required = ["exp", "sub", "aud", *(["iss"] if issuer else [])]
     for key in [secrets] if isinstance(secrets, str) else list(secrets):
         try:
             claims = jwt.decode(
@@ -103,6 +120,9 @@ def verify(
             raise InvalidToken(str(exc)) from None
     else:
         raise InvalidToken("Signature verification failed")
+    typ = claims.get("typ", STREAM)
+    if not isinstance(typ, str) or typ not in TOKEN_TYPES:
+        raise InvalidToken(f"typ {str(typ)[:40]!r} is not a token type this broker accepts")
     expires_at = int(claims["exp"])  # PyJWT has checked that it is an integer in the future
     if max_ttl is not None and expires_at > time.time() + max_ttl + CLOCK_SKEW:
         raise InvalidToken(f"expires more than {max_ttl:g} s from now (STREAM_TOKEN_MAX_TTL)")

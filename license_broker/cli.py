@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -16,10 +17,10 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
-from broker import tokens
+from broker import http_server, tokens
 from broker.db import create_engine, migrate
 from broker.runtime import Runtime
-from broker.settings import DEV_WEBHOOK_SECRET, Settings, SettingsError, mask_password
+from broker.settings import Settings, SettingsError, lease_keys_from_env, mask_password
 from license_broker import logs
 from webhook.samples import ACTION_HELP, ACTIONS
 
@@ -56,7 +57,8 @@ def _server(app: object, args: argparse.Namespace, settings: Settings, *, factor
         port=args.port,
         workers=getattr(args, "workers", None),
         loop="auto",
-        http="auto",
+        # httptools, with the request head bounded in bytes and in time (broker.http_server).
+        http=http_server.PROTOCOL,
         lifespan="on",
         log_config=logs.configure(settings),
         # Above INFO no access line is ever written, but uvicorn would still build its arguments
@@ -85,14 +87,24 @@ def _banner(args: argparse.Namespace) -> object:
         ]
         if settings.dev:
             token = tokens.mint_for(settings, "lic_demo", ttl=7 * 86400)
+            assert runtime.leases is not None  # development mode always signs
+            # Generated at this start (Settings.from_env): `send` and `token` need them, and the
+            # next start has others. Only ever for this machine: no app outside development mode
+            # takes a development secret.
             lines += [
-                f"  development webhook secret: {settings.webhook_secrets[0]}",
+                "",
+                "Development mode: secrets and lease key generated for this run only:",
+                f"  export STRIPE_WEBHOOK_SECRET={settings.webhook_secrets[0]}",
+                f"  export STREAM_TOKEN_SECRET={settings.token_secret}",
+                f"  lease key: kid {runtime.leases.kid} (its public key: {base}/dev/public-key.pem)",
                 "",
                 "Try it. In one terminal, follow license lic_demo:",
                 f"  curl -N -H 'Authorization: Bearer {token}' {base}/api/licenses/lic_demo/events",
-                "In another, pay for it (a signed checkout.session.completed, as Stripe would send it):",
+                "In another, with the two exports above, pay for it (a signed checkout.session.completed,",
+                "as Stripe would send it), or mint a token for another license:",
                 f"  .venv/bin/license-broker send pay lic_demo --url {base}",
-                "Then try: fail, recover, cancel, refund.",
+                "  .venv/bin/license-broker token lic_other",
+                "Then try: fail, recover, cancel_at_period_end, cancel, refund (`send --help` says what each is).",
                 "Once paid, the buyer's page (Checkout's success_url) shows its license key:",
                 f"  {base}/activate?session_id={_demo_session()}",
                 "and the key activates machines: POST /api/activations (docs/desktop.md), or the live page",
@@ -169,35 +181,44 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import timedelta
 
-    from broker.retention import prune_event_log
+    from broker.retention import prune_event_log, prune_event_payloads
 
     days = args.older_than_days if args.older_than_days is not None else settings.event_log_retention_days
     if not days:
         raise SettingsError("EVENT_LOG_RETENTION_DAYS: required by prune (or --older-than-days)")
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         engine = create_engine(settings)
         try:
-            return await prune_event_log(engine, timedelta(days=days))
+            older_than = timedelta(days=days)
+            return await prune_event_log(engine, older_than), await prune_event_payloads(engine, older_than)
         finally:
             await engine.dispose()
 
-    print(f"pruned {asyncio.run(run())} event log rows older than {days:g} days (each license's latest kept)")
+    rows, payloads = asyncio.run(run())
+    print(f"pruned {rows} event log rows older than {days:g} days (each license's latest kept)")
+    print(f"dropped the payloads of {payloads} Stripe events older than {days:g} days that changed no license "
+          "(ignored, unmatched, rejected; each event's id kept)")  # fmt: skip
     return 0
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    settings.require_stream()
+    # Not require_stream(): a development server's secret (printed by `serve`) is fine here.
+    if settings.token_secret is None:
+        raise SettingsError("STREAM_TOKEN_SECRET: required by token (the stream's secret)")
     if not 0 < args.ttl <= settings.token_max_ttl:
         print(f"license-broker: token: --ttl must be between 0 and STREAM_TOKEN_MAX_TTL ({settings.token_max_ttl:g} s)",
               file=sys.stderr)  # fmt: skip
         return 2
-    # With STREAM_TOKEN_AUDIENCE / STREAM_TOKEN_ISSUER set, the token carries them: it must pass.
+    # Its audience (STREAM_TOKEN_AUDIENCE, else license-broker), STREAM_TOKEN_ISSUER if set, and
+    # typ "stream": what the stream requires.
     print(tokens.mint_for(settings, args.license_id, ttl=args.ttl))
     return 0
 
 
-def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_keys(args: argparse.Namespace, settings: None) -> int:
+    """Needs no settings but LICENSE_SIGNING_KEY (main() reads none): BROKER_DEV, a database or a
+    missing secret in the environment change nothing here."""
     from broker import leases
 
     if args.action == "generate":
@@ -207,31 +228,42 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         print(f"# kid {leases.key_id(public)}")
         print("# LICENSE_SIGNING_KEY (private: keep it secret, e.g. in your secret store)")
         print(leases.private_pem(keys.signing), end="")
-        print("# the public key: pin it in your app (or let the app read /.well-known/jwks.json)")
+        print("# the public key: pin it in your app (`license-broker keys public` prints it again)")
         print(leases.public_pem(public), end="")
         return 0
-    if settings.lease_keys is None:
+    configured = lease_keys_from_env(os.environ)
+    if configured is None:
         raise SettingsError("LICENSE_SIGNING_KEY: required by keys public")
     if args.jwks:
-        print(orjson.dumps({"keys": [leases.public_jwk(k) for k in settings.lease_keys.published]}).decode())
+        print(orjson.dumps({"keys": [leases.public_jwk(k) for k in configured.published]}).decode())
         return 0
-    for i, key in enumerate(settings.lease_keys.published):
-        print(f"# kid {leases.key_id(key)}{' (signs)' if i == 0 else ' (published only)'}")
-        print(leases.public_pem(key), end="")
+    print(leases.public_pems(configured), end="")
     return 0
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    from webhook.samples import SampleEvents
+    from webhook.samples import SampleEvents, explain
 
-    secret = settings.webhook_secrets[0] if settings.webhook_secrets else DEV_WEBHOOK_SECRET
+    if not settings.webhook_secrets:
+        raise SettingsError(
+            "STRIPE_WEBHOOK_SECRET: required by send (the webhook's; `serve` prints it in development mode)"
+        )
+    secret = settings.webhook_secrets[0]
     url = args.url.rstrip("/") + "/api/stripe/webhooks"
+    print(f"{args.action}: {ACTION_HELP[args.action]}")
+    deliveries = SampleEvents(args.license_id).deliveries(args.action, secret)
     with httpx.Client(timeout=10) as client:
-        for event, payload, headers in SampleEvents(args.license_id).deliveries(args.action, secret):
+        for i, (event, payload, headers) in enumerate(deliveries):
             response = client.post(url, content=payload, headers=headers)
             print(f"{event['type']} {event['id']} -> {response.status_code} {response.text}")
             if response.status_code >= 300:
                 return 1
+            try:
+                outcome = response.json().get("outcome")
+            except ValueError:
+                continue
+            if note := explain(outcome, event, [later for later, _, _ in deliveries[i + 1 :]]):
+                print(f"  {outcome}: {note}")
     return 0
 
 
@@ -248,7 +280,9 @@ def cmd_unmatched(args: argparse.Namespace, settings: Settings) -> int:
     events = asyncio.run(run())
     for e in events:
         if args.json:
-            print(orjson.dumps(e["payload"]).decode())
+            # A payload not kept (an event type not used, or pruned): what its row recorded.
+            kept = {k: e[k] for k in ("id", "type", "created")} | {"payload": "not kept"}
+            print(orjson.dumps(e["payload"] if e["payload"] is not None else kept).decode())
         else:
             detail = " ".join(str(e[k]) for k in ("object_id", "reason") if e[k])
             print(f"{e['id']} {e['type']} created={e['created']} {e['outcome']} {detail}".rstrip())
@@ -300,7 +334,11 @@ def parser() -> argparse.ArgumentParser:
     server("webhook", "the Stripe webhook app", 8001, True).set_defaults(run=cmd_webhook)
     server("stream", "the SSE stream app", 8002, True).set_defaults(run=cmd_stream)
     sub.add_parser("migrate", help="apply schema migrations to DATABASE_URL").set_defaults(run=cmd_migrate)
-    p = sub.add_parser("prune", help="delete old event log rows, keeping each license's latest")
+    p = sub.add_parser(
+        "prune",
+        help="delete old event log rows, keeping each license's latest, and the old payloads of Stripe events "
+        "that changed no license",
+    )
     p.add_argument("--older-than-days", type=float, help="default: EVENT_LOG_RETENTION_DAYS")
     p.set_defaults(run=cmd_prune)
     p = sub.add_parser("token", help="print a subscriber token for a license")
@@ -310,7 +348,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="lease signing keys: generate a pair, or print the configured public keys")
     p.add_argument("action", choices=["generate", "public"])
     p.add_argument("--jwks", action="store_true", help="public: print the JWKS instead of PEM")
-    p.set_defaults(run=cmd_keys)
+    p.set_defaults(run=cmd_keys, settings=False)
     p = sub.add_parser("send", help="sign and post a realistic Stripe event to a running webhook")
     p.add_argument("action", choices=ACTIONS, help="; ".join(f"{a}: {h}" for a, h in ACTION_HELP.items()))
     p.add_argument("license_id")
@@ -338,6 +376,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if not getattr(args, "settings", True):
+            standalone: int = args.run(args, None)
+            return standalone
         settings = Settings.from_env()
         if hasattr(args, "command_port"):  # a server: what the command line leaves out, the settings give
             args.port = args.port or settings.port or args.command_port

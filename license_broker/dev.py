@@ -2,7 +2,8 @@
 and simulated Stripe events. Mounted by `serve` only when BROKER_DEV is set (see embedded.py),
 which itself is refused outside `serve` on a loopback host with SQLite
 (Settings.require_development_ok): they hand out tokens to anyone who asks, so they must never
-exist in production. They answer only requests addressed to a loopback name, with a JSON body."""
+exist in production. They answer only requests addressed to a loopback name that no proxy
+forwarded, and the POSTs only with a JSON body."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from typing import Any
 import httpx
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker import tokens
-from broker.http import BodyTooLarge, read_body, too_large
+from broker import leases, tokens
+from broker.http import BodyTooLarge, forwarded, read_body, too_large
 from broker.requestlog import REQUEST_ID
 from broker.runtime import Runtime
-from webhook.samples import ACTIONS, SampleEvents
+from webhook.samples import ACTIONS, SampleEvents, explain
 
 TOKEN_TTL = 3600
 # A license id and an action: a few dozen bytes.
@@ -31,11 +32,24 @@ _LICENSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _LOOPBACK_HOST = re.compile(r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
 
 
-async def _json_object(request: Request) -> dict[str, Any] | Response:
-    """The request's JSON object, or the response that refuses it."""
+def _refused(request: Request) -> Response | None:
+    """403 unless the request is addressed to a loopback name and no proxy forwarded it: a proxy
+    on this machine that passes (or rewrites) Host to 127.0.0.1 would otherwise open these routes
+    to whoever reaches the proxy."""
     hosts = request.headers.getlist("host")
     if len(hosts) != 1 or not _LOOPBACK_HOST.fullmatch(hosts[0]):
         return JSONResponse({"error": "development routes answer only to 127.0.0.1, localhost or [::1]"}, 403)
+    if forwarded(request):
+        return JSONResponse(
+            {"error": "development routes answer no proxied request (Forwarded, X-Forwarded-*, Via)"}, 403
+        )
+    return None
+
+
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's JSON object, or the response that refuses it."""
+    if (refused := _refused(request)) is not None:
+        return refused
     # A cross-site page may POST text/plain (a form, a no-cors fetch) without asking; JSON takes
     # a CORS preflight, which nothing here answers, so the browser never sends it.
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -105,8 +119,9 @@ async def dev_simulate(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     secret = runtime.settings.webhook_secrets[0]
     results: list[dict[str, Any]] = []
+    deliveries = SampleEvents(license_id).deliveries(action, secret)
     async with httpx.AsyncClient(base_url=_own_url(request), timeout=10) as client:
-        for event, payload, headers in SampleEvents(license_id).deliveries(action, secret):
+        for i, (event, payload, headers) in enumerate(deliveries):
             # The webhook's log lines then carry the id of the click that caused them.
             headers["x-request-id"] = REQUEST_ID.get() or ""
             response = await client.post("/api/stripe/webhooks", content=payload, headers=headers)
@@ -116,10 +131,25 @@ async def dev_simulate(request: Request) -> Response:
                 results[-1].update(response.json())
             if response.status_code >= 300:
                 return JSONResponse({"action": action, "events": results}, status_code=502)
+            # Why a "pending" or "unchanged" event changed nothing (what `send` prints too).
+            if note := explain(str(results[-1].get("outcome")), event, [e for e, _, _ in deliveries[i + 1 :]]):
+                results[-1]["note"] = note
     return JSONResponse({"action": action, "events": results})
+
+
+async def dev_public_key(request: Request) -> Response:
+    """The public half of this run's lease key, as `license-broker keys public` prints a configured
+    one: what an app under development pins (`curl -o public-key.pem`). A new key at each start."""
+    if (refused := _refused(request)) is not None:
+        return refused
+    signer: leases.LeaseSigner | None = request.state.runtime.leases
+    if signer is None:  # BROKER_DEV always signs; an app built from other settings may not
+        return JSONResponse({"error": "this server signs no leases"}, status_code=404)
+    return PlainTextResponse(leases.public_pems(signer.keys), media_type="application/x-pem-file")
 
 
 routes = [
     Route("/dev/token", dev_token, methods=["POST"]),
     Route("/dev/simulate", dev_simulate, methods=["POST"]),
+    Route("/dev/public-key.pem", dev_public_key, methods=["GET"]),
 ]

@@ -50,5 +50,8 @@ def configure(settings: Settings) -> dict[str, object]:
             "uvicorn": {"handlers": [], "propagate": True},
             "uvicorn.error": {"handlers": [], "propagate": True},
             "uvicorn.access": {"handlers": [], "propagate": True},
+            # Alembic logs each migration it applies with the revision's whole docstring, several
+            # lines each, on every first start of `make run`; kept for LOG_LEVEL=DEBUG.
+            "alembic": {"level": "DEBUG" if settings.log_level == "DEBUG" else "WARNING"},
         },
     }

@@ -20,7 +20,7 @@ from broker.stripe_objects import EventFilter
 
 
 async def rebuild(settings: Settings, license_id: str | None = None) -> list[tuple[str, int]]:
-    rules = LicenseRules(settings.entitled_statuses, settings.license_products)
+    rules = LicenseRules.from_settings(settings)
     event_filter = EventFilter(settings.stripe_livemode, settings.stripe_accounts)
     engine = create_engine(settings)
     changed: list[tuple[str, int]] = []

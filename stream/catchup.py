@@ -95,7 +95,10 @@ async def license_stream(
                     # live event and the initial state, and once after a replay (the replayed
                     # states before the last are superseded at once; signing each would triple a
                     # replay's cost). A separate id-less event, so the state events' bytes stay
-                    # as they are.
+                    # as they are. What it signs is what the database holds: `sender.last` was
+                    # read from it (catch-up, gap fill, the sweep), or is a live message whose bytes
+                    # were checked against it (broker.transports.livecheck), or, in-process, the
+                    # bytes this process's own webhook has just stored. Never Redis's word alone.
                     if leases is not None:
                         claims = lease_claims(sender.last.data)
                         if machine is not None:

@@ -98,7 +98,7 @@ async def open_desktop(runtime: Runtime, streams: HeldStreams, events: EventLog)
         PendingCheckouts(runtime.engine, gateway, machines, ttl=settings.checkout_pending_ttl) if gateway else None
     )
     # The clock runs with trials off too: trials started before LICENSE_TRIAL_DAYS was unset still end.
-    rules = LicenseRules(settings.entitled_statuses, settings.license_products)
+    rules = LicenseRules.from_settings(settings)
     trials = Trials(runtime.engine, machines, runtime.transport, rules, settings.trial_days)
     clock = TrialClock(trials)
     trials.on_start = clock.wake

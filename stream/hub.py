@@ -128,7 +128,9 @@ class _Topic:
 
 class SubscriptionHub:
     """Takes a reliable transport (create_transport's): every committed event of a followed
-    license reaches `_fan_out`, perhaps twice or out of order, which the stream sorts out."""
+    license reaches `_fan_out`, perhaps twice or out of order, which the stream sorts out, and
+    nothing else: a lossy transport's messages are checked against the database first, once per
+    process (SweptTransport), so no client's stream, nor its lease, carries what Redis alone said."""
 
     def __init__(self, transport: Transport, *, buffer: int) -> None:
         assert transport.reliable, "a lossy transport needs the database sweep (create_transport)"

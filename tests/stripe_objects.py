@@ -24,6 +24,8 @@ from typing import Any, Literal
 Shape = Literal["current", "legacy"]
 SHAPES: tuple[Shape, ...] = ("current", "legacy")
 API_VERSIONS: dict[Shape, str] = {"current": "2025-09-30.clover", "legacy": "2025-02-24.acacia"}
+# The current shape before invoice_payment.paid existed: nothing in an event links an invoice to its payment.
+UNLINKED_API_VERSION = "2025-04-30.basil"
 
 # Stripe's published example objects, copied into the repository (source and license in its README).
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "stripe-openapi"
@@ -56,15 +58,17 @@ def event(
     livemode: bool = False,
     account: str | None = None,
     previous_attributes: dict[str, Any] | None = None,
+    api_version: str | None = None,
 ) -> dict[str, Any]:
-    """Stripe's `event` example around `obj`: a snapshot event as a webhook endpoint receives it."""
+    """Stripe's `event` example around `obj`: a snapshot event as a webhook endpoint receives it
+    (`api_version`: the endpoint's, if not the shape's usual one)."""
     envelope = example("event")
     envelope.update(
         id=new_id("evt"),
         type=kind,
         created=created,
         livemode=livemode,
-        api_version=API_VERSIONS[shape],
+        api_version=api_version or API_VERSIONS[shape],
         pending_webhooks=1,
         request={"id": new_id("req"), "idempotency_key": None},
     )
@@ -100,6 +104,8 @@ def subscription(
     ended_at: int | None = None,
     trial_start: int | None = None,
     trial_end: int | None = None,
+    quantity: int = 1,
+    collection_method: str = "charge_automatically",
 ) -> dict[str, Any]:
     sub = example("subscription")
     sub.update(
@@ -118,6 +124,8 @@ def subscription(
         ended_at=ended_at,
         trial_start=trial_start,
         trial_end=trial_end,
+        collection_method=collection_method,
+        days_until_due=30 if collection_method == "send_invoice" else None,
         # The example's filler: a pause, a pending update, a Connect transfer, a pending invoice item.
         pause_collection=None,
         pending_update=None,
@@ -131,7 +139,7 @@ def subscription(
     )
     sub["cancellation_details"] = {"comment": None, "feedback": None, "reason": None}
     item_obj = sub["items"]["data"][0]
-    item_obj.update(id=item, subscription=id, created=created, billing_thresholds=None)
+    item_obj.update(id=item, subscription=id, created=created, billing_thresholds=None, quantity=quantity)
     item_obj["price"].update(id=price, product=product, livemode=livemode, lookup_key=None)
     item_obj["plan"].update(id=price, product=product, livemode=livemode, currency="usd", amount=2000)
     item_obj["plan"].update(amount_decimal="2000", billing_scheme="per_unit", interval_count=1)
@@ -173,8 +181,14 @@ def invoice(
     subscription_metadata: dict[str, str] | None = None,
     charge: str | None = None,
     payment_intent: str | None = None,
+    proration: bool = False,
+    collection_method: str = "charge_automatically",
+    due_date: int | None = None,
 ) -> dict[str, Any]:
-    """A subscription's invoice. `charge` / `payment_intent` appear only in the legacy shape."""
+    """A subscription's invoice. `charge` / `payment_intent` appear only in the legacy shape.
+
+    `proration`: its one line is a proration (a mid-period change invoiced at once, `always_invoice`),
+    not the period. `collection_method="send_invoice"`: emailed, paid on the hosted page by `due_date`."""
     paid = status == "paid"
     inv = example("invoice")
     inv.update(
@@ -201,8 +215,9 @@ def invoice(
         number=f"{id[-8:].upper()}-0001",
         hosted_invoice_url=f"https://invoice.stripe.com/i/{id}",
         invoice_pdf=f"https://pay.stripe.com/invoice/{id}/pdf",
-        next_payment_attempt=None if paid else created + 3 * 86400,
-        due_date=None,
+        next_payment_attempt=None if paid or collection_method == "send_invoice" else created + 3 * 86400,
+        collection_method=collection_method,
+        due_date=due_date,
         from_invoice=None,
         last_finalization_error=None,
         shipping_cost=None,
@@ -222,7 +237,7 @@ def invoice(
         amount=amount,
         subtotal=amount,
         livemode=livemode,
-        description=f"1 x {product} (at ${amount / 100:.2f} / month)",
+        description=f"Prorated change of {product}" if proration else f"1 x {product} (at ${amount / 100:.2f} / month)",
         period={"start": period_start, "end": period_end},
         metadata=dict(subscription_metadata or {}),
     )
@@ -233,8 +248,8 @@ def invoice(
             "type": "subscription_item_details",
             "invoice_item_details": None,
             "subscription_item_details": {
-                "invoice_item": None,
-                "proration": False,
+                "invoice_item": new_id("ii") if proration else None,
+                "proration": proration,
                 "proration_details": {"credited_items": None},
                 "subscription": subscription,
                 "subscription_item": item,
@@ -248,10 +263,10 @@ def invoice(
         for newer in ("parent", "pricing", "pretax_credit_amounts", "taxes"):
             line.pop(newer, None)
         line.update(
-            type="subscription",
+            type="invoiceitem" if proration else "subscription",
             subscription=subscription,
             subscription_item=item,
-            proration=False,
+            proration=proration,
             price={"id": price, "object": "price", "product": product, "unit_amount": amount},
         )
         for newer in ("parent", "amount_overpaid", "customer_account", "from_invoice", "latest_revision"):
@@ -336,6 +351,45 @@ def charge(
     return ch
 
 
+def payment_intent(
+    *,
+    id: str,
+    customer: str | None,
+    amount: int,
+    status: str,
+    created: int,
+    latest_charge: str | None,
+    livemode: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A payment intent confirmed with the Payment Element or the API (no Checkout, no invoice)."""
+    pi = example("payment_intent")
+    succeeded = status == "succeeded"
+    pi.update(
+        id=id,
+        customer=customer,
+        amount=amount,
+        amount_received=amount if succeeded else 0,
+        amount_capturable=0,
+        currency="usd",
+        status=status,
+        created=created,
+        livemode=livemode,
+        metadata=dict(metadata or {}),
+        latest_charge=latest_charge if succeeded else None,
+        client_secret=f"{id}_secret_{new_id('s')[2:]}",
+        canceled_at=None,
+        last_payment_error=None,
+        next_action=None,
+        processing=None,
+        transfer_data=None,
+        payment_method=new_id("pm"),
+        payment_method_configuration_details=None,
+        description="License (perpetual)",
+    )
+    return pi
+
+
 def refund(*, id: str, charge: str, payment_intent: str, amount: int, status: str, created: int) -> dict[str, Any]:
     re = example("refund")
     re.update(
@@ -356,8 +410,19 @@ INQUIRY_STATUSES = frozenset({"warning_needs_response", "warning_under_review", 
 
 
 def dispute(
-    *, id: str, charge: str, payment_intent: str, amount: int, status: str, created: int, livemode: bool = False
+    *,
+    id: str,
+    charge: str,
+    payment_intent: str,
+    amount: int,
+    status: str,
+    created: int,
+    livemode: bool = False,
+    reason: str = "fraudulent",
+    case_type: str | None = None,
 ) -> dict[str, Any]:
+    """`case_type`: inquiry or chargeback by default (from the status); `block` or `resolution` for a
+    dispute Stripe's dispute prevention stopped (status `prevented`)."""
     du = example("dispute")
     du.update(
         id=id,
@@ -367,10 +432,11 @@ def dispute(
         status=status,
         created=created,
         livemode=livemode,
-        reason="fraudulent",
+        reason=reason,
         is_charge_refundable=status in INQUIRY_STATUSES,
     )
-    du["payment_method_details"]["card"]["case_type"] = "inquiry" if status in INQUIRY_STATUSES else "chargeback"
+    default_case = "inquiry" if status in INQUIRY_STATUSES else "chargeback"
+    du["payment_method_details"]["card"]["case_type"] = case_type or default_case
     du["evidence_details"]["due_by"] = created + 7 * 86400
     return du
 
@@ -429,24 +495,54 @@ def checkout_session(
     return session
 
 
+def line_item(*, price: str, product: str, amount: int, one_time: bool = True) -> dict[str, Any]:
+    """One of a Checkout Session's line items, as GET /v1/checkout/sessions/:id/line_items lists it."""
+    price_obj = example("price")
+    price_obj.update(id=price, product=product, unit_amount=amount, unit_amount_decimal=str(amount))
+    price_obj.update(transform_quantity=None, custom_unit_amount=None, created=1_700_000_000)
+    if one_time:
+        price_obj.update(type="one_time", recurring=None)
+    return {
+        "id": new_id("li"),
+        "object": "item",
+        "amount_discount": 0,
+        "amount_subtotal": amount,
+        "amount_tax": 0,
+        "amount_total": amount,
+        "currency": "usd",
+        "description": product,
+        "price": price_obj,
+        "quantity": 1,
+    }
+
+
 # --- customer-level facts -----------------------------------------------------------------------
 
+# An event's summary lists at most this many entitlements (`has_more` says there are others).
+SUMMARY_PAGE = 10
 
-def entitlement_summary(*, customer: str, lookup_keys: list[str], livemode: bool = False) -> dict[str, Any]:
+
+def active_entitlement(*, key: str, livemode: bool = False) -> dict[str, Any]:
+    """One of a customer's active entitlements, as the summary and GET /v1/entitlements/active_entitlements
+    list them."""
+    entry = example("entitlements.active_entitlement_summary")["entitlements"]["data"][0]
+    entry.update(id=new_id("ent"), lookup_key=key, livemode=livemode)
+    entry["feature"].update(id=new_id("feat"), lookup_key=key, name=key, livemode=livemode, metadata={})
+    return entry
+
+
+def entitlement_summary(
+    *, customer: str, lookup_keys: list[str], livemode: bool = False, entries: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The summary as `entitlements.active_entitlement_summary.updated` carries it: the first
+    SUMMARY_PAGE entitlements, `has_more` when there are others."""
     summary = example("entitlements.active_entitlement_summary")
-    template = summary["entitlements"]["data"][0]
-    data = []
-    for key in lookup_keys:
-        entry = copy.deepcopy(template)
-        feature_id = new_id("feat")
-        entry.update(id=new_id("ent"), lookup_key=key, livemode=livemode)
-        entry["feature"].update(id=feature_id, lookup_key=key, name=key, livemode=livemode, metadata={})
-        data.append(entry)
+    data = entries if entries is not None else [active_entitlement(key=k, livemode=livemode) for k in lookup_keys]
     summary.update(customer=customer, livemode=livemode)
     summary["entitlements"] = {
         "object": "list",
-        "data": data,
-        "has_more": False,
+        "data": data[:SUMMARY_PAGE],
+        "has_more": len(data) > SUMMARY_PAGE,
         "url": f"/v1/customer/{customer}/entitlements",
     }
     return summary

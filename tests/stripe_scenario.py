@@ -19,11 +19,15 @@ import time
 from typing import Any, Literal
 
 from tests import stripe_objects as objects
+from tests.stripe_api import FakeStripeApi
 from tests.stripe_objects import Shape, new_id
 
 MONTH = 30 * 86400
 PRICE, PRODUCT = "price_desktop_pro_monthly", "prod_desktop_pro"
 OTHER_PRICE, OTHER_PRODUCT = "price_cloud_backup_monthly", "prod_cloud_backup"
+# One-time prices: the perpetual license, and a small add-on bought through Checkout too.
+LIFETIME_PRICE = "price_desktop_pro_lifetime"
+ADDON_PRICE, ADDON_PRODUCT = "price_export_pack", "prod_export_pack"
 
 # How a Checkout Session names its license:
 #   metadata             session metadata and subscription_data.metadata (what docs/stripe.md asks)
@@ -49,10 +53,22 @@ class Clock:
 
 
 class Scenario:
-    def __init__(self, shape: Shape, *, livemode: bool = False, account: str | None = None) -> None:
+    def __init__(
+        self,
+        shape: Shape,
+        *,
+        livemode: bool = False,
+        account: str | None = None,
+        api: FakeStripeApi | None = None,
+        api_version: str | None = None,
+    ) -> None:
+        """`api_version`: the webhook endpoint's, when not the shape's usual one; with
+        objects.UNLINKED_API_VERSION (current shape), no invoice_payment.paid is sent."""
         self.shape = shape
+        self.api_version = api_version
         self.livemode = livemode
         self.account = account
+        self.api = api  # where what only Stripe's API gives (line items, entitlements) can be read
         # The first period contains the present; renewals move on from there.
         self.clock = Clock(int(time.time()) - 5 * 86400)
         self.outbox: list[dict[str, Any]] = []
@@ -60,15 +76,27 @@ class Scenario:
     def customer(self) -> str:
         return new_id("cus")
 
-    def emit(self, kind: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    def emit(
+        self,
+        kind: str,
+        obj: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        *,
+        same_second: bool = False,
+        at: int | None = None,
+    ) -> dict[str, Any]:
+        """`same_second`: created in the second of the previous event (Stripe's `created` has
+        one-second resolution, and some events come in pairs); `at`: in that second."""
+        created = at if at is not None else self.clock.now if same_second else self.clock.tick()
         envelope = objects.event(
             kind,
             obj,
-            created=self.clock.tick(),
+            created=created,
             shape=self.shape,
             livemode=self.livemode,
             account=self.account,
             previous_attributes=previous,
+            api_version=self.api_version,
         )
         self.outbox.append(envelope)
         return envelope
@@ -115,6 +143,42 @@ class Scenario:
         self.emit("checkout.session.completed", session)
         return sub
 
+    def entitlements(self, customer: str, lookup_keys: list[str]) -> None:
+        """entitlements.active_entitlement_summary.updated: the customer's active features now (the
+        event lists the first 10; the fake API lists them all)."""
+        entries = [objects.active_entitlement(key=k, livemode=self.livemode) for k in lookup_keys]
+        summary = objects.entitlement_summary(
+            customer=customer, lookup_keys=lookup_keys, livemode=self.livemode, entries=entries
+        )
+        if self.api is not None:
+            self.api.put_list("/v1/entitlements/active_entitlements", entries, customer=customer)
+        self.emit("entitlements.active_entitlement_summary.updated", summary)
+
+    def subscribe_by_invoice(self, customer: str, license_id: str) -> Subscription:
+        """A subscription billed by email (`collection_method=send_invoice`, 30 days to pay): active
+        at once; each invoice is paid on its hosted page."""
+        sub = Subscription(self, customer, {"license_id": license_id}, price=PRICE, product=PRODUCT, amount=2000)
+        sub.collection_method, sub.status = "send_invoice", "active"
+        first = sub.new_invoice("subscription_create")
+        sub.emit("customer.subscription.created")
+        first.pay()
+        return sub
+
+    def buy_with_payment_intent(self, customer: str, license_id: str, *, amount: int = 4900) -> IntentPurchase:
+        """A perpetual license paid through a payment intent alone (Payment Element, no Checkout)."""
+        purchase = IntentPurchase(self, customer, license_id, amount)
+        purchase.succeed()
+        return purchase
+
+    def subscribe_by_api(self, customer: str, license_id: str) -> Subscription:
+        """A subscription created with the API (`payment_behavior=default_incomplete`), no Checkout:
+        it is `incomplete` and its first invoice waits for the customer to authenticate (3-D Secure)."""
+        sub = Subscription(self, customer, {"license_id": license_id}, price=PRICE, product=PRODUCT, amount=2000)
+        first = sub.new_invoice("subscription_create")
+        sub.emit("customer.subscription.created")
+        first.require_action(failed_attempt=False)
+        return sub
+
     def buy(
         self,
         customer: str,
@@ -123,15 +187,49 @@ class Scenario:
         bind: Bind = "metadata",
         pending: bool = False,
         amount: int = 4900,
+        price: str = LIFETIME_PRICE,
+        product: str = PRODUCT,
     ) -> Purchase:
-        """A Checkout in mode=payment (a perpetual license). `pending`: an asynchronous payment
-        method (SEPA debit, ACH): the session completes `unpaid` and settles days later."""
+        """A Checkout in mode=payment (a perpetual license, or whatever `price` is). `pending`: an
+        asynchronous payment method (SEPA debit, ACH): the session completes `unpaid` and settles
+        days later. Its line items are readable from the fake API, never in an event."""
         purchase = Purchase(self, customer, amount, _naming(license_id, bind))
+        if self.api is not None:
+            item = objects.line_item(price=price, product=product, amount=amount)
+            self.api.put_list(f"/v1/checkout/sessions/{purchase.id}/line_items", [item])
         if not pending:
             purchase.payment.succeed()
             purchase.payment_status = "paid"
         purchase.emit("checkout.session.completed")
         return purchase
+
+
+class IntentPurchase:
+    """A one-time purchase by a payment intent alone (the Payment Element, or the API): no Checkout
+    Session, no invoice; the seller's server names the license in the intent's metadata."""
+
+    def __init__(self, scenario: Scenario, customer: str, license_id: str, amount: int) -> None:
+        self.s = scenario
+        self.payment = Payment(scenario, customer, amount)
+        self.metadata = {"license_id": license_id}
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        p = self.payment
+        return objects.payment_intent(
+            id=p.payment_intent,
+            customer=p.customer,
+            amount=p.amount,
+            status=status,
+            created=p.created,
+            latest_charge=p.charge,
+            livemode=self.s.livemode,
+            metadata=self.metadata,
+        )
+
+    def succeed(self) -> None:
+        """charge.succeeded, then payment_intent.succeeded."""
+        self.payment.succeed()
+        self.s.emit("payment_intent.succeeded", self.snapshot("succeeded"))
 
 
 def _naming(license_id: str | None, bind: Bind) -> dict[str, Any]:
@@ -154,6 +252,7 @@ class Payment:
         self.payment_intent = new_id("pi")
         self.created = scenario.clock.now
         self.refunds: list[dict[str, Any]] = []
+        self.refunded_at: int | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return objects.charge(
@@ -173,8 +272,9 @@ class Payment:
         self.created = self.s.clock.now
         self.s.emit("charge.succeeded", self.snapshot())
 
-    def refund(self, amount: int | None = None) -> None:
-        """A refund of `amount` (all of it by default): charge.refunded, then refund.created."""
+    def refund(self, amount: int | None = None, *, same_second: bool = False) -> None:
+        """A refund of `amount` (all of it by default): charge.refunded, then refund.created.
+        `same_second`: in the second of the previous event (two refunds issued together)."""
         refund = objects.refund(
             id=new_id("re"),
             charge=self.charge,
@@ -187,21 +287,28 @@ class Payment:
         self.refunds.append(refund)
         after = self.snapshot()
         previous = {k: before[k] for k in ("amount_refunded", "refunded", "refunds") if before[k] != after[k]}
-        self.s.emit("charge.refunded", after, previous)
+        # Two refunds issued together: their charge.refunded events share one second.
+        at = self.refunded_at if same_second else None
+        self.refunded_at = self.s.emit("charge.refunded", after, previous, at=at)["created"]
         self.s.emit("refund.created", refund)
 
-    def dispute(self, status: str = "needs_response") -> Dispute:
-        return Dispute(self, status)
+    def dispute(
+        self, status: str = "needs_response", *, reason: str = "fraudulent", case_type: str | None = None
+    ) -> Dispute:
+        return Dispute(self, status, reason, case_type)
 
 
 class Dispute:
-    def __init__(self, payment: Payment, status: str) -> None:
+    def __init__(self, payment: Payment, status: str, reason: str, case_type: str | None) -> None:
         self.payment = payment
         self.id = new_id("du")
         self.status = status
+        self.reason = reason
+        self.case_type = case_type
         self.created = payment.s.clock.now
         self.emit("charge.dispute.created")
-        if status not in objects.INQUIRY_STATUSES:
+        # A chargeback withdraws the funds at once; an inquiry or a prevented dispute does not.
+        if status not in objects.INQUIRY_STATUSES and status != "prevented":
             self.emit("charge.dispute.funds_withdrawn")
 
     def snapshot(self) -> dict[str, Any]:
@@ -214,6 +321,8 @@ class Dispute:
             status=self.status,
             created=self.created,
             livemode=p.s.livemode,
+            reason=self.reason,
+            case_type=self.case_type,
         )
 
     def emit(self, kind: str, previous: dict[str, Any] | None = None) -> None:
@@ -273,10 +382,14 @@ class Purchase:
 
 
 class Invoice:
-    def __init__(self, sub: Subscription, billing_reason: str) -> None:
+    def __init__(
+        self, sub: Subscription, billing_reason: str, *, amount: int | None = None, proration: bool = False
+    ) -> None:
         self.sub = sub
         self.id = new_id("in")
         self.billing_reason = billing_reason
+        self.amount = sub.amount if amount is None else amount
+        self.proration = proration
         self.created = sub.s.clock.now
         self.period_start, self.period_end = sub.period_start, sub.period_end
         self.status = "open"
@@ -291,7 +404,7 @@ class Invoice:
             subscription=sub.id,
             status=self.status,
             created=self.created,
-            amount=sub.amount,
+            amount=self.amount,
             billing_reason=self.billing_reason,
             period_start=self.period_start,
             period_end=self.period_end,
@@ -302,12 +415,15 @@ class Invoice:
             subscription_metadata=sub.metadata,
             charge=self.payment.charge if self.payment else None,
             payment_intent=self.payment.payment_intent if self.payment else None,
+            proration=self.proration,
+            collection_method=sub.collection_method,
+            due_date=self.created + 30 * 86400 if sub.collection_method == "send_invoice" else None,
         )
 
     def pay(self) -> Payment:
         """charge.succeeded, invoice.paid and, since 2025-03-31, invoice_payment.paid."""
         s = self.sub.s
-        self.payment = Payment(s, self.sub.customer, self.sub.amount, invoice=self.id)
+        self.payment = Payment(s, self.sub.customer, self.amount, invoice=self.id)
         self.payment.succeed()
         self.status = "paid"
         s.emit("invoice.paid", self.snapshot())
@@ -316,15 +432,34 @@ class Invoice:
                 id=new_id("inpay"),
                 invoice=self.id,
                 payment_intent=self.payment.payment_intent,
-                amount=self.sub.amount,
+                amount=self.amount,
                 created=s.clock.now,
                 livemode=s.livemode,
             )
-            s.emit("invoice_payment.paid", link)
+            if s.api is not None:
+                s.api.put_list("/v1/invoice_payments", [link], invoice=self.id)
+            if s.api_version != objects.UNLINKED_API_VERSION:
+                s.emit("invoice_payment.paid", link)
         return self.payment
 
     def fail(self) -> None:
         self.sub.s.emit("invoice.payment_failed", self.snapshot())
+
+    def require_action(self, *, failed_attempt: bool = True) -> None:
+        """The payment needs the customer to authenticate (3-D Secure) on the hosted invoice page.
+        On a renewal Stripe reports the attempt as failed too, in the same second."""
+        if failed_attempt:
+            self.fail()
+        self.sub.s.emit("invoice.payment_action_required", self.snapshot(), same_second=failed_attempt)
+
+    def touch(self) -> None:
+        """invoice.updated: something other than its payment changed (a memo, the next attempt)."""
+        previous = {"description": None}
+        self.sub.s.emit("invoice.updated", {**self.snapshot(), "description": "Thanks for your business"}, previous)
+
+    def void(self) -> None:
+        self.status = "void"
+        self.sub.s.emit("invoice.voided", self.snapshot())
 
 
 class Subscription:
@@ -340,6 +475,8 @@ class Subscription:
         self.created = scenario.clock.now
         self.status = "incomplete"
         self.period_start, self.period_end = self.created, self.created + MONTH
+        self.quantity = 1
+        self.collection_method = "charge_automatically"
         self.cancel_at: int | None = None
         self.cancel_at_period_end = False
         self.canceled_at: int | None = None
@@ -365,6 +502,8 @@ class Subscription:
             livemode=self.s.livemode,
             metadata=self.metadata,
             latest_invoice=self.invoices[-1].id if self.invoices else None,
+            quantity=self.quantity,
+            collection_method=self.collection_method,
             cancel_at=self.cancel_at,
             cancel_at_period_end=self.cancel_at_period_end,
             canceled_at=self.canceled_at,
@@ -387,8 +526,8 @@ class Subscription:
         after = self.snapshot()
         self.s.emit("customer.subscription.updated", after, {k: v for k, v in before.items() if after.get(k) != v})
 
-    def new_invoice(self, billing_reason: str) -> Invoice:
-        invoice = Invoice(self, billing_reason)
+    def new_invoice(self, billing_reason: str, *, amount: int | None = None, proration: bool = False) -> Invoice:
+        invoice = Invoice(self, billing_reason, amount=amount, proration=proration)
         self.invoices.append(invoice)
         return invoice
 
@@ -414,6 +553,41 @@ class Subscription:
         self.status = status
         self._updated(before)
         return invoice
+
+    def change_quantity(self, quantity: int, proration_amount: int) -> Invoice:
+        """A mid-period change with `proration_behavior=always_invoice`: the subscription is updated,
+        and a proration invoice (`billing_reason=subscription_update`) for the rest of the period,
+        now its latest invoice, is paid at once. The period keeps the invoice that paid for it."""
+        before = self.snapshot()
+        self.quantity = quantity
+        invoice = self.new_invoice("subscription_update", amount=proration_amount, proration=True)
+        self._updated(before)
+        invoice.pay()
+        return invoice
+
+    def send_renewal_invoice(self) -> Invoice:
+        """send_invoice billing: the next period starts and its invoice is emailed, open until its
+        due date; the subscription stays active meanwhile."""
+        before = self.snapshot()
+        invoice = self._next_period()
+        self._updated(before)
+        return invoice
+
+    def renewal_needs_action(self) -> Invoice:
+        """The next period's payment needs 3-D Secure: the invoice stays open, the subscription
+        turns past_due until the customer authenticates."""
+        before = self.snapshot()
+        invoice = self._next_period()
+        invoice.require_action()
+        self.status = "past_due"
+        self._updated(before)
+        return invoice
+
+    def expire_incomplete(self) -> None:
+        """The first invoice was not paid within 23 hours: `incomplete_expired`, its invoice voided."""
+        self.s.clock.tick(23 * 3600)
+        self.update(status="incomplete_expired")
+        self.latest_invoice.void()
 
     def schedule_cancel(self) -> None:
         """Cancel at the end of the period (classic billing, the Customer Portal's old default)."""

@@ -10,9 +10,11 @@ import sys
 import uuid
 from collections.abc import Callable
 
+import httpx
 from license_broker_client import LicenseClient
 
 from broker import tokens
+from broker.leases import LeaseKeys, public_pems
 from broker.settings import Settings
 from tests.support.licenses import TOKEN_SECRET
 from tests.support.processes import ROOT, Process, run_module
@@ -72,22 +74,37 @@ def test_token_mints_what_the_stream_accepts_with_an_audience_an_issuer_and_a_ma
 def test_token_without_a_secret_names_the_setting() -> None:
     result = cli("token", "lic_42")
     assert result.returncode == 2
-    assert result.stderr.strip() == "license-broker: STREAM_TOKEN_SECRET: required by the stream app"
+    assert result.stderr.strip() == "license-broker: STREAM_TOKEN_SECRET: required by token (the stream's secret)"
 
 
 def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
     tmp_path,
     spawn: Callable[..., Process],  # type: ignore[no-untyped-def]
 ) -> None:
-    """What a new user does: serve in development mode, follow the printed curl, run the printed send."""
+    """What a new user does: serve in development mode, follow the printed curl, run the printed
+    send (and token) with the printed secrets, generated for this run."""
     env = {"BROKER_DEV": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "STRIPE_WEBHOOK_SECRET": "",
-           "STREAM_TOKEN_SECRET": "", "REDIS_URL": "", "BROKER_TRANSPORT": ""}  # fmt: skip
+           "STREAM_TOKEN_SECRET": "", "REDIS_URL": "", "BROKER_TRANSPORT": "", "LICENSE_SIGNING_KEY": ""}  # fmt: skip
     server = spawn("serve", env)
     wait_until(lambda: "Then try:" in server.log.read_text(), what="the banner")
     banner = server.log.read_text()
     token = re.search(r"Authorization: Bearer (\S+)'", banner)
     send = re.search(r"^\s+(\.venv/bin/license-broker send pay lic_demo --url \S+)$", banner, re.M)
-    assert token and send, banner
+    exports = dict(re.findall(r"^\s+export (STRIPE_WEBHOOK_SECRET|STREAM_TOKEN_SECRET)=(\S+)$", banner, re.M))
+    assert token and send and len(exports) == 2, banner
+    assert "development_only_do_not_use" not in banner and "secret-do-not-use" not in banner
+    # `token` with the printed secret mints what this server accepts.
+    minted = cli("token", "lic_other", env=exports)
+    assert minted.returncode == 0, minted.stderr
+    other = httpx.get(
+        f"{server.url}/api/licenses/lic_other", headers={"authorization": f"Bearer {minted.stdout.strip()}"}
+    )
+    assert other.status_code == 200
+    # The key this run signs with, as `keys public` prints one, for an app to pin.
+    pem = httpx.get(f"{server.url}/dev/public-key.pem")
+    assert pem.status_code == 200 and "-----BEGIN PUBLIC KEY-----" in pem.text
+    kid = re.search(r"lease key: kid (\S+)", banner)
+    assert kid and pem.text.startswith(f"# kid {kid.group(1)} (signs)\n"), (banner, pem.text)
 
     async def follow() -> list[dict[str, object]]:
         stream = LicenseClient(server.url, "lic_demo", token.group(1)).connect_once()
@@ -96,8 +113,9 @@ def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
         command[0] = sys.executable
         command[1:1] = ["-m", "license_broker"]
         result = await asyncio.to_thread(
-            subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}
-        )
+            subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=30,
+            env={"PATH": "/usr/bin:/bin", **exports},
+        )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
         events = [first, await asyncio.wait_for(anext(stream), 10)]
         await stream.aclose()  # type: ignore[attr-defined]
@@ -106,3 +124,22 @@ def test_make_run_prints_a_try_it_command_that_makes_an_event_appear(
     first, paid = asyncio.run(follow())
     assert (first["status"], first["entitled"]) == ("none", False)
     assert (paid["status"], paid["entitled"], paid["seq"]) == ("active", True, 1)
+
+
+def test_keys_public_prints_the_configured_key_whatever_else_the_environment_says(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As a seller's or the Electron example's shell has it: BROKER_DEV exported, no secrets, a
+    database that is not there. `keys` reads LICENSE_SIGNING_KEY and nothing else."""
+    generated = cli("keys", "generate")
+    assert generated.returncode == 0, generated.stderr
+    keys = LeaseKeys.from_pem(generated.stdout)
+    for extra in ({}, {"BROKER_DEV": "1"}, {"BROKER_DEV": "1", "DATABASE_URL": "postgresql://127.0.0.1:1/x"},
+                  {"BROKER_POLL_INTERVAL": "-1", "STREAM_TOKEN_SECRET": "short"}):  # fmt: skip
+        public = cli("keys", "public", env={"LICENSE_SIGNING_KEY": generated.stdout, **extra})
+        assert public.returncode == 0, (extra, public.stderr)
+        assert public.stdout == public_pems(keys)
+        pem = tmp_path / "public-key.pem"
+        pem.write_text(public.stdout)
+        assert "-----BEGIN PUBLIC KEY-----" in pem.read_text()
+    missing = cli("keys", "public", env={"BROKER_DEV": "1"})
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr.strip() == "license-broker: LICENSE_SIGNING_KEY: required by keys public"

@@ -153,6 +153,20 @@ def test_published_ports_listen_on_loopback_unless_overridden(compose: dict[str,
         assert "ports" not in compose["services"][name]
 
 
+def test_metrics_answer_only_inside_the_container_unless_a_metrics_token_is_set(compose: dict[str, Any]) -> None:
+    for service in ("webhook", "stream"):
+        env = env_of(compose["services"][service])
+        settings = Settings.from_env(env)
+        # Neither its own port nor a token: /metrics answers loopback peers only, i.e. inside the
+        # container (a published port reaches it from docker's gateway, not from loopback).
+        assert (settings.metrics_port, settings.metrics_token) == (None, None)
+        assert "METRICS_HOST" not in env
+        token = "t" * 24
+        given = {name: interpolate(str(value), {**SECRETS, "METRICS_TOKEN": token}) for name, value in
+                 compose["services"][service]["environment"].items()}  # fmt: skip
+        assert Settings.from_env(given).metrics_token == token
+
+
 def test_the_services_start_with_the_compose_settings(
     compose: dict[str, Any], postgres_url: str, tmp_path: Path, spawn: Callable[..., Process]
 ) -> None:
@@ -194,6 +208,10 @@ def test_the_services_start_with_the_compose_settings(
             ready = httpx.get(f"{process.url}/readyz", timeout=5)
             assert ready.status_code == 200
             assert (ready.json()["transport_name"], ready.json()["transport"]) == ("redis", "ok")
+            # From inside the container: answered. Through a proxy on the host: refused.
+            assert httpx.get(f"{process.url}/metrics", timeout=5).status_code == 200
+            proxied = httpx.get(f"{process.url}/metrics", headers={"x-forwarded-for": "203.0.113.9"}, timeout=5)
+            assert proxied.status_code == 403
     finally:
         server.kill()
         server.wait()

@@ -4,16 +4,23 @@ behaviour of docs/stripe.md, and the order-independence properties."""
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
+import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.binding import TAKEOVER, MemoryLedger, resolve
-from broker.ledger import LicenseRules, StripeObject, merge
+from broker.ledger import FETCHED_RANK, LicenseRules, StripeObject, line_items_id, merge
+from broker.ledger_fill import fill_ledger
 from broker.licenses import initial_state
+from broker.schema import metadata, stripe_events, stripe_links, stripe_objects
 from broker.stripe_objects import EventFilter, Unprocessable, report
+from tests.stripe_objects import SHAPES, Shape
+from tests.stripe_scenario import Scenario
 from webhook.samples import SampleEvents
 
 T = 1_800_000_000
@@ -97,6 +104,36 @@ def test_disputes_revoke_only_when_funds_are_withdrawn(status: str, revoked: boo
     assert license_of([*story(s, "pay"), dispute], "lic_dispute")["entitled"] is not revoked
 
 
+@pytest.mark.parametrize(
+    ("scope", "reason", "status", "entitled"),
+    [
+        ("license", "fraudulent", "needs_response", False),
+        ("license", "fraudulent", "warning_needs_response", True),
+        ("license", "product_not_received", "needs_response", True),
+        ("license", "product_not_received", "lost", False),
+        ("license", "fraudulent", "won", True),
+        ("period", "fraudulent", "needs_response", True),
+        ("period", "product_not_received", "lost", True),
+    ],
+)
+def test_a_dispute_of_a_superseded_period_revokes_the_license_only_when_lost_or_fraudulent(
+    scope: Any, reason: str, status: str, entitled: bool
+) -> None:
+    s = SampleEvents("lic_late")
+    dispute = s._dispute(1, status) | {"reason": reason}
+    events = [*story(s, "pay", "fail", "recover"), s.envelope("charge.dispute.updated", dispute, T + 400)]
+    rules = LicenseRules(["trialing", "active", "past_due"], dispute_revokes=scope)
+    assert license_of(events, "lic_late", rules)["entitled"] is entitled
+
+
+@pytest.mark.parametrize(("case_type", "entitled"), [("block", True), ("resolution", False), (None, False)])
+def test_a_prevented_dispute_revokes_unless_it_was_blocked(case_type: str | None, entitled: bool) -> None:
+    s = SampleEvents("lic_prevented")
+    dispute = s._dispute(1, "prevented") | {"payment_method_details": {"card": {"case_type": case_type}}}
+    events = [*story(s, "pay"), s.envelope("charge.dispute.closed", dispute, T + 100)]
+    assert license_of(events, "lic_prevented")["entitled"] is entitled
+
+
 def test_a_won_dispute_restores() -> None:
     s = SampleEvents("lic_won")
     assert license_of(story(s, "pay", "dispute"), "lic_won")["status"] == "revoked"
@@ -116,6 +153,26 @@ def purchase(license_id: str, session: str, payment_status: str, created: int, k
         "payment_status": payment_status,
     }
     return s.envelope(kind or "checkout.session.completed", obj, created)
+
+
+def intent(license_id: str, intent_id: str, created: int, **fields: Any) -> dict[str, Any]:
+    s = SampleEvents(license_id)
+    obj = {"id": intent_id, "object": "payment_intent", "customer": s.customer, "status": "succeeded"}
+    obj["metadata"] = {"license_id": license_id}
+    return s.envelope("payment_intent.succeeded", {**obj, **fields}, created)
+
+
+def test_a_payment_intent_that_names_the_license_is_a_purchase_unless_checkout_or_an_invoice_accounts_for_it() -> None:
+    alone = license_of([intent("lic_pi", "pi_alone", T)], "lic_pi")
+    assert (alone["status"], alone["kind"], alone["entitled"]) == ("paid", "perpetual", True)
+    of_an_invoice = license_of([intent("lic_pi2", "pi_inv", T, invoice="in_1")], "lic_pi2")
+    assert (of_an_invoice["status"], of_an_invoice["entitled"]) == ("none", False)
+    unpaid = purchase("lic_pi3", "cs_1", "unpaid", T)  # its session (pi_cs_1) still waits
+    state = license_of([unpaid, intent("lic_pi3", "pi_cs_1", T + 1)], "lic_pi3")
+    assert (state["status"], state["entitled"]) == ("incomplete", False)
+    refunded = {"id": "ch_1", "object": "charge", "payment_intent": "pi_alone", "refunded": True, "amount": 4900}
+    events = [intent("lic_pi", "pi_alone", T), SampleEvents("lic_pi").envelope("charge.refunded", refunded, T + 5)]
+    assert license_of(events, "lic_pi")["status"] == "revoked"
 
 
 def test_a_pending_second_purchase_does_not_lock_a_paid_license() -> None:
@@ -187,6 +244,25 @@ def test_a_payment_that_needs_action_is_a_notice_until_paid() -> None:
     }
     paid = s.invoice_event("invoice.paid", T + 200, 2)
     assert license_of([*story(s, "pay"), action, paid], "lic_sca")["notice"] is None
+
+
+@pytest.mark.parametrize("action_first", [True, False])
+def test_a_failed_attempt_of_the_same_second_does_not_hide_the_action_required_notice(action_first: bool) -> None:
+    s = SampleEvents("lic_sca_tie")
+    action = s.invoice_event("invoice.payment_action_required", T + 100, 2)
+    failed = s.invoice_event("invoice.payment_failed", T + 100, 2)
+    pair = [action, failed] if action_first else [failed, action]
+    state = license_of([*story(s, "pay"), *pair], "lic_sca_tie")
+    assert state["notice"] is not None and state["notice"]["invoice"] == s.period(2)[0]
+    voided = s.invoice_event("invoice.voided", T + 200, 2)
+    voided["data"]["object"]["status"] = "void"
+    assert license_of([*story(s, "pay"), *pair, voided], "lic_sca_tie")["notice"] is None
+
+
+def test_invoice_events_the_rules_do_not_list_report_nothing() -> None:
+    s = SampleEvents("lic_unlisted")
+    for kind in ("invoice.updated", "invoice.created", "invoice.finalized", "invoice.upcoming"):
+        assert report(s.invoice_event(kind, T)) is None, kind
 
 
 def test_a_deleted_customer_loses_its_subscriptions_and_features() -> None:
@@ -278,6 +354,154 @@ def test_any_interleaving_of_several_objects_events_gives_the_same_license(lengt
     assert license_of(shuffled, "lic_any") == license_of(events, "lic_any")
 
 
+# Stories of the objects the rules judge, built from Stripe's published objects (tests.stripe_scenario):
+# each returns its license id. One-time purchases by payment intent and by Checkout (line items as
+# the API gives them), proration invoices, 3-D Secure notices, emailed invoices, late and prevented
+# disputes, two partial refunds of one second, expired first invoices, more than 10 entitlements.
+
+
+def intent_purchase_refunded_twice_in_one_second(s: Scenario) -> str:
+    license_id, alice = "lic_prop_intent", s.customer()
+    payment = s.buy_with_payment_intent(alice, license_id, amount=12000).payment
+    payment.refund(9000)
+    payment.refund(3000, same_second=True)
+    payment.dispute("warning_needs_response")
+    return license_id
+
+
+def proration_refunded_then_renewed(s: Scenario) -> str:
+    license_id = "lic_prop_proration"
+    sub = s.subscribe(s.customer(), license_id)
+    proration = sub.change_quantity(3, proration_amount=1500).payment
+    assert proration is not None
+    proration.refund()
+    sub.renew()
+    return license_id
+
+
+def renewal_needs_3d_secure_then_ends(s: Scenario) -> str:
+    license_id, alice = "lic_prop_sca", s.customer()
+    sub = s.subscribe(alice, license_id)
+    sub.renewal_needs_action().pay()
+    sub.update(status="active")
+    sub.renewal_needs_action()
+    sub.end()
+    s.subscribe(alice, license_id).renewal_needs_action()
+    return license_id
+
+
+def emailed_invoice_declined_then_past_due(s: Scenario) -> str:
+    license_id = "lic_prop_emailed"
+    sub = s.subscribe_by_invoice(s.customer(), license_id)
+    sub.send_renewal_invoice().fail()
+    sub.update(status="past_due")
+    return license_id
+
+
+def late_and_prevented_disputes(s: Scenario) -> str:
+    license_id = "lic_prop_disputes"
+    sub = s.subscribe(s.customer(), license_id)
+    first = sub.latest_invoice.payment
+    sub.renew()
+    second = sub.latest_invoice.payment
+    assert first is not None and second is not None
+    dispute = first.dispute("needs_response")
+    second.dispute("prevented", case_type="block")
+    dispute.update("under_review")
+    dispute.close("won")
+    first.dispute("needs_response", reason="product_unacceptable").close("lost")
+    return license_id
+
+
+def first_invoice_expired_then_bought_again(s: Scenario) -> str:
+    license_id, alice = "lic_prop_expired", s.customer()
+    s.subscribe_by_api(alice, license_id).expire_incomplete()
+    s.subscribe(alice, license_id)
+    s.entitlements(alice, [f"feature_{n}" for n in range(12)])
+    return license_id
+
+
+def lifetime_and_addon_by_checkout(s: Scenario) -> str:
+    license_id, alice = "lic_prop_checkout", s.customer()
+    s.buy(alice, license_id, pending=True).async_succeeded()
+    s.buy(alice, license_id, price="price_addon", product="prod_addon", amount=500)
+    return license_id
+
+
+PROPERTY_STORIES = [
+    intent_purchase_refunded_twice_in_one_second,
+    proration_refunded_then_renewed,
+    renewal_needs_3d_secure_then_ends,
+    emailed_invoice_declined_then_past_due,
+    late_and_prevented_disputes,
+    first_invoice_expired_then_bought_again,
+    lifetime_and_addon_by_checkout,
+]
+PROPERTY_RULES = [
+    RULES,
+    LicenseRules(["trialing", "active", "past_due"], dispute_revokes="period"),
+    LicenseRules(["trialing", "active", "past_due"], ["subscription:prod_desktop_pro", "perpetual:price_lifetime"]),
+]
+
+
+def with_line_items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checkout events with the session's line items expanded, as the API gives them (the ledger keeps
+    them as an object of their own, what webhook.ingest reads once with STRIPE_API_KEY)."""
+    for event in events:
+        session = event["data"]["object"]
+        if event["type"].startswith("checkout.session.") and session.get("mode") == "payment":
+            price = "price_addon" if session["amount_total"] == 500 else "price_lifetime"
+            item = {"id": f"li_{session['id']}", "object": "item", "price": {"id": price, "product": "prod_x"}}
+            session["line_items"] = {"object": "list", "data": [item], "has_more": False}
+    return events
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(PROPERTY_STORIES),
+    st.sampled_from(SHAPES),
+    st.sampled_from(PROPERTY_RULES),
+    st.randoms(use_true_random=False),
+)
+def test_any_delivery_order_of_the_new_objects_events_gives_the_same_objects_and_license(
+    build: Any, shape: Shape, rules: LicenseRules, rng: Any
+) -> None:
+    s = Scenario(shape)
+    license_id = build(s)
+    events = with_line_items(s.take())
+    shuffled = list(events)
+    rng.shuffle(shuffled)
+
+    def fold(order: list[dict[str, Any]]) -> tuple[dict[str, StripeObject], dict[str, Any]]:
+        ledger = MemoryLedger()
+        for event in order:
+            ledger.apply(event)
+        return ledger.objects, dict(rules.derive(ledger.objects_of(license_id)))
+
+    assert fold(shuffled) == fold(events)
+
+
+def test_the_property_stories_end_where_the_rules_say() -> None:
+    ends = {}
+    for build in PROPERTY_STORIES:
+        s = Scenario("current")
+        license_id = build(s)
+        ledger = MemoryLedger()
+        for event in with_line_items(s.take()):
+            ledger.apply(event)
+        state = RULES.derive(ledger.objects_of(license_id))
+        ends[build.__name__] = (state["status"], state["entitled"], bool(state["notice"]), state["features_partial"])
+    assert ends == {
+        "intent_purchase_refunded_twice_in_one_second": ("revoked", False, False, False),
+        "proration_refunded_then_renewed": ("active", True, False, False),
+        "renewal_needs_3d_secure_then_ends": ("past_due", True, True, False),
+        "emailed_invoice_declined_then_past_due": ("past_due", True, False, False),
+        "late_and_prevented_disputes": ("revoked", False, False, False),
+        "first_invoice_expired_then_bought_again": ("active", True, False, True),
+        "lifetime_and_addon_by_checkout": ("paid", True, False, False),
+    }
+
+
 def test_every_event_type_the_rules_use_is_in_the_list_users_enable() -> None:
     from pathlib import Path
 
@@ -287,3 +511,24 @@ def test_every_event_type_the_rules_use_is_in_the_list_users_enable() -> None:
     for kind in EVENT_TYPES:
         prefix, _, last = kind.rpartition(".")
         assert f"`{kind}`" in enable or (f"`{prefix}." in enable and f"`.{last}`" in enable), kind
+
+
+def test_a_rebuild_keeps_what_was_read_from_stripes_api() -> None:
+    bought = purchase("lic_rebuilt", "cs_rebuilt", "paid", T)
+    engine = sa.create_engine("sqlite://")
+    metadata.create_all(engine)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            stripe_events.insert(),
+            {"id": bought["id"], "type": bought["type"], "created": T, "payload": orjson.dumps(bought).decode()}
+            | {"outcome": "applied", "received_at": now},
+        )
+        read = {"id": line_items_id("cs_rebuilt"), "kind": "line_items", "version": T, "rank": FETCHED_RANK}
+        conn.execute(stripe_objects.insert(), read | {"state": {"products": ["price_lifetime"]}, "updated_at": now})
+        conn.execute(stripe_links.insert(), {"object_id": read["id"], "linked_id": "cs_rebuilt"})
+        ledger = fill_ledger(conn, now)
+    rules = LicenseRules(["active"], ["perpetual:price_lifetime"])
+    state = rules.derive(ledger.objects_of("lic_rebuilt"))
+    assert (state["status"], state["entitled"]) == ("paid", True)
+    assert ledger.bindings[line_items_id("cs_rebuilt")] == "lic_rebuilt"

@@ -21,15 +21,24 @@ import pytest
 import stripe
 from httpx_sse import connect_sse
 
-from tests.stripe_objects import SHAPES, Shape
-from tests.stripe_scenario import OTHER_PRICE, OTHER_PRODUCT, Scenario
+from tests.stripe_api import FakeStripeApi
+from tests.stripe_objects import SHAPES, UNLINKED_API_VERSION, Shape
+from tests.stripe_scenario import ADDON_PRICE, ADDON_PRODUCT, LIFETIME_PRICE, OTHER_PRICE, OTHER_PRODUCT, Scenario
 from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, new_license
-from tests.support.processes import Process, process_env
+from tests.support.processes import Process, process_env, run_module
 from tests.support.waiting import free_port
 
 # Settings of the ledger's mode and account filters; cleared unless a broker sets them, so the
 # environment the suite runs in cannot leak into these processes.
-STRIPE_SETTINGS = ("STRIPE_LIVEMODE", "STRIPE_ACCOUNTS", "LICENSE_PRODUCTS", "STRIPE_API_KEY", "ENTITLED_STATUSES")
+STRIPE_SETTINGS = (
+    "STRIPE_LIVEMODE",
+    "STRIPE_ACCOUNTS",
+    "LICENSE_PRODUCTS",
+    "STRIPE_API_KEY",
+    "STRIPE_API_BASE",
+    "ENTITLED_STATUSES",
+    "DISPUTE_REVOKES",
+)
 LISTED_ACCOUNT = "acct_1ListedPlatformUser"
 BASIC_PRICE = "price_desktop_basic_monthly"
 
@@ -63,7 +72,8 @@ class Broker:
 
     def _auth(self, license_id: str) -> dict[str, str]:
         now = int(time.time())
-        token = jwt.encode({"sub": license_id, "iat": now, "exp": now + 600}, TOKEN_SECRET, algorithm="HS256")
+        claims = {"sub": license_id, "aud": "license-broker", "typ": "stream", "iat": now, "exp": now + 600}
+        token = jwt.encode(claims, TOKEN_SECRET, algorithm="HS256")
         return {"authorization": f"Bearer {token}"}
 
     def state(self, license_id: str) -> dict[str, Any]:
@@ -121,6 +131,51 @@ def live_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.Temp
     """Only live-mode events count, and of Connect accounts only the listed one's."""
     logs = tmp_path_factory.mktemp("live-broker")
     yield from running_broker(postgres_url, redis_url, logs, STRIPE_LIVEMODE="true", STRIPE_ACCOUNTS=LISTED_ACCOUNT)
+
+
+@pytest.fixture(scope="module")
+def period_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """DISPUTE_REVOKES=period: a chargeback revokes only the period its payment paid for."""
+    logs = tmp_path_factory.mktemp("period-broker")
+    yield from running_broker(postgres_url, redis_url, logs, DISPUTE_REVOKES="period")
+
+
+@pytest.fixture(scope="module")
+def stripe_api() -> Iterator[tuple[FakeStripeApi, str]]:
+    api = FakeStripeApi()
+    with api.serving() as base:
+        yield api, base
+
+
+@pytest.fixture(scope="module")
+def keyed_broker(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, stripe_api: tuple[FakeStripeApi, str]
+) -> Iterator[Broker]:
+    """STRIPE_API_KEY, reading from the fake Stripe API; every other setting as by default."""
+    logs = tmp_path_factory.mktemp("keyed-broker")
+    yield from running_broker(
+        postgres_url, redis_url, logs, STRIPE_API_KEY="sk_test_scenarios", STRIPE_API_BASE=stripe_api[1]
+    )
+
+
+# Which purchases grant: subscriptions of the desktop product, one-time purchases of its lifetime price.
+GRANTS = f"subscription:prod_desktop_pro,perpetual:{LIFETIME_PRICE}"
+
+
+@pytest.fixture(scope="module")
+def api_broker(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, stripe_api: tuple[FakeStripeApi, str]
+) -> Iterator[Broker]:
+    """STRIPE_API_KEY, reading from the fake Stripe API; LICENSE_PRODUCTS per kind."""
+    logs = tmp_path_factory.mktemp("api-broker")
+    yield from running_broker(
+        postgres_url,
+        redis_url,
+        logs,
+        LICENSE_PRODUCTS=GRANTS,
+        STRIPE_API_KEY="sk_test_scenarios",
+        STRIPE_API_BASE=stripe_api[1],
+    )
 
 
 @pytest.fixture(params=SHAPES)
@@ -266,6 +321,41 @@ def test_a_refund_revokes_only_the_period_it_paid_for_and_only_when_full(
     assert seen(broker.state(license_id), expected) == expected
 
 
+@pytest.mark.parametrize(
+    ("refunded", "expected"),
+    [
+        ("the proration charge", {"entitled": True, "status": "active"}),
+        ("the period's own charge", {"entitled": False, "status": "revoked"}),
+    ],
+)
+def test_a_proration_invoice_is_not_the_period_a_refund_revokes(
+    broker: Broker, s: Scenario, refunded: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    period = sub.latest_invoice.payment
+    proration = sub.change_quantity(2, proration_amount=1500).payment  # now the latest invoice
+    assert period is not None and proration is not None
+    (proration if refunded == "the proration charge" else period).refund()
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize("order", ["as sent", "reversed"])
+def test_two_partial_refunds_of_one_second_that_add_up_to_the_whole_charge_revoke(
+    broker: Broker, s: Scenario, order: str
+) -> None:
+    license_id = new_license()
+    payment = s.subscribe(s.customer(), license_id, amount=12000).latest_invoice.payment  # $120 a year
+    assert payment is not None
+    payment.refund(9000)
+    payment.refund(3000, same_second=True)  # charge.refunded: amount_refunded 9000, then 12000
+    events = s.take()
+    broker.deliver(events if order == "as sent" else reversed(events))
+    expected = {"entitled": False, "status": "revoked"}
+    assert seen(broker.state(license_id), expected) == expected
+
+
 def test_a_full_refund_of_a_one_time_purchase_revokes_it(broker: Broker, s: Scenario) -> None:
     license_id = new_license()
     purchase = s.buy(s.customer(), license_id)
@@ -273,6 +363,34 @@ def test_a_full_refund_of_a_one_time_purchase_revokes_it(broker: Broker, s: Scen
     broker.deliver(s.take())
     expected = {"entitled": False, "status": "revoked"}
     assert seen(broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("then", "expected"),
+    [
+        ("nothing", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+        ("a full refund", {"entitled": False, "status": "revoked", "kind": "perpetual"}),
+        ("a partial refund", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+        ("a chargeback", {"entitled": False, "status": "revoked", "kind": "perpetual"}),
+        ("a chargeback that is won", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+    ],
+)
+def test_a_purchase_by_payment_intent_alone_is_a_paid_one_time_purchase(
+    broker: Broker, s: Scenario, then: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    payment = s.buy_with_payment_intent(s.customer(), license_id).payment
+    if then == "a full refund":
+        payment.refund()
+    elif then == "a partial refund":
+        payment.refund(payment.amount // 2)
+    elif then == "a chargeback":
+        payment.dispute("needs_response")
+    elif then == "a chargeback that is won":
+        payment.dispute("needs_response").close("won")
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+    assert seen(broker.streamed_state(license_id), expected) == expected
 
 
 @pytest.mark.parametrize(
@@ -304,6 +422,248 @@ def test_a_dispute_revokes_only_once_funds_are_withdrawn_and_a_won_one_restores(
     broker.deliver(s.take())
     assert seen(broker.state(license_id), expected) == expected
     assert seen(broker.streamed_state(license_id), expected) == expected
+
+
+# --- features (Stripe Entitlements) ---------------------------------------------------------------
+
+
+def test_features_are_listed_only_while_the_license_is_entitled(broker: Broker, s: Scenario) -> None:
+    license_id, alice = new_license(), s.customer()
+    payment = s.subscribe(alice, license_id).latest_invoice.payment
+    s.entitlements(alice, ["pro", "sync"])
+    broker.deliver(s.take())
+    unlocked = {"entitled": True, "features": ["pro", "sync"]}
+    assert seen(broker.state(license_id), unlocked) == unlocked
+    assert payment is not None
+    payment.refund()  # the current period: revoked, while Stripe still lists the features
+    broker.deliver(s.take())
+    revoked = {"entitled": False, "status": "revoked", "features": []}
+    assert seen(broker.state(license_id), revoked) == revoked
+    assert seen(broker.streamed_state(license_id), revoked) == revoked
+
+
+def test_features_come_only_from_the_customer_whose_purchase_entitles_the_license(broker: Broker, s: Scenario) -> None:
+    license_id, alice, bob = new_license(), s.customer(), s.customer()
+    s.subscribe(alice, license_id).end()  # alice's subscription ended; her other products go on
+    s.entitlements(alice, ["backup"])
+    s.subscribe(bob, license_id)  # the license passed to bob, named by the seller's server
+    s.entitlements(bob, ["pro"])
+    broker.deliver(s.take())
+    expected = {"entitled": True, "status": "active", "features": ["pro"]}
+    assert seen(broker.state(license_id), expected) == expected
+
+
+LATE_DISPUTES = {
+    "a fraud chargeback": {"status": "needs_response"},
+    "a fraud chargeback that is won": {"status": "needs_response", "then": "won"},
+    "a fraud inquiry": {"status": "warning_needs_response"},
+    "an open chargeback for another reason": {"status": "needs_response", "reason": "product_unacceptable"},
+    "a lost chargeback for another reason": {
+        "status": "needs_response",
+        "reason": "product_unacceptable",
+        "then": "lost",
+    },
+}
+
+
+def late_dispute(s: Scenario, license_id: str, story: str) -> None:
+    """Month 1 paid, month 2 paid, then a dispute of month 1's payment (disputes usually come weeks later)."""
+    sub = s.subscribe(s.customer(), license_id)
+    first = sub.latest_invoice.payment
+    sub.renew()
+    assert first is not None
+    how = LATE_DISPUTES[story]
+    dispute = first.dispute(how["status"], reason=how.get("reason", "fraudulent"))
+    if "then" in how:
+        dispute.update("under_review")
+        dispute.close(how["then"])
+
+
+@pytest.mark.parametrize(
+    ("story", "expected"),
+    [
+        ("a fraud chargeback", {"entitled": False, "status": "revoked"}),
+        ("a fraud chargeback that is won", {"entitled": True, "status": "active"}),
+        ("a fraud inquiry", {"entitled": True, "status": "active"}),
+        ("an open chargeback for another reason", {"entitled": True, "status": "active"}),
+        ("a lost chargeback for another reason", {"entitled": False, "status": "revoked"}),
+    ],
+)
+def test_a_late_dispute_of_a_past_month_revokes_the_license_when_it_is_lost_or_a_fraud_claim(
+    broker: Broker, s: Scenario, story: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    late_dispute(s, license_id, story)
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize("story", ["a fraud chargeback", "a lost chargeback for another reason"])
+def test_with_dispute_revokes_period_a_late_dispute_of_a_past_month_changes_nothing(
+    period_broker: Broker, s: Scenario, story: str
+) -> None:
+    license_id = new_license()
+    late_dispute(s, license_id, story)
+    period_broker.deliver(s.take())
+    expected = {"entitled": True, "status": "active"}
+    assert seen(period_broker.state(license_id), expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("case_type", "expected"),
+    [
+        ("block", {"entitled": True, "status": "active"}),  # stopped with Compelling Evidence: no money moves
+        ("resolution", {"entitled": False, "status": "revoked"}),  # resolved by refunding the cardholder
+    ],
+)
+def test_a_prevented_dispute_revokes_only_when_the_cardholder_was_refunded(
+    broker: Broker, s: Scenario, case_type: str, expected: dict[str, Any]
+) -> None:
+    license_id = new_license()
+    payment = s.subscribe(s.customer(), license_id).latest_invoice.payment
+    assert payment is not None
+    payment.dispute("prevented", case_type=case_type)
+    broker.deliver(s.take())
+    assert seen(broker.state(license_id), expected) == expected
+
+
+# --- which purchases grant (LICENSE_PRODUCTS) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bought", "expected"),
+    [
+        ("the lifetime license", {"entitled": True, "status": "paid", "kind": "perpetual"}),
+        ("a $5 add-on", NONE),
+    ],
+)
+def test_with_license_products_a_one_time_purchase_grants_by_its_line_items_read_from_stripe(
+    api_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape, bought: str, expected: dict[str, Any]
+) -> None:
+    api, _ = stripe_api
+    s = Scenario(shape, api=api)
+    license_id = new_license()
+    if bought == "a $5 add-on":
+        purchase = s.buy(s.customer(), license_id, price=ADDON_PRICE, product=ADDON_PRODUCT, amount=500)
+    else:
+        purchase = s.buy(s.customer(), license_id)
+    line_items = f"/v1/checkout/sessions/{purchase.id}/line_items"
+    api_broker.deliver(s.take())
+    assert seen(api_broker.state(license_id), expected) == expected
+    purchase.payment.refund(100)  # a later event of the purchase: its line items are not read again
+    api_broker.deliver(s.take())
+    assert api.requested(line_items) == 1
+
+
+def test_with_license_products_subscriptions_grant_by_their_items(api_broker: Broker, shape: Shape) -> None:
+    s = Scenario(shape)
+    listed, other, alice = new_license(), new_license(), s.customer()
+    s.subscribe(alice, listed)
+    s.subscribe(alice, other, price=OTHER_PRICE, product=OTHER_PRODUCT)
+    api_broker.deliver(s.take())
+    active = {"entitled": True, "status": "active"}
+    assert seen(api_broker.state(listed), active) == active
+    assert seen(api_broker.state(other), NONE) == NONE
+
+
+def test_a_failed_line_items_read_is_answered_503_and_the_redelivery_grants(
+    api_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape
+) -> None:
+    api, _ = stripe_api
+    s = Scenario(shape, api=api)
+    license_id = new_license()
+    s.buy(s.customer(), license_id)
+    events = s.take()
+    completed = events[-1]
+    assert completed["type"] == "checkout.session.completed"
+    api_broker.deliver(events[:-1])
+    api.failing = True
+    try:
+        payload = json.dumps(completed)
+        signature = stripe.WebhookSignature.generate_signature_header(payload, WEBHOOK_SECRET)
+        response = api_broker.http.post(
+            f"{api_broker.webhook.url}/api/stripe/webhooks",
+            content=payload,
+            headers={"stripe-signature": signature, "content-type": "application/json"},
+        )
+        assert response.status_code == 503, response.text  # nothing recorded: Stripe delivers it again
+    finally:
+        api.failing = False
+    assert api_broker.post(completed)["outcome"] == "applied"  # not a duplicate
+    paid = {"entitled": True, "status": "paid"}
+    assert seen(api_broker.state(license_id), paid) == paid
+
+
+def test_license_products_that_grant_one_time_purchases_need_a_stripe_api_key(postgres_url: str) -> None:
+    env = process_env(postgres_url, **{**dict.fromkeys(STRIPE_SETTINGS, ""), "LICENSE_PRODUCTS": "prod_desktop_pro"})
+    refused = run_module("license_broker", "webhook", "--port", str(free_port()), env=env)
+    assert refused.returncode != 0
+    assert refused.stderr.count("\n") == 1 and "LICENSE_PRODUCTS" in refused.stderr
+    assert "STRIPE_API_KEY" in refused.stderr and "line items" in refused.stderr
+    # Subscriptions alone need no key: their items are in every subscription event.
+    env["LICENSE_PRODUCTS"] = "subscription:prod_desktop_pro"
+    accepted = run_module("license_broker", "unmatched", "--limit", "1", env=env)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+FEATURES = [f"feature_{n:02}" for n in range(1, 13)]  # more than the 10 a summary event lists
+
+
+def test_a_summary_of_more_than_ten_entitlements_says_the_features_are_partial_without_a_key(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    s.subscribe(alice, license_id)
+    s.entitlements(alice, FEATURES)
+    broker.deliver(s.take())
+    expected = {"entitled": True, "features": FEATURES[:10], "features_partial": True}
+    assert seen(broker.state(license_id), expected) == expected
+
+
+def test_with_a_key_every_active_entitlement_is_read_when_the_summary_has_more(
+    keyed_broker: Broker, stripe_api: tuple[FakeStripeApi, str], shape: Shape
+) -> None:
+    s = Scenario(shape, api=stripe_api[0])
+    license_id, alice = new_license(), s.customer()
+    s.subscribe(alice, license_id)
+    s.entitlements(alice, FEATURES)
+    keyed_broker.deliver(s.take())
+    expected = {"entitled": True, "features": FEATURES, "features_partial": False}
+    assert seen(keyed_broker.state(license_id), expected) == expected
+    assert seen(keyed_broker.streamed_state(license_id), expected) == expected
+
+
+# --- API versions whose events do not link invoices to payments ---------------------------------
+
+
+def test_without_a_key_events_of_api_2025_03_31_to_05_27_are_said_to_leave_refunds_unlinked(
+    broker: Broker,
+) -> None:
+    s = Scenario("current", api_version=UNLINKED_API_VERSION)
+    license_id = new_license()
+    s.subscribe(s.customer(), license_id)
+    broker.deliver(s.take())
+    log = broker.webhook.log.read_text()
+    assert log.count(f"API version {UNLINKED_API_VERSION}") == 1, log[-2000:]
+    assert "STRIPE_API_KEY" in log and "refunds and disputes" in log
+
+
+def test_with_a_key_a_refund_of_api_2025_03_31_to_05_27_reaches_its_period_through_the_invoice_payments(
+    keyed_broker: Broker, stripe_api: tuple[FakeStripeApi, str]
+) -> None:
+    api, _ = stripe_api
+    s = Scenario("current", api=api, api_version=UNLINKED_API_VERSION)
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    payment = sub.latest_invoice.payment
+    assert payment is not None
+    payment.refund()  # the current period's charge: no event says it paid the invoice
+    events = s.take()
+    assert "invoice_payment.paid" not in {e["type"] for e in events}
+    keyed_broker.deliver(events)
+    expected = {"entitled": False, "status": "revoked"}
+    assert seen(keyed_broker.state(license_id), expected) == expected
+    assert api.requested("/v1/invoice_payments", invoice=sub.latest_invoice.id) == 1
 
 
 # --- purchases and invoices still open -----------------------------------------------------------
@@ -338,6 +698,105 @@ def test_paying_an_older_open_invoice_does_not_reactivate_an_unpaid_subscription
     broker.deliver(s.take())
     active = {"entitled": True, "status": "active"}
     assert seen(broker.state(license_id), active) == active
+
+
+def test_an_invoice_event_the_rules_do_not_list_is_ignored_and_erases_no_failed_attempt(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    broker.deliver(s.take())
+    invoice = sub.fail_renewal()  # invoice.payment_failed, customer.subscription.updated (past_due)
+    invoice.touch()  # invoice.updated, the invoice still open
+    failed, _, updated = s.take()
+    # The subscription's own update has not arrived yet: the failed attempt alone says past_due.
+    answers = broker.deliver([failed, updated])
+    expected = {"entitled": True, "status": "past_due"}
+    assert seen(broker.state(license_id), expected) == expected
+    assert answers[-1]["outcome"] == "ignored"
+
+
+def test_a_declined_attempt_on_an_emailed_invoice_leaves_the_subscription_active_until_stripe_says_past_due(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe_by_invoice(s.customer(), license_id)
+    invoice = sub.send_renewal_invoice()
+    broker.deliver(s.take())
+    invoice.fail()  # the customer's card is declined on the hosted invoice page, weeks before the due date
+    broker.deliver(s.take())
+    active = {"entitled": True, "status": "active"}
+    assert seen(broker.state(license_id), active) == active
+    sub.update(status="past_due")  # the due date passed unpaid
+    broker.deliver(s.take())
+    past_due = {"entitled": True, "status": "past_due"}
+    assert seen(broker.state(license_id), past_due) == past_due
+
+
+# --- notices: 3-D Secure ---------------------------------------------------------------------------
+
+
+def confirm_payment(invoice: Any) -> dict[str, Any]:
+    return {
+        "type": "payment_action_required",
+        "invoice": invoice.id,
+        "hosted_invoice_url": f"https://invoice.stripe.com/i/{invoice.id}",
+    }
+
+
+@pytest.mark.parametrize("order", ["as sent", "reversed"])
+def test_a_renewal_that_needs_3d_secure_asks_the_app_to_confirm_the_payment_in_any_delivery_order(
+    broker: Broker, s: Scenario, order: str
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe(s.customer(), license_id)
+    broker.deliver(s.take())
+    invoice = sub.renewal_needs_action()  # invoice.payment_failed and .payment_action_required, one second
+    events = s.take()
+    broker.deliver(events if order == "as sent" else reversed(events))
+    expected = {"entitled": True, "status": "past_due", "notice": confirm_payment(invoice)}
+    assert seen(broker.state(license_id), expected) == expected
+    assert seen(broker.streamed_state(license_id), expected) == expected
+    invoice.pay()
+    sub.update(status="active")
+    broker.deliver(s.take())
+    paid = {"entitled": True, "status": "active", "notice": None}
+    assert seen(broker.state(license_id), paid) == paid
+
+
+def test_a_payment_notice_ends_with_its_subscription_and_is_gone_after_a_new_purchase(
+    broker: Broker, s: Scenario
+) -> None:
+    license_id, alice = new_license(), s.customer()
+    sub = s.subscribe(alice, license_id)
+    invoice = sub.renewal_needs_action()
+    broker.deliver(s.take())
+    waiting = {"status": "past_due", "notice": confirm_payment(invoice)}
+    assert seen(broker.state(license_id), waiting) == waiting
+    sub.end()
+    broker.deliver(s.take())
+    ended = {"entitled": False, "status": "canceled", "notice": None}
+    assert seen(broker.state(license_id), ended) == ended
+    s.subscribe(alice, license_id)
+    broker.deliver(s.take())
+    again = {"entitled": True, "status": "active", "notice": None}
+    assert seen(broker.state(license_id), again) == again
+
+
+@pytest.mark.parametrize("told_by", ["both", "the subscription", "the voided invoice"])
+def test_a_first_payment_never_authenticated_ends_its_notice_when_the_subscription_expires(
+    broker: Broker, s: Scenario, told_by: str
+) -> None:
+    license_id = new_license()
+    sub = s.subscribe_by_api(s.customer(), license_id)
+    broker.deliver(s.take())
+    waiting = {"entitled": False, "status": "incomplete", "notice": confirm_payment(sub.latest_invoice)}
+    assert seen(broker.state(license_id), waiting) == waiting
+    sub.expire_incomplete()  # customer.subscription.updated (incomplete_expired), invoice.voided
+    updated, voided = s.take()
+    broker.deliver({"both": [updated, voided], "the subscription": [updated], "the voided invoice": [voided]}[told_by])
+    expected = {"entitled": False, "notice": None}
+    assert seen(broker.state(license_id), expected) == expected
 
 
 # --- scheduled cancellations ---------------------------------------------------------------------
@@ -520,6 +979,49 @@ def renewal_recovered(s: Scenario, license_id: str) -> dict[str, Any]:
     return {"entitled": True, "status": "active"}
 
 
+def proration_refunded(s: Scenario, license_id: str) -> dict[str, Any]:
+    proration = s.subscribe(s.customer(), license_id).change_quantity(2, proration_amount=1500).payment
+    assert proration is not None
+    proration.refund()
+    return {"entitled": True, "status": "active"}
+
+
+def intent_purchase_refunded_in_two_parts(s: Scenario, license_id: str) -> dict[str, Any]:
+    payment = s.buy_with_payment_intent(s.customer(), license_id, amount=12000).payment
+    payment.refund(9000)
+    payment.refund(3000, same_second=True)
+    return {"entitled": False, "status": "revoked", "kind": "perpetual"}
+
+
+class NoticeOfType:
+    """Equal to any notice of this type (the two scenarios of a story have their own invoice ids)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and other.get("type") == self.kind
+
+    def __repr__(self) -> str:
+        return f"<a {self.kind} notice>"
+
+
+def renewal_needs_3d_secure(s: Scenario, license_id: str) -> dict[str, Any]:
+    s.subscribe(s.customer(), license_id).renewal_needs_action()
+    return {"entitled": True, "status": "past_due", "notice": NoticeOfType("payment_action_required")}
+
+
+def late_fraud_chargeback(s: Scenario, license_id: str) -> dict[str, Any]:
+    late_dispute(s, license_id, "a fraud chargeback")
+    return {"entitled": False, "status": "revoked"}
+
+
+def emailed_invoice_declined(s: Scenario, license_id: str) -> dict[str, Any]:
+    sub = s.subscribe_by_invoice(s.customer(), license_id)
+    sub.send_renewal_invoice().fail()
+    return {"entitled": True, "status": "active"}
+
+
 STORIES: dict[str, Callable[[Scenario, str], dict[str, Any]]] = {
     f.__name__: f
     for f in (
@@ -531,6 +1033,11 @@ STORIES: dict[str, Callable[[Scenario, str], dict[str, Any]]] = {
         unrelated_subscription_ended,
         chargeback,
         renewal_recovered,
+        proration_refunded,
+        intent_purchase_refunded_in_two_parts,
+        renewal_needs_3d_secure,
+        late_fraud_chargeback,
+        emailed_invoice_declined,
     )
 }
 

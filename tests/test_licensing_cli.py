@@ -78,7 +78,7 @@ async def test_machines_lists_and_release_ends_the_stream_of_another_process(
             took = time.monotonic() - started
         again = await cli("machines", "release", machine["machine"]["id"], env=env)
         assert again.returncode == 1 and "no machine" in again.stderr
-    assert took < 10
+    assert took < 25  # well inside the 30 s sweep, whatever the machine's load
 
 
 async def test_make_run_needs_none_of_the_new_settings_and_prints_where_the_key_shows(
@@ -94,7 +94,9 @@ async def test_make_run_needs_none_of_the_new_settings_and_prints_where_the_key_
         assert (await client.get(page.group(1))).status_code == 200
         json_url = f"{server.url}/api/checkout-sessions/{page.group(2)}/license"
         assert (await client.get(json_url)).status_code == 404  # not paid yet
-        paid = await cli("send", "pay", "lic_demo", "--url", server.url, env={})
+        banner = server.log.read_text()
+        exports = dict(re.findall(r"^\s+export (STRIPE_WEBHOOK_SECRET)=(\S+)$", banner, re.M))
+        paid = await cli("send", "pay", "lic_demo", "--url", server.url, env=exports)
         assert paid.returncode == 0, paid.stdout + paid.stderr
         shown = (await client.get(json_url)).json()
         assert (shown["license_id"], shown["entitled"]) == ("lic_demo", True)

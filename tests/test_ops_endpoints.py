@@ -1,5 +1,5 @@
-"""/metrics off the public port (METRICS_PORT) or behind METRICS_TOKEN; /readyz from a result at
-most a second old."""
+"""/metrics off the public port (METRICS_PORT), behind METRICS_TOKEN, or else for this machine only;
+/readyz from a result at most a second old."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import asyncio
 
 import httpx
 import pytest
+from starlette.requests import Request
 
 import broker.readiness
+from broker.http import local_peer
 from broker.readiness import ReadinessProbe
 from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
@@ -44,6 +46,51 @@ async def test_with_a_metrics_token_metrics_answer_only_its_bearer(pg_url: str) 
         assert (wrong.status_code, wrong.json()) == (401, {"error": "invalid token"})
         right = await http.get(f"{url}/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
         assert right.status_code == 200 and "license_broker_open_streams" in right.text
+
+
+# What a proxy on this machine adds when it forwards a request from elsewhere.
+PROXIED = [
+    {"x-forwarded-for": "203.0.113.9"},
+    {"x-forwarded-for": "127.0.0.1"},  # claims loopback: still proxied
+    {"forwarded": "for=203.0.113.9;proto=https"},
+    {"x-forwarded-host": "127.0.0.1"},
+    {"x-forwarded-proto": "https"},
+    {"via": "1.1 proxy"},
+    {"x-real-ip": "203.0.113.9"},
+]
+
+
+async def test_without_a_token_or_port_metrics_answer_only_this_machine(pg_url: str) -> None:
+    for app in (create_app(make_settings(pg_url)), create_webhook_app(make_settings(pg_url))):
+        async with serving(app) as url, httpx.AsyncClient() as http:
+            local = await http.get(f"{url}/metrics")
+            assert local.status_code == 200 and "license_broker_open_streams" in local.text
+            for headers in PROXIED:
+                refused = await http.get(f"{url}/metrics", headers=headers)
+                assert refused.status_code == 403, headers
+                assert "METRICS_TOKEN" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("client", "headers", "local"),
+    [
+        (("127.0.0.1", 5000), [], True),
+        (("127.9.9.9", 5000), [], True),
+        (("::1", 5000), [], True),
+        (("192.0.2.7", 5000), [], False),  # another host (or a container's neighbour)
+        (("172.17.0.1", 5000), [], False),  # docker's gateway: a published port
+        (("::ffff:203.0.113.9", 5000), [], False),
+        (None, [], False),
+        (("127.0.0.1", 5000), [(b"forwarded", b"for=203.0.113.9")], False),
+        (("127.0.0.1", 5000), [(b"x-forwarded-for", b"10.0.0.1")], False),
+        (("127.0.0.1", 5000), [(b"via", b"1.1 cdn")], False),
+    ],
+)
+def test_a_local_peer_is_a_loopback_address_that_no_proxy_forwarded(
+    client: tuple[str, int] | None, headers: list[tuple[bytes, bytes]], local: bool
+) -> None:
+    scope = {"type": "http", "method": "GET", "path": "/metrics", "headers": headers, "client": client}
+    assert local_peer(Request(scope)) is local
 
 
 def test_a_metrics_port_with_several_workers_is_refused_with_one_line() -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from broker.leases import LeaseKeys
+from broker.leases import LeaseKeys, key_id, public_pems
 from broker.settings import SettingsError
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, post_event, token_for
@@ -114,6 +115,48 @@ async def test_dev_endpoints_answer_only_json_addressed_to_a_loopback_name(sqlit
             assert await post(host, json) == 403, host
         for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
             assert await post(f"127.0.0.1:{port}", content_type) == 415, content_type
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/dev/token"), ("POST", "/dev/simulate"), ("GET", "/dev/public-key.pem")]
+)
+async def test_dev_endpoints_refuse_a_request_a_proxy_forwarded(sqlite_url: str, method: str, path: str) -> None:
+    """A proxy on this machine connects from loopback and may pass (or set) `Host: 127.0.0.1`: the
+    Host check alone would open these routes to whoever reaches the proxy."""
+    body = orjson.dumps({"license_id": new_license(), "action": "pay"})
+    app = create_app(make_settings(sqlite_url, dev=True, lease_keys=LeaseKeys.generate(ephemeral=True)))
+    async with serving(app) as url, httpx.AsyncClient() as client:
+
+        async def send(extra: dict[str, str]) -> httpx.Response:
+            headers = {"host": "127.0.0.1", "content-type": "application/json", **extra}
+            return await client.request(method, f"{url}{path}", content=body, headers=headers)
+
+        assert (await send({})).status_code == 200
+        for extra in (
+            {"x-forwarded-for": "203.0.113.9"},
+            {"x-forwarded-for": "127.0.0.1"},
+            {"x-forwarded-host": "127.0.0.1"},
+            {"x-forwarded-proto": "http"},
+            {"forwarded": "for=203.0.113.9;host=127.0.0.1"},
+            {"via": "1.1 nginx"},
+            {"x-real-ip": "203.0.113.9"},
+        ):
+            refused = await send(extra)
+            assert refused.status_code == 403, extra
+            assert "proxied" in refused.json()["error"] or "loopback" in refused.json()["error"], extra
+
+
+async def test_the_development_public_key_is_the_key_this_run_signs_with(sqlite_url: str) -> None:
+    keys = LeaseKeys.generate(ephemeral=True)
+    app = create_app(make_settings(sqlite_url, dev=True, lease_keys=keys))
+    async with serving(app) as url, httpx.AsyncClient() as client:
+        pem = await client.get(f"{url}/dev/public-key.pem")
+        jwks = (await client.get(f"{url}/.well-known/jwks.json")).json()
+    assert pem.status_code == 200
+    assert pem.text == public_pems(keys)
+    assert pem.text.startswith(f"# kid {jwks['keys'][0]['kid']} (signs)\n")
+    loaded = serialization.load_pem_public_key(pem.text.split("\n", 1)[1].encode())
+    assert key_id(loaded) == key_id(keys.signing.public_key())  # type: ignore[arg-type]
 
 
 async def test_the_page_is_served_only_by_serve_not_by_the_stream_app(pg_url: str) -> None:

@@ -1,23 +1,33 @@
-"""Postgres at scale: event log retention (`license-broker prune`) and PgBouncer-safe connections."""
+"""Postgres at scale: event log and Stripe payload retention (`license-broker prune`) and
+PgBouncer-safe connections."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import create_engine
 from broker.eventlog import EventLog
-from broker.retention import prune_event_log
-from broker.schema import subscription_event_logs
+from broker.ledger import LicenseRules
+from broker.retention import prune_event_log, prune_event_payloads
+from broker.runtime import open_runtime
+from broker.schema import licenses, stripe_events, subscription_event_logs
 from broker.settings import Settings, SettingsError
-from tests.support.licenses import append, new_license
+from broker.stripe_objects import EventFilter
+from license_broker.rebuild import rebuild
+from tests.support.licenses import append, make_settings, new_license
 from tests.support.processes import run_module
+from webhook.ingest import Ingestor
+from webhook.samples import SampleEvents
 
 
 @pytest.fixture
@@ -125,5 +135,81 @@ async def test_prepared_statements_can_be_turned_off_for_pgbouncer_transaction_m
                 await conn.execute(sa.select(subscription_event_logs.c.seq).where(subscription_event_logs.c.seq > 0))
             count = await conn.scalar(sa.text("SELECT count(*) FROM pg_prepared_statements"))
         assert bool(count) is prepared
+    finally:
+        await engine.dispose()
+
+
+LISTED = "acct_1ListedAccount"
+
+
+def events_that_change_no_license() -> list[dict[str, Any]]:
+    """Ignored (an account not listed), rejected (a license id too long), unmatched (no object id)."""
+    now = int(time.time())
+    unlisted = SampleEvents(new_license()).checkout_completed(now)
+    unlisted["account"] = "acct_1SomeoneElsesAccount"
+    too_long = SampleEvents("lic_" + "x" * 300).checkout_completed(now)
+    no_id = SampleEvents(new_license()).subscription_event("customer.subscription.updated", "active", now)
+    del no_id["data"]["object"]["id"]
+    return [unlisted, too_long, no_id]
+
+
+async def ingest(url: str, events: list[dict[str, Any]]) -> list[str]:
+    async with open_runtime(make_settings(url)) as runtime:
+        rules = LicenseRules(runtime.settings.entitled_statuses)
+        ingestor = Ingestor(runtime, rules, EventFilter(accounts=frozenset({LISTED})))
+        return [(await ingestor.ingest(e, orjson.dumps(e))).kind for e in events]
+
+
+async def received_days_ago(engine: AsyncEngine, ids: list[str], days: float) -> None:
+    async with engine.begin() as conn:
+        received = datetime.now(UTC) - timedelta(days=days)
+        await conn.execute(stripe_events.update().where(stripe_events.c.id.in_(ids)).values(received_at=received))
+
+
+async def payloads(engine: AsyncEngine) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        return dict((await conn.execute(sa.select(stripe_events.c.id, stripe_events.c.payload))).all())
+
+
+async def test_prune_drops_old_payloads_of_events_that_changed_no_license_and_keeps_every_id(
+    engine: AsyncEngine, pg_url: str
+) -> None:
+    license_id = new_license()
+    paid = SampleEvents(license_id).for_action("pay", int(time.time()))
+    for event in paid:
+        event["account"] = LISTED
+    old, recent = events_that_change_no_license(), events_that_change_no_license()
+    assert await ingest(pg_url, [*old, *recent]) == ["ignored", "rejected", "unmatched"] * 2
+    assert "applied" in await ingest(pg_url, paid)
+    # All of the license's events are old too: their payloads are what rebuild folds the ledger from.
+    await received_days_ago(engine, [e["id"] for e in old + paid], 40)
+    before = await payloads(engine)
+
+    done = run_cli(pg_url, EVENT_LOG_RETENTION_DAYS="30")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].startswith("dropped the payloads of 3 Stripe events older than 30 days")
+
+    after = await payloads(engine)
+    assert after.keys() == before.keys()  # every id stays: a redelivery is still a duplicate
+    assert [after[e["id"]] for e in old] == [None] * 3
+    assert all(after[e["id"]] == e for e in recent + paid)
+    assert await prune_event_payloads(engine, timedelta(days=30)) == 0
+    assert await ingest(pg_url, old) == ["duplicate"] * 3
+    # Rebuild refills the ledger from what is left and finds every license as it was.
+    async with engine.connect() as conn:
+        state = await conn.scalar(sa.select(licenses.c.state).where(licenses.c.id == license_id))
+    assert state["entitled"] is True
+    assert await rebuild(make_settings(pg_url, stripe_accounts=frozenset({LISTED}))) == []
+
+
+async def test_prune_drops_payloads_in_batches_of_short_transactions(db_url: str) -> None:
+    events = events_that_change_no_license()
+    await ingest(db_url, events)
+    engine = create_engine(Settings(database_url=db_url))
+    try:
+        await received_days_ago(engine, [e["id"] for e in events], 10)
+        assert await prune_event_payloads(engine, timedelta(days=1), batch=2) == 3
+        assert await prune_event_payloads(engine, timedelta(days=1), batch=2) == 0
+        assert set((await payloads(engine)).values()) == {None}
     finally:
         await engine.dispose()

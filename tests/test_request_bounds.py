@@ -1,23 +1,32 @@
 """Every route that reads a body bounds it: over the limit is a 413 as soon as Content-Length
-or the bytes received say so, on a real socket, while the client is still sending."""
+or the bytes received say so, on a real socket, while the client is still sending. Every port
+bounds the request head before any app sees it: in bytes (431) and in time (408, or closed)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
 
+from broker.http_server import HEAD_TIMEOUT, MAX_HEAD_BYTES, BoundedHeadProtocol
 from license_broker import dev
 from license_broker.embedded import create_app as create_embedded_app
 from tests.support.licenses import make_settings, new_license, signed
-from tests.support.processes import serving
+from tests.support.processes import Process, process_env, serving
 from tests.support.services import count_rows
+from tests.support.waiting import free_port
 from webhook.app import create_app as create_webhook_app
 from webhook.samples import SampleEvents
 
@@ -142,3 +151,196 @@ async def test_the_development_routes_bound_their_bodies_too(path: str, tmp_path
             writer.write(request_head(path, len(body)) + body)
             await writer.drain()
             assert await status_of(reader) == 413
+
+
+# --- the request head, on every port -------------------------------------------------------------
+
+# What a client would have to send to fill a process as the review did (4 x 100 MB); refused after
+# a few tens of KiB, none of it gets that far.
+HUGE_HEAD = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Port:
+    name: str
+    port: int
+    pid: int  # the process that listens on it
+
+
+@pytest.fixture
+def every_port(spawn: Callable[..., Process], pg_url: str) -> list[Port]:
+    """`license-broker webhook`, `stream` (with METRICS_PORT) and `serve`, as production runs them."""
+    env = process_env(pg_url)
+    metrics_port = free_port()
+    webhook = spawn("webhook", env, ready=False)
+    stream = spawn("stream", {**env, "METRICS_PORT": str(metrics_port)}, ready=False)
+    serve = spawn("serve", env, ready=False)
+    for process in (webhook, stream, serve):
+        process.wait_ready()
+    return [
+        Port("webhook", webhook.port, webhook.proc.pid),
+        Port("stream", stream.port, stream.proc.pid),
+        Port("serve", serve.port, serve.proc.pid),
+        Port("metrics", metrics_port, stream.proc.pid),
+    ]
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+async def send_huge_head(port: int) -> tuple[int, bytes, asyncio.StreamWriter]:
+    """A header that never ends, in 64 KiB writes: (bytes the server took before refusing, what it
+    answered, the writer, still open on this side)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: ")
+    chunk, sent = b"a" * 65536, 0
+    with contextlib.suppress(ConnectionError):
+        while sent < HUGE_HEAD:
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), 10)
+            sent += len(chunk)
+    answer = b""
+    if sent < HUGE_HEAD:  # refused: whatever it said before closing (a reset may have dropped it)
+        with contextlib.suppress(ConnectionError):
+            answer = await asyncio.wait_for(reader.read(), 10)
+    return sent, answer, writer
+
+
+async def test_a_request_head_over_the_limit_is_refused_on_every_port_and_memory_does_not_grow(
+    every_port: list[Port],
+) -> None:
+    for port in every_port:
+        before = rss_bytes(port.pid)
+        # Four at once, as in the review; measured while they are still open on this side.
+        results = await asyncio.gather(*(send_huge_head(port.port) for _ in range(4)))
+        grown = rss_bytes(port.pid) - before
+        for _, _, writer in results:
+            writer.close()
+        for sent, answer, _ in results:
+            assert sent < HUGE_HEAD, f"{port.name}: took a {HUGE_HEAD} byte head"
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), (port.name, answer[:80])
+        assert grown < 16 * 1024 * 1024, f"{port.name}: grew {grown} bytes"
+        # And it serves as before.
+        async with httpx.AsyncClient() as client:
+            path = "/metrics" if port.name == "metrics" else "/healthz"
+            assert (await client.get(f"http://127.0.0.1:{port.port}{path}")).status_code == 200
+
+
+async def hold_unfinished_head(port: int, trickle: bool) -> tuple[float, bytes]:
+    """A head that never ends: one byte every half second (`trickle`), or not a byte at all. How
+    long the server kept the connection, and what it answered."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if trickle:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    answer = b""
+    try:
+        while time.monotonic() < started + HEAD_TIMEOUT + 10:
+            try:
+                data = await asyncio.wait_for(reader.read(1024), 0.5)
+            except TimeoutError:
+                if trickle:
+                    writer.write(b"a")
+                    await writer.drain()
+                continue
+            if not data:
+                break
+            answer += data
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return time.monotonic() - started, answer
+
+
+async def test_a_request_head_not_finished_in_time_is_closed_on_every_port(every_port: list[Port]) -> None:
+    held = await asyncio.gather(
+        *(hold_unfinished_head(port.port, trickle) for port in every_port for trickle in (True, False))
+    )
+    cases = [(port.name, trickle) for port in every_port for trickle in (True, False)]
+    for (name, trickle), (seconds, answer) in zip(cases, held, strict=True):
+        assert HEAD_TIMEOUT - 0.5 < seconds < HEAD_TIMEOUT + 3, (name, trickle, seconds)
+        # A client that sent part of a head is told why; one that sent nothing is just closed.
+        assert answer.startswith(b"HTTP/1.1 408 ") if trickle else answer == b"", (name, trickle, answer)
+
+
+# The same protocol, with a deadline short enough for what must outlast it.
+class QuickHead(BoundedHeadProtocol):
+    head_timeout = 0.5
+
+
+async def ticks(request: Request) -> StreamingResponse:
+    async def lines() -> AsyncIterator[bytes]:
+        for i in range(20):
+            yield b"%d\n" % i
+            await asyncio.sleep(0.1)
+
+    return StreamingResponse(lines(), media_type="text/plain")
+
+
+async def ok(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(f"{len(request.headers)} headers, {len(await request.body())} bytes")
+
+
+TICKS = Starlette(routes=[Route("/ticks", ticks), Route("/", ok, methods=["GET", "POST"])])
+
+
+async def test_the_deadline_ends_with_the_head_so_a_long_response_and_kept_alive_requests_go_on() -> None:
+    async with serving(TICKS, http=QuickHead) as url:
+        async with connection(url) as (reader, writer):
+            writer.write(b"GET /ticks HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            body = await asyncio.wait_for(reader.read(), 10)  # two seconds of lines: four deadlines
+        assert body.startswith(b"HTTP/1.1 200 ") and b"\r\n19\n\r\n0\r\n\r\n" in body
+        async with connection(url) as (reader, writer):
+            # Each head in time, the three together four times longer than a deadline.
+            for i in range(3):
+                writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                await asyncio.sleep(0.2)  # pacing the client, as a slow but honest one would
+                writer.write(b"X-Request: %d\r\n\r\n" % i)
+                assert await status_of(reader) == 200
+                await asyncio.wait_for(reader.readuntil(b"bytes"), 10)
+                await asyncio.sleep(0.4)
+
+
+async def test_a_head_under_the_limit_is_served_one_over_it_is_431_and_a_large_body_is_not_a_head() -> None:
+    def head(size: int) -> bytes:
+        start = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        # Many headers of ordinary length, filling the head to exactly `size` bytes.
+        line = b"X-Filler: " + b"f" * 88 + b"\r\n"
+        count, rest = divmod(size - len(start) - len(b"X-Last: \r\n\r\n"), len(line))
+        return start + line * count + b"X-Last: " + b"l" * rest + b"\r\n\r\n"
+
+    async with serving(TICKS, http=BoundedHeadProtocol) as url:
+        for size, status in ((MAX_HEAD_BYTES - 64, 200), (MAX_HEAD_BYTES + 1, 431)):
+            request = head(size)
+            assert len(request) == size
+            async with connection(url) as (reader, writer):
+                writer.write(request)
+                await writer.drain()
+                assert await status_of(reader) == status, size
+        # A body eight times the head limit, in the same write as its head.
+        body = b"b" * (8 * MAX_HEAD_BYTES)
+        async with connection(url) as (reader, writer):
+            writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+            assert await status_of(reader) == 200
+            assert (await asyncio.wait_for(reader.readuntil(b"bytes"), 10)).endswith(b"%d bytes" % len(body))
+
+
+async def test_a_further_head_on_a_kept_alive_connection_has_its_own_deadline_from_its_first_byte() -> None:
+    async with serving(TICKS, http=QuickHead) as url, connection(url) as (reader, writer):
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert await status_of(reader) == 200
+        await asyncio.wait_for(reader.readuntil(b"bytes"), 10)
+        await asyncio.sleep(0.3)  # idle, within the keep-alive, past half the first deadline
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        answer = b""
+        # Never the blank line that ends the head.
+        while data := await asyncio.wait_for(reader.read(1024), 10):
+            answer += data
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert QuickHead.head_timeout - 0.1 < waited < QuickHead.head_timeout + 1, waited

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from broker.settings import DEV_TOKEN_SECRET, DEV_WEBHOOK_SECRET, Settings, SettingsError
+from broker.leases import LeaseKeys, private_pem
+from broker.settings import Settings, SettingsError
 from license_broker import cli
 from license_broker.cli import parser
 from tests.support.processes import ROOT, run_module
@@ -73,6 +74,9 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "0"}, "PORT"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"DISPUTE_REVOKES": "everything"}, "DISPUTE_REVOKES"),
+        ({"STRIPE_API_BASE": "stripe-proxy.internal"}, "STRIPE_API_BASE"),
+        ({"STRIPE_API_BASE": "ftp://stripe-proxy.internal"}, "STRIPE_API_BASE"),
     ],
 )
 def test_a_malformed_setting_names_the_variable(env: dict[str, str], named: str) -> None:
@@ -117,12 +121,83 @@ def test_secrets_have_no_default_outside_development() -> None:
         settings.require_stream()
 
 
-def test_development_mode_supplies_development_secrets() -> None:
-    settings = Settings.from_env({"BROKER_DEV": "1"})
-    assert settings.webhook_secrets == (DEV_WEBHOOK_SECRET,)
-    assert settings.token_secret == DEV_TOKEN_SECRET
+# What earlier versions filled in under BROKER_DEV: public, since they were in this repository.
+OLD_DEVELOPMENT_SECRETS = {
+    "STRIPE_WEBHOOK_SECRET": "whsec_development_only_do_not_use_in_production",
+    "STREAM_TOKEN_SECRET": "development-only-stream-token-secret-do-not-use",
+}
+
+
+def test_development_mode_generates_its_secrets_and_lease_key_at_each_start() -> None:
+    first, second = Settings.from_env({"BROKER_DEV": "1"}), Settings.from_env({"BROKER_DEV": "1"})
+    assert first.token_secret and second.token_secret and len(first.token_secret) >= 32
+    assert first.webhook_secrets[0].startswith("whsec_")
+    assert first.webhook_secrets != second.webhook_secrets and first.token_secret != second.token_secret
+    assert first.lease_keys and second.lease_keys and first.lease_keys.ephemeral
+    assert first.lease_keys.signing.public_key() != second.lease_keys.signing.public_key()
+    assert {*first.webhook_secrets, first.token_secret}.isdisjoint(OLD_DEVELOPMENT_SECRETS.values())
+    first.require_webhook()
+    first.require_stream()
     explicit = Settings.from_env({"BROKER_DEV": "1", "STRIPE_WEBHOOK_SECRET": "whsec_mine"})
     assert explicit.webhook_secrets == ("whsec_mine",)
+
+
+@pytest.mark.parametrize("name", ["STRIPE_WEBHOOK_SECRET", "STREAM_TOKEN_SECRET"])
+def test_the_apps_refuse_a_development_secret_outside_development_mode(name: str) -> None:
+    generated = Settings.from_env({"BROKER_DEV": "1"})
+    printed = generated.webhook_secrets[0] if name == "STRIPE_WEBHOOK_SECRET" else str(generated.token_secret)
+    require = Settings.require_webhook if name == "STRIPE_WEBHOOK_SECRET" else Settings.require_stream
+    for value in (OLD_DEVELOPMENT_SECRETS[name], printed):
+        # Alone, or as the second secret of a rotation.
+        real = "whsec_real" if name == "STRIPE_WEBHOOK_SECRET" else "r" * 40
+        for setting in (value, f"{real},{value}"):
+            settings = Settings.from_env({name: setting})
+            with pytest.raises(SettingsError, match=f"^{name}: a development secret"):
+                require(settings)
+
+
+@pytest.mark.parametrize("command", ["webhook", "stream", "serve"])
+def test_a_server_started_with_the_old_public_development_secrets_stops_with_one_line(command: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db", **OLD_DEVELOPMENT_SECRETS}
+    result = run_module("license_broker", command, "--port", "0", env=env)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.match(r"license-broker: (STRIPE_WEBHOOK_SECRET|STREAM_TOKEN_SECRET): a development secret", line)
+
+
+def test_development_mode_refuses_a_configured_lease_signing_key() -> None:
+    env = {"BROKER_DEV": "1", "LICENSE_SIGNING_KEY": private_pem(LeaseKeys.generate().signing)}
+    with pytest.raises(SettingsError, match=r"^LICENSE_SIGNING_KEY: refused in development mode"):
+        Settings.from_env(env)
+    result = run_module("license_broker", "serve", "--port", "0", env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "license-broker: LICENSE_SIGNING_KEY: refused in development mode (BROKER_DEV=1 signs with a key "
+        "generated at each start); unset it, or run without BROKER_DEV"
+    ]
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["http://stripe-proxy.internal", "http://10.0.0.7:8080/", "http://[2001:db8::1]/", "http://127.0.0.1.nip.example"],
+)
+def test_the_stripe_api_base_must_be_https_except_to_a_loopback_host(base: str) -> None:
+    with pytest.raises(SettingsError, match=r"^STRIPE_API_BASE: must be https://"):
+        Settings.from_env({"STRIPE_API_BASE": base})
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://stripe-proxy.internal",
+        "http://127.0.0.1:12111",
+        "http://127.8.0.1",
+        "http://[::1]:8080",
+        "http://localhost",
+    ],
+)
+def test_an_https_or_loopback_stripe_api_base_is_accepted(base: str) -> None:
+    assert Settings.from_env({"STRIPE_API_BASE": base}).stripe_api_base == base
 
 
 @pytest.mark.parametrize("command", ["webhook", "stream", "serve"])

@@ -34,6 +34,10 @@ async def test_randomized_soak_every_client_ends_with_the_complete_sequence(
     final: Counter[str] = Counter()
     received: dict[tuple[str, int], list[int]] = {(lid, n): [] for lid in licenses for n in range(CLIENTS_PER_LICENSE)}
     posting_done = asyncio.Event()
+    # A client that has never held a state gets the license's current state first, not its
+    # history: the posting waits until every client holds one (seq 0, "none"), however slowly a
+    # loaded machine lets it connect.
+    holding = {key: asyncio.Event() for key in received}
     reconnects = 0
 
     def caught_up() -> bool:
@@ -52,9 +56,12 @@ async def test_randomized_soak_every_client_ends_with_the_complete_sequence(
                         if int(event["seq"]) > 0:
                             seqs.append(int(event["seq"]))
             last = session.last_event_id
+            if last is not None:
+                holding[(license_id, n)].set()
             reconnects += 1
 
     async def post() -> None:
+        await asyncio.gather(*(held.wait() for held in holding.values()))
         async with httpx.AsyncClient(timeout=10) as http:
             for i in range(EVENTS):
                 license_id = rng.choice(licenses)

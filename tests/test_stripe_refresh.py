@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY
 
 from broker.db import create_engine
 from broker.schema import licenses
-from broker.settings import Settings
-from broker.stripe_refresh import refreshed_event
+from broker.settings import Settings, SettingsError
+from broker.stripe_refresh import StripeRefresher, refreshed_event
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
 from tests.support.stripe_api import EXAMPLES, FakeStripeApi, envelope
@@ -257,7 +257,8 @@ def test_the_refreshed_event_keeps_what_its_type_adds_only_to_an_open_object() -
     failed = envelope("invoice.payment_failed", invoice(invoice_id, sub_id, "open"), T)
     still_open = refreshed_event(failed, invoice(invoice_id, sub_id, "open"), T + 5)
     assert (still_open["type"], still_open["created"]) == ("invoice.payment_failed", T + 5)
-    assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["type"] == "invoice.updated"
+    assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["type"] == "invoice.voided"
+    assert refreshed_event(failed, invoice(invoice_id, sub_id, "paid"), T - 5)["type"] == "invoice.paid"
     assert refreshed_event(failed, invoice(invoice_id, sub_id, "void"), T - 5)["created"] == T
 
     session = copy.deepcopy(EXAMPLES["checkout.session"])
@@ -268,3 +269,117 @@ def test_the_refreshed_event_keeps_what_its_type_adds_only_to_an_open_object() -
     assert refreshed_event(stale, session, T)["type"] == "checkout.session.async_payment_failed"
     session.update(status="expired", payment_status="unpaid")
     assert refreshed_event(stale, session, T)["type"] == "checkout.session.expired"
+
+
+def summary(customer: str, keys: list[str], has_more: bool) -> dict[str, Any]:
+    obj = copy.deepcopy(EXAMPLES["entitlements.active_entitlement_summary"])
+    template = obj["entitlements"]["data"][0]
+    data = [{**copy.deepcopy(template), "id": f"ent_{key}", "lookup_key": key} for key in keys]
+    obj.update(customer=customer, livemode=False)
+    obj["entitlements"] = {"object": "list", "data": data, "has_more": has_more, "url": "/v1/entitlements"}
+    return obj
+
+
+@pytest.mark.parametrize("api", ["answers", "fails"])
+async def test_a_summary_with_more_entitlements_is_completed_from_the_api_or_says_it_is_partial(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], api: str
+) -> None:
+    fake, base = fake_api
+    fake.failing = api == "fails"
+    license_id, sub_id = new_license(), f"sub_refresh_entitlements_{api}"
+    keys = [f"feature_{n:02}" for n in range(12)]
+    listed = [{"id": f"ent_{k}", "object": "entitlements.active_entitlement", "lookup_key": k} for k in keys]
+    fake.objects["/v1/entitlements/active_entitlements"] = {"object": "list", "data": listed, "has_more": False}
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    failed = refreshes("failed")
+    outcomes = await deliver(
+        settings,
+        envelope("customer.subscription.updated", subscription(sub_id, license_id, "active"), T),
+        envelope("entitlements.active_entitlement_summary.updated", summary("cus_refresh", keys[:10], True), T + 1),
+    )
+    assert outcomes == ["applied", "applied"]  # a failed read is no reason to have the event sent again
+    state = await state_of(pg_url, license_id)
+    if api == "answers":
+        assert (state["features"], state["features_partial"]) == (keys, False)
+    else:
+        assert (state["features"], state["features_partial"]) == (keys[:10], True)
+        assert refreshes("failed") == failed + 1
+    assert any(r.startswith("/v1/entitlements/active_entitlements") for r in fake.requests)
+
+
+@pytest.mark.parametrize("served", ["the line items list", "only the session, line items expanded"])
+async def test_a_one_time_purchase_is_judged_by_the_line_items_the_api_gives(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], served: str
+) -> None:
+    api, base = fake_api
+    license_id, session_id = new_license(), f"cs_test_refresh_{served.split()[-1]}"
+    session = copy.deepcopy(EXAMPLES["checkout.session"])
+    session.update(
+        id=session_id,
+        mode="payment",
+        status="complete",
+        payment_status="paid",
+        customer="cus_refresh",
+        metadata={"license_id": license_id},
+        client_reference_id=None,
+        subscription=None,
+        invoice=None,
+        payment_intent="pi_refresh_lifetime",
+        livemode=False,
+    )
+    items = {"object": "list", "has_more": False, "data": [{"id": "li_1", "price": {"id": "price_lifetime"}}]}
+    if served == "the line items list":
+        api.objects[f"/v1/checkout/sessions/{session_id}/line_items"] = items
+    else:
+        api.objects[f"/v1/checkout/sessions/{session_id}"] = {**session, "line_items": items}
+    settings = make_settings(
+        pg_url, stripe_api_key=KEY, stripe_api_base=base, license_products=frozenset({"perpetual:price_lifetime"})
+    )
+    assert await deliver(settings, envelope("checkout.session.completed", session, T)) == ["applied"]
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["kind"], state["entitled"]) == ("paid", "perpetual", True)
+    assert api.requests[0] == f"/v1/checkout/sessions/{session_id}/line_items"
+
+
+@pytest.mark.parametrize("served", ["the invoice payments list", "only the invoice, payments expanded"])
+async def test_a_paid_invoice_of_api_2025_04_is_linked_to_its_payment_through_the_api(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], served: str
+) -> None:
+    api, base = fake_api
+    tag = served.split()[-1]
+    license_id, sub_id, invoice_id = new_license(), f"sub_refresh_unlinked_{tag}", f"in_refresh_unlinked_{tag}"
+    payment_intent = f"pi_refresh_unlinked_{tag}"
+    payment = copy.deepcopy(EXAMPLES["invoice_payment"])
+    payment.update(id=f"inpay_{tag}", invoice=invoice_id, status="paid")
+    payment["payment"] = {"type": "payment_intent", "payment_intent": payment_intent}
+    listed = {"object": "list", "has_more": False, "data": [payment]}
+    paid = invoice(invoice_id, sub_id, "paid")
+    paid["billing_reason"] = "subscription_create"
+    if served == "the invoice payments list":
+        api.objects["/v1/invoice_payments"] = listed
+    else:
+        api.objects[f"/v1/invoices/{invoice_id}"] = {**paid, "payments": listed}
+    charge = copy.deepcopy(EXAMPLES["charge"])
+    charge.update(id=f"ch_refresh_unlinked_{tag}", payment_intent=payment_intent, customer="cus_refresh", amount=2000)
+    charge.update(amount_captured=2000, amount_refunded=2000, refunded=True, status="succeeded", metadata={})
+    version = {"api_version": "2025-04-30.basil"}
+    settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
+    await deliver(
+        settings,
+        envelope(
+            "customer.subscription.updated",
+            subscription(sub_id, license_id, "active", latest_invoice=invoice_id),
+            T,
+            **version,
+        ),
+        envelope("invoice.paid", paid, T + 1, **version),
+        envelope("charge.refunded", charge, T + 2, **version),
+    )
+    state = await state_of(pg_url, license_id)
+    assert (state["status"], state["entitled"]) == ("revoked", False)
+
+
+@pytest.mark.parametrize("base", ["http://stripe-proxy.internal", "http://192.0.2.7:8080"])
+def test_the_refresher_never_sends_the_key_in_clear_text_off_this_machine(base: str) -> None:
+    with pytest.raises(SettingsError, match=r"^STRIPE_API_BASE: must be https://"):
+        StripeRefresher(KEY, base)

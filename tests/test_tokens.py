@@ -30,11 +30,67 @@ def claims_token(secret: str = TOKEN_SECRET, **claims: object) -> str:
 
 def test_a_token_expiring_further_away_than_the_maximum_lifetime_is_refused() -> None:
     now = int(time.time())
-    ok = claims_token(sub="lic_1", exp=now + 30 * DAY)
+    ok = claims_token(sub="lic_1", aud="license-broker", exp=now + 30 * DAY)
     assert tokens.verify(TOKEN_SECRET, ok, max_ttl=30 * DAY).license_id == "lic_1"
     for exp in (now + 31 * DAY, 10**12, 10**40):  # a month too long, the year 33,658, never
         with pytest.raises(tokens.InvalidToken, match="STREAM_TOKEN_MAX_TTL"):
-            tokens.verify(TOKEN_SECRET, claims_token(sub="lic_1", exp=exp), max_ttl=30 * DAY)
+            too_long = claims_token(sub="lic_1", aud="license-broker", exp=exp)
+            tokens.verify(TOKEN_SECRET, too_long, max_ttl=30 * DAY)
+
+
+def test_an_audience_is_required_by_default() -> None:
+    settings = make_settings("sqlite://")
+    assert settings.token_audience == "license-broker"
+    exp = int(time.time()) + 600
+    for claims in ({}, {"aud": "my-web-app"}, {"aud": ["my-web-app"]}):
+        with pytest.raises(tokens.InvalidToken, match=r"(?i)aud"):
+            tokens.verify_for(settings, claims_token(sub="lic_1", exp=exp, **claims))
+    for aud in ("license-broker", ["my-web-app", "license-broker"]):
+        assert tokens.verify_for(settings, claims_token(sub="lic_1", exp=exp, aud=aud)).license_id == "lic_1"
+
+
+@pytest.mark.parametrize("typ", ["refresh", "id", "session", "Stream", "", 1, ["stream"], None])
+def test_a_token_of_a_type_the_broker_does_not_expect_is_refused(typ: object) -> None:
+    """A web app's own tokens signed with the same secret (which docs/deploy.md says not to do)."""
+    settings = make_settings("sqlite://")
+    token = claims_token(sub="lic_demo", aud="license-broker", typ=typ, exp=int(time.time()) + 600)
+    with pytest.raises(tokens.InvalidToken, match="typ"):
+        tokens.verify_for(settings, token)
+
+
+def test_stream_and_machine_tokens_and_tokens_without_a_type_are_accepted() -> None:
+    settings = make_settings("sqlite://")
+    exp = int(time.time()) + 600
+    for claims in ({"typ": "stream"}, {"typ": "machine", "machine": "mch_1"}, {}):
+        token = claims_token(sub="lic_1", aud="license-broker", exp=exp, **claims)
+        assert tokens.verify_for(settings, token).license_id == "lic_1"
+
+
+def test_every_token_the_broker_mints_carries_its_audience_and_a_type() -> None:
+    for settings in (make_settings("sqlite://"), make_settings("sqlite://", token_audience="licenses")):
+        for token in (tokens.mint_for(settings, "lic_1", ttl=60), tokens.mint(TOKEN_SECRET, "lic_1")):
+            claims = jwt.decode(token, options={"verify_signature": False})
+            assert claims["typ"] == "stream"
+            assert claims["aud"] in ("license-broker", settings.token_audience)
+        assert tokens.verify_for(settings, tokens.mint_for(settings, "lic_1", ttl=60)).license_id == "lic_1"
+
+
+async def test_a_web_session_token_signed_with_the_stream_secret_opens_no_stream(pg_url: str) -> None:
+    license_id = new_license()
+    now = int(time.time())
+    session = claims_token(sub=license_id, typ="refresh", exp=now + 600)
+    session_with_audience = claims_token(sub=license_id, typ="refresh", aud="license-broker", exp=now + 600)
+    no_audience = claims_token(sub=license_id, exp=now + 600)
+    async with serving(create_app(make_settings(pg_url))) as url, httpx.AsyncClient() as http:
+        for token in (session, session_with_audience, no_audience):
+            headers = {"authorization": f"Bearer {token}"}
+            for path in (f"/api/licenses/{license_id}/events", f"/api/licenses/{license_id}"):
+                response = await http.get(url + path, headers=headers)
+                assert response.status_code == 401, (token, path)
+        accepted = await http.get(
+            f"{url}/api/licenses/{license_id}", params={"token": tokens.mint(TOKEN_SECRET, license_id)}
+        )
+        assert accepted.status_code == 200
 
 
 def test_an_audience_and_an_issuer_are_required_once_configured() -> None:
@@ -77,6 +133,7 @@ async def test_every_refused_token_gets_the_same_body_and_the_reason_goes_to_the
     now = int(time.time())
     good = {"sub": license_id, "aud": "licenses", "iss": "shop"}
     refused = {
+        "typ 'refresh'": claims_token(**good, typ="refresh", exp=now + 60),
         "Signature has expired": claims_token(**good, exp=now - 10),
         "Signature verification failed": claims_token("another-secret-0123456789-abcdefghijkl", **good, exp=now + 60),
         "STREAM_TOKEN_MAX_TTL": claims_token(**good, exp=now + 2 * DAY),

@@ -21,7 +21,7 @@ from broker.ledger import LicenseRules
 from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.stripe_objects import EventFilter
-from broker.stripe_refresh import open_refresher
+from broker.stripe_refresh import StripeUnavailable, open_refresher
 from webhook.ingest import AfterCommit, Ingestor
 from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
@@ -62,6 +62,11 @@ async def receive_webhook(request: Request) -> Response:
         _count("error")
         log.error("webhook %s not recorded, database unavailable: %s", event["id"], exc)
         return _json({"error": "database unavailable, retry later"}, 503)
+    except StripeUnavailable as exc:
+        # A read the event cannot be judged without (broker.stripe_refresh) failed: likewise.
+        _count("error")
+        log.error("webhook %s not recorded: %s", event["id"], exc)
+        return _json({"error": "Stripe API unavailable, retry later"}, 503)
     _count(outcome.kind)
     appended = outcome.event
     if log.isEnabledFor(logging.INFO):  # the arguments cost more than the call when nothing is written
@@ -92,7 +97,7 @@ async def webhook_state(runtime: Runtime, after_commit: AfterCommit | None = Non
             "verifier": WebhookVerifier(settings.webhook_secrets, settings.webhook_tolerance),
             "ingestor": Ingestor(
                 runtime,
-                LicenseRules(settings.entitled_statuses, settings.license_products),
+                LicenseRules.from_settings(settings),
                 EventFilter(settings.stripe_livemode, settings.stripe_accounts),
                 refresher,
                 after_commit,

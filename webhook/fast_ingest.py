@@ -49,9 +49,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.binding import resolve
 from broker.eventlog import LicenseEvent, log_entry
-from broker.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, merge
+from broker.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id, merge
 from broker.licenses import initial_state
-from broker.stripe_objects import Reported
+from broker.stripe_objects import Reported, needs_invoice_payments
 
 _CUSTOMER_KINDS = "{" + ",".join(sorted(CUSTOMER_KINDS)) + "}"
 
@@ -453,6 +453,10 @@ class FastIngest:
             and dict(held.state) != dict(proposed.state)
         ):
             return None
+        if self.rules.needs_line_items(proposed) and line_items_id(proposed.id) not in read.objects:
+            return None  # line items to read from Stripe's API (webhook.ingest)
+        if self.refreshes and needs_invoice_payments(event, proposed, held):
+            return None  # invoice payments to read from Stripe's API (webhook.ingest)
 
         if created:
             writes.created[license_id] = (seq, held_state)

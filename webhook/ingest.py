@@ -10,9 +10,9 @@ summary, deleted customer) moves every license that holds an object of its custo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from broker import metrics
 from broker.binding import resolve
 from broker.db import upsert_into
 from broker.eventlog import EventLog, LicenseEvent
-from broker.ledger import OLDER, LicenseRules, merge
+from broker.ledger import OLDER, LicenseRules, StripeObject, line_items_id, merge
 from broker.ledger_store import LedgerStore, LocksBusy
 from broker.licenses import LicenseStore
 from broker.runtime import Runtime
@@ -35,10 +35,15 @@ from broker.stripe_objects import (
     EventFilter,
     Reported,
     Unprocessable,
+    complete_entitlements,
     entitlements_id,
+    invoice_payments,
+    line_items,
+    needs_invoice_payments,
     report,
+    unlinked_version,
 )
-from broker.stripe_refresh import NoRefresh, Refresher
+from broker.stripe_refresh import NoRefresh, Refresher, StripeUnavailable
 from webhook.fast_ingest import FastIngest
 
 log = logging.getLogger("webhook.ingest")
@@ -55,6 +60,8 @@ class Outcome:
     appended: tuple[LicenseEvent, ...] = ()  # log entries, one per license the event changed
     reason: str | None = None  # why it changed nothing (ignored, rejected, unmatched)
     object_id: str | None = None
+    # False: the event is recorded without its payload (JSON null): its id, type and time only.
+    keep_payload: bool = True
 
     @property
     def event(self) -> LicenseEvent | None:
@@ -80,8 +87,11 @@ def _envelope_problem(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _payload(conn: AsyncConnection, event: dict[str, Any], raw: bytes | None) -> Any:
-    """The verified body as Stripe sent it, stored without encoding the parsed event again."""
+def _payload(conn: AsyncConnection, event: dict[str, Any], raw: bytes | None, outcome: Outcome | None) -> Any:
+    """The verified body as Stripe sent it, stored without encoding the parsed event again; JSON
+    null for an event whose payload is not kept."""
+    if outcome is not None and not outcome.keep_payload:
+        return sa.JSON.NULL
     if raw is None:
         return event
     text = sa.type_coerce(raw.decode(), sa.Text)
@@ -107,7 +117,7 @@ async def _record(
             license_id=outcome.license_id if outcome else None,
             object_id=outcome.object_id if outcome else None,
             reason=outcome.reason[:200] if outcome and outcome.reason else None,
-            payload=_payload(conn, event, raw),
+            payload=_payload(conn, event, raw, outcome),
             received_at=datetime.now(UTC),
         )
         .on_conflict_do_nothing(index_elements=["id"])
@@ -164,6 +174,7 @@ class Ingestor:
         )
         # Called between the commit and the publish (the fault tests kill the process there).
         self.after_commit = after_commit
+        self._warned_unlinked = False
 
     async def ingest(self, event: dict[str, Any], raw: bytes | None = None) -> Outcome:
         """`raw`: the verified body `event` was parsed from, stored as it is (default: re-encoded)."""
@@ -227,6 +238,8 @@ class Ingestor:
         reason = self.filter.reason(event)
         if reason is not None:
             return Outcome("ignored", reason=reason)
+        if not self._warned_unlinked and unlinked_version(event.get("api_version")):
+            self._warn_unlinked(event["api_version"])
         try:
             reported = report(event)
         except BadLicenseId as exc:
@@ -234,8 +247,24 @@ class Ingestor:
         except Unprocessable as exc:
             return Outcome("unmatched", reason=str(exc))
         if reported is None:
-            return Outcome("ignored", reason="event type not used")
+            # A type no rule reads (customer.created, with its name and address): nothing will
+            # ever read its payload, so only the id (idempotency), type and time are recorded.
+            # Events ignored by STRIPE_LIVEMODE or STRIPE_ACCOUNTS keep theirs: after fixing the
+            # setting, `license-broker rebuild` applies them (prune drops it after the retention).
+            return Outcome("ignored", reason="event type not used", keep_payload=False)
         return reported
+
+    def _warn_unlinked(self, api_version: str) -> None:
+        """Once per process: the endpoint's API version cannot link subscription payments."""
+        self._warned_unlinked = True
+        if isinstance(self.refresher, NoRefresh):
+            log.warning(
+                "Stripe events of API version %s name no payment on their invoices and come without "
+                "invoice_payment.paid: refunds and disputes of subscription payments cannot reach their "
+                "licenses. Set STRIPE_API_KEY (the broker then reads each paid invoice's payments) or move "
+                "the webhook endpoint to API version 2025-05-28 or later (docs/stripe.md)",
+                api_version,
+            )
 
     async def apply_reported(
         self,
@@ -257,7 +286,7 @@ class Ingestor:
         resolution = resolve(reported, known, claimed)
         if resolution.rejected:
             return Outcome("rejected", reported.license_id, reason=resolution.rejected, object_id=own)
-        current = await LedgerStore.objects(conn, [o.id for o in reported.objects])
+        current = await LedgerStore.objects(conn, [o.id for o in reported.objects] + [line_items_id(own)])
         held, proposed = current.get(own), reported.primary
         if (
             refresh
@@ -273,6 +302,10 @@ class Ingestor:
             fresh = await self.refresher.refresh(event, proposed, held.version)
             if fresh is not None:
                 return await self.apply_reported(conn, fresh, event, refresh=False, extra_locks=extra_locks, wait=wait)
+        reported = await self._read_line_items(reported, event, current)
+        reported = await self._read_entitlements(reported, event)
+        reported = await self._read_invoice_payments(reported, event, held)
+        ids = reported.ids
         verdicts = set()
         for obj in reported.objects:
             before = current.get(obj.id)
@@ -300,6 +333,55 @@ class Ingestor:
         kind = "applied" if appended else ("stale" if stale else "unchanged")
         first = resolution.license_id or min(licenses)
         return Outcome(kind, first, tuple(appended), object_id=own)
+
+    async def _read_line_items(
+        self, reported: Reported, event: dict[str, Any], current: Mapping[str, StripeObject]
+    ) -> Reported:
+        """A one-time purchase judged by LICENSE_PRODUCTS gets its line items from Stripe's API,
+        once: no webhook carries them. A failed read raises StripeUnavailable (nothing recorded,
+        503: Stripe delivers the event again); without a key that can read them it is judged
+        without (it grants nothing)."""
+        session = reported.primary
+        if not self.rules.needs_line_items(session) or line_items_id(session.id) in current:
+            return reported
+        if any(o.kind == "line_items" for o in reported.objects):
+            return reported
+        products = await self.refresher.line_items(event, session.id)
+        if products is None:
+            log.warning("the line items of %s cannot be read (no key of its mode): it grants nothing", session.id)
+            return reported
+        read = line_items(session, products, event["created"], fetched=True)
+        return replace(reported, objects=(*reported.objects, read))
+
+    async def _read_entitlements(self, reported: Reported, event: dict[str, Any]) -> Reported:
+        """A summary that lists only the first entitlements (`has_more`) is completed from Stripe's
+        API (every active entitlement of the customer); without a key, or when the read fails, it
+        applies as it is and the license says its features are partial."""
+        summary = reported.primary
+        if summary.kind != "entitlements" or not summary.state.get("partial") or summary.customer is None:
+            return reported
+        try:
+            features = await self.refresher.entitlements(event, summary.customer)
+        except StripeUnavailable:
+            return reported
+        if features is None:
+            return reported
+        return replace(reported, objects=(complete_entitlements(summary, features), *reported.objects[1:]))
+
+    async def _read_invoice_payments(
+        self, reported: Reported, event: dict[str, Any], held: StripeObject | None
+    ) -> Reported:
+        """A paid invoice of an API version whose events name no payment (UNLINKED_VERSIONS) gets
+        its payments from Stripe's API, so that their refunds and disputes reach it; without a key,
+        or when the read fails, it applies as it is."""
+        invoice = reported.primary
+        if not needs_invoice_payments(event, invoice, held):
+            return reported
+        try:
+            items = await self.refresher.invoice_payments(event, invoice.id)
+        except StripeUnavailable:
+            return reported
+        return replace(reported, objects=(*reported.objects, *invoice_payments(items or [], event["created"])))
 
     async def _derive(self, conn: AsyncConnection, license_id: str, event: dict[str, Any]) -> LicenseEvent | None:
         """Lock the license, derive it from its objects; its log entry if it changed."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import orjson
 
+from broker.stripe_objects import Reported, Unprocessable, report
 from webhook.signature import sign
 
 API_VERSION = "2026-10-28.endive"
@@ -18,6 +20,7 @@ ACTIONS = (
     "fail",
     "recover",
     "resubscribe",
+    "cancel_at_period_end",
     "cancel",
     "refund",
     "refund_old",
@@ -30,12 +33,48 @@ ACTION_HELP = {
     "fail": "the renewal invoice fails: past_due",
     "recover": "the renewal invoice is paid: active again",
     "resubscribe": "a second subscription through a new Checkout",
-    "cancel": "the first subscription ends (a second one keeps the license)",
+    "cancel_at_period_end": "the customer cancels in Stripe's customer portal (its default: at the end of the period): "
+    "still unlocked until then, when Stripe ends the subscription (`cancel`)",
+    "cancel": "the first subscription ends now (a second one keeps the license)",
     "refund": "every payment fully refunded: revoked",
     "refund_old": "the first period's payment refunded: nothing changes once a renewal was paid",
     "dispute": "a chargeback opened on every payment: revoked",
     "dispute_won": "the chargebacks are won: restored",
 }
+
+
+# What `send` and the live page say about a webhook's outcome other than "applied".
+OUTCOME_NOTES = {
+    "unchanged": "recorded; the license already held what it reports",
+    "stale": "recorded; a newer snapshot of its object came first, so it changes nothing",
+    "duplicate": "this event id was received before: nothing changed (a Stripe retry looks like this)",
+}
+
+
+def explain(outcome: str, event: dict[str, Any], later: Sequence[dict[str, Any]] = ()) -> str | None:
+    """Why `event` had `outcome`, in a sentence; for "pending", what it waits for, and which of the
+    `later` events (sent after it) provides that."""
+    if outcome != "pending":
+        return OUTCOME_NOTES.get(outcome)
+    reported = _report(event)
+    if reported is None:
+        return "kept, not counted yet: it names no license and links to nothing bound to one"
+    own = reported.primary
+    others = sorted(reported.ids - {own.id})
+    bound = f"neither it nor {', '.join(others)} (which it names) is" if others else "it is not"
+    linking = next((e["type"] for e in later if (r := _report(e)) is not None and r.ids & reported.ids), None)
+    where = f"in this action: {linking}, below" if linking else "`license-broker unmatched` lists it meanwhile"
+    return (
+        f"kept, not counted yet: the {own.kind.replace('_', ' ')} {own.id} names no license, and {bound} bound to "
+        f"one yet; it counts as soon as an event links one of them to a license ({where})"
+    )
+
+
+def _report(event: dict[str, Any]) -> Reported | None:
+    try:
+        return report(event)
+    except Unprocessable:
+        return None
 
 
 def _stable(prefix: str, license_id: str, length: int = 14) -> str:
@@ -91,6 +130,12 @@ class SampleEvents:
                 self.subscription_event("customer.subscription.created", "active", created, second, latest=3),
                 self.checkout_completed(created, second, self.period(3)[0]),
             ]
+        if action == "cancel_at_period_end":
+            return [
+                self.subscription_event(
+                    "customer.subscription.updated", "active", created, sub, latest=1, cancel_at_period_end=True
+                )
+            ]
         if action == "cancel":
             return [self.subscription_event("customer.subscription.deleted", "canceled", created, sub, latest=None)]
         if action == "refund":
@@ -112,13 +157,18 @@ class SampleEvents:
             signed.append((event, payload, headers))
         return signed
 
-    def envelope(self, kind: str, obj: dict[str, Any], created: int) -> dict[str, Any]:
+    def envelope(
+        self, kind: str, obj: dict[str, Any], created: int, previous: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = {"object": obj}
+        if previous is not None:  # what an *.updated event changed, as Stripe sends it
+            data["previous_attributes"] = previous
         return {
             "id": "evt_" + secrets.token_hex(12),
             "object": "event",
             "api_version": API_VERSION,
             "created": created,
-            "data": {"object": obj},
+            "data": data,
             "livemode": False,
             "pending_webhooks": 1,
             "request": {"id": "req_" + secrets.token_hex(7), "idempotency_key": None},
@@ -167,18 +217,42 @@ class SampleEvents:
         )
 
     def subscription_event(
-        self, kind: str, status: str, created: int, subscription: str | None = None, latest: int | None = 1
+        self,
+        kind: str,
+        status: str,
+        created: int,
+        subscription: str | None = None,
+        latest: int | None = 1,
+        *,
+        cancel_at_period_end: bool = False,
     ) -> dict[str, Any]:
+        """A subscription event. `cancel_at_period_end`: the customer asked to cancel (the customer
+        portal's default mode); Stripe keeps the subscription active, sets `cancel_at` to the
+        period's end, and sends customer.subscription.deleted then."""
         subscription = subscription or self.subscription
         period_end = created + 30 * 86400
+        asked = status == "canceled" or cancel_at_period_end
+        previous = None
+        if cancel_at_period_end:
+            previous = {
+                "cancel_at": None,
+                "cancel_at_period_end": False,
+                "canceled_at": None,
+                "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+            }
         return self.envelope(
             kind,
             {
                 "id": subscription,
                 "object": "subscription",
-                "cancel_at": None,
-                "cancel_at_period_end": False,
-                "canceled_at": created if status == "canceled" else None,
+                "cancel_at": period_end if cancel_at_period_end else None,
+                "cancel_at_period_end": cancel_at_period_end,
+                "canceled_at": created if asked else None,
+                "cancellation_details": {
+                    "comment": None,
+                    "feedback": None,
+                    "reason": "cancellation_requested" if asked else None,
+                },
                 "created": created - 60,
                 "currency": "usd",
                 "customer": self.customer,
@@ -202,6 +276,7 @@ class SampleEvents:
                 "trial_end": None,
             },
             created,
+            previous,
         )
 
     def invoice_event(self, kind: str, created: int, n: int = 1, subscription: str | None = None) -> dict[str, Any]:

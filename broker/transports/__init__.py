@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from broker.db import create_engine
 from broker.eventlog import EventLog
 from broker.settings import Settings
 from broker.transports.base import GapHandler, MessageHandler, Transport, channel
@@ -12,11 +15,14 @@ __all__ = ["GapHandler", "MessageHandler", "Transport", "channel", "create_trans
 
 
 def create_transport(settings: Settings, events: EventLog) -> Transport:
-    """The transport the settings name; a lossy one with the database sweep underneath."""
+    """The transport the settings name; a lossy one with the database sweep underneath, and its
+    live messages checked against the database on a connection of their own (no I/O until a
+    stream process starts it)."""
     transport = _named(settings, events)
     if transport.reliable:
         return transport
-    return SweptTransport(transport, DatabaseSweep(events, settings.poll_interval))
+    check_engine = create_engine(dataclasses.replace(settings, db_pool_size=1))
+    return SweptTransport(transport, DatabaseSweep(events, settings.poll_interval), check_engine)
 
 
 def _named(settings: Settings, events: EventLog) -> Transport:

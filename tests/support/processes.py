@@ -31,8 +31,9 @@ def unused_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serving(app: Any, **options: Any) -> AsyncIterator[str]:
-    """An ASGI app on a real socket, in this process (uvicorn, lifespan included); `options` are
-    uvicorn's (e.g. forwarded_allow_ips, to give requests the client address of X-Forwarded-For)."""
+    """An ASGI app on a real socket, in this process (uvicorn, lifespan included); `options`: more
+    of uvicorn.Config's (e.g. `http`, the protocol class; forwarded_allow_ips, to give requests the
+    client address of X-Forwarded-For)."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", **options)
     config.timeout_graceful_shutdown = 2
