@@ -1,6 +1,7 @@
 """The one app builder: each part (the webhook, the stream, the live page) gives its routes and
 the state it needs; `build_app` opens the runtime, enters every part's state in order, and adds
-what every app serves (health, readiness, metrics) and the request-id middleware."""
+what every app serves (health, readiness, metrics, its OpenAPI document) and the request-id
+middleware."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from broker import openapi
 from broker.http import ops_routes
 from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
@@ -72,7 +74,7 @@ def build_app(
     routes = [route for part in parts for route in part.routes]
     return _App(
         streams=[route for route in routes if isinstance(route, StreamRoute)],
-        routes=[*routes, *ops_routes()],
+        routes=[*routes, *ops_routes(), openapi.ROUTE],
         lifespan=lifespan,
         middleware=[Middleware(RequestIdMiddleware)],
     )

@@ -249,7 +249,9 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
             "STRIPE_WEBHOOK_SECRET: required by send (the webhook's; `serve` prints it in development mode)"
         )
     secret = settings.webhook_secrets[0]
-    url = args.url.rstrip("/") + "/api/stripe/webhooks"
+    # The server `serve` starts here: PORT, as `make run` and `serve` take it, else serve's 8000.
+    base = args.url or f"http://127.0.0.1:{settings.port or 8000}"
+    url = base.rstrip("/") + "/api/stripe/webhooks"
     print(f"{args.action}: {ACTION_HELP[args.action]}")
     deliveries = SampleEvents(args.license_id).deliveries(args.action, secret)
     with httpx.Client(timeout=10) as client:
@@ -352,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("send", help="sign and post a realistic Stripe event to a running webhook")
     p.add_argument("action", choices=ACTIONS, help="; ".join(f"{a}: {h}" for a, h in ACTION_HELP.items()))
     p.add_argument("license_id")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", help="the webhook's base URL (default: http://127.0.0.1:PORT, PORT else 8000)")
     p.set_defaults(run=cmd_send)
     p = sub.add_parser(
         "rebuild",

@@ -125,7 +125,7 @@ def test_the_server_packages_hold_the_migrations_the_page_and_the_command(built:
         entry_points = wheel.read(f"license_broker-{VERSION}.dist-info/entry_points.txt").decode()
         metadata = wheel.read(f"license_broker-{VERSION}.dist-info/METADATA").decode()
     assert {"broker/migrations/env.py", "broker/migrations/versions/0001_initial.py", "stream/static/index.html",
-            "webhook/app.py", "license_broker/cli.py"} <= names  # fmt: skip
+            "webhook/app.py", "license_broker/cli.py", "broker/openapi.yaml"} <= names  # fmt: skip
     assert not any(n.startswith(("tests/", "bench/", "clients/", "scripts/")) for n in names)
     assert "license-broker = license_broker.cli:main" in entry_points
     assert "License-Expression: MIT" in metadata and "Requires-Dist: starlette>=1.0" in metadata
@@ -170,6 +170,7 @@ def test_the_server_installs_as_the_readme_says_and_serves_its_page(built: tuple
 
         wait_until(page, 30, what="the installed server's page")
         assert "EventSource" in httpx.get(f"http://127.0.0.1:{port}/").text
+        assert "/api/licenses/{license_id}/events" in httpx.get(f"http://127.0.0.1:{port}/openapi.json").json()["paths"]
         # Served from the wheel, not from this checkout.
         where = run([str(venv / "bin" / "python"), "-c", "import broker; print(broker.__file__)"], workdir)
         assert where.startswith(str(venv))
