@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 import httpx
 import pytest
@@ -25,7 +26,8 @@ from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
 from tests.support.faults import RedisServer, TcpProxy
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
-from tests.support.processes import Process, process_env
+from tests.support.metrics import metric
+from tests.support.processes import SLOW_SWEEP, Process, process_env
 from tests.support.transports import RecordingTransport
 from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
@@ -70,7 +72,10 @@ async def test_a_webhook_killed_between_commit_and_publish_still_reaches_the_cli
 async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothing(
     pg_url: str, redis_server: RedisServer, spawn: Callable[..., Process]
 ) -> None:
-    env = process_env(pg_url, REDIS_URL=redis_server.url)
+    """The stream's sweep runs every SLOW_SWEEP seconds: the events of the outage arrive only
+    because the subscriber's reconnect wakes it, and those after it only because the subscriber
+    subscribed every channel again (instant again, without the sweep's help)."""
+    env = process_env(pg_url, REDIS_URL=redis_server.url, BROKER_POLL_INTERVAL=SLOW_SWEEP)
     webhook, stream_process = spawn("webhook", env), spawn("stream", env)
     licenses = [new_license() for _ in range(3)]
     received: dict[str, list[int]] = {license_id: [] for license_id in licenses}
@@ -79,31 +84,58 @@ async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothin
         async for event in LicenseClient(stream_process.url, license_id, token_for(license_id)).connect_once():
             received[license_id].append(int(event["seq"]))  # type: ignore[call-overload]
 
+    def have(seq: int) -> bool:
+        return all(seqs and seqs[-1] >= seq for seqs in received.values())
+
+    statuses = ["active", "past_due"]
+
+    async def post_round(http: httpx.AsyncClient, round_: int) -> None:
+        for license_id in licenses:
+            response = await post_event(http, webhook.url, update(license_id, statuses[round_ % 2]))
+            assert response.status_code == 200  # a failed publish is never Stripe's problem
+
     followers = [asyncio.create_task(follow(license_id)) for license_id in licenses]
+    latencies: list[float] = []
     try:
         async with httpx.AsyncClient() as http:
-            await async_wait_until(lambda: all(received.values()), what="every client's first event")
-            statuses = ["active", "past_due"]
-            for round_ in range(12):
-                if round_ == 4:
-                    redis_server.stop()
-                    ready = (await http.get(f"{stream_process.url}/readyz")).json()
-                    assert ready["status"] == "degraded"
-                if round_ == 8:
-                    redis_server.start()
-                for license_id in licenses:
-                    response = await post_event(http, webhook.url, update(license_id, statuses[round_ % 2]))
-                    assert response.status_code == 200  # a failed publish is never Stripe's problem
-        deadline = time.monotonic() + 10
-        while any(seqs[-1] != 12 for seqs in received.values()):
-            assert time.monotonic() < deadline, received
-            await asyncio.sleep(0.02)
+            await async_wait_until(lambda: have(0), what="every client's first event")
+            for round_ in range(4):  # live, through Redis
+                await post_round(http, round_)
+                await async_wait_until(partial(have, round_ + 1), what=f"round {round_} live")
+            redis_server.stop()
+            assert (await http.get(f"{stream_process.url}/readyz")).json()["status"] == "degraded"
+            for round_ in range(4, 8):  # committed, their publishes lost
+                await post_round(http, round_)
+            assert not any(seqs[-1] > 4 for seqs in received.values()), received  # nothing can carry them
+            redis_server.start()
+            # Found by the sweep that the subscriber's reconnect wakes; its interval is far away.
+            await async_wait_until(lambda: have(8), 15, f"the outage's events after the reconnect ({received})")
+            # The webhook fails fast for a moment after a failed publish (publish_backoff): a
+            # license nobody follows shows when its publishes go out again.
+            probe = new_license()
+
+            async def publishes_again() -> bool:
+                failures = await metric(http, webhook.url, "license_broker_publish_failures_total")
+                await post_event(http, webhook.url, update(probe, "active"))
+                return await metric(http, webhook.url, "license_broker_publish_failures_total") == failures
+
+            deadline = time.monotonic() + 10
+            while not await publishes_again():
+                assert time.monotonic() < deadline, "the webhook never published again"
+            for round_ in range(8, 12):  # instant again: through the resubscribed channels
+                sent = time.monotonic()
+                await post_round(http, round_)
+                await async_wait_until(partial(have, round_ + 1), 5, f"round {round_} after the outage")
+                latencies.append(time.monotonic() - sent)
+            swept = await metric(http, stream_process.url, "license_broker_swept_events_total")
     finally:
         for task in followers:
             task.cancel()
         await asyncio.gather(*followers, return_exceptions=True)
     for seqs in received.values():
         assert seqs == list(range(0, 13))
+    assert swept == 4 * len(licenses)  # the outage's, and only those: the rest came live
+    print(f"\nafter Redis came back: a round of {len(licenses)} events live in at most {max(latencies) * 1000:.0f} ms")
 
 
 async def test_transactions_that_commit_out_of_id_order_are_all_delivered(pg_url: str) -> None:
@@ -243,7 +275,10 @@ async def test_a_postgres_outage_answers_503_keeps_the_streams_and_recovers(
     proxy = TcpProxy(real.port or 5432, real.host or "127.0.0.1")
     try:
         via_proxy = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        env = process_env(via_proxy, REDIS_URL=redis_url, STREAM_HEARTBEAT_INTERVAL="0.2")
+        # The event after the outage comes through Redis: the sweep is far slower than the waits.
+        env = process_env(
+            via_proxy, REDIS_URL=redis_url, STREAM_HEARTBEAT_INTERVAL="0.2", BROKER_POLL_INTERVAL=SLOW_SWEEP
+        )
         webhook, stream_process = spawn("webhook", env), spawn("stream", env)
         license_id = new_license()
         url = f"{stream_process.url}/api/licenses/{license_id}/events"
