@@ -4,7 +4,9 @@ once, in order, per license, for every client."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -14,20 +16,23 @@ import httpx
 import pytest
 from license_broker_client import LicenseClient
 
+from broker import metrics
 from broker.db import create_engine
 from broker.eventlog import EventLog, LicenseEvent
 from broker.licenses import LicenseStore
+from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
+from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
 from tests.support.faults import RedisServer, TcpProxy
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
 from tests.support.metrics import metric
-from tests.support.processes import SLOW_SWEEP, Process, process_env
+from tests.support.processes import SLOW_SWEEP, Process, process_env, serving
 from tests.support.transports import RecordingTransport
 from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
@@ -213,7 +218,7 @@ async def test_a_client_that_leaves_in_the_middle_of_a_replay_releases_everythin
     await engine.dispose()
 
 
-async def test_a_client_that_stops_reading_is_dropped_and_its_buffer_stays_bounded(pg_url: str) -> None:
+async def test_the_queue_of_a_stream_whose_reader_takes_nothing_stays_bounded_and_ends_the_stream(pg_url: str) -> None:
     engine, transport, events, settings, hub = await hub_and_stream(pg_url, client_buffer=4, heartbeat_interval=30)
     license_id = new_license()
     stream = license_stream(events, hub, settings, license_id, None)
@@ -233,6 +238,89 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_buffer_stays_bound
         await stream.aclose()
         await hub.close()
         await engine.dispose()
+
+
+async def append_batch(engine, license_id: str, count: int) -> list[LicenseEvent]:  # type: ignore[no-untyped-def]
+    """`count` events of one license in one transaction, each with a state of ~4 KB (a license
+    with a few hundred features), so that a few hundred fill a socket's buffers."""
+    features = [f"feature-{n:04d}" for n in range(300)]
+    appended = []
+    async with engine.begin() as conn:
+        row = await LicenseStore.lock(conn, license_id)
+        for _ in range(count):
+            row.seq += 1
+            status = ("active", "past_due")[row.seq % 2]
+            row.state = {**row.state, "status": status, "entitled": status == "active", "features": features}
+            appended.append(
+                await EventLog.append(
+                    conn, license_id, row.seq, row.state,
+                    stripe_event_id=None, stripe_event_type="test", occurred_at=datetime.now(UTC),
+                )
+            )  # fmt: skip
+        await LicenseStore.save(conn, row)
+    return appended
+
+
+async def test_a_client_whose_socket_stops_reading_is_dropped_and_catches_up_when_it_reconnects(
+    pg_url: str,
+) -> None:
+    """Two clients of one license on real sockets; one reads its first event and then nothing.
+    Events come as fast as the reading client takes them. Once the silent client's socket buffers
+    are full the server's send blocks, its bounded queue overflows and the server gives it up
+    (the send timeout is far beyond the test: the full queue, not the timer, drops it), while the
+    reading client gets every event. When the silent client reads again it finds what was in
+    flight and then the end of the response; it resumes from the last id it read and gets every
+    later event once, in order."""
+    runtimes: list[Runtime] = []
+    settings = make_settings(pg_url, client_buffer=4, send_timeout=600, heartbeat_interval=30)
+    license_id = new_license()
+    loop = asyncio.get_running_loop()
+    async with serving(create_app(settings, on_ready=runtimes.append)) as url:
+        [runtime] = runtimes
+        reader = LicenseClient(url, license_id, token_for(license_id)).connect_once()
+        assert (await next_event(reader))["seq"] == 0
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, filled sooner
+        sock.setblocking(False)
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            await loop.sock_connect(sock, (host, int(port)))
+            request = f"GET /api/licenses/{license_id}/events HTTP/1.1\r\nHost: {host}\r\n"
+            request += f"Authorization: Bearer {token_for(license_id)}\r\n\r\n"
+            await loop.sock_sendall(sock, request.encode())
+            received = b""
+            while b"id: 0\n" not in received:
+                received += await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+            # From here on this client reads nothing.
+            before = metrics.SLOW_CLIENTS._value.get()
+            published = 0
+            while metrics.SLOW_CLIENTS._value.get() == before:
+                # ~4 KB each: 3,000 are 12 MB, three times what the kernel buffers a socket here.
+                assert published < 3000, f"still followed after {published} events"
+                for event in await append_batch(runtime.engine, license_id, 50):
+                    await runtime.transport.publish(license_id, event.data)
+                    published += 1
+                    assert (await next_event(reader))["seq"] == published  # the reading client keeps up
+            dropped_at = published
+            assert metrics.SLOW_CLIENTS._value.get() == before + 1
+            # Given up: what was in flight, then the end of the response (chunked: a last chunk).
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                assert chunk, "closed before the end of the response"
+                received += chunk
+        finally:
+            sock.close()
+            await reader.aclose()  # type: ignore[attr-defined]
+        seen = [int(n) for n in re.findall(rb"^id: (\d+)$", received, re.MULTILINE)]
+        assert seen == list(range(seen[-1] + 1))  # what did arrive: each once, in order
+        assert seen[-1] < published
+        resumed = LicenseClient(url, license_id, token_for(license_id), last_event_id=seen[-1]).connect_once()
+        try:
+            rest = [int((await next_event(resumed))["seq"]) for _ in range(published - seen[-1])]  # type: ignore[call-overload]
+        finally:
+            await resumed.aclose()  # type: ignore[attr-defined]
+        assert rest == list(range(seen[-1] + 1, published + 1))
+    print(f"\ndropped after {dropped_at} events (~4 KB each), {seen[-1]} of them received ({len(received)} bytes)")
 
 
 async def test_sigterm_ends_the_streams_and_the_process_exits_promptly(
