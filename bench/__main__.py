@@ -1,6 +1,7 @@
 """`make bench`: Redis against database polling, side by side, on a stack of real processes.
 
-Environment: BENCH_SCALE (default | full: adds 10,000 clients), BENCH_OUT (bench-results.json),
+Environment: BENCH_SCALE (default | full: adds 10,000 clients), BENCH_ONLY (click-to-entitled: that
+row alone, on the redis stack), BENCH_OUT (bench-results.json),
 BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll,redis-cluster), DATABASE_URL (the Postgres server
 to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
 (redis://127.0.0.1:6379/0).
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import measure, report
+from bench import checkout, measure, report
 from bench.stack import (
     TOKEN_SECRET,
     WEBHOOK_SECRET,
@@ -55,8 +56,12 @@ class BenchConfig:
     ingest_licenses: int = 500
     replay_events: int = 10_000
     idle_clients: int = 1000
+    # Click-to-entitled (bench.checkout), on the redis stack: purchases one after another.
+    purchases: int = 100
     db_pool_size: int = 10  # the servers' DATABASE_POOL_SIZE default
     scale: str = "default"
+    # Replay and idle connections too (off with BENCH_ONLY).
+    everything: bool = True
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -74,6 +79,13 @@ class BenchConfig:
         )
         if unknown := set(config.transports) - set(TRANSPORTS):
             raise SystemExit(f"BENCH_TRANSPORTS: expected some of {','.join(TRANSPORTS)}, got {','.join(unknown)}")
+        only = os.environ.get("BENCH_ONLY", "")
+        if only not in ("", "click-to-entitled"):
+            raise SystemExit(f"BENCH_ONLY: expected click-to-entitled, got {only!r}")
+        if only:
+            config.transports, config.clients, config.everything = ("redis",), (), False
+            config.ingest_concurrency = config.ingest_workers = ()
+            config.plot = None  # docs/bench.png is the whole run's
         if scale == "full":
             config.clients = (*config.clients, 10_000)
             config.idle_clients = 10_000
@@ -94,7 +106,7 @@ def raise_open_files_limit() -> int:
 async def run(config: BenchConfig) -> dict[str, Any]:
     started = time.monotonic()
     limit = raise_open_files_limit()
-    needed = max(*config.clients, config.idle_clients) + 200
+    needed = max([*config.clients, config.idle_clients]) + 200
     if limit < needed:
         progress(f"warning: open-files limit {limit} is below the {needed} connections this scale needs")
     logs = Path(tempfile.mkdtemp(prefix="lb-bench-"))
@@ -130,7 +142,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
             with running(webhook, stream):
                 yield webhook, [stream], config.redis_url if transport == "redis" else None
 
-        for transport in config.transports:
+        for transport in config.transports if config.clients else ():
             with transport_stack(transport) as (webhook, streams, redis_url):
                 label = f"{transport} ({len(streams)} streams)" if len(streams) > 1 else transport
                 progress(f"{label}: webhook pid {webhook.pid}, stream pids {', '.join(str(s.pid) for s in streams)}")
@@ -162,6 +174,30 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                         + (f", {result.rejected} webhooks rejected" if result.rejected else "")
                         + redis_note
                     )
+
+        if "redis" in config.transports and config.purchases:
+            # Its own stream process, which makes checkouts (LICENSE_KEY_SECRET, STRIPE_PRICES and a
+            # stand-in for Stripe's API), so that the rows above ran without them.
+            async with checkout.fake_stripe() as stripe_base:
+                stream = Server("stream", env("redis"), logs / "stream-checkout.log")
+                stream.env |= checkout.stream_env(stripe_base, stream.port)
+                webhook = Server("webhook", env("redis"), logs / "webhook-checkout.log")
+                with running(webhook, stream):
+                    progress(f"click-to-entitled: {config.purchases} purchases, one after another")
+                    clicked, detail = await checkout.click_to_entitled(
+                        webhook=measure.Endpoint(webhook.url, webhook.pid),
+                        stream=measure.Endpoint(stream.url, stream.pid),
+                        webhook_secret=WEBHOOK_SECRET,
+                        purchases=config.purchases,
+                        label="redis: click-to-entitled",
+                    )
+            latency_results.append(clicked)
+            r = report.row(clicked)
+            results["click_to_entitled"] = r | detail
+            progress(
+                f"  click-to-entitled: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, lost {r['lost']}, "
+                f"POST /api/checkout p50 {detail['checkout_response_p50_ms']} ms"
+            )
 
         results["rows"] = [report.row(r) for r in latency_results]
         results["latency_detail"] = [
@@ -203,7 +239,8 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 "redis_connections_per_stream_process": [c.total for c in last.redis_connections],
                 "subscriber_connections_per_stream_process": [c.subscribers for c in last.redis_connections],
             }
-        p50 = {row["transport"]: row["p50_ms"] for row in results["rows"] if row["clients"] == max(config.clients)}
+        most = max(config.clients, default=0)
+        p50 = {row["transport"]: row["p50_ms"] for row in results["rows"] if row["clients"] == most}
         if p50.get("redis") and p50.get("poll"):
             results["redis_vs_poll_p50"] = round(p50["poll"] / p50["redis"], 1)
 
@@ -243,29 +280,30 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                     results["ingest"].append(run_)
                     progress(f"  {run_['events_per_s']} events/s ({run_['errors']} errors)")
 
-        # The whole backlog replayed, not the current state that a client this far behind gets by default.
-        replay_env = {**env("redis"), "STREAM_REPLAY_LIMIT": str(config.replay_events)}
-        stream = Server("stream", replay_env, logs / "stream-replay.log")
-        with running(stream):
-            progress(f"replay: {config.replay_events} missed events, Last-Event-ID: 0")
-            results["replay"] = await measure.replay(
-                stream_url=stream.url,
-                database_url=database_url,
-                token_secret=TOKEN_SECRET,
-                events=config.replay_events,
-            )
-            progress(f"  {results['replay']['seconds']} s")
-            progress(f"idle connections: {config.idle_clients}")
-            idle = await measure.idle_connections(
-                stream_url=stream.url,
-                stream_pid=stream.pid,
-                redis_url=config.redis_url,
-                token_secret=TOKEN_SECRET,
-                clients=config.idle_clients,
-                progress=progress,
-            )
-            results["idle_connections"] = idle
-            results["redis_connections_per_stream_process"] = idle["redis_connections"]
+        if config.everything:
+            # The whole backlog replayed, not the current state that a client this far behind gets by default.
+            replay_env = {**env("redis"), "STREAM_REPLAY_LIMIT": str(config.replay_events)}
+            stream = Server("stream", replay_env, logs / "stream-replay.log")
+            with running(stream):
+                progress(f"replay: {config.replay_events} missed events, Last-Event-ID: 0")
+                results["replay"] = await measure.replay(
+                    stream_url=stream.url,
+                    database_url=database_url,
+                    token_secret=TOKEN_SECRET,
+                    events=config.replay_events,
+                )
+                progress(f"  {results['replay']['seconds']} s")
+                progress(f"idle connections: {config.idle_clients}")
+                idle = await measure.idle_connections(
+                    stream_url=stream.url,
+                    stream_pid=stream.pid,
+                    redis_url=config.redis_url,
+                    token_secret=TOKEN_SECRET,
+                    clients=config.idle_clients,
+                    progress=progress,
+                )
+                results["idle_connections"] = idle
+                results["redis_connections_per_stream_process"] = idle["redis_connections"]
 
     results["duration_s"] = round(time.monotonic() - started, 1)
     results["machine_detail"]["load_average_end"] = list(os.getloadavg())

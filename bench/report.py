@@ -90,6 +90,12 @@ def summary(results: dict[str, Any]) -> str:
             f"of which subscribing {cluster['subscriber_connections_per_stream_process']} "
             f"(at {cluster['clients']} clients)"
         )
+    if (click := results.get("click_to_entitled")) is not None:
+        out.append(
+            f"click-to-entitled: {click['events']} purchases from the app, checkout.session.completed POST -> the "
+            f"app's stream holds entitled: true: p50 {click['p50_ms']} ms, p99 {click['p99_ms']} ms, lost "
+            f"{click['lost']} (POST /api/checkout answered in p50 {click['checkout_response_p50_ms']} ms)"
+        )
     if (ratio := results.get("redis_vs_poll_p50")) is not None:
         out.append(f"redis vs poll at p50: {ratio:.0f}x faster")
     return "\n".join(out)

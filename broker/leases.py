@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -129,7 +130,7 @@ def lease_claims(event: bytes | dict[str, Any]) -> dict[str, Any]:
     """What a lease says about the license, from one event of the stream (the JSON it carries)."""
     obj = orjson.loads(event) if isinstance(event, bytes) else event
     state = obj.get("state") or {}
-    return {
+    claims = {
         "sub": obj["license_id"],
         "seq": obj["seq"],
         "status": obj["status"],
@@ -137,6 +138,10 @@ def lease_claims(event: bytes | dict[str, Any]) -> dict[str, Any]:
         "features": state.get("features") or [],
         "current_period_end": state.get("current_period_end"),
     }
+    if state.get("kind") == "trial" and obj["entitled"] and state.get("trial_end"):
+        # A trial without a card: offline, its lease ends with it (LeaseSigner.sign caps `exp`).
+        claims["trial_end"] = int(datetime.fromisoformat(state["trial_end"]).timestamp())
+    return claims
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,8 @@ class LeaseSigner:
     def sign(self, claims: dict[str, Any]) -> Lease:
         iat = int(self._clock())
         exp = iat + self.ttl
+        if isinstance(ends := claims.get("trial_end"), int):
+            exp = min(exp, ends)  # a trial's lease expires when the trial does, not later
         payload = orjson.dumps({**claims, "iat": iat, "exp": exp})
         # PyJWS with a pre-encoded payload: ~55 us a lease, most of it the Ed25519 signature.
         token = _JWS.encode(payload, self.keys.signing, algorithm=ALGORITHM, headers=self._headers)

@@ -89,6 +89,7 @@ _SUBSCRIPTION_STAGES = ("incomplete", "trialing", "active", "past_due", "unpaid"
 RANKS: dict[str, dict[str, int]] = {
     "subscription": {status: i for i, status in enumerate(_SUBSCRIPTION_STAGES, 1)} | {"canceled": 99},
     "checkout": {"unpaid": 0, "expired": 1, "failed": 1, "paid": 2},
+    "trial": {"trialing": 0, "ended": 1},
     "invoice": {"draft": 0, "open": 1, "action_required": 2, "failed": 3, "paid": 4, "uncollectible": 5, "void": 5},
     "invoice_payment": {"open": 0, "paid": 1, "canceled": 2},
     "refund": {"pending": 0, "requires_action": 1, "succeeded": 2, "failed": 3, "canceled": 3},
@@ -124,6 +125,11 @@ FETCHED_RANK = 2**60
 
 # Customer-level objects apply to every license that holds an object of their customer.
 CUSTOMER_KINDS = frozenset({"entitlements", "customer"})
+# Objects the broker keeps itself, not Stripe's: a trial without a card (broker.licensing.trials),
+# `trial:<license id>`, state {"status": "trialing" | "ended", "trial_end": epoch seconds}. Its end
+# is written as a new snapshot when it comes (no clock here): the rules stay pure. Never read from
+# Stripe's API; kept as they are when the ledger is refilled from Stripe's events (rebuild).
+BROKER_KINDS = frozenset({"trial"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +235,13 @@ def iso(timestamp: Any) -> str | None:
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     status: str
-    kind: str  # "subscription" | "perpetual"
+    kind: str  # "subscription" | "perpetual" | "trial"
     entitled: bool
     version: int
     subscription: StripeObject | None = None
     cancels_at: int | None = None
     customer: str | None = None
+    trial_end: int | None = None  # a broker trial's end (a subscription's is in its state)
 
 
 class LicenseRules:
@@ -264,10 +271,12 @@ class LicenseRules:
         for obj in objects:
             by_kind[obj.kind][obj.id] = obj
         view = _View(by_kind, self.grants, self.entitled_statuses)
-        candidates = [*view.subscriptions(), *view.purchases()]
+        candidates = [*view.subscriptions(), *view.purchases(), *view.trials()]
         if self.dispute_revokes == "license" and view.license_disputed():
             candidates = [replace(c, status="revoked", entitled=False) if c.entitled else c for c in candidates]
-        candidates.sort(key=lambda c: (not c.entitled, _precedence(c.status), -c.version))
+        # A broker trial decides only where nothing bought does: a purchase made during the trial
+        # is what the license is from then on (its lease is not cut at the trial's end).
+        candidates.sort(key=lambda c: (not c.entitled, c.kind == "trial", _precedence(c.status), -c.version))
         deciding = candidates[0] if candidates else None
         entitling = [c for c in candidates if c.entitled]
         sub = deciding.subscription if deciding else None
@@ -282,7 +291,7 @@ class LicenseRules:
             "cancels_at": iso(max(cancels)) if entitling and None not in cancels else None,  # type: ignore[type-var]
             "cancel_at_period_end": bool(sub_state.get("cancel_at_period_end")),
             "current_period_end": iso(sub_state.get("current_period_end")),
-            "trial_end": iso(sub_state.get("trial_end")),
+            "trial_end": iso(sub_state.get("trial_end") if sub else (deciding.trial_end if deciding else None)),
             "customer": view.customer(),
             "subscription": sub.id if sub else None,
             "subscriptions": [
@@ -509,6 +518,19 @@ class _View:
             if not self.grants.allow("perpetual", line_items.state.get("products") if line_items else None):
                 continue  # LICENSE_PRODUCTS: only purchases whose line items are known and listed
             found.append(_Candidate(status, "perpetual", status == "paid", session.version, customer=session.customer))
+        return found
+
+    # -- trials the broker gives (no Stripe object) --------------------------------------------
+
+    def trials(self) -> list[_Candidate]:
+        """A running trial entitles whatever ENTITLED_STATUSES says (the seller turned trials on
+        with LICENSE_TRIAL_DAYS); an ended one is `expired`."""
+        found = []
+        for trial in self.by_kind.get("trial", {}).values():
+            running = trial.state.get("status") == "trialing"
+            end = _int(trial.state.get("trial_end")) or None
+            found.append(_Candidate("trialing" if running else "expired", "trial", running, trial.version,
+                                    cancels_at=end, trial_end=end))  # fmt: skip
         return found
 
     # -- customer-level facts and notices -----------------------------------------------------

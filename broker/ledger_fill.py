@@ -14,7 +14,7 @@ import orjson
 import sqlalchemy as sa
 
 from broker.binding import MemoryLedger
-from broker.ledger import FETCHED_RANK, StripeObject
+from broker.ledger import BROKER_KINDS, FETCHED_RANK, StripeObject
 from broker.schema import stripe_bindings, stripe_events, stripe_links, stripe_objects
 
 _BATCH = 1000
@@ -50,8 +50,15 @@ def read_from_api(conn: sa.Connection) -> list[StripeObject]:
 def fill_ledger(
     conn: sa.Connection, now: datetime, keep: Callable[[Mapping[str, Any]], bool] = lambda _: True
 ) -> MemoryLedger:
-    """Replace the ledger's rows with the fold of the stored events."""
+    """Replace the ledger's rows with the fold of the stored events (and the broker's own objects,
+    which no Stripe event makes, as they are)."""
     ledger = fold_stored(conn, keep)
+    held, bound = stripe_objects, stripe_bindings
+    own = sa.select(held).where(held.c.kind.in_(sorted(BROKER_KINDS)))
+    for row in conn.execute(own):
+        ledger.objects[row.id] = StripeObject(row.id, row.kind, row.version, row.rank, row.state, row.customer)
+    for row in conn.execute(sa.select(bound).where(bound.c.stripe_id.in_(own.with_only_columns(held.c.id)))):
+        ledger.bindings[row.stripe_id] = row.license_id
     for table in (stripe_bindings, stripe_links, stripe_objects):
         conn.execute(table.delete())
     objects = [{**o.row(), "updated_at": now} for o in ledger.objects.values()]

@@ -20,7 +20,7 @@ class LicenseState(TypedDict):
     # status, "paid" (a one-time purchase), "revoked" (refunded or charged back), "expired", ...
     status: str
     entitled: bool
-    kind: str | None  # "subscription" | "perpetual", of the deciding object
+    kind: str | None  # "subscription" | "perpetual" | "trial" (a trial without a card), of the deciding object
     features: list[str]  # lookup_keys of the entitling customer's active entitlements; [] unless entitled
     features_partial: bool  # Stripe listed more entitlements than `features` holds, and they could not be read
     cancels_at: str | None  # when the entitlement is scheduled to end, if every entitling object ends

@@ -131,3 +131,48 @@ machines = sa.Table(
     sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True),
     sa.UniqueConstraint("license_id", "fingerprint", name="uq_machines_license_fingerprint"),
 )
+
+# Checkouts the broker created for an app (migration 0007, broker.licensing.checkout): the Checkout
+# Session, the license and machine it is for, and the client address that asked (what its per-address
+# bound counts). `pending_license`: the license was created for this checkout, and is removed with it
+# when unpaid by `expires_at` (CHECKOUT_PENDING_TTL). A row goes once its session is settled.
+checkouts = sa.Table(
+    "checkouts",
+    metadata,
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column(
+        "license_id", sa.String(200), sa.ForeignKey("licenses.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    sa.Column("machine_id", sa.String(40)),
+    sa.Column("pending_license", sa.Boolean, nullable=False),
+    sa.Column("address", sa.String(80), nullable=False, index=True),
+    sa.Column("price", sa.String(255), nullable=False),
+    sa.Column("mode", sa.String(20), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # When an unpaid checkout (and its pending license) is removed; when Stripe stops taking payment.
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("closes_at", sa.DateTime(timezone=True), nullable=False),
+    # When the broker asked Stripe to expire the session (the removal waits for Stripe's word).
+    sa.Column("expiring_at", sa.DateTime(timezone=True)),
+)
+
+# Trials without a card (0007, broker.licensing.trials): one per machine fingerprint, ever. The row is
+# never deleted (a reinstall of the app finds it); `ended_at` is set by the one transaction that ends
+# the trial (its license's event), whichever stream process's clock gets there first.
+trials = sa.Table(
+    "trials",
+    metadata,
+    # SHA-256 of the fingerprint the client sent, as machines.fingerprint.
+    sa.Column("fingerprint", sa.LargeBinary(32), primary_key=True),
+    sa.Column("license_id", sa.String(200), nullable=False, unique=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ends_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    # The clock's question: the earliest end among the trials still running.
+    sa.Index(
+        "ix_trials_running_ends_at",
+        "ends_at",
+        postgresql_where=sa.text("ended_at IS NULL"),
+        sqlite_where=sa.text("ended_at IS NULL"),
+    ),
+)

@@ -37,6 +37,14 @@ DEFAULT_MAX_MACHINES = 3
 # holder can create stay bounded.
 MACHINES_CEILING = 1000
 DEFAULT_MACHINE_TOKEN_TTL = 30 * 86400.0
+# Buying from the app (broker.licensing.checkout): an unpaid checkout's license is removed after a day.
+DEFAULT_CHECKOUT_PENDING_TTL = 86400.0
+# Stripe's longest trial (subscription trial_end: at most two years out).
+MAX_TRIAL_DAYS = 730.0
+DEV_TRIAL_DAYS = 14.0
+# The prices development mode offers on its own checkout page (license_broker.dev): no Stripe account.
+DEV_PRICES = ("price_dev_monthly", "price_dev_lifetime")
+MAX_PRICES = 20
 # Schemes an "Open APP_NAME" link may not use: they open a browser, a file or a script, not an app.
 RESERVED_SCHEMES = frozenset(
     {"http", "https", "file", "ftp", "ws", "wss", "data", "javascript", "vbscript", "blob", "about", "mailto", "chrome"}
@@ -119,6 +127,14 @@ class Settings:
     public_url: str | None = None
     app_name: str | None = None
     app_url_scheme: str | None = None
+    # Buying from the app (docs/protocol.md): the Stripe prices an app may ask POST /api/checkout for
+    # (the first is the default), how long an unpaid checkout's license is kept (seconds), the
+    # length of a trial without a card (days, fractions allowed; None: no trials) and where the
+    # Billing Portal sends the buyer back to (None: PUBLIC_URL/activate).
+    stripe_prices: tuple[str, ...] = ()
+    checkout_pending_ttl: float = DEFAULT_CHECKOUT_PENDING_TTL
+    trial_days: float | None = None
+    portal_return_url: str | None = None
     dev: bool = False
     # The command's servers: where they listen (PORT unset: each command's own port), how many
     # worker processes, and how they log.
@@ -219,6 +235,31 @@ class Settings:
         api_base = _str(env, "STRIPE_API_BASE")
         if api_base is not None:
             require_https_or_loopback("STRIPE_API_BASE", api_base)
+        prices = tuple(_list(env, "STRIPE_PRICES"))
+        for price in prices:
+            if not re.fullmatch(r"price_[A-Za-z0-9_]{1,200}", price):
+                raise SettingsError(f"STRIPE_PRICES: expected price_... ids, comma-separated, got {price!r}")
+        if len(prices) > MAX_PRICES:
+            raise SettingsError(f"STRIPE_PRICES: at most {MAX_PRICES} prices")
+        if len(set(prices)) != len(prices):
+            raise SettingsError("STRIPE_PRICES: a price is listed twice")
+        trial_days = _trial_days(env)
+        public_url = _public_url(env)
+        if not dev:
+            if prices and api_key is None:
+                raise SettingsError("STRIPE_PRICES: needs STRIPE_API_KEY (the broker creates the Checkout Sessions)")
+            if prices and public_url is None:
+                raise SettingsError("STRIPE_PRICES: needs PUBLIC_URL (Checkout's success_url is PUBLIC_URL/activate)")
+            if prices and license_keys is None:
+                raise SettingsError("STRIPE_PRICES: needs LICENSE_KEY_SECRET (a checkout activates the app's machine)")
+            if trial_days is not None and license_keys is None:
+                raise SettingsError(
+                    "LICENSE_TRIAL_DAYS: needs LICENSE_KEY_SECRET (a trial activates the app's machine)"
+                )
+        else:
+            # Development mode: its own checkout page and prices unless a Stripe key is given.
+            prices = prices or (DEV_PRICES if api_key is None else ())
+            trial_days = trial_days or DEV_TRIAL_DAYS
         metrics_token = _str(env, "METRICS_TOKEN")
         if metrics_token is not None and len(metrics_token) < 16:
             raise SettingsError("METRICS_TOKEN: must be at least 16 characters")
@@ -272,9 +313,13 @@ class Settings:
             max_machines=_int(env, "LICENSE_MAX_MACHINES", DEFAULT_MAX_MACHINES, minimum=0, maximum=MACHINES_CEILING),
             machine_ttl=machine_ttl or None,
             machine_token_ttl=machine_token_ttl,
-            public_url=_public_url(env),
+            public_url=public_url,
             app_name=_app_name(env),
             app_url_scheme=_url_scheme(env),
+            stripe_prices=prices,
+            checkout_pending_ttl=_float(env, "CHECKOUT_PENDING_TTL", DEFAULT_CHECKOUT_PENDING_TTL, minimum=1),
+            trial_days=trial_days,
+            portal_return_url=_https_url(env, "PORTAL_RETURN_URL"),
             dev=dev,
             port=int(port) or None,
             workers=int(_float(env, "WEB_CONCURRENCY", 1, minimum=1)),
@@ -442,6 +487,30 @@ def normalize_database_url(url: str) -> str:
     if scheme in ("sqlite", "sqlite+aiosqlite"):
         return f"sqlite+aiosqlite://{rest}"
     raise SettingsError(f"DATABASE_URL: unsupported scheme {scheme!r} (use postgresql:// or sqlite:///)")
+
+
+def _trial_days(env: Mapping[str, str]) -> float | None:
+    value = _str(env, "LICENSE_TRIAL_DAYS")
+    if value is None:
+        return None
+    try:
+        days = float(value)
+    except ValueError:
+        raise SettingsError(
+            f"LICENSE_TRIAL_DAYS: expected a number of days (fractions allowed), got {value!r}"
+        ) from None
+    # A few seconds (0.0001 days) is allowed on purpose: the suite runs whole trials that way.
+    if not 0 < days <= MAX_TRIAL_DAYS:
+        raise SettingsError(f"LICENSE_TRIAL_DAYS: must be more than 0 and at most {MAX_TRIAL_DAYS:g}, got {value!r}")
+    return days
+
+
+def _https_url(env: Mapping[str, str], name: str) -> str | None:
+    """A page a buyer is sent to: https, or http on a loopback host."""
+    url = _str(env, name)
+    if url is not None:
+        require_https_or_loopback(name, url)
+    return url
 
 
 def _public_url(env: Mapping[str, str]) -> str | None:

@@ -110,6 +110,12 @@ def _banner(args: argparse.Namespace) -> object:
                 "and the key activates machines: POST /api/activations (docs/desktop.md), or the live page",
                 f"  {base}/?license=lic_demo",
                 "",
+                "Buy from the app, as an app would (docs/protocol.md): ask for a checkout, open its",
+                "checkout_url (this server's own page in development mode) and press Pay while following",
+                "the stream with the token it gave; POST /api/trials starts a 14-day trial the same way:",
+                f"  curl -s {base}/api/checkout -H 'content-type: application/json' "
+                "-d '{\"fingerprint\": \"'$(head -c32 /dev/urandom | sha256sum | cut -c1-64)'\"}'",
+                "",
             ]
         print("\n".join(lines), flush=True)
 

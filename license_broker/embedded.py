@@ -28,6 +28,7 @@ def create_app(settings: Settings, on_ready: Callable[[Runtime], None] | None = 
     if settings.dev:
         # They mint tokens for anyone who asks: never mounted outside development mode.
         from license_broker.dev import routes as dev_routes
+        from license_broker.dev_pages import routes as dev_page_routes
 
-        parts.append(Part(dev_routes))
+        parts.append(Part([*dev_routes, *dev_page_routes]))
     return build_app(settings, parts, on_ready)

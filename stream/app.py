@@ -27,7 +27,7 @@ from broker.leases import NO_LEASES, lease_claims, with_lease
 from broker.runtime import Runtime
 from broker.schema import licenses
 from broker.settings import Settings
-from stream import activate, desktop
+from stream import activate, desktop, purchase
 from stream.catchup import license_stream
 from stream.desktop import Desktop, open_desktop
 from stream.hub import SubscriptionHub
@@ -196,6 +196,8 @@ routes = [
     # Keys and machines (docs/protocol.md), and the buyer's /activate page.
     *desktop.routes,
     *activate.routes,
+    # Buying, trying and managing from the app (docs/protocol.md).
+    *purchase.routes,
 ]
 
 

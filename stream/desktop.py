@@ -20,12 +20,18 @@ from starlette.routing import Route
 from broker import tokens
 from broker.eventlog import EventLog
 from broker.http import BodyTooLarge, read_body, too_large
+from broker.ledger import LicenseRules
 from broker.licensing import keys
+from broker.licensing.checkout import Checkouts
+from broker.licensing.gateway import Gateway, LocalGateway, StripeGateway
 from broker.licensing.machines import BadRequest, InvalidKey, LimitReached, Machines, fingerprint_of, label
 from broker.licensing.metrics import ACTIVATIONS as ACTIVATION_OUTCOMES
+from broker.licensing.pending import PendingCheckouts
+from broker.licensing.portal import Portal
 from broker.licensing.ratelimit import ACTIVATIONS, Limit, RateLimiter, address_bucket, create_rate_limiter
 from broker.licensing.sessions import SessionWatch
 from broker.licensing.store import KeyStore
+from broker.licensing.trials import TrialClock, Trials
 from broker.licensing.watch import HeldStreams, MachineWatch
 from broker.runtime import Runtime
 from broker.settings import Settings
@@ -46,6 +52,11 @@ class Desktop:
     limiter: RateLimiter
     sessions: SessionWatch
     watch: MachineWatch
+    # Buying, trying and managing from the app (stream.purchase): None where off.
+    checkouts: Checkouts | None = None
+    trials: Trials | None = None  # ends trials whatever the setting; starts them with LICENSE_TRIAL_DAYS
+    portal: Portal | None = None
+    pending: PendingCheckouts | None = None
 
     async def refused(self, request: Request, limit: Limit, *buckets: str) -> Response | None:
         """429 while the client's address (or one of `buckets`) has failed too often."""
@@ -81,14 +92,41 @@ async def open_desktop(runtime: Runtime, streams: HeldStreams, events: EventLog)
     watch = MachineWatch(
         runtime.engine, streams, machines, sweep_interval=settings.poll_interval, machine_ttl=settings.machine_ttl
     )
+    gateway = open_gateway(settings)
+    checkouts = Checkouts(runtime.engine, settings, gateway, events) if gateway and settings.stripe_prices else None
+    pending = (
+        PendingCheckouts(runtime.engine, gateway, machines, ttl=settings.checkout_pending_ttl) if gateway else None
+    )
+    # The clock runs with trials off too: trials started before LICENSE_TRIAL_DAYS was unset still end.
+    rules = LicenseRules.from_settings(settings)
+    trials = Trials(runtime.engine, machines, runtime.transport, rules, settings.trial_days)
+    clock = TrialClock(trials)
+    trials.on_start = clock.wake
+    portal = Portal(settings, gateway, events) if gateway else None
     sessions.start()
     watch.start()
+    for task in (pending, clock):
+        if task is not None:
+            task.start()
     try:
-        yield Desktop(settings, key_store, machines, limiter, sessions, watch)
+        yield Desktop(settings, key_store, machines, limiter, sessions, watch, checkouts, trials, portal, pending)
     finally:
+        for task in (clock, pending):
+            if task is not None:
+                await task.close()
+        if gateway is not None:
+            await gateway.close()
         await watch.close()
         await sessions.close()
         await limiter.close()
+
+
+def open_gateway(settings: Settings) -> Gateway | None:
+    """Stripe's API with STRIPE_API_KEY; development mode's own pages without one; else none (no
+    I/O until a checkout or a portal session is asked for)."""
+    if settings.stripe_api_key is not None:
+        return StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
+    return LocalGateway() if settings.dev else None
 
 
 def client_bucket(request: Request) -> str:

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.support.faults",
     "tests.support.cluster",
     "tests.support.transports",
+    "tests.support.stripe_api",
 ]

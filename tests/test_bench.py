@@ -45,6 +45,7 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
         ingest_licenses=5,
         replay_events=50,
         idle_clients=5,
+        purchases=3,
     )
     results = await run(config)
     write_json(config.out, results)
@@ -55,10 +56,14 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
         ("redis", 2),
         ("poll", 2),
         ("redis-cluster (2 streams)", 2),
+        ("redis: click-to-entitled", 1),
     ]
+    click = written["click_to_entitled"]
+    assert (click["events"], click["lost"], click["rejected"]) == (3, 0, 0)
+    assert "click-to-entitled" in summary(written)
     for row in written["rows"]:
         assert set(row) == set(COLUMNS)
-        assert row["events"] == 5
+        assert row["events"] == (3 if row["transport"].endswith("click-to-entitled") else 5)
         assert (row["lost"], row["duplicates"]) == (0, 0)
         assert row["p50_ms"] is not None and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     for detail in written["latency_detail"]:

@@ -88,21 +88,40 @@ def test_chromium_eventsource_receives_every_event_once_across_a_stream_restart(
 
 
 # The Electron example's window (examples/electron/index.html), as its sandboxed renderer loads it
-# (a file: URL, its own Content-Security-Policy), with the preload's `window.license` stubbed.
+# (a file: URL, its own Content-Security-Policy), with the preload's `window.license` stubbed as
+# the main process answers: no machine activated here, a key whose limit is reached (one machine,
+# its name chosen by whoever activated it), then released and activated here.
 PRELOAD_STUB = """
 window.violations = [];
 document.addEventListener("securitypolicyviolation", (e) => window.violations.push(e.violatedDirective));
-window.used = [];
+window.calls = [];
+const unlocked = { screen: "app", released: false, entitled: true, status: "active", features: [], expiresAt: null,
+                   connection: "live" };
 window.license = {
-  get: async () => ({ entitled: false, status: "none", features: [], expiresAt: null, connection: "live" }),
+  get: async () => ({ screen: "key", released: false, entitled: false, status: "unknown", features: [],
+                      expiresAt: null, connection: "inactive" }),
   onChange: (callback) => { window.change = callback; return () => {}; },
-  use: async (feature) => { window.used.push(feature); return { ok: true, result: "made by the main process" }; },
+  activate: async (key) => {
+    window.calls.push(["activate", key]);
+    return { ok: false, error: "machine_limit_reached", message: "machine limit reached", max: 1, machines: [
+      { id: "mch_1", name: "<img src=x onerror=window.pwned=1>", platform: "darwin", lastSeenAt: null }] };
+  },
+  replace: async (machineId, key) => {
+    window.calls.push(["replace", machineId, key]);
+    setTimeout(() => window.change(unlocked));
+    return { ok: true };
+  },
+  deactivate: async () => { window.calls.push(["deactivate"]); return { ok: true }; },
+  use: async (feature) => {
+    window.calls.push(["use", feature]);
+    return { ok: true, result: "made by the main process" };
+  },
 };
 """
 
 
 @pytest.mark.browser
-def test_the_electron_examples_window_applies_its_styles_under_its_csp_and_asks_the_main_process() -> None:
+def test_the_electron_examples_window_asks_for_the_key_offers_the_machines_to_release_and_unlocks() -> None:
     if not shutil.which(CHROMIUM):
         if CI:
             pytest.fail("chromium is not installed (.ci/run installs it)")
@@ -110,26 +129,43 @@ def test_the_electron_examples_window_applies_its_styles_under_its_csp_and_asks_
     from playwright.sync_api import sync_playwright
 
     badge = "getComputedStyle(document.getElementById('badge')).backgroundColor"
+    key = "PY9W9-WM8F2-WT0QD-EYJKS-7YMED"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page()
             page.add_init_script(PRELOAD_STUB)
             page.goto((ROOT / "examples" / "electron" / "index.html").as_uri())
-            page.wait_for_function("document.getElementById('why').textContent.includes('Buy a license')")
-            # styles.css applied under the page's own policy (an inline <style> is refused by it)
-            assert (page.evaluate(badge), page.evaluate("window.violations")) == ("rgb(254, 226, 226)", [])
-            assert page.is_disabled("button")  # a courtesy: the main process is the lock
-            page.click("button", force=True)  # a click on the disabled button does nothing
-            page.evaluate("window.change({entitled: true, status: 'active', features: [], expiresAt: null, "
-                          "connection: 'live'})")  # fmt: skip
-            unlocked = (page.evaluate(badge), page.is_disabled("button"))
-            page.click("button")
+            # "Enter your license key": the app itself is not shown (styles.css, under the page's policy)
+            page.wait_for_selector("#key-screen", state="visible")
+            assert page.is_hidden("#app-screen") and page.is_hidden("#pro")
+            page.fill("#key", key)
+            page.click("#activate")
+            page.wait_for_selector("#machines li")
+            refusal, listed = page.text_content("#key-error"), page.text_content("#machines li")
+            assert page.evaluate("document.querySelectorAll('#machines img').length") == 0  # text, never HTML
+            page.click("#machines li button")
+            page.wait_for_selector("#app-screen", state="visible")
+            assert page.is_hidden("#key-screen") and page.text_content("#badge") == "UNLOCKED"
+            unlocked = (page.evaluate(badge), page.is_disabled("#pro"))
+            page.click("#pro")
             page.wait_for_function("document.getElementById('result').textContent !== ''")
-            result, used, violations = page.evaluate("[document.getElementById('result').textContent, "
-                                                     "window.used, window.violations]")  # fmt: skip
+            page.evaluate("window.change({screen: 'app', released: false, entitled: false, status: 'revoked', "
+                          "features: [], expiresAt: null, connection: 'live'})")  # fmt: skip
+            locked = (page.evaluate(badge), page.is_disabled("#pro"), page.text_content("#why"))
+            page.evaluate("window.change({screen: 'key', released: true, entitled: false, status: 'unknown', "
+                          "features: [], expiresAt: null, connection: 'unauthorized'})")  # fmt: skip
+            page.wait_for_selector("#key-screen", state="visible")
+            released = page.text_content("#key-why")
+            result, calls, violations, pwned = page.evaluate(
+                "[document.getElementById('result').textContent, window.calls, window.violations, window.pwned]"
+            )
         finally:
             browser.close()
-    assert violations == []
-    assert unlocked == ("rgb(220, 252, 231)", False)
-    assert used == ["pro-report"] and result == "made by the main process"
+    assert violations == [] and pwned is None
+    assert refusal is not None and "Release one" in refusal
+    assert listed is not None and "<img src=x onerror=window.pwned=1> (darwin)" in listed
+    assert calls == [["activate", key], ["replace", "mch_1", key], ["use", "pro-report"]]
+    assert unlocked == ("rgb(220, 252, 231)", False) and result == "made by the main process"
+    assert locked[:2] == ("rgb(254, 226, 226)", True) and "refunded" in (locked[2] or "")
+    assert released is not None and "deactivated" in released

@@ -15,7 +15,7 @@ from license_broker_client import LicenseClient, Unauthorized
 
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, post_event, token_for
-from tests.support.processes import Process, process_env, serving
+from tests.support.processes import SLOW_SWEEP, Process, process_env, serving
 from tests.support.waiting import async_wait_until, free_port
 from webhook.samples import SampleEvents
 
@@ -63,7 +63,9 @@ async def test_reconnects_after_the_stream_server_restarts_and_resumes_without_d
     pg_url: str, redis_url: str, spawn: Callable[..., Process]
 ) -> None:
     license_id = new_license()
-    env = process_env(pg_url, REDIS_URL=redis_url, STREAM_RETRY_MS="100")
+    # Live events come through Redis (the sweep is far slower than the waits); the missed ones from
+    # the replay after Last-Event-ID.
+    env = process_env(pg_url, REDIS_URL=redis_url, STREAM_RETRY_MS="100", BROKER_POLL_INTERVAL=SLOW_SWEEP)
     webhook = spawn("webhook", env)
     port = free_port()
     stream = spawn("stream", env, port=port)

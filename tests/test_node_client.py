@@ -1,19 +1,27 @@
 """The npm package clients/js (license-broker-client), built by `make test` (npm ci, tsc), runs its
 own tests with `node --test` against real servers started here: four deployments on one
-database, for the lease, the rotation and the reconnect tests (clients/js/test/server.test.mjs).
+database, for the lease, the rotation and the reconnect tests (clients/js/test/server.test.mjs);
+two brokers on Postgres and Redis with license keys on (clients/js/test/keys-server.test.mjs).
 Then the Electron example's main-process code (examples/electron/license.js) runs the same way,
-with the built package installed beside it."""
+with the built package installed beside it, against a broker with keys on."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
+import httpx
+from license_broker_client import MachineIdUnavailable, machine_fingerprint
+
 from broker.leases import LeaseKeys, private_pem, public_pem
+from broker.licensing import keys
 from license_broker.embedded import create_app
-from tests.support.licenses import make_settings
+from tests.support.activations import KEY_SECRET, LEASE_KEYS, buy, key_of, keyed_settings
+from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, make_settings, new_license
 from tests.support.processes import ROOT, run_module, serving
 from tests.support.services import unavailable
 
@@ -28,12 +36,15 @@ def node_tests() -> list[str]:
     if not (JS / "dist" / "esm" / "index.js").exists() or not (JS / "dist" / "cjs" / "index.js").exists():
         unavailable("the built JS client", FileNotFoundError(f"{JS}/dist (make test runs npm ci, which builds it)"))
     tests = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.*js"))
-    assert {"test/server.test.mjs", "test/cjs.test.cjs", "test/fake-broker.test.mjs"} <= set(tests)
+    assert {"test/server.test.mjs", "test/cjs.test.cjs", "test/fake-broker.test.mjs", KEYS_TESTS} <= set(tests)
     return tests
 
 
+KEYS_TESTS = "test/keys-server.test.mjs"
+
+
 async def test_the_js_client_passes_its_node_tests_against_running_servers(sqlite_url: str, tmp_path: Path) -> None:
-    tests = node_tests()
+    tests = [name for name in node_tests() if name != KEYS_TESTS]  # the next test runs those
     key_a, key_b = LeaseKeys.generate(), LeaseKeys.generate()
     rotating = key_b.with_published(key_a.signing.public_key())
     # What an operator pins during the rotation: exactly what `keys public` prints for its setting.
@@ -62,6 +73,72 @@ async def test_the_js_client_passes_its_node_tests_against_running_servers(sqlit
     assert "\n# skipped 0" in report, report  # the server tests ran: BROKER_URL was set
 
 
+def own_redis_db(redis_url: str) -> str:
+    # Failed attempts are counted in Redis per client address (127.0.0.1 for every test on this
+    # machine): a database of their own keeps other suites' failures out of these tests' limits.
+    return redis_url.rsplit("/", 1)[0] + "/13"
+
+
+def key_cases(path: Path) -> Path:
+    """Every single-character typo of 20 keys, and what the broker reads each as (None: malformed)."""
+    cases: list[tuple[str, str | None]] = []
+    for _ in range(20):
+        key = keys.generate()
+        cases.append((keys.display(key).lower(), keys.display(key)))
+        for i in range(len(key)):
+            for c in keys.ALPHABET + "OILU- ":
+                typed = key[:i] + c + key[i + 1 :]
+                try:
+                    cases.append((typed, keys.display(keys.normalize(typed))))
+                except keys.MalformedKey:
+                    cases.append((typed, None))
+    path.write_text(json.dumps(cases))
+    return path
+
+
+async def test_the_js_client_activates_with_keys_against_postgres_and_redis(
+    pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    node_tests()
+    settings = keyed_settings(pg_url, redis_url=own_redis_db(redis_url), transport="redis", max_machines=2,
+                              machine_token_ttl=60.0, poll_interval=30.0)  # fmt: skip
+    try:
+        here = machine_fingerprint("com.example.draw")
+    except MachineIdUnavailable:
+        here = ""
+    cli_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": pg_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STREAM_TOKEN_SECRET": TOKEN_SECRET,
+        "LICENSE_KEY_SECRET": KEY_SECRET,
+    }
+    async with serving(create_app(settings)) as url, serving(create_app(settings)) as url_2:
+        prepaid = []
+        async with httpx.AsyncClient(timeout=10) as http:
+            for _ in range(4):  # paid through signed webhooks; the key from the JSON route
+                license_id = new_license()
+                key = await key_of(http, url, await buy(http, url, license_id))
+                prepaid.append({"license_id": license_id, "key": key})
+        env = {
+            **os.environ,
+            "KEYS_URL": url,
+            "KEYS_URL_2": url_2,
+            "LEASE_PUBLIC_KEY": public_pem(LEASE_KEYS.signing.public_key()),
+            "TOKEN_SECRET": TOKEN_SECRET,
+            "BROKER_PYTHON": sys.executable,
+            "BROKER_ROOT": str(ROOT),
+            "CLI_ENV": json.dumps(cli_env),
+            "PREPAID": json.dumps(prepaid),
+            "UNISSUED_KEY": keys.display(keys.generate()),
+            "KEY_CASES": str(key_cases(tmp_path / "key-cases.json")),
+            "PY_FINGERPRINT": here,
+        }
+        report = await run_node_tests([KEYS_TESTS], JS, env)
+    (tmp_path / "node-test.txt").write_text(report)
+    assert "\n# pass 7" in report and "\n# skipped 0" in report, report
+
+
 async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> str:
     """`node --test` (TAP); the report, once every test passed."""
     proc = await asyncio.create_subprocess_exec(
@@ -86,7 +163,7 @@ async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> st
     return report
 
 
-async def test_the_electron_examples_main_process_code_unlocks_gates_and_holds_offline(
+async def test_the_electron_examples_main_process_code_activates_with_a_key_unlocks_gates_and_holds_offline(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     node_tests()
@@ -98,7 +175,8 @@ async def test_the_electron_examples_main_process_code_unlocks_gates_and_holds_o
     (app / "node_modules").mkdir()
     (app / "node_modules" / "license-broker-client").symlink_to(JS, target_is_directory=True)
     key = LeaseKeys.generate()
-    async with serving(create_app(make_settings(sqlite_url, dev=True, lease_keys=key))) as url:
+    settings = keyed_settings(sqlite_url, dev=True, lease_keys=key, max_machines=1)
+    async with serving(create_app(settings)) as url:
         env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
         report = await run_node_tests(["config.test.mjs", "license.test.mjs"], app, env)
-    assert "\n# pass 6" in report and "\n# skipped 0" in report, report
+    assert "\n# pass 8" in report and "\n# skipped 0" in report, report

@@ -261,7 +261,7 @@ async def test_a_request_head_not_finished_in_time_is_closed_on_every_port(every
     )
     cases = [(port.name, trickle) for port in every_port for trickle in (True, False)]
     for (name, trickle), (seconds, answer) in zip(cases, held, strict=True):
-        assert HEAD_TIMEOUT - 0.5 < seconds < HEAD_TIMEOUT + 3, (name, trickle, seconds)
+        assert HEAD_TIMEOUT - 0.5 < seconds < HEAD_TIMEOUT + 5, (name, trickle, seconds)
         # A client that sent part of a head is told why; one that sent nothing is just closed.
         assert answer.startswith(b"HTTP/1.1 408 ") if trickle else answer == b"", (name, trickle, answer)
 
@@ -343,4 +343,4 @@ async def test_a_further_head_on_a_kept_alive_connection_has_its_own_deadline_fr
             answer += data
         waited = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 ")
-    assert QuickHead.head_timeout - 0.1 < waited < QuickHead.head_timeout + 1, waited
+    assert QuickHead.head_timeout - 0.1 < waited < QuickHead.head_timeout + 2, waited

@@ -61,11 +61,14 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout() -
 
 
 async def test_sends_that_complete_are_not_cut_off_by_an_earlier_deadline() -> None:
-    body = Body(wait=0.08)  # longer than the send timeout
+    body = Body(wait=0.08)  # each event comes longer than the send timeout after the last
     sent: list[dict[str, Any]] = []
+    enough = asyncio.Event()
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if len(sent) == 7:  # start and six events: five waits, each beyond the send timeout
+            enough.set()
 
     disconnect = asyncio.Event()
 
@@ -73,46 +76,55 @@ async def test_sends_that_complete_are_not_cut_off_by_an_earlier_deadline() -> N
         await disconnect.wait()
         return {"type": "http.disconnect"}
 
+    before = metrics.SLOW_CLIENTS._value.get()
     task = asyncio.create_task(_response(body, send_timeout=0.05)({"type": "http"}, receive, send))
-    # Many send timeouts' worth of time: the timer is disarmed between sends.
-    await asyncio.sleep(0.5)
-    assert not task.done()
+    waiting = asyncio.create_task(enough.wait())
+    await asyncio.wait({waiting, task}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    # The timer is disarmed between sends: no wait of the body counts against it.
+    assert enough.is_set() and not task.done(), f"the stream ended after {len(sent) - 1} events"
     disconnect.set()
     await asyncio.wait_for(task, 5)
-    assert len(sent) > 4
+    assert metrics.SLOW_CLIENTS._value.get() == before
     assert body.closed
 
 
-async def test_a_client_that_goes_away_ends_an_idle_stream() -> None:
+def _idle_after_the_first_event() -> tuple[Body, asyncio.Event, Any]:
+    """A body that sends one event, then waits an hour; `sent` is set once that event is sent."""
     body = Body(wait=3600)
-    gone = asyncio.Event()
+    sent = asyncio.Event()
 
     async def send(message: dict[str, Any]) -> None:
-        pass
+        if message.get("body"):
+            sent.set()
+
+    return body, sent, send
+
+
+async def test_a_client_that_goes_away_ends_an_idle_stream() -> None:
+    body, sent, send = _idle_after_the_first_event()
+    gone = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
         await gone.wait()
         return {"type": "http.disconnect"}
 
     task = asyncio.create_task(_response(body, send_timeout=30)({"type": "http"}, receive, send))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(sent.wait(), 5)
     gone.set()
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 5)  # not an hour
     assert body.closed
 
 
 async def test_a_server_cancelling_the_handler_is_not_mistaken_for_the_client_leaving() -> None:
-    body = Body(wait=3600)
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
+    body, sent, send = _idle_after_the_first_event()
 
     async def receive() -> dict[str, Any]:
         await asyncio.Event().wait()
         raise AssertionError
 
     task = asyncio.create_task(_response(body, send_timeout=30)({"type": "http"}, receive, send))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(sent.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -165,7 +165,13 @@ async def test_the_stream_sends_a_retry_hint_and_ping_heartbeats(server: str) ->
 async def test_a_disconnected_client_releases_its_stream(server: str) -> None:
     license_id = new_license()
     baseline = metrics.OPEN_STREAMS._value.get()
-    await take(LicenseClient(server, license_id, token_for(license_id)), 1)
+    url = f"{server}/api/licenses/{license_id}/events"
+    headers = {"authorization": f"Bearer {token_for(license_id)}"}
+    async with httpx.AsyncClient() as client, client.stream("GET", url, headers=headers) as response:
+        lines = response.aiter_lines()
+        while await asyncio.wait_for(anext(lines), 10) != "id: 0":
+            pass
+        assert metrics.OPEN_STREAMS._value.get() == baseline + 1  # counted while it is open
     deadline = time.monotonic() + 5
     while metrics.OPEN_STREAMS._value.get() != baseline:
         assert time.monotonic() < deadline, "stream still open after the client left"

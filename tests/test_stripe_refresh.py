@@ -5,21 +5,12 @@ leaves the machine: STRIPE_API_BASE points the `stripe` package at the fake."""
 from __future__ import annotations
 
 import copy
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from broker.db import create_engine
 from broker.schema import licenses
@@ -27,44 +18,12 @@ from broker.settings import Settings, SettingsError
 from broker.stripe_refresh import StripeRefresher, refreshed_event
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
+from tests.support.stripe_api import EXAMPLES, FakeStripeApi, envelope
 from tests.support.waiting import free_port
 from webhook.app import create_app
 
-OPENAPI = Path(__file__).parent / "fixtures" / "stripe-openapi"
-EXAMPLES: dict[str, dict[str, Any]] = orjson.loads((OPENAPI / "resources.json").read_bytes())
 T = 1_800_000_000
 KEY = "sk_test_refresh"
-
-
-@dataclass
-class FakeStripeApi:
-    """GET /v1/<resource>/<id> answers the object stored under that path; every request is noted."""
-
-    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
-    accounts: list[str | None] = field(default_factory=list)  # the Stripe-Account header of each
-    failing: bool = False
-
-    async def retrieve(self, request: Request) -> JSONResponse:
-        path = request.url.path
-        self.requests.append(path)
-        self.accounts.append(request.headers.get("stripe-account"))
-        if self.failing:
-            return JSONResponse({"error": {"type": "api_error", "message": "fake outage"}}, status_code=500)
-        if path not in self.objects:
-            error = {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}
-            return JSONResponse({"error": error}, status_code=404)
-        return JSONResponse(self.objects[path])
-
-    def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/{path:path}", self.retrieve, methods=["GET"])])
-
-
-@pytest.fixture
-async def fake_api() -> AsyncIterator[tuple[FakeStripeApi, str]]:
-    api = FakeStripeApi()
-    async with serving(api.app()) as url:
-        yield api, url
 
 
 def subscription(sub_id: str, license_id: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -98,21 +57,6 @@ def invoice(invoice_id: str, sub_id: str, status: str) -> dict[str, Any]:
         "subscription_details": {"subscription": sub_id, "metadata": {}},
     }
     return inv
-
-
-def envelope(kind: str, obj: dict[str, Any], created: int, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": f"evt_{uuid.uuid4().hex[:20]}",
-        "object": "event",
-        "api_version": "2026-10-28.endive",
-        "created": created,
-        "data": {"object": obj},
-        "livemode": False,
-        "pending_webhooks": 1,
-        "request": {"id": None, "idempotency_key": None},
-        "type": kind,
-        **fields,
-    }
 
 
 async def state_of(pg_url: str, license_id: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,8 +17,10 @@ from broker.transports.memory import MemoryTransport
 from broker.transports.redis import RedisTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
+from tests.support.faults import TcpProxy
 from tests.support.licenses import append, new_license
 from tests.support.transports import Harness
+from tests.support.waiting import async_wait_until
 
 
 async def test_a_message_published_after_listen_reaches_the_handler(harness: Harness) -> None:
@@ -228,3 +231,38 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.slow
+async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscribes_again(
+    redis_url: str, pg_url: str
+) -> None:
+    """The connection to Redis stops carrying anything, and nothing closes it (a peer gone without
+    a word): the subscriber's health check must find it, connect again, resubscribe and report
+    the gap, as after an outage that ends the connection. Its PING is due 10 s after the last
+    thing read, and 5 s more without an answer condemn the connection."""
+    port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+    proxy = TcpProxy(port)
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RedisTransport(f"redis://127.0.0.1:{proxy.port}/0", max_backoff=0.2)
+    publisher = RedisTransport(redis_url)  # publishes around the relay
+    h = Harness(publisher, engine)
+    await transport.start(h.on_message, h.on_gap)
+    license_id = new_license()
+    try:
+        await transport.listen(license_id)
+        await h.commit_and_publish(license_id)
+        assert (await h.next()).seq == 1
+        proxy.stall()
+        await h.commit_and_publish(license_id)  # lost: the connection carries nothing now
+        started = time.monotonic()
+        await async_wait_until(lambda: h.gaps == 1, 30, "the subscriber to notice its dead connection")
+        print(f"\nsilently dead connection found after {time.monotonic() - started:.1f} s")
+        assert h.received.empty()
+        await h.commit_and_publish(license_id)
+        assert (await h.next()).seq == 3  # live again, on a new connection, without a new listen()
+    finally:
+        await transport.close()
+        await publisher.close()
+        await engine.dispose()
+        proxy.close()

@@ -91,16 +91,18 @@ async def test_concurrent_deliveries_of_one_event_apply_it_once(db_url: str) -> 
 
 
 async def test_concurrent_events_of_one_license_get_consecutive_seqs(db_url: str) -> None:
+    # Ten subscriptions of one license, each event the first of its object: whatever order they
+    # commit in, every one changes the license (its list of subscriptions), so every one applies.
     license_id = new_license()
     sample = SampleEvents(license_id)
     now = int(time.time())
-    statuses = ["active", "past_due"] * 5
-    events = [sample.subscription_event("customer.subscription.updated", s, now) for s in statuses]
+    subscriptions = [f"sub_{license_id[4:]}{n:02d}" for n in range(10)]
+    events = [sample.subscription_event("customer.subscription.created", "active", now, s) for s in subscriptions]
     async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient() as client:
         responses = await asyncio.gather(*(post_event(client, url, e) for e in events))
-    assert all(r.status_code == 200 for r in responses)
-    seqs = [seq for seq, _ in await log_of(db_url, license_id)]
-    assert seqs == list(range(1, len(seqs) + 1))
+    assert [(r.status_code, r.json()["outcome"]) for r in responses] == [(200, "applied")] * len(events)
+    assert sorted(r.json()["seq"] for r in responses) == list(range(1, len(events) + 1))
+    assert [seq for seq, _ in await log_of(db_url, license_id)] == list(range(1, len(events) + 1))
 
 
 def rejected() -> float:

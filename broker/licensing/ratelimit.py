@@ -36,6 +36,13 @@ class Limit:
 # a minute per address against 2^105 keys. Checkout Session ids are looked up once per purchase.
 ACTIVATIONS = Limit("activation", 10, 60.0)
 SESSIONS = Limit("session", 20, 60.0)
+# Buying and trying from the app create rows, so there every attempt counts, not only failures: per
+# address, 20 checkouts in 10 minutes (besides at most CHECKOUT_MAX_PENDING unpaid at once, counted
+# in the database) and 10 trials an hour (a trial is one per machine, ever: more is a script).
+CHECKOUTS = Limit("checkout", 20, 600.0)
+TRIALS = Limit("trial", 10, 3600.0)
+# A portal session is a request to Stripe's API: 20 in 10 minutes per license is plenty for a person.
+PORTALS = Limit("portal", 20, 600.0)
 
 
 def address_bucket(host: str | None) -> str:

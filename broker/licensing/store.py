@@ -33,6 +33,11 @@ def new_machine_id() -> str:
     return "mch_" + secrets.token_hex(12)
 
 
+def new_license_id() -> str:
+    """A license the broker creates itself (a checkout or a trial from the app)."""
+    return "lic_" + secrets.token_hex(12)
+
+
 class KeyStore:
     """One key per license, created when first needed (`reveal`), replaced by `rotate`."""
 

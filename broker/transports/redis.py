@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from broker import background
 from broker.transports.base import channel
-from broker.transports.subscriber import RedisSubscriber, subscriber_options
+from broker.transports.subscriber import RedisSubscriber, check_alive, subscriber_options
 
 log = logging.getLogger("broker.redis")
 
@@ -168,6 +168,8 @@ class RedisTransport(RedisSubscriber):
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
                     self._handled(message)
+                else:
+                    check_alive(pubsub)
         except BaseException as exc:
             await self._lost(pubsub, exc)
             raise

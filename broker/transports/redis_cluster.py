@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 from broker import background
 from broker.settings import parse_cluster_url
 from broker.transports.base import channel
-from broker.transports.subscriber import RedisSubscriber, subscriber_options
+from broker.transports.subscriber import RedisSubscriber, check_alive, subscriber_options
 
 log = logging.getLogger("broker.redis_cluster")
 
@@ -290,7 +290,10 @@ class RedisClusterTransport(RedisSubscriber):
                     self._lost = True
                     self._resync.set()
                     continue
-                if message is None or self._handled(message):
+                if message is None:
+                    check_alive(shard.pubsub)
+                    continue
+                if self._handled(message):
                     continue
                 if message["type"] == "sunsubscribe":
                     ch = message["channel"].decode()

@@ -25,6 +25,19 @@ log = logging.getLogger("broker.redis")
 
 PREFIX = b"license:"
 FIRST_BACKOFF = 0.05
+# redis-py's health check sends a PING once a connection has read nothing for its interval, but
+# never waits for the answer: a connection that died without a word (a host gone, a NAT or
+# firewall that forgot the flow) would be read for ever. Whatever is read, the PONG included,
+# moves the next check on; still silent this long after the PING was due, the connection is dead.
+PING_GRACE = 5.0
+
+
+def check_alive(pubsub: Any) -> None:
+    """Raise ConnectionError if the subscribed connection has not answered its health check."""
+    conn = pubsub.connection
+    due = conn.next_health_check if conn is not None else -1
+    if due > 0 and asyncio.get_running_loop().time() > due + PING_GRACE:
+        raise ConnectionError("no answer to the health check's PING: the connection is silently dead")
 
 
 def subscriber_options() -> dict[str, Any]:

@@ -6,13 +6,19 @@
 //   locked for paying users or, worse, be tempted to trust whatever a server says.
 // - A packaged build reads nothing from the environment: a BROKER_URL set by whoever starts the
 //   app would point it at a server of their choosing. Only a development run (`npm start` from
-//   the source) takes BROKER_URL, LICENSE_ID and LICENSE_TOKEN from the environment.
+//   the source) takes BROKER_URL from the environment.
+// - The license itself comes from the key the buyer types (license.js): nothing to configure.
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { LeaseVerifier } from "license-broker-client";
 
 /** Your broker, for packaged builds. */
 export const PRODUCTION_BROKER_URL = "https://licenses.example.com";
+/**
+ * Your app's own salt for the machine fingerprint (the client hashes the OS machine id with it):
+ * fixed for the life of the app, or every machine becomes a new one.
+ */
+export const APP_ID = "com.example.license-broker-demo";
 const DEVELOPMENT_BROKER_URL = "http://127.0.0.1:8000";
 export const KEY_FILE = "public-key.pem";
 
@@ -21,7 +27,7 @@ export const KEY_FILE = "public-key.pem";
  * @param {boolean} options.packaged  Electron's app.isPackaged
  * @param {Record<string, string | undefined>} options.env  process.env (ignored when packaged)
  * @param {string} options.dir  where public-key.pem is (the app's own directory)
- * @returns {{ baseUrl: string, licenseId: string, publicKeys: string[], token: string | null }}
+ * @returns {{ baseUrl: string, appId: string, publicKeys: string[] }}
  */
 export function loadConfig({ packaged, env, dir }) {
   const keyFile = path.join(dir, KEY_FILE);
@@ -41,9 +47,5 @@ export function loadConfig({ packaged, env, dir }) {
   }
   const baseUrl = packaged ? PRODUCTION_BROKER_URL : (env.BROKER_URL ?? DEVELOPMENT_BROKER_URL);
   if (packaged && !baseUrl.startsWith("https://")) throw new Error(`a packaged build talks to its broker over https, not ${baseUrl}`);
-  // In a real app the license id comes from the signed-in user's account.
-  const licenseId = packaged ? "lic_demo" : (env.LICENSE_ID ?? "lic_demo");
-  // Development only: a token from `license-broker token <license id>`; else main.js asks.
-  const token = packaged ? null : (env.LICENSE_TOKEN ?? null);
-  return { baseUrl, licenseId, publicKeys: [text], token };
+  return { baseUrl, appId: APP_ID, publicKeys: [text] };
 }

@@ -6,7 +6,7 @@ import { mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
-import { loadConfig, PRODUCTION_BROKER_URL } from "./config.js";
+import { APP_ID, loadConfig, PRODUCTION_BROKER_URL } from "./config.js";
 
 const publicPem = () => generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" });
 const HOSTILE = { BROKER_URL: "http://evil.example", LICENSE_ID: "lic_someone_else", LICENSE_TOKEN: "a-token" };
@@ -44,10 +44,11 @@ test("it pins exactly what `keys public` writes", async () => {
 test("a packaged build takes its broker from the build, never from the environment", async () => {
   const dir = await appDir(publicPem());
   const packaged = loadConfig({ packaged: true, env: HOSTILE, dir });
-  assert.deepEqual([packaged.baseUrl, packaged.licenseId, packaged.token], [PRODUCTION_BROKER_URL, "lic_demo", null]);
+  assert.deepEqual([packaged.baseUrl, packaged.appId], [PRODUCTION_BROKER_URL, APP_ID]);
   assert.ok(PRODUCTION_BROKER_URL.startsWith("https://"));
   const development = loadConfig({ packaged: false, env: HOSTILE, dir });
-  assert.deepEqual([development.baseUrl, development.licenseId, development.token], [HOSTILE.BROKER_URL, HOSTILE.LICENSE_ID, "a-token"]);
+  assert.deepEqual([development.baseUrl, development.appId], [HOSTILE.BROKER_URL, APP_ID]); // the license: from the key only
+  assert.deepEqual(Object.keys(development).sort(), ["appId", "baseUrl", "publicKeys"]);
   assert.equal(loadConfig({ packaged: false, env: {}, dir }).baseUrl, "http://127.0.0.1:8000");
 });
 

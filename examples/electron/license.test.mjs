@@ -1,5 +1,6 @@
 // The example's main-process code (license.js) against a live broker: tests/test_node_client.py
-// runs it, with BROKER_URL (development mode, signing with the key LEASE_PUBLIC_KEY_A verifies).
+// runs it, with BROKER_URL (development mode, license keys on, one machine per license, signing
+// with the key LEASE_PUBLIC_KEY_A verifies). Each "computer" is an OS machine id of its own.
 import assert from "node:assert/strict";
 import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -8,11 +9,23 @@ import { test } from "node:test";
 import { startLicense } from "./license.js";
 
 const { BROKER_URL, LEASE_PUBLIC_KEY_A } = process.env;
+const skip = BROKER_URL ? false : "BROKER_URL is not set (tests/test_node_client.py runs these)";
+const APP_ID = "com.example.license-broker-demo";
 
-async function dev(path, body) {
+async function post(path, body) {
   const response = await fetch(`${BROKER_URL}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
-  assert.equal(response.status, 200);
+  assert.equal(response.status, 200, await response.clone().text());
   return response.json();
+}
+
+/** Pays for a new license as Stripe would tell the broker; its key, as the /activate page shows it. */
+async function buy() {
+  const licenseId = `lic_electron_${Math.random().toString(36).slice(2, 12)}`;
+  const { events } = await post("/dev/simulate", { license_id: licenseId, action: "pay" });
+  const session = events.find((event) => event.type === "checkout.session.completed").object;
+  const shown = await (await fetch(`${BROKER_URL}/api/checkout-sessions/${session}/license`)).json();
+  assert.equal(shown.license_id, licenseId);
+  return { licenseId, key: shown.key };
 }
 
 async function until(predicate, what) {
@@ -23,67 +36,105 @@ async function until(predicate, what) {
   }
 }
 
-test("the windows are told to unlock on payment, and a restart offline stays unlocked", { skip: !BROKER_URL }, async () => {
-  const licenseId = `lic_electron_${Date.now()}`;
-  const cachePath = join(await mkdtemp(join(tmpdir(), "lb-electron-")), "license-lease");
-  const sent = [];
-  const options = {
-    licenseId,
-    getToken: async () => (await dev("/dev/token", { license_id: licenseId })).token,
-    publicKeys: [LEASE_PUBLIC_KEY_A],
-    cachePath,
-    send: (channel, snapshot) => sent.push([channel, snapshot]),
-  };
-  const license = await startLicense({ ...options, baseUrl: BROKER_URL });
-  const paidWork = () => "the paid result";
-  try {
-    await until(() => sent.some(([, s]) => s.connection === "live" && s.status === "none"), "the first lease");
-    assert.equal(license.snapshot().entitled, false);
-    // The paid feature is refused by the main process while locked, whatever the window shows.
-    assert.deepEqual(license.run("pro-report", paidWork), { ok: false, reason: "locked" });
-    await dev("/dev/simulate", { license_id: licenseId, action: "pay" });
-    await until(() => sent.at(-1)[1].entitled, "unlocked");
-    assert.deepEqual(sent.at(-1)[0], "license:changed");
-    assert.equal(sent.at(-1)[1].status, "active");
-    assert.deepEqual(license.run("pro-report", paidWork), { ok: true, result: "the paid result" });
-  } finally {
-    license.stop();
-  }
-  // The app restarts with no network: the cached lease unlocks it at once.
-  const offline = await startLicense({ ...options, baseUrl: "http://127.0.0.1:9", send: () => {} });
-  try {
-    assert.equal(offline.snapshot().entitled, true);
-  } finally {
-    offline.stop();
-  }
-  const fresh = await startLicense({ ...options, baseUrl: "http://127.0.0.1:9", cachePath: `${cachePath}.none`, send: () => {} });
-  try {
-    assert.equal(fresh.snapshot().entitled, false);
-  } finally {
-    fresh.stop();
-  }
-});
-
-test("a refund locks the paid feature in the main process at once", { skip: !BROKER_URL }, async () => {
-  const licenseId = `lic_electron_refund_${Date.now()}`;
+/** The app on one computer: its own user-data directory and OS machine id. */
+async function computer(name, options = {}) {
   const sent = [];
   const license = await startLicense({
     baseUrl: BROKER_URL,
-    licenseId,
-    getToken: async () => (await dev("/dev/token", { license_id: licenseId })).token,
+    appId: APP_ID,
     publicKeys: [LEASE_PUBLIC_KEY_A],
-    cachePath: join(await mkdtemp(join(tmpdir(), "lb-electron-")), "license-lease"),
-    send: (channel, snapshot) => sent.push(snapshot),
+    cachePath: join(await mkdtemp(join(tmpdir(), `lb-electron-${name}-`)), "license-lease"),
+    machineId: `os-id-${name}-${Math.random()}`,
+    send: (channel, snapshot) => sent.push([channel, snapshot]),
+    ...options,
   });
+  return { license, sent, last: () => sent.at(-1)?.[1] ?? license.snapshot() };
+}
+
+const paidWork = () => "the paid result";
+
+test("it starts on the key screen, and the key unlocks it live; a restart offline stays unlocked", { skip }, async () => {
+  const { key, licenseId } = await buy();
+  const machineId = `os-id-first-${Math.random()}`;
+  const app = await computer("first", { machineId });
+  let cachePath;
   try {
-    await dev("/dev/simulate", { license_id: licenseId, action: "pay" });
-    await until(() => sent.at(-1)?.entitled, "unlocked");
-    assert.equal(license.run("pro-report", () => 1).ok, true);
-    await dev("/dev/simulate", { license_id: licenseId, action: "refund" });
-    await until(() => sent.at(-1)?.entitled === false, "locked by the refund");
-    assert.deepEqual(license.run("pro-report", () => 1), { ok: false, reason: "locked" });
-    assert.equal(sent.at(-1).status, "revoked");
+    assert.deepEqual([app.license.snapshot().screen, app.license.snapshot().entitled], ["key", false]);
+    await until(() => app.last().connection === "inactive", "waiting for a key");
+    // The paid feature is refused by the main process while locked, whatever the window shows.
+    assert.deepEqual(app.license.run("pro-report", paidWork), { ok: false, reason: "locked" });
+    assert.deepEqual(await app.license.activate(key.toLowerCase()), { ok: true });
+    assert.deepEqual([app.last().screen, app.last().entitled, app.last().status], ["app", true, "active"]);
+    assert.deepEqual(app.license.run("pro-report", paidWork), { ok: true, result: "the paid result" });
+    await until(() => app.last().connection === "live", "the stream");
+    assert.equal(app.sent.at(-1)[0], "license:changed");
+    assert.equal(app.license.client.licenseId, licenseId);
+    cachePath = app.license.client.cache.path;
   } finally {
-    license.stop();
+    app.license.stop();
+  }
+  // The app restarts with no network: the activation and the cached lease unlock it at once.
+  const offline = await computer("first", { baseUrl: "http://127.0.0.1:9", cachePath, machineId });
+  try {
+    assert.deepEqual([offline.license.snapshot().screen, offline.license.snapshot().entitled], ["app", true]);
+  } finally {
+    offline.license.stop();
+  }
+});
+
+test("a refund locks the paid feature in the main process at once", { skip }, async () => {
+  const { key, licenseId } = await buy();
+  const app = await computer("refund");
+  try {
+    assert.equal((await app.license.activate(key)).ok, true);
+    await until(() => app.last().connection === "live", "the stream");
+    await post("/dev/simulate", { license_id: licenseId, action: "refund" });
+    await until(() => app.last().entitled === false, "locked by the refund");
+    assert.deepEqual(app.license.run("pro-report", paidWork), { ok: false, reason: "locked" });
+    assert.equal(app.last().status, "revoked");
+  } finally {
+    app.license.stop();
+  }
+});
+
+test("limit reached: the list of computers, release one, this one activates, the other locks live", { skip }, async () => {
+  const { key } = await buy();
+  const [laptop, desktop] = [await computer("laptop"), await computer("desktop")];
+  try {
+    assert.equal((await laptop.license.activate(key)).ok, true);
+    await until(() => laptop.last().connection === "live", "the laptop's stream");
+    const full = await desktop.license.activate(key);
+    assert.deepEqual([full.ok, full.error, full.max, full.machines.length], [false, "machine_limit_reached", 1, 1]);
+    assert.equal(full.machines[0].id, laptop.license.client.machineId);
+    assert.equal(desktop.license.snapshot().screen, "key");
+    assert.deepEqual(await desktop.license.replace(full.machines[0].id, key), { ok: true });
+    assert.deepEqual([desktop.last().screen, desktop.last().entitled], ["app", true]);
+    // The laptop's stream ends: it is locked and back on the key screen, told why.
+    await until(() => laptop.last().screen === "key", "the laptop released");
+    assert.deepEqual([laptop.last().entitled, laptop.last().released], [false, true]);
+    assert.deepEqual(laptop.license.run("pro-report", paidWork), { ok: false, reason: "locked" });
+    // Deactivating this computer frees the place: the laptop takes it back.
+    assert.deepEqual(await desktop.license.deactivate(), { ok: true });
+    assert.deepEqual([desktop.last().screen, desktop.last().entitled], ["key", false]);
+    assert.deepEqual(await laptop.license.activate(key), { ok: true });
+    assert.deepEqual([laptop.last().screen, laptop.last().entitled, laptop.last().released], ["app", true, false]);
+    await until(() => laptop.last().connection === "live", "the laptop's stream again");
+  } finally {
+    laptop.license.stop();
+    desktop.license.stop();
+  }
+});
+
+test("a typo and an unknown key are told apart, and nothing unlocks", { skip }, async () => {
+  const app = await computer("typo");
+  try {
+    const { key } = await buy();
+    const typo = await app.license.activate(`${key.slice(0, -1)}${key.endsWith("0") ? "1" : "0"}`);
+    assert.deepEqual([typo.ok, typo.error], [false, "malformed_key"]);
+    const unknown = await app.license.activate("PY9W9-WM8F2-WT0QD-EYJKS-7YMED"); // well formed, never issued here
+    assert.deepEqual([unknown.ok, unknown.error], [false, "invalid_key"]);
+    assert.deepEqual([app.license.snapshot().screen, app.license.snapshot().entitled], ["key", false]);
+  } finally {
+    app.license.stop();
   }
 });

@@ -1,26 +1,10 @@
-// Electron's main process: holds the license stream (one for every window), answers the windows
+// Electron's main process: holds the license (one client for every window), answers the windows
 // over IPC, and runs the paid features. The license logic itself is in license.js, the settings
 // in config.js.
 import path from "node:path";
 import { app, BrowserWindow, dialog, ipcMain } from "electron";
 import { loadConfig } from "./config.js";
 import { startLicense } from "./license.js";
-
-// Replace this with your web app's endpoint, authenticated with the user's session. The one here
-// takes LICENSE_TOKEN (`license-broker token lic_demo`, development runs only), or else asks the
-// broker's development-mode endpoint (`make run`), which mints a token for anyone.
-function tokenSource({ baseUrl, licenseId, token }) {
-  if (token) return async () => token;
-  return async () => {
-    const response = await fetch(`${baseUrl}/dev/token`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ license_id: licenseId }),
-    });
-    if (!response.ok) throw new Error(`token: ${response.status}`);
-    return (await response.json()).token;
-  };
-}
 
 // The paid features: they run here, never in a window, and only through license.run().
 const PAID_FEATURES = {
@@ -33,8 +17,8 @@ function sendToWindows(channel, payload) {
 
 function openWindow() {
   const window = new BrowserWindow({
-    width: 520,
-    height: 360,
+    width: 560,
+    height: 440,
     webPreferences: {
       preload: path.join(import.meta.dirname, "preload.cjs"),
       contextIsolation: true,
@@ -44,6 +28,9 @@ function openWindow() {
   });
   window.loadFile(path.join(import.meta.dirname, "index.html"));
 }
+
+// What a window may send: strings of a sane length, nothing else.
+const text = (value, longest = 200) => (typeof value === "string" && value.length <= longest ? value : "");
 
 app.whenReady().then(async () => {
   let config;
@@ -57,13 +44,16 @@ app.whenReady().then(async () => {
   }
   const license = await startLicense({
     baseUrl: config.baseUrl,
-    licenseId: config.licenseId,
+    appId: config.appId,
     publicKeys: config.publicKeys,
-    getToken: tokenSource(config),
+    // The last lease, and beside it the watermark and this machine's activation (its token, 0600).
     cachePath: path.join(app.getPath("userData"), "license-lease"),
     send: sendToWindows,
   });
   ipcMain.handle("license:get", () => license.snapshot()); // a window that opens later asks once
+  ipcMain.handle("license:activate", (_event, key) => license.activate(text(key)));
+  ipcMain.handle("license:replace", (_event, machineId, key) => license.replace(text(machineId), text(key)));
+  ipcMain.handle("license:deactivate", () => license.deactivate());
   ipcMain.handle("feature:use", (_event, name) => {
     const work = Object.hasOwn(PAID_FEATURES, name) ? PAID_FEATURES[name] : null;
     return work === null ? { ok: false, reason: "unknown feature" } : license.run(name, work);

@@ -8,6 +8,11 @@ contextBridge.exposeInMainWorld("license", {
     ipcRenderer.on("license:changed", listener);
     return () => ipcRenderer.off("license:changed", listener);
   },
+  // The key the user typed: the main process activates this computer with it.
+  activate: (key) => ipcRenderer.invoke("license:activate", key),
+  // "Limit reached": release the machine picked from the list, then activate here.
+  replace: (machineId, key) => ipcRenderer.invoke("license:replace", machineId, key),
+  deactivate: () => ipcRenderer.invoke("license:deactivate"),
   // Asks the main process to run a paid feature; it decides, from the signed lease.
   use: (feature) => ipcRenderer.invoke("feature:use", feature),
 });

@@ -79,7 +79,9 @@ function follow() {
 
 $("copy").addEventListener("click", copyKey);
 if (!sessionId) {
-  problem("This page shows your license key after a purchase: open it from the link at the end of your checkout.");
+  // Also where the Billing Portal's return link leads by default (PORTAL_RETURN_URL).
+  problem("You can close this tab and return to the app. This page shows your license key after a purchase: " +
+    "open it from the link at the end of your checkout.");
 } else {
   follow();
 }

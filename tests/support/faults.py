@@ -1,5 +1,6 @@
 """Faults a test can inject: a private redis-server it may stop and start, and a TCP relay it
-may cut, to take a service away from one process only."""
+may cut (every connection reset) or stall (every open connection silent, none closed), to take a
+service away from one process only."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._listener.settimeout(0.1)
         self._conns: list[socket.socket] = []
+        self._stalled: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.up = True
         self._stopped = False
@@ -98,6 +100,7 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the timeout was for connecting: an idle connection lives on
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -106,7 +109,8 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if source not in self._stalled:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -123,6 +127,15 @@ class TcpProxy:
                     conn.shutdown(socket.SHUT_RDWR)
                 conn.close()
             self._conns.clear()
+            self._stalled.clear()
+
+    def stall(self) -> None:
+        """Stop forwarding on every open connection without closing any, as a peer that vanished
+        without a word does (a host that lost power, a NAT or firewall that forgot the flow):
+        what either side sends is swallowed, nothing arrives and nothing ends. New connections
+        are relayed as before."""
+        with self._lock:
+            self._stalled.update(self._conns)
 
     def restore(self) -> None:
         self.up = True

@@ -129,6 +129,12 @@ def run_module(
     )
 
 
+# BROKER_POLL_INTERVAL for a test of the Redis path: the database sweep far slower than any wait of
+# the test, so that what arrives came through Redis (or through a sweep that a reconnect woke),
+# not through the 0.2 s sweep of process_env, which would hide a publish that never happens.
+SLOW_SWEEP = "600"
+
+
 def process_env(database_url: str, **extra: str) -> dict[str, str]:
     env = {
         "DATABASE_URL": database_url,

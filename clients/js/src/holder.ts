@@ -1,5 +1,5 @@
 import type { LeaseCache } from "./cache.js";
-import { InvalidLeaseError, type Lease, LeaseExpiredError, type LeaseVerifier, leaseValidAt, supersedes } from "./leases.js";
+import { InvalidLeaseError, type Lease, LeaseExpiredError, type LeaseVerifier, leaseValidAt, type MachineBinding, supersedes } from "./leases.js";
 import type { Mark, Watermark } from "./watermark.js";
 
 /** The watermark's time is written at most this often while nothing else changes (seconds). */
@@ -23,6 +23,11 @@ export class LeaseHolder {
     readonly cache: LeaseCache | undefined,
     readonly watermark: Watermark | undefined,
     private readonly log: (message: string) => void = () => {},
+    /**
+     * This machine, when the license was activated here with a key: only leases issued to it count
+     * (a lease copied from another computer names that computer).
+     */
+    readonly machine: MachineBinding | null = null,
   ) {
     this.marked = { licenseId, seq: -1, issuedAt: 0, seen: 0 };
   }
@@ -100,7 +105,7 @@ export class LeaseHolder {
       throw new InvalidLeaseError(`no record of the leases this app has held (${this.watermark.path} is missing)`);
     }
     if (this.clockBehind()) throw new InvalidLeaseError("the clock is behind the latest time this app has seen: it was turned back");
-    const lease = await this.verifier.verify(token, this.licenseId, { nowMs: this.nowMs() });
+    const lease = await this.verifier.verify(token, this.licenseId, { nowMs: this.nowMs(), machine: this.machine });
     if (lease.seq < this.marked.seq || lease.issuedAt < this.marked.issuedAt) {
       throw new InvalidLeaseError(`older than a lease this app has held (seq ${lease.seq} < ${this.marked.seq}, or issued earlier)`);
     }
@@ -115,7 +120,7 @@ export class LeaseHolder {
    */
   async accept(token: string): Promise<Lease | null> {
     await this.restore();
-    const lease = await this.verifier.verify(token, this.licenseId);
+    const lease = await this.verifier.verify(token, this.licenseId, { machine: this.machine });
     const mark = this.marked;
     if (lease.seq <= mark.seq && lease.issuedAt < mark.issuedAt) {
       if (lease.seq === mark.seq) return null; // the same state, signed a moment earlier (another broker process's clock)
@@ -130,6 +135,20 @@ export class LeaseHolder {
     this.marked = next;
     this.current = lease;
     return lease;
+  }
+
+  /**
+   * Drop the lease held and the cached one (this machine was released): the watermark stays, so
+   * that no older lease comes back.
+   */
+  async forget(): Promise<void> {
+    await this.restore();
+    this.current = null;
+    try {
+      await this.cache?.clear();
+    } catch (error) {
+      this.log(`cached lease not removed: ${(error as Error).message}`);
+    }
   }
 
   private async write(mark: Mark, token: string): Promise<void> {

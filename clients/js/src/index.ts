@@ -5,11 +5,25 @@ export {
   LicenseClient,
   type LicenseClientOptions,
   type LicenseState,
-  UnauthorizedError,
 } from "./client.js";
+export {
+  BrokerError,
+  type BrokerErrorOptions,
+  BrokerUnavailableError,
+  InvalidLicenseKeyError,
+  MachineLimitReachedError,
+  MachineNotFoundError,
+  MachineReleasedError,
+  MalformedLicenseKeyError,
+  NotActivatedError,
+  RateLimitedError,
+  UnauthorizedError,
+} from "./errors.js";
+export { type Exec, MachineIdError, type MachineIdOptions, machineFingerprint, osMachineId } from "./fingerprint.js";
 export { LeaseHolder } from "./holder.js";
 export { InvalidKeyError, type JsonWebKeySet, keyId } from "./keys.js";
 export {
+  checkBinding,
   DEFAULT_MAX_SKEW_MS,
   InvalidLeaseError,
   type Lease,
@@ -17,6 +31,10 @@ export {
   LeaseVerifier,
   type LeaseVerifierOptions,
   leaseValidAt,
+  type MachineBinding,
   supersedes,
+  type VerifyOptions,
 } from "./leases.js";
+export { normalizeLicenseKey } from "./license-key.js";
+export { type Activation, type Credentials, type Machine, MachineFile, type MachineList } from "./machines.js";
 export { type Mark, Watermark } from "./watermark.js";

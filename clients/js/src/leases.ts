@@ -15,6 +15,38 @@ export interface Lease {
   readonly issuedAt: number;
   readonly expiresAt: number;
   readonly kid: string;
+  /**
+   * A lease issued to a machine (activated with a key) names it: the machine id and the
+   * fingerprint hash the client sent. null for a lease of a subscriber token.
+   */
+  readonly machineId?: string | null;
+  readonly fingerprint?: string | null;
+}
+
+/**
+ * This machine, as a lease issued to it must name it: the machine id the activation gave, and the
+ * fingerprint computed here now (never read from a file: a copy elsewhere computes another).
+ */
+export interface MachineBinding {
+  readonly machineId: string;
+  readonly fingerprint: string;
+}
+
+/**
+ * A lease that names a machine verifies only on that machine; a client that has a machine takes
+ * only leases issued to it. So a lease copied to another computer verifies nothing.
+ */
+export function checkBinding(lease: Lease, machine: MachineBinding | null | undefined): void {
+  const named = lease.machineId ?? null;
+  const fingerprint = lease.fingerprint ?? null;
+  if (!machine) {
+    if (named !== null || fingerprint !== null) throw new InvalidLeaseError(`issued to machine ${named}: this client has no machine activated`);
+    return;
+  }
+  if (named !== machine.machineId) throw new InvalidLeaseError(`issued to another machine (${named}, this one is ${machine.machineId})`);
+  if (fingerprint === null || fingerprint.toLowerCase() !== machine.fingerprint.toLowerCase()) {
+    throw new InvalidLeaseError("issued to another computer: its fingerprint is not this machine's");
+  }
 }
 
 /**
@@ -66,6 +98,13 @@ export interface LeaseVerifierOptions {
 
 const REMOVED = ["jwksUrl", "jwksMaxAgeMs", "jwksCooldownMs"];
 
+export interface VerifyOptions {
+  /** When expiry is judged (ms); default: the clock. */
+  nowMs?: number;
+  /** This machine, when the license was activated here with a key. */
+  machine?: MachineBinding | null;
+}
+
 /**
  * Verifies leases (Ed25519 compact JWS, EdDSA) against the keys pinned in the app, and nothing
  * else: no network. With no key pinned it verifies nothing. The broker's JWKS is never consulted: it is served by whatever answers at the
@@ -106,15 +145,16 @@ export class LeaseVerifier {
   }
 
   /** Kept for the code written for 0.1: the same as verify() (nothing is fetched in either). */
-  verifyOffline(token: string, licenseId: string, options: { nowMs?: number } = {}): Promise<Lease> {
+  verifyOffline(token: string, licenseId: string, options: VerifyOptions = {}): Promise<Lease> {
     return this.verify(token, licenseId, options);
   }
 
   /**
-   * The lease, if it verifies with a pinned key, is for `licenseId`, was not issued after the
-   * clock (beyond maxSkewMs) and is unexpired at `nowMs` (default: the clock).
+   * The lease, if it verifies with a pinned key, is for `licenseId` (and, for a lease issued to a
+   * machine, for `options.machine`: see checkBinding), was not issued after the clock (beyond
+   * maxSkewMs) and is unexpired at `nowMs` (default: the clock).
    */
-  async verify(token: string, licenseId: string, options: { nowMs?: number } = {}): Promise<Lease> {
+  async verify(token: string, licenseId: string, options: VerifyOptions = {}): Promise<Lease> {
     if (this.pinned.size === 0) {
       throw new InvalidLeaseError("this app pins no lease key: leases are not verified, and nothing unlocks offline (pin what `license-broker keys public` prints)");
     }
@@ -142,6 +182,11 @@ export class LeaseVerifier {
     if (![payload.seq, payload.exp, payload.iat].every((n) => typeof n === "number" && Number.isFinite(n))) {
       throw new InvalidLeaseError("malformed claims");
     }
+    for (const name of ["machine", "fingerprint"]) {
+      if (payload[name] !== undefined && payload[name] !== null && typeof payload[name] !== "string") {
+        throw new InvalidLeaseError(`malformed claims: ${name}`);
+      }
+    }
     const lease: Lease = {
       token,
       licenseId,
@@ -153,7 +198,10 @@ export class LeaseVerifier {
       issuedAt: payload.iat as number,
       expiresAt: payload.exp as number,
       kid,
+      machineId: (payload.machine as string | undefined) ?? null,
+      fingerprint: (payload.fingerprint as string | undefined) ?? null,
     };
+    checkBinding(lease, options.machine);
     const clock = this.clock();
     if (lease.issuedAt * 1000 > clock + this.maxSkewMs) {
       const ahead = Math.round(lease.issuedAt - clock / 1000);

@@ -9,7 +9,19 @@
 
 or, with a callback: `await client.run(on_event)`. `client.state` is the last state received;
 `client.lease` the newest valid lease (received, or read from the cache); `client.status` the
-connection's ("connecting", "live", "reconnecting", "unauthorized", "stopped").
+connection's ("inactive", "connecting", "live", "reconnecting", "unauthorized", "stopped").
+
+With a license key instead of a token from the seller's web app (docs/protocol.md):
+
+    client = LicenseClient(URL, app_id="com.example.draw", verifier=verifier, cache="~/.myapp/lease")
+    if not client.activated:
+        await client.activate(ask_the_user_for_the_key())   # MachineLimitReached: client.release(...)
+    async for event in client:                # follows the stream with the machine token
+        ...
+
+The activation (license id, machine id, machine token) is kept beside the cache
+(`<cache>.machine`, 0600); the token is renewed on the stream and before it is half spent; only
+leases issued to this machine (its id and fingerprint) count.
 """
 
 from __future__ import annotations
@@ -26,16 +38,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import httpx
-from httpx_sse import aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 from license_broker_client.cache import LeaseCache
+from license_broker_client.errors import (
+    BrokerError,
+    MachineNotFound,
+    MachineReleased,
+    NotActivated,
+    Unauthorized,
+    error_of,
+    retry_after_seconds,
+)
+from license_broker_client.fingerprint import MachineIdUnavailable
 from license_broker_client.holder import LeaseHolder
 from license_broker_client.leases import InvalidLease, Lease, LeaseVerifier
+from license_broker_client.license_keys import normalize_license_key
+from license_broker_client.machine_routes import MachineRoutes, bearer, license_auth
+from license_broker_client.machines import Activation, Credentials, MachineFile, MachineList
+from license_broker_client.this_machine import ThisMachine
 from license_broker_client.watermark import Watermark
 
 log = logging.getLogger("license_broker_client")
 
-Status = Literal["connecting", "live", "reconnecting", "unauthorized", "stopped"]
+# "inactive": a client created with app_id that has no machine activated yet waits for activate().
+Status = Literal["inactive", "connecting", "live", "reconnecting", "unauthorized", "stopped"]
 Trust = Literal["pinned", "unverified"]
 TokenSource = str | Callable[[], str | Awaitable[str]]
 
@@ -49,18 +76,19 @@ UNVERIFIED = (
     "offline. Pin the broker's public key: LeaseVerifier(<what `license-broker keys public` prints>)."
 )
 
-
-class Unauthorized(Exception):
-    """401/403: a new token is needed; reconnecting with this one would never succeed."""
+__all__ = ["LicenseClient", "Status", "TokenSource", "Trust", "Unauthorized"]
 
 
 class LicenseClient:
     def __init__(
         self,
         base_url: str,
-        license_id: str,
-        token: TokenSource,
+        license_id: str | None = None,
+        token: TokenSource | None = None,
         *,
+        app_id: str | None = None,
+        machine_id: str | None = None,
+        machine_file: MachineFile | str | os.PathLike[str] | None = None,
         verifier: LeaseVerifier | None = None,
         cache: LeaseCache | str | os.PathLike[str] | None = None,
         watermark: Watermark | str | os.PathLike[str] | None = None,
@@ -74,9 +102,19 @@ class LicenseClient:
         read_timeout: float = 45.0,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        self.license_id = license_id
-        self.url = f"{base_url.rstrip('/')}/api/licenses/{license_id}/events"
+        """Either `license_id` and `token` (a subscriber token from the seller's web app), or
+        `app_id` (your app's own salt for the machine fingerprint): the license then comes from
+        `activate(key)`. `machine_id` replaces the OS machine id (a system the client does not
+        know); `machine_file` where the activation is kept (default `<cache>.machine`)."""
+        if app_id is None and (license_id is None or token is None):
+            raise TypeError("LicenseClient: give license_id and token (from your web app), or app_id= (license keys)")
+        if app_id is not None and (license_id is not None or token is not None):
+            raise TypeError("LicenseClient: with app_id= the license and its token come from activate(key)")
+        self.base_url = base_url.rstrip("/")
+        self._license_id = license_id
+        self._url: str | None = None
         self.token = token
+        self.app_id = app_id
         self.verifier = verifier
         self.cache = cache if isinstance(cache, LeaseCache) or cache is None else LeaseCache(cache)
         if watermark is None and self.cache is not None:
@@ -99,17 +137,98 @@ class LicenseClient:
         self.rejected_leases = 0
         # Without a pinned key (no verifier, or one given no key) leases prove nothing: the client
         # follows the live state only, and says so.
-        pinned = verifier is not None and bool(verifier.kids)
-        self.trust: Trust = "pinned" if pinned else "unverified"
-        self._holder = LeaseHolder(license_id, verifier, self.cache, self.watermark) if pinned and verifier else None
+        self._pinned = verifier is not None and bool(verifier.kids)
+        self.trust: Trust = "pinned" if self._pinned else "unverified"
+        self._http = http
+        self._routes = MachineRoutes(self.base_url, http)
+        self._machine: ThisMachine | None = None
+        if app_id is not None:
+            if machine_file is None and self.cache is not None:
+                machine_file = self.cache.path.with_name(self.cache.path.name + ".machine")
+            if machine_file is not None and not isinstance(machine_file, MachineFile):
+                machine_file = MachineFile(machine_file)
+            self._machine = ThisMachine(app_id, self._routes, machine_file, machine_id)
+        self._holder: LeaseHolder | None = None
+        if self._pinned and verifier is not None and license_id is not None:
+            self._holder = LeaseHolder(license_id, verifier, self.cache, self.watermark)
         self._entitled = False  # the app starts locked; on_entitlement reports each change from there
         self._new_lease = asyncio.Event()
-        self._http = http
+        self._activation_changed = asyncio.Event()  # activate() or a release: (re)connect as it says
         self._retry: float | None = None
         # The Retry-After of a 429 or 503 (a server or a license at its stream limit).
         self._retry_after: float | None = None
-        if self._holder is None:
+        if not self._pinned:
             log.warning(UNVERIFIED, base_url)
+
+    # --- which license ----------------------------------------------------------------------
+
+    @property
+    def license_id(self) -> str:
+        """The license followed. With app_id, the activated one: NotActivated before activate()."""
+        if self._machine is None:
+            assert self._license_id is not None
+            return self._license_id
+        credentials = self._machine.credentials
+        if credentials is None:
+            raise NotActivated("no machine is activated here: activate(key) first")
+        return credentials.license_id
+
+    @license_id.setter
+    def license_id(self, value: str) -> None:
+        if self._machine is not None:
+            raise AttributeError("license_id: with app_id the license comes from activate(key)")
+        self._license_id = value
+
+    @property
+    def url(self) -> str:
+        """The license's stream (settable, as in 0.2: another stream process, say)."""
+        return self._url or f"{self.base_url}/api/licenses/{self.license_id}/events"
+
+    @url.setter
+    def url(self, value: str) -> None:
+        if self._machine is not None:
+            raise AttributeError("url: with app_id the license's stream follows the activation")
+        self._url = value
+
+    @property
+    def activated(self) -> bool:
+        """A machine is activated here (with app_id): the client has a license to follow."""
+        return self._machine is not None and self._machine.credentials is not None
+
+    @property
+    def machine_id(self) -> str | None:
+        credentials = self._machine.credentials if self._machine is not None else None
+        return None if credentials is None else credentials.machine_id
+
+    @property
+    def fingerprint(self) -> str | None:
+        """This machine's fingerprint (with app_id): what activations send and leases name."""
+        return None if self._machine is None else self._machine.fingerprint
+
+    def _current_holder(self) -> LeaseHolder | None:
+        """The holder of the license followed now: with app_id, one per activation (license and
+        machine), bound to this machine."""
+        if self._machine is None or not self._pinned or self.verifier is None:
+            return self._holder
+        credentials = self._machine.credentials
+        if credentials is None:
+            return None
+        holder = self._holder
+        machine = holder.machine if holder is not None else None
+        if (
+            holder is None
+            or holder.license_id != credentials.license_id
+            or machine is None
+            or (machine.machine_id != credentials.machine_id)
+        ):
+            try:
+                binding = self._machine.binding()
+            except MachineIdUnavailable as exc:
+                log.warning("no machine fingerprint, so no lease counts: %s", exc)
+                return None
+            holder = LeaseHolder(credentials.license_id, self.verifier, self.cache, self.watermark, binding)
+            self._holder = holder
+        return holder
 
     # --- leases -----------------------------------------------------------------------------
 
@@ -117,23 +236,27 @@ class LicenseClient:
     def lease(self) -> Lease | None:
         """The newest valid lease: received on the stream, or else the cached one (read, and
         verified with the pinned keys, on first use: no I/O in the constructor)."""
-        return None if self._holder is None else self._holder.lease
+        holder = self._current_holder()
+        return None if holder is None else holder.lease
 
     def is_entitled(self) -> bool:
         """Whether the app may unlock now. With a pinned key: only on a valid, unexpired lease for
-        this license (online or off), with a clock that was not turned back. Without one: the
-        last state received, unsigned, online only."""
-        if self._holder is None:
+        this license (and, activated with a key, issued to this machine), online or off, with a
+        clock that was not turned back. Without one: the last state received, unsigned, online
+        only."""
+        if not self._pinned:
             return bool(self.state and self.state.get("entitled") is True)
-        return self._holder.is_entitled()
+        holder = self._current_holder()
+        return holder is not None and holder.is_entitled()
 
     async def accept_lease(self, token: str) -> Lease | None:
         """Verify a lease (from the stream, or from GET /api/licenses/{id}'s `lease`) and hold
         it, and cache it, if it supersedes the one held. None if it does not verify."""
-        if self._holder is None:
+        holder = self._current_holder()
+        if holder is None:
             return None
         try:
-            lease = self._holder.accept(token)
+            lease = holder.accept(token)
         except InvalidLease as exc:
             self.rejected_leases += 1
             log.warning("lease rejected: %s", exc)
@@ -157,18 +280,136 @@ class LicenseClient:
     async def _watch_expiry(self) -> None:
         """The lease-expiry timer: the app is told when its lease runs out (offline that long)."""
         while True:
-            left = self._holder.seconds_left() if self._holder is not None else None
+            holder = self._current_holder()
+            left = holder.seconds_left() if holder is not None else None
             delay = EXPIRY_CHECK_INTERVAL if left is None else min(max(left, 0.0) + 0.05, EXPIRY_CHECK_INTERVAL)
             # A new lease re-arms the timer at once.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_lease.wait(), delay)
             self._new_lease.clear()
             try:
-                if self._holder is not None:
-                    self._holder.tick()
+                holder = self._current_holder()
+                if holder is not None:
+                    holder.tick()
                 self._check_entitlement()
             except Exception:  # the app's callback: reported, and the timer keeps running
                 log.exception("license_broker_client: on_entitlement failed")
+
+    # --- keys and machines (docs/protocol.md) -----------------------------------------------
+
+    def _this_machine(self) -> ThisMachine:
+        if self._machine is None:
+            raise TypeError("this client follows a token from your web app: create it with app_id= to use keys")
+        return self._machine
+
+    async def activate(self, key: str, *, name: str | None = None, platform: str | None = None) -> Activation:
+        """Bind this machine to the license of `key` (the same machine again after a reinstall),
+        keep its token beside the cache and hold the lease the broker issued to it; a client
+        iterated already follows the license from here. MalformedLicenseKey (before sending),
+        InvalidLicenseKey, MachineLimitReached (`.machines`: release one with `release(id,
+        key=key)`, then activate again), RateLimited (`.retry_after`), BrokerUnavailable,
+        MachineIdUnavailable. `name` defaults to the computer's name, `platform` to sys.platform."""
+        machine = self._this_machine()
+        activation, credentials = await machine.activate(key, name, platform)
+        previous = machine.credentials
+        machine.store(credentials)
+        if previous is None or previous.license_id != credentials.license_id:
+            self.state, self.last_event_id = None, None  # another license: its own seqs
+        if previous != credentials:
+            self._activation_changed.set()  # a stream of the old activation reconnects
+        if activation.lease is not None:
+            await self.accept_lease(activation.lease)
+        self._check_entitlement()
+        return activation
+
+    async def _authorization(self, key: str | None) -> str:
+        if key is not None:
+            return license_auth(normalize_license_key(key))
+        if self._machine is None:
+            assert self.token is not None
+            token = self.token() if callable(self.token) else self.token
+            return bearer(await token if inspect.isawaitable(token) else token)
+        credentials = self._machine.credentials
+        if credentials is None:
+            raise NotActivated("no machine is activated here: activate(key) first, or give key=")
+        return bearer(credentials.token)
+
+    async def machines(self, *, key: str | None = None) -> MachineList:
+        """The license's machines (oldest first; `current` is this one). With `key=`: for an app
+        whose activation met the limit, which has no token yet."""
+        try:
+            return await self._routes.machines(await self._authorization(key))
+        except MachineReleased:
+            self._forget_machine()
+            raise
+
+    async def release(self, machine_id: str, *, key: str | None = None) -> None:
+        """Release (deactivate) a machine of the license: its token is refused at once and its
+        streams end. This machine's own id: the client forgets its activation and its lease."""
+        own = machine_id == self.machine_id
+        try:
+            await self._routes.release(machine_id, await self._authorization(key))
+        except MachineReleased:
+            self._forget_machine()
+            raise
+        except MachineNotFound:
+            if own:
+                self._forget_machine()  # released already, elsewhere
+            raise
+        if own:
+            self._forget_machine()
+
+    async def deactivate(self) -> None:
+        """Release this machine (its place is free for another) and forget the activation."""
+        machine_id = self.machine_id
+        if machine_id is None:
+            raise NotActivated("no machine is activated here")
+        with contextlib.suppress(MachineNotFound):
+            await self.release(machine_id)
+
+    async def renew_token(self) -> None:
+        """A fresh machine token now (POST /api/machines/{id}/token), and the lease with it. The
+        client renews by itself: on the stream, and before connecting once half of it is spent."""
+        credentials = self._this_machine().credentials
+        if credentials is None:
+            raise NotActivated("no machine is activated here")
+        try:
+            renewed, lease = await self._routes.renew(credentials)
+        except MachineReleased:
+            self._forget_machine()
+            raise
+        self._store_token(renewed)
+        if lease is not None:
+            await self.accept_lease(lease)
+
+    async def license_key(self) -> str:
+        """The license's key, to show for the user's next computer."""
+        try:
+            return await self._routes.license_key(self.license_id, await self._authorization(None))
+        except MachineReleased:
+            self._forget_machine()
+            raise
+
+    def _store_token(self, renewed: Credentials) -> None:
+        machine = self._machine
+        if machine is not None and machine.credentials is not None:
+            current = machine.credentials
+            if (current.license_id, current.machine_id) == (renewed.license_id, renewed.machine_id):
+                machine.store(renewed)
+
+    def _forget_machine(self) -> None:
+        """This machine was released: its activation, its lease and the cached one go (the
+        watermark stays); the app is locked and asks for the key again."""
+        if self._machine is None:
+            return
+        holder = self._current_holder()
+        if holder is not None:
+            holder.forget()
+        self._machine.forget()
+        self._holder = None
+        self.state, self.last_event_id = None, None
+        self._activation_changed.set()
+        self._check_entitlement()
 
     # --- the stream -------------------------------------------------------------------------
 
@@ -178,30 +419,53 @@ class LicenseClient:
             if self.on_status is not None:
                 self.on_status(status)
 
+    async def _token(self) -> str:
+        if self._machine is None:
+            assert self.token is not None
+            token = self.token() if callable(self.token) else self.token
+            return await token if inspect.isawaitable(token) else token
+        if self._machine.token_wants_renewal():
+            try:
+                await self.renew_token()
+            except MachineReleased:
+                raise
+            except BrokerError as exc:  # the stream renews it too, and the token still works
+                log.info("machine token not renewed now: %s", exc)
+        credentials = self._machine.credentials
+        if credentials is None:
+            raise NotActivated("no machine is activated here")
+        return credentials.token
+
     async def _headers(self) -> dict[str, str]:
-        token = self.token() if callable(self.token) else self.token
-        if inspect.isawaitable(token):
-            token = await token
-        headers = {"authorization": f"Bearer {token}", "accept": "text/event-stream"}
+        headers = {"authorization": f"Bearer {await self._token()}", "accept": "text/event-stream"}
         if self.last_event_id is not None:
             headers["last-event-id"] = str(self.last_event_id)
         return headers
 
     async def connect_once(self) -> AsyncIterator[dict[str, Any]]:
-        """One connection: the states it carries, until the server or the network ends it."""
+        """One connection: the states it carries, until the server or the network ends it (or,
+        with app_id, an activation or a release changes what to follow)."""
         self._set_status("connecting" if self.connections == 0 else "reconnecting")
+        self._activation_changed.clear()
+        url = self.url
         http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(10, read=self.read_timeout))
         try:
-            async with aconnect_sse(http, "GET", self.url, headers=await self._headers()) as source:
+            async with aconnect_sse(http, "GET", url, headers=await self._headers()) as source:
                 if source.response.status_code in (401, 403):
-                    raise Unauthorized(f"{source.response.status_code} from {self.url}")
+                    await source.response.aread()
+                    refusal = error_of(source.response, _json(source.response))
+                    if isinstance(refusal, MachineReleased):
+                        self._forget_machine()
+                        raise refusal
+                    raise Unauthorized(f"{source.response.status_code} from {url}: {refusal}",
+                                       status=source.response.status_code, body=refusal.body)  # fmt: skip
                 if source.response.status_code in (429, 503):
                     # A server or a license at its stream limit: not sooner than it asks.
-                    self._retry_after = _seconds(source.response.headers.get("retry-after"))
+                    self._retry_after = retry_after_seconds(source.response.headers.get("retry-after"))
                 source.response.raise_for_status()
                 self.connections += 1
                 self._set_status("live")
-                async for sse in source.aiter_sse():
+                async for sse in _until(source.aiter_sse(), self._activation_changed):
                     if sse.retry is not None:
                         self._retry = sse.retry / 1000
                     if not sse.data:
@@ -210,18 +474,28 @@ class LicenseClient:
                         # No id: it leaves the resume point alone. It follows the state it signs.
                         await self.accept_lease(str(json.loads(sse.data)["lease"]))
                         continue
+                    if sse.event == "token":
+                        self._token_event(json.loads(sse.data))
+                        continue
                     if sse.event != "message":
                         continue  # a kind of event this version does not know
                     event: dict[str, Any] = json.loads(sse.data)
                     if sse.id:
                         self.last_event_id = int(sse.id)
                     self.state = event
-                    if self._holder is None:
+                    if not self._pinned:
                         self._check_entitlement()
                     yield event
         finally:
             if self._http is None:
                 await http.aclose()
+
+    def _token_event(self, data: dict[str, Any]) -> None:
+        """The stream's renewal of the machine token (no id: Last-Event-ID is unaffected)."""
+        credentials = self._machine.credentials if self._machine is not None else None
+        token = data.get("token")
+        if credentials is not None and isinstance(token, str) and data.get("machine_id") == credentials.machine_id:
+            self._store_token(Credentials(credentials.license_id, credentials.machine_id, token))
 
     def reconnect_delay(self, failures: int) -> float:
         """Seconds to wait after `failures` connections in a row ended without an event.
@@ -235,13 +509,20 @@ class LicenseClient:
         return max(ceiling * random.uniform(0.5, 1.0), self._retry_after or 0.0)
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        """Reconnects for ever; raises Unauthorized on 401/403. The lease-expiry timer runs for
-        as long as this does."""
+        """Reconnects for ever; raises Unauthorized on 401/403 (MachineReleased when this machine
+        was released: the client has forgotten it). With app_id and no machine activated, waits
+        for activate() ("inactive"). The lease-expiry timer runs for as long as this does."""
         self._check_entitlement()  # the cached lease, if it unlocks
         timer = asyncio.create_task(self._watch_expiry())
         failures = 0
         try:
             while True:
+                if self._machine is not None and self._machine.credentials is None:
+                    self._set_status("inactive")
+                    self._activation_changed.clear()
+                    await self._activation_changed.wait()
+                    failures = 0
+                    continue
                 started = time.monotonic()
                 try:
                     async for event in self.connect_once():
@@ -250,13 +531,16 @@ class LicenseClient:
                 except Unauthorized:
                     self._set_status("unauthorized")
                     raise
-                except (httpx.HTTPError, OSError) as exc:
+                except (httpx.HTTPError, OSError, BrokerError) as exc:
                     log.info("license stream interrupted: %s", exc)
+                if self._activation_changed.is_set():
+                    continue  # activated again, or released: at once
                 # A connection that stayed up a while was healthy, events or not (a resumed stream
                 # may carry none): its end starts the backoff afresh.
                 failures = 1 if time.monotonic() - started > self.max_backoff else failures + 1
                 self._set_status("reconnecting")
-                await asyncio.sleep(self.reconnect_delay(failures))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._activation_changed.wait(), self.reconnect_delay(failures))
         finally:
             timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -271,10 +555,33 @@ class LicenseClient:
                 await result
 
 
-def _seconds(retry_after: str | None) -> float | None:
-    """Retry-After in seconds (the broker never sends the HTTP-date form), capped at an hour."""
+def _json(response: httpx.Response) -> Any:
     try:
-        value = float(retry_after) if retry_after else -1.0
+        return response.json()
     except ValueError:
         return None
-    return min(value, 3600.0) if value >= 0 else None
+
+
+async def _until(events: AsyncIterator[ServerSentEvent], stop: asyncio.Event) -> AsyncIterator[ServerSentEvent]:
+    """`events` until `stop` is set: the read in progress is cancelled (httpx then closes the
+    connection), so an activation or a release switches at once, not at the next event."""
+    stopping = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[ServerSentEvent] | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(events))
+            await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                return
+            try:
+                event = following.result()
+            except StopAsyncIteration:
+                return
+            following = None
+            yield event
+    finally:
+        stopping.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await following

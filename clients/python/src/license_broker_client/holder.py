@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 
 from license_broker_client.cache import LeaseCache
-from license_broker_client.leases import InvalidLease, Lease, LeaseExpired, LeaseVerifier
+from license_broker_client.leases import InvalidLease, Lease, LeaseExpired, LeaseVerifier, MachineBinding
 from license_broker_client.watermark import Mark, Watermark
 
 log = logging.getLogger("license_broker_client")
@@ -21,10 +21,18 @@ SEEN_WRITE_INTERVAL = 600.0
 
 class LeaseHolder:
     def __init__(
-        self, license_id: str, verifier: LeaseVerifier, cache: LeaseCache | None, watermark: Watermark | None
+        self,
+        license_id: str,
+        verifier: LeaseVerifier,
+        cache: LeaseCache | None,
+        watermark: Watermark | None,
+        machine: MachineBinding | None = None,
     ) -> None:
         self.license_id = license_id
         self.verifier = verifier
+        # This machine, when the license was activated here with a key: only leases issued to it
+        # count (a lease copied from another computer names that computer).
+        self.machine = machine
         self.cache = cache
         self.watermark = watermark
         self._lease: Lease | None = None
@@ -91,7 +99,7 @@ class LeaseHolder:
             raise InvalidLease(f"no record of the leases this app has held ({self.watermark.path} is missing)")
         if self.clock_behind():
             raise InvalidLease("the clock is behind the latest time this app has seen: it was turned back")
-        lease = self.verifier.verify(token, self.license_id, now=self.now())
+        lease = self.verifier.verify(token, self.license_id, now=self.now(), machine=self.machine)
         if lease.seq < self._mark.seq or lease.issued_at < self._mark.issued_at:
             raise InvalidLease(
                 f"older than a lease this app has held (seq {lease.seq} < {self._mark.seq}, or issued earlier)"
@@ -104,7 +112,7 @@ class LeaseHolder:
         watermark. The broker's newer lease wins by `iat` even with a lower seq: its database
         was restored from a backup, and its current state is the truth."""
         self.restore()
-        lease = self.verifier.verify(token, self.license_id)
+        lease = self.verifier.verify(token, self.license_id, machine=self.machine)
         mark = self._mark
         if lease.seq <= mark.seq and lease.issued_at < mark.issued_at:
             if lease.seq == mark.seq:
@@ -120,6 +128,17 @@ class LeaseHolder:
         self._mark = new_mark
         self._lease = lease
         return lease
+
+    def forget(self) -> None:
+        """Drop the lease held and the cached one (this machine was released): the watermark stays,
+        so that no older lease comes back."""
+        self.restore()
+        self._lease = None
+        if self.cache is not None:
+            try:
+                self.cache.clear()
+            except OSError as exc:
+                log.warning("cached lease not removed: %s", exc)
 
     def _write(self, mark: Mark, token: str) -> None:
         # The watermark first: see watermark.py. A full disk must not stop the stream.

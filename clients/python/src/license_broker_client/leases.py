@@ -53,6 +53,10 @@ class Lease:
     issued_at: int
     expires_at: int
     kid: str
+    # A lease issued to a machine (activated with a key) names it: the machine id and the
+    # fingerprint hash the client sent. None for a lease of a subscriber token.
+    machine_id: str | None = None
+    fingerprint: str | None = None
 
     def valid_at(self, now: float) -> bool:
         return now < self.expires_at
@@ -68,6 +72,28 @@ class Lease:
         if self.seq > other.seq or self.issued_at > other.issued_at:
             return True
         return self.seq == other.seq and self.issued_at == other.issued_at and self.expires_at >= other.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class MachineBinding:
+    """This machine, as a lease issued to it must name it: the machine id the activation gave, and
+    the fingerprint computed here now (never read from a file: a copy elsewhere computes another)."""
+
+    machine_id: str
+    fingerprint: str
+
+
+def check_binding(lease: Lease, machine: MachineBinding | None) -> None:
+    """A lease that names a machine verifies only on that machine; a client that has a machine
+    takes only leases issued to it. So a lease copied to another computer verifies nothing."""
+    if machine is None:
+        if lease.machine_id is not None or lease.fingerprint is not None:
+            raise InvalidLease(f"issued to machine {lease.machine_id}: this client has no machine activated")
+        return
+    if lease.machine_id != machine.machine_id:
+        raise InvalidLease(f"issued to another machine ({lease.machine_id}, this one is {machine.machine_id})")
+    if lease.fingerprint is None or lease.fingerprint.lower() != machine.fingerprint.lower():
+        raise InvalidLease("issued to another computer: its fingerprint is not this machine's")
 
 
 class LeaseVerifier:
@@ -104,13 +130,18 @@ class LeaseVerifier:
     def kids(self) -> set[str]:
         return set(self._pinned)
 
-    async def averify(self, token: str, license_id: str, *, now: float | None = None) -> Lease:
+    async def averify(
+        self, token: str, license_id: str, *, now: float | None = None, machine: MachineBinding | None = None
+    ) -> Lease:
         """`verify`, for the code written for 0.1 (it fetched the JWKS; nothing is fetched now)."""
-        return self.verify(token, license_id, now=now)
+        return self.verify(token, license_id, now=now, machine=machine)
 
-    def verify(self, token: str, license_id: str, *, now: float | None = None) -> Lease:
-        """The lease, if it verifies with a pinned key, is for `license_id`, was not issued after
-        the clock (beyond `max_skew`) and is unexpired at `now` (default: the clock)."""
+    def verify(
+        self, token: str, license_id: str, *, now: float | None = None, machine: MachineBinding | None = None
+    ) -> Lease:
+        """The lease, if it verifies with a pinned key, is for `license_id` (and, for a lease
+        issued to a machine, for `machine`: see check_binding), was not issued after the clock
+        (beyond `max_skew`) and is unexpired at `now` (default: the clock)."""
         if not self._pinned:
             raise InvalidLease(NO_PINNED_KEY)
         kid = _kid(token)
@@ -131,6 +162,7 @@ class LeaseVerifier:
         if claims["sub"] != license_id:
             raise InvalidLease("for another license")
         lease = _lease(token, kid, claims)
+        check_binding(lease, machine)
         clock = self.clock()
         if lease.issued_at > clock + self.max_skew:
             raise InvalidLease(
@@ -165,6 +197,17 @@ def _lease(token: str, kid: str, claims: dict[str, Any]) -> Lease:
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
             kid=kid,
+            machine_id=_optional_str(claims, "machine"),
+            fingerprint=_optional_str(claims, "fingerprint"),
         )
     except (TypeError, ValueError) as exc:
         raise InvalidLease(f"malformed claims: {exc}") from None
+
+
+def _optional_str(claims: dict[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidLease(f"malformed claims: {name}")
+    return value

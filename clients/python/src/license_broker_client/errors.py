@@ -1,0 +1,127 @@
+"""What can go wrong talking to the broker, one class per thing an app does differently about it.
+
+    BrokerError                    any refusal or failure; `status` (None: no answer), `code`
+    ├── Unauthorized               401/403: a new token (or the key) is needed; retrying will not help
+    │   └── MachineReleased        401 "machine released": this machine was deactivated: ask for the key
+    ├── NotActivated               no machine activated here yet (no request was made)
+    ├── MalformedLicenseKey        400: a typo (found here before sending, or by the broker)
+    ├── InvalidLicenseKey          403: no license has this key (never issued, or replaced)
+    ├── MachineLimitReached        409: `machines` in use, `max`: offer to release one
+    ├── MachineNotFound            404: not an active machine of this license (released already)
+    ├── RateLimited                429: too many failed attempts; `retry_after` seconds
+    └── BrokerUnavailable          no answer, or 5xx; `retry_after` when the broker gave one
+
+The broker's body is in `body` (its `error` string is the message)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from license_broker_client.machines import Machine
+
+
+class BrokerError(Exception):
+    code = "broker_error"
+
+    def __init__(self, message: str, *, status: int | None = None, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class Unauthorized(BrokerError):
+    """401/403: a new token is needed; reconnecting with this one would never succeed."""
+
+    code = "unauthorized"
+
+
+class MachineReleased(Unauthorized):
+    """This machine was released (deactivated) on the broker: its token is refused and the client
+    has forgotten it and its lease. Ask the user for the key again."""
+
+    code = "machine_released"
+
+
+class NotActivated(BrokerError):
+    code = "not_activated"
+
+
+class MalformedLicenseKey(BrokerError):
+    code = "malformed_key"
+
+
+class InvalidLicenseKey(BrokerError):
+    code = "invalid_key"
+
+
+class MachineLimitReached(BrokerError):
+    """The license holds its `max` machines already: `machines` lists them (oldest first), so that
+    the app can offer to release one (`release(machine.id, key=key)`) and activate again."""
+
+    code = "machine_limit_reached"
+
+    def __init__(self, message: str, *, status: int | None = 409, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message, status=status, body=body)
+        self.machines = tuple(Machine.of(m) for m in self.body.get("machines") or ())
+        limit = self.body.get("max")
+        self.max: int | None = limit if isinstance(limit, int) else None
+
+
+class MachineNotFound(BrokerError):
+    code = "no_such_machine"
+
+
+class RateLimited(BrokerError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, status: int | None = 429, body: dict[str, Any] | None = None,
+                 retry_after: float | None = None) -> None:  # fmt: skip
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+class BrokerUnavailable(BrokerError):
+    code = "unavailable"
+
+    def __init__(self, message: str, *, status: int | None = None, body: dict[str, Any] | None = None,
+                 retry_after: float | None = None) -> None:  # fmt: skip
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After in seconds (the broker never sends the HTTP-date form), capped at an hour."""
+    try:
+        seconds = float(value) if value else -1.0
+    except ValueError:
+        return None
+    return min(seconds, 3600.0) if seconds >= 0 else None
+
+
+def error_of(response: httpx.Response, body: Any) -> BrokerError:
+    """The error for a refusal of the broker's (`body`: its JSON, if any)."""
+    data: dict[str, Any] = body if isinstance(body, dict) else {}
+    status = response.status_code
+    message = str(data.get("error") or f"HTTP {status}")
+    retry = retry_after_seconds(response.headers.get("retry-after"))
+    if status == 400 and message == "malformed key":
+        return MalformedLicenseKey("malformed key: check it for a typo", status=status, body=data)
+    if status == 403 and message == "invalid key":
+        return InvalidLicenseKey("invalid key: no license has this key (never issued, or replaced)",
+                                 status=status, body=data)  # fmt: skip
+    if status == 409 and message == "machine limit reached":
+        return MachineLimitReached(message, status=status, body=data)
+    if status == 401 and message == "machine released":
+        return MachineReleased("this machine was released (deactivated): activate it again with the key",
+                               status=status, body=data)  # fmt: skip
+    if status in (401, 403):
+        return Unauthorized(f"{status}: {message}", status=status, body=data)
+    if status == 404 and message == "no such machine":
+        return MachineNotFound(message, status=status, body=data)
+    if status == 429:
+        return RateLimited(f"{message} (retry after {retry} s)", status=status, body=data, retry_after=retry)
+    if status >= 500:
+        return BrokerUnavailable(f"{status}: {message}", status=status, body=data, retry_after=retry)
+    return BrokerError(f"{status}: {message}", status=status, body=data)
