@@ -12,6 +12,7 @@ and put in place of `127.0.0.1:8000` in the commands' text."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -294,6 +295,13 @@ def test_the_electron_example_runs_as_written_up_to_the_app(run_doc: Callable[[s
     served = httpx.get(run.url("/.well-known/jwks.json")).json()["keys"]
     assert [f"# kid {k['kid']}" for k in served][:1] == re.findall(r"^# kid \S+", pinned, re.M)[:1]
     assert (run.session.cwd / "clients" / "js" / "dist" / "esm" / "index.js").is_file()
+    # The key it prints activates a machine of the paid license, with a lease signed by the pinned key.
+    key = run.output_of(lambda w: w[1:3] == ["key", "lic_demo"]).split()[-1]
+    activation = httpx.post(run.url("/api/activations"), json={"key": key, "fingerprint": "ab" * 32})
+    assert activation.status_code == 201, activation.text
+    lease = activation.json()["lease"]
+    header = json.loads(base64.urlsafe_b64decode(lease.split(".")[0] + "=="))
+    assert f"# kid {header['kid']}" in pinned
 
 
 @pytest.mark.parametrize("doc", ["clients/python/README.md", "clients/js/README.md"])
