@@ -181,7 +181,7 @@ def jws_part(token: str, index: int) -> Any:
 
 @pytest.mark.slow
 async def test_the_answers_and_events_of_a_session_match_the_document(pg_url: str) -> None:
-    settings = keyed_settings(pg_url, machine_token_ttl=60.0)
+    settings = keyed_settings(pg_url, machine_token_ttl=60.0, trial_days=14.0)
     license_id, trial = new_license(), new_license()
     async with serving(serve_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
         events = f"{url}/api/licenses/{license_id}/events"
@@ -238,6 +238,19 @@ async def test_the_answers_and_events_of_a_session_match_the_document(pg_url: st
         check(await client.post(f"{url}/api/machines/{machine_id}/token", headers=machine),
               "/api/machines/{machine_id}/token")  # fmt: skip
         check(await client.delete(f"{url}/api/machines/{machine_id}", headers=machine), "/api/machines/{machine_id}")
+
+        # A trial without a card: its answer, its state (kind "trial") and its lease (trial_end).
+        started = check(await client.post(f"{url}/api/trials", json={"fingerprint": fingerprint()}), "/api/trials")
+        async with RawStream(
+            client, f"{url}/api/licenses/{started['license_id']}/events", bearer(started["token"])
+        ) as s:
+            name, data, event_id = await s.next_with_id()
+            assert check_event("LicenseStreamEvent", name, data, event_id)["state"]["kind"] == "trial"
+            lease = check_event("LicenseStreamEvent", *(await s.next_with_id())[:2])
+            claims = jws_part(lease["lease"], 1)
+            assert (
+                schema_errors(claims, "#/components/schemas/LeaseClaims") == [] and claims["exp"] <= claims["trial_end"]
+            )
 
         # A trial about to end: the other notice.
         trial_sample = SampleEvents(trial)
