@@ -230,7 +230,8 @@ async def test_checkout_refuses_bad_input_and_is_off_without_stripe_prices(
 ) -> None:
     api, base = fake_api
     with_prices(api)
-    async with serving(create_app(buy_settings(pg_url, base))) as url, httpx.AsyncClient(timeout=10) as client:
+    settings = buy_settings(pg_url, base, trial_days=14.0)
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
         for body, message in [
             ({"fingerprint": "x"}, "fingerprint: 64 hex characters"),
             ({"fingerprint": fingerprint(), "name": "\x00"}, "name: at most 200 printable characters"),
@@ -238,6 +239,11 @@ async def test_checkout_refuses_bad_input_and_is_off_without_stripe_prices(
         ]:
             answer = await client.post(f"{url}/api/checkout", json=body)
             assert answer.status_code == 400 and answer.json()["error"].startswith(message), answer.text
+        for path in ("/api/checkout", "/api/trials"):
+            huge = await client.post(f"{url}{path}", json={"fingerprint": fingerprint(), "name": "n" * 5000})
+            assert huge.status_code == 413, path
+            plain = await client.post(f"{url}{path}", content=b"{}", headers={"content-type": "text/plain"})
+            assert plain.status_code == 415, path
         # A subscriber token (the seller's web app) names no machine to buy for.
         assert (await checkout(client, url, token_for("lic_x"))).status_code == 403
         assert (await checkout(client, url, "not a token")).status_code == 401
