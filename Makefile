@@ -8,7 +8,7 @@ DIST ?= dist
 
 PIP := $(PY) -m pip
 
-.PHONY: run test check lock bench dist clean
+.PHONY: run test check lock bench dist clean mutants
 
 # Two installs in one venv. .base: the project and what serving needs (`make run`). .installed:
 # the test and bench extras too (pytest, playwright, mypy, matplotlib, pip-audit, build, twine),
@@ -107,5 +107,14 @@ dist: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m bench
 
+## make mutants: mutation testing of the modules that keep the README's guarantees (docs/testing.md);
+## slow, not in CI. MUTANTS='broker.transports.sweep.*' runs one module's mutants; MUTANT_JOBS workers
+MUTANTS ?=
+MUTANT_JOBS ?= 2
+mutants: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[mutation]'
+	nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist $(DIST)
+	rm -rf $(VENV) mutants *.egg-info .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist $(DIST)
