@@ -61,9 +61,15 @@ def test_a_token_of_a_type_the_broker_does_not_expect_is_refused(typ: object) ->
 def test_stream_and_machine_tokens_and_tokens_without_a_type_are_accepted() -> None:
     settings = make_settings("sqlite://")
     exp = int(time.time()) + 600
-    for claims in ({"typ": "stream"}, {"typ": "machine", "machine": "mch_1"}, {}):
+    machine = {"typ": "machine", "machine": "mch_1", "fingerprint": "a" * 64}
+    for claims in ({"typ": "stream"}, machine, {}):
         token = claims_token(sub="lic_1", aud="license-broker", exp=exp, **claims)
         assert tokens.verify_for(settings, token).license_id == "lic_1"
+    # A machine token names its machine and the fingerprint its leases are bound to.
+    for missing in ("machine", "fingerprint"):
+        partial = {k: v for k, v in machine.items() if k != missing}
+        with pytest.raises(tokens.InvalidToken):
+            tokens.verify_for(settings, claims_token(sub="lic_1", aud="license-broker", exp=exp, **partial))
 
 
 def test_every_token_the_broker_mints_carries_its_audience_and_a_type() -> None:
