@@ -142,8 +142,10 @@ async def test_webhooks_that_change_licenses_commit_during_a_storm_and_reach_its
         started = time.monotonic()
         storm = asyncio.gather(*(reconnect(http, n, licenses[n % LICENSES]) for n in range(CLIENTS)))
         try:
-            # Once the storm is under way (a tenth of its clients caught up), the webhooks.
-            await async_wait_until(lambda: caught_up >= CLIENTS // 10 or storm.done(), 60, "the storm to start")
+            # Once the storm is under way (its first client caught up), the webhooks: posted while
+            # most of it is still replaying, on a quiet machine as on a loaded one.
+            await async_wait_until(lambda: caught_up >= 1 or storm.done(), 60, "the storm to start")
+            during = caught_up
 
             async def change(license_id: str) -> float:
                 sample = SampleEvents(license_id)
@@ -156,13 +158,12 @@ async def test_webhooks_that_change_licenses_commit_during_a_storm_and_reach_its
                 return time.monotonic() - posted
 
             took = await asyncio.gather(*(change(license_id) for license_id in changed))
-            during = caught_up
             await asyncio.wait_for(storm, 120)
         finally:
             storm.cancel()
             await asyncio.gather(storm, return_exceptions=True)
         elapsed = time.monotonic() - started
-    # The webhooks committed while the storm was still catching clients up.
+    # The webhooks were posted while the storm was still catching clients up.
     assert during < CLIENTS, "the storm was over before the webhooks: nothing was tested"
     assert max(took) < 5, took  # the pool's timeout is 10 s: a webhook queued behind the storm's reads
     assert len(got) == CLIENTS
