@@ -203,6 +203,28 @@ async def test_the_sweep_follows_from_the_database_not_from_before_listen(
     assert (await h.next()).seq == 2
 
 
+async def test_unlisten_lets_go_of_the_license_in_the_inner_transport_and_in_the_sweep(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, inner, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    assert license_id in transport.sweep.known
+    await transport.unlisten(license_id)
+    assert license_id not in transport.sweep.known  # no longer swept
+    event = await append(h.engine, license_id)
+    await inner.publish(license_id, event.data)  # no longer delivered live
+    assert await transport.sweep.sweep_once() == 0
+    assert h.received.empty()
+
+
+def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, inner, _ = swept
+    assert transport.name == inner.name == "memory"  # what /readyz and the metrics call it
+
+
 async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its_reply() -> None:
     received, hung_up = asyncio.Event(), asyncio.Event()
 
