@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -16,13 +17,16 @@ from broker.db import create_engine
 from broker.eventlog import EventLog, LicenseEvent
 from broker.licenses import LicenseStore
 from broker.settings import Settings
+from broker.transports import create_transport
 from broker.transports.base import GapHandler, MessageHandler, ignore_gap
 from broker.transports.memory import MemoryTransport
+from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
+from broker.transports.redis_cluster import RedisClusterTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
 from tests.support.faults import TcpProxy
-from tests.support.licenses import append, new_license
+from tests.support.licenses import append, make_settings, new_license
 from tests.support.transports import Harness
 from tests.support.waiting import async_wait_until
 
@@ -346,6 +350,29 @@ async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_t
         "database sweep failed (30 in a row): database unavailable",
         f"database sweep recovered after {down} failures",
     ]
+
+
+async def test_the_transport_is_the_one_the_settings_name_with_the_sweep_at_their_interval(pg_url: str) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+    events = EventLog(engine)
+    base = make_settings(pg_url, poll_interval=0.7)
+    try:
+        memory = create_transport(dataclasses.replace(base, transport="memory"), events)
+        assert isinstance(memory, MemoryTransport)
+        poll = create_transport(dataclasses.replace(base, transport="poll"), events)
+        assert isinstance(poll, PollTransport)
+        assert (poll.sweep.events, poll.sweep.interval) == (events, 0.7)
+        url = "redis://127.0.0.1:6379/0"
+        redis_ = create_transport(dataclasses.replace(base, transport="redis", redis_url=url), events)
+        assert isinstance(redis_, SweptTransport) and isinstance(redis_.inner, RedisTransport)
+        assert redis_.inner.url == url
+        assert (redis_.sweep.events, redis_.sweep.interval) == (events, 0.7)
+        cluster_url = "redis+cluster://127.0.0.1:7000"
+        cluster = create_transport(dataclasses.replace(base, transport="redis", redis_url=cluster_url), events)
+        assert isinstance(cluster, SweptTransport) and isinstance(cluster.inner, RedisClusterTransport)
+        assert cluster.inner.address.nodes == (("127.0.0.1", 7000),)
+    finally:
+        await engine.dispose()
 
 
 async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its_reply() -> None:
