@@ -270,6 +270,41 @@ async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_m
         await engine.dispose()
 
 
+async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) -> None:
+    """A client leaves (the hub unfollows its license) while the sweep awaits the database."""
+    engine = create_engine(Settings(database_url=pg_url))
+    kept, left_early, left_late = new_license(), new_license(), new_license()
+
+    class LeavingEventLog(EventLog):
+        async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
+            latest = await super().latest_seqs(license_ids)
+            sweep.unfollow(left_early)
+            return latest
+
+        async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+            events = await super().read_many(after, limit)
+            sweep.unfollow(left_late)
+            return events
+
+    sweep = DatabaseSweep(LeavingEventLog(engine), interval=60)
+    found: list[LicenseEvent] = []
+    sweep.start(found.append)
+    try:
+        for license_id in (kept, left_early, left_late):
+            await sweep.follow(license_id)
+            await append(engine, license_id)
+        assert await sweep.sweep_once() == 1
+        assert [(e.license_id, e.seq) for e in found] == [(kept, 1)]
+        # Every license of the read given up meanwhile: nothing is read at all.
+        sweep.unfollow(kept)
+        await sweep.follow(left_early)
+        await append(engine, left_early)
+        assert await sweep.sweep_once() == 0
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+
+
 async def test_a_sweep_finds_every_event_when_more_moved_than_one_read_takes(pg_url: str) -> None:
     """600 licenses moved (a read takes 500), one of them by 1,100 events (a read returns 1,000)."""
     engine = create_engine(Settings(database_url=pg_url))
