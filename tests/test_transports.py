@@ -460,6 +460,10 @@ async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscri
         await transport.listen(license_id)
         await h.commit_and_publish(license_id)
         assert (await h.next()).seq == 1
+        # Idle and healthy for a while (the subscriber reads with a 1 s timeout): kept as it is.
+        idle = asyncio.get_running_loop().time() + 2.5
+        await async_wait_until(lambda: asyncio.get_running_loop().time() > idle or h.gaps > 0, 5, "idle time")
+        assert h.gaps == 0
         proxy.stall()
         await h.commit_and_publish(license_id)  # lost: the connection carries nothing now
         started = time.monotonic()
