@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
 
 import pytest
 import redis
 
+from broker import metrics
 from broker.db import create_engine
-from broker.eventlog import EventLog
+from broker.eventlog import EventLog, LicenseEvent
+from broker.licenses import LicenseStore
 from broker.settings import Settings
+from broker.transports import create_transport
 from broker.transports.base import GapHandler, MessageHandler, ignore_gap
 from broker.transports.memory import MemoryTransport
+from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
+from broker.transports.redis_cluster import RedisClusterTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
 from tests.support.faults import TcpProxy
-from tests.support.licenses import append, new_license
+from tests.support.licenses import append, make_settings, new_license
 from tests.support.transports import Harness
 from tests.support.waiting import async_wait_until
 
@@ -203,6 +211,205 @@ async def test_the_sweep_follows_from_the_database_not_from_before_listen(
     assert (await h.next()).seq == 2
 
 
+async def test_unlisten_lets_go_of_the_license_in_the_inner_transport_and_in_the_sweep(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, inner, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    assert license_id in transport.sweep.known
+    await transport.unlisten(license_id)
+    assert license_id not in transport.sweep.known  # no longer swept
+    event = await append(h.engine, license_id)
+    await inner.publish(license_id, event.data)  # no longer delivered live
+    assert await transport.sweep.sweep_once() == 0
+    assert h.received.empty()
+
+
+def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    transport, inner, _ = swept
+    assert transport.name == inner.name == "memory"  # what /readyz and the metrics call it
+
+
+class CountingEventLog(EventLog):
+    """The event log, counting the sweep's event reads."""
+
+    reads = 0
+
+    async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+        self.reads += 1
+        return await super().read_many(after, limit)
+
+
+async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_moved(pg_url: str) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+    events = CountingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
+    found: list[LicenseEvent] = []
+    sweep.start(found.append)
+    license_id = new_license()
+    try:
+        await append(engine, license_id)  # before the sweep follows it: the client's replay
+        await sweep.follow(license_id)
+        assert await sweep.sweep_once() == 0
+        assert events.reads == 0  # one query for the seqs, none for events
+        lost = [await append(engine, license_id), await append(engine, license_id, "past_due")]
+        assert await sweep.sweep_once() == 2
+        assert [e.seq for e in found] == [e.seq for e in lost] == [2, 3]
+        sweep.note(license_id, 4)  # live, before the database has it
+        assert sweep.known[license_id] == 4
+        sweep.note(license_id, 2)  # late: the sweep never goes back
+        assert sweep.known[license_id] == 4
+        sweep.note("lic_not_followed", 5)  # a live message of a license given up meanwhile
+        sweep.unfollow("lic_not_followed")
+        assert "lic_not_followed" not in sweep.known
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+
+
+async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) -> None:
+    """A client leaves (the hub unfollows its license) while the sweep awaits the database."""
+    engine = create_engine(Settings(database_url=pg_url))
+    kept, left_early, left_late = new_license(), new_license(), new_license()
+
+    class LeavingEventLog(EventLog):
+        async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
+            latest = await super().latest_seqs(license_ids)
+            sweep.unfollow(left_early)
+            return latest
+
+        async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+            events = await super().read_many(after, limit)
+            sweep.unfollow(left_late)
+            return events
+
+    sweep = DatabaseSweep(LeavingEventLog(engine), interval=60)
+    found: list[LicenseEvent] = []
+    sweep.start(found.append)
+    try:
+        for license_id in (kept, left_early, left_late):
+            await sweep.follow(license_id)
+            await append(engine, license_id)
+        assert await sweep.sweep_once() == 1
+        assert [(e.license_id, e.seq) for e in found] == [(kept, 1)]
+        # Every license of the read given up meanwhile: nothing is read at all.
+        sweep.unfollow(kept)
+        await sweep.follow(left_early)
+        await append(engine, left_early)
+        assert await sweep.sweep_once() == 0
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+
+
+async def test_a_sweep_finds_every_event_when_more_moved_than_one_read_takes(pg_url: str) -> None:
+    """600 licenses moved (a read takes 500), one of them by 1,100 events (a read returns 1,000)."""
+    engine = create_engine(Settings(database_url=pg_url))
+    sweep = DatabaseSweep(EventLog(engine), interval=60)
+    found: list[LicenseEvent] = []
+    sweep.start(found.append)
+    licenses = [new_license() for _ in range(600)]
+    try:
+        for license_id in licenses:
+            await sweep.follow(license_id)
+        async with engine.begin() as conn:
+            for n, license_id in enumerate(licenses):
+                row = await LicenseStore.lock(conn, license_id)
+                for seq in range(1, (1100 if n == 300 else 1) + 1):
+                    await EventLog.append(conn, license_id, seq, row.state, stripe_event_id=None,
+                                          stripe_event_type="t", occurred_at=datetime.now(UTC))  # fmt: skip
+                row.seq = seq
+                await LicenseStore.save(conn, row)
+        assert await sweep.sweep_once() == 599 + 1100
+        by_license: dict[str, list[int]] = {}
+        for event in found:
+            by_license.setdefault(event.license_id, []).append(event.seq)
+        assert by_license == {lid: list(range(1, (1100 if n == 300 else 1) + 1)) for n, lid in enumerate(licenses)}
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+
+
+async def test_the_sweep_task_ends_when_closed_and_closing_without_starting_is_fine(pg_url: str) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+
+    def sweeping() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "database-sweep" and not t.done()]
+
+    try:
+        publisher = SweptTransport(LossyTransport(), DatabaseSweep(EventLog(engine), interval=60))
+        await publisher.close()  # the webhook's: it publishes only, never starts
+        await publisher.close()
+        transport = SweptTransport(LossyTransport(), DatabaseSweep(EventLog(engine), interval=60))
+        await transport.start(lambda event: None)
+        assert len(sweeping()) == 1
+        await transport.close()
+        assert sweeping() == []
+    finally:
+        await engine.dispose()
+
+
+async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_the_recovery_noted(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+    down = 31
+
+    class FailingEventLog(EventLog):
+        calls = 0
+
+        async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
+            self.calls += 1
+            if self.calls <= down:
+                raise OSError("database unavailable")
+            return await super().latest_seqs(license_ids)
+
+    events = FailingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=0.001)
+    caplog.set_level(logging.INFO, logger="broker.sweep")
+    before = metrics.SWEEP_FAILURES._value.get()
+    sweep.start(lambda event: None)
+    try:
+        await async_wait_until(lambda: events.calls > down, what="the database to come back")
+        await async_wait_until(lambda: any("recovered" in r.getMessage() for r in caplog.records), what="recovery")
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+    assert metrics.SWEEP_FAILURES._value.get() - before == down
+    messages = [r.getMessage() for r in caplog.records if r.name == "broker.sweep"]
+    assert messages == [
+        "database sweep failed (1 in a row): database unavailable",
+        "database sweep failed (30 in a row): database unavailable",
+        f"database sweep recovered after {down} failures",
+    ]
+
+
+async def test_the_transport_is_the_one_the_settings_name_with_the_sweep_at_their_interval(pg_url: str) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+    events = EventLog(engine)
+    base = make_settings(pg_url, poll_interval=0.7)
+    try:
+        memory = create_transport(dataclasses.replace(base, transport="memory"), events)
+        assert isinstance(memory, MemoryTransport)
+        poll = create_transport(dataclasses.replace(base, transport="poll"), events)
+        assert isinstance(poll, PollTransport)
+        assert (poll.sweep.events, poll.sweep.interval) == (events, 0.7)
+        url = "redis://127.0.0.1:6379/0"
+        redis_ = create_transport(dataclasses.replace(base, transport="redis", redis_url=url), events)
+        assert isinstance(redis_, SweptTransport) and isinstance(redis_.inner, RedisTransport)
+        assert redis_.inner.url == url
+        assert (redis_.sweep.events, redis_.sweep.interval) == (events, 0.7)
+        cluster_url = "redis+cluster://127.0.0.1:7000"
+        cluster = create_transport(dataclasses.replace(base, transport="redis", redis_url=cluster_url), events)
+        assert isinstance(cluster, SweptTransport) and isinstance(cluster.inner, RedisClusterTransport)
+        assert cluster.inner.address.nodes == (("127.0.0.1", 7000),)
+    finally:
+        await engine.dispose()
+
+
 async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its_reply() -> None:
     received, hung_up = asyncio.Event(), asyncio.Event()
 
@@ -253,6 +460,10 @@ async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscri
         await transport.listen(license_id)
         await h.commit_and_publish(license_id)
         assert (await h.next()).seq == 1
+        # Idle and healthy for a while (the subscriber reads with a 1 s timeout): kept as it is.
+        idle = asyncio.get_running_loop().time() + 2.5
+        await async_wait_until(lambda: asyncio.get_running_loop().time() > idle or h.gaps > 0, 5, "idle time")
+        assert h.gaps == 0
         proxy.stall()
         await h.commit_and_publish(license_id)  # lost: the connection carries nothing now
         started = time.monotonic()
