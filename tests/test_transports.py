@@ -442,12 +442,13 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
 
 @pytest.mark.slow
 async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscribes_again(
-    redis_url: str, pg_url: str
+    redis_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The connection to Redis stops carrying anything, and nothing closes it (a peer gone without
     a word): the subscriber's health check must find it, connect again, resubscribe and report
     the gap, as after an outage that ends the connection. Its PING is due 10 s after the last
     thing read, and 5 s more without an answer condemn the connection."""
+    caplog.set_level(logging.INFO, logger="broker.redis")
     port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
     proxy = TcpProxy(port)
     engine = create_engine(Settings(database_url=pg_url))
@@ -460,15 +461,18 @@ async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscri
         await transport.listen(license_id)
         await h.commit_and_publish(license_id)
         assert (await h.next()).seq == 1
-        # Idle and healthy for a while (the subscriber reads with a 1 s timeout): kept as it is.
-        idle = asyncio.get_running_loop().time() + 2.5
-        await async_wait_until(lambda: asyncio.get_running_loop().time() > idle or h.gaps > 0, 5, "idle time")
+        # Idle and healthy for a while (reads time out every 1 s; 6 s is more than PING_GRACE):
+        # kept as it is.
+        idle = asyncio.get_running_loop().time() + 6
+        await async_wait_until(lambda: asyncio.get_running_loop().time() > idle or h.gaps > 0, 10, "idle time")
         assert h.gaps == 0
         proxy.stall()
         await h.commit_and_publish(license_id)  # lost: the connection carries nothing now
         started = time.monotonic()
         await async_wait_until(lambda: h.gaps == 1, 30, "the subscriber to notice its dead connection")
         print(f"\nsilently dead connection found after {time.monotonic() - started:.1f} s")
+        lost = [r.getMessage() for r in caplog.records if r.name == "broker.redis" and r.levelno == logging.WARNING]
+        assert lost == ["redis subscriber lost: no answer to the health check's PING: the connection is silently dead"]
         assert h.received.empty()
         await h.commit_and_publish(license_id)
         assert (await h.next()).seq == 3  # live again, on a new connection, without a new listen()
