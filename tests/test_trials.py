@@ -197,7 +197,8 @@ async def test_the_trial_end_is_pushed_on_time_and_written_once_by_two_stream_pr
         **keyed_env(),
     )
     first = spawn("stream", env)
-    async with httpx.AsyncClient(timeout=10) as client:
+    # The trial lasts ~13 s, with no byte between its opening and its end (heartbeats every 15 s).
+    async with httpx.AsyncClient(timeout=30) as client:
         body = (await start(client, first.url)).json()
         license_id, token = body["license_id"], body["token"]
         trial_end = datetime.fromisoformat(body["trial_end"]).timestamp()
