@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import orjson
 
-from broker import tokens
+from broker.signing import tokens
 from webhook.samples import SampleEvents
 from webhook.signature import sign
 

@@ -24,8 +24,8 @@ from bench.stack import (
     redis_connections,
     rss_kb,
 )
-from broker.eventlog import encode_event
-from broker.licenses import initial_state
+from broker.storage.eventlog import encode_event
+from broker.storage.licenses import initial_state
 
 Progress = Callable[[str], None]
 HOST = "127.0.0.1"
@@ -319,7 +319,7 @@ async def replay(*, stream_url: str, database_url: str, token_secret: str, event
 
     start = now_ns()
     loop = asyncio.get_running_loop()
-    from broker import tokens
+    from broker.signing import tokens
 
     token = tokens.mint(token_secret, license_id)
     _, client = await loop.create_connection(

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.db import create_engine, migrate
-from broker.eventlog import EventLog
-from broker.leases import LeaseSigner
-from broker.metrics_server import metrics_server
-from broker.readiness import ReadinessProbe
 from broker.settings import Settings
+from broker.signing.leases import LeaseSigner
+from broker.storage.db import create_engine, migrate
+from broker.storage.eventlog import EventLog
 from broker.transports import Transport, create_transport
+from broker.web.metrics_server import metrics_server
+from broker.web.readiness import ReadinessProbe
 
 
 @dataclass(frozen=True)

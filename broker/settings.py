@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 from urllib.parse import unquote, urlsplit
 
-from broker.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
 from broker.licensing.keys import KeyVault
+from broker.signing.leases import DEFAULT_TTL, InvalidKey, LeaseKeys
 
 TransportName = Literal["redis", "poll", "memory"]
 DisputeScope = Literal["period", "license"]
@@ -24,7 +24,7 @@ DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
 # REDIS_URL schemes that name a Redis Cluster (sharded pub/sub) rather than one server.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
-# Subscriber tokens must carry this `aud` unless STREAM_TOKEN_AUDIENCE names another (broker.tokens).
+# Subscriber tokens must carry this `aud` unless STREAM_TOKEN_AUDIENCE names another (broker.signing.tokens).
 DEFAULT_TOKEN_AUDIENCE = "license-broker"
 # Development mode (BROKER_DEV=1, what `make run` sets) generates its secrets at each start and
 # prints them; each carries this mark, and so did the constants earlier versions used (they are
@@ -97,7 +97,7 @@ class Settings:
     # Connect accounts whose events count; an event with another `account` is ignored.
     stripe_accounts: frozenset[str] = frozenset()
     # Product or price ids that grant a license, optionally prefixed subscription: or perpetual:
-    # (broker.ledger.Grants); empty: every purchase that names a license grants it.
+    # (broker.stripe_ledger.ledger.Grants); empty: every purchase that names a license grants it.
     license_products: frozenset[str] = frozenset()
     # What a lost or fraudulent chargeback revokes: the period its payment paid for, or the license
     # (docs/stripe.md, "Disputes").
@@ -111,7 +111,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_token: str | None = None
-    # Signed leases (broker.leases): off without a key.
+    # Signed leases (broker.signing.leases): off without a key.
     lease_keys: LeaseKeys | None = None
     lease_ttl: float = DEFAULT_TTL
     # License keys and machines (broker.licensing): off without LICENSE_KEY_SECRET.

@@ -17,10 +17,11 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
-from broker import http_server, tokens
-from broker.db import create_engine, migrate
 from broker.runtime import Runtime
 from broker.settings import Settings, SettingsError, lease_keys_from_env, mask_password
+from broker.signing import tokens
+from broker.storage.db import create_engine, migrate
+from broker.web import server as http_server
 from license_broker import logs
 from webhook.samples import ACTION_HELP, ACTIONS
 
@@ -57,7 +58,7 @@ def _server(app: object, args: argparse.Namespace, settings: Settings, *, factor
         port=args.port,
         workers=getattr(args, "workers", None),
         loop="auto",
-        # httptools, with the request head bounded in bytes and in time (broker.http_server).
+        # httptools, with the request head bounded in bytes and in time (broker.web.server).
         http=http_server.PROTOCOL,
         lifespan="on",
         log_config=logs.configure(settings),
@@ -181,7 +182,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import timedelta
 
-    from broker.retention import prune_event_log, prune_event_payloads
+    from broker.storage.retention import prune_event_log, prune_event_payloads
 
     days = args.older_than_days if args.older_than_days is not None else settings.event_log_retention_days
     if not days:
@@ -219,7 +220,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_keys(args: argparse.Namespace, settings: None) -> int:
     """Needs no settings but LICENSE_SIGNING_KEY (main() reads none): BROKER_DEV, a database or a
     missing secret in the environment change nothing here."""
-    from broker import leases
+    from broker.signing import leases
 
     if args.action == "generate":
         # Printed, not written to a file: where a secret is kept is the operator's choice.

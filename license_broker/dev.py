@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker import leases, tokens
-from broker.http import BodyTooLarge, forwarded, read_body, too_large
-from broker.requestlog import REQUEST_ID
 from broker.runtime import Runtime
+from broker.signing import leases, tokens
+from broker.web.body import BodyTooLarge, forwarded, read_body, too_large
+from broker.web.requestlog import REQUEST_ID
 from webhook.samples import ACTIONS, SampleEvents, explain
 
 TOKEN_TTL = 3600

@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from broker.requestlog import REQUEST_ID
 from broker.runtime import Runtime
-from broker.schema import checkouts, stripe_objects
+from broker.storage.schema import checkouts, stripe_objects
+from broker.web.requestlog import REQUEST_ID
 from license_broker.dev import _json_object, _own_url, _refused
 from stream.activate import PAGE_HEADERS, STATIC
 from stream.desktop import Desktop

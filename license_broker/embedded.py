@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from starlette.applications import Starlette
 
-from broker.asgi import Part, build_app
 from broker.runtime import Runtime
 from broker.settings import Settings
+from broker.web.asgi import Part, build_app
 from stream.app import routes as stream_routes
 from stream.app import stream_state
 from stream.page import routes as page_routes

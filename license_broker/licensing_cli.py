@@ -11,13 +11,13 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from broker.db import create_engine, migrate
-from broker.eventlog import EventLog
 from broker.licensing import keys
 from broker.licensing.machines import Machines
 from broker.licensing.store import KeyStore
-from broker.schema import machines
 from broker.settings import Settings, SettingsError
+from broker.storage.db import create_engine, migrate
+from broker.storage.eventlog import EventLog
+from broker.storage.schema import machines
 from broker.transports import create_transport
 
 

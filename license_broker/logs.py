@@ -7,8 +7,8 @@ import logging
 
 import orjson
 
-from broker.requestlog import RedactTokens, RequestIdFilter
 from broker.settings import Settings
+from broker.web.requestlog import RedactTokens, RequestIdFilter
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

@@ -9,14 +9,14 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from broker.db import create_engine
-from broker.eventlog import EventLog
-from broker.ledger import LicenseRules
-from broker.ledger_fill import fill_ledger
-from broker.licenses import LicenseStore
-from broker.schema import licenses
 from broker.settings import Settings
-from broker.stripe_objects import EventFilter
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
+from broker.storage.licenses import LicenseStore
+from broker.storage.schema import licenses
+from broker.stripe_ledger.fill import fill_ledger
+from broker.stripe_ledger.ledger import LicenseRules
+from broker.stripe_ledger.objects import EventFilter
 
 
 async def rebuild(settings: Settings, license_id: str | None = None) -> list[tuple[str, int]]:

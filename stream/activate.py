@@ -26,11 +26,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics
-from broker.eventlog import EventLog
 from broker.licensing import keys
 from broker.licensing.metrics import SESSION_LOOKUPS
 from broker.licensing.ratelimit import SESSIONS
 from broker.licensing.sessions import TooManyWaiting, license_of_sessions, valid_session_id
+from broker.storage.eventlog import EventLog
 from stream.desktop import Desktop, error, keys_off, unavailable
 from stream.hub import HubClosed, SubscriptionHub
 from stream.limits import StreamAdmission, StreamRefused

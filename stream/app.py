@@ -19,14 +19,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from broker import metrics, tokens
-from broker.asgi import Part, StreamRoute, build_app
-from broker.eventlog import EventLog
-from broker.http import settings_from_env
-from broker.leases import NO_LEASES, lease_claims, with_lease
+from broker import metrics
 from broker.runtime import Runtime
-from broker.schema import licenses
 from broker.settings import Settings
+from broker.signing import tokens
+from broker.signing.leases import NO_LEASES, lease_claims, with_lease
+from broker.storage.eventlog import EventLog
+from broker.storage.schema import licenses
+from broker.web.asgi import Part, StreamRoute, build_app
+from broker.web.body import settings_from_env
 from stream import activate, desktop, purchase
 from stream.catchup import license_stream
 from stream.desktop import Desktop, open_desktop

@@ -14,9 +14,9 @@ from collections.abc import AsyncGenerator, Iterator
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker import metrics
-from broker.eventlog import EventLog, LicenseEvent
-from broker.leases import LeaseSigner, lease_claims
 from broker.settings import Settings
+from broker.signing.leases import LeaseSigner, lease_claims
+from broker.storage.eventlog import EventLog, LicenseEvent
 from stream.hub import HubClosed, SubscriptionHub
 from stream.machine import StreamMachine
 from stream.sse import PING, encode, encode_lease

@@ -17,10 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import tokens
-from broker.eventlog import EventLog
-from broker.http import BodyTooLarge, read_body, too_large
-from broker.ledger import LicenseRules
 from broker.licensing import keys
 from broker.licensing.checkout import Checkouts
 from broker.licensing.gateway import Gateway, LocalGateway, StripeGateway
@@ -35,6 +31,10 @@ from broker.licensing.trials import TrialClock, Trials
 from broker.licensing.watch import HeldStreams, MachineWatch
 from broker.runtime import Runtime
 from broker.settings import Settings
+from broker.signing import tokens
+from broker.storage.eventlog import EventLog
+from broker.stripe_ledger.ledger import LicenseRules
+from broker.web.body import BodyTooLarge, read_body, too_large
 
 log = logging.getLogger("stream.desktop")
 

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from broker import metrics
-from broker.eventlog import LicenseEvent
+from broker.storage.eventlog import LicenseEvent
 from broker.transports import Transport
 from broker.transports.base import NOTICE_SEQ
 

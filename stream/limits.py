@@ -10,7 +10,7 @@ from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.eventlog import EventLog, LicenseEvent
+from broker.storage.eventlog import EventLog, LicenseEvent
 
 
 class StreamRefused(Exception):

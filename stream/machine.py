@@ -7,9 +7,9 @@ import time
 
 import orjson
 
-from broker import tokens
 from broker.licensing.machines import machine_claims
 from broker.settings import Settings
+from broker.signing import tokens
 
 
 def encode_token(token: str, exp: int, machine_id: str) -> bytes:

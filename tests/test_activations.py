@@ -12,12 +12,12 @@ import httpx
 import jwt
 import pytest
 
-from broker.db import create_engine
-from broker.ledger import StripeObject
 from broker.licensing import keys
 from broker.licensing.keys import KeyVault
 from broker.licensing.machines import machine_limit
 from broker.licensing.store import KeyStore
+from broker.storage.db import create_engine
+from broker.stripe_ledger.ledger import StripeObject
 from license_broker.embedded import create_app
 from tests.support.activations import (
     KEY_SECRET,

@@ -16,9 +16,9 @@ import jwt
 import orjson
 import pytest
 
-from broker.leases import private_pem
 from broker.licensing.checkout import MAX_PENDING_PER_ADDRESS
 from broker.settings import Settings
+from broker.signing.leases import private_pem
 from license_broker.embedded import create_app
 from tests.support.activations import (
     LEASE_KEYS,

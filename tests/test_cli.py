@@ -13,9 +13,9 @@ from collections.abc import Callable
 import httpx
 from license_broker_client import LicenseClient
 
-from broker import tokens
-from broker.leases import LeaseKeys, public_pems
 from broker.settings import Settings
+from broker.signing import tokens
+from broker.signing.leases import LeaseKeys, public_pems
 from tests.support.licenses import TOKEN_SECRET
 from tests.support.processes import ROOT, Process, run_module
 from tests.support.services import ADMIN_URL, psycopg_connect

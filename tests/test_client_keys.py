@@ -30,9 +30,9 @@ from license_broker_client import (
     normalize_license_key,
 )
 
-from broker import tokens
-from broker.leases import private_pem, public_pem
 from broker.licensing import keys
+from broker.signing import tokens
+from broker.signing.leases import private_pem, public_pem
 from license_broker.embedded import create_app
 from tests.support.activations import LEASE_KEYS, bearer, buy, key_of, keyed_env, keyed_settings
 from tests.support.licenses import new_license, post_event

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from license_broker_client import InvalidLease, Lease, LeaseCache, LeaseVerifier, LicenseClient
 
-from broker.leases import LeaseKeys, public_pem
+from broker.signing.leases import LeaseKeys, public_pem
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, post_event, token_for
 from tests.support.processes import serving

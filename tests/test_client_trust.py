@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from broker.leases import LeaseKeys, LeaseSigner, lease_claims, private_pem, public_jwk, public_pem
+from broker.signing.leases import LeaseKeys, LeaseSigner, lease_claims, private_pem, public_jwk, public_pem
 from tests.support.processes import run_module, serving
 from tests.support.waiting import async_wait_until, free_port
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from license_broker_client import LicenseClient
 
-from broker.db import create_engine
 from broker.settings import ClusterAddress, Settings, SettingsError, parse_cluster_url
+from broker.storage.db import create_engine
 from broker.transports.base import channel
 from broker.transports.redis_cluster import RedisClusterTransport
 from tests.support.cluster import LocalCluster

@@ -124,14 +124,15 @@ def test_the_server_packages_hold_the_migrations_the_page_and_the_command(built:
         names = set(wheel.namelist())
         entry_points = wheel.read(f"license_broker-{VERSION}.dist-info/entry_points.txt").decode()
         metadata = wheel.read(f"license_broker-{VERSION}.dist-info/METADATA").decode()
-    assert {"broker/migrations/env.py", "broker/migrations/versions/0001_initial.py", "stream/static/index.html",
-            "webhook/app.py", "license_broker/cli.py", "broker/openapi.yaml"} <= names  # fmt: skip
+    assert {"broker/storage/migrations/env.py", "broker/storage/migrations/versions/0001_initial.py",
+            "stream/static/index.html", "webhook/app.py", "license_broker/cli.py",
+            "broker/web/openapi.yaml"} <= names  # fmt: skip
     assert not any(n.startswith(("tests/", "bench/", "clients/", "scripts/")) for n in names)
     assert "license-broker = license_broker.cli:main" in entry_points
     assert "License-Expression: MIT" in metadata and "Requires-Dist: starlette>=1.0" in metadata
     with tarfile.open(dist / FILES["server_sdist"]) as sdist:
         inside = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
-    assert {"README.md", "pyproject.toml", "broker/migrations/versions/0001_initial.py"} <= inside
+    assert {"README.md", "pyproject.toml", "broker/storage/migrations/versions/0001_initial.py"} <= inside
     assert not any(n.startswith("tests/") for n in inside)  # MANIFEST.in: they need the whole repository
 
 

@@ -14,10 +14,10 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from broker.ledger import LicenseRules
 from broker.runtime import Runtime, open_runtime
-from broker.schema import stripe_events
-from broker.stripe_objects import EventFilter
+from broker.storage.schema import stripe_events
+from broker.stripe_ledger.ledger import LicenseRules
+from broker.stripe_ledger.objects import EventFilter
 from license_broker import cli
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from broker.binding import MemoryLedger
-from broker.ledger import LicenseRules
 from broker.runtime import Runtime, open_runtime
-from broker.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
+from broker.storage.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
+from broker.stripe_ledger.binding import MemoryLedger
+from broker.stripe_ledger.ledger import LicenseRules
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support import racing
@@ -198,7 +198,7 @@ async def test_concurrent_events_of_one_license_take_every_seq_once_and_end_in_t
     assert True in fast_results
     assert seqs == list(range(1, len(seqs) + 1))
     assert sorted(o.event.seq for o in outcomes if o.event) == seqs[before:]
-    # Whatever order they committed in, the license is the fold of all its events (broker.binding).
+    # Whatever order they committed in, the license is the fold of all its events (broker.stripe_ledger.binding).
     ledger = MemoryLedger()
     for event in [*sample.for_action("pay", T), *burst]:
         ledger.apply(event)

@@ -17,11 +17,11 @@ import pytest
 from license_broker_client import LicenseClient
 
 from broker import metrics
-from broker.db import create_engine
-from broker.eventlog import EventLog, LicenseEvent
-from broker.licenses import LicenseStore
 from broker.runtime import Runtime
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog, LicenseEvent
+from broker.storage.licenses import LicenseStore
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.sweep import DatabaseSweep

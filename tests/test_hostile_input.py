@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from broker.schema import metadata
+from broker.storage.schema import metadata
 from stream.app import create_app as create_stream_app
 from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, make_settings
 from tests.support.processes import serving

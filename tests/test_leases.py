@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from httpx_sse import aconnect_sse
 
-from broker.db import create_engine
-from broker.eventlog import EventLog
-from broker.leases import LeaseKeys, LeaseSigner, key_id, private_pem, public_pem
 from broker.settings import Settings, SettingsError
+from broker.signing.leases import LeaseKeys, LeaseSigner, key_id, private_pem, public_pem
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
 from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from stream.catchup import license_stream

@@ -1,4 +1,4 @@
-"""The ledger's rules, pure (broker.ledger, broker.stripe_objects, broker.binding): each Stripe
+"""The ledger's rules, pure (broker.stripe_ledger: ledger, objects, binding): each Stripe
 behaviour of docs/stripe.md, and the order-independence properties."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.binding import TAKEOVER, MemoryLedger, resolve
-from broker.ledger import FETCHED_RANK, LicenseRules, StripeObject, line_items_id, merge
-from broker.ledger_fill import fill_ledger
-from broker.licenses import initial_state
-from broker.schema import metadata, stripe_events, stripe_links, stripe_objects
-from broker.stripe_objects import EventFilter, Unprocessable, report
+from broker.storage.licenses import initial_state
+from broker.storage.schema import metadata, stripe_events, stripe_links, stripe_objects
+from broker.stripe_ledger.binding import TAKEOVER, MemoryLedger, resolve
+from broker.stripe_ledger.fill import fill_ledger
+from broker.stripe_ledger.ledger import FETCHED_RANK, LicenseRules, StripeObject, line_items_id, merge
+from broker.stripe_ledger.objects import EventFilter, Unprocessable, report
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from webhook.samples import SampleEvents
@@ -505,7 +505,7 @@ def test_the_property_stories_end_where_the_rules_say() -> None:
 def test_every_event_type_the_rules_use_is_in_the_list_users_enable() -> None:
     from pathlib import Path
 
-    from broker.stripe_objects import EVENT_TYPES
+    from broker.stripe_ledger.objects import EVENT_TYPES
 
     enable = (Path(__file__).parents[1] / "docs" / "stripe.md").read_text().split("## 2.", 1)[1].split("## 3.", 1)[0]
     for kind in EVENT_TYPES:

@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from broker.db import _alembic_config, create_engine, migrate
-from broker.schema import licenses, stripe_bindings, stripe_events, stripe_objects, subscription_event_logs
 from broker.settings import Settings
+from broker.storage.db import _alembic_config, create_engine, migrate
+from broker.storage.schema import licenses, stripe_bindings, stripe_events, stripe_objects, subscription_event_logs
 from license_broker import cli
 from webhook.samples import SampleEvents
 

@@ -17,12 +17,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.db import create_engine
 from broker.licensing import keys
 from broker.licensing.keys import KeyVault, MalformedKey, UnreadableKey
 from broker.licensing.store import KeyStore
-from broker.schema import license_keys, machines, metadata
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.schema import license_keys, machines, metadata
 from tests.support.licenses import append, new_license
 from tests.support.services import CI
 

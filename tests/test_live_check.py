@@ -19,11 +19,11 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.db import create_engine, migrate
-from broker.eventlog import EventLog, LicenseEvent, encode_event
-from broker.leases import LeaseKeys
-from broker.licenses import initial_state
 from broker.settings import Settings
+from broker.signing.leases import LeaseKeys
+from broker.storage.db import create_engine, migrate
+from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
+from broker.storage.licenses import initial_state
 from broker.transports import livecheck
 from broker.transports.base import channel
 from broker.transports.livecheck import LiveCheck

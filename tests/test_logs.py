@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from broker.requestlog import RequestIds, redact
+from broker.web.requestlog import RequestIds, redact
 from license_broker.embedded import create_app
 from tests.support.licenses import (
     TOKEN_SECRET,

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from broker import tokens
+from broker.signing import tokens
 from license_broker.embedded import create_app
 from tests.support.activations import (
     EventStream,

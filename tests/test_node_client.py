@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 from license_broker_client import MachineIdUnavailable, machine_fingerprint
 
-from broker.leases import LeaseKeys, private_pem, public_pem
 from broker.licensing import keys
+from broker.signing.leases import LeaseKeys, private_pem, public_pem
 from license_broker.embedded import create_app
 from tests.support.activations import KEY_SECRET, LEASE_KEYS, buy, key_of, keyed_settings
 from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, make_settings, new_license

@@ -1,4 +1,4 @@
-"""broker/openapi.yaml, the one description of the HTTP API, against what the apps do: it is valid
+"""broker/web/openapi.yaml, the one description of the HTTP API, against what the apps do: it is valid
 OpenAPI 3.1; each app serves at /openapi.json the part it routes, and routes nothing it does not
 describe; every route described is served by some app; and the answers and stream events of a
 real session (a purchase, an activation, a machine's stream with its lease and token renewal,
@@ -22,7 +22,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from starlette.applications import Starlette
 
-from broker import openapi, tokens
+from broker.signing import tokens
+from broker.web import openapi
 from license_broker.embedded import create_app as serve_app
 from stream.app import create_app as stream_app
 from tests.support.activations import EventStream, activate, bearer, fingerprint, key_of, keyed_settings

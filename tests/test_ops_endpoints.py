@@ -9,10 +9,10 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-import broker.readiness
-from broker.http import local_peer
-from broker.readiness import ReadinessProbe
+import broker.web.readiness
 from broker.transports.memory import MemoryTransport
+from broker.web.body import local_peer
+from broker.web.readiness import ReadinessProbe
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings
 from tests.support.processes import run_module, serving
@@ -120,7 +120,7 @@ async def test_readiness_is_checked_at_most_once_per_second_however_many_ask(
         pings += 1
         await release.wait()
 
-    monkeypatch.setattr(broker.readiness, "ping", slow_ping)
+    monkeypatch.setattr(broker.web.readiness, "ping", slow_ping)
     clock = Clock()
     probe = ReadinessProbe(None, MemoryTransport(), clock=clock)  # type: ignore[arg-type]
     waiting = [asyncio.create_task(probe.check()) for _ in range(50)]  # all during one slow check
@@ -138,14 +138,14 @@ async def test_readiness_is_checked_at_most_once_per_second_however_many_ask(
 
 async def test_a_flood_of_readyz_calls_costs_one_database_check(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     pings = 0
-    real_ping = broker.readiness.ping
+    real_ping = broker.web.readiness.ping
 
     async def counting_ping(engine: object) -> None:
         nonlocal pings
         pings += 1
         await real_ping(engine)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(broker.readiness, "ping", counting_ping)
+    monkeypatch.setattr(broker.web.readiness, "ping", counting_ping)
     async with serving(create_app(make_settings(pg_url))) as url, httpx.AsyncClient() as http:
         answers = await asyncio.gather(*(http.get(f"{url}/readyz") for _ in range(40)))
     assert {(a.status_code, a.json()["status"]) for a in answers} == {(200, "ok")}

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from broker.leases import LeaseKeys, key_id, public_pems
 from broker.settings import SettingsError
+from broker.signing.leases import LeaseKeys, key_id, public_pems
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, post_event, token_for
 from tests.support.processes import ROOT, serving

@@ -21,8 +21,8 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker import leases
 from broker.licensing import keys as broker_keys
+from broker.signing import leases
 from license_broker.embedded import create_app
 from tests.support.activations import LEASE_KEYS, keyed_settings
 from tests.support.licenses import new_license, post_event, token_for

@@ -15,14 +15,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.db import create_engine
-from broker.eventlog import EventLog
-from broker.ledger import LicenseRules
-from broker.retention import prune_event_log, prune_event_payloads
 from broker.runtime import open_runtime
-from broker.schema import licenses, stripe_events, subscription_event_logs
 from broker.settings import Settings, SettingsError
-from broker.stripe_objects import EventFilter
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
+from broker.storage.retention import prune_event_log, prune_event_payloads
+from broker.storage.schema import licenses, stripe_events, subscription_event_logs
+from broker.stripe_ledger.ledger import LicenseRules
+from broker.stripe_ledger.objects import EventFilter
 from license_broker.rebuild import rebuild
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.processes import run_module

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from broker.http_server import HEAD_TIMEOUT, MAX_HEAD_BYTES, BoundedHeadProtocol
+from broker.web.server import HEAD_TIMEOUT, MAX_HEAD_BYTES, BoundedHeadProtocol
 from license_broker import dev
 from license_broker.embedded import create_app as create_embedded_app
 from tests.support.licenses import make_settings, new_license, signed

@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from broker import tokens
 from broker.settings import Settings, SettingsError
+from broker.signing import tokens
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, signed
 from tests.support.processes import run_module, serving

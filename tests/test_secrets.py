@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from broker.db import create_engine
 from broker.settings import Settings, SettingsError, mask_password
+from broker.storage.db import create_engine
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import Process, process_env, run_module, serving
 from tests.support.services import ADMIN_URL, psycopg_connect, unavailable

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.stripe_objects import report
+from broker.stripe_ledger.objects import report
 from license_broker import cli
 from license_broker.embedded import create_app
 from tests.support.licenses import WEBHOOK_SECRET, make_settings, new_license, token_for

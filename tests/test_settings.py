@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from broker.leases import LeaseKeys, private_pem
 from broker.settings import Settings, SettingsError
+from broker.signing.leases import LeaseKeys, private_pem
 from license_broker import cli
 from license_broker.cli import parser
 from tests.support.processes import ROOT, run_module

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 
 import httpx
 
-from broker.db import create_engine
-from broker.eventlog import EventLog
-from broker.licenses import LicenseStore
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
+from broker.storage.licenses import LicenseStore
 from tests.support.licenses import new_license, token_for
 from tests.support.processes import Process, process_env
 from tests.support.services import psycopg_connect

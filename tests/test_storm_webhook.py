@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 import httpx
 
 from broker import metrics
-from broker.db import create_engine
-from broker.eventlog import EventLog
-from broker.licenses import LicenseStore
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
+from broker.storage.licenses import LicenseStore
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings, new_license, post_event, token_for
 from tests.support.processes import Process, process_env, serving

@@ -11,10 +11,11 @@ import httpx
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
 
-from broker import metrics, tokens
-from broker.db import create_engine
-from broker.eventlog import EventLog
+from broker import metrics
 from broker.settings import Settings
+from broker.signing import tokens
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
@@ -133,7 +134,7 @@ async def test_a_malformed_last_event_id_is_400(server: str) -> None:
 
 
 async def test_the_stream_carries_its_request_id_and_other_methods_are_405(server: str) -> None:
-    # Streams skip starlette's middleware stack (broker.asgi.StreamRoute), but not the request id.
+    # Streams skip starlette's middleware stack (broker.web.asgi.StreamRoute), but not the request id.
     license_id = new_license()
     headers = {"authorization": f"Bearer {token_for(license_id)}", "x-request-id": "req-s1"}
     url = f"{server}/api/licenses/{license_id}/events"

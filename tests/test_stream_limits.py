@@ -13,8 +13,8 @@ import httpx
 import pytest
 from license_broker_client import LicenseClient
 
-from broker.db import create_engine
 from broker.settings import Settings
+from broker.storage.db import create_engine
 from license_broker.embedded import create_app
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving

@@ -13,9 +13,9 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from broker.db import create_engine
-from broker.schema import licenses, stripe_events, subscription_event_logs
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from license_broker import cli
 from tests.support.licenses import WEBHOOK_SECRET, make_settings
 from tests.support.processes import serving

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from broker.db import create_engine
-from broker.schema import licenses
 from broker.settings import Settings, SettingsError
-from broker.stripe_refresh import StripeRefresher, refreshed_event
+from broker.storage.db import create_engine
+from broker.storage.schema import licenses
+from broker.stripe_ledger.refresh import StripeRefresher, refreshed_event
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
 from tests.support.stripe_api import EXAMPLES, FakeStripeApi, envelope

@@ -11,9 +11,9 @@ import httpx
 import jwt
 import pytest
 
-from broker import tokens
-from broker.db import create_engine
-from broker.eventlog import EventLog
+from broker.signing import tokens
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
 from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from stream.catchup import license_stream

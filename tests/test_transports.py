@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from broker import metrics
-from broker.db import create_engine
-from broker.eventlog import EventLog, LicenseEvent
-from broker.licenses import LicenseStore
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog, LicenseEvent
+from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
 from broker.transports.base import GapHandler, MessageHandler, ignore_gap
 from broker.transports.memory import MemoryTransport

@@ -18,12 +18,12 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from broker.db import create_engine
-from broker.leases import private_pem
-from broker.ledger import LicenseRules, StripeObject, merge
 from broker.licensing.trials import trial_object
-from broker.schema import machines, subscription_event_logs, trials
 from broker.settings import Settings, SettingsError
+from broker.signing.leases import private_pem
+from broker.storage.db import create_engine
+from broker.storage.schema import machines, subscription_event_logs, trials
+from broker.stripe_ledger.ledger import LicenseRules, StripeObject, merge
 from license_broker.embedded import create_app
 from license_broker.rebuild import rebuild
 from tests.support.activations import LEASE_KEYS, EventStream, bearer, fingerprint, keyed_env, keyed_settings
@@ -270,8 +270,8 @@ async def test_migration_0007_creates_the_checkout_and_trial_tables_schema_py_de
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from broker.db import migrate
-    from broker.schema import metadata
+    from broker.storage.db import migrate
+    from broker.storage.schema import metadata
 
     engine = create_engine(make_settings(db_url))
 

@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from broker.db import create_engine
-from broker.schema import licenses, stripe_events, subscription_event_logs
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from tests.support.licenses import WEBHOOK_SECRET, make_settings, new_license, post_event, signed
 from tests.support.processes import serving
 from tests.support.services import count_rows

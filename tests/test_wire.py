@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from broker.eventlog import LicenseEvent, encode_event
-from broker.licenses import initial_state
+from broker.storage.eventlog import LicenseEvent, encode_event
+from broker.storage.licenses import initial_state
 
 WHEN = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
 

@@ -15,13 +15,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker import metrics
-from broker.asgi import Part, build_app
-from broker.http import BodyTooLarge, read_body, settings_from_env, too_large
-from broker.ledger import LicenseRules
 from broker.runtime import Runtime
 from broker.settings import Settings
-from broker.stripe_objects import EventFilter
-from broker.stripe_refresh import StripeUnavailable, open_refresher
+from broker.stripe_ledger.ledger import LicenseRules
+from broker.stripe_ledger.objects import EventFilter
+from broker.stripe_ledger.refresh import StripeUnavailable, open_refresher
+from broker.web.asgi import Part, build_app
+from broker.web.body import BodyTooLarge, read_body, settings_from_env, too_large
 from webhook.ingest import AfterCommit, Ingestor
 from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
@@ -63,7 +63,7 @@ async def receive_webhook(request: Request) -> Response:
         log.error("webhook %s not recorded, database unavailable: %s", event["id"], exc)
         return _json({"error": "database unavailable, retry later"}, 503)
     except StripeUnavailable as exc:
-        # A read the event cannot be judged without (broker.stripe_refresh) failed: likewise.
+        # A read the event cannot be judged without (broker.stripe_ledger.refresh) failed: likewise.
         _count("error")
         log.error("webhook %s not recorded: %s", event["id"], exc)
         return _json({"error": "Stripe API unavailable, retry later"}, 503)

@@ -7,7 +7,7 @@ and no link holds them yet: a license's first event, a new invoice of a bound su
                   of every event, then the rows of the licenses they are bound to or name); READ
                   (those licenses' bindings and ledger objects, which events were recorded, which
                   named licenses exist, which unbound ids are held already); Sync
-    Python:       per event, in arrival order: broker.binding.resolve, broker.ledger.merge and
+    Python:       per event, in arrival order: binding.resolve, ledger.merge and
                   LicenseRules.derive, unchanged, each on the objects as the events before it left them
     round trip 2: WRITE (the events with their outcomes, objects, links, bindings, new licenses,
                   license rows, log entries); COMMIT; Sync
@@ -47,11 +47,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
-from broker.binding import resolve
-from broker.eventlog import LicenseEvent, log_entry
-from broker.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id, merge
-from broker.licenses import initial_state
-from broker.stripe_objects import Reported, needs_invoice_payments
+from broker.storage.eventlog import LicenseEvent, log_entry
+from broker.storage.licenses import initial_state
+from broker.stripe_ledger.binding import resolve
+from broker.stripe_ledger.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id, merge
+from broker.stripe_ledger.objects import Reported, needs_invoice_payments
 
 _CUSTOMER_KINDS = "{" + ",".join(sorted(CUSTOMER_KINDS)) + "}"
 

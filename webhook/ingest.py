@@ -20,15 +20,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
-from broker.binding import resolve
-from broker.db import upsert_into
-from broker.eventlog import EventLog, LicenseEvent
-from broker.ledger import OLDER, LicenseRules, StripeObject, line_items_id, merge
-from broker.ledger_store import LedgerStore, LocksBusy
-from broker.licenses import LicenseStore
 from broker.runtime import Runtime
-from broker.schema import stripe_events
-from broker.stripe_objects import (
+from broker.storage.db import upsert_into
+from broker.storage.eventlog import EventLog, LicenseEvent
+from broker.storage.licenses import LicenseStore
+from broker.storage.schema import stripe_events
+from broker.stripe_ledger.binding import resolve
+from broker.stripe_ledger.ledger import OLDER, LicenseRules, StripeObject, line_items_id, merge
+from broker.stripe_ledger.objects import (
     MAX_CREATED,
     MAX_ID,
     BadLicenseId,
@@ -43,7 +42,8 @@ from broker.stripe_objects import (
     report,
     unlinked_version,
 )
-from broker.stripe_refresh import NoRefresh, Refresher, StripeUnavailable
+from broker.stripe_ledger.refresh import NoRefresh, Refresher, StripeUnavailable
+from broker.stripe_ledger.store import LedgerStore, LocksBusy
 from webhook.fast_ingest import FastIngest
 
 log = logging.getLogger("webhook.ingest")
@@ -295,7 +295,7 @@ class Ingestor:
             and dict(held.state) != dict(proposed.state)
         ):
             # Not newer than the ledger, and saying something else: with STRIPE_API_KEY, apply the
-            # object as Stripe's API reads it now (broker.stripe_refresh). A repeat of the held
+            # object as Stripe's API reads it now (broker.stripe_ledger.refresh). A repeat of the held
             # snapshot (invoice.paid, then invoice.payment_succeeded of the same second) needs no
             # read. The request runs inside this transaction, under the locks of the event's ids,
             # bounded by REFRESH_TIMEOUT; newer events never wait for it.

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from broker.stripe_objects import Reported, Unprocessable, report
+from broker.stripe_ledger.objects import Reported, Unprocessable, report
 from webhook.signature import sign
 
 API_VERSION = "2026-10-28.endive"

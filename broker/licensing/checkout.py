@@ -25,9 +25,6 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker import tokens
-from broker.eventlog import EventLog
-from broker.licenses import LicenseStore
 from broker.licensing import keys
 from broker.licensing.gateway import (
     SESSION_MAX_LIFETIME,
@@ -38,8 +35,11 @@ from broker.licensing.gateway import (
 )
 from broker.licensing.machines import BadRequest
 from broker.licensing.store import MachineStore, new_license_id
-from broker.schema import checkouts, stripe_objects
 from broker.settings import Settings
+from broker.signing import tokens
+from broker.storage.eventlog import EventLog
+from broker.storage.licenses import LicenseStore
+from broker.storage.schema import checkouts, stripe_objects
 
 log = logging.getLogger("broker.licensing")
 

@@ -12,15 +12,15 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import tokens
-from broker.eventlog import EventLog
-from broker.leases import LeaseSigner, lease_claims
-from broker.ledger import StripeObject
-from broker.ledger_store import LedgerStore
 from broker.licensing import keys
 from broker.licensing.metrics import RELEASED
 from broker.licensing.store import KeyStore, Machine, MachineStore
 from broker.settings import MACHINES_CEILING, Settings
+from broker.signing import tokens
+from broker.signing.leases import LeaseSigner, lease_claims
+from broker.storage.eventlog import EventLog
+from broker.stripe_ledger.ledger import StripeObject
+from broker.stripe_ledger.store import LedgerStore
 from broker.transports import Transport
 from broker.transports.base import notice
 

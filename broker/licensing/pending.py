@@ -26,12 +26,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import background
-from broker.ledger_store import LedgerStore
 from broker.licensing.gateway import Gateway, GatewayRefused, GatewayUnavailable
 from broker.licensing.machines import Machines
 from broker.licensing.metrics import CHECKOUTS_CLOSED, RELEASED
 from broker.licensing.store import utc
-from broker.schema import (
+from broker.storage.schema import (
     checkouts,
     license_keys,
     licenses,
@@ -41,10 +40,11 @@ from broker.schema import (
     stripe_objects,
     subscription_event_logs,
 )
+from broker.stripe_ledger.store import LedgerStore
 
 log = logging.getLogger("broker.licensing")
 
-# Checkout Session states a webhook records (broker.stripe_objects): completed ones are the buyer's.
+# Checkout Session states a webhook records (broker.stripe_ledger.objects): completed ones are the buyer's.
 COMPLETED = ("paid", "unpaid", "failed")
 BATCH = 100
 

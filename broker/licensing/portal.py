@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import orjson
 
-from broker.eventlog import EventLog
 from broker.licensing.gateway import Gateway, PortalRequest
 from broker.settings import Settings
+from broker.storage.eventlog import EventLog
 
 
 class NoCustomer(Exception):

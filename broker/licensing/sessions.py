@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import background
-from broker.schema import stripe_bindings, stripe_objects
+from broker.storage.schema import stripe_bindings, stripe_objects
 
 log = logging.getLogger("broker.licensing")
 

@@ -13,10 +13,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.db import upsert_into
 from broker.licensing import keys
 from broker.licensing.keys import KeyVault, UnreadableKey
-from broker.schema import license_keys, licenses, machines
+from broker.storage.db import upsert_into
+from broker.storage.schema import license_keys, licenses, machines
 
 log = logging.getLogger("broker.licensing")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from broker.db import create_engine
-from broker.eventlog import EventLog
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog
 from broker.transports.base import GapHandler, MessageHandler, Transport, channel
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import orjson
 
-from broker.eventlog import LicenseEvent
+from broker.storage.eventlog import LicenseEvent
 
 log = logging.getLogger("broker.transports")
 

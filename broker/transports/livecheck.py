@@ -34,7 +34,7 @@ import psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import background, metrics
-from broker.eventlog import LicenseEvent, stored_events
+from broker.storage.eventlog import LicenseEvent, stored_events
 from broker.transports.base import GapHandler, MessageHandler
 
 log = logging.getLogger("broker.livecheck")

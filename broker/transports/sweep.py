@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from broker import background, metrics
-from broker.eventlog import EventLog
+from broker.storage.eventlog import EventLog
 from broker.transports.base import MessageHandler
 
 log = logging.getLogger("broker.sweep")

@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
-from broker.leases import LeaseKeys
 from broker.licensing.keys import KeyVault
 from broker.settings import Settings
+from broker.signing.leases import LeaseKeys
 from tests.support.licenses import make_settings, post_event
 from webhook.samples import SampleEvents
 

@@ -12,10 +12,10 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import tokens
-from broker.eventlog import EventLog, LicenseEvent
-from broker.licenses import LicenseStore
 from broker.settings import Settings
+from broker.signing import tokens
+from broker.storage.eventlog import EventLog, LicenseEvent
+from broker.storage.licenses import LicenseStore
 from webhook.signature import sign
 
 WEBHOOK_SECRET = "whsec_test_secret_for_the_suite"

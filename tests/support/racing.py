@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from broker.ledger import LicenseRules
 from broker.runtime import open_runtime
+from broker.stripe_ledger.ledger import LicenseRules
 from tests.support.licenses import make_settings
 from webhook.fast_ingest import FastIngest, Result
 from webhook.ingest import Ingestor

@@ -16,9 +16,9 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from broker.db import create_engine, migrate
-from broker.schema import metadata
 from broker.settings import Settings, normalize_database_url
+from broker.storage.db import create_engine, migrate
+from broker.storage.schema import metadata
 
 CI = os.environ.get("CI", "").lower() == "true"
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/postgres")

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.db import create_engine
-from broker.eventlog import EventLog, LicenseEvent
 from broker.settings import Settings
+from broker.storage.db import create_engine
+from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.transports import Transport
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport

@@ -1,11 +1,11 @@
-"""Alembic environment. Run through `license-broker migrate` (broker.db.migrate), which hands
+"""Alembic environment. Run through `license-broker migrate` (broker.storage.db.migrate), which hands
 over an open connection; `alembic` on the command line is not needed."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from broker.schema import metadata
+from broker.storage.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

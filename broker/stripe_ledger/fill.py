@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from broker.binding import MemoryLedger
-from broker.ledger import BROKER_KINDS, FETCHED_RANK, StripeObject
-from broker.schema import stripe_bindings, stripe_events, stripe_links, stripe_objects
+from broker.storage.schema import stripe_bindings, stripe_events, stripe_links, stripe_objects
+from broker.stripe_ledger.binding import MemoryLedger
+from broker.stripe_ledger.ledger import BROKER_KINDS, FETCHED_RANK, StripeObject
 
 _BATCH = 1000
 

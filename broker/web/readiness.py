@@ -11,7 +11,7 @@ from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.db import ping
+from broker.storage.db import ping
 from broker.transports import Transport
 
 Status = Literal["ok", "degraded", "unavailable"]

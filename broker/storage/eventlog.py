@@ -11,8 +11,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.licenses import LicenseRow, LicenseState, LicenseStore, initial_state
-from broker.schema import licenses, subscription_event_logs
+from broker.storage.licenses import LicenseRow, LicenseState, LicenseStore, initial_state
+from broker.storage.schema import licenses, subscription_event_logs
 
 # Keeps each IN (...) list well under every driver's parameter limit.
 _CHUNK = 1000

@@ -1,6 +1,6 @@
 """`GET /openapi.json`: the HTTP API as OpenAPI 3.1, for clients written in other languages.
 
-One source: `broker/openapi.yaml` describes every route of every app (the webhook, the stream,
+One source: `broker/web/openapi.yaml` describes every route of every app (the webhook, the stream,
 `serve`'s page) and the events of the streams (in components). Each app serves the part it routes:
 the paths it has, with the methods it answers, and the components those reach, so a client
 generated from one process's document calls nothing that process lacks. The routes of development

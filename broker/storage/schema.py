@@ -64,7 +64,7 @@ subscription_event_logs = sa.Table(
     sa.UniqueConstraint("license_id", "seq", name="uq_subscription_event_logs_license_seq"),
 )
 
-# The ledger (migration 0003): one row per Stripe object a license depends on (broker.ledger).
+# The ledger (migration 0003): one row per Stripe object a license depends on (broker.stripe_ledger.ledger).
 stripe_objects = sa.Table(
     "stripe_objects",
     metadata,

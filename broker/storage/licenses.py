@@ -8,13 +8,13 @@ from typing import Any, TypedDict
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.db import upsert_into
-from broker.schema import licenses
+from broker.storage.db import upsert_into
+from broker.storage.schema import licenses
 
 
 class LicenseState(TypedDict):
     """What a desktop app receives: enough to lock, unlock and tell its user why. Derived from the
-    license's ledger objects by broker.ledger.LicenseRules.derive (docs/stripe.md)."""
+    license's ledger objects by broker.stripe_ledger.ledger.LicenseRules.derive (docs/stripe.md)."""
 
     # "none" until the first purchase; else the deciding object's status: Stripe's subscription
     # status, "paid" (a one-time purchase), "revoked" (refunded or charged back), "expired", ...

@@ -1,5 +1,5 @@
 """licenses.last_event_created was written and never read: the ledger orders each Stripe object
-by its own version (broker.ledger), not the license by its last event.
+by its own version (broker.stripe_ledger.ledger), not the license by its last event.
 
 Revision ID: 0005
 Revises: 0004

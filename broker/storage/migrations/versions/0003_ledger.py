@@ -56,7 +56,7 @@ def upgrade() -> None:
 
 def fill(conn: sa.Connection) -> None:
     """Fold every stored event into the ledger, in `created` order (any order gives the same)."""
-    from broker.ledger_fill import fill_ledger
+    from broker.stripe_ledger.fill import fill_ledger
 
     fill_ledger(conn, datetime.now(UTC))
 

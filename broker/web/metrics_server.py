@@ -1,7 +1,7 @@
 """METRICS_PORT: /metrics on a port of its own, off the public one, for as long as the app runs.
 
 Served in the app's own event loop, with the protocol of the public ports
-(broker.http_server: a request head bounded in bytes and in time), rather than by
+(broker.web.server: a request head bounded in bytes and in time), rather than by
 prometheus-client's threaded server, which gives each connection a thread of its own for as long
 as the client keeps it open."""
 
@@ -16,8 +16,8 @@ import uvicorn
 from prometheus_client import make_asgi_app
 from uvicorn.server import ServerState
 
-from broker.http_server import BoundedHeadProtocol
 from broker.settings import Settings, SettingsError
+from broker.web.server import BoundedHeadProtocol
 
 
 @contextlib.asynccontextmanager

@@ -18,14 +18,14 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.schema import stripe_events, subscription_event_logs
+from broker.storage.schema import stripe_events, subscription_event_logs
 
 # Deleted (or emptied) per transaction, so that pruning a large backlog never holds locks or WAL
 # for long.
 BATCH = 5000
 
 # Outcomes of events no ledger object came from: rebuild folds nothing of them (see
-# broker.binding.MemoryLedger.apply), so past the retention only the row is worth keeping. Events
+# broker.stripe_ledger.binding.MemoryLedger.apply), so past the retention only the row is worth keeping. Events
 # ignored for their type are stored without a payload to begin with (webhook.ingest).
 PAYLOAD_PRUNED = ("ignored", "unmatched", "rejected")
 # What a payload that was not kept holds: JSON null (the column stays NOT NULL in SQL).

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 import stripe
 
 from broker import metrics
-from broker.ledger import StripeObject
 from broker.settings import Settings, require_https_or_loopback
-from broker.stripe_objects import CHECKOUT_EVENTS, Reported, Unprocessable, products_of, report
+from broker.stripe_ledger.ledger import StripeObject
+from broker.stripe_ledger.objects import CHECKOUT_EVENTS, Reported, Unprocessable, products_of, report
 
-log = logging.getLogger("broker.stripe_refresh")
+log = logging.getLogger("broker.stripe_ledger.refresh")
 
 # A settled invoice read from the API, as the event that settles it.
 SETTLED_INVOICE_EVENTS: Mapping[str, str] = {

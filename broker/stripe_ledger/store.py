@@ -9,9 +9,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.db import upsert_into
-from broker.ledger import CUSTOMER_KINDS, StripeObject
-from broker.schema import stripe_bindings, stripe_links, stripe_objects
+from broker.storage.db import upsert_into
+from broker.storage.schema import stripe_bindings, stripe_links, stripe_objects
+from broker.stripe_ledger.ledger import CUSTOMER_KINDS, StripeObject
 
 _CUSTOMER_KINDS = sorted(CUSTOMER_KINDS)
 

@@ -76,7 +76,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """503 without the database; 200 "degraded" without the transport (see broker.readiness). The
+    """503 without the database; 200 "degraded" without the transport (see broker.web.readiness). The
     answer may be up to a second old: a flood of probes costs one database check per second."""
     runtime: Runtime = request.state.runtime
     ready = await runtime.readiness.check()
@@ -92,7 +92,7 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     settings: Settings = request.state.runtime.settings
     if settings.metrics_port is not None:
-        # Served on METRICS_PORT instead (broker.metrics_server), never on the public port.
+        # Served on METRICS_PORT instead (broker.web.metrics_server), never on the public port.
         return JSONResponse({"error": "not found"}, status_code=404)
     if settings.metrics_token is not None:
         header = request.headers.get("authorization", "")

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.ledger import CUSTOMER_KINDS, StripeObject, merge
-from broker.stripe_objects import Reported, Unprocessable, report
+from broker.stripe_ledger.ledger import CUSTOMER_KINDS, StripeObject, merge
+from broker.stripe_ledger.objects import Reported, Unprocessable, report
 
 TAKEOVER = "client_reference_id names a license of another customer"
 
@@ -81,7 +81,7 @@ class MemoryLedger:
         return touched
 
     def seed(self, objects: Iterable[StripeObject]) -> None:
-        """Start from these rows (unbound): what no event carries (broker.ledger_fill)."""
+        """Start from these rows (unbound): what no event carries (broker.stripe_ledger.fill)."""
         for obj in objects:
             self.objects[obj.id] = obj
             for linked in obj.links:

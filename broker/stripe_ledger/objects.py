@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from broker.ledger import FETCHED_RANK, StripeObject, charge_rank, line_items_id, rank_of
+from broker.stripe_ledger.ledger import FETCHED_RANK, StripeObject, charge_rank, line_items_id, rank_of
 
 # Stripe ids fit these columns; a longer or odd value is content the broker cannot use.
 MAX_ID = 255

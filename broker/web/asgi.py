@@ -15,11 +15,11 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker import openapi
-from broker.http import ops_routes
-from broker.requestlog import RequestIdMiddleware
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
+from broker.web import openapi
+from broker.web.body import ops_routes
+from broker.web.requestlog import RequestIdMiddleware
 
 StateFactory = Callable[[Runtime], AbstractAsyncContextManager[dict[str, Any]]]
 

@@ -1,5 +1,5 @@
 """The license ledger: one row per Stripe object a license depends on, and the license as a pure
-function of those rows. No I/O here; broker.ledger_store reads and writes the rows.
+function of those rows. No I/O here; broker.stripe_ledger.store reads and writes the rows.
 
 Ordering, per object: Stripe does not order its deliveries and an event's `created` has one-second
 resolution. An object takes an event's snapshot only when (created, rank, snapshot bytes) is greater
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from broker.licenses import LicenseState
+from broker.storage.licenses import LicenseState
 
 if TYPE_CHECKING:
     from broker.settings import Settings

@@ -8,7 +8,7 @@ connection that never finishes its head, or never sends one, stays open for good
 enforced from the ASGI app, which sees nothing before the head is complete.
 
 The bound covers the head only: once it is complete the app bounds the body (WEBHOOK_MAX_BODY,
-broker.http.read_body) and a response may last hours (an SSE stream)."""
+broker.web.body.read_body) and a response may last hours (an SSE stream)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ MAX_HEAD_BYTES = 32 * 1024
 # segments at once; ten seconds leave room for a few retransmissions on a bad link.
 HEAD_TIMEOUT = 10.0
 
-# `uvicorn --http` takes this (`uvicorn webhook.app:app --http broker.http_server:BoundedHeadProtocol`).
-PROTOCOL = "broker.http_server:BoundedHeadProtocol"
+# `uvicorn --http` takes this (`uvicorn webhook.app:app --http broker.web.server:BoundedHeadProtocol`).
+PROTOCOL = "broker.web.server:BoundedHeadProtocol"
 
 
 def _response(status: bytes, message: bytes) -> bytes:

@@ -1,0 +1,1 @@
+"""Signing: the leases apps verify offline and the tokens that open streams."""

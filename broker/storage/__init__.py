@@ -1,0 +1,1 @@
+"""Storage: the tables, migrations, the event log and the license rows."""
