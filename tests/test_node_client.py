@@ -261,8 +261,8 @@ async def run_node_tests(tests: list[str], cwd: Path, env: dict[str, str]) -> st
     return report
 
 
-async def test_the_electron_examples_main_process_code_activates_with_a_key_unlocks_gates_and_holds_offline(
-    sqlite_url: str, tmp_path: Path
+async def test_the_electron_examples_main_process_code_activates_buys_tries_unlocks_gates_and_holds_offline(
+    sqlite_url: str, pg_url: str, tmp_path: Path
 ) -> None:
     node_tests()
     app = tmp_path / "electron"
@@ -274,7 +274,7 @@ async def test_the_electron_examples_main_process_code_activates_with_a_key_unlo
     (app / "node_modules" / "license-broker-client").symlink_to(JS, target_is_directory=True)
     key = LeaseKeys.generate()
     settings = keyed_settings(sqlite_url, dev=True, lease_keys=key, max_machines=1)
-    async with serving(create_app(settings)) as url:
-        env = {**os.environ, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
+    async with serving(create_app(settings)) as url, shop_and_brokers(pg_url) as shop:
+        env = {**os.environ, **shop, "BROKER_URL": url, "LEASE_PUBLIC_KEY_A": public_pem(key.signing.public_key())}
         report = await run_node_tests(["config.test.mjs", "license.test.mjs"], app, env)
-    assert "\n# pass 8" in report and "\n# skipped 0" in report, report
+    assert "\n# pass 11" in report and "\n# skipped 0" in report, report
