@@ -184,7 +184,7 @@ export function errorOf(status: number, body: unknown, headers: Headers = new He
   if (status === 401 && message === "machine released") return new MachineReleasedError(data);
   if (status === 401 || status === 403) return new UnauthorizedError(status, `${status}: ${message}`, data);
   if (status === 404 && message === "no such machine") return new MachineNotFoundError(message, options);
-  if (status === 404 && / (is|are) off on this server /.test(message)) return new NotOfferedError(message, options);
+  if (status === 404 && /^(buying from the app|trials|the billing portal) (is|are) off on this server/.test(message)) return new NotOfferedError(message, options);
   if (status === 409 && message === "this machine has had its trial") return new TrialUsedError(message, options);
   if (status === 409 && message.startsWith("this license is paid for already")) return new AlreadyPaidError(message, options);
   if (status === 409 && message.startsWith("this license has no Stripe customer")) return new NoCustomerError(message, options);
