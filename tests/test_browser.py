@@ -112,6 +112,10 @@ window.license = {
     return { ok: true };
   },
   deactivate: async () => { window.calls.push(["deactivate"]); return { ok: true }; },
+  startTrial: async () => {
+    window.calls.push(["startTrial"]);
+    return { ok: false, error: "trial_used", message: "this machine has had its trial" };
+  },
   use: async (feature) => {
     window.calls.push(["use", feature]);
     return { ok: true, result: "made by the main process" };
@@ -121,7 +125,7 @@ window.license = {
 
 
 @pytest.mark.browser
-def test_the_electron_examples_window_asks_for_the_key_offers_the_machines_to_release_and_unlocks() -> None:
+def test_the_electron_examples_window_offers_a_trial_buy_or_a_key_offers_the_machines_to_release_and_unlocks() -> None:
     if not shutil.which(CHROMIUM):
         if CI:
             pytest.fail("chromium is not installed (.ci/run installs it)")
@@ -136,9 +140,14 @@ def test_the_electron_examples_window_asks_for_the_key_offers_the_machines_to_re
             page = browser.new_page()
             page.add_init_script(PRELOAD_STUB)
             page.goto((ROOT / "examples" / "electron" / "index.html").as_uri())
-            # "Enter your license key": the app itself is not shown (styles.css, under the page's policy)
+            # The first run: a trial, Buy, or "I have a key"; the app itself is not shown (styles.css,
+            # under the page's policy), nor the key form before "I have a key"
             page.wait_for_selector("#key-screen", state="visible")
-            assert page.is_hidden("#app-screen") and page.is_hidden("#pro")
+            assert page.is_hidden("#app-screen") and page.is_hidden("#pro") and page.is_hidden("#key")
+            choices = [page.text_content(f"#{b}") for b in ("trial", "buy", "have-key")]
+            page.click("#trial")
+            page.wait_for_selector("#offer-error:has-text('had its trial')")
+            page.click("#have-key")
             page.fill("#key", key)
             page.click("#activate")
             page.wait_for_selector("#machines li")
@@ -153,6 +162,10 @@ def test_the_electron_examples_window_asks_for_the_key_offers_the_machines_to_re
             page.evaluate("window.change({screen: 'app', released: false, entitled: false, status: 'revoked', "
                           "features: [], expiresAt: null, connection: 'live'})")  # fmt: skip
             locked = (page.evaluate(badge), page.is_disabled("#pro"), page.text_content("#why"))
+            page.evaluate("window.change({screen: 'app', released: false, entitled: true, status: 'trialing', "
+                          "features: [], expiresAt: null, connection: 'live', manageable: false, "
+                          "trial: {daysLeft: 3, endsAt: '2030-01-01T00:00:00Z', ended: false}})")  # fmt: skip
+            trial = (page.text_content("#trial-left"), page.is_visible("#buy-now"), page.is_visible("#manage"))
             page.evaluate("window.change({screen: 'key', released: true, entitled: false, status: 'unknown', "
                           "features: [], expiresAt: null, connection: 'unauthorized'})")  # fmt: skip
             page.wait_for_selector("#key-screen", state="visible")
@@ -165,7 +178,9 @@ def test_the_electron_examples_window_asks_for_the_key_offers_the_machines_to_re
     assert violations == [] and pwned is None
     assert refusal is not None and "Release one" in refusal
     assert listed is not None and "<img src=x onerror=window.pwned=1> (darwin)" in listed
-    assert calls == [["activate", key], ["replace", "mch_1", key], ["use", "pro-report"]]
+    assert calls == [["startTrial"], ["activate", key], ["replace", "mch_1", key], ["use", "pro-report"]]
+    assert choices == ["Start a 14-day trial", "Buy", "I have a key"]
+    assert trial[0] is not None and trial[0].startswith("Trial: 3 days left") and trial[1:] == (True, False)
     assert unlocked == ("rgb(220, 252, 231)", False) and result == "made by the main process"
     assert locked[:2] == ("rgb(254, 226, 226)", True) and "refunded" in (locked[2] or "")
     assert released is not None and "deactivated" in released

@@ -1,7 +1,8 @@
 // The license side of the main process: one LicenseClient for the whole app, activated with the
-// license key the buyer types, a snapshot of what the windows need (sent to them on every change),
-// and the gate every paid feature goes through. No Electron here (`send` is injected), so the
-// repository's tests run this very file against a live broker (tests/test_node_client.py).
+// license key the buyer types, by a purchase made from the app (Buy: Stripe Checkout in the system
+// browser) or by a trial, a snapshot of what the windows need (sent to them on every change), and
+// the gate every paid feature goes through. No Electron here (`send` and `openUrl` are injected),
+// so the repository's tests run this very file against a live broker (tests/test_node_client.py).
 import { LeaseVerifier, LicenseClient, MachineReleasedError } from "license-broker-client";
 
 /**
@@ -18,6 +19,8 @@ function refusal(error) {
   return answer;
 }
 
+const DAY_MS = 86_400_000;
+
 /**
  * @param {object} options
  * @param {string} options.baseUrl     the broker, e.g. "https://licenses.example.com"
@@ -26,9 +29,10 @@ function refusal(error) {
  * @param {string} options.cachePath     where the last lease is kept (under app.getPath("userData")); the
  *                                        activation and the watermark go beside it
  * @param {(channel: string, snapshot: object) => void} options.send  to every window
+ * @param {(url: string) => Promise<void>} options.openUrl  opens a page in the system browser (Electron: shell.openExternal)
  * @param {string} [options.machineId]   replaces the OS machine id (tests; a system the client does not know)
  */
-export async function startLicense({ baseUrl, appId, publicKeys, cachePath, send, machineId }) {
+export async function startLicense({ baseUrl, appId, publicKeys, cachePath, send, openUrl, machineId }) {
   const client = new LicenseClient({
     baseUrl,
     appId,
@@ -39,16 +43,37 @@ export async function startLicense({ baseUrl, appId, publicKeys, cachePath, send
     cache: cachePath, // the last lease; its watermark and this machine's activation beside it
   });
 
+  // A checkout opened in the browser and not yet paid (one at a time: Buy again reopens it), and
+  // what became of the last one ("checkout_expired"), for the window to say.
+  let checkout = null;
+  let notice = null;
+
+  /** The running trial, from the signed lease (so offline too): when it ends and the days left. */
+  const trialOf = (lease) => {
+    if (!lease?.trialEnd) return null;
+    const msLeft = lease.trialEnd * 1000 - Date.now();
+    return { endsAt: new Date(lease.trialEnd * 1000).toISOString(), daysLeft: Math.max(0, Math.ceil(msLeft / DAY_MS)), ended: msLeft <= 0 };
+  };
+
   // What a window shows. `entitled` comes from the signed lease only, never from the unsigned state.
-  const snapshot = () => ({
-    screen: client.activated ? "app" : "key", // no machine activated here: "Enter your license key"
-    released: client.unauthorized instanceof MachineReleasedError, // deactivated from another computer
-    entitled: client.isEntitled(),
-    status: client.lease?.status ?? "unknown",
-    features: client.lease?.features ?? [],
-    expiresAt: client.lease ? new Date(client.lease.expiresAt * 1000).toISOString() : null,
-    connection: client.status,
-  });
+  const snapshot = () => {
+    const trial = trialOf(client.lease);
+    return {
+      // No machine activated here: the first screen ("Start a 14-day trial", "Buy", "I have a key").
+      screen: client.activated ? "app" : "key",
+      released: client.unauthorized instanceof MachineReleasedError, // deactivated from another computer
+      entitled: client.isEntitled(),
+      status: trial?.ended ? "expired" : (client.lease?.status ?? "unknown"),
+      features: client.lease?.features ?? [],
+      expiresAt: client.lease ? new Date(client.lease.expiresAt * 1000).toISOString() : null,
+      connection: client.status,
+      trial: trial?.ended ? null : trial,
+      checkout: checkout && { expiresAt: new Date(checkout.expiresAt * 1000).toISOString() }, // "finish paying in your browser"
+      notice,
+      // Something bought (a Stripe customer): "Manage subscription" has something to show.
+      manageable: typeof client.state?.state?.customer === "string",
+    };
+  };
   const publish = () => send("license:changed", snapshot());
 
   await client.restore(); // the activation and the cached lease: the right answer at once, online or not
@@ -72,10 +97,72 @@ export async function startLicense({ baseUrl, appId, publicKeys, cachePath, send
     return { ok: true };
   }
 
+  /**
+   * Buy: a Stripe Checkout for this computer, opened in the system browser. The window unlocks by
+   * itself when the payment's webhooks reach the broker (the stream's lease, bound to this
+   * machine); a checkout left unpaid ends (`notice: "checkout_expired"`). From a trial, the same
+   * license is bought. Returns at once, the page open.
+   */
+  async function buy(price) {
+    if (checkout === null) {
+      let purchase;
+      try {
+        purchase = await client.buy(price);
+      } catch (error) {
+        return refusal(error);
+      }
+      checkout = purchase;
+      notice = null;
+      purchase.completed.then(
+        () => undefined,
+        (error) => {
+          notice = error.code ?? "error";
+        },
+      ).finally(() => {
+        if (checkout === purchase) checkout = null;
+        publish();
+      });
+      publish();
+    }
+    return opening(checkout.checkoutUrl); // Buy again while it is open: the same page
+  }
+
+  /** The system browser, or why not (no browser configured, say). */
+  async function opening(url) {
+    try {
+      await openUrl(url);
+    } catch (error) {
+      return { ok: false, error: "no_browser", message: error.message, url };
+    }
+    return { ok: true };
+  }
+
   return {
     client,
     snapshot,
     activate,
+    buy,
+    /** "Start a 14-day trial": unlocked at once, until the trial ends (then locked, online or not). */
+    async startTrial() {
+      try {
+        await client.startTrial();
+      } catch (error) {
+        return refusal(error); // "trial_used": this computer had one; "not_offered": trials are off
+      }
+      if (!["live", "connecting", "reconnecting"].includes(client.status)) client.start();
+      publish();
+      return { ok: true };
+    },
+    /** "Manage subscription": Stripe's Billing Portal in the browser (cancel, a new card, invoices). */
+    async manage() {
+      let url;
+      try {
+        url = await client.portal();
+      } catch (error) {
+        return refusal(error); // "no_customer": nothing bought yet, offer Buy
+      }
+      return opening(url);
+    },
     /** "Limit reached": releases the machine the user picked (with the key: no token yet), then activates here. */
     async replace(machineId, key) {
       try {

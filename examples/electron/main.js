@@ -2,7 +2,7 @@
 // over IPC, and runs the paid features. The license logic itself is in license.js, the settings
 // in config.js.
 import path from "node:path";
-import { app, BrowserWindow, dialog, ipcMain } from "electron";
+import { app, BrowserWindow, dialog, ipcMain, shell } from "electron";
 import { loadConfig } from "./config.js";
 import { startLicense } from "./license.js";
 
@@ -49,11 +49,17 @@ app.whenReady().then(async () => {
     // The last lease, and beside it the watermark and this machine's activation (its token, 0600).
     cachePath: path.join(app.getPath("userData"), "license-lease"),
     send: sendToWindows,
+    // Checkout and the Billing Portal open in the system browser (never in a window of the app):
+    // the buyer's card details go to Stripe in the browser they trust.
+    openUrl: (url) => shell.openExternal(url),
   });
   ipcMain.handle("license:get", () => license.snapshot()); // a window that opens later asks once
   ipcMain.handle("license:activate", (_event, key) => license.activate(text(key)));
   ipcMain.handle("license:replace", (_event, machineId, key) => license.replace(text(machineId), text(key)));
   ipcMain.handle("license:deactivate", () => license.deactivate());
+  ipcMain.handle("license:buy", () => license.buy()); // the broker's default price (the first of STRIPE_PRICES)
+  ipcMain.handle("license:trial", () => license.startTrial());
+  ipcMain.handle("license:manage", () => license.manage());
   ipcMain.handle("feature:use", (_event, name) => {
     const work = Object.hasOwn(PAID_FEATURES, name) ? PAID_FEATURES[name] : null;
     return work === null ? { ok: false, reason: "unknown feature" } : license.run(name, work);

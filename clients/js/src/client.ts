@@ -5,9 +5,10 @@ import { BrokerError, errorOf, MachineNotFoundError, MachineReleasedError, NotAc
 import { LeaseHolder } from "./holder.js";
 import { InvalidLeaseError, type Lease, type LeaseVerifier } from "./leases.js";
 import { normalizeLicenseKey } from "./license-key.js";
-import { bearer, licenseAuth, MachineRoutes } from "./machine-routes.js";
+import { bearer, licenseAuth } from "./machine-routes.js";
 import { type Activation, type Credentials, MachineFile, type MachineList } from "./machines.js";
-import { ThisMachine } from "./this-machine.js";
+import { type Purchase, PurchaseRoutes, type Trial, untilPaid } from "./purchase.js";
+import { defaultName, ThisMachine } from "./this-machine.js";
 import { Watermark } from "./watermark.js";
 
 export { UnauthorizedError } from "./errors.js";
@@ -103,7 +104,7 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
   private readonly pinned: boolean;
   private readonly tokenLicenseId: string | undefined;
   private readonly machine: ThisMachine | undefined;
-  private readonly routes: MachineRoutes;
+  private readonly routes: PurchaseRoutes;
   /** The refusal of the last stream request (its body says "machine released" or not). */
   private refusal: BrokerError | null = null;
   private entitled = false; // the app starts locked; "entitlement" reports each change from there
@@ -137,7 +138,7 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
     const watermark = options.watermark ?? (this.cache ? `${this.cache.path}.watermark` : undefined);
     this.watermark = typeof watermark === "string" ? new Watermark(watermark) : watermark;
     this.fetchImpl = options.fetch ?? globalThis.fetch;
-    this.routes = new MachineRoutes(this.baseUrl, (input, init) => this.fetchImpl(input, init));
+    this.routes = new PurchaseRoutes(this.baseUrl, (input, init) => this.fetchImpl(input, init));
     if (options.appId !== undefined) {
       const machineFile = options.machineFile ?? (this.cache ? `${this.cache.path}.machine` : undefined);
       const file = typeof machineFile === "string" ? new MachineFile(machineFile) : machineFile;
@@ -348,18 +349,79 @@ export class LicenseClient extends EventEmitter<ClientEvents> {
   async activate(key: string, options: { name?: string | null; platform?: string } = {}): Promise<Activation> {
     const machine = this.thisMachine();
     await machine.load();
-    const previous = machine.credentials;
     const { activation, credentials } = await machine.activate(key, options.name, options.platform);
+    await this.adopt(credentials, activation.lease);
+    return activation;
+  }
+
+  /** Keeps an activation (a key's, a checkout's, a trial's) and its lease; a started client follows it. */
+  private async adopt(credentials: Credentials, lease: string | null): Promise<void> {
+    const machine = this.thisMachine();
+    const previous = machine.credentials;
     await machine.store(credentials);
     const otherLicense = previous?.licenseId !== credentials.licenseId;
     if (otherLicense) {
       this.state = null; // another license: its own seqs
       this.lastEventId = null;
     }
-    if (activation.lease !== null) await this.acceptLease(activation.lease);
+    if (lease !== null) await this.acceptLease(lease);
     this.checkEntitlement();
     if ((otherLicense || previous?.machineId !== credentials.machineId) && this.running) this.reconnectNow();
-    return activation;
+  }
+
+  // --- buying, trying and managing from the app (purchase.ts) -------------------------------
+
+  /**
+   * A Stripe Checkout for this machine (`price`: one of the broker's STRIPE_PRICES; default its
+   * first): open `checkoutUrl` in the browser at once; `completed` resolves when the payment
+   * entitles the license here (or rejects with CheckoutExpiredError). The license and machine are
+   * kept as an activation's, and the client is started if it was not: the payment arrives on the
+   * stream. With a license here (a trial, a lapsed one) the checkout is for that license. Throws
+   * NotOfferedError, AlreadyPaidError (manage it with portal()), RateLimitedError (`.retryAfter`),
+   * BrokerUnavailableError, MachineIdError.
+   */
+  async buy(price?: string, options: { name?: string | null; platform?: string } = {}): Promise<Purchase> {
+    const machine = this.thisMachine();
+    await machine.load();
+    const fingerprint = await machine.computeFingerprint();
+    const held = machine.credentials;
+    const name = options.name === undefined ? defaultName() : options.name;
+    const auth = held === null ? undefined : bearer(await this.streamToken());
+    const sinceSeq = held === null ? -1 : Math.max(this.lease?.seq ?? -1, this.state?.seq ?? -1);
+    const started = await this.forgettingIfReleased(() => this.routes.checkout({ fingerprint, name, platform: options.platform ?? process.platform, auth }, price));
+    await this.adopt(started.credentials, null);
+    const { licenseId, machineId } = started.credentials;
+    const completed = untilPaid(this, { licenseId, machineId, expiresAt: started.expiresAt, sinceSeq, onRemoved: () => this.awaitKey() });
+    if (!this.running) this.start();
+    return { checkoutUrl: started.checkoutUrl, licenseId, machineId, expiresAt: started.expiresAt, completed };
+  }
+
+  /**
+   * A trial without a card, on this machine: entitled at once (its lease held) until `trialEnd`,
+   * when the stream locks the app (offline: the lease expires then). Throws NotOfferedError
+   * (trials off), TrialUsedError (this machine had one, ever), RateLimitedError, BrokerUnavailableError.
+   */
+  async startTrial(options: { name?: string | null; platform?: string } = {}): Promise<Trial> {
+    const machine = this.thisMachine();
+    await machine.load();
+    const fingerprint = await machine.computeFingerprint();
+    const name = options.name === undefined ? defaultName() : options.name;
+    const started = await this.routes.trial({ fingerprint, name, platform: options.platform ?? process.platform });
+    await this.adopt(started.credentials, started.lease);
+    const { licenseId, machineId } = started.credentials;
+    return { licenseId, machineId, trialEnd: started.trialEnd, lease: this.lease };
+  }
+
+  /** The Billing Portal's URL for this license (open it in the browser). NoCustomerError before a purchase. */
+  portal(): Promise<string> {
+    return this.forgettingIfReleased(async () => this.routes.portal(await this.authorization()));
+  }
+
+  /** An unpaid checkout's license was removed: a client stopped by its refused stream waits for a key (or a buy) again. */
+  private awaitKey(): void {
+    this.unauthorized = null;
+    this.running = true;
+    this.setStatus("inactive");
   }
 
   /**

@@ -10,7 +10,12 @@
  *     ├── InvalidLicenseKeyError       "invalid_key"    403: no license has this key (never issued, or replaced)
  *     ├── MachineLimitReachedError     "machine_limit_reached" 409: `machines` in use, `max`: release one
  *     ├── MachineNotFoundError         "no_such_machine" 404: not an active machine of the license
- *     ├── RateLimitedError             "rate_limited"   429: too many failed attempts; `retryAfter` seconds
+ *     ├── NotOfferedError              "not_offered"    404: buying, trials or the portal are off on this server: hide the button
+ *     ├── TrialUsedError               "trial_used"     409: this machine has had its trial (one per machine, ever)
+ *     ├── AlreadyPaidError             "already_paid"   409: a checkout for a license that is paid for: offer the portal
+ *     ├── NoCustomerError              "no_customer"    409: the portal of a license with nothing bought: offer Buy
+ *     ├── CheckoutExpiredError         "checkout_expired" the checkout ended unpaid (buy()'s `completed`)
+ *     ├── RateLimitedError             "rate_limited"   429: too many attempts; `retryAfter` seconds
  *     └── BrokerUnavailableError       "unavailable"    no answer, or 5xx; `retryAfter` when given
  */
 import type { Machine } from "./machines.js";
@@ -97,6 +102,45 @@ export class MachineNotFoundError extends BrokerError {
   override readonly code = "no_such_machine";
 }
 
+/** 404: the seller has not turned this on (STRIPE_PRICES, LICENSE_TRIAL_DAYS, STRIPE_API_KEY): hide the button. */
+export class NotOfferedError extends BrokerError {
+  override name = "NotOfferedError";
+  override readonly code = "not_offered";
+}
+
+/** 409: this machine (its fingerprint) has had its trial, ever: offer Buy. */
+export class TrialUsedError extends BrokerError {
+  override name = "TrialUsedError";
+  override readonly code = "trial_used";
+}
+
+/** 409: the license is paid for already: nothing to buy, manage it with portal(). */
+export class AlreadyPaidError extends BrokerError {
+  override name = "AlreadyPaidError";
+  override readonly code = "already_paid";
+}
+
+/** 409: the license has no Stripe customer (a trial, an unpaid checkout): nothing to manage, offer Buy. */
+export class NoCustomerError extends BrokerError {
+  override name = "NoCustomerError";
+  override readonly code = "no_customer";
+}
+
+/**
+ * The checkout ended unpaid: its time (`expiresAt`, epoch seconds) ran out, or the session was
+ * expired (the broker then removed its pending license). Nothing was charged; buy again.
+ */
+export class CheckoutExpiredError extends BrokerError {
+  override name = "CheckoutExpiredError";
+  override readonly code = "checkout_expired";
+  readonly expiresAt: number;
+
+  constructor(message: string, expiresAt: number) {
+    super(message);
+    this.expiresAt = expiresAt;
+  }
+}
+
 export class RateLimitedError extends BrokerError {
   override name = "RateLimitedError";
   override readonly code = "rate_limited";
@@ -140,6 +184,10 @@ export function errorOf(status: number, body: unknown, headers: Headers = new He
   if (status === 401 && message === "machine released") return new MachineReleasedError(data);
   if (status === 401 || status === 403) return new UnauthorizedError(status, `${status}: ${message}`, data);
   if (status === 404 && message === "no such machine") return new MachineNotFoundError(message, options);
+  if (status === 404 && /^(buying from the app|trials|the billing portal) (is|are) off on this server/.test(message)) return new NotOfferedError(message, options);
+  if (status === 409 && message === "this machine has had its trial") return new TrialUsedError(message, options);
+  if (status === 409 && message.startsWith("this license is paid for already")) return new AlreadyPaidError(message, options);
+  if (status === 409 && message.startsWith("this license has no Stripe customer")) return new NoCustomerError(message, options);
   if (status === 429) return new RateLimitedError(`${message} (retry after ${retryAfter} s)`, options);
   if (status >= 500) return new BrokerUnavailableError(`${status}: ${message}`, options);
   return new BrokerError(`${status}: ${message}`, options);

@@ -7,16 +7,21 @@ export {
   type LicenseState,
 } from "./client.js";
 export {
+  AlreadyPaidError,
   BrokerError,
   type BrokerErrorOptions,
   BrokerUnavailableError,
+  CheckoutExpiredError,
   InvalidLicenseKeyError,
   MachineLimitReachedError,
   MachineNotFoundError,
   MachineReleasedError,
   MalformedLicenseKeyError,
+  NoCustomerError,
   NotActivatedError,
+  NotOfferedError,
   RateLimitedError,
+  TrialUsedError,
   UnauthorizedError,
 } from "./errors.js";
 export { type Exec, MachineIdError, type MachineIdOptions, machineFingerprint, osMachineId } from "./fingerprint.js";
@@ -37,4 +42,5 @@ export {
 } from "./leases.js";
 export { normalizeLicenseKey } from "./license-key.js";
 export { type Activation, type Credentials, type Machine, MachineFile, type MachineList } from "./machines.js";
+export { EXPIRY_GRACE_MS, type Purchase, type Trial } from "./purchase.js";
 export { type Mark, Watermark } from "./watermark.js";

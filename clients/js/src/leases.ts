@@ -21,6 +21,8 @@ export interface Lease {
    */
   readonly machineId?: string | null;
   readonly fingerprint?: string | null;
+  /** A running trial's lease (startTrial()): when the trial ends, epoch seconds (`expiresAt` is never later). */
+  readonly trialEnd?: number | null;
 }
 
 /**
@@ -200,6 +202,7 @@ export class LeaseVerifier {
       kid,
       machineId: (payload.machine as string | undefined) ?? null,
       fingerprint: (payload.fingerprint as string | undefined) ?? null,
+      trialEnd: typeof payload.trial_end === "number" && Number.isFinite(payload.trial_end) ? payload.trial_end : null,
     };
     checkBinding(lease, options.machine);
     const clock = this.clock();

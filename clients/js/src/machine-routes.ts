@@ -11,7 +11,7 @@ export const TIMEOUT_MS = 15_000;
 export const bearer = (token: string): string => `Bearer ${token}`;
 export const licenseAuth = (key: string): string => `License ${key}`;
 
-type Json = Record<string, unknown>;
+export type Json = Record<string, unknown>;
 
 export class MachineRoutes {
   readonly baseUrl: string;
@@ -23,7 +23,7 @@ export class MachineRoutes {
     this.baseUrl = baseUrl.replace(/\/+$/, "");
   }
 
-  private async answer(method: string, path: string, options: { auth?: string; body?: Json } = {}): Promise<[number, Json]> {
+  protected async answer(method: string, path: string, options: { auth?: string; body?: Json } = {}): Promise<[number, Json]> {
     const headers: Record<string, string> = { accept: "application/json" };
     if (options.auth !== undefined) headers.authorization = options.auth;
     if (options.body !== undefined) headers["content-type"] = "application/json";
