@@ -18,6 +18,7 @@ import httpx
 import pytest
 from license_broker_client import (
     AlreadyPurchased,
+    BrokerError,
     BrokerUnavailable,
     CheckoutExpired,
     FeatureOff,
@@ -212,24 +213,32 @@ async def test_a_checkout_that_ends_unpaid_fails_the_purchase_and_the_app_is_bac
     """CHECKOUT_PENDING_TTL 2 s. The broker expires the session at Stripe, Stripe's expired
     webhook comes, the pending license goes: the app's stream is refused (401 machine released),
     the purchase raises CheckoutExpired and the app's own iteration goes back to "inactive"
-    (nothing raised there: nobody released a machine of a license the user had). From a trial,
-    an unpaid checkout removes nothing: the purchase ends at expires_at, the trial stays."""
+    (nothing raised there: nobody released a machine of a license the user had), as does the
+    iteration of the app restarted meanwhile (no purchase in memory: the state "none" says it).
+    From a trial, an unpaid checkout removes nothing: the purchase ends at expires_at, the trial
+    stays."""
     api, base = with_prices(fake_api[0]), fake_api[1]
     async with serving(create_app(buy_settings(pg_url, base, checkout_pending_ttl=2.0, trial_days=14.0))) as url:
         client = app_on(url, tmp_path / "app", "os-id-unpaid")
         async with iterated(client) as following:
             purchase = await client.buy()
             await async_wait_until(lambda: client.state is not None, 10, "the pending license's first state")
-            session = session_of(api, purchase)
-            await async_wait_until(lambda: session["status"] == "expired", 10, "the session expired at Stripe")
-            await pay(url, [api.expired_webhook(session["id"])])
-            with pytest.raises(CheckoutExpired) as expired:
-                async with asyncio.timeout(10):
-                    await purchase
-            assert "removed" in str(expired.value) and purchase.done() and not purchase.paid
-            await async_wait_until(lambda: client.status == "inactive", 5, "the app back to inactive")
-            assert not client.activated and not client.is_entitled() and not following.done()
-            assert not (tmp_path / "app" / "lease.machine").exists()
+            restarted = app_on(url, tmp_path / "app", "os-id-unpaid")  # the same files: a restart
+            assert restarted.license_id == purchase.license_id
+            async with iterated(restarted) as following_restarted:
+                await async_wait_until(lambda: restarted.state is not None, 10, "the restarted app's first state")
+                session = session_of(api, purchase)
+                await async_wait_until(lambda: session["status"] == "expired", 10, "the session expired at Stripe")
+                await pay(url, [api.expired_webhook(session["id"])])
+                with pytest.raises(CheckoutExpired) as expired:
+                    async with asyncio.timeout(10):
+                        await purchase
+                assert "removed" in str(expired.value) and purchase.done() and not purchase.paid
+                await async_wait_until(lambda: client.status == "inactive", 5, "the app back to inactive")
+                assert not client.activated and not client.is_entitled() and not following.done()
+                assert not (tmp_path / "app" / "lease.machine").exists()
+                await async_wait_until(lambda: restarted.status == "inactive", 5, "the restarted app too")
+                assert not restarted.activated and not following_restarted.done()
 
             # The same app, the same iteration: a trial now, then a checkout from it left unpaid.
             trial = await client.start_trial()
@@ -243,6 +252,33 @@ async def test_a_checkout_that_ends_unpaid_fails_the_purchase_and_the_app_is_bac
             assert client.activated and client.license_id == trial.license_id and client.is_entitled()
             assert not following.done()
     assert await count_rows(pg_url, "licenses") == 1
+
+
+async def test_without_a_pinned_key_a_purchase_goes_by_the_live_state_and_another_click_makes_its_own(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str], tmp_path: Path
+) -> None:
+    """A client that pins no key trusts the unsigned live state only: its purchase resolves (with
+    no lease) on the first state entitled by something other than a trial. Buy clicked twice while
+    the first checkout is unpaid: the second has a license of its own (the first ends, replaced),
+    since the broker removes an unpaid license with every checkout of it."""
+    api, base = with_prices(fake_api[0]), fake_api[1]
+    async with serving(create_app(buy_settings(pg_url, base))) as url:
+        client = LicenseClient(url, app_id=APP, machine_id="os-id-unpinned", cache=tmp_path / "lease",
+                               min_backoff=0.05, max_backoff=0.5)  # fmt: skip
+        assert client.trust == "unverified"
+        first = await client.buy()
+        second = await client.buy(LIFETIME)
+        assert second.license_id != first.license_id and second.pending and client.license_id == second.license_id
+        with pytest.raises(BrokerError, match="replaced"):
+            await first
+        async with iterated(client):
+            await async_wait_until(lambda: client.state is not None, 10, "the second license's first state")
+            assert client.state is not None and client.state["license_id"] == second.license_id
+            await pay(url, api.payment_webhooks(session_of(api, second)["id"]))
+            async with asyncio.timeout(15):
+                assert await second is None
+            assert client.is_entitled() and client.state["entitled"] is True
+    assert await count_rows(pg_url, "licenses") == 2  # the first stays until its checkout expires
 
 
 async def test_each_refusal_of_buying_trying_and_managing_is_its_own_error(

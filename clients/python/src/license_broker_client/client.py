@@ -423,7 +423,9 @@ class LicenseClient:
         if self._machine is None:
             return
         credentials = self._machine.credentials
-        if credentials is not None and credentials.license_id == self._pending_license:
+        if credentials is not None and (
+            credentials.license_id == self._pending_license or self._never_paid(credentials)
+        ):
             # Not a machine released by its user: the broker removed the license an unpaid
             # checkout made for it (CHECKOUT_PENDING_TTL). The app is back to where it started.
             self._pending_license = None
@@ -449,7 +451,9 @@ class LicenseClient:
         """A checkout for this machine (POST /api/checkout): open `purchase.checkout_url` in the
         browser, then `await purchase` (see Purchase). Without an activation the broker makes a
         license for it (unpaid, it is removed at `expires_at`); with one (a trial, a lapsed
-        license) the checkout is for that license and this machine, which stay. The machine token
+        license) the checkout is for that license and this machine, which stay. Another click on
+        Buy while an earlier checkout is unpaid makes a checkout (and a license) of its own: the
+        earlier purchase ends (BrokerError), its license is removed when it expires. The machine token
         is kept as after `activate()`, so an iterated client follows the license at once, and so
         does the client after a restart. `price`: one of the seller's STRIPE_PRICES (default the
         first). UnknownPrice, AlreadyPurchased (offer `portal()`), FeatureOff, RateLimited
@@ -458,7 +462,10 @@ class LicenseClient:
         if price is not None and not isinstance(price, str):
             raise TypeError("price: a Stripe price id (str), or None for the seller's default")
         previous = machine.credentials
-        auth = None if previous is None else bearer(await self._token())
+        # The license of an unpaid checkout is not bought for again: the broker removes it, with
+        # every checkout of it, when the first one expires.
+        unpaid = previous is not None and (previous.license_id == self._pending_license or self._never_paid(previous))
+        auth = None if previous is None or unpaid else bearer(await self._token())
         try:
             credentials, url, expires_at = await self._routes.checkout(
                 machine.fingerprint, default_name() if name is None else name, platform or sys.platform, price, auth
@@ -466,7 +473,7 @@ class LicenseClient:
         except MachineReleased:
             self._forget_machine()
             raise
-        pending = previous is None or previous.license_id == self._pending_license
+        pending = auth is None
         if pending:
             self._pending_license = credentials.license_id
         self._take(credentials)
@@ -529,6 +536,12 @@ class LicenseClient:
                 replaced = f"this machine follows license {credentials.license_id} now: the checkout was replaced"
                 purchase._fail(BrokerError(replaced))
         self._purchases = [p for p in self._purchases if not p.done()]
+
+    def _never_paid(self, credentials: Credentials) -> bool:
+        """The license followed has had no purchase and is no trial (`status: "none"`): the one
+        an unpaid checkout made (known from the stream, also after a restart)."""
+        state = self.state or {}
+        return state.get("license_id") == credentials.license_id and state.get("status") == "none"
 
     def _bought(self, credentials: Credentials) -> bool:
         """The license followed is paid for (not a trial's entitlement): with a pinned key, on a
