@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +27,7 @@ from license_broker_client import (
     FeatureOff,
     LeaseVerifier,
     LicenseClient,
+    MachineIdUnavailable,
     NoCustomer,
     NotActivated,
     Purchase,
@@ -40,7 +44,7 @@ from broker.settings import Settings
 from license_broker.embedded import create_app
 from tests.support.activations import LEASE_KEYS, keyed_env, keyed_settings
 from tests.support.licenses import post_event
-from tests.support.processes import Process, process_env, serving
+from tests.support.processes import ROOT, Process, process_env, serving
 from tests.support.services import count_rows
 from tests.support.stripe_api import FakeStripeApi
 from tests.support.waiting import async_wait_until, free_port
@@ -331,3 +335,50 @@ async def test_each_refusal_of_buying_trying_and_managing_is_its_own_error(
         with pytest.raises(FeatureOff) as no_keys:
             await app_on(url, tmp_path / "d", "os-id-d").start_trial()
         assert no_keys.value.feature == "keys"
+
+
+def readme_app() -> str:
+    """The whole app of clients/python/README.md's "Buy, try and manage from the app"."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "clients" / "python" / "README.md").read_text(), re.S)
+    (app,) = [b for b in blocks if "await client.buy()" in b and "asyncio.run(" in b]
+    return app
+
+
+async def run_app(app: Path, choice: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`python app.py <choice>` in `cwd` (the app's files), awaited: the broker is in this loop."""
+    cwd.mkdir(exist_ok=True)  # noqa: ASYNC240 (one mkdir)
+    out = asyncio.subprocess.PIPE
+    process = await asyncio.create_subprocess_exec(sys.executable, str(app), choice, cwd=cwd, env=env, stdout=out,
+                                                   stderr=asyncio.subprocess.STDOUT)  # fmt: skip
+    async with asyncio.timeout(60):
+        out, _ = await process.communicate()
+    return await process.wait(), out.decode()
+
+
+@pytest.mark.slow
+async def test_the_readmes_app_buys_and_tries_against_development_mode(tmp_path: Path) -> None:
+    """The README's app, as written, against what `make run` serves (development mode: the broker's
+    own checkout page), the browser being a command that presses Pay on the page it is given."""
+    try:
+        machine_fingerprint(APP)  # the README's app uses this computer's own machine id
+    except MachineIdUnavailable as exc:
+        pytest.skip(f"no OS machine id here: {exc}")
+    settings = Settings.from_env({"BROKER_DEV": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'dev.db'}"})
+    async with serving(create_app(settings)) as url:
+        app = tmp_path / "app.py"
+        app.write_text(readme_app().replace("http://127.0.0.1:8000", url))
+        press = tmp_path / "press_pay.py"
+        press.write_text("import sys, httpx\nhttpx.post(sys.argv[1] + '/pay', json={}).raise_for_status()\n")
+        env = {**os.environ, "BROWSER": f"{sys.executable} {press} %s &"}
+        status, out = await run_app(app, "buy", tmp_path / "computer", env)
+        assert status == 0, out
+        assert f"pay in the browser: {url}/dev/checkout/cs_test_dev_" in out
+        assert "paid: unlocked True" in out and f"manage the subscription: {url}/dev/portal/lic_" in out
+        key = re.search(r"your key, for your next computer: (\S+)", out)
+        assert key is not None and len(key.group(1)) > 20
+        status, out = await run_app(app, "buy", tmp_path / "computer", env)  # the app started again
+        assert (status, out.strip()) == (0, "unlocked already")
+        status, out = await run_app(app, "trial", tmp_path / "reinstalled", env)  # its files gone
+        assert (status, out.strip()) == (0, "trial: unlocked True, 14 days left")
+        status, out = await run_app(app, "trial", tmp_path / "again", env)
+        assert (status, out.strip()) == (1, "this computer has had its trial: buy")
