@@ -585,7 +585,7 @@ class LicenseClient:
             if purchase.done():
                 return
             if driver is not None and driver.done():
-                error = driver.exception()
+                error = None if driver.cancelled() else driver.exception()
                 purchase._fail(error if isinstance(error, BrokerError) else
                                BrokerError(f"the license's stream ended: {error!r}"))  # fmt: skip
                 return
