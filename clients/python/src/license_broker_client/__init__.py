@@ -8,11 +8,10 @@ from __future__ import annotations
 from license_broker_client.cache import LeaseCache
 from license_broker_client.client import LicenseClient, Status, TokenSource, Trust
 from license_broker_client.errors import (
-    AlreadyPurchased,
+    AlreadyPaid,
     BrokerError,
     BrokerUnavailable,
     CheckoutExpired,
-    FeatureOff,
     InvalidLicenseKey,
     MachineLimitReached,
     MachineNotFound,
@@ -20,6 +19,7 @@ from license_broker_client.errors import (
     MalformedLicenseKey,
     NoCustomer,
     NotActivated,
+    NotOffered,
     RateLimited,
     StripeRefused,
     TrialUsed,
@@ -45,11 +45,10 @@ from license_broker_client.watermark import Mark, Watermark
 __all__ = [
     "DEFAULT_MAX_SKEW",
     "Activation",
-    "AlreadyPurchased",
+    "AlreadyPaid",
     "BrokerError",
     "BrokerUnavailable",
     "CheckoutExpired",
-    "FeatureOff",
     "InvalidKey",
     "InvalidLease",
     "InvalidLicenseKey",
@@ -71,6 +70,7 @@ __all__ = [
     "Mark",
     "NoCustomer",
     "NotActivated",
+    "NotOffered",
     "Purchase",
     "RateLimited",
     "Status",

@@ -432,7 +432,8 @@ class LicenseClient:
             self._unpaid_checkout_ended = True
         for purchase in self._purchases:
             if purchase.pending:
-                purchase._fail(CheckoutExpired("the checkout ended unpaid: the broker removed the license it made"))
+                purchase._fail(CheckoutExpired("the checkout ended unpaid: the broker removed the license it made",
+                                                expires_at=purchase.expires_at))  # fmt: skip
             else:
                 purchase._fail(MachineReleased("this machine was released (deactivated) before the purchase was paid"))
         self._purchases.clear()
@@ -456,8 +457,9 @@ class LicenseClient:
         earlier purchase ends (BrokerError), its license is removed when it expires. The machine token
         is kept as after `activate()`, so an iterated client follows the license at once, and so
         does the client after a restart. `price`: one of the seller's STRIPE_PRICES (default the
-        first). UnknownPrice, AlreadyPurchased (offer `portal()`), FeatureOff, RateLimited
-        (`.retry_after`), StripeRefused, BrokerUnavailable, MachineReleased, MachineIdUnavailable."""
+        first). UnknownPrice, AlreadyPaid (offer `portal()`), NotOffered, RateLimited
+        (`.retry_after`), BrokerUnavailable (StripeRefused: the seller's Stripe configuration),
+        MachineReleased, MachineIdUnavailable."""
         machine = self._this_machine()
         if price is not None and not isinstance(price, str):
             raise TypeError("price: a Stripe price id (str), or None for the seller's default")
@@ -487,7 +489,7 @@ class LicenseClient:
         """A trial without a card (POST /api/trials): a license of its own with this machine on
         it, entitled until `trial.trial_end`; the client holds its lease and follows it from here
         (it locks at the end, online or off). Buy from it with `buy()`: the license and the
-        machine stay. TrialUsed (one per machine, ever), FeatureOff (trials are off), RateLimited,
+        machine stay. TrialUsed (one per machine, ever), NotOffered (trials are off), RateLimited,
         BrokerUnavailable, MachineIdUnavailable."""
         machine = self._this_machine()
         credentials, lease, trial_end = await self._routes.start_trial(
@@ -502,7 +504,7 @@ class LicenseClient:
     async def portal(self) -> str:
         """The Stripe Billing Portal for the license's customer (POST /api/portal): a URL to open
         in the browser at once (it is a session of its own). What the buyer changes there reaches
-        the app on the stream. NoCustomer (nothing bought yet: offer `buy()`), FeatureOff,
+        the app on the stream. NoCustomer (nothing bought yet: offer `buy()`), NotOffered,
         RateLimited, StripeRefused, BrokerUnavailable, NotActivated, MachineReleased."""
         try:
             return await self._routes.portal(await self._authorization(None))
@@ -590,7 +592,9 @@ class LicenseClient:
                                BrokerError(f"the license's stream ended: {error!r}"))  # fmt: skip
                 return
             # The deadline (the loop's clock may run a little ahead of the wall clock's).
-            purchase._fail(CheckoutExpired("the checkout ended unpaid (its expires_at has passed)"))
+            ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(purchase.expires_at))
+            purchase._fail(CheckoutExpired(f"the checkout ended unpaid at {ended} (its expires_at)",
+                                           expires_at=purchase.expires_at))  # fmt: skip
             self._purchases = [p for p in self._purchases if not p.done()]
         finally:
             if driver is not None:

@@ -18,8 +18,8 @@ from license_broker_client.errors import BrokerError
 from license_broker_client.leases import Lease
 
 # After a checkout's `expires_at`, how long a payment made in its last moments is still waited
-# for (the broker expires the session at Stripe within a minute of it; the webhooks follow).
-EXPIRY_GRACE = 120.0
+# for (the webhooks of a payment made then take seconds; the JS client waits as long).
+EXPIRY_GRACE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
