@@ -12,7 +12,7 @@
     ├── NotOffered                 404: the seller has not turned it on (`feature`: "checkout",
     │                              "trials" or "portal"): hide the button
     ├── UnknownPrice               400: a price not among the seller's (`prices`: the ones offered)
-    ├── AlreadyPaid           409: the license is paid for already: offer the portal
+    ├── AlreadyPaid                409: the license is paid for already: offer the portal
     ├── TrialUsed                  409: this machine has had its trial (one per machine, ever)
     ├── NoCustomer                 409: nothing bought yet, so no billing portal: offer Buy
     ├── CheckoutExpired            the checkout ended unpaid (no request failed: see Purchase)
