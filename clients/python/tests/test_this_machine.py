@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from license_broker_client import (
+    AlreadyPaid,
     BrokerError,
     BrokerUnavailable,
     InvalidLease,
@@ -31,9 +32,14 @@ from license_broker_client import (
     MachineNotFound,
     MachineReleased,
     MalformedLicenseKey,
+    NoCustomer,
     NotActivated,
+    NotOffered,
     RateLimited,
+    StripeRefused,
+    TrialUsed,
     Unauthorized,
+    UnknownPrice,
     key_id,
     machine_fingerprint,
     normalize_license_key,
@@ -300,5 +306,32 @@ def test_each_refusal_of_the_broker_is_its_own_error() -> None:
     down = refusal(503, {"error": "database unavailable"}, **{"retry-after": "2"})
     assert isinstance(down, BrokerUnavailable) and down.retry_after == 2.0
     off = refusal(404, {"error": "license keys are off on this server (LICENSE_KEY_SECRET is not set)"})
-    assert type(off) is BrokerError and "LICENSE_KEY_SECRET" in str(off)
+    assert type(off) is BrokerError and "LICENSE_KEY_SECRET" in str(off)  # as 0.3: not an offer
     assert type(refusal(400, {"error": "fingerprint: 64 hex characters"})) is BrokerError
+
+
+def test_each_refusal_of_buying_trying_and_managing_is_its_own_error() -> None:
+    """docs/protocol.md's answers of POST /api/checkout, /api/trials and /api/portal."""
+    for message, feature in [
+        ("buying from the app is off on this server (STRIPE_PRICES is not set)", "checkout"),
+        ("trials are off on this server (LICENSE_TRIAL_DAYS is not set)", "trials"),
+        ("the billing portal is off on this server (STRIPE_API_KEY is not set)", "portal"),
+    ]:
+        off = refusal(404, {"error": message})
+        assert isinstance(off, NotOffered) and (off.feature, off.status, off.code) == (feature, 404, "not_offered")
+    unknown = refusal(400, {"error": "price: one of price_1Monthly, price_1Lifetime"})
+    assert isinstance(unknown, UnknownPrice) and unknown.prices == ("price_1Monthly", "price_1Lifetime")
+    paid = refusal(409, {"error": "this license is paid for already: manage it with POST /api/portal"})
+    assert isinstance(paid, AlreadyPaid) and paid.status == 409
+    assert isinstance(refusal(409, {"error": "this machine has had its trial"}), TrialUsed)
+    nothing = "this license has no Stripe customer yet (nothing bought): nothing to manage"
+    assert isinstance(refusal(409, {"error": nothing}), NoCustomer)
+    throttled = refusal(429, {"error": "too many unpaid checkouts from your network, try again later"},
+                        **{"retry-after": "600"})  # fmt: skip
+    assert isinstance(throttled, RateLimited) and throttled.retry_after == 600.0
+    refused = refusal(502, {"error": "Stripe refused: No such price: 'price_x'"})
+    assert isinstance(refused, StripeRefused) and isinstance(refused, BrokerUnavailable)  # a 5xx still
+    assert type(refusal(502, {"error": "Bad Gateway"})) is BrokerUnavailable  # a proxy's: try again
+    unreachable = refusal(503, {"error": "Stripe is not reachable, try again later"}, **{"retry-after": "5"})
+    assert isinstance(unreachable, BrokerUnavailable) and unreachable.retry_after == 5.0
+    assert type(refusal(400, {"error": "fingerprint: not the machine of this token"})) is BrokerError

@@ -22,6 +22,14 @@ With a license key instead of a token from the seller's web app (docs/protocol.m
 The activation (license id, machine id, machine token) is kept beside the cache
 (`<cache>.machine`, 0600); the token is renewed on the stream and before it is half spent; only
 leases issued to this machine (its id and fingerprint) count.
+
+Or with nothing typed at all (docs/protocol.md, "Buying, trying and managing from the app"):
+
+    purchase = await client.buy()             # a checkout for this machine
+    webbrowser.open(purchase.checkout_url)
+    await purchase                            # paid: unlocked; CheckoutExpired if it ended unpaid
+    trial = await client.start_trial()        # TrialUsed: this machine has had one
+    webbrowser.open(await client.portal())    # NoCustomer: nothing bought yet
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -43,6 +52,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from license_broker_client.cache import LeaseCache
 from license_broker_client.errors import (
     BrokerError,
+    CheckoutExpired,
     MachineNotFound,
     MachineReleased,
     NotActivated,
@@ -56,7 +66,8 @@ from license_broker_client.leases import InvalidLease, Lease, LeaseVerifier
 from license_broker_client.license_keys import normalize_license_key
 from license_broker_client.machine_routes import MachineRoutes, bearer, license_auth
 from license_broker_client.machines import Activation, Credentials, MachineFile, MachineList
-from license_broker_client.this_machine import ThisMachine
+from license_broker_client.purchases import Purchase, Trial
+from license_broker_client.this_machine import ThisMachine, default_name
 from license_broker_client.watermark import Watermark
 
 log = logging.getLogger("license_broker_client")
@@ -157,6 +168,13 @@ class LicenseClient:
         self._retry: float | None = None
         # The Retry-After of a 429 or 503 (a server or a license at its stream limit).
         self._retry_after: float | None = None
+        # Buying from the app: the checkouts waiting for their payment; the license a checkout
+        # made in this run while it is unpaid (removed by the broker if nobody pays), and whether
+        # it was (so that its stream's 401 returns the client to "inactive" instead of raising).
+        self._purchases: list[Purchase] = []
+        self._pending_license: str | None = None
+        self._unpaid_checkout_ended = False
+        self._iterating = 0  # iterations of this client running (a purchase waits on theirs)
         if not self._pinned:
             log.warning(UNVERIFIED, base_url)
 
@@ -268,6 +286,7 @@ class LicenseClient:
             if self.on_lease is not None:
                 self.on_lease(lease)
         self._check_entitlement()
+        self._settle_purchases()
         return lease
 
     def _check_entitlement(self) -> None:
@@ -317,6 +336,7 @@ class LicenseClient:
             self.state, self.last_event_id = None, None  # another license: its own seqs
         if previous != credentials:
             self._activation_changed.set()  # a stream of the old activation reconnects
+        self._switched(credentials)
         if activation.lease is not None:
             await self.accept_lease(activation.lease)
         self._check_entitlement()
@@ -402,6 +422,21 @@ class LicenseClient:
         watermark stays); the app is locked and asks for the key again."""
         if self._machine is None:
             return
+        credentials = self._machine.credentials
+        if credentials is not None and (
+            credentials.license_id == self._pending_license or self._never_paid(credentials)
+        ):
+            # Not a machine released by its user: the broker removed the license an unpaid
+            # checkout made for it (CHECKOUT_PENDING_TTL). The app is back to where it started.
+            self._pending_license = None
+            self._unpaid_checkout_ended = True
+        for purchase in self._purchases:
+            if purchase.pending:
+                purchase._fail(CheckoutExpired("the checkout ended unpaid: the broker removed the license it made",
+                                                expires_at=purchase.expires_at))  # fmt: skip
+            else:
+                purchase._fail(MachineReleased("this machine was released (deactivated) before the purchase was paid"))
+        self._purchases.clear()
         holder = self._current_holder()
         if holder is not None:
             holder.forget()
@@ -410,6 +445,166 @@ class LicenseClient:
         self.state, self.last_event_id = None, None
         self._activation_changed.set()
         self._check_entitlement()
+
+    # --- buying, trying and managing from the app (docs/protocol.md) --------------------------
+
+    async def buy(self, price: str | None = None, *, name: str | None = None, platform: str | None = None) -> Purchase:
+        """A checkout for this machine (POST /api/checkout): open `purchase.checkout_url` in the
+        browser, then `await purchase` (see Purchase). Without an activation the broker makes a
+        license for it (unpaid, it is removed at `expires_at`); with one (a trial, a lapsed
+        license) the checkout is for that license and this machine, which stay. Another click on
+        Buy while an earlier checkout is unpaid makes a checkout (and a license) of its own: the
+        earlier purchase ends (BrokerError), its license is removed when it expires. The machine token
+        is kept as after `activate()`, so an iterated client follows the license at once, and so
+        does the client after a restart. `price`: one of the seller's STRIPE_PRICES (default the
+        first). UnknownPrice, AlreadyPaid (offer `portal()`), NotOffered, RateLimited
+        (`.retry_after`), BrokerUnavailable (StripeRefused: the seller's Stripe configuration),
+        MachineReleased, MachineIdUnavailable."""
+        machine = self._this_machine()
+        if price is not None and not isinstance(price, str):
+            raise TypeError("price: a Stripe price id (str), or None for the seller's default")
+        previous = machine.credentials
+        # The license of an unpaid checkout is not bought for again: the broker removes it, with
+        # every checkout of it, when the first one expires.
+        unpaid = previous is not None and (previous.license_id == self._pending_license or self._never_paid(previous))
+        auth = None if previous is None or unpaid else bearer(await self._token())
+        try:
+            credentials, url, expires_at = await self._routes.checkout(
+                machine.fingerprint, default_name() if name is None else name, platform or sys.platform, price, auth
+            )
+        except MachineReleased:
+            self._forget_machine()
+            raise
+        pending = auth is None
+        if pending:
+            self._pending_license = credentials.license_id
+        self._take(credentials)
+        purchase = Purchase(credentials.license_id, credentials.machine_id, url, expires_at, pending=pending,
+                            follow=self._follow_purchase)  # fmt: skip
+        self._purchases.append(purchase)
+        self._settle_purchases()
+        return purchase
+
+    async def start_trial(self, *, name: str | None = None, platform: str | None = None) -> Trial:
+        """A trial without a card (POST /api/trials): a license of its own with this machine on
+        it, entitled until `trial.trial_end`; the client holds its lease and follows it from here
+        (it locks at the end, online or off). Buy from it with `buy()`: the license and the
+        machine stay. TrialUsed (one per machine, ever), NotOffered (trials are off), RateLimited,
+        BrokerUnavailable, MachineIdUnavailable."""
+        machine = self._this_machine()
+        credentials, lease, trial_end = await self._routes.start_trial(
+            machine.fingerprint, default_name() if name is None else name, platform or sys.platform
+        )
+        self._take(credentials)
+        if lease is not None:
+            await self.accept_lease(lease)
+        self._check_entitlement()
+        return Trial(credentials.license_id, credentials.machine_id, trial_end, self.is_entitled())
+
+    async def portal(self) -> str:
+        """The Stripe Billing Portal for the license's customer (POST /api/portal): a URL to open
+        in the browser at once (it is a session of its own). What the buyer changes there reaches
+        the app on the stream. NoCustomer (nothing bought yet: offer `buy()`), NotOffered,
+        RateLimited, StripeRefused, BrokerUnavailable, NotActivated, MachineReleased."""
+        try:
+            return await self._routes.portal(await self._authorization(None))
+        except MachineReleased:
+            self._forget_machine()
+            raise
+
+    def _take(self, credentials: Credentials) -> None:
+        """Keep the credentials a checkout or a trial gave, as an activation's: the same machine
+        gets a new token (its stream goes on), another one is followed from here."""
+        machine = self._this_machine()
+        previous = machine.credentials
+        machine.store(credentials)
+        if previous is not None and (previous.license_id, previous.machine_id) == (
+            credentials.license_id,
+            credentials.machine_id,
+        ):
+            return
+        if previous is None or previous.license_id != credentials.license_id:
+            self.state, self.last_event_id = None, None
+        self._activation_changed.set()
+        self._switched(credentials)
+
+    def _switched(self, credentials: Credentials) -> None:
+        """This machine follows `credentials` now: purchases of another license or machine end."""
+        self._unpaid_checkout_ended = False
+        if self._pending_license is not None and self._pending_license != credentials.license_id:
+            self._pending_license = None
+        for purchase in self._purchases:
+            if (purchase.license_id, purchase.machine_id) != (credentials.license_id, credentials.machine_id):
+                replaced = f"this machine follows license {credentials.license_id} now: the checkout was replaced"
+                purchase._fail(BrokerError(replaced))
+        self._purchases = [p for p in self._purchases if not p.done()]
+
+    def _never_paid(self, credentials: Credentials) -> bool:
+        """The license followed has had no purchase and is no trial (`status: "none"`): the one
+        an unpaid checkout made (known from the stream, also after a restart)."""
+        state = self.state or {}
+        return state.get("license_id") == credentials.license_id and state.get("status") == "none"
+
+    def _bought(self, credentials: Credentials) -> bool:
+        """The license followed is paid for (not a trial's entitlement): with a pinned key, on a
+        lease that verifies and is this machine's; without one, on the live state."""
+        if self._pinned:
+            lease = self.lease
+            return (
+                lease is not None
+                and lease.license_id == credentials.license_id
+                and lease.machine_id == credentials.machine_id
+                and lease.entitled
+                and lease.trial_end is None
+                and self.is_entitled()
+            )
+        state = self.state or {}
+        kind = (state.get("state") or {}).get("kind")
+        return state.get("license_id") == credentials.license_id and state.get("entitled") is True and kind != "trial"
+
+    def _settle_purchases(self) -> None:
+        credentials = self._machine.credentials if self._machine is not None else None
+        if not self._purchases or credentials is None or not self._bought(credentials):
+            return
+        lease = self.lease if self._pinned else None
+        for purchase in self._purchases:
+            if (purchase.license_id, purchase.machine_id) == (credentials.license_id, credentials.machine_id):
+                purchase._resolve(lease)
+        self._purchases = [p for p in self._purchases if not p.done()]
+        if self._pending_license == credentials.license_id:
+            self._pending_license = None  # paid: the broker keeps it
+
+    async def _follow_purchase(self, purchase: Purchase) -> None:
+        """Wait for the purchase's outcome; follow the stream meanwhile unless the app does (a
+        cancelled wait stops following; the purchase goes on)."""
+        driver = asyncio.create_task(self._drive()) if self._iterating == 0 else None
+        try:
+            waiting: set[asyncio.Future[Any]] = {purchase._outcome}
+            if driver is not None:
+                waiting.add(driver)
+            left = max(purchase.deadline - time.time(), 0.0)
+            await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if purchase.done():
+                return
+            if driver is not None and driver.done():
+                error = None if driver.cancelled() else driver.exception()
+                purchase._fail(error if isinstance(error, BrokerError) else
+                               BrokerError(f"the license's stream ended: {error!r}"))  # fmt: skip
+                return
+            # The deadline (the loop's clock may run a little ahead of the wall clock's).
+            ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(purchase.expires_at))
+            purchase._fail(CheckoutExpired(f"the checkout ended unpaid at {ended} (its expires_at)",
+                                           expires_at=purchase.expires_at))  # fmt: skip
+            self._purchases = [p for p in self._purchases if not p.done()]
+        finally:
+            if driver is not None:
+                driver.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await driver
+
+    async def _drive(self) -> None:
+        async for _ in self:
+            pass
 
     # --- the stream -------------------------------------------------------------------------
 
@@ -485,6 +680,7 @@ class LicenseClient:
                     self.state = event
                     if not self._pinned:
                         self._check_entitlement()
+                        self._settle_purchases()
                     yield event
         finally:
             if self._http is None:
@@ -515,6 +711,7 @@ class LicenseClient:
         self._check_entitlement()  # the cached lease, if it unlocks
         timer = asyncio.create_task(self._watch_expiry())
         failures = 0
+        self._iterating += 1
         try:
             while True:
                 if self._machine is not None and self._machine.credentials is None:
@@ -528,7 +725,9 @@ class LicenseClient:
                     async for event in self.connect_once():
                         failures = 0
                         yield event
-                except Unauthorized:
+                except Unauthorized as exc:
+                    if isinstance(exc, MachineReleased) and self._unpaid_checkout_ended:
+                        continue  # an unpaid checkout's license was removed: "inactive" again
                     self._set_status("unauthorized")
                     raise
                 except (httpx.HTTPError, OSError, BrokerError) as exc:
@@ -542,6 +741,7 @@ class LicenseClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._activation_changed.wait(), self.reconnect_delay(failures))
         finally:
+            self._iterating -= 1
             timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await timer

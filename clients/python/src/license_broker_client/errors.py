@@ -8,8 +8,16 @@
     ├── InvalidLicenseKey          403: no license has this key (never issued, or replaced)
     ├── MachineLimitReached        409: `machines` in use, `max`: offer to release one
     ├── MachineNotFound            404: not an active machine of this license (released already)
-    ├── RateLimited                429: too many failed attempts; `retry_after` seconds
+    ├── RateLimited                429: too many attempts (checkouts, trials, ...); `retry_after` seconds
+    ├── NotOffered                 404: the seller has not turned it on (`feature`: "checkout",
+    │                              "trials" or "portal"): hide the button
+    ├── UnknownPrice               400: a price not among the seller's (`prices`: the ones offered)
+    ├── AlreadyPaid                409: the license is paid for already: offer the portal
+    ├── TrialUsed                  409: this machine has had its trial (one per machine, ever)
+    ├── NoCustomer                 409: nothing bought yet, so no billing portal: offer Buy
+    ├── CheckoutExpired            the checkout ended unpaid (no request failed: see Purchase)
     └── BrokerUnavailable          no answer, or 5xx; `retry_after` when the broker gave one
+        └── StripeRefused          502 "Stripe refused": the seller's Stripe configuration
 
 The broker's body is in `body` (its `error` string is the message)."""
 
@@ -91,6 +99,71 @@ class BrokerUnavailable(BrokerError):
         self.retry_after = retry_after
 
 
+class StripeRefused(BrokerUnavailable):
+    """502 "Stripe refused: ...": the seller's Stripe account refused (a bad key, a price it does
+    not have). Not the app's to fix: report it. A BrokerUnavailable, as any 5xx is."""
+
+    code = "stripe_refused"
+
+
+class NotOffered(BrokerError):
+    """404 "... off on this server": the seller has not turned this on (`feature`: "checkout",
+    "trials" or "portal"). Retrying will not help: hide what needs it. (License keys off stays a
+    BrokerError, as 0.3 raised it.)"""
+
+    code = "not_offered"
+
+    def __init__(self, message: str, *, status: int | None = 404, body: dict[str, Any] | None = None,
+                 feature: str = "") -> None:  # fmt: skip
+        super().__init__(message, status=status, body=body)
+        self.feature = feature
+
+
+class UnknownPrice(BrokerError):
+    """400 "price: one of ...": `prices` are the ones the seller offers."""
+
+    code = "unknown_price"
+
+    def __init__(self, message: str, *, status: int | None = 400, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message, status=status, body=body)
+        listed = message.partition("one of ")[2]
+        self.prices = tuple(p.strip() for p in listed.split(",") if p.strip())
+
+
+class AlreadyPaid(BrokerError):
+    """409: the license of this machine is paid for already: offer `portal()` instead."""
+
+    code = "already_paid"
+
+
+class TrialUsed(BrokerError):
+    """409: this machine has had its trial (one per machine, ever: a reinstall too)."""
+
+    code = "trial_used"
+
+
+class NoCustomer(BrokerError):
+    """409: the license has no Stripe customer yet (a trial, an unpaid checkout): nothing to manage
+    in the billing portal; offer `buy()` instead."""
+
+    code = "no_customer"
+
+
+class CheckoutExpired(BrokerError):
+    """The checkout ended unpaid: its `expires_at` (epoch seconds) passed, or the broker removed
+    the pending license it made (its machine released). Nothing was bought; `buy()` again."""
+
+    code = "checkout_expired"
+
+    def __init__(self, message: str, *, expires_at: float | None = None) -> None:
+        super().__init__(message)
+        self.expires_at = expires_at
+
+
+# What the 404 of each offer that is off says (docs/protocol.md, "Errors").
+_OFF = {"buying from the app": "checkout", "trials": "trials", "the billing portal": "portal"}
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     """Retry-After in seconds (the broker never sends the HTTP-date form), capped at an hour."""
     try:
@@ -120,6 +193,19 @@ def error_of(response: httpx.Response, body: Any) -> BrokerError:
         return Unauthorized(f"{status}: {message}", status=status, body=data)
     if status == 404 and message == "no such machine":
         return MachineNotFound(message, status=status, body=data)
+    feature = next((f for prefix, f in _OFF.items() if message.startswith(f"{prefix} ")), None)
+    if status == 404 and feature is not None and " off on this server" in message:
+        return NotOffered(message, status=status, body=data, feature=feature)
+    if status == 400 and message.startswith("price: one of "):
+        return UnknownPrice(message, status=status, body=data)
+    if status == 409 and message.startswith("this license is paid for already"):
+        return AlreadyPaid(message, status=status, body=data)
+    if status == 409 and message == "this machine has had its trial":
+        return TrialUsed(message, status=status, body=data)
+    if status == 409 and message.startswith("this license has no Stripe customer"):
+        return NoCustomer(message, status=status, body=data)
+    if status == 502 and message.startswith("Stripe refused"):
+        return StripeRefused(f"{status}: {message}", status=status, body=data)
     if status == 429:
         return RateLimited(f"{message} (retry after {retry} s)", status=status, body=data, retry_after=retry)
     if status >= 500:

@@ -57,6 +57,8 @@ class Lease:
     # fingerprint hash the client sent. None for a lease of a subscriber token.
     machine_id: str | None = None
     fingerprint: str | None = None
+    # A running trial's lease: when the trial ends (epoch seconds; `expires_at` is never later).
+    trial_end: int | None = None
 
     def valid_at(self, now: float) -> bool:
         return now < self.expires_at
@@ -199,6 +201,7 @@ def _lease(token: str, kid: str, claims: dict[str, Any]) -> Lease:
             kid=kid,
             machine_id=_optional_str(claims, "machine"),
             fingerprint=_optional_str(claims, "fingerprint"),
+            trial_end=None if claims.get("trial_end") is None else int(claims["trial_end"]),
         )
     except (TypeError, ValueError) as exc:
         raise InvalidLease(f"malformed claims: {exc}") from None

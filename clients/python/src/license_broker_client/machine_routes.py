@@ -4,6 +4,7 @@ No state here: the client keeps the activation."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -100,6 +101,47 @@ class MachineRoutes:
             raise BrokerError("the renewal's answer holds no token")
         renewed = Credentials(credentials.license_id, credentials.machine_id, token)
         return renewed, lease if isinstance(lease, str) else None
+
+    async def checkout(
+        self, fingerprint: str, name: str | None, platform: str | None, price: str | None, auth: str | None
+    ) -> tuple[Credentials, str, float]:
+        """POST /api/checkout: the machine's credentials, the checkout URL and its `expires_at`.
+        With `auth` (this machine's token) the checkout is for its license and machine."""
+        body = {"fingerprint": fingerprint, "name": name, "platform": platform, "price": price}
+        if auth is not None:  # the token names the machine: its name and platform stay as they are
+            body = {"fingerprint": fingerprint, "price": price}
+        sent = {k: v for k, v in body.items() if v is not None}
+        data = await self._call("POST", "/api/checkout", auth=auth, body=sent)
+        try:
+            credentials = Credentials(str(data["license_id"]), str(data["machine_id"]), str(data["token"]))
+            url, expires_at = data["checkout_url"], float(data["expires_at"])
+            assert isinstance(url, str) and url.startswith(("https://", "http://"))
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise BrokerError("the checkout's answer is not what docs/protocol.md says") from None
+        return credentials, url, expires_at
+
+    async def start_trial(
+        self, fingerprint: str, name: str | None, platform: str | None
+    ) -> tuple[Credentials, str | None, datetime]:
+        """POST /api/trials: the trial machine's credentials, its lease and `trial_end`."""
+        body = {"fingerprint": fingerprint, "name": name, "platform": platform}
+        data = await self._call("POST", "/api/trials", body={k: v for k, v in body.items() if v is not None})
+        try:
+            credentials = Credentials(str(data["license_id"]), str(data["machine_id"]), str(data["token"]))
+            trial_end = datetime.fromisoformat(str(data["trial_end"]))
+            if trial_end.tzinfo is None:
+                raise ValueError("trial_end: no time zone")
+        except (KeyError, TypeError, ValueError):
+            raise BrokerError("the trial's answer is not what docs/protocol.md says") from None
+        lease = data.get("lease")
+        return credentials, lease if isinstance(lease, str) else None, trial_end
+
+    async def portal(self, auth: str) -> str:
+        """POST /api/portal: the Billing Portal session's URL."""
+        url = (await self._call("POST", "/api/portal", auth=auth)).get("url")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise BrokerError("the portal's answer holds no URL")
+        return url
 
     async def license_key(self, license_id: str, auth: str) -> str:
         data = await self._call("GET", f"/api/licenses/{quote(license_id, safe='')}/key", auth=auth)
