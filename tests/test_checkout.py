@@ -16,6 +16,7 @@ import jwt
 import orjson
 import pytest
 
+from broker.licensing import pending
 from broker.licensing.checkout import MAX_PENDING_PER_ADDRESS
 from broker.settings import Settings
 from broker.signing.leases import private_pem
@@ -319,6 +320,28 @@ async def test_an_unpaid_checkout_is_removed_after_the_ttl_its_stream_ends_and_i
         assert still.status_code == 200 and still.json()["status"] == "trialing"
     counted = await rows(pg_url)
     assert (counted["licenses"], counted["machines"], counted["checkouts"]) == (2, 2, 0)
+
+
+async def test_a_session_stripe_expires_on_its_own_ends_the_waiting_app_within_seconds(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    """The default CHECKOUT_PENDING_TTL (24 h): the buyer closed the tab and Stripe expired the
+    session itself. Its webhook reaches a webhook process, which cannot wake the stream's sweep:
+    the next pass (every 5 s at most) removes the pending license, and the app's stream ends."""
+    api, base = fake_api
+    with_prices(api)
+    settings = buy_settings(pg_url, base)
+    assert pending.sweep_interval(settings.checkout_pending_ttl) <= 5.0
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
+        started = (await checkout(client, url)).json()
+        events_url = f"{url}/api/licenses/{started['license_id']}/events"
+        async with EventStream(client, events_url, bearer(started["token"])) as stream:
+            await stream.until("message")
+            await pay(client, url, [api.expired_webhook(api.sessions[0]["id"])])
+            await stream.end(within=15)
+        refused = await client.get(f"{url}/api/machines", headers=bearer(started["token"]))
+        assert (refused.status_code, refused.json()) == (401, {"error": "machine released"})
+    assert await rows(pg_url) == dict.fromkeys(ROWS, 0)
 
 
 async def test_a_checkout_whose_expired_webhook_never_comes_is_removed_after_the_grace(
