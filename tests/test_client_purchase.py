@@ -38,9 +38,9 @@ from license_broker_client import (
     machine_fingerprint,
 )
 
-from broker.leases import private_pem, public_pem
 from broker.licensing.checkout import MAX_PENDING_PER_ADDRESS
 from broker.settings import Settings
+from broker.signing.leases import private_pem, public_pem
 from license_broker.embedded import create_app
 from tests.support.activations import LEASE_KEYS, keyed_env, keyed_settings
 from tests.support.licenses import post_event
