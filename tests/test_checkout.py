@@ -344,6 +344,34 @@ async def test_a_session_stripe_expires_on_its_own_ends_the_waiting_app_within_s
     assert await rows(pg_url) == dict.fromkeys(ROWS, 0)
 
 
+async def test_buy_pressed_again_keeps_the_pending_license_until_its_last_checkout_is_over(
+    pg_url: str, fake_api: tuple[FakeStripeApi, str]
+) -> None:
+    """A second checkout asked for with the token of the first (still unpaid): the first one's
+    expiry leaves the license, its machine and the second checkout; paying the second unlocks that
+    machine. Had the first expiry taken the license, the payment would find no machine."""
+    api, base = fake_api
+    with_prices(api)
+    settings = buy_settings(pg_url, base)
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as client:
+        first = (await checkout(client, url)).json()
+        second = (await checkout(client, url, first["token"])).json()
+        assert (second["license_id"], second["machine_id"]) == (first["license_id"], first["machine_id"])
+        sessions = [s["id"] for s in api.sessions]
+        await pay(client, url, [api.expired_webhook(sessions[0])])
+
+        async def first_closed() -> bool:
+            return await count_rows(pg_url, "checkouts") == 1
+
+        await wait_for(first_closed, 15, "the first checkout closed")
+        assert (await count_rows(pg_url, "licenses"), await count_rows(pg_url, "machines")) == (1, 1)
+        await pay(client, url, api.payment_webhooks(sessions[1]))
+        state = await client.get(f"{url}/api/licenses/{first['license_id']}", headers=bearer(second["token"]))
+        assert state.status_code == 200 and state.json()["entitled"] is True, state.text
+        machines = await client.get(f"{url}/api/machines", headers=bearer(second["token"]))
+        assert [m["id"] for m in machines.json()["machines"]] == [first["machine_id"]]
+
+
 async def test_a_checkout_whose_expired_webhook_never_comes_is_removed_after_the_grace(
     pg_url: str, fake_api: tuple[FakeStripeApi, str]
 ) -> None:

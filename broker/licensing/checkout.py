@@ -200,7 +200,9 @@ class Checkouts:
                     id=session.id,
                     license_id=license_id,
                     machine_id=machine_id,
-                    pending_license=buyer.license_id is None,
+                    # A checkout asked for with the token of a license still pending (made by
+                    # an earlier, unpaid checkout) is pending too: the license goes with the last.
+                    pending_license=buyer.license_id is None or await _pending(conn, license_id),
                     address=buyer.address,
                     price=price,
                     mode=mode,
@@ -217,3 +219,9 @@ class Checkouts:
             await self.gateway.expire_checkout(session_id)
         except Exception as exc:
             log.warning("checkout %s: not expired at Stripe (%s); it expires there by itself", session_id, exc)
+
+
+async def _pending(conn: AsyncConnection, license_id: str) -> bool:
+    """Whether the license was made by a checkout that is still open (it is not the buyer's yet)."""
+    query = sa.select(checkouts.c.id).where(checkouts.c.license_id == license_id, checkouts.c.pending_license)
+    return (await conn.execute(query.limit(1))).first() is not None

@@ -181,7 +181,8 @@ def _status(o: sa.Table) -> Any:
 
 async def remove_pending_license(conn: AsyncConnection, license_id: str, session_id: str) -> bool:
     """Delete an unpaid pending license and every row of it (SQLite has no cascades); False, and
-    nothing deleted but the checkout row, when it is entitled or holds a completed session."""
+    nothing deleted but the checkout row, when it is entitled, holds a completed session or has
+    another checkout open."""
     # The session's id lock first, then the license row, as the webhook takes them: a webhook of
     # this session decides either before this (and is seen below) or after it.
     await LedgerStore.lock_ids(conn, [session_id])
@@ -192,7 +193,14 @@ async def remove_pending_license(conn: AsyncConnection, license_id: str, session
     b, o = stripe_bindings, stripe_objects
     own = sa.select(b.c.stripe_id).where(b.c.license_id == license_id)
     completed = sa.select(o.c.id).where(o.c.id.in_(own), o.c.kind == "checkout", _status(o).in_(COMPLETED))
-    if entitled or (await conn.execute(completed.limit(1))).first() is not None:
+    # Another checkout of the same pending license (Buy pressed again with its token) still open:
+    # that one may yet be paid, so only this row goes; the license goes with the last of them.
+    others = sa.select(checkouts.c.id).where(checkouts.c.license_id == license_id, checkouts.c.id != session_id)
+    if (
+        entitled
+        or (await conn.execute(completed.limit(1))).first() is not None
+        or ((await conn.execute(others.limit(1))).first() is not None)
+    ):
         await conn.execute(checkouts.delete().where(checkouts.c.id == session_id))
         return False
     ids = [str(i) for i in await conn.scalars(own)]
