@@ -521,7 +521,7 @@ _ENTRIES = (
 )
 
 
-def _registry(entries: Iterable[KindSpec]) -> Mapping[Kind, KindSpec]:
+def build_registry(entries: Iterable[KindSpec]) -> Mapping[Kind, KindSpec]:
     """The entries by kind; raises on a kind listed twice, a kind of `Kind` without an entry, an
     incomplete entry, or an event type two kinds claim."""
     registry: dict[Kind, KindSpec] = {}
@@ -544,7 +544,7 @@ def _registry(entries: Iterable[KindSpec]) -> Mapping[Kind, KindSpec]:
     return MappingProxyType(registry)
 
 
-KINDS: Mapping[Kind, KindSpec] = _registry(_ENTRIES)
+KINDS: Mapping[Kind, KindSpec] = build_registry(_ENTRIES)
 
 
 def spec_of(kind: str) -> KindSpec:
