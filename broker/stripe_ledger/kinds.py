@@ -513,8 +513,11 @@ _ENTRIES = (
         parse=_customer,
         customer_level=True,
     ),
-    # A trial without a card (broker.licensing.trials): a trial that has ended comes after the
-    # trial it was (https://docs.stripe.com/billing/subscriptions/trials is Stripe's counterpart).
+    # The broker's own: a trial without a card (broker.licensing.trials), `trial:<license id>`, state
+    # {"status": "trialing" | "ended", "trial_end": epoch seconds}; the docs page is Stripe's trials,
+    # which it stands in for. Its end is written as a new snapshot when it comes (no clock here): the
+    # rules stay pure. Never read from Stripe's API; kept as they are when the ledger is refilled
+    # from Stripe's events (rebuild). An ended trial comes after the running one.
     KindSpec(
         "trial", "https://docs.stripe.com/billing/subscriptions/trials", ranks={"trialing": 0, "ended": 1}, broker=True
     ),

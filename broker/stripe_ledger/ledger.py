@@ -94,10 +94,6 @@ FETCHED_RANK = 2**60
 # Every kind of object the ledger holds. broker.stripe_ledger.kinds has one entry per kind (its
 # events, parser, ranks, whether it is customer-level, how to read it from Stripe's API) and
 # refuses to load while one is missing; a row of a kind not listed here is refused (UnknownKind).
-# Objects the broker keeps itself, not Stripe's: a trial without a card (broker.licensing.trials),
-# `trial:<license id>`, state {"status": "trialing" | "ended", "trial_end": epoch seconds}. Its end
-# is written as a new snapshot when it comes (no clock here): the rules stay pure. Never read from
-# Stripe's API; kept as they are when the ledger is refilled from Stripe's events (rebuild).
 Kind = Literal[
     "subscription",
     "checkout",
