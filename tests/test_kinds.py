@@ -198,6 +198,9 @@ def test_a_registry_that_misses_a_part_or_a_kind_does_not_load() -> None:
     claims = KindSpec(**{**_fields(KINDS["refund"]), "events": {**KINDS["refund"].events, "charge.refunded": None}})
     with pytest.raises(UnknownKind, match=r"charge\.refunded is claimed by charge and refund"):
         build_registry([claims if s.kind == "refund" else s for s in entries])
+    orphan = KindSpec(**{**_fields(KINDS["line_items"]), "part_of": "trial"})
+    with pytest.raises(UnknownKind, match="line_items is a part of trial, which no event reports"):
+        build_registry([orphan if s.kind == "line_items" else s for s in entries])
     stray = KindSpec("chekout", "https://docs.stripe.com/api", broker=True)  # type: ignore[arg-type]
     with pytest.raises(UnknownKind, match="chekout"):
         build_registry([*entries, stray])

@@ -323,7 +323,7 @@ def _entitlements(spec: KindSpec, event_type: str, summary: dict[str, Any], crea
     # The summary lists the first entitlements only; `has_more`: there are others.
     state = {"features": features, "partial": listed.get("has_more") is True}
     own = StripeObject(entitlements_id(customer), spec.kind, created, 0, state, customer)
-    return Reported((own,), customer_level=True)
+    return Reported((own,), customer_level=spec.customer_level)
 
 
 def entitlements_id(customer: str) -> str:
@@ -342,7 +342,7 @@ def _customer(spec: KindSpec, event_type: str, customer: dict[str, Any], created
     if customer_id is None:
         raise Unprocessable(f"{event_type} without an id")
     own = StripeObject(customer_id, spec.kind, created, 0, {"deleted": True}, customer_id)
-    return Reported((own,), customer_level=True)
+    return Reported((own,), customer_level=spec.customer_level)
 
 
 # -- the registry ---------------------------------------------------------------------------------
@@ -526,7 +526,7 @@ _ENTRIES = (
 
 def build_registry(entries: Iterable[KindSpec]) -> Mapping[Kind, KindSpec]:
     """The entries by kind; raises on a kind listed twice, a kind of `Kind` without an entry, an
-    incomplete entry, or an event type two kinds claim."""
+    incomplete entry, an event type two kinds claim, or a part of a kind no event reports."""
     registry: dict[Kind, KindSpec] = {}
     claimed: dict[str, Kind] = {}
     problems = []
@@ -542,6 +542,11 @@ def build_registry(entries: Iterable[KindSpec]) -> Mapping[Kind, KindSpec]:
                 problems.append(f"{event_type} is claimed by {claimed[event_type]} and {spec.kind}")
             claimed[event_type] = spec.kind
     problems += [f"{kind} has no entry" for kind in sorted(KIND_NAMES - set(registry))]
+    problems += [
+        f"{spec.kind} is a part of {spec.part_of}, which no event reports"
+        for spec in registry.values()
+        if spec.part_of is not None and spec.part_of in registry and not registry[spec.part_of].events
+    ]
     if problems:
         raise UnknownKind("the kind registry is incomplete: " + "; ".join(problems))
     return MappingProxyType(registry)
