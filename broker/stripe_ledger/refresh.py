@@ -20,7 +20,7 @@ import stripe
 
 from broker import metrics
 from broker.settings import Settings, require_https_or_loopback
-from broker.stripe_ledger.kinds import BY_EVENT, KINDS, RETRIEVE, Retrieve
+from broker.stripe_ledger.kinds import BY_EVENT, KINDS
 from broker.stripe_ledger.ledger import SETTLED_INVOICES, StripeObject
 from broker.stripe_ledger.objects import Reported, Unprocessable, products_of, report
 
@@ -42,9 +42,6 @@ REFRESH_TIMEOUT = 3.0
 ListPage = Callable[[str | None], Awaitable[stripe.ListObject[Any]]]  # the page after this id
 # A list read (line items, entitlements, invoice payments) follows at most this many pages of 100.
 MAX_PAGES = 10
-# How to read one object of each kind is in its entry of the registry (broker.stripe_ledger.kinds,
-# `retrieve`); RETRIEVE and Retrieve are kept here under their old names.
-__all__ = ["RETRIEVE", "Retrieve"]
 
 
 class StripeUnavailable(Exception):
@@ -208,7 +205,7 @@ class StripeRefresher:
         return await self._list(f"the payments of {invoice_id}", read)
 
     async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
-        retrieve = KINDS[obj.kind].retrieve
+        retrieve = KINDS[obj.kind].retrieve  # None for a kind with no single object to read
         options = self._options(event)
         if retrieve is None or options is None:
             return None
