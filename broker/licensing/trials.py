@@ -3,7 +3,7 @@ asking machine activated on it. One per machine fingerprint, ever: the `trials` 
 deleted, so a reinstall of the app (the same fingerprint) gets 409.
 
 How a trial fits the ledger. A license is the sum of its objects; a trial is one more object of
-it, of the broker's own kind (`trial:<license id>`, broker.stripe_ledger.ledger.BROKER_KINDS), bound to the
+it, of the broker's own kind (`trial:<license id>`, broker.stripe_ledger.kinds.BROKER_KINDS), bound to the
 license like a Stripe object. LicenseRules.derive reads it with the rest: entitled while
 `trialing`, `expired` once ended, and never deciding over anything bought. The rules stay pure
 (no clock): the end is a new snapshot of the object, written when it comes.
@@ -39,7 +39,8 @@ from broker.storage.db import upsert_into
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseRow, LicenseStore
 from broker.storage.schema import trials
-from broker.stripe_ledger.ledger import LicenseRules, StripeObject, merge, rank_of
+from broker.stripe_ledger.kinds import rank_of
+from broker.stripe_ledger.ledger import LicenseRules, StripeObject, merge
 from broker.stripe_ledger.store import LedgerStore
 from broker.transports import Transport
 

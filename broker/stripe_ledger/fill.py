@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from broker.storage.schema import stripe_bindings, stripe_events, stripe_links, stripe_objects
 from broker.stripe_ledger.binding import MemoryLedger
-from broker.stripe_ledger.ledger import BROKER_KINDS, FETCHED_RANK, StripeObject
+from broker.stripe_ledger.kinds import BROKER_KINDS
+from broker.stripe_ledger.ledger import FETCHED_RANK, StripeObject
 
 _BATCH = 1000
 

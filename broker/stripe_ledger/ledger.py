@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import orjson
 
@@ -84,52 +84,45 @@ PRECEDENCE = (
     "expired",
 )
 
-_SUBSCRIPTION_STAGES = ("incomplete", "trialing", "active", "past_due", "unpaid", "paused", "incomplete_expired")
-# Ties within one second: the later stage of an object's life wins.
-RANKS: dict[str, dict[str, int]] = {
-    "subscription": {status: i for i, status in enumerate(_SUBSCRIPTION_STAGES, 1)} | {"canceled": 99},
-    "checkout": {"unpaid": 0, "expired": 1, "failed": 1, "paid": 2},
-    "trial": {"trialing": 0, "ended": 1},
-    "invoice": {"draft": 0, "open": 1, "action_required": 2, "failed": 3, "paid": 4, "uncollectible": 5, "void": 5},
-    "invoice_payment": {"open": 0, "paid": 1, "canceled": 2},
-    "refund": {"pending": 0, "requires_action": 1, "succeeded": 2, "failed": 3, "canceled": 3},
-    "payment_intent": {
-        "requires_payment_method": 0,
-        "requires_confirmation": 1,
-        "requires_action": 2,
-        "processing": 3,
-        "requires_capture": 4,
-        "succeeded": 5,
-        "canceled": 5,
-    },
-    "dispute": {
-        "warning_needs_response": 0,
-        "warning_under_review": 1,
-        "warning_closed": 2,
-        "needs_response": 3,
-        "under_review": 4,
-        "won": 5,
-        "lost": 5,
-        "prevented": 5,
-    },
-}
-# A charge's snapshots are ordered by `amount_refunded`, which only grows (refunds add to it,
-# https://docs.stripe.com/api/charges/object#charge_object-amount_refunded), then by status (a
-# pending charge settles as succeeded or failed): two partial refunds of one second that add up to
-# the whole charge end in the full refund, whatever order they arrive in.
-CHARGE_STATUSES = {"pending": 0, "succeeded": 1, "failed": 1}
+# Ties within one second: the later stage of an object's life wins. Each kind's ranks are in its
+# entry of the registry (broker.stripe_ledger.kinds), where they are linked to Stripe's docs.
 MAX_AMOUNT = 2**56  # far above any charge Stripe accepts; keeps every charge rank below FETCHED_RANK
 # A snapshot read from Stripe's API (STRIPE_API_KEY) is the truth at the time it was read: it wins
 # ties against webhook snapshots of the same second.
 FETCHED_RANK = 2**60
 
-# Customer-level objects apply to every license that holds an object of their customer.
-CUSTOMER_KINDS = frozenset({"entitlements", "customer"})
-# Objects the broker keeps itself, not Stripe's: a trial without a card (broker.licensing.trials),
-# `trial:<license id>`, state {"status": "trialing" | "ended", "trial_end": epoch seconds}. Its end
-# is written as a new snapshot when it comes (no clock here): the rules stay pure. Never read from
-# Stripe's API; kept as they are when the ledger is refilled from Stripe's events (rebuild).
-BROKER_KINDS = frozenset({"trial"})
+# Every kind of object the ledger holds. broker.stripe_ledger.kinds has one entry per kind (its
+# events, parser, ranks, whether it is customer-level, how to read it from Stripe's API) and
+# refuses to load while one is missing; a row of a kind not listed here is refused (UnknownKind).
+Kind = Literal[
+    "subscription",
+    "checkout",
+    "line_items",
+    "invoice",
+    "action_notice",
+    "invoice_payment",
+    "charge",
+    "refund",
+    "dispute",
+    "payment_intent",
+    "trial_notice",
+    "entitlements",
+    "customer",
+    "trial",
+]
+KIND_NAMES: frozenset[str] = frozenset(get_args(Kind))
+# What a license is of: a subscription, a one-time purchase, or the broker's own trial.
+LicenseKind = Literal["subscription", "perpetual", "trial"]
+
+
+class UnknownKind(ValueError):
+    """A kind of object the ledger does not know (a typo, or a row written by a newer version)."""
+
+
+def as_kind(value: str) -> Kind:
+    if value not in KIND_NAMES:
+        raise UnknownKind(f"unknown ledger kind {value!r}")
+    return cast(Kind, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +150,7 @@ class Grants:
     def listed(self) -> bool:
         return bool(self.subscription or self.perpetual)
 
-    def allow(self, kind: str, products: Iterable[str] | None) -> bool:
+    def allow(self, kind: LicenseKind, products: Iterable[str] | None) -> bool:
         """Whether a purchase of `kind` of these products grants (None: not known)."""
         if not self.listed:
             return True
@@ -175,12 +168,15 @@ class StripeObject:
     """One ledger row: the fields of a Stripe object the rules read, and its ordering version."""
 
     id: str
-    kind: str
+    kind: Kind
     version: int  # `created` of the event that set this snapshot
     rank: int
     state: Mapping[str, Any]
     customer: str | None = None
     links: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        as_kind(self.kind)  # a row read from the database is only typed as a string
 
     def row(self) -> dict[str, Any]:
         """Its `stripe_objects` columns, but for when it was written."""
@@ -195,14 +191,6 @@ class StripeObject:
 
     def order(self) -> tuple[int, int, bytes]:
         return self.version, self.rank, orjson.dumps(dict(self.state), option=orjson.OPT_SORT_KEYS)
-
-
-def rank_of(kind: str, status: Any) -> int:
-    return RANKS.get(kind, {}).get(str(status), 0)
-
-
-def charge_rank(amount_refunded: int, status: Any) -> int:
-    return min(amount_refunded, MAX_AMOUNT) * 4 + CHARGE_STATUSES.get(str(status), 0)
 
 
 NEWER, SAME, OLDER = "newer", "same", "older"
@@ -235,7 +223,7 @@ def iso(timestamp: Any) -> str | None:
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     status: str
-    kind: str  # "subscription" | "perpetual" | "trial"
+    kind: LicenseKind
     entitled: bool
     version: int
     subscription: StripeObject | None = None
@@ -267,7 +255,7 @@ class LicenseRules:
         return bool(self.grants.perpetual) and obj.kind == "checkout" and obj.state.get("mode") == "payment"
 
     def derive(self, objects: Iterable[StripeObject]) -> LicenseState:
-        by_kind: dict[str, dict[str, StripeObject]] = defaultdict(dict)
+        by_kind: dict[Kind, dict[str, StripeObject]] = defaultdict(dict)
         for obj in objects:
             by_kind[obj.kind][obj.id] = obj
         view = _View(by_kind, self.grants, self.entitled_statuses)
@@ -317,37 +305,41 @@ class _View:
 
     def __init__(
         self,
-        by_kind: Mapping[str, Mapping[str, StripeObject]],
+        by_kind: Mapping[Kind, Mapping[str, StripeObject]],
         grants: Grants,
         entitled_statuses: frozenset[str],
     ) -> None:
         self.by_kind = by_kind
         self.grants = grants
         self.entitled_statuses = entitled_statuses
-        self.sessions = by_kind.get("checkout", {})
-        self.invoices = by_kind.get("invoice", {})
-        self.deleted = {o.id: o.version for o in by_kind.get("customer", {}).values() if o.state.get("deleted")}
+        self.sessions = self.of("checkout")
+        self.invoices = self.of("invoice")
+        self.deleted = {o.id: o.version for o in self.of("customer").values() if o.state.get("deleted")}
         self.revoked = self._revoked_payments()
         self.invoice_payments = self._invoice_payments()
+
+    def of(self, kind: Kind) -> Mapping[str, StripeObject]:
+        """The license's objects of this kind, by id."""
+        return self.by_kind.get(kind, {})
 
     # -- payments -----------------------------------------------------------------------------
 
     def _revoked_payments(self) -> set[str]:
         """Charge and payment-intent ids whose money went back: fully refunded, or disputed."""
         undone: dict[str, int] = {}
-        for refund in self.by_kind.get("refund", {}).values():
+        for refund in self.of("refund").values():
             charge = refund.state.get("charge")
             if charge and refund.state.get("status") in UNDONE_REFUNDS:
                 undone[charge] = max(undone.get(charge, -1), refund.version)
         revoked: set[str] = set()
-        for charge in self.by_kind.get("charge", {}).values():
+        for charge in self.of("charge").values():
             # A failed or canceled refund newer than the charge's last word puts the money back.
             if charge.state.get("refunded") and undone.get(charge.id, -1) < charge.version:
                 revoked |= {
                     charge.id,
                     *([charge.state["payment_intent"]] if charge.state.get("payment_intent") else []),
                 }
-        for dispute in self.by_kind.get("dispute", {}).values():
+        for dispute in self.of("dispute").values():
             if _money_back(dispute):
                 revoked |= {p for p in (dispute.state.get("charge"), dispute.state.get("payment_intent")) if p}
         return revoked
@@ -356,7 +348,7 @@ class _View:
         """A dispute of one of the license's payments lost, or a fraud claim, with the money back."""
         return any(
             _money_back(d) and (d.state.get("status") == "lost" or d.state.get("reason") == FRAUD_REASON)
-            for d in self.by_kind.get("dispute", {}).values()
+            for d in self.of("dispute").values()
         )
 
     def _invoice_payments(self) -> set[str]:
@@ -365,7 +357,7 @@ class _View:
         for invoice in self.invoices.values():
             paid |= {p for p in (invoice.state.get("charge"), invoice.state.get("payment_intent")) if p}
             paid |= set(invoice.state.get("payments") or ())
-        for payment in self.by_kind.get("invoice_payment", {}).values():
+        for payment in self.of("invoice_payment").values():
             paid |= {p for p in (payment.state.get("payment_intent"), payment.state.get("charge")) if p}
         return paid
 
@@ -376,10 +368,10 @@ class _View:
         if invoice is not None:
             paid |= {p for p in (invoice.state.get("charge"), invoice.state.get("payment_intent")) if p}
             paid |= set(invoice.state.get("payments") or ())
-        for payment in self.by_kind.get("invoice_payment", {}).values():
+        for payment in self.of("invoice_payment").values():
             if payment.state.get("invoice") == invoice_id:
                 paid |= {p for p in (payment.state.get("payment_intent"), payment.state.get("charge")) if p}
-        for charge in self.by_kind.get("charge", {}).values():
+        for charge in self.of("charge").values():
             if charge.state.get("invoice") == invoice_id:
                 paid.add(charge.id)
         return paid
@@ -387,7 +379,7 @@ class _View:
     # -- subscriptions ------------------------------------------------------------------------
 
     def subscriptions(self) -> list[_Candidate]:
-        subs = dict(self.by_kind.get("subscription", {}))
+        subs = dict(self.of("subscription"))
         # A subscription known only from its Checkout Session, or only from its invoices, until its
         # own events arrive: Checkout creates it `incomplete` and activates it on payment.
         for session in self.sessions.values():
@@ -493,7 +485,7 @@ class _View:
         paid (https://docs.stripe.com/payments/paymentintents/lifecycle)."""
         accounted = {s.state.get("payment_intent") for s in self.sessions.values()} | self.invoice_payments
         found = []
-        for intent in self.by_kind.get("payment_intent", {}).values():
+        for intent in self.of("payment_intent").values():
             if not intent.state.get("purchase") or intent.id in accounted or intent.state.get("invoice"):
                 continue
             if not self.grants.allow("perpetual", intent.state.get("products")):
@@ -514,7 +506,7 @@ class _View:
             payment = session.state.get("payment_intent")
             if status == "paid" and payment and payment in self.revoked:
                 status = "revoked"
-            line_items = self.by_kind.get("line_items", {}).get(line_items_id(session.id))
+            line_items = self.of("line_items").get(line_items_id(session.id))
             if not self.grants.allow("perpetual", line_items.state.get("products") if line_items else None):
                 continue  # LICENSE_PRODUCTS: only purchases whose line items are known and listed
             found.append(_Candidate(status, "perpetual", status == "paid", session.version, customer=session.customer))
@@ -526,7 +518,7 @@ class _View:
         """A running trial entitles whatever ENTITLED_STATUSES says (the seller turned trials on
         with LICENSE_TRIAL_DAYS); an ended one is `expired`."""
         found = []
-        for trial in self.by_kind.get("trial", {}).values():
+        for trial in self.of("trial").values():
             running = trial.state.get("status") == "trialing"
             end = _int(trial.state.get("trial_end")) or None
             found.append(_Candidate("trialing" if running else "expired", "trial", running, trial.version,
@@ -541,7 +533,7 @@ class _View:
         them per customer, so two entitled licenses of one customer list the same features."""
         customers = {c.customer for c in entitling if c.customer}
         features: set[str] = set()
-        for summary in self.by_kind.get("entitlements", {}).values():
+        for summary in self.of("entitlements").values():
             if summary.customer not in customers:
                 continue
             if summary.customer in self.deleted and self.deleted[summary.customer] >= summary.version:
@@ -553,22 +545,20 @@ class _View:
         """Whether `features` may miss some: a summary lists at most 10 entitlements (`has_more`),
         and the rest could not be read (no STRIPE_API_KEY, or the read failed)."""
         customers = {c.customer for c in entitling if c.customer}
-        return any(
-            s.customer in customers and s.state.get("partial") for s in self.by_kind.get("entitlements", {}).values()
-        )
+        return any(s.customer in customers and s.state.get("partial") for s in self.of("entitlements").values())
 
     def customer(self) -> str | None:
         customers = sorted(
             (o.version, o.customer)
             for kind in ("checkout", "subscription")
-            for o in self.by_kind.get(kind, {}).values()
+            for o in self.of(kind).values()
             if o.customer
         )
         return customers[-1][1] if customers else None
 
     def notice(self) -> dict[str, Any] | None:
-        subs = self.by_kind.get("subscription", {})
-        for notice in sorted(self.by_kind.get("action_notice", {}).values(), key=lambda n: (-n.version, n.id)):
+        subs = self.of("subscription")
+        for notice in sorted(self.of("action_notice").values(), key=lambda n: (-n.version, n.id)):
             invoice = self.invoices.get(str(notice.state.get("invoice")))
             if invoice is not None and invoice.state.get("status") in SETTLED_INVOICES:
                 continue
@@ -583,7 +573,7 @@ class _View:
                 "invoice": notice.state.get("invoice"),
                 "hosted_invoice_url": notice.state.get("hosted_invoice_url"),
             }
-        for notice in sorted(self.by_kind.get("trial_notice", {}).values(), key=lambda n: -n.version):
+        for notice in sorted(self.of("trial_notice").values(), key=lambda n: -n.version):
             sub = subs.get(str(notice.state.get("subscription")))
             # Gone once the trial ends (no longer trialing) or is extended (another trial_end).
             if (
@@ -609,3 +599,14 @@ def _pays_for_period(invoice: StripeObject) -> bool:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def __getattr__(name: str) -> frozenset[Kind]:
+    """The kind tables that lived here, derived from the registry now (broker.stripe_ledger.kinds);
+    kept for the modules that still import them from here (the ingest, the ledger store)."""
+    if name in ("CUSTOMER_KINDS", "BROKER_KINDS"):
+        from broker.stripe_ledger import kinds  # the registry imports this module
+
+        found: frozenset[Kind] = getattr(kinds, name)
+        return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

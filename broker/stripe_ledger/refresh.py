@@ -20,16 +20,18 @@ import stripe
 
 from broker import metrics
 from broker.settings import Settings, require_https_or_loopback
-from broker.stripe_ledger.ledger import StripeObject
-from broker.stripe_ledger.objects import CHECKOUT_EVENTS, Reported, Unprocessable, products_of, report
+from broker.stripe_ledger.kinds import BY_EVENT, KINDS
+from broker.stripe_ledger.ledger import SETTLED_INVOICES, StripeObject
+from broker.stripe_ledger.objects import Reported, Unprocessable, products_of, report
 
 log = logging.getLogger("broker.stripe_ledger.refresh")
 
-# A settled invoice read from the API, as the event that settles it.
+# A settled invoice read from the API, as the event that settles it (the first of its invoice events
+# that says so: invoice.paid rather than invoice.payment_succeeded).
 SETTLED_INVOICE_EVENTS: Mapping[str, str] = {
-    "paid": "invoice.paid",
-    "void": "invoice.voided",
-    "uncollectible": "invoice.marked_uncollectible",
+    str(outcome): event_type
+    for event_type, outcome in reversed(list(KINDS["invoice"].events.items()))
+    if outcome in SETTLED_INVOICES
 }
 
 # The read happens inside the event's transaction, under the advisory locks of its ids (see
@@ -37,22 +39,9 @@ SETTLED_INVOICE_EVENTS: Mapping[str, str] = {
 # retries: Stripe retries the webhook itself, and a retry storm against a struggling API helps nobody.
 REFRESH_TIMEOUT = 3.0
 
-Retrieve = Callable[[stripe.StripeClient, str, stripe.RequestOptions], Awaitable[stripe.StripeObject]]
 ListPage = Callable[[str | None], Awaitable[stripe.ListObject[Any]]]  # the page after this id
 # A list read (line items, entitlements, invoice payments) follows at most this many pages of 100.
 MAX_PAGES = 10
-# Ledger kind -> how to read one object of it. Customer-level kinds (entitlement summaries, deleted
-# customers) and trial notices have no single object to read: their events apply as they come.
-RETRIEVE: Mapping[str, Retrieve] = {
-    "subscription": lambda c, i, o: c.v1.subscriptions.retrieve_async(i, options=o),
-    "checkout": lambda c, i, o: c.v1.checkout.sessions.retrieve_async(i, options=o),
-    "invoice": lambda c, i, o: c.v1.invoices.retrieve_async(i, options=o),
-    "invoice_payment": lambda c, i, o: c.v1.invoice_payments.retrieve_async(i, options=o),
-    "charge": lambda c, i, o: c.v1.charges.retrieve_async(i, options=o),
-    "refund": lambda c, i, o: c.v1.refunds.retrieve_async(i, options=o),
-    "dispute": lambda c, i, o: c.v1.disputes.retrieve_async(i, options=o),
-    "payment_intent": lambda c, i, o: c.v1.payment_intents.retrieve_async(i, options=o),
-}
 
 
 class StripeUnavailable(Exception):
@@ -216,7 +205,7 @@ class StripeRefresher:
         return await self._list(f"the payments of {invoice_id}", read)
 
     async def refresh(self, event: Mapping[str, Any], obj: StripeObject, held_version: int) -> Reported | None:
-        retrieve = RETRIEVE.get(obj.kind)
+        retrieve = KINDS[obj.kind].retrieve  # None for a kind with no single object to read
         options = self._options(event)
         if retrieve is None or options is None:
             return None
@@ -249,16 +238,18 @@ def refreshed_event(event: Mapping[str, Any], fetched: dict[str, Any], held_vers
     later second still replaces it. The type is kept where it tells more than the object (an open
     invoice's failed attempt, a session whose async payment failed); a settled invoice or session
     is read by its own status, whatever the stale event said."""
-    kind = str(event["type"])
-    if kind.startswith("invoice.") and fetched.get("status") in SETTLED_INVOICE_EVENTS:
-        kind = SETTLED_INVOICE_EVENTS[fetched["status"]]
-    elif kind in CHECKOUT_EVENTS:
+    event_type = str(event["type"])
+    spec = BY_EVENT.get(event_type)
+    reports = spec.kind if spec is not None else None
+    if reports == "invoice" and fetched.get("status") in SETTLED_INVOICE_EVENTS:
+        event_type = SETTLED_INVOICE_EVENTS[fetched["status"]]
+    elif reports == "checkout":
         if fetched.get("status") == "expired":
-            kind = "checkout.session.expired"
+            event_type = "checkout.session.expired"
         elif fetched.get("payment_status") in ("paid", "no_payment_required"):
-            kind = "checkout.session.completed"
+            event_type = "checkout.session.completed"
     created = max(int(event["created"]), held_version)
-    return {**event, "type": kind, "created": created, "data": {**event["data"], "object": fetched}}
+    return {**event, "type": event_type, "created": created, "data": {**event["data"], "object": fetched}}
 
 
 @asynccontextmanager
