@@ -20,6 +20,7 @@ LogFormat = Literal["text", "json"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./license-broker.db"
+DEFAULT_REDIS_KEY_PREFIX = "license-broker:"
 DEFAULT_ENTITLED_STATUSES = ("trialing", "active", "past_due")
 # REDIS_URL schemes that name a Redis Cluster (sharded pub/sub) rather than one server.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -60,6 +61,9 @@ class SettingsError(Exception):
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
+    # Starts every key the broker keeps in Redis (rate-limit counts): deployments, or test runs,
+    # sharing one Redis keep their counts apart by giving each its own.
+    redis_key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
     transport: TransportName = "memory"
     poll_interval: float = 2.0
     webhook_secrets: tuple[str, ...] = ()
@@ -156,6 +160,11 @@ class Settings:
                     "REDIS_URL: expected redis://host:port/db or redis+cluster://host:port,..., "
                     f"got {mask_password(redis_url)!r}"
                 )
+        redis_key_prefix = _str(env, "REDIS_KEY_PREFIX") or DEFAULT_REDIS_KEY_PREFIX
+        if len(redis_key_prefix) > 64 or not redis_key_prefix.isprintable() or " " in redis_key_prefix:
+            raise SettingsError(
+                f"REDIS_KEY_PREFIX: expected up to 64 printable characters, no spaces, got {redis_key_prefix!r}"
+            )
         transport = _str(env, "BROKER_TRANSPORT") or ("redis" if redis_url else "memory")
         if transport not in get_args(TransportName):
             raise SettingsError(f"BROKER_TRANSPORT: expected one of redis, poll, memory, got {transport!r}")
@@ -275,6 +284,7 @@ class Settings:
         return cls(
             database_url=normalize_database_url(_str(env, "DATABASE_URL") or DEFAULT_DATABASE_URL),
             redis_url=redis_url,
+            redis_key_prefix=redis_key_prefix,
             transport=cast(TransportName, transport),
             poll_interval=_float(env, "BROKER_POLL_INTERVAL", 2.0, minimum=0.01),
             webhook_secrets=webhook_secrets,

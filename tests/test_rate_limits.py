@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from broker.licensing import keys
 from broker.licensing.ratelimit import Limit, MemoryRateLimiter, RedisRateLimiter, address_bucket
 from tests.support.activations import fingerprint, keyed_env
+from tests.support.licenses import REDIS_KEY_PREFIX
 from tests.support.processes import Process, process_env
 from tests.support.waiting import free_port
 
@@ -67,8 +68,8 @@ def test_an_ipv6_subscriber_is_one_address_per_64() -> None:
 
 async def test_redis_counts_are_shared_by_every_process(redis_url: str) -> None:
     limit = scope(attempts=4)
-    first = RedisRateLimiter(aioredis.Redis.from_url(redis_url))
-    second = RedisRateLimiter(aioredis.Redis.from_url(redis_url))
+    first = RedisRateLimiter(aioredis.Redis.from_url(redis_url), prefix=REDIS_KEY_PREFIX)
+    second = RedisRateLimiter(aioredis.Redis.from_url(redis_url), prefix=REDIS_KEY_PREFIX)
     try:
         for limiter in (first, second, first):
             await limiter.failed(limit, ["addr:shared"])
@@ -78,12 +79,26 @@ async def test_redis_counts_are_shared_by_every_process(redis_url: str) -> None:
             wait = await limiter.retry_after(limit, ["addr:shared"])
             assert wait is not None and 1 <= wait <= 60
         client = aioredis.Redis.from_url(redis_url)
-        names = [name async for name in client.scan_iter(match=f"license-broker:rate:{limit.name}:*")]
+        names = [name async for name in client.scan_iter(match=f"{REDIS_KEY_PREFIX}rate:{limit.name}:*")]
         assert len(names) == 1 and 0 < await client.ttl(names[0]) <= 61  # it expires with its window
         await client.aclose()
     finally:
         await first.close()
         await second.close()
+
+
+async def test_limiters_with_other_key_prefixes_keep_their_own_counts(redis_url: str) -> None:
+    """REDIS_KEY_PREFIX: a second deployment (or test run) on the same Redis counts apart."""
+    limit = scope(attempts=1)
+    ours = RedisRateLimiter(aioredis.Redis.from_url(redis_url), prefix=REDIS_KEY_PREFIX)
+    theirs = RedisRateLimiter(aioredis.Redis.from_url(redis_url), prefix=f"other-{REDIS_KEY_PREFIX}")
+    try:
+        await ours.failed(limit, ["addr:shared"])
+        assert await ours.retry_after(limit, ["addr:shared"]) is not None
+        assert await theirs.retry_after(limit, ["addr:shared"]) is None
+    finally:
+        await ours.close()
+        await theirs.close()
 
 
 async def test_while_redis_is_away_the_process_counts_on_its_own(caplog: pytest.LogCaptureFixture) -> None:

@@ -52,6 +52,8 @@ def test_several_webhook_secrets_during_a_rotation() -> None:
         ({"BROKER_TRANSPORT": "kafka"}, "BROKER_TRANSPORT"),
         ({"BROKER_TRANSPORT": "redis"}, "REDIS_URL"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"REDIS_KEY_PREFIX": "two words:"}, "REDIS_KEY_PREFIX"),
+        ({"REDIS_KEY_PREFIX": "p" * 65}, "REDIS_KEY_PREFIX"),
         ({"BROKER_POLL_INTERVAL": "fast"}, "BROKER_POLL_INTERVAL"),
         ({"BROKER_POLL_INTERVAL": "0"}, "BROKER_POLL_INTERVAL"),
         ({"STRIPE_WEBHOOK_SECRET": "sk_live_oops"}, "STRIPE_WEBHOOK_SECRET"),

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.settings import Settings, parse_cluster_url
+from broker.settings import DEFAULT_REDIS_KEY_PREFIX, Settings, parse_cluster_url
 
 log = logging.getLogger("broker.ratelimit")
 
@@ -109,22 +109,26 @@ class MemoryRateLimiter(RateLimiter):
 
 
 class RedisRateLimiter(RateLimiter):
-    """Counts in Redis: `INCR` of `license-broker:rate:<scope>:<bucket>:<window number>`, which
+    """Counts in Redis: `INCR` of `<REDIS_KEY_PREFIX>rate:<scope>:<bucket>:<window number>`, which
     expires with its window. Redis errors fall back to `local` for a few seconds."""
 
-    PREFIX = "license-broker:rate:"
-
     def __init__(
-        self, client: Any, *, local: MemoryRateLimiter | None = None, clock: Callable[[], float] = time.time
+        self,
+        client: Any,
+        *,
+        prefix: str = DEFAULT_REDIS_KEY_PREFIX,
+        local: MemoryRateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
+        self._prefix = f"{prefix}rate:"
         self._local = local or MemoryRateLimiter(clock=clock)
         self._clock = clock
         self._down_until = 0.0
 
     def _key(self, limit: Limit, bucket: str, now: float) -> tuple[str, float]:
         number = int(now // limit.window)
-        return f"{self.PREFIX}{limit.name}:{bucket}:{number}", (number + 1) * limit.window
+        return f"{self._prefix}{limit.name}:{bucket}:{number}", (number + 1) * limit.window
 
     def _unavailable(self, exc: Exception) -> None:
         if time.monotonic() >= self._down_until:
@@ -186,7 +190,7 @@ def create_rate_limiter(settings: Settings) -> RateLimiter:
             ssl=address.ssl,
             **options,
         )
-        return RedisRateLimiter(cluster)
+        return RedisRateLimiter(cluster, prefix=settings.redis_key_prefix)
     import redis.asyncio as aioredis
 
-    return RedisRateLimiter(aioredis.Redis.from_url(settings.redis_url, **options))
+    return RedisRateLimiter(aioredis.Redis.from_url(settings.redis_url, **options), prefix=settings.redis_key_prefix)

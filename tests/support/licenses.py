@@ -20,6 +20,9 @@ from webhook.signature import sign
 
 WEBHOOK_SECRET = "whsec_test_secret_for_the_suite"
 TOKEN_SECRET = "test-token-secret-0123456789abcdef"
+# This run's own Redis keys (rate-limit counts): runs sharing a Redis server, and the hour a trial
+# count lives, never see each other's (10 trials an hour per address would otherwise carry over).
+REDIS_KEY_PREFIX = f"license-broker-test-{uuid.uuid4().hex[:8]}:"
 
 
 def new_license() -> str:
@@ -33,6 +36,7 @@ def make_settings(database_url: str, **changes: Any) -> Settings:
         token_secret=TOKEN_SECRET,
         poll_interval=0.2,
         heartbeat_interval=15.0,
+        redis_key_prefix=REDIS_KEY_PREFIX,
     )
     return dataclasses.replace(base, **changes)
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET
+from tests.support.licenses import REDIS_KEY_PREFIX, TOKEN_SECRET, WEBHOOK_SECRET
 from tests.support.waiting import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +142,7 @@ def process_env(database_url: str, **extra: str) -> dict[str, str]:
         "STREAM_TOKEN_SECRET": TOKEN_SECRET,
         "BROKER_POLL_INTERVAL": "0.2",
         "LOG_LEVEL": "WARNING",
+        "REDIS_KEY_PREFIX": REDIS_KEY_PREFIX,
     }
     for name in ("REDIS_URL", "BROKER_TRANSPORT", "BROKER_DEV"):
         env.setdefault(name, "")
