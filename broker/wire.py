@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, TypedDict, cast
+from typing import TYPE_CHECKING, TypedDict, TypeVar, cast, dataclass_transform
 
 import orjson
 
@@ -63,7 +63,18 @@ class EventFields(TypedDict):
     state: LicenseState
 
 
-@dataclass(frozen=True, slots=True)
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def _frozen(cls: type[_T]) -> type[_T]:
+    """A frozen dataclass to type checkers, a plain one at run time: a frozen dataclass's __init__
+    pays an object.__setattr__ per field (0.7 us against 0.2 us an event here), and an event is
+    made for every message off the wire and every row read from the log."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
+
+
+@_frozen
 class LicenseEvent:
     """One event of one license: `data` is its wire bytes (`encode_event`), exactly as stored,
     published and streamed."""
@@ -73,15 +84,15 @@ class LicenseEvent:
     data: bytes
     # When the transaction wrote it (epoch seconds), for the commit-to-delivery lag; None when unknown.
     recorded_at: float | None = None
-    # `data` decoded, once, by the first `fields()` (the hub hands the same object to every client).
+    # `data` decoded by the first `fields()`: the hub hands the same object to every client.
     _fields: EventFields | None = field(default=None, init=False, repr=False, compare=False)
 
     def fields(self) -> EventFields:
-        """`data` decoded: computed once per event and shared, so to be read, never changed."""
+        """`data` decoded, once per event, and shared: to be read, never changed."""
         fields = self._fields
         if fields is None:
             fields = cast(EventFields, orjson.loads(self.data))
-            object.__setattr__(self, "_fields", fields)
+            object.__setattr__(self, "_fields", fields)  # frozen to the type checker
         return fields
 
 
