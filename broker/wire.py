@@ -148,6 +148,8 @@ def parse(data: bytes) -> LicenseEvent:
     """An event from its bytes, decoded in full (the decoded JSON is kept: `fields`). Raises
     ValueError, KeyError or TypeError when `data` is not an event."""
     fields = orjson.loads(data)
+    if not isinstance(fields, dict):
+        raise TypeError(f"an event is a JSON object, not {type(fields).__name__}")
     recorded = fields.get("recorded_at")
     recorded_at = datetime.fromisoformat(recorded).timestamp() if recorded else None
     event = LicenseEvent(str(fields["license_id"]), int(fields["seq"]), data, recorded_at)

@@ -185,6 +185,8 @@ def test_a_message_of_another_license_or_none_is_dropped_and_logged(caplog: pyte
     assert read_head("lic_1", data) is None
     assert parse(data).license_id == "lic_2"
     assert decode("lic_1", data) is None
+    with pytest.raises(TypeError, match="an event is a JSON object, not list"):
+        parse(b"[1, 2]")
     for malformed in [b"", b"not json", b"[1, 2]", b'{"license_id":"lic_1"}', b'{"license_id":"lic_1","seq":"x"}']:
         assert decode("lic_1", malformed) is None
     messages = [r.getMessage() for r in caplog.records]
