@@ -208,12 +208,12 @@ def named_frame(name: bytes, data: bytes) -> bytes:
 
 def lease_frame(token: str, seq: int, exp: int) -> bytes:
     """`event: lease`: the signed lease of the state of seq `seq`, valid until `exp`."""
-    return named_frame(b"lease", orjson.dumps({"lease": token, "seq": seq, "exp": exp}))
+    return b"event: lease\ndata: %s\n\n" % orjson.dumps({"lease": token, "seq": seq, "exp": exp})
 
 
 def token_frame(token: str, exp: int, machine_id: str) -> bytes:
     """`event: token`: a machine's renewed token."""
-    return named_frame(b"token", orjson.dumps({"token": token, "exp": exp, "machine_id": machine_id}))
+    return b"event: token\ndata: %s\n\n" % orjson.dumps({"token": token, "exp": exp, "machine_id": machine_id})
 
 
 def retry_frame(retry_ms: int) -> bytes:
