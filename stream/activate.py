@@ -31,10 +31,11 @@ from broker.licensing.metrics import SESSION_LOOKUPS
 from broker.licensing.ratelimit import SESSIONS
 from broker.licensing.sessions import TooManyWaiting, license_of_sessions, valid_session_id
 from broker.storage.eventlog import EventLog
+from broker.wire import PING, named_frame, retry_frame
 from stream.desktop import Desktop, error, keys_off, unavailable
 from stream.hub import HubClosed, SubscriptionHub
 from stream.limits import StreamAdmission, StreamRefused
-from stream.sse import PING, EventStreamResponse
+from stream.sse import EventStreamResponse
 
 log = logging.getLogger("stream.activate")
 
@@ -98,7 +99,7 @@ async def _session(request: Request, desktop: Desktop) -> tuple[str, str | None]
 async def _license(desktop: Desktop, events: EventLog, license_id: str) -> dict[str, Any]:
     key = await desktop.keys.reveal(license_id)
     assert key is not None  # a recorded session's license exists
-    current = orjson.loads((await events.current(license_id)).data)
+    current = (await events.current(license_id)).fields()
     return {
         "license_id": license_id,
         "key": keys.display(key),
@@ -125,7 +126,7 @@ async def session_license(request: Request) -> Response:
 
 
 def _named(name: bytes, data: dict[str, Any]) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (name, orjson.dumps(data))
+    return named_frame(name, orjson.dumps(data))
 
 
 async def session_events(request: Request) -> Response | EventStreamResponse:
@@ -178,7 +179,7 @@ async def _session_stream(
     """`event: waiting` until the session is recorded, then `event: license` (the key and the
     license's state) and again whenever the license's status changes, until the page goes away
     or PAGE_STREAM_LIFETIME has passed (`event: timeout`)."""
-    yield b"retry: %d\n\n" % retry_ms
+    yield retry_frame(retry_ms)
     deadline = time.monotonic() + PAGE_STREAM_LIFETIME
     try:
         if license_id is None:
@@ -203,7 +204,7 @@ async def _session_stream(
                         return
                     yield PING
                     continue
-                state = orjson.loads(live.data)
+                state = live.fields()  # decoded once per event, shared with the streams' leases
                 if (state["status"], state["entitled"]) != (body["status"], body["entitled"]):
                     body = body | {"status": state["status"], "entitled": state["entitled"]}
                     yield _named(b"license", body)

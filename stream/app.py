@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -23,7 +22,7 @@ from broker import metrics
 from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.signing import tokens
-from broker.signing.leases import NO_LEASES, lease_claims, with_lease
+from broker.signing.leases import NO_LEASES, with_lease
 from broker.storage.eventlog import EventLog
 from broker.storage.schema import licenses
 from broker.web.asgi import Part, StreamRoute, build_app
@@ -173,13 +172,11 @@ async def license_state(request: Request) -> Response:
     except SQLAlchemyError:
         return JSONResponse({"error": "database unavailable"}, status_code=503)
     leases = request.state.runtime.leases
+    extra = None
     if grant.machine_id is not None and leases is not None:
         # A machine's lease names the machine, as on its stream.
-        machine = StreamMachine(request.state.runtime.settings, license_id, grant)
-        state = orjson.loads(current.data)
-        state["lease"] = leases.sign(lease_claims(state) | machine.lease_claims()).token
-        return Response(orjson.dumps(state), media_type="application/json")
-    return Response(with_lease(current.data, leases), media_type="application/json")
+        extra = StreamMachine(request.state.runtime.settings, license_id, grant).lease_claims()
+    return Response(with_lease(current, leases, extra), media_type="application/json")
 
 
 async def jwks(request: Request) -> Response:

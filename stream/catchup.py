@@ -16,10 +16,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker import metrics
 from broker.settings import Settings
 from broker.signing.leases import LeaseSigner, lease_claims
-from broker.storage.eventlog import EventLog, LicenseEvent
+from broker.storage.eventlog import EventLog
+from broker.wire import PING, LicenseEvent, event_frame, retry_frame
 from stream.hub import HubClosed, SubscriptionHub
 from stream.machine import StreamMachine
-from stream.sse import PING, encode, encode_lease
 
 log = logging.getLogger("stream")
 
@@ -39,7 +39,7 @@ class _Sender:
             return None
         self.sent = event.seq
         self.last = event
-        return encode(event.seq, event.data)
+        return event_frame(event)
 
     def take_each(self, events: list[LicenseEvent]) -> Iterator[bytes]:
         for event in events:
@@ -48,7 +48,7 @@ class _Sender:
 
 
 def _lease(leases: LeaseSigner, claims: dict[str, object]) -> bytes:
-    return encode_lease(leases.sign(claims).sse_data())
+    return leases.sign(claims).frame()
 
 
 async def license_stream(
@@ -70,7 +70,7 @@ async def license_stream(
 
     One generator, which holds no event and no chunk while it waits: thousands of idle streams
     are most of what a stream process holds (docs/bench.md)."""
-    yield b"retry: %d\n\n" % settings.retry_ms
+    yield retry_frame(settings.retry_ms)
     lifetime = _deadline(settings, None)
     deadline = _deadline(settings, expires_at)
     claims: dict[str, object] | None = None  # what the last lease said, signed again to renew it
@@ -100,7 +100,8 @@ async def license_stream(
                     # were checked against it (broker.transports.livecheck), or, in-process, the
                     # bytes this process's own webhook has just stored. Never Redis's word alone.
                     if leases is not None:
-                        claims = lease_claims(sender.last.data)
+                        # Decoded once per event, not per client: the hub hands every stream the same event.
+                        claims = lease_claims(sender.last)
                         if machine is not None:
                             claims |= machine.lease_claims()
                         yield _lease(leases, claims)

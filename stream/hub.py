@@ -10,9 +10,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from broker import metrics
-from broker.storage.eventlog import LicenseEvent
 from broker.transports import Transport
-from broker.transports.base import NOTICE_SEQ
+from broker.wire import NOTICE_SEQ, LicenseEvent
 
 log = logging.getLogger("stream.hub")
 
@@ -138,7 +137,7 @@ class SubscriptionHub:
         self.buffer = buffer
         self._topics: dict[str, _Topic] = {}
         self._closing = False
-        # Called with the license id of each notice (broker.transports.base.notice): its machines
+        # Called with the license id of each notice (broker.wire.notice): its machines
         # are to be looked at (broker.licensing.watch). Must not block.
         self.on_notice: Callable[[str], None] = lambda license_id: None
 

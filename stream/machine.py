@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import time
 
-import orjson
-
 from broker.licensing.machines import machine_claims
 from broker.settings import Settings
 from broker.signing import tokens
-
-
-def encode_token(token: str, exp: int, machine_id: str) -> bytes:
-    # Named, without `id:`: onmessage does not see it and Last-Event-ID stays the last state's seq.
-    return b"event: token\ndata: %s\n\n" % orjson.dumps({"token": token, "exp": exp, "machine_id": machine_id})
+from broker.wire import token_frame
 
 
 class StreamMachine:
@@ -42,4 +36,4 @@ class StreamMachine:
         the stream (broker.licensing.watch), and every use of a token checks the row again."""
         token, exp = tokens.mint_machine(self.settings, self.license_id, self.id, self.fingerprint)
         self.expires_at = float(exp)
-        return encode_token(token, exp, self.id)
+        return token_frame(token, exp, self.id)

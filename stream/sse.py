@@ -1,5 +1,6 @@
 """A minimal Server-Sent Events response: one task per connection besides the handler's own,
-which watches for the client going away and then interrupts the handler."""
+which watches for the client going away and then interrupts the handler. It sends the frames its
+body yields as they are (broker.wire builds them)."""
 
 from __future__ import annotations
 
@@ -17,20 +18,6 @@ HEADERS = [
     # nginx: do not buffer this response (see docs/deploy.md).
     (b"x-accel-buffering", b"no"),
 ]
-
-
-def encode(seq: int, data: bytes) -> bytes:
-    # `data` is one line of JSON (orjson never writes a newline), so one data: field is enough.
-    return b"id: %d\ndata: %s\n\n" % (seq, data)
-
-
-def encode_lease(data: bytes) -> bytes:
-    # A named event without `id:`: EventSource's onmessage does not see it, and the client's
-    # Last-Event-ID stays the seq of the last state event (an id-less event leaves it unchanged).
-    return b"event: lease\ndata: %s\n\n" % data
-
-
-PING = b": ping\n\n"
 
 
 class EventStreamResponse:

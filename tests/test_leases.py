@@ -27,7 +27,6 @@ from broker.transports.memory import MemoryTransport
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
-from stream.sse import encode
 from tests.support.licenses import append, make_settings, new_license, post_event, token_for
 from tests.support.processes import run_module, serving
 from webhook.samples import SampleEvents
@@ -159,7 +158,7 @@ async def test_each_state_is_followed_by_its_lease_and_the_state_bytes_are_uncha
         await stream.aclose()
     assert [chunk_kind(c) for c in chunks[1:]] == ["state", "lease", "state", "lease"]
     # The state events are exactly what they are without leases (the same bytes as in the log).
-    assert chunks[3] == encode(live.seq, live.data)
+    assert chunks[3] == b"id: %d\ndata: %s\n\n" % (live.seq, live.data)
     assert b"id:" not in chunks[2] and b"id:" not in chunks[4]  # Last-Event-ID stays the state's seq
     for state, lease in ((chunks[1], chunks[2]), (chunks[3], chunks[4])):
         sent = chunk_data(lease)
@@ -240,7 +239,7 @@ async def test_without_a_signer_the_stream_is_as_before(pg_url: str, parts: Any)
         await stream.aclose()
     kinds = [chunk_kind(c) for c in chunks[1:]]
     assert kinds[0] == kinds[-1] == "state" and set(kinds[1:-1]) <= {"other"}
-    assert chunks[-1] == encode(live.seq, live.data)
+    assert chunks[-1] == b"id: %d\ndata: %s\n\n" % (live.seq, live.data)
 
 
 # --- over HTTP ----------------------------------------------------------------------------------

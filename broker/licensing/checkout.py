@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -150,7 +149,7 @@ class Checkouts:
     async def _start(self, buyer: Buyer, price: str, success_url: str, origin: str) -> Started:
         customer = None
         if buyer.license_id is not None:
-            state = orjson.loads((await self.events.current(buyer.license_id)).data)["state"]
+            state = (await self.events.current(buyer.license_id)).fields()["state"]
             if state["entitled"] and state["kind"] != "trial":
                 raise AlreadyEntitled
             customer = state["customer"]  # a lapsed license buys again as the same Stripe customer

@@ -22,7 +22,7 @@ from broker.storage.eventlog import EventLog
 from broker.stripe_ledger.ledger import StripeObject
 from broker.stripe_ledger.store import LedgerStore
 from broker.transports import Transport
-from broker.transports.base import notice
+from broker.wire import notice
 
 log = logging.getLogger("broker.licensing")
 
@@ -169,7 +169,7 @@ class Machines:
         lease = None
         if self.leases is not None:
             current = await self.events.current(license_id)
-            claims = lease_claims(current.data) | machine_claims(machine_id, fingerprint)
+            claims = lease_claims(current) | machine_claims(machine_id, fingerprint)
             lease = self.leases.sign(claims).token
         return MachineGrant(token, exp, lease)
 

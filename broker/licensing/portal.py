@@ -4,8 +4,6 @@ through the webhooks like any other change."""
 
 from __future__ import annotations
 
-import orjson
-
 from broker.licensing.gateway import Gateway, PortalRequest
 from broker.settings import Settings
 from broker.storage.eventlog import EventLog
@@ -31,7 +29,7 @@ class Portal:
 
     async def open(self, license_id: str, origin: str) -> str:
         """The portal session's URL; NoCustomer, GatewayUnavailable (503), GatewayRefused (502)."""
-        state = orjson.loads((await self.events.current(license_id)).data)["state"]
+        state = (await self.events.current(license_id)).fields()["state"]
         customer = state.get("customer")
         if not customer:
             raise NoCustomer

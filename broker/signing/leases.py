@@ -17,7 +17,7 @@ import base64
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,8 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from jwt.api_jws import PyJWS
+
+from broker.wire import LicenseEvent, add_member, lease_frame
 
 ALGORITHM = "EdDSA"
 DEFAULT_TTL = 7 * 86400.0
@@ -126,9 +128,10 @@ def _load(label: str, block: bytes) -> Ed25519PrivateKey | Ed25519PublicKey:
     return key
 
 
-def lease_claims(event: bytes | dict[str, Any]) -> dict[str, Any]:
-    """What a lease says about the license, from one event of the stream (the JSON it carries)."""
-    obj = orjson.loads(event) if isinstance(event, bytes) else event
+def lease_claims(event: LicenseEvent | Mapping[str, Any]) -> dict[str, Any]:
+    """What a lease says about the license, from one event of the stream: its fields, decoded once
+    per event (LicenseEvent.fields), or a state already decoded. A fresh dict each call."""
+    obj: Mapping[str, Any] = event.fields() if isinstance(event, LicenseEvent) else event
     state = obj.get("state") or {}
     claims = {
         "sub": obj["license_id"],
@@ -151,8 +154,9 @@ class Lease:
     iat: int
     exp: int
 
-    def sse_data(self) -> bytes:
-        return orjson.dumps({"lease": self.token, "seq": self.seq, "exp": self.exp})
+    def frame(self) -> bytes:
+        """The lease as the stream sends it (`event: lease`)."""
+        return lease_frame(self.token, self.seq, self.exp)
 
 
 class LeaseSigner:
@@ -200,10 +204,12 @@ class LeaseSigner:
 NO_LEASES = "leases: LICENSE_SIGNING_KEY is not set; license states are sent unsigned (no leases, no JWKS)"
 
 
-def with_lease(state: bytes, signer: LeaseSigner | None) -> bytes:
-    """`GET /api/licenses/{id}`: the current state, plus its lease when leases are on."""
+def with_lease(current: LicenseEvent, signer: LeaseSigner | None, extra: Mapping[str, Any] | None = None) -> bytes:
+    """`GET /api/licenses/{id}`: the current state (its stored bytes), plus its lease when leases
+    are on, with `extra` claims (a machine's). The bytes are extended, not decoded and encoded again."""
     if signer is None:
-        return state
-    obj = orjson.loads(state)
-    obj["lease"] = signer.sign(lease_claims(obj)).token
-    return orjson.dumps(obj)
+        return current.data
+    claims = lease_claims(current)
+    if extra:
+        claims |= extra
+    return add_member(current.data, "lease", signer.sign(claims).token)

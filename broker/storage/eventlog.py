@@ -1,89 +1,28 @@
-"""The per-license event log: what the stream replays and what every transport carries."""
+"""The per-license event log: what the stream replays and what every transport carries. The
+bytes of each event are broker.wire's; this module reads and writes their rows."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.storage.licenses import LicenseRow, LicenseState, LicenseStore, initial_state
 from broker.storage.schema import licenses, subscription_event_logs
+from broker.wire import LicenseEvent, encode_event
+
+# LicenseEvent and encode_event are broker.wire's, imported from here by older callers.
+__all__ = ["EventLog", "LicenseEvent", "encode_event", "log_entry", "stored_events"]
 
 # Keeps each IN (...) list well under every driver's parameter limit.
 _CHUNK = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class LicenseEvent:
-    """One event of one license: `data` is the exact JSON sent on the stream and on Redis, encoded
-    once by the webhook and stored as it is (`subscription_event_logs.data`)."""
-
-    license_id: str
-    seq: int
-    data: bytes
-    # When the webhook wrote it (epoch seconds), for the commit-to-delivery lag; None when unknown.
-    recorded_at: float | None = None
-
-    @classmethod
-    def from_json(cls, data: bytes) -> LicenseEvent:
-        obj = orjson.loads(data)
-        recorded = obj.get("recorded_at")
-        recorded_at = datetime.fromisoformat(recorded).timestamp() if recorded else None
-        return cls(license_id=str(obj["license_id"]), seq=int(obj["seq"]), data=data, recorded_at=recorded_at)
-
-    @classmethod
-    def from_wire(cls, license_id: str, data: bytes) -> LicenseEvent:
-        """As from_json, for a message of a known license, without decoding the JSON: encode_event
-        starts every event with its license id, seq and recorded_at, in that order."""
-        prefix = b'{"license_id":' + orjson.dumps(license_id) + b',"seq":'
-        if data.startswith(prefix):
-            end = data.find(b",", len(prefix))
-            rest = data[end : end + 45]
-            if end > 0 and rest.startswith(b',"recorded_at":'):
-                seq = data[len(prefix) : end]
-                if seq.isdigit():
-                    recorded_at = None
-                    if rest[15:16] == b'"':
-                        stamp = rest[16:].split(b'"', 1)[0]
-                        recorded_at = datetime.fromisoformat(stamp.decode()).timestamp()
-                    return cls(license_id, int(seq), data, recorded_at)
-        return cls.from_json(data)
-
-
-def encode_event(
-    license_id: str,
-    seq: int,
-    state: LicenseState,
-    *,
-    stripe_event_id: str | None,
-    stripe_event_type: str | None,
-    occurred_at: datetime | None,
-    recorded_at: datetime | None = None,
-) -> bytes:
-    """The event's wire bytes: encoded once, stored, published and streamed as they are."""
-    # The first three keys stay first: LicenseEvent.from_wire reads them without decoding.
-    return orjson.dumps(
-        {
-            "license_id": license_id,
-            "seq": seq,
-            "recorded_at": recorded_at.isoformat() if recorded_at else None,
-            "status": state["status"],
-            "entitled": state["entitled"],
-            "stripe_event_id": stripe_event_id,
-            "stripe_event_type": stripe_event_type,
-            "occurred_at": occurred_at.isoformat() if occurred_at else None,
-            "state": state,
-        }
-    )
-
-
 def _event(row: Sequence[Any]) -> LicenseEvent:
-    # (license_id, seq, data): the stored text is the wire format, no JSON decoding on the way out.
+    # (license_id, seq, data): the stored text is the wire bytes (broker.wire), not decoded on the way out.
     return LicenseEvent(row[0], row[1], row[2].encode())
 
 

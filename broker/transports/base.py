@@ -1,16 +1,12 @@
-"""The transport interface: how a committed event travels from the webhook to the streams."""
+"""The transport interface: how a committed event travels from the webhook to the streams. What
+travels is an event's wire bytes, or a notice, and a message is read back by broker.wire.decode."""
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-import orjson
-
-from broker.storage.eventlog import LicenseEvent
-
-log = logging.getLogger("broker.transports")
+from broker.wire import LicenseEvent
 
 # Called with each event the transport delivers; never concurrently, must not block.
 MessageHandler = Callable[[LicenseEvent], None]
@@ -22,37 +18,8 @@ def channel(license_id: str) -> str:
     return f"license:{license_id}"
 
 
-# A notice on a license's channel is not an event: it asks the stream processes that follow the
-# license to look at its machines in the database now (broker.licensing.watch), rather than at
-# their next sweep. It is delivered as a LicenseEvent with seq NOTICE_SEQ and never stored,
-# replayed or sent to a client; being only a prompt to read the database, a forged one ends nothing.
-NOTICE_SEQ = -1
-_NOTICE_PREFIX = b'{"notice":'
-
-
-def notice(license_id: str) -> bytes:
-    return b'{"notice":"machines","license_id":%s}' % orjson.dumps(license_id)
-
-
 def ignore_gap() -> None:
     """The gap handler of a caller that needs none (the transport below it is reliable)."""
-
-
-def decode(license_id: str, payload: bytes) -> LicenseEvent | None:
-    """The event a message of license `license_id` carries, or None (logged) if it carries none:
-    read once here, where it comes off the wire (its leading license id, seq and recorded_at,
-    without decoding the JSON), never per client."""
-    if payload.startswith(_NOTICE_PREFIX):
-        return LicenseEvent(license_id, NOTICE_SEQ, payload)
-    try:
-        event = LicenseEvent.from_wire(license_id, payload)
-    except Exception:
-        log.warning("dropped a malformed message for license %s", license_id)
-        return None
-    if event.license_id != license_id:
-        log.warning("dropped a message of license %s sent for license %s", event.license_id, license_id)
-        return None
-    return event
 
 
 class Transport(ABC):

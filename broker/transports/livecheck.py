@@ -34,8 +34,9 @@ import psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import background, metrics
-from broker.storage.eventlog import LicenseEvent, stored_events
+from broker.storage.eventlog import stored_events
 from broker.transports.base import GapHandler, MessageHandler
+from broker.wire import LicenseEvent
 
 log = logging.getLogger("broker.livecheck")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from broker.transports.base import GapHandler, MessageHandler, Transport, decode, ignore_gap
+from broker.transports.base import GapHandler, MessageHandler, Transport, ignore_gap
+from broker.wire import decode
 
 
 class MemoryTransport(Transport):

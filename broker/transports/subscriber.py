@@ -19,7 +19,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from broker import background, metrics
-from broker.transports.base import GapHandler, MessageHandler, Transport, decode, ignore_gap
+from broker.transports.base import GapHandler, MessageHandler, Transport, ignore_gap
+from broker.wire import decode
 
 log = logging.getLogger("broker.redis")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.storage.eventlog import LicenseEvent
-from broker.transports.base import NOTICE_SEQ, GapHandler, MessageHandler, Transport, ignore_gap
+from broker.transports.base import GapHandler, MessageHandler, Transport, ignore_gap
 from broker.transports.livecheck import LiveCheck
 from broker.transports.sweep import DatabaseSweep
+from broker.wire import NOTICE_SEQ, LicenseEvent
 
 
 class SweptTransport(Transport):
