@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -173,8 +174,9 @@ def test_the_walk_leaves_the_same_rows_in_memory_and_in_postgres(
 async def waiting_for_a_lock(engine: AsyncEngine) -> None:
     """Until another transaction waits for an advisory lock (polled, 10 s at most)."""
     query = sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    deadline = time.monotonic() + 10
     async with engine.connect() as conn:
-        for _ in range(1000):
+        while time.monotonic() < deadline:
             if await conn.scalar(query):
                 return
             await conn.rollback()

@@ -282,7 +282,11 @@ class Resolved:
 def resolve_event(reported: Reported) -> Walk[Resolved]:
     """The license of the event's objects (`resolve`) on the rows: the bindings of its ids (their
     locks held by the caller), and for a Payment Link's claim, the customers of the license it
-    names (the takeover check)."""
+    names (the takeover check).
+
+    Guarantee: a bound object keeps its license whatever a later event names; a customer id alone
+    never picks a license; a Payment Link's client_reference_id never moves another customer's
+    license (tests/test_ledger.py::test_a_payment_link_of_another_customer_cannot_take_a_license)."""
     known: dict[str, str] = yield ReadBindings(frozenset(reported.ids))
     claimed: set[str] = set()
     if reported.license_id and reported.by_reference and reported.customer:
