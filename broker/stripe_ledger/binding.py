@@ -289,7 +289,10 @@ def resolve_event(reported: Reported) -> Walk[Resolved]:
     license (tests/test_ledger.py::test_a_payment_link_of_another_customer_cannot_take_a_license)."""
     known: dict[str, str] = yield ReadBindings(frozenset(reported.ids))
     claimed: set[str] = set()
-    if reported.license_id and reported.by_reference and reported.customer:
+    # Read only where `resolve` weighs them: a named license, claimed by a Payment Link, for
+    # objects no license holds yet (a bound object keeps its license, whoever claims it).
+    unbound = not any(o.id in known for o in reported.objects)
+    if reported.license_id and reported.by_reference and reported.customer and unbound:
         claimed = yield ReadCustomersOf(reported.license_id)
     return Resolved(resolve(reported, known, claimed), known)
 
