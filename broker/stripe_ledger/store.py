@@ -1,8 +1,11 @@
-"""The ledger's rows (stripe_objects, stripe_links, stripe_bindings), inside the caller's transaction."""
+"""The ledger's rows (stripe_objects, stripe_links, stripe_bindings), inside the caller's transaction:
+`LedgerStore` (the statements) and `SqlRows` (them as broker.stripe_ledger.binding.AsyncLedgerRows,
+what the binding walks run on in production)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.storage.db import upsert_into
 from broker.storage.schema import stripe_bindings, stripe_links, stripe_objects
+from broker.stripe_ledger import binding
+from broker.stripe_ledger.binding import Lock, run_async
 from broker.stripe_ledger.ledger import CUSTOMER_KINDS, StripeObject
 
 _CUSTOMER_KINDS = sorted(CUSTOMER_KINDS)
@@ -96,34 +101,29 @@ class LedgerStore:
     async def bind(
         conn: AsyncConnection, license_id: str, start: Iterable[str], known: dict[str, str], *, wait: bool = True
     ) -> set[str]:
-        """Bind `start` and every id linked to it, transitively, that no license holds yet; the ids
-        bound just now. `known`: bindings already read (and locked) in this transaction. `start` is
-        locked already; ids found by the walk are waited for, or with `wait=False` taken only if free
-        (else LocksBusy).
-
-        Invariant: the ids linked to a bound id are bound too (each id bound here has its links
-        followed), so the walk only follows ids bound just now, and ids held by another license
-        stop it."""
-        frontier, seen, newly = set(start), set[str](), set[str]()
-        while frontier:
-            unknown = frontier - set(known)
-            await LedgerStore.lock_ids(conn, unknown, wait=wait or not seen)
-            owners = {i: known[i] for i in frontier if i in known} | await LedgerStore.bindings(conn, unknown)
-            fresh = sorted(frontier - set(owners))
-            if fresh:
-                rows = [{"stripe_id": i, "license_id": license_id, "bound_at": datetime.now(UTC)} for i in fresh]
-                await conn.execute(upsert_into(conn, stripe_bindings).values(rows).on_conflict_do_nothing())
-                newly |= set(fresh)
-            seen |= frontier
-            frontier = await LedgerStore._neighbours(conn, set(fresh)) - seen
-        return newly
+        """`broker.stripe_ledger.binding.bind` on these tables (the walk, its guarantee and its
+        invariant are there): bind `start` and every id linked to it, transitively, that no license
+        holds yet; the ids bound just now. `known`: bindings already read (and locked) in this
+        transaction. The ids of `start` are locked (again: advisory locks are reentrant); ids found
+        by the walk are waited for, or with `wait=False` taken only if free (else LocksBusy)."""
+        return await run_async(binding.bind(license_id, set(start), known), SqlRows(conn, wait=wait))
 
     @staticmethod
-    async def _neighbours(conn: AsyncConnection, ids: set[str]) -> set[str]:
-        if not ids:
+    async def write_bindings(conn: AsyncConnection, license_id: str, ids: Iterable[str]) -> None:
+        """Bind `ids` to the license; an id bound meanwhile keeps its license (ON CONFLICT)."""
+        fresh = sorted(set(ids))
+        if fresh:
+            now = datetime.now(UTC)
+            rows = [{"stripe_id": i, "license_id": license_id, "bound_at": now} for i in fresh]
+            await conn.execute(upsert_into(conn, stripe_bindings).values(rows).on_conflict_do_nothing())
+
+    @staticmethod
+    async def neighbours(conn: AsyncConnection, ids: Iterable[str]) -> set[str]:
+        """Every id linked to one of `ids`, either way."""
+        wanted = sorted(set(ids))
+        if not wanted:
             return set()
         t = stripe_links
-        wanted = sorted(ids)
         query = sa.union(
             sa.select(t.c.linked_id.label("id")).where(t.c.object_id.in_(wanted)),
             sa.select(t.c.object_id.label("id")).where(t.c.linked_id.in_(wanted)),
@@ -162,3 +162,45 @@ class LedgerStore:
             sa.or_(o.c.id.in_(own), sa.and_(o.c.kind.in_(_CUSTOMER_KINDS), o.c.customer.in_(customers)))
         )
         return [_object(row) for row in await conn.execute(query)]
+
+
+class SqlRows:
+    """AsyncLedgerRows on the ledger's tables, inside the caller's transaction (the rows the walks
+    of broker.stripe_ledger.binding run on in production; tests/test_ledger_rows.py checks that
+    they answer as MemoryRows on the same rows).
+
+    Locks (Postgres): a binding is read only under its id's lock, so that an object and the event
+    that binds its id cannot miss each other's uncommitted rows. Ids read with lock "held" are
+    locked by the caller already; "given" ones are waited for; "found" ones (reached by links,
+    other locks held) are waited for when `wait`, else taken only if free (LocksBusy: see
+    LedgerStore.lock_ids)."""
+
+    def __init__(self, conn: AsyncConnection, *, wait: bool = True) -> None:
+        self.conn = conn
+        self.wait = wait
+
+    async def bindings(self, ids: AbstractSet[str], lock: Lock = "held") -> dict[str, str]:
+        if lock != "held":
+            await LedgerStore.lock_ids(self.conn, ids, wait=self.wait or lock == "given")
+        return await LedgerStore.bindings(self.conn, ids)
+
+    async def neighbours(self, ids: AbstractSet[str]) -> set[str]:
+        return await LedgerStore.neighbours(self.conn, ids)
+
+    async def objects(self, ids: AbstractSet[str]) -> dict[str, StripeObject]:
+        return await LedgerStore.objects(self.conn, ids)
+
+    async def customers_of(self, license_id: str) -> set[str]:
+        return await LedgerStore.customers_of(self.conn, license_id)
+
+    async def licenses_of_customer(self, customer: str) -> set[str]:
+        return set(await LedgerStore.licenses_of_customer(self.conn, customer))
+
+    async def license_objects(self, license_id: str) -> dict[str, StripeObject]:
+        return {o.id: o for o in await LedgerStore.license_objects(self.conn, license_id)}
+
+    async def write_object(self, obj: StripeObject, new_links: AbstractSet[str]) -> None:
+        await LedgerStore.save(self.conn, obj, new_links=new_links)
+
+    async def write_bindings(self, license_id: str, ids: AbstractSet[str]) -> None:
+        await LedgerStore.write_bindings(self.conn, license_id, ids)
