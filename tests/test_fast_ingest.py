@@ -1,4 +1,4 @@
-"""The common ingest path on Postgres (webhook.fast_ingest) against the general one: same rows,
+"""The batched ingest path on Postgres (broker.ingest.batched) against the general one: same rows,
 same outcomes, the raw body stored as sent, and concurrent events of one license without a gap."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from broker.ingest import Ingestor, Outcome
+from broker.ingest import batched as fast_ingest
 from broker.runtime import Runtime, open_runtime
 from broker.storage.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
 from broker.stripe_ledger.binding import MemoryLedger
@@ -22,8 +24,6 @@ from tests.stripe_scenario import Scenario
 from tests.support import racing
 from tests.support.licenses import make_settings
 from tests.support.services import truncate
-from webhook import fast_ingest
-from webhook.ingest import Ingestor, Outcome
 from webhook.samples import SampleEvents
 
 T = 1_790_000_000
@@ -39,14 +39,14 @@ async def runtime(pg_url: str) -> AsyncIterator[Runtime]:
 def fast_results(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """One entry per fast-path attempt: True when it decided the event, False when it gave up."""
     seen: list[bool] = []
-    apply = fast_ingest.FastIngest.apply
+    apply = fast_ingest.BatchedIngest.apply
 
-    async def counted(self: fast_ingest.FastIngest, *args: Any) -> fast_ingest.Result | None:
+    async def counted(self: fast_ingest.BatchedIngest, *args: Any) -> Outcome | None:
         result = await apply(self, *args)
         seen.append(result is not None)
         return result
 
-    monkeypatch.setattr(fast_ingest.FastIngest, "apply", counted)
+    monkeypatch.setattr(fast_ingest.BatchedIngest, "apply", counted)
     return seen
 
 
@@ -67,8 +67,7 @@ def story(license_id: str) -> list[dict[str, Any]]:
 def both_paths(runtime: Runtime) -> tuple[Ingestor, Ingestor]:
     """An ingestor with the common path, and one with only the general path."""
     rules = LicenseRules(runtime.settings.entitled_statuses)
-    fast, general = Ingestor(runtime, rules), Ingestor(runtime, rules)
-    general._fast = None
+    fast, general = Ingestor(runtime, rules, batching=True), Ingestor(runtime, rules, batching=False)
     return fast, general
 
 
@@ -209,13 +208,13 @@ async def test_concurrent_events_of_one_license_take_every_seq_once_and_end_in_t
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of events of each transaction the common path ran."""
     sizes: list[int] = []
-    transaction = fast_ingest.FastIngest._transaction
+    transaction = fast_ingest.BatchedIngest._transaction
 
-    async def counted(self: fast_ingest.FastIngest, batch: list[Any]) -> Any:
+    async def counted(self: fast_ingest.BatchedIngest, batch: list[Any]) -> Any:
         sizes.append(len(batch))
         return await transaction(self, batch)
 
-    monkeypatch.setattr(fast_ingest.FastIngest, "_transaction", counted)
+    monkeypatch.setattr(fast_ingest.BatchedIngest, "_transaction", counted)
     return sizes
 
 

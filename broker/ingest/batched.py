@@ -1,4 +1,4 @@
-"""The common ingest on Postgres, several events in one transaction when several are waiting, in
+"""The batched ingest on Postgres: the common events, several events in one transaction when several are waiting, in
 two network round trips per transaction, through psycopg directly with statements that are the same
 text every time (prepared after a few uses): events whose ids are bound already, or new (no object
 and no link holds them yet: a license's first event, a new invoice of a bound subscription).
@@ -25,7 +25,7 @@ lock or of a license row lock committed meanwhile, so it only locks (the locked 
 returned as they are after the wait). READ starts after every lock is held, so it sees each
 committed binding and object.
 
-Anything else goes to the general path (webhook.ingest, SQLAlchemy), which takes the same locks in
+Anything else goes to the general path (broker.ingest.general, SQLAlchemy), which takes the same locks in
 the same order (event ids, sorted, then license rows, sorted): an unbound id an object or a link
 holds already (binding it may bind pending objects), a customer-level event or one whose customer
 has customer-level objects waiting, a Payment Link's client_reference_id on an unbound object (the
@@ -43,10 +43,10 @@ from typing import Any
 
 import orjson
 import psycopg
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
+from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.storage.eventlog import LicenseEvent, log_entry
 from broker.storage.licenses import initial_state
 from broker.stripe_ledger.binding import resolve
@@ -193,19 +193,9 @@ SELECT 1 / ((SELECT count(*) FROM event) = %(n)s AND (SELECT count(*) FROM bindi
              AND (SELECT count(*) FROM created) = %(n_created)s)::int
 """
 
-# What the general path's Outcome needs, without importing it (webhook.ingest imports this).
-Result = tuple[str, str | None, LicenseEvent | None, str]  # kind, license_id, appended, object_id
-
 # Transactions in flight at once per process, and events per transaction.
 RUNNERS = 2
 MAX_BATCH = 64
-
-
-def _db_error(exc: psycopg.Error) -> sa.exc.DBAPIError:
-    """The SQLAlchemy exception the general path would have raised, for the caller's handlers."""
-    kind = {psycopg.DataError: sa.exc.DataError, psycopg.IntegrityError: sa.exc.IntegrityError}
-    cls = next((v for k, v in kind.items() if isinstance(exc, k)), sa.exc.OperationalError)
-    return cls("fast ingest", None, exc)
 
 
 @dataclass(slots=True)
@@ -213,7 +203,7 @@ class _Request:
     event: Mapping[str, Any]
     raw: bytes | None
     reported: Reported
-    future: asyncio.Future[Result | None]
+    future: asyncio.Future[Outcome | None]
 
 
 def _json(rows: Any) -> str:
@@ -284,7 +274,7 @@ class _Read:
     by_customer: dict[str, list[StripeObject]]  # customer-level objects
 
 
-class FastIngest:
+class BatchedIngest:
     def __init__(self, engine: AsyncEngine, rules: LicenseRules, refreshes: bool) -> None:
         self.engine = engine
         self.rules = rules
@@ -298,9 +288,9 @@ class FastIngest:
     def eligible(reported: Reported) -> bool:
         return not reported.customer_level
 
-    async def apply(self, event: Mapping[str, Any], raw: bytes | None, reported: Reported) -> Result | None:
+    async def apply(self, event: Mapping[str, Any], raw: bytes | None, reported: Reported) -> Outcome | None:
         """The outcome, committed; None to take the general path (nothing written)."""
-        future: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Request(event, raw, reported, future))
         if len(self._runners) < RUNNERS:
             runner = asyncio.create_task(self._run())
@@ -336,7 +326,7 @@ class FastIngest:
                 results = [None]
             else:
                 if not batch[0].future.done():
-                    batch[0].future.set_exception(_db_error(exc) if isinstance(exc, psycopg.Error) else exc)
+                    batch[0].future.set_exception(exc)  # the caller reads the driver's error (broker.ingest.errors)
                 return
         for request, result in zip(batch, results, strict=True):
             if not request.future.done():
@@ -346,7 +336,7 @@ class FastIngest:
         for request in batch:
             await self._settle([request])
 
-    async def _transaction(self, batch: list[_Request]) -> list[Result | None]:
+    async def _transaction(self, batch: list[_Request]) -> list[Outcome | None]:
         metrics.INGEST_BATCH.observe(len(batch))
         async with self.engine.connect() as conn:
             pooled = await conn.get_raw_connection()
@@ -363,7 +353,7 @@ class FastIngest:
                 except psycopg.Error:
                     await conn.invalidate()
 
-    async def _apply(self, pg: psycopg.AsyncConnection[Any], batch: list[_Request]) -> list[Result | None]:
+    async def _apply(self, pg: psycopg.AsyncConnection[Any], batch: list[_Request]) -> list[Outcome | None]:
         read = await self._read(pg, batch)
         writes = _Writes(datetime.now(UTC))
         results = [self._decide(request, read, writes) for request in batch]
@@ -416,13 +406,13 @@ class FastIngest:
             by_customer=by_customer,
         )
 
-    def _decide(self, request: _Request, read: _Read, writes: _Writes) -> Result | None:
+    def _decide(self, request: _Request, read: _Read, writes: _Writes) -> Outcome | None:
         """One event on the objects as the events before it in the batch left them; its rows go to
         `writes`. None: the general path decides it (nothing of it written)."""
         event, reported = request.event, request.reported
         own = [o.id for o in reported.objects]
         if event["id"] in read.recorded:
-            return ("duplicate", None, None, own[0])
+            return DUPLICATE
         known = {i: lid for i in reported.ids if (lid := read.members.get(i)) is not None}
         new = reported.ids - known.keys()
         if new and (
@@ -454,9 +444,9 @@ class FastIngest:
         ):
             return None
         if self.rules.needs_line_items(proposed) and line_items_id(proposed.id) not in read.objects:
-            return None  # line items to read from Stripe's API (webhook.ingest)
+            return None  # line items to read from Stripe's API (broker.ingest.general)
         if self.refreshes and needs_invoice_payments(event, proposed, held):
-            return None  # invoice payments to read from Stripe's API (webhook.ingest)
+            return None  # invoice payments to read from Stripe's API (broker.ingest.general)
 
         if created:
             writes.created[license_id] = (seq, held_state)
@@ -482,11 +472,11 @@ class FastIngest:
         changed = state != held_state
 
         occurred_at = datetime.fromtimestamp(event["created"], UTC)
-        kind = "applied" if changed else ("stale" if verdicts == {OLDER} else "unchanged")
-        appended = None
+        kind = OutcomeKind.APPLIED if changed else (OutcomeKind.STALE if verdicts == {OLDER} else OutcomeKind.UNCHANGED)
+        appended: tuple[LicenseEvent, ...] = ()
         if changed:
             seq += 1
-            entry, appended = log_entry(
+            entry, logged = log_entry(
                 license_id,
                 seq,
                 state,
@@ -495,6 +485,7 @@ class FastIngest:
                 occurred_at=occurred_at,
                 recorded_at=writes.now,
             )
+            appended = (logged,)
             writes.license(license_id, seq, state)
             writes.log.append(entry)
         read.licenses[license_id] = (seq, state)  # a new license's too
@@ -504,7 +495,7 @@ class FastIngest:
                 "type": event["type"],
                 "created": event["created"],
                 "livemode": bool(event.get("livemode")),
-                "outcome": kind,
+                "outcome": kind.value,
                 "license_id": license_id,
                 "object_id": own[0],
                 # The verified body, embedded as it is (it parsed as JSON).
@@ -512,4 +503,4 @@ class FastIngest:
             }
         )
         read.recorded.add(event["id"])
-        return (kind, license_id, appended, own[0])
+        return Outcome(kind, license_id, appended, object_id=own[0])
