@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
+from broker.ingest.statements import WRITE
 from broker.storage.eventlog import LicenseEvent, log_entry
 from broker.storage.licenses import initial_state
 from broker.stripe_ledger.binding import resolve
@@ -132,67 +133,6 @@ SELECT
     )) FROM wanted w, LATERAL (SELECT * FROM stripe_objects o WHERE o.id = w.id OFFSET 0) o)::text
 """
 
-# The events with their outcomes, and what the rules decided. Should another delivery of one of
-# the events have been recorded after all, or a new license or binding been written meanwhile (ON
-# CONFLICT), the division fails: the transaction is rolled back and the batch retried one event at
-# a time (alone, such an event goes to the general path, which decides it on what is there now).
-WRITE = """
-WITH event AS (
-    INSERT INTO stripe_events (id, type, created, livemode, outcome, license_id, object_id, payload, received_at)
-    SELECT e.id, e.type, e.created, e.livemode, e.outcome, e.license_id, e.object_id, e.payload, %(now)s
-    FROM json_to_recordset(%(events)s::json)
-         AS e(id text, type text, created int8, livemode bool, outcome text, license_id text, object_id text,
-              payload json)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-),
-objects AS (
-    INSERT INTO stripe_objects (id, kind, version, rank, customer, state, updated_at)
-    SELECT o.id, o.kind, o.version, o.rank, o.customer, o.state, %(now)s
-    FROM json_to_recordset(%(objects)s::json)
-         AS o(id text, kind text, version int8, rank int8, customer text, state json)
-    ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, version = excluded.version, rank = excluded.rank,
-        customer = excluded.customer, state = excluded.state, updated_at = excluded.updated_at
-),
-bindings AS (
-    INSERT INTO stripe_bindings (stripe_id, license_id, bound_at)
-    SELECT b.stripe_id, b.license_id, %(now)s
-    FROM json_to_recordset(%(bindings)s::json) AS b(stripe_id text, license_id text)
-    ON CONFLICT DO NOTHING
-    RETURNING stripe_id
-),
-created AS (
-    INSERT INTO licenses (id, seq, status, entitled, state, stripe_customer_id, stripe_subscription_id, created_at,
-                          updated_at)
-    SELECT c.id, c.seq, c.status, c.entitled, c.state, c.customer, c.subscription, %(now)s, %(now)s
-    FROM json_to_recordset(%(created)s::json)
-         AS c(id text, seq int8, status text, entitled bool, state json, customer text, subscription text)
-    ON CONFLICT DO NOTHING
-    RETURNING id
-),
-links AS (
-    INSERT INTO stripe_links (object_id, linked_id)
-    SELECT k.object_id, k.linked_id FROM json_to_recordset(%(links)s::json) AS k(object_id text, linked_id text)
-    ON CONFLICT DO NOTHING
-),
-license AS (
-    UPDATE licenses l SET seq = u.seq, status = u.status, entitled = u.entitled, state = u.state,
-        stripe_customer_id = u.customer, stripe_subscription_id = u.subscription, updated_at = %(now)s
-    FROM json_to_recordset(%(licenses)s::json)
-         AS u(id text, seq int8, status text, entitled bool, state json, customer text, subscription text)
-    WHERE l.id = u.id
-),
-log AS (
-    INSERT INTO subscription_event_logs
-        (license_id, seq, stripe_event_id, stripe_event_type, status, entitled, data, occurred_at, recorded_at)
-    SELECT * FROM json_to_recordset(%(log)s::json)
-         AS g(license_id text, seq int8, stripe_event_id text, stripe_event_type text, status text, entitled bool,
-              data text, occurred_at timestamptz, recorded_at timestamptz)
-)
-SELECT 1 / ((SELECT count(*) FROM event) = %(n)s AND (SELECT count(*) FROM bindings) = %(n_bindings)s
-             AND (SELECT count(*) FROM created) = %(n_created)s)::int
-"""
-
 # Transactions in flight at once per process, and events per transaction.
 RUNNERS = 2
 MAX_BATCH = 64
@@ -219,8 +159,8 @@ def _license_rows(rows: dict[str, tuple[int, Any]]) -> str:
                 "status": state["status"],
                 "entitled": state["entitled"],
                 "state": state,
-                "customer": state["customer"],
-                "subscription": state["subscription"],
+                "stripe_customer_id": state["customer"],
+                "stripe_subscription_id": state["subscription"],
             }
             for lid, (seq, state) in sorted(rows.items())
         ]
@@ -498,6 +438,7 @@ class BatchedIngest:
                 "outcome": kind.value,
                 "license_id": license_id,
                 "object_id": own[0],
+                "reason": None,
                 # The verified body, embedded as it is (it parsed as JSON).
                 "payload": orjson.Fragment(request.raw) if request.raw is not None else event,
             }
