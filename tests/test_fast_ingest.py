@@ -276,16 +276,16 @@ async def test_an_event_the_database_refuses_does_not_take_its_batch_with_it(
     ids = [f"lic_poison_{i}" for i in range(8)]
     events = [SampleEvents(lid).subscription_event("customer.subscription.updated", "active", T) for lid in ids]
     poisoned = events[3]["id"]
-    params = fast_ingest._Writes.params
+    params = fast_ingest.params
 
-    def with_poison(self: Any) -> dict[str, Any]:
-        p = params(self)
+    def with_poison(writes: Any) -> dict[str, Any]:
+        p = params(writes)
         # A value the database refuses (bigint out of range), carried by one event only.
         rows = orjson.loads(p["events"])
         p["events"] = orjson.dumps([{**r, "created": 2**63} if r["id"] == poisoned else r for r in rows]).decode()
         return p
 
-    monkeypatch.setattr(fast_ingest._Writes, "params", with_poison)
+    monkeypatch.setattr(fast_ingest, "params", with_poison)
     outcomes = await asyncio.gather(*(ingestor.ingest(e, orjson.dumps(e)) for e in events))
 
     assert max(batches) > 1

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,13 +46,11 @@ import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
-from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
+from broker.ingest.decide import Delivery, Snapshot, Writes, decide
+from broker.ingest.outcomes import Outcome
 from broker.ingest.statements import WRITE
-from broker.storage.eventlog import LicenseEvent, log_entry
-from broker.storage.licenses import initial_state
-from broker.stripe_ledger.binding import resolve
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id, merge
-from broker.stripe_ledger.objects import Reported, needs_invoice_payments
+from broker.stripe_ledger.ledger import CUSTOMER_KINDS, LicenseRules, StripeObject
+from broker.stripe_ledger.objects import Reported
 
 _CUSTOMER_KINDS = "{" + ",".join(sorted(CUSTOMER_KINDS)) + "}"
 
@@ -140,9 +138,7 @@ MAX_BATCH = 64
 
 @dataclass(slots=True)
 class _Request:
-    event: Mapping[str, Any]
-    raw: bytes | None
-    reported: Reported
+    delivery: Delivery
     future: asyncio.Future[Outcome | None]
 
 
@@ -167,51 +163,24 @@ def _license_rows(rows: dict[str, tuple[int, Any]]) -> str:
     )
 
 
-@dataclass(slots=True)
-class _Writes:
-    """The rows one transaction writes, as the WRITE statement's JSON documents (one parameter per
-    table: Postgres parses them in C, where arrays of JSON text would be escaped one by one here).
-    The raw bodies are embedded as they are (orjson.Fragment), and stored as they are."""
-
-    now: datetime
-    events: list[dict[str, Any]] = field(default_factory=list)
-    objects: dict[str, StripeObject] = field(default_factory=dict)
-    links: set[tuple[str, str]] = field(default_factory=set)
-    bindings: dict[str, str] = field(default_factory=dict)
-    licenses: dict[str, tuple[int, Any]] = field(default_factory=dict)  # changed: seq, state
-    created: dict[str, tuple[int, Any]] = field(default_factory=dict)  # new: seq, state
-    log: list[dict[str, Any]] = field(default_factory=list)
-
-    def license(self, license_id: str, seq: int, state: Any) -> None:
-        (self.created if license_id in self.created else self.licenses)[license_id] = (seq, state)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "now": self.now,
-            "n": len(self.events),
-            "n_bindings": len(self.bindings),
-            "n_created": len(self.created),
-            "events": _json(self.events),
-            "objects": _json([o.row() for o in self.objects.values()]),
-            "links": _json([{"object_id": a, "linked_id": b} for a, b in sorted(self.links)]),
-            "bindings": _json([{"stripe_id": i, "license_id": lid} for i, lid in self.bindings.items()]),
-            "licenses": _license_rows(self.licenses),
-            "created": _license_rows(self.created),
-            "log": _json(self.log),
-        }
-
-
-@dataclass(slots=True)
-class _Read:
-    """What round trip 1 returned, updated in memory as each event of the batch is decided."""
-
-    licenses: dict[str, tuple[int, Any]]  # locked: seq and state
-    recorded: set[str]  # event ids recorded before
-    existing: set[str]  # named licenses that exist
-    entangled: set[str]  # unbound ids an object or a link holds already
-    members: dict[str, str]  # every id bound to a license the batch's ids are bound to or name
-    objects: dict[str, StripeObject]
-    by_customer: dict[str, list[StripeObject]]  # customer-level objects
+def params(writes: Writes) -> dict[str, Any]:
+    """The WRITE statement's parameters: one JSON document per table (Postgres parses them in C,
+    where arrays of JSON text would be escaped one by one here). The raw bodies are embedded as
+    they are (orjson.Fragment), and stored as they are."""
+    return {
+        "now": writes.now,
+        "n": len(writes.events),
+        "n_bindings": len(writes.bindings),
+        "n_created": len(writes.created),
+        "events": _json(writes.events),
+        "objects": _json([o.row() for o in writes.objects.values()]),
+        "links": _json([{"object_id": a, "linked_id": b} for a, b in sorted(writes.links)]),
+        "bindings": _json([{"stripe_id": i, "license_id": lid} for i, lid in writes.bindings.items()]),
+        "licenses": _license_rows(writes.licenses),
+        "created": _license_rows(writes.created),
+        "log": _json(writes.log),
+        "linked": _json([{"object_id": i, "license_id": lid} for i, lid in sorted(writes.linked.items())]),
+    }
 
 
 class BatchedIngest:
@@ -231,7 +200,7 @@ class BatchedIngest:
     async def apply(self, event: Mapping[str, Any], raw: bytes | None, reported: Reported) -> Outcome | None:
         """The outcome, committed; None to take the general path (nothing written)."""
         future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Request(event, raw, reported, future))
+        self._waiting.append(_Request(Delivery(event, raw, reported), future))
         if len(self._runners) < RUNNERS:
             runner = asyncio.create_task(self._run())
             self._runners.add(runner)
@@ -294,23 +263,25 @@ class BatchedIngest:
                     await conn.invalidate()
 
     async def _apply(self, pg: psycopg.AsyncConnection[Any], batch: list[_Request]) -> list[Outcome | None]:
-        read = await self._read(pg, batch)
-        writes = _Writes(datetime.now(UTC))
-        results = [self._decide(request, read, writes) for request in batch]
-        if not writes.events:
+        deliveries = [r.delivery for r in batch]
+        snapshot = await self._read(pg, deliveries)
+        decision = decide(deliveries, snapshot, self.rules, now=datetime.now(UTC), stripe_reads=self.refreshes)
+        # What the snapshot lacks for an event (Wants) is the general path's to read: it decides it.
+        results = [r if isinstance(r, Outcome) else None for r in decision.results]
+        if not decision.writes.events:
             return results  # nothing to write: the caller rolls back
         # COMMIT as a statement of the pipeline: connection.commit() would Sync once more.
         async with pg.pipeline():
-            await pg.execute(WRITE, writes.params())
+            await pg.execute(WRITE, params(decision.writes))
             await pg.execute("COMMIT")
         return results
 
-    async def _read(self, pg: psycopg.AsyncConnection[Any], batch: list[_Request]) -> _Read:
-        own = list(dict.fromkeys(o.id for r in batch for o in r.reported.objects))
-        ids = sorted({i for r in batch for i in r.reported.ids})
-        named = sorted({lid for r in batch if (lid := r.reported.license_id)})
-        customers = sorted({c for r in batch for o in r.reported.objects if (c := o.customer)})
-        lock_ids = sorted(set(ids) | {c for r in batch if (c := r.reported.customer)})
+    async def _read(self, pg: psycopg.AsyncConnection[Any], batch: list[Delivery]) -> Snapshot:
+        own = list(dict.fromkeys(o.id for d in batch for o in d.reported.objects))
+        ids = sorted({i for d in batch for i in d.reported.ids})
+        named = sorted({lid for d in batch if (lid := d.reported.license_id)})
+        customers = sorted({c for d in batch for o in d.reported.objects if (c := o.customer)})
+        lock_ids = sorted(set(ids) | {c for d in batch if (c := d.reported.customer)})
         # One Sync for BEGIN, LOCK and READ (a fetch inside the block would Sync once more).
         async with pg.pipeline():
             await pg.execute("BEGIN")
@@ -323,125 +294,34 @@ class BatchedIngest:
                     "own": own,
                     "named": named,
                     "customers": customers,
-                    "event_ids": [r.event["id"] for r in batch],
+                    "event_ids": [d.event["id"] for d in batch],
                 },
             )
         first, second = await locked.fetchone(), await found.fetchone()
         assert first is not None and second is not None
         _, licenses_text = first
         recorded, existing, entangled, members_text, objects_text = second
-        objects: dict[str, StripeObject] = {}
-        by_customer: dict[str, list[StripeObject]] = {}
-        for oid, kind, version, rank, state, customer, links in orjson.loads(objects_text or "[]"):
-            obj = objects[oid] = StripeObject(oid, kind, version, rank, state, customer, frozenset(links or ()))
-            if customer and kind in CUSTOMER_KINDS:
-                by_customer.setdefault(customer, []).append(obj)
-        return _Read(
-            licenses={lid: (seq, state) for lid, seq, state in orjson.loads(licenses_text or "[]")},
+        members: dict[str, str] = orjson.loads(members_text or "{}")
+        snapshot = Snapshot(
             recorded=set(recorded or ()),
-            existing=set(existing or ()),
-            entangled=set(entangled or ()),
-            members=orjson.loads(members_text or "{}"),
-            objects=objects,
-            by_customer=by_customer,
+            bindings=members,
+            binding_known={*ids, *members},
+            # The READ holds every object bound to the licenses, and the events' own.
+            objects_known={*own, *members},
+            licenses={lid: (seq, state) for lid, seq, state in orjson.loads(licenses_text or "[]")},
         )
-
-    def _decide(self, request: _Request, read: _Read, writes: _Writes) -> Outcome | None:
-        """One event on the objects as the events before it in the batch left them; its rows go to
-        `writes`. None: the general path decides it (nothing of it written)."""
-        event, reported = request.event, request.reported
-        own = [o.id for o in reported.objects]
-        if event["id"] in read.recorded:
-            return DUPLICATE
-        known = {i: lid for i in reported.ids if (lid := read.members.get(i)) is not None}
-        new = reported.ids - known.keys()
-        if new and (
-            # A new binding here binds the event's ids and nothing else: ids an object or a link
-            # holds already (a walk to pending objects), customer-level objects waiting for a
-            # license of their customer, and the Payment Link takeover check are the general path's.
-            new & read.entangled
-            or (reported.customer and read.by_customer.get(reported.customer))
-            or (reported.by_reference and not known.keys() & set(own))
-        ):
-            return None
-        resolution = resolve(reported, known)
-        license_id = resolution.license_id
-        if license_id is None or resolution.rejected is not None:
-            return None  # pending, or rejected: the general path records why
-        created = license_id not in read.licenses
-        if not created:
-            seq, held_state = read.licenses[license_id]
-        elif license_id == reported.license_id and license_id not in read.existing:
-            seq, held_state = 0, initial_state()
-        else:
-            return None  # bound after the license rows were locked
-        held, proposed = read.objects.get(own[0]), reported.primary
-        if (
-            self.refreshes
-            and held is not None
-            and proposed.version <= held.version
-            and dict(held.state) != dict(proposed.state)
-        ):
-            return None
-        if self.rules.needs_line_items(proposed) and line_items_id(proposed.id) not in read.objects:
-            return None  # line items to read from Stripe's API (broker.ingest.general)
-        if self.refreshes and needs_invoice_payments(event, proposed, held):
-            return None  # invoice payments to read from Stripe's API (broker.ingest.general)
-
-        if created:
-            writes.created[license_id] = (seq, held_state)
-        for i in sorted(new):
-            read.members[i] = writes.bindings[i] = license_id
-        verdicts = set()
-        for obj in reported.objects:
-            before = read.objects.get(obj.id)
-            merged, verdict = merge(before, obj)
-            verdicts.add(verdict)
-            if merged is not None:
-                read.objects[obj.id] = writes.objects[obj.id] = merged
-                writes.links |= {(obj.id, i) for i in obj.links - (before.links if before else frozenset())}
-        bound = [read.objects[i] for i, lid in read.members.items() if lid == license_id and i in read.objects]
-        license_customers = {o.customer for o in bound if o.customer}
-        customer_level = [
-            o
-            for c in sorted(license_customers)
-            for o in read.by_customer.get(c, ())
-            if read.members.get(o.id) != license_id
-        ]
-        state = self.rules.derive({**{o.id: o for o in customer_level}, **{o.id: o for o in bound}}.values())
-        changed = state != held_state
-
-        occurred_at = datetime.fromtimestamp(event["created"], UTC)
-        kind = OutcomeKind.APPLIED if changed else (OutcomeKind.STALE if verdicts == {OLDER} else OutcomeKind.UNCHANGED)
-        appended: tuple[LicenseEvent, ...] = ()
-        if changed:
-            seq += 1
-            entry, logged = log_entry(
-                license_id,
-                seq,
-                state,
-                stripe_event_id=event["id"],
-                stripe_event_type=event["type"],
-                occurred_at=occurred_at,
-                recorded_at=writes.now,
-            )
-            appended = (logged,)
-            writes.license(license_id, seq, state)
-            writes.log.append(entry)
-        read.licenses[license_id] = (seq, state)  # a new license's too
-        writes.events.append(
-            {
-                "id": event["id"],
-                "type": event["type"],
-                "created": event["created"],
-                "livemode": bool(event.get("livemode")),
-                "outcome": kind.value,
-                "license_id": license_id,
-                "object_id": own[0],
-                "reason": None,
-                # The verified body, embedded as it is (it parsed as JSON).
-                "payload": orjson.Fragment(request.raw) if request.raw is not None else event,
-            }
-        )
-        read.recorded.add(event["id"])
-        return Outcome(kind, license_id, appended, object_id=own[0])
+        snapshot.absent = set(named) - set(existing or ()) - snapshot.licenses.keys()
+        for oid, kind, version, rank, state, customer, links in orjson.loads(objects_text or "[]"):
+            snapshot.add_objects([StripeObject(oid, kind, version, rank, state, customer, frozenset(links or ()))])
+        # The customers whose customer-level objects the READ holds: those of the licenses' objects
+        # and of the events'.
+        snapshot.customers_known = {
+            *customers,
+            *(o.customer for i in members if (o := snapshot.objects.get(i)) and o.customer),
+        }
+        # An unbound id no object or link holds has no link to walk: a new binding binds it alone.
+        # The others (`entangled`) are the general path's to walk.
+        entangled_ids = set(entangled or ())
+        snapshot.neighbours = {i: set() for i in ids if i not in members and i not in entangled_ids}
+        snapshot.objects_known |= snapshot.neighbours.keys()  # (nor an object of their id)
+        return snapshot

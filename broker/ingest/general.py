@@ -1,33 +1,34 @@
-"""The general path: one event, one transaction, through SQLAlchemy (Postgres and SQLite). Every
-event can take it: bindings that walk to pending objects, customer-level objects, the Payment Link
-takeover check, reads from Stripe's API (a refresh, line items, entitlements, invoice payments)."""
+"""The general path: one event, one transaction, through SQLAlchemy (Postgres and SQLite). It reads
+the snapshot `broker.ingest.decide` decides on as the decision asks for it (the event's ids, a
+Payment Link's license, the ids a new binding walks to, the license rows, the customer-level
+objects) and makes the reads from Stripe's API it names (a refresh, line items, entitlements,
+invoice payments); then flushes the writes. Every event can take it."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
-from dataclasses import replace
+from collections import defaultdict
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
+from broker.ingest.decide import Delivery, Need, Snapshot, Wants, Writes, decide, with_objects
+from broker.ingest.outcomes import DUPLICATE, Outcome
 from broker.ingest.records import mark_linked, record, set_outcome
-from broker.storage.eventlog import EventLog, LicenseEvent
-from broker.storage.licenses import LicenseStore
-from broker.stripe_ledger.binding import resolve
-from broker.stripe_ledger.ledger import OLDER, LicenseRules, StripeObject, line_items_id, merge
+from broker.storage.db import upsert_into
+from broker.storage.licenses import LicenseRow, LicenseStore
+from broker.storage.schema import stripe_bindings, stripe_links, stripe_objects, subscription_event_logs
+from broker.stripe_ledger.ledger import CUSTOMER_KINDS, LicenseRules, StripeObject
 from broker.stripe_ledger.objects import (
     Reported,
     complete_entitlements,
-    entitlements_id,
     invoice_payments,
     line_items,
-    needs_invoice_payments,
 )
-from broker.stripe_ledger.refresh import Refresher, StripeUnavailable
+from broker.stripe_ledger.refresh import NoRefresh, Refresher, StripeUnavailable
 from broker.stripe_ledger.store import LedgerStore, LocksBusy
 
 log = logging.getLogger("broker.ingest")
@@ -40,6 +41,7 @@ class GeneralIngest:
         self.engine = engine
         self.rules = rules
         self.refresher = refresher
+        self.stripe_reads = not isinstance(refresher, NoRefresh)
 
     async def record(self, event: dict[str, Any], raw: bytes | None, outcome: Outcome) -> Outcome:
         """An event decided without the database: one statement records it with its outcome."""
@@ -53,143 +55,168 @@ class GeneralIngest:
         for attempt in range(1, LOCK_ATTEMPTS + 1):
             try:
                 async with self.engine.begin() as conn:
+                    # Recorded first: a second delivery of the id racing this one waits on its key.
                     if not await record(conn, event, raw):
                         return DUPLICATE
-                    outcome = await self.apply_reported(
-                        conn, reported, event, extra_locks=extra, wait=attempt == LOCK_ATTEMPTS
-                    )
-                    await set_outcome(conn, event["id"], outcome)
+                    reader = _Reader(conn, extra, wait=attempt == LOCK_ATTEMPTS)
+                    outcome, writes = await self._decide(reader, Delivery(event, raw, reported))
+                    await _flush(conn, writes, outcome, event["id"])
                     return outcome
             except LocksBusy as busy:
                 extra |= busy.ids
         raise AssertionError("the last attempt waits for its locks")
 
-    async def apply_reported(
-        self,
-        conn: AsyncConnection,
-        reported: Reported,
-        event: dict[str, Any],
-        *,
-        refresh: bool = True,
-        extra_locks: AbstractSet[str] = frozenset(),
-        wait: bool = True,
-    ) -> Outcome:
-        own = reported.primary.id
-        ids = reported.ids
-        await LedgerStore.lock_ids(conn, ids | extra_locks | ({reported.customer} if reported.customer else set()))
-        known = await LedgerStore.bindings(conn, ids)
-        claimed: set[str] = set()
-        if reported.license_id and reported.by_reference and reported.customer:
-            claimed = await LedgerStore.customers_of(conn, reported.license_id)
-        resolution = resolve(reported, known, claimed)
-        if resolution.rejected:
-            return Outcome(OutcomeKind.REJECTED, reported.license_id, reason=resolution.rejected, object_id=own)
-        current = await LedgerStore.objects(conn, [o.id for o in reported.objects] + [line_items_id(own)])
-        held, proposed = current.get(own), reported.primary
-        if (
-            refresh
-            and held is not None
-            and proposed.version <= held.version
-            and dict(held.state) != dict(proposed.state)
-        ):
-            # Not newer than the ledger, and saying something else: with STRIPE_API_KEY, apply the
-            # object as Stripe's API reads it now (broker.stripe_ledger.refresh). A repeat of the held
-            # snapshot (invoice.paid, then invoice.payment_succeeded of the same second) needs no
-            # read. The request runs inside this transaction, under the locks of the event's ids,
-            # bounded by REFRESH_TIMEOUT; newer events never wait for it.
-            fresh = await self.refresher.refresh(event, proposed, held.version)
-            if fresh is not None:
-                return await self.apply_reported(conn, fresh, event, refresh=False, extra_locks=extra_locks, wait=wait)
-        reported = await self._read_line_items(reported, event, current)
-        reported = await self._read_entitlements(reported, event)
-        reported = await self._read_invoice_payments(reported, event, held)
-        ids = reported.ids
-        verdicts = set()
-        for obj in reported.objects:
-            before = current.get(obj.id)
-            merged, verdict = merge(before, obj)
-            verdicts.add(verdict)
-            if merged is not None:
-                await LedgerStore.save(conn, merged, new_links=obj.links - (before.links if before else frozenset()))
-        licenses: set[str] = set()
-        if resolution.license_id is not None:
-            licenses.add(resolution.license_id)
-            newly = await LedgerStore.bind(conn, resolution.license_id, ids, known, wait=wait)
-            waiting = newly - ids
-            if newly and reported.customer:
-                # Customer-level objects that waited for a license of their customer.
-                waiting |= {reported.customer, entitlements_id(reported.customer)}
-            if waiting:
-                await mark_linked(conn, resolution.license_id, waiting)
-        if reported.customer_level and reported.customer:
-            licenses |= set(await LedgerStore.licenses_of_customer(conn, reported.customer))
-        # Stale: every object it reports holds a newer snapshot (recorded for audit, not pushed).
-        stale = verdicts == {OLDER}
-        if not licenses:
-            return Outcome(OutcomeKind.STALE if stale else OutcomeKind.PENDING, object_id=own)
-        appended = [e for lid in sorted(licenses) if (e := await self._derive(conn, lid, event)) is not None]
-        kind = OutcomeKind.APPLIED if appended else (OutcomeKind.STALE if stale else OutcomeKind.UNCHANGED)
-        first = resolution.license_id or min(licenses)
-        return Outcome(kind, first, tuple(appended), object_id=own)
+    async def _decide(self, reader: _Reader, delivery: Delivery) -> tuple[Outcome, Writes]:
+        snapshot, done = Snapshot(), set[Need]()
+        while True:
+            decision = decide(
+                [delivery],
+                snapshot,
+                self.rules,
+                now=datetime.now(UTC),
+                stripe_reads=self.stripe_reads,
+                done=frozenset(done),
+            )
+            (result,) = decision.results
+            if isinstance(result, Outcome):
+                return result, decision.writes
+            if result.need in STRIPE:
+                done.add(result.need)
+                reported = await self._read_stripe(result, delivery, snapshot)
+                delivery = Delivery(delivery.event, delivery.raw, reported)
+            else:
+                await reader.read(result, snapshot, delivery.reported)
 
-    async def _read_line_items(
-        self, reported: Reported, event: dict[str, Any], current: Mapping[str, StripeObject]
-    ) -> Reported:
-        """A one-time purchase judged by LICENSE_PRODUCTS gets its line items from Stripe's API,
-        once: no webhook carries them. A failed read raises StripeUnavailable (nothing recorded,
-        503: Stripe delivers the event again); without a key that can read them it is judged
-        without (it grants nothing)."""
-        session = reported.primary
-        if not self.rules.needs_line_items(session) or line_items_id(session.id) in current:
-            return reported
-        if any(o.kind == "line_items" for o in reported.objects):
-            return reported
-        products = await self.refresher.line_items(event, session.id)
-        if products is None:
-            log.warning("the line items of %s cannot be read (no key of its mode): it grants nothing", session.id)
-            return reported
-        read = line_items(session, products, event["created"], fetched=True)
-        return replace(reported, objects=(*reported.objects, read))
-
-    async def _read_entitlements(self, reported: Reported, event: dict[str, Any]) -> Reported:
-        """A summary that lists only the first entitlements (`has_more`) is completed from Stripe's
-        API (every active entitlement of the customer); without a key, or when the read fails, it
-        applies as it is and the license says its features are partial."""
-        summary = reported.primary
-        if summary.kind != "entitlements" or not summary.state.get("partial") or summary.customer is None:
-            return reported
+    async def _read_stripe(self, wants: Wants, delivery: Delivery, snapshot: Snapshot) -> Reported:
+        """`reported` with what Stripe's API gives now. A failed refresh or line items read raises
+        StripeUnavailable (nothing recorded, 503: Stripe delivers the event again); the others apply
+        the event as it is."""
+        event, reported = delivery.event, delivery.reported
+        primary = reported.primary
+        if wants.need is Need.REFRESH:
+            # The request runs inside this transaction, under the locks of the event's ids, bounded
+            # by REFRESH_TIMEOUT; newer events never wait for it.
+            held = snapshot.objects[primary.id]
+            return await self.refresher.refresh(event, primary, held.version) or reported
+        if wants.need is Need.LINE_ITEMS:
+            # A one-time purchase judged by LICENSE_PRODUCTS: no webhook carries its line items.
+            products = await self.refresher.line_items(event, primary.id)
+            if products is None:
+                log.warning("the line items of %s cannot be read (no key of its mode): it grants nothing", primary.id)
+                return reported
+            return with_objects(reported, line_items(primary, products, event["created"], fetched=True))
         try:
-            features = await self.refresher.entitlements(event, summary.customer)
+            if wants.need is Need.ENTITLEMENTS:
+                # A summary that lists only the first entitlements (`has_more`): without a key, or
+                # when the read fails, the license says its features are partial.
+                assert primary.customer is not None
+                features = await self.refresher.entitlements(event, primary.customer)
+                if features is None:
+                    return reported
+                return with_objects(reported, first=complete_entitlements(primary, features))
+            # A paid invoice of an API version whose events name no payment (UNLINKED_VERSIONS):
+            # its payments, so that their refunds and disputes reach it.
+            items = await self.refresher.invoice_payments(event, primary.id)
+            return with_objects(reported, *invoice_payments(items or [], event["created"]))
         except StripeUnavailable:
             return reported
-        if features is None:
-            return reported
-        return replace(reported, objects=(complete_entitlements(summary, features), *reported.objects[1:]))
 
-    async def _read_invoice_payments(
-        self, reported: Reported, event: dict[str, Any], held: StripeObject | None
-    ) -> Reported:
-        """A paid invoice of an API version whose events name no payment (UNLINKED_VERSIONS) gets
-        its payments from Stripe's API, so that their refunds and disputes reach it; without a key,
-        or when the read fails, it applies as it is."""
-        invoice = reported.primary
-        if not needs_invoice_payments(event, invoice, held):
-            return reported
-        try:
-            items = await self.refresher.invoice_payments(event, invoice.id)
-        except StripeUnavailable:
-            return reported
-        return replace(reported, objects=(*reported.objects, *invoice_payments(items or [], event["created"])))
 
-    async def _derive(self, conn: AsyncConnection, license_id: str, event: dict[str, Any]) -> LicenseEvent | None:
-        """Lock the license, derive it from its objects; its log entry if it changed."""
-        row = await LicenseStore.lock(conn, license_id)
-        state = self.rules.derive(await LedgerStore.license_objects(conn, license_id))
-        return await EventLog.advance(
-            conn,
-            row,
-            state,
-            stripe_event_id=event["id"],
-            stripe_event_type=event["type"],
-            occurred_at=datetime.fromtimestamp(event["created"], UTC),
-        )
+STRIPE = frozenset({Need.REFRESH, Need.LINE_ITEMS, Need.ENTITLEMENTS, Need.INVOICE_PAYMENTS})
+
+
+class _Reader:
+    """The snapshot's reads, through SQLAlchemy, inside the event's transaction: locks first (ids,
+    sorted; then license rows, sorted), then what they guard."""
+
+    def __init__(self, conn: AsyncConnection, extra_locks: set[str], *, wait: bool) -> None:
+        self.conn = conn
+        self.extra = extra_locks
+        self.wait = wait  # ids a walk finds later: waited for (the last attempt), or LocksBusy
+        self.locked: set[str] = set()
+
+    async def _lock(self, ids: Iterable[str], *, wait: bool = True) -> None:
+        wanted = set(ids) - self.locked
+        if wanted:
+            await LedgerStore.lock_ids(self.conn, wanted, wait=wait)
+            self.locked |= wanted
+
+    async def _bindings_and_objects(self, snapshot: Snapshot, ids: list[str]) -> None:
+        snapshot.bindings.update(await LedgerStore.bindings(self.conn, ids))
+        snapshot.binding_known.update(ids)
+        snapshot.add_objects((await LedgerStore.objects(self.conn, ids)).values())
+        snapshot.objects_known.update(ids)
+
+    async def read(self, wants: Wants, snapshot: Snapshot, reported: Reported) -> None:
+        conn, ids = self.conn, list(wants.ids)
+        need = wants.need
+        if need is Need.BASE:
+            first = not self.locked
+            customers = {reported.customer} if reported.customer else set()
+            await self._lock({*ids, *(self.extra | customers if first else ())})
+            await self._bindings_and_objects(snapshot, ids)
+        elif need is Need.CLAIMED:
+            (license_id,) = ids
+            snapshot.claimed[license_id] = await LedgerStore.customers_of(conn, license_id)
+        elif need is Need.WALK:
+            await self._lock(ids, wait=self.wait)
+            await self._bindings_and_objects(snapshot, ids)
+            for i in ids:
+                snapshot.neighbours.setdefault(i, set())
+            t = stripe_links
+            query = sa.select(t.c.object_id, t.c.linked_id).where(
+                sa.or_(t.c.object_id.in_(ids), t.c.linked_id.in_(ids))
+            )
+            for a, b in (await conn.execute(query)).all():
+                for x, y in ((a, b), (b, a)):
+                    if x in snapshot.neighbours:
+                        snapshot.neighbours[x].add(y)
+        elif need is Need.CUSTOMER_LICENSES:
+            (customer,) = ids
+            snapshot.customer_licenses[customer] = set(await LedgerStore.licenses_of_customer(conn, customer))
+        elif need is Need.LICENSES:
+            for license_id in sorted(ids):
+                row = await LicenseStore.lock(conn, license_id)  # created if new, then locked
+                snapshot.licenses[license_id] = (row.seq, row.state)
+            b = stripe_bindings
+            query = sa.select(b.c.stripe_id, b.c.license_id).where(b.c.license_id.in_(ids))
+            bound = {row.stripe_id: row.license_id for row in await conn.execute(query)}
+            snapshot.bindings.update(bound)
+            snapshot.binding_known.update(bound)
+            unread = sorted(bound.keys() - snapshot.objects_known)
+            snapshot.add_objects((await LedgerStore.objects(conn, unread)).values())
+            snapshot.objects_known.update(unread)
+        elif need is Need.CUSTOMER_OBJECTS:
+            o = stripe_objects
+            query = sa.select(o).where(o.c.customer.in_(ids), o.c.kind.in_(sorted(CUSTOMER_KINDS)))
+            rows = (await conn.execute(query)).all()
+            snapshot.add_objects(
+                StripeObject(r.id, r.kind, r.version, r.rank, r.state, r.customer)
+                for r in rows
+                if r.id not in snapshot.objects
+            )
+            snapshot.customers_known.update(ids)
+        else:
+            raise AssertionError(need)
+
+
+async def _flush(conn: AsyncConnection, writes: Writes, outcome: Outcome, event_id: str) -> None:
+    for obj in writes.objects.values():
+        new_links = {linked for a, linked in writes.links if a == obj.id}
+        await LedgerStore.save(conn, obj, new_links=new_links)
+    if writes.bindings:
+        rows = [
+            {"stripe_id": i, "license_id": lid, "bound_at": writes.now} for i, lid in sorted(writes.bindings.items())
+        ]
+        await conn.execute(upsert_into(conn, stripe_bindings).values(rows).on_conflict_do_nothing())
+    linked: dict[str, set[str]] = defaultdict(set)
+    for object_id, license_id in writes.linked.items():
+        linked[license_id].add(object_id)
+    for license_id, object_ids in sorted(linked.items()):
+        await mark_linked(conn, license_id, object_ids)
+    assert not writes.created, "the general path's license rows exist once locked"
+    for license_id, (seq, state) in sorted(writes.licenses.items()):
+        await LicenseStore.save(conn, LicenseRow(license_id, seq, state, state["customer"], state["subscription"]))
+    if writes.log:
+        await conn.execute(subscription_event_logs.insert().values(writes.log))
+    await set_outcome(conn, event_id, outcome)

@@ -110,6 +110,12 @@ license AS (
 ),
 log AS (
     {LOG.insert("g")}
+),
+-- Pending events whose objects this transaction bound now count for their license.
+linked AS (
+    UPDATE stripe_events t SET outcome = 'linked', license_id = m.license_id
+    FROM json_to_recordset(%(linked)s::json) AS m(object_id text, license_id text)
+    WHERE t.outcome = 'pending' AND t.object_id = m.object_id
 )
 SELECT 1 / ((SELECT count(*) FROM event) = %(n)s AND (SELECT count(*) FROM bindings) = %(n_bindings)s
              AND (SELECT count(*) FROM created) = %(n_created)s)::int
