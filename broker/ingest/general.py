@@ -142,10 +142,15 @@ class _Reader:
             self.locked |= wanted
 
     async def _bindings_and_objects(self, snapshot: Snapshot, ids: list[str]) -> None:
-        snapshot.bindings.update(await LedgerStore.bindings(self.conn, ids))
-        snapshot.binding_known.update(ids)
-        snapshot.add_objects((await LedgerStore.objects(self.conn, ids)).values())
-        snapshot.objects_known.update(ids)
+        """The bindings and the objects (with their links) of these ids, those not read yet."""
+        unread = [i for i in ids if i not in snapshot.binding_known]
+        if unread:
+            snapshot.bindings.update(await LedgerStore.bindings(self.conn, unread))
+            snapshot.binding_known.update(unread)
+        unread = [i for i in ids if i not in snapshot.objects_known]
+        if unread:
+            snapshot.add_objects((await LedgerStore.objects(self.conn, unread)).values())
+            snapshot.objects_known.update(unread)
 
     async def read(self, wants: Wants, snapshot: Snapshot, reported: Reported) -> None:
         conn, ids = self.conn, list(wants.ids)
@@ -176,28 +181,45 @@ class _Reader:
             snapshot.customer_licenses[customer] = set(await LedgerStore.licenses_of_customer(conn, customer))
         elif need is Need.LICENSES:
             for license_id in sorted(ids):
-                row = await LicenseStore.lock(conn, license_id)  # created if new, then locked
-                snapshot.licenses[license_id] = (row.seq, row.state)
-            b = stripe_bindings
-            query = sa.select(b.c.stripe_id, b.c.license_id).where(b.c.license_id.in_(ids))
-            bound = {row.stripe_id: row.license_id for row in await conn.execute(query)}
-            snapshot.bindings.update(bound)
-            snapshot.binding_known.update(bound)
-            unread = sorted(bound.keys() - snapshot.objects_known)
-            snapshot.add_objects((await LedgerStore.objects(conn, unread)).values())
-            snapshot.objects_known.update(unread)
-        elif need is Need.CUSTOMER_OBJECTS:
-            o = stripe_objects
-            query = sa.select(o).where(o.c.customer.in_(ids), o.c.kind.in_(sorted(CUSTOMER_KINDS)))
-            rows = (await conn.execute(query)).all()
-            snapshot.add_objects(
-                StripeObject(r.id, r.kind, r.version, r.rank, r.state, r.customer)
-                for r in rows
-                if r.id not in snapshot.objects
+                held = await LicenseStore.lock(conn, license_id)  # created if new, then locked
+                snapshot.licenses[license_id] = (held.seq, held.state)
+            # Every id bound to them, with its object (links are read for the event's own only).
+            b, o = stripe_bindings, stripe_objects
+            query = (
+                sa.select(b.c.stripe_id, b.c.license_id, o)
+                .select_from(b.outerjoin(o, o.c.id == b.c.stripe_id))
+                .where(b.c.license_id.in_(ids))
             )
-            snapshot.customers_known.update(ids)
+            customers = {c for obj in snapshot.objects.values() if (c := obj.customer)}
+            for row in await conn.execute(query):
+                snapshot.bindings[row.stripe_id] = row.license_id
+                snapshot.binding_known.add(row.stripe_id)
+                if row.stripe_id not in snapshot.objects_known:
+                    snapshot.objects_known.add(row.stripe_id)
+                    if row.id is not None:
+                        snapshot.add_objects([_object(row)])
+                if row.customer:
+                    customers.add(row.customer)
+            # The customer-level objects of their customers' and the event's, in the same go.
+            await self._customer_objects(snapshot, sorted(customers - snapshot.customers_known))
+        elif need is Need.CUSTOMER_OBJECTS:
+            await self._customer_objects(snapshot, ids)
         else:
             raise AssertionError(need)
+
+    async def _customer_objects(self, snapshot: Snapshot, customers: list[str]) -> None:
+        if not customers:
+            return
+        o = stripe_objects
+        query = sa.select(o).where(o.c.customer.in_(customers), o.c.kind.in_(sorted(CUSTOMER_KINDS)))
+        snapshot.add_objects(
+            _object(row) for row in await self.conn.execute(query) if row.id not in snapshot.objects_known
+        )
+        snapshot.customers_known.update(customers)
+
+
+def _object(row: Any) -> StripeObject:
+    return StripeObject(row.id, row.kind, row.version, row.rank, row.state, row.customer)
 
 
 async def _flush(conn: AsyncConnection, writes: Writes, outcome: Outcome, event_id: str) -> None:
