@@ -16,13 +16,14 @@ from prometheus_client import REGISTRY
 from broker.ingest import Ingestor, Outcome
 from broker.ingest import batched as fast_ingest
 from broker.runtime import Runtime, open_runtime
-from broker.storage.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
+from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from broker.stripe_ledger.binding import MemoryLedger
 from broker.stripe_ledger.ledger import LicenseRules
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support import racing
 from tests.support.licenses import make_settings
+from tests.support.rows import every_row
 from tests.support.services import truncate
 from webhook.samples import SampleEvents
 
@@ -76,37 +77,9 @@ async def ingest_all(ingestor: Ingestor, events: list[dict[str, Any]]) -> list[O
 
 
 async def rows(runtime: Runtime) -> dict[str, Any]:
-    """Every row the ingest writes, but for the times it was written at."""
-    t = subscription_event_logs
-    async with runtime.engine.connect() as conn:
-        lics = (await conn.execute(sa.select(licenses.c.id, licenses.c.seq, licenses.c.status, licenses.c.state))).all()
-        log = (await conn.execute(sa.select(t.c.license_id, t.c.seq, t.c.status, t.c.data))).all()
-        objects = (
-            await conn.execute(sa.select(stripe_objects.c.id, stripe_objects.c.version, stripe_objects.c.state))
-        ).all()
-        events = (
-            await conn.execute(sa.select(stripe_events.c.id, stripe_events.c.outcome, stripe_events.c.license_id))
-        ).all()
-        others = {
-            name: sorted(tuple(r) for r in await conn.execute(sa.text(f"SELECT * FROM {name}")))
-            for name in ("stripe_links",)
-        }
-        bindings = sorted(
-            tuple(r) for r in await conn.execute(sa.text("SELECT stripe_id, license_id FROM stripe_bindings"))
-        )
-    entries = []
-    for row in sorted(log, key=lambda r: (r.license_id, r.seq)):
-        entry = orjson.loads(row.data)
-        del entry["recorded_at"]
-        entries.append((row.license_id, row.seq, row.status, entry))
-    return {
-        "licenses": sorted((r.id, r.seq, r.status, orjson.dumps(r.state)) for r in lics),
-        "log": entries,
-        "objects": sorted((r.id, r.version, orjson.dumps(dict(r.state), option=orjson.OPT_SORT_KEYS)) for r in objects),
-        "events": sorted(tuple(r) for r in events),
-        "bindings": bindings,
-        **others,
-    }
+    """Every row the ingest writes, every column but the times it was written at
+    (tests/support/rows.py)."""
+    return await every_row(runtime.settings.database_url)
 
 
 async def test_the_fast_path_leaves_the_rows_and_outcomes_of_the_general_path(
@@ -335,3 +308,13 @@ async def test_two_processes_starting_one_license_at_once_both_count(runtime: Ru
     async with runtime.engine.connect() as conn:
         state = (await conn.execute(sa.select(licenses.c.state).where(licenses.c.id == "lic_shared"))).scalar_one()
     assert state == rules.derive(ledger.objects_of("lic_shared"))
+
+
+async def test_the_batched_path_is_chosen_when_the_ingestor_is_built(runtime: Runtime, sqlite_url: str) -> None:
+    rules = LicenseRules(runtime.settings.entitled_statuses)
+    assert Ingestor(runtime, rules).batched is not None  # Postgres: batched by default
+    assert Ingestor(runtime, rules, batching=False).batched is None
+    async with open_runtime(make_settings(sqlite_url)) as on_sqlite:
+        assert Ingestor(on_sqlite, rules).batched is None
+        with pytest.raises(ValueError, match="needs Postgres"):
+            Ingestor(on_sqlite, rules, batching=True)

@@ -3,8 +3,8 @@ batched path with the general one for what it gives back) leave the same rows, c
 random interleavings of whole Stripe lives (both API shapes), with late and repeated deliveries,
 sent through each path into a database of its own.
 
-Every column of every table of broker.storage.schema is compared, but for those in `EXCLUDED`,
-whose values legitimately differ between two runs of the same events."""
+Every column of every table of broker.storage.schema is compared, but for those in `EXCLUDED`
+(tests/support/rows.py), whose values legitimately differ between two runs of the same events."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
@@ -27,24 +26,13 @@ from broker.ingest import Ingestor, Outcome
 from broker.runtime import open_runtime
 from broker.settings import Settings, normalize_database_url
 from broker.storage.db import create_engine, migrate
-from broker.storage.schema import metadata, stripe_events, subscription_event_logs
+from broker.storage.schema import metadata
 from broker.stripe_ledger.ledger import LicenseRules
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support.licenses import make_settings
+from tests.support.rows import EXCLUDED, every_row
 from tests.support.services import ADMIN_URL, psycopg_connect, truncate, unavailable
-
-# Wall-clock times (when each path's transaction ran) and the log's serial id (a transaction rolled
-# back and retried, the batched path's conflict or the general path's LocksBusy, consumes values;
-# waves of independent licenses commit in either order). The log entry's `data` holds its
-# `recorded_at` too: compared without it.
-EXCLUDED = {
-    "licenses": {"created_at", "updated_at"},
-    "stripe_events": {"received_at"},
-    "stripe_objects": {"updated_at"},
-    "stripe_bindings": {"bound_at"},
-    "subscription_event_logs": {"id", "recorded_at"},
-}
 
 # --- whole Stripe lives: each one customer's (or two's), its own license ids -----------------------
 
@@ -235,35 +223,6 @@ def two_databases() -> Iterator[tuple[str, str]]:
         with psycopg_connect(ADMIN_URL) as conn:
             for name in names:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _canonical(table: sa.Table, column: sa.Column[Any], value: Any) -> Any:
-    if table is subscription_event_logs and column.name == "data":
-        entry = orjson.loads(value)
-        del entry["recorded_at"]  # the wall-clock time, as the column's (EXCLUDED)
-        return entry
-    return value
-
-
-async def every_row(url: str) -> dict[str, list[dict[str, Any]]]:
-    """Every table, every column but the EXCLUDED ones, in a canonical order. JSON columns are
-    compared as values (their encoding is not the rows'), but for the payload, which must be the
-    body as Stripe sent it: compared as the text stored."""
-    engine = create_engine(Settings(database_url=url))
-    result = {}
-    try:
-        async with engine.connect() as conn:
-            for table in metadata.sorted_tables:
-                columns = [c for c in table.c if c.name not in EXCLUDED.get(table.name, ())]
-                selected = [sa.cast(c, sa.Text).label(c.name) if c is stripe_events.c.payload else c for c in columns]
-                rows = [
-                    {str(c.name): _canonical(table, c, row[i]) for i, c in enumerate(columns)}
-                    for row in await conn.execute(sa.select(*selected))
-                ]
-                result[table.name] = sorted(rows, key=lambda r: orjson.dumps(r, option=orjson.OPT_SORT_KEYS))
-    finally:
-        await engine.dispose()
-    return result
 
 
 def summary(outcome: Outcome) -> tuple[str, str | None, int | None, str | None]:

@@ -1,5 +1,5 @@
-"""The batched ingest on Postgres: the common events, several events in one transaction when several are waiting, in
-two network round trips per transaction, through psycopg directly with statements that are the same
+"""The batched ingest on Postgres: the common events, several in one transaction when several are
+waiting, in two network round trips per transaction, through psycopg directly with statements that are the same
 text every time (prepared after a few uses): events whose ids are bound already, or new (no object
 and no link holds them yet: a license's first event, a new invoice of a bound subscription).
 
@@ -7,10 +7,11 @@ and no link holds them yet: a license's first event, a new invoice of a bound su
                   of every event, then the rows of the licenses they are bound to or name); READ
                   (those licenses' bindings and ledger objects, which events were recorded, which
                   named licenses exist, which unbound ids are held already); Sync
-    Python:       per event, in arrival order: binding.resolve, ledger.merge and
-                  LicenseRules.derive, unchanged, each on the objects as the events before it left them
+    Python:       broker.ingest.decide, the general path's decision: per event, in arrival order,
+                  on the snapshot as the events before it left it
     round trip 2: WRITE (the events with their outcomes, objects, links, bindings, new licenses,
-                  license rows, log entries); COMMIT; Sync
+                  license rows, log entries, pending events now linked; its column lists generated
+                  from the schema: broker.ingest.statements); COMMIT; Sync
 
 Group commit: a webhook arriving while `RUNNERS` transactions are in flight waits for the next
 one, which takes every event waiting then (up to `MAX_BATCH`). Alone, an event is a transaction of
@@ -25,11 +26,12 @@ lock or of a license row lock committed meanwhile, so it only locks (the locked 
 returned as they are after the wait). READ starts after every lock is held, so it sees each
 committed binding and object.
 
-Anything else goes to the general path (broker.ingest.general, SQLAlchemy), which takes the same locks in
-the same order (event ids, sorted, then license rows, sorted): an unbound id an object or a link
-holds already (binding it may bind pending objects), a customer-level event or one whose customer
-has customer-level objects waiting, a Payment Link's client_reference_id on an unbound object (the
-takeover check), an event a refresh from Stripe's API may replace. Nothing of such an event is
+What the snapshot lacks for an event (`decide.Wants`) goes to the general path (broker.ingest.general,
+SQLAlchemy), which takes the same locks in the same order (event ids, sorted, then license rows,
+sorted) and reads what the decision asks for: an unbound id an object or a link holds already
+(binding it may bind pending objects), a customer-level event (`eligible`), a Payment Link's
+client_reference_id on an unbound object (the takeover check), a license bound after the license
+rows were locked, an event a read from Stripe's API may change. Nothing of such an event is
 written here, so giving it up costs nothing."""
 
 from __future__ import annotations

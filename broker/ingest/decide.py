@@ -20,15 +20,19 @@ from enum import Enum
 from typing import Any
 
 import orjson
+from sqlalchemy import String
 
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.storage.eventlog import LicenseEvent, log_entry
 from broker.storage.licenses import LicenseState, initial_state
+from broker.storage.schema import stripe_events
 from broker.stripe_ledger.binding import resolve
 from broker.stripe_ledger.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id, merge
 from broker.stripe_ledger.objects import Reported, entitlements_id, needs_invoice_payments
 
-REASON_LENGTH = 200  # stripe_events.reason (checked by tests/test_ingest_differential.py)
+_reason_type = stripe_events.c.reason.type
+assert isinstance(_reason_type, String) and _reason_type.length is not None
+REASON_LENGTH = _reason_type.length  # a longer reason is cut (it is the broker's own text)
 
 
 class Need(Enum):

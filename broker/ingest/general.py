@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.ingest.decide import Delivery, Need, Snapshot, Wants, Writes, decide, with_objects
+from broker.ingest.decide import STRIPE_READS, Delivery, Need, Snapshot, Wants, Writes, decide, with_objects
 from broker.ingest.outcomes import DUPLICATE, Outcome
 from broker.ingest.records import mark_linked, record, set_outcome
 from broker.storage.db import upsert_into
@@ -80,7 +80,7 @@ class GeneralIngest:
             (result,) = decision.results
             if isinstance(result, Outcome):
                 return result, decision.writes
-            if result.need in STRIPE:
+            if result.need in STRIPE_READS:
                 done.add(result.need)
                 reported = await self._read_stripe(result, delivery, snapshot)
                 delivery = Delivery(delivery.event, delivery.raw, reported)
@@ -120,9 +120,6 @@ class GeneralIngest:
             return with_objects(reported, *invoice_payments(items or [], event["created"]))
         except StripeUnavailable:
             return reported
-
-
-STRIPE = frozenset({Need.REFRESH, Need.LINE_ITEMS, Need.ENTITLEMENTS, Need.INVOICE_PAYMENTS})
 
 
 class _Reader:

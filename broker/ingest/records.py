@@ -9,14 +9,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from broker.ingest.decide import REASON_LENGTH
 from broker.ingest.outcomes import NOT_MATCHED, Outcome, OutcomeKind
 from broker.storage.db import upsert_into
 from broker.storage.schema import stripe_events
 from broker.stripe_ledger.objects import MAX_CREATED, MAX_ID
-
-_reason_type = stripe_events.c.reason.type
-assert isinstance(_reason_type, sa.String) and _reason_type.length is not None
-REASON_LENGTH = _reason_type.length
 
 
 def envelope_problem(event: dict[str, Any]) -> str | None:
