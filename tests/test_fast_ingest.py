@@ -318,3 +318,25 @@ async def test_the_batched_path_is_chosen_when_the_ingestor_is_built(runtime: Ru
         assert Ingestor(on_sqlite, rules).batched is None
         with pytest.raises(ValueError, match="needs Postgres"):
             Ingestor(on_sqlite, rules, batching=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_a_binding_links_the_pending_events_of_its_own_batch(
+    runtime: Runtime, batches: list[int], pg_url: str, shape: Shape
+) -> None:
+    """A subscription named only by its Checkout Session: its objects' events are pending until the
+    session binds them. Arriving together they share one transaction, whose WRITE records those
+    events as linked already: the rows the general path leaves one event at a time."""
+    s = Scenario(shape)
+    s.subscribe(s.customer(), "lic_wave", bind="session").renew()
+    events = s.take()
+    fast, general = both_paths(runtime)
+    by_general = await ingest_all(general, events)
+    general_rows = await rows(runtime)
+    truncate(pg_url)
+    by_fast = await asyncio.gather(*(fast.ingest(e, orjson.dumps(e)) for e in events))
+
+    assert len(events) in batches  # one transaction for all
+    assert "linked" in {row["outcome"] for row in general_rows["stripe_events"]}
+    assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
+    assert await rows(runtime) == general_rows
