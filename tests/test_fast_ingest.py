@@ -340,3 +340,26 @@ async def test_a_binding_links_the_pending_events_of_its_own_batch(
     assert "linked" in {row["outcome"] for row in general_rows["stripe_events"]}
     assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
     assert await rows(runtime) == general_rows
+
+
+async def test_a_new_license_links_the_pending_entitlements_of_its_customer_in_the_common_path(
+    runtime: Runtime, fast_results: list[bool], pg_url: str
+) -> None:
+    """The customer's entitlement summary before any license of the customer: pending. The
+    subscription's first event binds a license of that customer: the summary's event now counts."""
+    s = Scenario("current")
+    alice = s.customer()
+    s.entitlements(alice, ["sync"])
+    s.subscribe(alice, "lic_entitled")
+    events = s.take()
+    fast, general = both_paths(runtime)
+    by_general = await ingest_all(general, events)
+    general_rows = await rows(runtime)
+    truncate(pg_url)
+    by_fast = await ingest_all(fast, events)
+
+    assert fast_results[0] is True  # the subscription's first event, decided on the common path
+    assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
+    summary = next(r for r in general_rows["stripe_events"] if r["id"] == events[0]["id"])
+    assert (summary["outcome"], summary["license_id"]) == ("linked", "lic_entitled")
+    assert await rows(runtime) == general_rows
