@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from broker.runtime import Runtime
 from broker.signing import leases, tokens
-from broker.web.body import BodyTooLarge, forwarded, read_body, too_large
+from broker.web.body import BodyRefused, read_body
+from broker.web.ops import forwarded
 from broker.web.requestlog import REQUEST_ID
 from webhook.samples import ACTIONS, SampleEvents, explain
 
@@ -57,8 +58,8 @@ async def _json_object(request: Request) -> dict[str, Any] | Response:
         return JSONResponse({"error": "expected Content-Type: application/json"}, status_code=415)
     try:
         raw = await read_body(request, MAX_BODY)
-    except BodyTooLarge:
-        return too_large()
+    except BodyRefused as exc:
+        return exc.response()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -27,7 +27,7 @@ from broker.signing.leases import NO_LEASES, lease_claims, with_lease
 from broker.storage.eventlog import EventLog
 from broker.storage.schema import licenses
 from broker.web.asgi import Part, StreamRoute, build_app
-from broker.web.body import settings_from_env
+from broker.web.ops import settings_from_env
 from stream import activate, desktop, purchase
 from stream.catchup import license_stream
 from stream.desktop import Desktop, open_desktop

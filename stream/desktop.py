@@ -34,7 +34,7 @@ from broker.settings import Settings
 from broker.signing import tokens
 from broker.storage.eventlog import EventLog
 from broker.stripe_ledger.ledger import LicenseRules
-from broker.web.body import BodyTooLarge, read_body, too_large
+from broker.web.body import BodyRefused, read_body
 
 log = logging.getLogger("stream.desktop")
 
@@ -152,8 +152,8 @@ async def json_body(request: Request) -> dict[str, Any] | Response:
         return error("expected Content-Type: application/json", 415)
     try:
         raw = await read_body(request, MAX_BODY)
-    except BodyTooLarge:
-        return too_large()
+    except BodyRefused as exc:
+        return exc.response()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

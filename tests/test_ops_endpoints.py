@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 import broker.web.readiness
 from broker.transports.memory import MemoryTransport
-from broker.web.body import local_peer
+from broker.web.ops import local_peer
 from broker.web.readiness import ReadinessProbe
 from license_broker.embedded import create_app
 from tests.support.licenses import make_settings

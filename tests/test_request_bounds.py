@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from broker.web import body as body_module
 from broker.web.server import HEAD_TIMEOUT, MAX_HEAD_BYTES, BoundedHeadProtocol
 from license_broker import dev
 from license_broker.embedded import create_app as create_embedded_app
@@ -116,6 +117,34 @@ async def test_a_streamed_body_over_the_limit_is_413_while_it_is_still_arriving(
     async with serving(app) as url:
         assert await streamed_too_large(url, "/api/stripe/webhooks") == 413
     assert rejected() == before + 1
+
+
+@pytest.mark.parametrize("path", ["/api/stripe/webhooks", "/dev/simulate"])
+async def test_a_body_that_trickles_in_is_408_once_its_time_is_up(
+    path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that announces a small body and sends it a byte now and then keeps its connection
+    only until the body's deadline, then gets a 408 and the connection closes."""
+    monkeypatch.setattr(body_module, "BODY_TIMEOUT", 0.5)
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'slow.db'}", dev=True, webhook_max_body=LIMIT)
+    app = create_embedded_app(settings)
+    before = rejected()
+    async with serving(app) as url, connection(url) as (reader, writer):
+        writer.write(request_head(path, 100, stripe_signature="t=1,v1=00") + b"{")
+        await writer.drain()
+        answer = asyncio.ensure_future(reader.read())
+        # One more byte now and then, never the whole body: the server must not wait for it.
+        while not answer.done():
+            writer.write(b" ")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            await asyncio.wait([answer], timeout=0.1)
+        raw = answer.result()
+    assert raw.startswith(b"HTTP/1.1 408 "), raw[:80]
+    assert b'{"error":"body not received in time"}' in raw
+    assert await count_rows(f"sqlite+aiosqlite:///{tmp_path / 'slow.db'}", "stripe_events") == 0
+    if path == "/api/stripe/webhooks":
+        assert rejected() == before + 1
 
 
 async def test_a_signed_event_within_the_limit_is_recorded_and_one_over_it_is_not(sqlite_url: str) -> None:

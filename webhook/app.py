@@ -21,7 +21,8 @@ from broker.stripe_ledger.ledger import LicenseRules
 from broker.stripe_ledger.objects import EventFilter
 from broker.stripe_ledger.refresh import open_refresher
 from broker.web.asgi import Part, build_app
-from broker.web.body import BodyTooLarge, read_body, settings_from_env, too_large
+from broker.web.body import BodyRefused, read_body
+from broker.web.ops import settings_from_env
 from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
 log = logging.getLogger("webhook")
@@ -43,10 +44,10 @@ async def receive_webhook(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     try:
         payload = await read_body(request, runtime.settings.webhook_max_body)
-    except BodyTooLarge as exc:
+    except BodyRefused as exc:
         _count("rejected")
         log.info("webhook rejected: %s", exc)
-        return too_large()
+        return exc.response()
     try:
         event = verifier.verify(payload, single_header(request.headers.getlist("stripe-signature")))
     except BadWebhook as exc:

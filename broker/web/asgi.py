@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from broker.runtime import Runtime, open_runtime
 from broker.settings import Settings
 from broker.web import openapi
-from broker.web.body import ops_routes
+from broker.web.ops import ops_routes
 from broker.web.requestlog import RequestIdMiddleware
 
 StateFactory = Callable[[Runtime], AbstractAsyncContextManager[dict[str, Any]]]

@@ -8,7 +8,7 @@ connection that never finishes its head, or never sends one, stays open for good
 enforced from the ASGI app, which sees nothing before the head is complete.
 
 The bound covers the head only: once it is complete the app bounds the body (WEBHOOK_MAX_BODY,
-broker.web.body.read_body) and a response may last hours (an SSE stream)."""
+broker.web.body.read_body, which also bounds it in time) and a response may last hours (an SSE stream)."""
 
 from __future__ import annotations
 
