@@ -271,7 +271,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_unmatched(args: argparse.Namespace, settings: Settings) -> int:
-    from webhook.ingest import unmatched_events
+    from broker.ingest import unmatched_events
 
     async def run() -> list[dict[str, object]]:
         engine = create_engine(settings)

@@ -14,6 +14,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from broker.ingest import Ingestor
 from broker.runtime import Runtime, open_runtime
 from broker.storage.schema import stripe_events
 from broker.stripe_ledger.ledger import LicenseRules
@@ -23,7 +24,6 @@ from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
 from tests.support.services import psycopg_connect, truncate
 from webhook.app import create_app as create_webhook_app
-from webhook.ingest import Ingestor
 from webhook.samples import SampleEvents
 
 LISTED = "acct_1ListedAccount"
@@ -109,8 +109,8 @@ async def test_both_ingest_paths_keep_the_same_payloads_and_drop_only_those_of_t
     events, expected = mixed_story()
     rules = LicenseRules(runtime.settings.entitled_statuses)
     accounts = EventFilter(accounts=frozenset({LISTED}))
-    fast, general = Ingestor(runtime, rules, accounts), Ingestor(runtime, rules, accounts)
-    general._fast = None  # the general path only
+    fast = Ingestor(runtime, rules, accounts, batching=True)
+    general = Ingestor(runtime, rules, accounts, batching=False)
     by_path = {}
     for name, ingestor in (("general", general), ("fast", fast)):
         truncate(pg_url)

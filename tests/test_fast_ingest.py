@@ -1,4 +1,4 @@
-"""The common ingest path on Postgres (webhook.fast_ingest) against the general one: same rows,
+"""The batched ingest path on Postgres (broker.ingest.batched) against the general one: same rows,
 same outcomes, the raw body stored as sent, and concurrent events of one license without a gap."""
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from broker.ingest import Ingestor, Outcome
+from broker.ingest import batched as fast_ingest
 from broker.runtime import Runtime, open_runtime
-from broker.storage.schema import licenses, stripe_events, stripe_objects, subscription_event_logs
+from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from broker.stripe_ledger.binding import MemoryLedger
 from broker.stripe_ledger.ledger import LicenseRules
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support import racing
 from tests.support.licenses import make_settings
+from tests.support.rows import every_row
 from tests.support.services import truncate
-from webhook import fast_ingest
-from webhook.ingest import Ingestor, Outcome
 from webhook.samples import SampleEvents
 
 T = 1_790_000_000
@@ -39,14 +40,14 @@ async def runtime(pg_url: str) -> AsyncIterator[Runtime]:
 def fast_results(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """One entry per fast-path attempt: True when it decided the event, False when it gave up."""
     seen: list[bool] = []
-    apply = fast_ingest.FastIngest.apply
+    apply = fast_ingest.BatchedIngest.apply
 
-    async def counted(self: fast_ingest.FastIngest, *args: Any) -> fast_ingest.Result | None:
+    async def counted(self: fast_ingest.BatchedIngest, *args: Any) -> Outcome | None:
         result = await apply(self, *args)
         seen.append(result is not None)
         return result
 
-    monkeypatch.setattr(fast_ingest.FastIngest, "apply", counted)
+    monkeypatch.setattr(fast_ingest.BatchedIngest, "apply", counted)
     return seen
 
 
@@ -67,8 +68,7 @@ def story(license_id: str) -> list[dict[str, Any]]:
 def both_paths(runtime: Runtime) -> tuple[Ingestor, Ingestor]:
     """An ingestor with the common path, and one with only the general path."""
     rules = LicenseRules(runtime.settings.entitled_statuses)
-    fast, general = Ingestor(runtime, rules), Ingestor(runtime, rules)
-    general._fast = None
+    fast, general = Ingestor(runtime, rules, batching=True), Ingestor(runtime, rules, batching=False)
     return fast, general
 
 
@@ -77,37 +77,9 @@ async def ingest_all(ingestor: Ingestor, events: list[dict[str, Any]]) -> list[O
 
 
 async def rows(runtime: Runtime) -> dict[str, Any]:
-    """Every row the ingest writes, but for the times it was written at."""
-    t = subscription_event_logs
-    async with runtime.engine.connect() as conn:
-        lics = (await conn.execute(sa.select(licenses.c.id, licenses.c.seq, licenses.c.status, licenses.c.state))).all()
-        log = (await conn.execute(sa.select(t.c.license_id, t.c.seq, t.c.status, t.c.data))).all()
-        objects = (
-            await conn.execute(sa.select(stripe_objects.c.id, stripe_objects.c.version, stripe_objects.c.state))
-        ).all()
-        events = (
-            await conn.execute(sa.select(stripe_events.c.id, stripe_events.c.outcome, stripe_events.c.license_id))
-        ).all()
-        others = {
-            name: sorted(tuple(r) for r in await conn.execute(sa.text(f"SELECT * FROM {name}")))
-            for name in ("stripe_links",)
-        }
-        bindings = sorted(
-            tuple(r) for r in await conn.execute(sa.text("SELECT stripe_id, license_id FROM stripe_bindings"))
-        )
-    entries = []
-    for row in sorted(log, key=lambda r: (r.license_id, r.seq)):
-        entry = orjson.loads(row.data)
-        del entry["recorded_at"]
-        entries.append((row.license_id, row.seq, row.status, entry))
-    return {
-        "licenses": sorted((r.id, r.seq, r.status, orjson.dumps(r.state)) for r in lics),
-        "log": entries,
-        "objects": sorted((r.id, r.version, orjson.dumps(dict(r.state), option=orjson.OPT_SORT_KEYS)) for r in objects),
-        "events": sorted(tuple(r) for r in events),
-        "bindings": bindings,
-        **others,
-    }
+    """Every row the ingest writes, every column but the times it was written at
+    (tests/support/rows.py)."""
+    return await every_row(runtime.settings.database_url)
 
 
 async def test_the_fast_path_leaves_the_rows_and_outcomes_of_the_general_path(
@@ -209,13 +181,13 @@ async def test_concurrent_events_of_one_license_take_every_seq_once_and_end_in_t
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of events of each transaction the common path ran."""
     sizes: list[int] = []
-    transaction = fast_ingest.FastIngest._transaction
+    transaction = fast_ingest.BatchedIngest._transaction
 
-    async def counted(self: fast_ingest.FastIngest, batch: list[Any]) -> Any:
+    async def counted(self: fast_ingest.BatchedIngest, batch: list[Any]) -> Any:
         sizes.append(len(batch))
         return await transaction(self, batch)
 
-    monkeypatch.setattr(fast_ingest.FastIngest, "_transaction", counted)
+    monkeypatch.setattr(fast_ingest.BatchedIngest, "_transaction", counted)
     return sizes
 
 
@@ -277,16 +249,16 @@ async def test_an_event_the_database_refuses_does_not_take_its_batch_with_it(
     ids = [f"lic_poison_{i}" for i in range(8)]
     events = [SampleEvents(lid).subscription_event("customer.subscription.updated", "active", T) for lid in ids]
     poisoned = events[3]["id"]
-    params = fast_ingest._Writes.params
+    params = fast_ingest.params
 
-    def with_poison(self: Any) -> dict[str, Any]:
-        p = params(self)
+    def with_poison(writes: Any) -> dict[str, Any]:
+        p = params(writes)
         # A value the database refuses (bigint out of range), carried by one event only.
         rows = orjson.loads(p["events"])
         p["events"] = orjson.dumps([{**r, "created": 2**63} if r["id"] == poisoned else r for r in rows]).decode()
         return p
 
-    monkeypatch.setattr(fast_ingest._Writes, "params", with_poison)
+    monkeypatch.setattr(fast_ingest, "params", with_poison)
     outcomes = await asyncio.gather(*(ingestor.ingest(e, orjson.dumps(e)) for e in events))
 
     assert max(batches) > 1
@@ -336,3 +308,58 @@ async def test_two_processes_starting_one_license_at_once_both_count(runtime: Ru
     async with runtime.engine.connect() as conn:
         state = (await conn.execute(sa.select(licenses.c.state).where(licenses.c.id == "lic_shared"))).scalar_one()
     assert state == rules.derive(ledger.objects_of("lic_shared"))
+
+
+async def test_the_batched_path_is_chosen_when_the_ingestor_is_built(runtime: Runtime, sqlite_url: str) -> None:
+    rules = LicenseRules(runtime.settings.entitled_statuses)
+    assert Ingestor(runtime, rules).batched is not None  # Postgres: batched by default
+    assert Ingestor(runtime, rules, batching=False).batched is None
+    async with open_runtime(make_settings(sqlite_url)) as on_sqlite:
+        assert Ingestor(on_sqlite, rules).batched is None
+        with pytest.raises(ValueError, match="needs Postgres"):
+            Ingestor(on_sqlite, rules, batching=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_a_binding_links_the_pending_events_of_its_own_batch(
+    runtime: Runtime, batches: list[int], pg_url: str, shape: Shape
+) -> None:
+    """A subscription named only by its Checkout Session: its objects' events are pending until the
+    session binds them. Arriving together they share one transaction, whose WRITE records those
+    events as linked already: the rows the general path leaves one event at a time."""
+    s = Scenario(shape)
+    s.subscribe(s.customer(), "lic_wave", bind="session").renew()
+    events = s.take()
+    fast, general = both_paths(runtime)
+    by_general = await ingest_all(general, events)
+    general_rows = await rows(runtime)
+    truncate(pg_url)
+    by_fast = await asyncio.gather(*(fast.ingest(e, orjson.dumps(e)) for e in events))
+
+    assert len(events) in batches  # one transaction for all
+    assert "linked" in {row["outcome"] for row in general_rows["stripe_events"]}
+    assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
+    assert await rows(runtime) == general_rows
+
+
+async def test_a_new_license_links_the_pending_entitlements_of_its_customer_in_the_common_path(
+    runtime: Runtime, fast_results: list[bool], pg_url: str
+) -> None:
+    """The customer's entitlement summary before any license of the customer: pending. The
+    subscription's first event binds a license of that customer: the summary's event now counts."""
+    s = Scenario("current")
+    alice = s.customer()
+    s.entitlements(alice, ["sync"])
+    s.subscribe(alice, "lic_entitled")
+    events = s.take()
+    fast, general = both_paths(runtime)
+    by_general = await ingest_all(general, events)
+    general_rows = await rows(runtime)
+    truncate(pg_url)
+    by_fast = await ingest_all(fast, events)
+
+    assert fast_results[0] is True  # the subscription's first event, decided on the common path
+    assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
+    summary = next(r for r in general_rows["stripe_events"] if r["id"] == events[0]["id"])
+    assert (summary["outcome"], summary["license_id"]) == ("linked", "lic_entitled")
+    assert await rows(runtime) == general_rows

@@ -446,7 +446,7 @@ PROPERTY_RULES = [
 
 def with_line_items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Checkout events with the session's line items expanded, as the API gives them (the ledger keeps
-    them as an object of their own, what webhook.ingest reads once with STRIPE_API_KEY)."""
+    them as an object of their own, what broker.ingest.general reads once with STRIPE_API_KEY)."""
     for event in events:
         session = event["data"]["object"]
         if event["type"].startswith("checkout.session.") and session.get("mode") == "payment":

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.ingest import Ingestor
 from broker.runtime import open_runtime
 from broker.settings import Settings, SettingsError
 from broker.storage.db import create_engine
@@ -26,7 +27,6 @@ from broker.stripe_ledger.objects import EventFilter
 from license_broker.rebuild import rebuild
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.processes import run_module
-from webhook.ingest import Ingestor
 from webhook.samples import SampleEvents
 
 

@@ -1,1 +1,1 @@
-"""Stripe webhook ingestion: signature check, event -> license transition, transaction, publish."""
+"""Stripe webhooks over HTTP: verify the signature, call the ingest use case (broker.ingest), answer."""

@@ -8,22 +8,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from broker import metrics
+from broker.ingest import AfterCommit, Ingestor, IngestUnavailable
 from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.stripe_ledger.ledger import LicenseRules
 from broker.stripe_ledger.objects import EventFilter
-from broker.stripe_ledger.refresh import StripeUnavailable, open_refresher
+from broker.stripe_ledger.refresh import open_refresher
 from broker.web.asgi import Part, build_app
 from broker.web.body import BodyRefused, read_body
 from broker.web.ops import settings_from_env
-from webhook.ingest import AfterCommit, Ingestor
 from webhook.signature import BadWebhook, WebhookVerifier, single_header
 
 log = logging.getLogger("webhook")
@@ -58,16 +57,12 @@ async def receive_webhook(request: Request) -> Response:
         return _json({"error": exc.public}, 400)
     try:
         outcome = await ingestor.ingest(event, payload)
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        # Nothing was committed: Stripe retries on a 5xx.
+    except IngestUnavailable as exc:
+        # Nothing was committed (the database, or a read from Stripe's API the event cannot be
+        # judged without, failed): Stripe retries on a 5xx.
         _count("error")
-        log.error("webhook %s not recorded, database unavailable: %s", event["id"], exc)
-        return _json({"error": "database unavailable, retry later"}, 503)
-    except StripeUnavailable as exc:
-        # A read the event cannot be judged without (broker.stripe_ledger.refresh) failed: likewise.
-        _count("error")
-        log.error("webhook %s not recorded: %s", event["id"], exc)
-        return _json({"error": "Stripe API unavailable, retry later"}, 503)
+        log.error("webhook %s not recorded, %s unavailable: %s", event["id"], exc.what, exc)
+        return _json({"error": f"{exc.what} unavailable, retry later"}, 503)
     _count(outcome.kind)
     appended = outcome.event
     if log.isEnabledFor(logging.INFO):  # the arguments cost more than the call when nothing is written

@@ -26,7 +26,7 @@ BATCH = 5000
 
 # Outcomes of events no ledger object came from: rebuild folds nothing of them (see
 # broker.stripe_ledger.binding.MemoryLedger.apply), so past the retention only the row is worth keeping. Events
-# ignored for their type are stored without a payload to begin with (webhook.ingest).
+# ignored for their type are stored without a payload to begin with (broker.ingest).
 PAYLOAD_PRUNED = ("ignored", "unmatched", "rejected")
 # What a payload that was not kept holds: JSON null (the column stays NOT NULL in SQL).
 NOT_KEPT = "null"

@@ -8,9 +8,9 @@ import os
 
 import uvicorn
 
+from broker.ingest import Outcome
 from broker.settings import Settings
 from webhook.app import create_app
-from webhook.ingest import Outcome
 
 EXIT_CODE = 86
 

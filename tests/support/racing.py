@@ -12,11 +12,11 @@ from typing import Any
 
 import orjson
 
+from broker.ingest import Ingestor, Outcome
+from broker.ingest.batched import BatchedIngest
 from broker.runtime import open_runtime
 from broker.stripe_ledger.ledger import LicenseRules
 from tests.support.licenses import make_settings
-from webhook.fast_ingest import FastIngest, Result
-from webhook.ingest import Ingestor
 
 
 def ingest_once_both_have_read(database_url: str, event: dict[str, Any], barrier: Barrier, results: Queue) -> None:  # type: ignore[type-arg]
@@ -28,11 +28,11 @@ def ingest_once_both_have_read(database_url: str, event: dict[str, Any], barrier
 
 
 async def _ingest(database_url: str, event: dict[str, Any], barrier: Barrier) -> tuple[str, int | None, list[bool]]:
-    read, apply = FastIngest._read, FastIngest.apply
+    read, apply = BatchedIngest._read, BatchedIngest.apply
     reads = 0
     attempts: list[bool] = []  # True: the fast path decided the event; False: it gave up
 
-    async def read_together(self: FastIngest, pg: Any, batch: list[Any]) -> Any:
+    async def read_together(self: BatchedIngest, pg: Any, batch: list[Any]) -> Any:
         nonlocal reads
         found = await read(self, pg, batch)
         reads += 1
@@ -40,13 +40,13 @@ async def _ingest(database_url: str, event: dict[str, Any], barrier: Barrier) ->
             await asyncio.to_thread(barrier.wait, 30)
         return found
 
-    async def counted(self: FastIngest, *args: Any) -> Result | None:
+    async def counted(self: BatchedIngest, *args: Any) -> Outcome | None:
         result = await apply(self, *args)
         attempts.append(result is not None)
         return result
 
-    FastIngest._read = read_together  # type: ignore[method-assign]
-    FastIngest.apply = counted  # type: ignore[method-assign]
+    BatchedIngest._read = read_together  # type: ignore[method-assign]
+    BatchedIngest.apply = counted  # type: ignore[method-assign]
     async with open_runtime(make_settings(database_url)) as runtime:
         ingestor = Ingestor(runtime, LicenseRules(runtime.settings.entitled_statuses))
         outcome = await ingestor.ingest(event, orjson.dumps(event))
