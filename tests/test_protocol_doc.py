@@ -13,7 +13,7 @@ PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
 # Where the routes answer from. Development mode's routes (license_broker/dev.py) are not part of
 # the protocol.
 SOURCES = [*sorted((ROOT / "stream").glob("*.py")), *sorted((ROOT / "webhook").glob("*.py")),
-           *sorted((ROOT / "broker" / "web").glob("*.py"))]  # fmt: skip
+           *sorted((ROOT / "broker" / "web").glob("*.py")), ROOT / "broker" / "wire.py"]  # fmt: skip
 _ERROR = re.compile(
     r'"error": "([^"{]+)"|\berror\("([^"]+)", \d{3}|\bpublic = "([^"]+)"|reason = "([^"]+)" if'
     r'|message = "([^"]+)"|_response\(b"\d{3} [^"]+", b"([^"]+)"\)'
