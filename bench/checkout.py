@@ -145,6 +145,7 @@ async def click_to_entitled(
         rejected=rejected,
         not_applied=0,
         stream_pids=[stream.pid],
+        posting="one purchase at a time",
     )
     checkout_ms.sort()
     detail = {

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import stripe
 from flask import Flask, Response, request
-from flask_sse import sse
+from flask_sse import sse  # type: ignore[import-untyped]
 
 # The project's webhook path, so that the driver posts to both the same way.
 WEBHOOK_PATH = "/api/stripe/webhooks"
