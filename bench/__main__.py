@@ -247,6 +247,11 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 # the measured ones.
                 "first_event_response_p50_ms": report.percentile(r.first_event_response_ms, 50),
                 "first_event_response_p99_ms": report.percentile(r.first_event_response_ms, 99),
+                # Split where the bench's own Redis subscription saw the message (plain Redis).
+                "post_to_publish_p50_ms": report.percentile(r.post_to_publish_ms, 50),
+                "post_to_publish_p99_ms": report.percentile(r.post_to_publish_ms, 99),
+                "publish_to_client_p50_ms": report.percentile(r.publish_to_client_ms, 50),
+                "publish_to_client_p99_ms": report.percentile(r.publish_to_client_ms, 99),
                 "webhook_cpu_ms_per_event": r.webhook_cpu_ms_per_event,
                 "stream_cpu_ms_per_event": r.stream_cpu_ms_per_event,
                 "webhooks_rejected": r.rejected,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import orjson
 import redis.asyncio as aioredis
 from psycopg.types.json import Json
 
@@ -97,6 +98,10 @@ class LatencyResult:
     # `100/s` or `back to back` (posting_name); the rate the events were posted at, as measured.
     posting: str = "100/s"
     events_per_s: float = 0.0
+    # Split at the moment the bench's own Redis subscription got the message (plain Redis only):
+    # the webhook's part and the stream's part of each latency.
+    post_to_publish_ms: list[float] = field(default_factory=list)
+    publish_to_client_ms: list[float] = field(default_factory=list)
     # The load averages (1, 5, 15 min) when the row started: the machine may be shared.
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
@@ -186,6 +191,42 @@ async def _flask_sse_clients(port: int, ids: list[str], redis_url: str, concurre
         await client.aclose()
 
 
+class RedisTap:
+    """The bench's own subscription to the row's channels (plain Redis only), on the loop its
+    clients read on (redis.asyncio: it never blocks it): when each (license, seq) left Redis, which
+    splits a latency into the webhook's part (POST to publish) and the stream's (publish to client)."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self.pubsub = pubsub
+        self.seen: dict[tuple[str, int], int] = {}
+        self._task = asyncio.create_task(self._read(), name="bench-redis-tap")
+
+    @classmethod
+    async def open(cls, redis_url: str, ids: list[str]) -> RedisTap:
+        pubsub = aioredis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        for start in range(0, len(ids), 500):
+            await pubsub.subscribe(*(f"license:{i}" for i in ids[start : start + 500]))
+        return cls(pubsub)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.pubsub.get_message(timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            arrived = now_ns()
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                body = orjson.loads(message["data"])
+                # The project's wire format carries "seq"; Flask-SSE's {"data": ..., "id": n}.
+                seq = body["seq"] if "seq" in body else body["id"]
+                self.seen[(message["channel"].decode().split(":", 1)[1], int(seq))] = arrived
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.pubsub.aclose()
+
+
 async def latency(
     *,
     transport: str,
@@ -237,6 +278,10 @@ async def latency(
             first_posted = await _post_paced(_port(webhook.url), first, rate=10_000, connections=8)
             await asyncio.wait_for(asyncio.gather(*(c.first_event for c in subscribers)), 60)
         rss_after = sum(rss_kb(pid) for pid in stream_pids)
+        tap = None
+        if redis_url and redis_url.startswith(("redis://", "rediss://")):
+            tap = await RedisTap.open(redis_url, ids)
+            stack.push_async_callback(tap.close)
         connections = (
             await asyncio.to_thread(lambda: [redis_connections(redis_url, pid) for pid in stream_pids])
             if redis_url
@@ -245,7 +290,7 @@ async def latency(
         for pace in rates:
             work = [(ids[i % clients], *factory.signed(ids[i % clients])) for i in range(events)]
             progress(f"  {clients} clients connected; posting {events} events {_pace_text(pace)}")
-            result = await _phase(webhook, stream_pids, subscribers, work, pace, grace)
+            result = await _phase(webhook, stream_pids, subscribers, work, pace, grace, tap)
             result.transport, result.clients = label or transport, clients
             result.first_event_response_ms = sorted((p.done_ns - p.sent_ns) / 1e6 for p in first_posted)
             result.redis_connections = connections
@@ -270,6 +315,7 @@ async def _phase(
     work: list[tuple[str, bytes, str]],
     rate: float | None,
     grace: float,
+    tap: RedisTap | None = None,
 ) -> LatencyResult:
     """Post `work` and wait for the subscribers to hold it: the latencies of that posting."""
     load = os.getloadavg()
@@ -292,6 +338,8 @@ async def _phase(
     cpu_webhook = cpu_seconds(webhook.pid) - cpu_before[0]
     cpu_stream = sum(cpu_seconds(pid) for pid in stream_pids) - cpu_before[1]
     latencies: list[float] = []
+    to_publish: list[float] = []
+    from_publish: list[float] = []
     duplicates = out_of_order = 0
     for client in subscribers:
         mark = marks[id(client)]
@@ -308,6 +356,10 @@ async def _phase(
             sent = expected.get((client.license_id, seq))
             if sent is not None:
                 latencies.append((arrived - sent) / 1e6)
+                published = tap.seen.get((client.license_id, seq)) if tap is not None else None
+                if published is not None:
+                    to_publish.append((published - sent) / 1e6)
+                    from_publish.append((arrived - published) / 1e6)
     received = {(c.license_id, seq) for c in subscribers for seq, _ in c.received}
     lost = sum(1 for key in expected if key not in received)
     return LatencyResult(
@@ -326,6 +378,8 @@ async def _phase(
         stream_cpu_ms_per_event=round(1000 * cpu_stream / max(1, len(expected)), 3),
         posting=posting_name(rate),
         events_per_s=round(len(posted) / posting_s, 1) if posting_s else 0.0,
+        post_to_publish_ms=sorted(to_publish),
+        publish_to_client_ms=sorted(from_publish),
         load_average=(load[0], load[1], load[2]),
     )
 
