@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     results = orjson.loads(Path(args[0] if args else "bench-results.json").read_bytes())
-    load = results.get("machine_detail", {}).get("load_average")
-    print(f"{results['machine']}, {results.get('started_at', '?')}, load average at the start {load}\n")
+    load = results.get("machine_detail", {}).get("load_average") or []
+    load_text = " / ".join(f"{x:.2f}" for x in load) or "?"
+    print(f"{results['machine']}, {results.get('started_at', '?')}, load average at the start {load_text}\n")
     print(markdown_table(results["rows"]))
     if comparison := against_peer(results["rows"]):
         print("\n" + "\n".join(f"- {line}" for line in comparison))
