@@ -3,8 +3,9 @@
 Environment: BENCH_SCALE (default | full: adds 10,000 clients), BENCH_ONLY (click-to-entitled: that
 row alone, on the redis stack), BENCH_OUT (bench-results.json),
 BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll,redis-cluster,flask-sse), BENCH_POSTING (paced,back-to-back:
-how the latency rows of redis and flask-sse post; the others are paced), DATABASE_URL (the Postgres server
-to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
+how the latency rows of redis and flask-sse post; the others are paced), BENCH_FLASK_SSE_PUBLISH (sse: the
+peer publishes with sse.publish, as its docs; pooled: the same message on one Redis client),
+DATABASE_URL (the Postgres server to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
 (redis://127.0.0.1:6379/0).
 """
 
@@ -57,6 +58,8 @@ class BenchConfig:
     rate: float = 100.0
     # "paced" (open loop at `rate`) and/or "back-to-back" (BACK_TO_BACK_TRANSPORTS only).
     postings: tuple[str, ...] = POSTINGS
+    # How the Flask-SSE peer publishes (bench.flask_sse_peer): "sse" (sse.publish, as its docs) or "pooled".
+    flask_sse_publish: str = "sse"
     poll_interval: float = 2.0
     ingest_events: int = 4000
     ingest_concurrency: tuple[int, ...] = (1, 32)
@@ -84,10 +87,13 @@ class BenchConfig:
             plot=Path(plot) if plot else None,
             transports=tuple(t for t in os.environ.get("BENCH_TRANSPORTS", ",".join(TRANSPORTS)).split(",") if t),
             postings=tuple(p for p in os.environ.get("BENCH_POSTING", ",".join(POSTINGS)).split(",") if p),
+            flask_sse_publish=os.environ.get("BENCH_FLASK_SSE_PUBLISH", "sse"),
             scale=scale,
         )
         if unknown := set(config.transports) - set(TRANSPORTS):
             raise SystemExit(f"BENCH_TRANSPORTS: expected some of {','.join(TRANSPORTS)}, got {','.join(unknown)}")
+        if config.flask_sse_publish not in ("sse", "pooled"):
+            raise SystemExit(f"BENCH_FLASK_SSE_PUBLISH: expected sse or pooled, got {config.flask_sse_publish!r}")
         if not config.postings or set(config.postings) - set(POSTINGS):
             raise SystemExit(f"BENCH_POSTING: expected some of {','.join(POSTINGS)}, got {','.join(config.postings)}")
         only = os.environ.get("BENCH_ONLY", "")
@@ -130,6 +136,8 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": "", "machine_detail": machine(), "scale": config.scale}
     results["machine"] = results["machine_detail"]["summary"]
     results["started_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if "flask-sse" in config.transports:
+        results["flask_sse_publish"] = config.flask_sse_publish
     latency_results: list[measure.LatencyResult] = []
 
     with scratch_database(config.admin_database_url) as database_url:
@@ -158,7 +166,13 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 # takes the webhooks and publishes, one serves the streams.
                 # Its streams of earlier client counts stay open (docs/bench.md): room for them all.
                 every = sum(config.clients)
-                webhook = flask_sse_server("webhook", config.redis_url, logs / "flask-sse-webhook.log", max_clients=10)
+                webhook = flask_sse_server(
+                    "webhook",
+                    config.redis_url,
+                    logs / "flask-sse-webhook.log",
+                    max_clients=10,
+                    publish=config.flask_sse_publish,
+                )
                 stream = flask_sse_server("stream", config.redis_url, logs / "flask-sse-stream.log", max_clients=every)
                 with running(webhook, stream):
                     yield _endpoint(webhook), [_endpoint(stream)], config.redis_url

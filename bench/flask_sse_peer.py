@@ -9,10 +9,10 @@ decided) and publishes a small state on the license's channel with that number a
 `id:`, then answers `{"seq": n}` as the project's webhook does. Per event that is all it does; the
 project does its Postgres transaction (and its stream the live check) besides.
 
-It publishes what `sse.publish` would (Flask-SSE's `Message(...).to_dict()` as JSON, on the
-channel), but on one Redis client made once: `sse.publish` itself makes a new client, so a new
-connection (a connect and redis-py's handshake) per call, which would make the peer slower for a
-reason that has nothing to do with SSE.
+FLASK_SSE_PUBLISH says how it publishes: `sse` (the default, as Flask-SSE's docs do):
+`sse.publish`, which makes a new Redis client, so a new connection (a connect and redis-py's
+handshake), per call; `pooled`: the same message (`Message(...).to_dict()` as JSON, on the same
+channel) on one Redis client made once, the peer at its fastest.
 
 Run as the bench does: `gunicorn --worker-class gevent bench.flask_sse_peer:app` with
 `REDIS_URL` and `STRIPE_WEBHOOK_SECRET` set. Not part of the project (Flask and Flask-SSE are in
@@ -39,6 +39,9 @@ app.config["REDIS_URL"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"
 app.register_blueprint(sse, url_prefix=STREAM_PATH)
 
 _secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "")
+PUBLISH = os.environ.get("FLASK_SSE_PUBLISH", "sse")
+if PUBLISH not in ("sse", "pooled"):
+    raise SystemExit(f"FLASK_SSE_PUBLISH: expected sse or pooled, got {PUBLISH!r}")
 _publisher = Redis.from_url(app.config["REDIS_URL"])
 # One gevent worker: greenlets switch only at I/O, and nothing below does I/O between reading and
 # bumping a license's number, so the numbers are unique and in order per license.
@@ -74,6 +77,8 @@ def webhook() -> Response:
         "stripe_event_type": event["type"],
         "occurred_at": event["created"],
     }
-    # sse.publish(state, id=seq, channel=...), on the one client.
-    _publisher.publish(f"license:{license_id}", json.dumps(Message(state, id=seq).to_dict()))
+    if PUBLISH == "sse":
+        sse.publish(state, id=seq, channel=f"license:{license_id}")
+    else:  # what sse.publish sends, on the one client
+        _publisher.publish(f"license:{license_id}", json.dumps(Message(state, id=seq).to_dict()))
     return Response(orjson.dumps({"seq": seq}), mimetype="application/json")

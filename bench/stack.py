@@ -170,14 +170,15 @@ def server_env(database_url: str, redis_url: str, transport: str, poll_interval:
     }
 
 
-def flask_sse_server(role: str, redis_url: str, log: Path, *, max_clients: int) -> Server:
+def flask_sse_server(role: str, redis_url: str, log: Path, *, max_clients: int, publish: str = "sse") -> Server:
     """The Flask-SSE peer (bench.flask_sse_peer) as Flask-SSE's docs deploy it: gunicorn with one
     gevent worker. `role` only names it: the bench starts two, one taking the webhooks and one
     serving the streams, as the project's webhook and stream processes. Access log off (gunicorn's
-    default), as the project's servers write no line per request at LOG_LEVEL=WARNING."""
+    default), as the project's servers write no line per request at LOG_LEVEL=WARNING. `publish`:
+    its FLASK_SSE_PUBLISH (sse | pooled)."""
     return Server(
         f"flask-sse {role}",
-        {"REDIS_URL": redis_url, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET},
+        {"REDIS_URL": redis_url, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "FLASK_SSE_PUBLISH": publish},
         log,
         argv=(
             sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1",
