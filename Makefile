@@ -103,7 +103,7 @@ dist: $(VENV)/.installed
 	$(PY) -m scripts.check_npm_tarball $(DIST)/*.tgz
 	@ls -1 $(DIST)
 
-## make bench: Redis against polling, latency and throughput (needs Postgres and Redis)
+## make bench: Redis against polling and against Flask-SSE, latency and throughput (needs Postgres and Redis)
 bench: $(VENV)/.installed
 	$(PY) -m bench
 

@@ -2,8 +2,10 @@
 
 Environment: BENCH_SCALE (default | full: adds 10,000 clients), BENCH_ONLY (click-to-entitled: that
 row alone, on the redis stack), BENCH_OUT (bench-results.json),
-BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll,redis-cluster), DATABASE_URL (the Postgres server
-to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
+BENCH_PLOT (docs/bench.png), BENCH_TRANSPORTS (redis,poll,redis-cluster,flask-sse), BENCH_POSTING (paced,back-to-back:
+how the latency rows of redis and flask-sse post; the others are paced), BENCH_FLASK_SSE_PUBLISH (sse: the
+peer publishes with sse.publish, as its docs; pooled: the same message on one Redis client),
+DATABASE_URL (the Postgres server to create the scratch database on; postgresql://127.0.0.1:5432/postgres), REDIS_URL
 (redis://127.0.0.1:6379/0).
 """
 
@@ -26,6 +28,7 @@ from bench.stack import (
     TOKEN_SECRET,
     WEBHOOK_SECRET,
     Server,
+    flask_sse_server,
     machine,
     running,
     scratch_database,
@@ -34,7 +37,11 @@ from bench.stack import (
 from localcluster import local_cluster
 
 EVENTS_PER_SCENARIO = {1: 200, 100: 300, 1000: 1000, 10000: 2000}
-TRANSPORTS = ("redis", "poll", "redis-cluster")
+# flask-sse: not a transport of the project but its peer, Flask-SSE (bench.flask_sse_peer).
+TRANSPORTS = ("redis", "poll", "redis-cluster", "flask-sse")
+# The rows posted back to back as well as paced (BENCH_POSTING): the project's and its peer's.
+BACK_TO_BACK_TRANSPORTS = ("redis", "flask-sse")
+POSTINGS = ("paced", "back-to-back")
 
 
 @dataclass
@@ -49,6 +56,10 @@ class BenchConfig:
     clients: tuple[int, ...] = (1, 100, 1000)
     events: dict[int, int] = field(default_factory=lambda: dict(EVENTS_PER_SCENARIO))
     rate: float = 100.0
+    # "paced" (open loop at `rate`) and/or "back-to-back" (BACK_TO_BACK_TRANSPORTS only).
+    postings: tuple[str, ...] = POSTINGS
+    # How the Flask-SSE peer publishes (bench.flask_sse_peer): "sse" (sse.publish, as its docs) or "pooled".
+    flask_sse_publish: str = "sse"
     poll_interval: float = 2.0
     ingest_events: int = 4000
     ingest_concurrency: tuple[int, ...] = (1, 32)
@@ -75,10 +86,16 @@ class BenchConfig:
             out=Path(os.environ.get("BENCH_OUT", "bench-results.json")),
             plot=Path(plot) if plot else None,
             transports=tuple(t for t in os.environ.get("BENCH_TRANSPORTS", ",".join(TRANSPORTS)).split(",") if t),
+            postings=tuple(p for p in os.environ.get("BENCH_POSTING", ",".join(POSTINGS)).split(",") if p),
+            flask_sse_publish=os.environ.get("BENCH_FLASK_SSE_PUBLISH", "sse"),
             scale=scale,
         )
         if unknown := set(config.transports) - set(TRANSPORTS):
             raise SystemExit(f"BENCH_TRANSPORTS: expected some of {','.join(TRANSPORTS)}, got {','.join(unknown)}")
+        if config.flask_sse_publish not in ("sse", "pooled"):
+            raise SystemExit(f"BENCH_FLASK_SSE_PUBLISH: expected sse or pooled, got {config.flask_sse_publish!r}")
+        if not config.postings or set(config.postings) - set(POSTINGS):
+            raise SystemExit(f"BENCH_POSTING: expected some of {','.join(POSTINGS)}, got {','.join(config.postings)}")
         only = os.environ.get("BENCH_ONLY", "")
         if only not in ("", "click-to-entitled"):
             raise SystemExit(f"BENCH_ONLY: expected click-to-entitled, got {only!r}")
@@ -90,6 +107,11 @@ class BenchConfig:
             config.clients = (*config.clients, 10_000)
             config.idle_clients = 10_000
         return config
+
+
+def _endpoint(server: Server) -> measure.Endpoint:
+    # The process that serves, for /proc: gunicorn's worker rather than its master.
+    return measure.Endpoint(server.url, server.worker_pid)
 
 
 def progress(message: str) -> None:
@@ -114,6 +136,8 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": "", "machine_detail": machine(), "scale": config.scale}
     results["machine"] = results["machine_detail"]["summary"]
     results["started_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if "flask-sse" in config.transports:
+        results["flask_sse_publish"] = config.flask_sse_publish
     latency_results: list[measure.LatencyResult] = []
 
     with scratch_database(config.admin_database_url) as database_url:
@@ -123,7 +147,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
             return server_env(database_url, config.redis_url, transport, config.poll_interval)
 
         @contextlib.contextmanager
-        def transport_stack(transport: str) -> Iterator[tuple[Server, list[Server], str | None]]:
+        def transport_stack(transport: str) -> Iterator[tuple[measure.Endpoint, list[measure.Endpoint], str | None]]:
             """One webhook and its stream processes, and the Redis URL they use (None: none)."""
             if transport == "redis-cluster":
                 progress(f"{transport}: starting a local Redis Cluster (3 masters, 3 replicas)")
@@ -135,45 +159,69 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                         for i in range(config.cluster_streams)
                     ]
                     with running(webhook, *streams):
-                        yield webhook, streams, cluster.url
+                        yield _endpoint(webhook), [_endpoint(s) for s in streams], cluster.url
+                return
+            if transport == "flask-sse":
+                # Two gunicorn servers of the same Flask app, as the project's two processes: one
+                # takes the webhooks and publishes, one serves the streams.
+                # Its streams of earlier client counts stay open (docs/bench.md): room for them all.
+                every = sum(config.clients)
+                webhook = flask_sse_server(
+                    "webhook",
+                    config.redis_url,
+                    logs / "flask-sse-webhook.log",
+                    max_clients=10,
+                    publish=config.flask_sse_publish,
+                )
+                stream = flask_sse_server("stream", config.redis_url, logs / "flask-sse-stream.log", max_clients=every)
+                with running(webhook, stream):
+                    yield _endpoint(webhook), [_endpoint(stream)], config.redis_url
                 return
             webhook = Server("webhook", env(transport), logs / f"webhook-{transport}.log")
             stream = Server("stream", env(transport), logs / f"stream-{transport}.log")
             with running(webhook, stream):
-                yield webhook, [stream], config.redis_url if transport == "redis" else None
+                yield _endpoint(webhook), [_endpoint(stream)], config.redis_url if transport == "redis" else None
 
         for transport in config.transports if config.clients else ():
-            with transport_stack(transport) as (webhook, streams, redis_url):
+            rates: list[float | None] = []
+            if "paced" in config.postings or transport not in BACK_TO_BACK_TRANSPORTS:
+                rates.append(config.rate)
+            if "back-to-back" in config.postings and transport in BACK_TO_BACK_TRANSPORTS:
+                rates.append(None)
+            with transport_stack(transport) as (hook, streams, redis_url):
                 label = f"{transport} ({len(streams)} streams)" if len(streams) > 1 else transport
-                progress(f"{label}: webhook pid {webhook.pid}, stream pids {', '.join(str(s.pid) for s in streams)}")
+                progress(f"{label}: webhook pid {hook.pid}, stream pids {', '.join(str(s.pid) for s in streams)}")
                 for clients in config.clients:
-                    result = await measure.latency(
+                    rows = await measure.latency(
                         transport=transport,
                         label=label,
-                        webhook=measure.Endpoint(webhook.url, webhook.pid),
-                        streams=[measure.Endpoint(s.url, s.pid) for s in streams],
+                        webhook=hook,
+                        streams=streams,
                         redis_url=redis_url,
                         token_secret=TOKEN_SECRET,
                         webhook_secret=WEBHOOK_SECRET,
                         clients=clients,
                         events=config.events.get(clients, clients),
-                        rate=config.rate,
+                        rates=rates,
                         grace=2 * config.poll_interval + 5,
                         progress=progress,
+                        peer=transport == "flask-sse",
                     )
-                    latency_results.append(result)
-                    r = report.row(result)
-                    redis_note = ""
-                    if result.redis_connections:
-                        redis_note = ", redis connections per stream " + ", ".join(
-                            f"{c.total} ({c.subscribers} subscribing)" for c in result.redis_connections
+                    for result in rows:
+                        latency_results.append(result)
+                        r = report.row(result)
+                        redis_note = ""
+                        if result.redis_connections:
+                            redis_note = ", redis connections per stream " + ", ".join(
+                                f"{c.total} ({c.subscribers} subscribing)" for c in result.redis_connections
+                            )
+                        progress(
+                            f"  {label} {clients} clients, {result.posting} ({result.events_per_s:g}/s): "
+                            f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, lost {r['lost']}, "
+                            f"duplicates {r['duplicates']}, load {result.load_average[0]:.2f}"
+                            + (f", {result.rejected} webhooks rejected" if result.rejected else "")
+                            + redis_note
                         )
-                    progress(
-                        f"  {label} {clients} clients: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-                        f"lost {r['lost']}, duplicates {r['duplicates']}"
-                        + (f", {result.rejected} webhooks rejected" if result.rejected else "")
-                        + redis_note
-                    )
 
         if "redis" in config.transports and config.purchases:
             # Its own stream process, which makes checkouts (LICENSE_KEY_SECRET, STRIPE_PRICES and a
@@ -204,6 +252,9 @@ async def run(config: BenchConfig) -> dict[str, Any]:
             {
                 "transport": r.transport,
                 "clients": r.clients,
+                "posting": r.posting,
+                "events_per_s": r.events_per_s,
+                "load_average": list(r.load_average),
                 "out_of_order": r.out_of_order,
                 "webhook_response_p50_ms": report.percentile(r.webhook_response_ms, 50),
                 "webhook_response_p99_ms": report.percentile(r.webhook_response_ms, 99),
@@ -211,6 +262,11 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 # the measured ones.
                 "first_event_response_p50_ms": report.percentile(r.first_event_response_ms, 50),
                 "first_event_response_p99_ms": report.percentile(r.first_event_response_ms, 99),
+                # Split where the bench's own Redis subscription saw the message (plain Redis).
+                "post_to_publish_p50_ms": report.percentile(r.post_to_publish_ms, 50),
+                "post_to_publish_p99_ms": report.percentile(r.post_to_publish_ms, 99),
+                "publish_to_client_p50_ms": report.percentile(r.publish_to_client_ms, 50),
+                "publish_to_client_p99_ms": report.percentile(r.publish_to_client_ms, 99),
                 "webhook_cpu_ms_per_event": r.webhook_cpu_ms_per_event,
                 "stream_cpu_ms_per_event": r.stream_cpu_ms_per_event,
                 "webhooks_rejected": r.rejected,
@@ -240,7 +296,11 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                 "subscriber_connections_per_stream_process": [c.subscribers for c in last.redis_connections],
             }
         most = max(config.clients, default=0)
-        p50 = {row["transport"]: row["p50_ms"] for row in results["rows"] if row["clients"] == most}
+        p50 = {
+            row["transport"]: row["p50_ms"]
+            for row in results["rows"]
+            if row["clients"] == most and row["posting"] == measure.posting_name(config.rate)
+        }
         if p50.get("redis") and p50.get("poll"):
             results["redis_vs_poll_p50"] = round(p50["poll"] / p50["redis"], 1)
 

@@ -7,6 +7,7 @@ local stand-in that makes Checkout Sessions and tells the price's type, nothing 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -98,6 +99,8 @@ async def click_to_entitled(
     latencies: list[float] = []
     checkout_ms: list[float] = []
     lost = rejected = 0
+    load = os.getloadavg()
+    began = time.monotonic()
     loop = asyncio.get_running_loop()
     poster = await WebhookConnection(HOST, _port(webhook.url)).open()
     async with httpx.AsyncClient(base_url=stream.url, timeout=30) as client:
@@ -145,6 +148,9 @@ async def click_to_entitled(
         rejected=rejected,
         not_applied=0,
         stream_pids=[stream.pid],
+        posting="one purchase at a time",
+        events_per_s=round(purchases / (time.monotonic() - began), 1),
+        load_average=(load[0], load[1], load[2]),
     )
     checkout_ms.sort()
     detail = {

@@ -30,7 +30,18 @@ def now_ns() -> int:
 class SseClient(asyncio.Protocol):
     """One subscriber connection. Records (seq, arrival ns) of every event frame it parses."""
 
-    def __init__(self, license_id: str, token: str, host: str, port: int, last_event_id: int | None) -> None:
+    def __init__(
+        self,
+        license_id: str,
+        token: str | None,
+        host: str,
+        port: int,
+        last_event_id: int | None,
+        *,
+        path: str | None = None,
+    ) -> None:
+        """`path`: what to GET (the project's stream of the license by default); `token`: the
+        bearer token, if any (the Flask-SSE peer takes none)."""
         self.license_id = license_id
         self.received: list[tuple[int, int]] = []
         self.status: int | None = None
@@ -38,8 +49,9 @@ class SseClient(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
         self.on_event: Callable[[SseClient, int, int], None] | None = None
         self._request = (
-            f"GET /api/licenses/{license_id}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n"
+            f"GET {path or f'/api/licenses/{license_id}/events'} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            + (f"Authorization: Bearer {token}\r\n" if token is not None else "")
+            + "Accept: text/event-stream\r\n"
             + (f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else "")
             + "\r\n"
         ).encode()
@@ -103,14 +115,25 @@ class SseClient(asyncio.Protocol):
         text = self._text
         while (end := text.find(b"\n\n")) >= 0:
             frame, text = text[:end], text[end + 2 :]
-            if frame.startswith(b"id: "):
-                seq = int(frame[4 : frame.index(b"\n")])
+            if (seq := _frame_id(frame)) is not None:
                 self.received.append((seq, arrived))
                 if not self.first_event.done():
                     self.first_event.set_result(seq)
                 if self.on_event is not None:
                     self.on_event(self, seq, arrived)
         self._text = text
+
+
+def _frame_id(frame: bytes) -> int | None:
+    """The `id` field of an SSE frame, if it has one: first, as the project writes it (`id: 5`), or
+    on any line with or without the space, as the spec allows and Flask-SSE writes it (`id:5`, last)."""
+    if frame.startswith(b"id: "):
+        end = frame.find(b"\n")
+        return int(frame[4:end] if end >= 0 else frame[4:])
+    for line in frame.split(b"\n"):
+        if line.startswith(b"id:"):
+            return int(line[3:])
+    return None
 
 
 async def connect_clients(

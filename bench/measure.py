@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import orjson
+import redis.asyncio as aioredis
 from psycopg.types.json import Json
 
 from bench.clients import EventFactory, Posted, SseClient, WebhookConnection, connect_clients, now_ns
@@ -62,6 +65,14 @@ class Endpoint(NamedTuple):
 # --- latency --------------------------------------------------------------------------------------
 
 
+BACK_TO_BACK = "back to back"
+
+
+def posting_name(rate: float | None) -> str:
+    """How a row's events were posted: `100/s` (open loop) or back to back (`rate` None)."""
+    return BACK_TO_BACK if rate is None else f"{rate:g}/s"
+
+
 @dataclass
 class LatencyResult:
     transport: str
@@ -84,6 +95,15 @@ class LatencyResult:
     rss_kb_before: int = 0
     rss_kb_after: int = 0
     notes: list[str] = field(default_factory=list)
+    # `100/s` or `back to back` (posting_name); the rate the events were posted at, as measured.
+    posting: str = "100/s"
+    events_per_s: float = 0.0
+    # Split at the moment the bench's own Redis subscription got the message (plain Redis only):
+    # the webhook's part and the stream's part of each latency.
+    post_to_publish_ms: list[float] = field(default_factory=list)
+    publish_to_client_ms: list[float] = field(default_factory=list)
+    # The load averages (1, 5, 15 min) when the row started: the machine may be shared.
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 async def _post_paced(
@@ -120,6 +140,93 @@ async def _post_paced(
     return results
 
 
+async def _post_back_to_back(webhook_port: int, work: list[tuple[str, bytes, str]]) -> list[Posted]:
+    """Closed loop on one keep-alive connection: each event is sent as soon as the previous one is
+    answered, so one event is in flight at a time and no process of the chain idles between two."""
+    conn = await WebhookConnection(HOST, webhook_port).open()
+    try:
+        return [await conn.post(license_id, payload, signature) for license_id, payload, signature in work]
+    finally:
+        await conn.close()
+
+
+async def _post(webhook_port: int, work: list[tuple[str, bytes, str]], rate: float | None) -> list[Posted]:
+    if rate is None:
+        return await _post_back_to_back(webhook_port, work)
+    return await _post_paced(webhook_port, work, rate, connections=8)
+
+
+async def _flask_sse_clients(port: int, ids: list[str], redis_url: str, concurrency: int = 200) -> list[SseClient]:
+    """Flask-SSE's streams, one per license (`?channel=license:<id>`). It sends nothing (not even its
+    response head) before the first message, and subscribes only once gunicorn iterates the body:
+    each is ready when Redis counts a subscriber on its channel (PUBSUB NUMSUB, polled)."""
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(license_id: str) -> SseClient:
+        async with gate:
+            _, client = await loop.create_connection(
+                lambda: SseClient(license_id, None, HOST, port, None, path=f"/stream?channel=license:{license_id}"),
+                HOST,
+                port,
+            )
+            return client
+
+    clients = list(await asyncio.gather(*(one(i) for i in ids)))
+    channels = [f"license:{i}" for i in ids]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            counts = []
+            for start in range(0, len(channels), 500):
+                counts += await client.pubsub_numsub(*channels[start : start + 500])
+            if all(n >= 1 for _, n in counts):
+                return clients
+            if time.monotonic() > deadline:
+                missing = sum(1 for _, n in counts if n < 1)
+                raise TimeoutError(f"flask-sse: {missing} of {len(ids)} streams not subscribed after 60 s")
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+class RedisTap:
+    """The bench's own subscription to the row's channels (plain Redis only), on the loop its
+    clients read on (redis.asyncio: it never blocks it): when each (license, seq) left Redis, which
+    splits a latency into the webhook's part (POST to publish) and the stream's (publish to client)."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self.pubsub = pubsub
+        self.seen: dict[tuple[str, int], int] = {}
+        self._task = asyncio.create_task(self._read(), name="bench-redis-tap")
+
+    @classmethod
+    async def open(cls, redis_url: str, ids: list[str]) -> RedisTap:
+        pubsub = aioredis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        for start in range(0, len(ids), 500):
+            await pubsub.subscribe(*(f"license:{i}" for i in ids[start : start + 500]))
+        return cls(pubsub)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.pubsub.get_message(timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            arrived = now_ns()
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                body = orjson.loads(message["data"])
+                # The project's wire format carries "seq"; Flask-SSE's {"data": ..., "id": n}.
+                seq = body["seq"] if "seq" in body else body["id"]
+                self.seen[(message["channel"].decode().split(":", 1)[1], int(seq))] = arrived
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.pubsub.aclose()
+
+
 async def latency(
     *,
     transport: str,
@@ -131,14 +238,22 @@ async def latency(
     webhook_secret: str,
     clients: int,
     events: int,
-    rate: float,
+    rate: float | None = None,
+    rates: Sequence[float | None] = (),
     grace: float,
     progress: Progress,
-) -> LatencyResult:
+    peer: bool = False,
+) -> list[LatencyResult]:
     """`clients` subscribers, one per license (each desktop app follows its own license), dealt
-    round-robin over the stream processes; `events` signed webhooks sent round-robin over those
-    licenses at `rate` per second. Latency is from just before the POST is written to the moment
-    the subscriber has parsed the event's frame. The result is named `label` (default: transport)."""
+    round-robin over the stream processes; then, for each of `rates` (or `rate`), `events` signed
+    webhooks sent round-robin over those licenses: open loop at that many per second, or back to
+    back (None). Latency is from just before the POST is written to the moment the subscriber has
+    parsed the event's frame. Each result is named `label` (default: transport).
+
+    `peer`: the servers are the Flask-SSE peer (bench.flask_sse_peer): its streams are opened as
+    its docs say, and since it has no current state to send, each license's first event is posted
+    once every stream is subscribed, and held by its client before the measured ones."""
+    rates = list(rates) or [rate]
     ids = license_ids(transport.replace("-", "_"), clients)
     stream_pids = [s.pid for s in streams]
     rss_before = sum(rss_kb(pid) for pid in stream_pids)
@@ -147,70 +262,125 @@ async def latency(
     # once per customer); the desktop apps follow licenses that exist. So each license gets one
     # event before its client connects: timed as `first_event_response_ms`, not as latency.
     first = [(license_id, *factory.signed(license_id)) for license_id in ids]
-    first_posted = await _post_paced(_port(webhook.url), first, rate=10_000, connections=8)
-    work = [(ids[i % clients], *factory.signed(ids[i % clients])) for i in range(events)]
+    first_posted = [] if peer else await _post_paced(_port(webhook.url), first, rate=10_000, connections=8)
+    results: list[LatencyResult] = []
     async with contextlib.AsyncExitStack() as stack:
         subscribers: list[SseClient] = []
         for i, stream in enumerate(streams):
-            subscribers += await stack.enter_async_context(
-                _clients(_port(stream.url), ids[i :: len(streams)], token_secret)
-            )
+            mine = ids[i :: len(streams)]
+            if peer:
+                assert redis_url is not None
+                subscribers += await _flask_sse_clients(_port(stream.url), mine, redis_url)
+                stack.callback(_close_all, subscribers)
+            else:
+                subscribers += await stack.enter_async_context(_clients(_port(stream.url), mine, token_secret))
+        if peer:
+            first_posted = await _post_paced(_port(webhook.url), first, rate=10_000, connections=8)
+            await asyncio.wait_for(asyncio.gather(*(c.first_event for c in subscribers)), 60)
         rss_after = sum(rss_kb(pid) for pid in stream_pids)
-        connections = [redis_connections(redis_url, pid) for pid in stream_pids] if redis_url else None
-        progress(f"  {clients} clients connected; posting {events} events at {rate:g}/s")
-        cpu_before = cpu_seconds(webhook.pid), sum(cpu_seconds(pid) for pid in stream_pids)
-        posted = await _post_paced(_port(webhook.url), work, rate, connections=8)
-        expected: dict[tuple[str, int], int] = {(p.license_id, p.seq): p.sent_ns for p in posted if p.seq is not None}
-        by_license = {c.license_id: c for c in subscribers}
-        deadline = time.monotonic() + grace
+        tap = None
+        if redis_url and redis_url.startswith(("redis://", "rediss://")):
+            tap = await RedisTap.open(redis_url, ids)
+            stack.push_async_callback(tap.close)
+        connections = (
+            await asyncio.to_thread(lambda: [redis_connections(redis_url, pid) for pid in stream_pids])
+            if redis_url
+            else None
+        )
+        for pace in rates:
+            work = [(ids[i % clients], *factory.signed(ids[i % clients])) for i in range(events)]
+            progress(f"  {clients} clients connected; posting {events} events {_pace_text(pace)}")
+            result = await _phase(webhook, stream_pids, subscribers, work, pace, grace, tap)
+            result.transport, result.clients = label or transport, clients
+            result.first_event_response_ms = sorted((p.done_ns - p.sent_ns) / 1e6 for p in first_posted)
+            result.redis_connections = connections
+            result.rss_kb_before, result.rss_kb_after = rss_before, rss_after
+            results.append(result)
+    return results
 
-        def delivered() -> int:
-            return sum(len(c.received) - 1 for c in subscribers)
 
-        # Polled: the count is spread over thousands of protocol callbacks; 50 ms is fine here.
-        while delivered() < len(expected) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # late duplicates, if any, would land here
-        # Includes the streams' database sweep and heartbeats over the same time: what it costs.
-        cpu_webhook = cpu_seconds(webhook.pid) - cpu_before[0]
-        cpu_stream = sum(cpu_seconds(pid) for pid in stream_pids) - cpu_before[1]
-        latencies: list[float] = []
-        duplicates = out_of_order = 0
-        seen: set[tuple[str, int]] = set()
-        for client in by_license.values():
-            last = -1
-            for seq, arrived in client.received:
-                key = (client.license_id, seq)
-                if key in seen:
-                    duplicates += 1
-                    continue
-                seen.add(key)
-                if seq < last:
-                    out_of_order += 1
-                last = max(last, seq)
-                sent = expected.get(key)
-                if sent is not None:
-                    latencies.append((arrived - sent) / 1e6)
-        lost = sum(1 for key in expected if key not in seen)
-    rejected = sum(1 for p in posted if p.status != 200)
+def _close_all(clients: list[SseClient]) -> None:
+    for client in clients:
+        client.close()
+
+
+def _pace_text(rate: float | None) -> str:
+    return "back to back" if rate is None else f"at {rate:g}/s"
+
+
+async def _phase(
+    webhook: Endpoint,
+    stream_pids: list[int],
+    subscribers: list[SseClient],
+    work: list[tuple[str, bytes, str]],
+    rate: float | None,
+    grace: float,
+    tap: RedisTap | None = None,
+) -> LatencyResult:
+    """Post `work` and wait for the subscribers to hold it: the latencies of that posting."""
+    load = os.getloadavg()
+    marks = {id(c): len(c.received) for c in subscribers}
+    cpu_before = cpu_seconds(webhook.pid), sum(cpu_seconds(pid) for pid in stream_pids)
+    started = time.monotonic()
+    posted = await _post(_port(webhook.url), work, rate)
+    posting_s = time.monotonic() - started
+    expected: dict[tuple[str, int], int] = {(p.license_id, p.seq): p.sent_ns for p in posted if p.seq is not None}
+    deadline = time.monotonic() + grace
+
+    def delivered() -> int:
+        return sum(len(c.received) - marks[id(c)] for c in subscribers)
+
+    # Polled: the count is spread over thousands of protocol callbacks; 50 ms is fine here.
+    while delivered() < len(expected) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # late duplicates, if any, would land here
+    # Includes the streams' database sweep and heartbeats over the same time: what it costs.
+    cpu_webhook = cpu_seconds(webhook.pid) - cpu_before[0]
+    cpu_stream = sum(cpu_seconds(pid) for pid in stream_pids) - cpu_before[1]
+    latencies: list[float] = []
+    to_publish: list[float] = []
+    from_publish: list[float] = []
+    duplicates = out_of_order = 0
+    for client in subscribers:
+        mark = marks[id(client)]
+        seen = {seq for seq, _ in client.received[:mark]}
+        last = max(seen, default=-1)
+        for seq, arrived in client.received[mark:]:
+            if seq in seen:
+                duplicates += 1
+                continue
+            seen.add(seq)
+            if seq < last:
+                out_of_order += 1
+            last = max(last, seq)
+            sent = expected.get((client.license_id, seq))
+            if sent is not None:
+                latencies.append((arrived - sent) / 1e6)
+                published = tap.seen.get((client.license_id, seq)) if tap is not None else None
+                if published is not None:
+                    to_publish.append((published - sent) / 1e6)
+                    from_publish.append((arrived - published) / 1e6)
+    received = {(c.license_id, seq) for c in subscribers for seq, _ in c.received}
+    lost = sum(1 for key in expected if key not in received)
     return LatencyResult(
-        transport=label or transport,
-        clients=clients,
+        transport="",
+        clients=0,
         events=len(expected),
         latencies_ms=latencies,
         lost=lost,
         duplicates=duplicates,
         out_of_order=out_of_order,
-        rejected=rejected,
+        rejected=sum(1 for p in posted if p.status != 200),
         not_applied=sum(1 for p in posted if p.status == 200 and p.seq is None),
         stream_pids=stream_pids,
         webhook_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in posted),
-        first_event_response_ms=sorted((p.done_ns - p.sent_ns) / 1e6 for p in first_posted),
         webhook_cpu_ms_per_event=round(1000 * cpu_webhook / max(1, len(posted)), 3),
         stream_cpu_ms_per_event=round(1000 * cpu_stream / max(1, len(expected)), 3),
-        redis_connections=connections,
-        rss_kb_before=rss_before,
-        rss_kb_after=rss_after,
+        posting=posting_name(rate),
+        events_per_s=round(len(posted) / posting_s, 1) if posting_s else 0.0,
+        post_to_publish_ms=sorted(to_publish),
+        publish_to_client_ms=sorted(from_publish),
+        load_average=(load[0], load[1], load[2]),
     )
 
 

@@ -10,7 +10,7 @@ import orjson
 
 from bench.measure import LatencyResult
 
-COLUMNS = ("transport", "clients", "events", "p50_ms", "p95_ms", "p99_ms", "max_ms", "lost", "duplicates")
+COLUMNS = ("transport", "posting", "clients", "events", "p50_ms", "p95_ms", "p99_ms", "max_ms", "lost", "duplicates")
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -29,6 +29,7 @@ def row(result: LatencyResult) -> dict[str, Any]:
     values = sorted(result.latencies_ms)
     return {
         "transport": result.transport,
+        "posting": result.posting,
         "clients": result.clients,
         "events": result.events,
         "p50_ms": _ms(percentile(values, 50)),
@@ -56,8 +57,40 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_HEADINGS = {"p50_ms": "p50 ms", "p95_ms": "p95 ms", "p99_ms": "p99 ms", "max_ms": "max ms"}
+_TEXT_COLUMNS = ("transport", "posting")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The latency rows as the README's and docs/bench.md's Markdown table (Flask-SSE's included)."""
+    heads = [_HEADINGS.get(c, c) for c in COLUMNS]
+    lines = [
+        "| " + " | ".join(heads) + " |",
+        "| " + " | ".join("---" if c in _TEXT_COLUMNS else "---:" for c in COLUMNS) + " |",
+    ]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def against_peer(rows: list[dict[str, Any]], ours: str = "redis", peer: str = "flask-sse") -> list[str]:
+    """Per client count and posting that both ran: the project's p50 / p99 against its peer's."""
+    found = {(r["transport"], r["posting"], r["clients"]): r for r in rows}
+    out = []
+    for (transport, posting, clients), theirs in found.items():
+        mine = found.get((ours, posting, clients))
+        if transport != peer or mine is None or None in (mine["p50_ms"], theirs["p50_ms"]):
+            continue
+        ahead = mine["p50_ms"] < theirs["p50_ms"] and mine["p99_ms"] < theirs["p99_ms"]
+        out.append(
+            f"{ours} vs {peer}, {clients} clients, {posting}: p50 {mine['p50_ms']} vs {theirs['p50_ms']} ms, "
+            f"p99 {mine['p99_ms']} vs {theirs['p99_ms']} ms: " + ("ahead at both" if ahead else "NOT ahead at both")
+        )
+    return out
+
+
 def summary(results: dict[str, Any]) -> str:
     out = [f"machine: {results['machine']}", "", latency_table(results["rows"]), ""]
+    out += against_peer(results["rows"])
     for top in results.get("ceiling", []):
         out.append(
             f"ceiling: {top['commits_per_s']:.0f} bare INSERT + COMMIT/s "
@@ -123,8 +156,9 @@ def plot(path: Path, results: list[LatencyResult], title: str) -> None:
             if not values:
                 continue
             fractions = [(i + 1) / len(values) for i in range(len(values))]
-            label = f"{result.clients} client" + ("s" if result.clients != 1 else "")
-            ax.step(values, fractions, where="post", label=label)
+            label = f"{result.clients} client" + ("s" if result.clients != 1 else "") + f", {result.posting}"
+            style = "--" if result.posting == "back to back" else "-"
+            ax.step(values, fractions, where="post", label=label, linestyle=style)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -139,3 +173,23 @@ def plot(path: Path, results: list[LatencyResult], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.report [bench-results.json]`: the latency rows of a run as Markdown (the
+    README's table), then how the project compares with Flask-SSE."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    results = orjson.loads(Path(args[0] if args else "bench-results.json").read_bytes())
+    load = results.get("machine_detail", {}).get("load_average") or []
+    load_text = " / ".join(f"{x:.2f}" for x in load) or "?"
+    print(f"{results['machine']}, {results.get('started_at', '?')}, load average at the start {load_text}\n")
+    print(markdown_table(results["rows"]))
+    if comparison := against_peer(results["rows"]):
+        print("\n" + "\n".join(f"- {line}" for line in comparison))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -93,7 +93,8 @@ def backend_pids(database_url: str) -> list[int]:
 
 @dataclass
 class Server:
-    """`license-broker <command>` in its own process, ready once /healthz answers."""
+    """`license-broker <command>` in its own process, ready once /readyz answers; or, with
+    `argv`, that command (`{port}` in it replaced), such as the Flask-SSE peer's gunicorn."""
 
     command: str
     env: dict[str, str]
@@ -101,6 +102,7 @@ class Server:
     port: int = field(default_factory=free_port)
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
+    argv: tuple[str, ...] | None = None
 
     @property
     def url(self) -> str:
@@ -111,10 +113,20 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def worker_pid(self) -> int:
+        """The process that serves: the server's own, or its one worker (gunicorn's master forks it)."""
+        children = _children(self.pid)
+        return children[0] if len(children) == 1 and self.argv is not None else self.pid
+
     def start(self, timeout: float = 30) -> Server:
+        if self.argv is not None:
+            args = [a.replace("{port}", str(self.port)) for a in self.argv]
+        else:
+            args = [sys.executable, "-m", "license_broker", self.command, "--port", str(self.port), *self.extra_args]
         with self.log.open("ab") as log:  # the child holds its own copy
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "license_broker", self.command, "--port", str(self.port), *self.extra_args],
+                args,
                 env={**os.environ, **self.env},
                 cwd=ROOT,
                 stdout=log,
@@ -156,6 +168,26 @@ def server_env(database_url: str, redis_url: str, transport: str, poll_interval:
         "LOG_LEVEL": "WARNING",
         "BROKER_DEV": "",
     }
+
+
+def flask_sse_server(role: str, redis_url: str, log: Path, *, max_clients: int, publish: str = "sse") -> Server:
+    """The Flask-SSE peer (bench.flask_sse_peer) as Flask-SSE's docs deploy it: gunicorn with one
+    gevent worker. `role` only names it: the bench starts two, one taking the webhooks and one
+    serving the streams, as the project's webhook and stream processes. Access log off (gunicorn's
+    default), as the project's servers write no line per request at LOG_LEVEL=WARNING. `publish`:
+    its FLASK_SSE_PUBLISH (sse | pooled)."""
+    return Server(
+        f"flask-sse {role}",
+        {"REDIS_URL": redis_url, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "FLASK_SSE_PUBLISH": publish},
+        log,
+        argv=(
+            sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1",
+            # gevent's default is 1,000 connections per worker: the clients and the driver's own.
+            "--worker-connections", str(max_clients + 100),
+            "--keep-alive", "75", "--graceful-timeout", "2", "--log-level", "warning",
+            "--bind", "127.0.0.1:{port}", "bench.flask_sse_peer:app",
+        ),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

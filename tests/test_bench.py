@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from bench.__main__ import BenchConfig, run
-from bench.report import COLUMNS, summary, write_json
+from bench.report import COLUMNS, against_peer, markdown_table, summary, write_json
 from tests.support.services import ADMIN_URL, psycopg_connect, unavailable
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
         redis_url=redis_url,
         out=tmp_path / "bench.json",
         plot=tmp_path / "bench.png",
-        transports=("redis", "poll", "redis-cluster"),
+        transports=("redis", "poll", "redis-cluster", "flask-sse"),
         clients=(2,),
         events={2: 5},
         rate=50.0,
@@ -52,12 +52,23 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
     written = orjson.loads(config.out.read_bytes())
 
     assert isinstance(written["machine"], str) and written["machine"]
-    assert [(r["transport"], r["clients"]) for r in written["rows"]] == [
-        ("redis", 2),
-        ("poll", 2),
-        ("redis-cluster (2 streams)", 2),
-        ("redis: click-to-entitled", 1),
+    assert [(r["transport"], r["posting"], r["clients"]) for r in written["rows"]] == [
+        ("redis", "50/s", 2),
+        ("redis", "back to back", 2),
+        ("poll", "50/s", 2),
+        ("redis-cluster (2 streams)", "50/s", 2),
+        ("flask-sse", "50/s", 2),
+        ("flask-sse", "back to back", 2),
+        ("redis: click-to-entitled", "one purchase at a time", 1),
     ]
+    # The project against Flask-SSE, per posting: printed, and in the README's Markdown table.
+    assert [line.split(":")[0] for line in against_peer(written["rows"])] == [
+        "redis vs flask-sse, 2 clients, 50/s",
+        "redis vs flask-sse, 2 clients, back to back",
+    ]
+    table = markdown_table(written["rows"]).splitlines()
+    assert table[0].startswith("| transport | posting | clients |") and len(table) == 2 + len(written["rows"])
+    assert any(line.startswith("| flask-sse | back to back | 2 | 5 |") for line in table)
     click = written["click_to_entitled"]
     assert (click["events"], click["lost"], click["rejected"]) == (3, 0, 0)
     assert "click-to-entitled" in summary(written)
@@ -68,6 +79,7 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
         assert row["p50_ms"] is not None and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     for detail in written["latency_detail"]:
         assert detail["out_of_order"] == 0
+        assert len(detail["load_average"]) == 3 and detail["events_per_s"] > 0
         assert detail["webhooks_rejected"] == detail["webhooks_not_applied"] == 0
 
     (ingest,) = written["ingest"]

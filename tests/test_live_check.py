@@ -279,7 +279,8 @@ async def test_the_check_opens_a_new_connection_after_its_own_dies(pg_url: str) 
         with psycopg_connect(pg_url) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND query LIKE 'SELECT k.license_id, k.seq, e.data FROM unnest%'"
+                # The check's connection, by its last statement (a batch of one: livecheck._STORED_ONE_PG).
+                f"AND query = '{livecheck._STORED_ONE_PG.replace('%s', '$1', 1).replace('%s', '$2', 1)}'"
             ).fetchall()
         assert killed == [(True,)]
         second = await append(engine, license_id)

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -14,7 +14,7 @@ import redis
 
 from broker import metrics
 from broker.settings import Settings
-from broker.storage.db import create_engine
+from broker.storage.db import create_engine, migrate
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
@@ -270,23 +270,45 @@ async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_m
         await engine.dispose()
 
 
+async def test_the_sweep_asks_the_database_only_for_the_licenses_that_moved(db_url: str) -> None:
+    """`moved`: the followed licenses past the seq the sweep knows, with their seq; none of those
+    at or behind it, nor of licenses that do not exist (yet). Ids that JSON must escape included."""
+    engine = create_engine(Settings(database_url=db_url))
+    if db_url.startswith("sqlite"):
+        await migrate(engine)
+    sweep = DatabaseSweep(EventLog(engine), interval=60)
+    ahead, level, behind_us, quoted = new_license(), new_license(), new_license(), new_license() + '"\\é'
+    try:
+        for license_id in (ahead, level, quoted):
+            await append(engine, license_id)
+        await append(engine, ahead)
+        known = {ahead: 1, level: 1, behind_us: 0, quoted: 0, new_license(): 5}
+        await append(engine, behind_us)
+        known[behind_us] = 3  # a live message noted before the database has it
+        assert await sweep.moved(known) == {ahead: 2, quoted: 1}
+        assert await sweep.moved({}) == {}
+    finally:
+        await engine.dispose()
+
+
 async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) -> None:
     """A client leaves (the hub unfollows its license) while the sweep awaits the database."""
     engine = create_engine(Settings(database_url=pg_url))
     kept, left_early, left_late = new_license(), new_license(), new_license()
 
     class LeavingEventLog(EventLog):
-        async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
-            latest = await super().latest_seqs(license_ids)
-            sweep.unfollow(left_early)
-            return latest
-
         async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
             events = await super().read_many(after, limit)
             sweep.unfollow(left_late)
             return events
 
-    sweep = DatabaseSweep(LeavingEventLog(engine), interval=60)
+    class LeavingSweep(DatabaseSweep):
+        async def moved(self, known: dict[str, int]) -> dict[str, int]:
+            latest = await super().moved(known)
+            sweep.unfollow(left_early)
+            return latest
+
+    sweep = LeavingSweep(LeavingEventLog(engine), interval=60)
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     try:
@@ -358,22 +380,21 @@ async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_t
     engine = create_engine(Settings(database_url=pg_url))
     down = 31
 
-    class FailingEventLog(EventLog):
+    class FailingSweep(DatabaseSweep):
         calls = 0
 
-        async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
+        async def moved(self, known: dict[str, int]) -> dict[str, int]:
             self.calls += 1
             if self.calls <= down:
                 raise OSError("database unavailable")
-            return await super().latest_seqs(license_ids)
+            return await super().moved(known)
 
-    events = FailingEventLog(engine)
-    sweep = DatabaseSweep(events, interval=0.001)
+    sweep = FailingSweep(EventLog(engine), interval=0.001)
     caplog.set_level(logging.INFO, logger="broker.sweep")
     before = metrics.SWEEP_FAILURES._value.get()
     sweep.start(lambda event: None)
     try:
-        await async_wait_until(lambda: events.calls > down, what="the database to come back")
+        await async_wait_until(lambda: sweep.calls > down, what="the database to come back")
         await async_wait_until(lambda: any("recovered" in r.getMessage() for r in caplog.records), what="recovery")
     finally:
         await sweep.stop()

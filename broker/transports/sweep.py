@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 
+import orjson
+
 from broker import background, metrics
 from broker.storage.eventlog import EventLog
 from broker.transports.base import MessageHandler
@@ -13,6 +15,13 @@ from broker.transports.base import MessageHandler
 log = logging.getLogger("broker.sweep")
 
 _LICENSES_PER_READ = 500
+# The followed licenses whose seq is past the one the sweep knows, Postgres comparing: the process
+# sends one JSON document ({license id: known seq}) and reads back only the licenses that moved,
+# usually none. Each key by an index lookup, whatever the plan (LATERAL).
+_MOVED_PG = (
+    "SELECT k.key, l.seq FROM json_each_text(%s::json) AS k "
+    "JOIN LATERAL (SELECT seq FROM licenses WHERE id = k.key) l ON true WHERE l.seq > k.value::bigint"
+)
 
 
 class DatabaseSweep:
@@ -60,12 +69,31 @@ class DatabaseSweep:
         """Sweep now rather than at the next interval (after a transport outage)."""
         self._wake.set()
 
+    async def moved(self, known: dict[str, int]) -> dict[str, int]:
+        """The current seq of each license of `known` that is past its seq there (one query).
+
+        On Postgres the database compares: reading every followed license's seq back and comparing
+        here held the stream's event loop ~16 ms per 1,000 followed licenses at every sweep (~180 ms
+        at 10,000), delaying every live event that arrived meanwhile (docs/bench.md)."""
+        if not known:
+            return {}
+        engine = self.events.engine
+        if engine.dialect.name != "postgresql":
+            latest = await self.events.latest_seqs(list(known))
+            return {lid: seq for lid, seq in latest.items() if seq > known.get(lid, seq)}
+        async with engine.connect() as conn:
+            pg = (await conn.get_raw_connection()).driver_connection
+            assert pg is not None
+            cursor = await pg.execute(_MOVED_PG, (orjson.dumps(known).decode(),))
+            return {row[0]: int(row[1]) for row in await cursor.fetchall()}
+
     async def sweep_once(self) -> int:
         on_message = self._on_message
         assert on_message is not None, "start() first"
         found = 0
-        latest = await self.events.latest_seqs(list(self.known))
-        behind = {lid: seq for lid, seq in latest.items() if seq > self.known.get(lid, seq)}
+        moved = await self.moved(dict(self.known))
+        # Licenses given up, or delivered live, while the query ran are not fetched.
+        behind = {lid: seq for lid, seq in moved.items() if seq > self.known.get(lid, seq)}
         while behind:
             # The events of many moved licenses in one query, not one query per license.
             batch = {lid: self.known[lid] for lid in list(behind)[:_LICENSES_PER_READ] if lid in self.known}
