@@ -321,8 +321,9 @@ class BatchedIngest:
             *customers,
             *(o.customer for i in members if (o := snapshot.objects.get(i)) and o.customer),
         }
-        # An unbound id no object or link holds has no link to walk: a new binding binds it alone.
-        # The others (`entangled`) are the general path's to walk.
+        # An unbound id no object or link holds has no link to walk: a new binding binds it alone
+        # (binding.bind reads its neighbours: those linked in this batch). The others (`entangled`)
+        # are the general path's to walk: decide.SnapshotRows.neighbours raises for them (Wants).
         entangled_ids = set(entangled or ())
         snapshot.neighbours = {i: set() for i in ids if i not in members and i not in entangled_ids}
         snapshot.objects_known |= snapshot.neighbours.keys()  # (nor an object of their id)

@@ -7,6 +7,12 @@ once), and two writers flush the writes (SQLAlchemy statements; the batched WRIT
 When the snapshot lacks something an event needs (`Wants`), the general path reads it and decides
 again; the batched path gives the event to the general path, nothing of it written.
 
+Which license an event's objects belong to is decided by the binding walks of
+broker.stripe_ledger.binding (`resolve_event`, `fold`), the ones the SQL ledger and the in-memory
+ledger of the property tests run, here on `SnapshotRows`: the snapshot's rows, with the event's
+writes staged until it is decided. A read the snapshot cannot answer raises `Missing`, which
+`decide_event` returns as `Wants`.
+
 The order `decide_event` asks in is the general path's lock order: the event's ids, then the ids a
 new binding walks to, then the license rows (sorted), all at once; what it asks after those takes
 no lock."""
@@ -14,6 +20,7 @@ no lock."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
@@ -26,8 +33,8 @@ from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.storage.eventlog import LicenseEvent, log_entry
 from broker.storage.licenses import LicenseState, initial_state
 from broker.storage.schema import stripe_events
-from broker.stripe_ledger.binding import resolve
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id, merge
+from broker.stripe_ledger.binding import Lock, fold, resolve_event, run
+from broker.stripe_ledger.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id
 from broker.stripe_ledger.objects import Reported, entitlements_id, needs_invoice_payments
 
 _reason_type = stripe_events.c.reason.type
@@ -83,6 +90,154 @@ class Snapshot:
             self.objects[obj.id] = obj
             if obj.customer and obj.kind in CUSTOMER_KINDS:
                 self.by_customer.setdefault(obj.customer, {})[obj.id] = obj
+
+
+class Missing(Exception):
+    """A read of SnapshotRows the snapshot cannot answer: `decide_event` asks for it (Wants)."""
+
+    def __init__(self, need: Need, ids: Iterable[str]) -> None:
+        super().__init__(need, ids)
+        self.need = need
+        self.ids = tuple(sorted(ids))
+
+
+class SnapshotRows:
+    """broker.stripe_ledger.binding's LedgerRows on a Snapshot, for one event: its reads answer
+    from the snapshot and the writes of the event made before them, or raise Missing when the
+    snapshot did not read the rows (the general path reads them and decides again; the batched
+    path gives the event to the general path). Its writes are staged until `commit`, when the
+    event is decided: an event that raises midway leaves the snapshot and Writes as they were.
+
+    What each read answers from: bindings, the snapshot's (the batched READ: the batch's ids and
+    every member of their licenses), any other id raises (BASE for an event's ids, WALK for the
+    ids a walk reaches); neighbours, the links the snapshot read (none, in the batched READ, for an
+    unbound id no object or link holds; an entangled id raises) and the links written in this
+    batch; customers_of, the claimed customers read for a Payment Link's license; licenses_of_customer,
+    the licenses read for a customer (the batched READ reads none: customer-level events are not
+    eligible there); license_objects, every id bound to the license (all read with its row) and the
+    customer-level objects of their customers."""
+
+    __slots__ = ("links", "new_bindings", "new_license", "new_objects", "snapshot")
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.new_objects: dict[str, StripeObject] = {}
+        self.links: set[tuple[str, str]] = set()
+        self.new_bindings: set[str] = set()
+        self.new_license: str | None = None  # an event binds to one license
+
+    def _object(self, i: str) -> StripeObject | None:
+        return self.new_objects.get(i) or self.snapshot.objects.get(i)
+
+    def bindings(self, ids: AbstractSet[str], lock: Lock = "held") -> dict[str, str]:
+        s = self.snapshot
+        unread = ids - s.binding_known - self.new_bindings
+        if unread:
+            raise Missing(Need.BASE if lock == "held" else Need.WALK, unread)
+        found = {i: s.bindings[i] for i in ids if i in s.bindings}
+        if self.new_license is not None:
+            found |= {i: self.new_license for i in ids & self.new_bindings if i not in found}
+        return found
+
+    def neighbours(self, ids: AbstractSet[str]) -> set[str]:
+        s = self.snapshot
+        # The walk binds these ids: their objects are read with their links (WALK).
+        unread = {i for i in ids if i not in s.neighbours or (i not in s.objects_known and i not in self.new_objects)}
+        if unread:
+            raise Missing(Need.WALK, unread)
+        found = {n for i in ids for n in s.neighbours[i]}
+        for a, b in self.links:
+            if a in ids:
+                found.add(b)
+            if b in ids:
+                found.add(a)
+        return found
+
+    def objects(self, ids: AbstractSet[str]) -> dict[str, StripeObject]:
+        s = self.snapshot
+        unread = ids - s.objects_known - self.new_objects.keys()
+        if unread:
+            raise Missing(Need.BASE, unread)
+        return {i: o for i in ids if (o := self._object(i)) is not None}
+
+    def customers_of(self, license_id: str) -> set[str]:
+        claimed = self.snapshot.claimed.get(license_id)
+        if claimed is None:
+            raise Missing(Need.CLAIMED, (license_id,))
+        return claimed | self._new_customers(license_id)
+
+    def _new_customers(self, license_id: str) -> set[str]:
+        if self.new_license != license_id:
+            return set()
+        return {o.customer for i in self.new_bindings if (o := self._object(i)) and o.customer}
+
+    def licenses_of_customer(self, customer: str) -> set[str]:
+        held = self.snapshot.customer_licenses.get(customer)
+        if held is None:
+            raise Missing(Need.CUSTOMER_LICENSES, (customer,))
+        if self.new_license is not None and any(
+            (o := self._object(i)) and o.customer == customer and o.kind not in CUSTOMER_KINDS
+            for i in self.new_bindings
+        ):
+            return held | {self.new_license}
+        return held
+
+    def license_objects(self, license_id: str) -> dict[str, StripeObject]:
+        s = self.snapshot
+        if license_id not in s.licenses and license_id not in s.absent:
+            raise Missing(Need.LICENSES, (license_id,))
+        own = {i: o for i, lid in s.bindings.items() if lid == license_id and (o := self._object(i)) is not None}
+        if self.new_license == license_id:
+            own |= {i: o for i in self.new_bindings if (o := self._object(i)) is not None}
+        customers = {o.customer for o in own.values() if o.customer}
+        unread = customers - s.customers_known
+        if unread:
+            raise Missing(Need.CUSTOMER_OBJECTS, unread)
+        level: dict[str, StripeObject] = {}
+        for c in sorted(customers):
+            level |= s.by_customer.get(c, {})
+        for obj in self.new_objects.values():
+            if obj.customer in customers and obj.kind in CUSTOMER_KINDS:
+                level[obj.id] = obj
+        return level | own
+
+    def write_object(self, obj: StripeObject, new_links: AbstractSet[str]) -> None:
+        self.new_objects[obj.id] = obj
+        self.links |= {(obj.id, i) for i in new_links}
+
+    def write_bindings(self, license_id: str, ids: AbstractSet[str]) -> None:
+        assert self.new_license in (None, license_id), "an event binds to one license"
+        self.new_license = license_id
+        self.new_bindings |= ids - self.snapshot.bindings.keys()
+
+    def commit(self, writes: Writes) -> None:
+        """The event decided: its writes go to `writes`, and the snapshot moves on."""
+        s = self.snapshot
+        writes.objects.update(self.new_objects)
+        writes.links |= self.links
+        s.add_objects(self.new_objects.values())
+        s.objects_known |= self.new_objects.keys()
+        for a, b in self.links:
+            for x, y in ((a, b), (b, a)):
+                if x in s.neighbours:
+                    s.neighbours[x].add(y)
+        license_id = self.new_license
+        if license_id is None or not self.new_bindings:
+            return
+        newly = self.new_bindings
+        if license_id in s.claimed:
+            s.claimed[license_id] |= self._new_customers(license_id)
+        for i in sorted(newly):
+            s.bindings[i] = writes.bindings[i] = license_id
+        s.binding_known |= newly
+        for i in newly:
+            if (
+                (o := self._object(i))
+                and o.customer
+                and o.kind not in CUSTOMER_KINDS
+                and o.customer in s.customer_licenses
+            ):
+                s.customer_licenses[o.customer].add(license_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,27 +331,40 @@ def decide_event(
     if event["id"] in snapshot.recorded:
         return DUPLICATE
     s = snapshot
-    own_ids = [o.id for o in reported.objects]
-    own = own_ids[0]
+    own = reported.primary.id
     ids = reported.ids
-    unread = sorted((ids - s.binding_known) | (set(own_ids) - s.objects_known))
-    if unread:
-        return Wants(Need.BASE, tuple(unread))
-    known = {i: s.bindings[i] for i in ids if i in s.bindings}
-    claimed: set[str] = set()
-    named = reported.license_id
-    if named and reported.by_reference and reported.customer and not known.keys() & set(own_ids):
-        if named not in s.claimed:
-            return Wants(Need.CLAIMED, (named,))
-        claimed = s.claimed[named]
-    resolution = resolve(reported, known, claimed)
+    # The event's writes are staged on `rows` until it is decided: a Missing midway leaves nothing.
+    rows = SnapshotRows(s)
+    try:
+        resolved = run(resolve_event(reported), rows)
+    except Missing as missing:
+        return Wants(missing.need, missing.ids)
+    resolution = resolved.resolution
     if resolution.rejected:
         return _record(
-            s, writes, delivery, Outcome(OutcomeKind.REJECTED, named, reason=resolution.rejected, object_id=own)
+            s,
+            writes,
+            delivery,
+            Outcome(OutcomeKind.REJECTED, reported.license_id, reason=resolution.rejected, object_id=own),
         )
+    # The event's own objects, and a one-time Checkout's line items (read from Stripe's API below
+    # when no row holds them).
+    wanted = {o.id for o in reported.objects}
+    items = None
+    if (
+        Need.LINE_ITEMS not in done
+        and rules.needs_line_items(reported.primary)
+        and not any(o.kind == "line_items" for o in reported.objects)
+    ):
+        items = line_items_id(own)
+        wanted.add(items)
+    try:
+        current = rows.objects(wanted)
+    except Missing as missing:
+        return Wants(missing.need, missing.ids)
 
     # Reads from Stripe's API the general path makes (the batched one gives such an event to it).
-    held, proposed = s.objects.get(own), reported.primary
+    held, proposed = current.get(own), reported.primary
     if (
         stripe_reads
         and Need.REFRESH not in done
@@ -208,16 +376,8 @@ def decide_event(
         # object as Stripe's API reads it now (broker.stripe_ledger.refresh). A repeat of the held
         # snapshot (invoice.paid, then invoice.payment_succeeded of the same second) needs no read.
         return Wants(Need.REFRESH, (own,))
-    if (
-        Need.LINE_ITEMS not in done
-        and rules.needs_line_items(proposed)
-        and not any(o.kind == "line_items" for o in reported.objects)
-    ):
-        items = line_items_id(own)
-        if items not in s.objects_known:
-            return Wants(Need.BASE, (items,))
-        if items not in s.objects:
-            return Wants(Need.LINE_ITEMS, (own,))
+    if items is not None and items not in current:
+        return Wants(Need.LINE_ITEMS, (own,))
     if (
         stripe_reads
         and Need.ENTITLEMENTS not in done
@@ -229,85 +389,32 @@ def decide_event(
     if stripe_reads and Need.INVOICE_PAYMENTS not in done and needs_invoice_payments(event, proposed, held):
         return Wants(Need.INVOICE_PAYMENTS, (own,))
 
-    # The ledger objects.
-    merged: dict[str, StripeObject] = {}
-    links: set[tuple[str, str]] = set()
-    verdicts = set()
-    for obj in reported.objects:
-        before = merged.get(obj.id) or s.objects.get(obj.id)
-        after, verdict = merge(before, obj)
-        verdicts.add(verdict)
-        if after is not None:
-            merged[obj.id] = after
-            links |= {(obj.id, i) for i in obj.links - (before.links if before else frozenset())}
-
-    # The binding: the event's ids and every id linked to them, transitively, that no license holds.
-    license_id = resolution.license_id
-    newly: set[str] = set()
-    if license_id is not None:
-        edges: dict[str, set[str]] = {}
-        for a, b in links:
-            edges.setdefault(a, set()).add(b)
-            edges.setdefault(b, set()).add(a)
-        frontier, seen = set(ids), set[str]()
-        while frontier:
-            unread = sorted(frontier - s.binding_known)
-            fresh = {i for i in frontier if i not in s.bindings}
-            unread += sorted(fresh - s.neighbours.keys() - set(unread))
-            if unread:
-                return Wants(Need.WALK, tuple(unread))
-            newly |= fresh
-            seen |= frontier
-            frontier = {n for i in fresh for n in (*s.neighbours[i], *edges.get(i, ()))} - seen
-        unread = sorted((newly - set(merged)) - s.objects_known)
+    # The ledger objects, and the binding: broker.stripe_ledger.binding's walk, on the snapshot.
+    try:
+        folded = run(fold(reported, resolved, current), rows)
+        license_id = resolution.license_id
+        licenses = folded.licenses
+        # The license rows, locked after the ids the walk reached: all at once (sorted).
+        unread = sorted(lid for lid in licenses if lid not in s.licenses and lid not in s.absent)
         if unread:
-            return Wants(Need.WALK, tuple(unread))
-
-    licenses: set[str] = {license_id} if license_id is not None else set()
-    customer = reported.customer
-    if reported.customer_level and customer:
-        if customer not in s.customer_licenses:
-            return Wants(Need.CUSTOMER_LICENSES, (customer,))
-        licenses |= s.customer_licenses[customer]
-    unread = sorted(lid for lid in licenses if lid not in s.licenses and lid not in s.absent)
-    if unread:
-        return Wants(Need.LICENSES, tuple(unread))
-
-    # Every license's objects as this event leaves them, and the customer-level objects of their customers.
-    def object_of(i: str) -> StripeObject | None:
-        return merged.get(i) or s.objects.get(i)
-
-    bound: dict[str, list[StripeObject]] = {lid: [] for lid in licenses}
-    for i, lid in s.bindings.items():
-        if lid in bound and (found := object_of(i)) is not None:
-            bound[lid].append(found)
-    for i in newly:
-        if license_id is not None and (found := object_of(i)) is not None:
-            bound[license_id].append(found)
-    by_customer = dict(s.by_customer)
-    for obj in merged.values():
-        if obj.customer and obj.kind in CUSTOMER_KINDS:
-            by_customer[obj.customer] = {**by_customer.get(obj.customer, {}), obj.id: obj}
-    customers = {o.customer for objs in bound.values() for o in objs if o.customer}
-    unread = sorted(customers - s.customers_known)
-    if unread:
-        return Wants(Need.CUSTOMER_OBJECTS, tuple(unread))
+            return Wants(Need.LICENSES, tuple(unread))
+        # Every license's objects as this event leaves them, and the customer-level objects of their customers.
+        derived = {lid: rows.license_objects(lid) for lid in sorted(licenses)}
+    except Missing as missing:
+        return Wants(missing.need, missing.ids)
 
     # Decided: nothing below asks for more.
-    stale = verdicts == {OLDER}
+    stale = folded.verdicts == {OLDER}
     occurred_at = datetime.fromtimestamp(event["created"], UTC)
     appended: list[LicenseEvent] = []
     states: dict[str, tuple[int, LicenseState]] = {}
-    for lid in sorted(licenses):
+    for lid, objects in derived.items():
         if lid in s.licenses:
             seq, held_state = s.licenses[lid]
         else:
             seq, held_state = 0, initial_state()
             writes.created[lid] = (seq, held_state)
-        own_objects = {o.id: o for o in bound[lid]}
-        license_customers = sorted({o.customer for o in own_objects.values() if o.customer})
-        level = {o.id: o for c in license_customers for o in by_customer.get(c, {}).values()}
-        state = rules.derive({**level, **own_objects}.values())
+        state = rules.derive(objects.values())
         if state != held_state:
             seq += 1
             entry, logged = log_entry(
@@ -331,33 +438,14 @@ def decide_event(
         outcome = Outcome(kind, license_id or min(licenses), tuple(appended), object_id=own)
 
     # The writes, and the snapshot moved on.
-    writes.objects.update(merged)
-    writes.links |= links
-    s.add_objects(merged.values())
-    s.objects_known |= merged.keys()
-    for a, b in links:
-        for x, y in ((a, b), (b, a)):
-            if x in s.neighbours:
-                s.neighbours[x].add(y)
+    rows.commit(writes)
+    newly = folded.newly
     if newly:
         assert license_id is not None
-        for i in sorted(newly):
-            s.bindings[i] = writes.bindings[i] = license_id
-        s.binding_known |= newly
-        if license_id in s.claimed:
-            s.claimed[license_id] |= {o.customer for i in newly if (o := object_of(i)) and o.customer}
-        for i in newly:
-            if (
-                (o := object_of(i))
-                and o.customer
-                and o.kind not in CUSTOMER_KINDS
-                and o.customer in s.customer_licenses
-            ):
-                s.customer_licenses[o.customer].add(license_id)
         waiting = newly - ids
-        if customer:
+        if reported.customer:
             # Customer-level objects that waited for a license of their customer.
-            waiting |= {customer, entitlements_id(customer)}
+            waiting |= {reported.customer, entitlements_id(reported.customer)}
         if waiting:
             _link_pending(writes, license_id, waiting)
     for lid, held_row in states.items():

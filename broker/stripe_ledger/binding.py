@@ -7,13 +7,16 @@ Binding: an object belongs to a license only through `metadata.license_id`, a Ch
 `client_reference_id`, or a link from an object already bound. A customer id alone never picks a
 license. Bindings are set once and never moved: a later claim on a bound object does not take it.
 
-One walk, two kinds of rows. The walks are written once, as generators that yield what they need
-(a `Step`: a read, or a write) and are sent the answer; they do no I/O themselves and stay as
+One walk, three kinds of rows. The walks are written once, as generators that yield what they
+need (a `Step`: a read, or a write) and are sent the answer; they do no I/O themselves and stay as
 pure as the rules in broker.stripe_ledger.ledger. `run` answers their steps from rows held in
-memory (`MemoryRows`: MemoryLedger, the property tests, rebuild), `run_async` from rows in the
-database (`broker.stripe_ledger.store.SqlRows`: the webhook, inside its transaction). So the
-property tests of tests/test_ledger.py run the walk production runs, and only the answering of
-each step differs, which tests/test_ledger_rows.py checks on the same rows in real Postgres.
+memory (`MemoryRows`: MemoryLedger, the property tests, rebuild; and
+`broker.ingest.decide.SnapshotRows`: the webhook's ingest, on the snapshot its transaction read,
+both paths), `run_async` from rows in the database (`broker.stripe_ledger.store.SqlRows`:
+`LedgerStore.bind`, a trial's binding). So the property tests of tests/test_ledger.py run the
+walk production runs, and only the answering of each step differs, which tests/test_ledger_rows.py
+checks on the same rows in real Postgres (and tests/test_ingest_differential.py through both
+ingest paths).
 
 Why generators, and not an async walk or a reader that preloads the neighbourhood: an async walk
 would make every in-memory caller (the sync migration, the hypothesis tests) drive an event loop,
@@ -307,7 +310,7 @@ class Folded:
 def fold(reported: Reported, resolved: Resolved, current: Mapping[str, StripeObject]) -> Walk[Folded]:
     """Fold the event's objects into the rows (`merge`), then bind (`bind`) when it has a license.
     `current`: the rows of its objects, read after `resolve_event` (the caller may complete the
-    event from Stripe's API in between: webhook.ingest).
+    event from Stripe's API in between: broker.ingest.decide).
 
     Guarantee: each object ends as the maximum of its snapshots whatever order they arrive in
     (broker.stripe_ledger.ledger.merge), and its links only accumulate; the objects are written
@@ -334,7 +337,7 @@ def fold(reported: Reported, resolved: Resolved, current: Mapping[str, StripeObj
 
 def apply(reported: Reported) -> Walk[Folded | None]:
     """An event on the rows: resolve, fold; None when it is rejected (nothing written). What the
-    webhook does, but for reading from Stripe's API between the two (webhook.ingest)."""
+    ingest does, but for reading from Stripe's API between the two (broker.ingest.decide)."""
     resolved = yield from resolve_event(reported)
     if resolved.resolution.rejected:
         return None

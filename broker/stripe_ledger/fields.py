@@ -3,7 +3,7 @@ Pure: every kind's parser (broker.stripe_ledger.kinds) reads its object through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.stripe_ledger.ledger import StripeObject
@@ -40,10 +40,12 @@ class Reported:
     def customer(self) -> str | None:
         return self.primary.customer
 
-    @property
-    def ids(self) -> set[str]:
-        """Every id whose binding this event reads or writes (its objects and their links)."""
-        return {i for obj in self.objects for i in (obj.id, *obj.links)}
+    # Every id whose binding this event reads or writes (its objects and their links): computed
+    # once (the ingest's decision and the binding walks it runs read it several times per event).
+    ids: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", frozenset(i for obj in self.objects for i in (obj.id, *obj.links)))
 
 
 def as_dict(value: Any) -> dict[str, Any]:
