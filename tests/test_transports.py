@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.settings import Settings
@@ -234,12 +235,16 @@ def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
 
 
 class CountingEventLog(EventLog):
-    """The event log, counting the sweep's event reads."""
+    """The event log, counting the sweep's event reads and the licenses each one asks for."""
 
-    reads = 0
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.reads = 0
+        self.licenses_per_read: list[int] = []
 
     async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
         self.reads += 1
+        self.licenses_per_read.append(len(after))
         return await super().read_many(after, limit)
 
 
@@ -276,17 +281,21 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
     kept, left_early, left_late = new_license(), new_license(), new_license()
 
     class LeavingEventLog(EventLog):
+        reads = 0
+
         async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
             latest = await super().latest_seqs(license_ids)
             sweep.unfollow(left_early)
             return latest
 
         async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+            self.reads += 1
             events = await super().read_many(after, limit)
             sweep.unfollow(left_late)
             return events
 
-    sweep = DatabaseSweep(LeavingEventLog(engine), interval=60)
+    events = LeavingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     try:
@@ -295,39 +304,78 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
             await append(engine, license_id)
         assert await sweep.sweep_once() == 1
         assert [(e.license_id, e.seq) for e in found] == [(kept, 1)]
-        # Every license of the read given up meanwhile: nothing is read at all.
+        assert events.reads == 1  # one read for the licenses still followed, none for the rest
+        # Every license of the read given up meanwhile: nothing is read at all (a read of no
+        # license would be a query without a condition: every license's events).
         sweep.unfollow(kept)
         await sweep.follow(left_early)
         await append(engine, left_early)
         assert await sweep.sweep_once() == 0
+        assert events.reads == 1
     finally:
         await sweep.stop()
         await engine.dispose()
 
 
+async def commit_events(engine: AsyncEngine, counts: dict[str, int]) -> None:
+    """`counts[license]` events of each license, in one transaction."""
+    async with engine.begin() as conn:
+        for license_id, count in counts.items():
+            row = await LicenseStore.lock(conn, license_id)
+            for seq in range(row.seq + 1, row.seq + count + 1):
+                await EventLog.append(conn, license_id, seq, row.state, stripe_event_id=None,
+                                      stripe_event_type="t", occurred_at=datetime.now(UTC))  # fmt: skip
+            row.seq += count
+            await LicenseStore.save(conn, row)
+
+
 async def test_a_sweep_finds_every_event_when_more_moved_than_one_read_takes(pg_url: str) -> None:
     """600 licenses moved (a read takes 500), one of them by 1,100 events (a read returns 1,000)."""
     engine = create_engine(Settings(database_url=pg_url))
-    sweep = DatabaseSweep(EventLog(engine), interval=60)
+    events = CountingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     licenses = [new_license() for _ in range(600)]
     try:
         for license_id in licenses:
             await sweep.follow(license_id)
-        async with engine.begin() as conn:
-            for n, license_id in enumerate(licenses):
-                row = await LicenseStore.lock(conn, license_id)
-                for seq in range(1, (1100 if n == 300 else 1) + 1):
-                    await EventLog.append(conn, license_id, seq, row.state, stripe_event_id=None,
-                                          stripe_event_type="t", occurred_at=datetime.now(UTC))  # fmt: skip
-                row.seq = seq
-                await LicenseStore.save(conn, row)
+        await commit_events(engine, {lid: 1100 if n == 300 else 1 for n, lid in enumerate(licenses)})
         assert await sweep.sweep_once() == 599 + 1100
+        assert max(events.licenses_per_read) == events.licenses_per_read[0] == 500
         by_license: dict[str, list[int]] = {}
         for event in found:
             by_license.setdefault(event.license_id, []).append(event.seq)
         assert by_license == {lid: list(range(1, (1100 if n == 300 else 1) + 1)) for n, lid in enumerate(licenses)}
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+
+
+async def test_licenses_left_for_the_next_read_and_given_up_meanwhile_are_not_read_at_all(pg_url: str) -> None:
+    """501 licenses moved (a read takes 500); the one left for a second read is given up while
+    the first reads. No second read: one of no license would be a query without a condition."""
+    engine = create_engine(Settings(database_url=pg_url))
+
+    class LeavingEventLog(CountingEventLog):
+        async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+            events = await super().read_many(after, limit)
+            for license_id in set(sweep.known) - set(after):
+                sweep.unfollow(license_id)
+            return events
+
+    events = LeavingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
+    found: list[LicenseEvent] = []
+    sweep.start(found.append)
+    licenses = [new_license() for _ in range(501)]
+    try:
+        for license_id in licenses:
+            await sweep.follow(license_id)
+        await commit_events(engine, dict.fromkeys(licenses, 1))
+        assert await sweep.sweep_once() == 500
+        assert events.licenses_per_read == [500]
+        assert len(sweep.known) == 500 and {e.license_id for e in found} == set(sweep.known)
     finally:
         await sweep.stop()
         await engine.dispose()
