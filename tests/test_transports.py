@@ -268,7 +268,8 @@ async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_m
         sweep.note(license_id, 2)  # late: the sweep never goes back
         assert sweep.known[license_id] == 4
         sweep.note("lic_not_followed", 5)  # a live message of a license given up meanwhile
-        sweep.unfollow("lic_not_followed")
+        assert "lic_not_followed" not in sweep.known  # is not followed again
+        sweep.unfollow("lic_not_followed")  # nor is giving up what is not followed an error
         assert "lic_not_followed" not in sweep.known
     finally:
         await sweep.stop()
