@@ -401,18 +401,20 @@ async def test_the_sweep_task_ends_when_closed_and_closing_without_starting_is_f
         await engine.dispose()
 
 
-async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_the_recovery_noted(
+async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_each_recovery_noted(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Two outages: 31 failed sweeps, one that succeeds, two more failed. The second outage is
+    counted from one again, and the sweep outlives both."""
     engine = create_engine(Settings(database_url=pg_url))
-    down = 31
+    failing = {*range(1, 32), 33, 34}
 
     class FailingEventLog(EventLog):
         calls = 0
 
         async def latest_seqs(self, license_ids: Iterable[str]) -> dict[str, int]:
             self.calls += 1
-            if self.calls <= down:
+            if self.calls in failing:
                 raise OSError("database unavailable")
             return await super().latest_seqs(license_ids)
 
@@ -421,18 +423,24 @@ async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_t
     caplog.set_level(logging.INFO, logger="broker.sweep")
     before = metrics.SWEEP_FAILURES._value.get()
     sweep.start(lambda event: None)
+
+    def recoveries() -> int:
+        return sum("recovered" in r.getMessage() for r in caplog.records)
+
     try:
-        await async_wait_until(lambda: events.calls > down, what="the database to come back")
-        await async_wait_until(lambda: any("recovered" in r.getMessage() for r in caplog.records), what="recovery")
+        await async_wait_until(lambda: recoveries() == 2, what="two recoveries")
+        await async_wait_until(lambda: events.calls > 36, what="sweeps after the second recovery")
     finally:
         await sweep.stop()
         await engine.dispose()
-    assert metrics.SWEEP_FAILURES._value.get() - before == down
+    assert metrics.SWEEP_FAILURES._value.get() - before == len(failing)
     messages = [r.getMessage() for r in caplog.records if r.name == "broker.sweep"]
     assert messages == [
         "database sweep failed (1 in a row): database unavailable",
         "database sweep failed (30 in a row): database unavailable",
-        f"database sweep recovered after {down} failures",
+        "database sweep recovered after 31 failures",
+        "database sweep failed (1 in a row): database unavailable",
+        "database sweep recovered after 2 failures",
     ]
 
 
