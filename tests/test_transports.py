@@ -216,13 +216,17 @@ async def test_unlisten_lets_go_of_the_license_in_the_inner_transport_and_in_the
     swept: tuple[SweptTransport, LossyTransport, Harness],
 ) -> None:
     transport, inner, h = swept
-    license_id = new_license()
+    license_id, other = new_license(), new_license()
     await transport.listen(license_id)
+    await transport.listen(other)
     assert license_id in transport.sweep.known
     await transport.unlisten(license_id)
     assert license_id not in transport.sweep.known  # no longer swept
     event = await append(h.engine, license_id)
-    await inner.publish(license_id, event.data)  # no longer delivered live
+    await inner.publish(license_id, event.data)  # no longer delivered live:
+    # live messages are checked and handed on in the order they arrive, so the next one to reach
+    # the handler is the other license's, published after it
+    assert (await h.commit_and_publish(other)).license_id == (await h.next()).license_id == other
     assert await transport.sweep.sweep_once() == 0
     assert h.received.empty()
 
