@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
@@ -29,7 +30,7 @@ from broker.transports.swept import SweptTransport
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.transports import Harness
-from tests.support.waiting import async_wait_until
+from tests.support.waiting import async_wait_until, free_port
 
 
 async def test_a_message_published_after_listen_reaches_the_handler(harness: Harness) -> None:
@@ -229,6 +230,28 @@ async def test_unlisten_lets_go_of_the_license_in_the_inner_transport_and_in_the
     assert (await h.commit_and_publish(other)).license_id == (await h.next()).license_id == other
     assert await transport.sweep.sweep_once() == 0
     assert h.received.empty()
+
+
+async def test_a_live_message_the_check_cannot_read_the_database_for_is_delivered_by_the_sweep_at_once(
+    pg_url: str,
+) -> None:
+    """The live check's own connection is refused: the message is left to the sweep, woken at
+    once (its interval is longer than the test), which reads the event itself."""
+    engine = create_engine(Settings(database_url=pg_url))
+    refused = make_url(pg_url).set(port=free_port()).render_as_string(hide_password=False)
+    check_engine = create_engine(Settings(database_url=refused))
+    transport = SweptTransport(LossyTransport(), DatabaseSweep(EventLog(engine), interval=60), check_engine)
+    h = Harness(transport, engine)
+    unchecked = metrics.LIVE_UNCHECKED._value.get()
+    await transport.start(h.on_message)
+    try:
+        license_id = new_license()
+        await transport.listen(license_id)
+        assert (await h.commit_and_publish(license_id)).seq == (await h.next()).seq == 1
+        assert metrics.LIVE_UNCHECKED._value.get() - unchecked == 1
+    finally:
+        await transport.close()
+        await engine.dispose()
 
 
 def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
