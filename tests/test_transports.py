@@ -20,7 +20,7 @@ from broker.storage.db import create_engine
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
-from broker.transports.base import GapHandler, MessageHandler, ignore_gap
+from broker.transports.base import NOTICE_SEQ, GapHandler, MessageHandler, ignore_gap, notice
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
@@ -252,6 +252,20 @@ async def test_a_live_message_the_check_cannot_read_the_database_for_is_delivere
     finally:
         await transport.close()
         await engine.dispose()
+
+
+async def test_a_notice_goes_straight_to_the_handler_unchecked_and_unnoted_by_the_sweep(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    """A notice is no stored event: the live check would drop it, and noting its seq would be
+    noting nothing."""
+    transport, _, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    await transport.publish(license_id, notice(license_id))
+    got = await h.next()
+    assert (got.license_id, got.seq, got.data) == (license_id, NOTICE_SEQ, notice(license_id))
+    assert transport.sweep.known[license_id] == 0
 
 
 def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
