@@ -16,6 +16,7 @@ from broker.settings import Settings
 from broker.signing import tokens
 from broker.storage.db import create_engine
 from broker.storage.eventlog import EventLog
+from broker.transports.base import notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import SubscriptionHub
@@ -218,3 +219,21 @@ async def test_an_event_committed_during_the_replay_is_sent_once(pg_url: str, ba
         await engine.dispose()
     ids = [int(chunk.split(b"\n", 1)[0].removeprefix(b"id: ")) for chunk in chunks]
     assert ids == [1, 2, 3, 4, 5]
+
+
+async def test_a_notice_prompts_the_hub_with_its_license_and_reaches_no_stream() -> None:
+    """A notice (a license's machines changed) is no event: the hub hands its license id to
+    `on_notice` (broker.licensing.watch) and queues nothing for the license's streams."""
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    noticed: list[str] = []
+    hub.on_notice = noticed.append
+    await hub.start()
+    license_id = new_license()
+    try:
+        async with hub.subscribe(license_id) as sub:
+            await transport.publish(license_id, notice(license_id))
+            assert noticed == [license_id]
+            assert sub.pending == 0
+    finally:
+        await hub.close()
