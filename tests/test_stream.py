@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -15,7 +16,8 @@ from broker import metrics
 from broker.settings import Settings
 from broker.signing import tokens
 from broker.storage.db import create_engine
-from broker.storage.eventlog import EventLog
+from broker.storage.eventlog import EventLog, encode_event
+from broker.storage.licenses import initial_state
 from broker.transports.base import notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
@@ -235,5 +237,34 @@ async def test_a_notice_prompts_the_hub_with_its_license_and_reaches_no_stream()
             await transport.publish(license_id, notice(license_id))
             assert noticed == [license_id]
             assert sub.pending == 0
+    finally:
+        await hub.close()
+
+
+async def test_the_delivery_lag_is_the_time_since_the_event_was_recorded_and_never_negative() -> None:
+    """The hub observes, per event, how long ago the webhook recorded it; an event recorded by a
+    process whose clock runs ahead is observed as 0, not as a negative lag."""
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+
+    def event(seq: int, recorded_at: datetime) -> bytes:
+        return encode_event(license_id, seq, initial_state(), stripe_event_id=None, stripe_event_type=None,
+                            occurred_at=None, recorded_at=recorded_at)  # fmt: skip
+
+    def observed() -> float:
+        return float(metrics.DELIVERY_LAG._sum.get())
+
+    try:
+        async with hub.subscribe(license_id) as sub:
+            before, start = observed(), time.time()
+            await transport.publish(license_id, event(1, datetime.fromtimestamp(start, UTC)))
+            lag = observed() - before
+            assert 0 <= lag <= time.time() - start + 1e-6  # recorded_at is kept to the microsecond
+            before = observed()
+            await transport.publish(license_id, event(2, datetime.now(UTC) + timedelta(seconds=5)))
+            assert observed() - before == 0
+            assert sub.pending == 2
     finally:
         await hub.close()
