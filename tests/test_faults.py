@@ -213,6 +213,7 @@ async def test_a_client_that_leaves_in_the_middle_of_a_replay_releases_everythin
     assert transport.listened == {license_id}
     await stream.aclose()
     assert transport.listened == set()
+    assert license_id not in hub._topics  # nor does the hub keep the license's entry
     assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     await hub.close()
     await engine.dispose()
