@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -266,5 +267,29 @@ async def test_the_delivery_lag_is_the_time_since_the_event_was_recorded_and_nev
             await transport.publish(license_id, event(2, datetime.now(UTC) + timedelta(seconds=5)))
             assert observed() - before == 0
             assert sub.pending == 2
+    finally:
+        await hub.close()
+
+
+class FailingUnlistenTransport(RecordingTransport):
+    async def unlisten(self, license_id: str) -> None:
+        raise ConnectionError("redis gone")
+
+
+async def test_a_failing_unlisten_is_logged_and_the_hub_still_lets_the_license_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last client of a license leaves while the transport cannot unlisten (Redis down): its
+    leave completes, the hub forgets the license, and the failure is logged."""
+    hub = SubscriptionHub(FailingUnlistenTransport(), buffer=4)
+    await hub.start()
+    caplog.set_level(logging.WARNING, logger="stream.hub")
+    license_id = new_license()
+    try:
+        async with hub.subscribe(license_id):
+            pass
+        assert license_id not in hub._topics
+        messages = [r.getMessage() for r in caplog.records if r.name == "stream.hub"]
+        assert messages == [f"unlisten {license_id} failed: redis gone"]
     finally:
         await hub.close()
