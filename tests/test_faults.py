@@ -227,6 +227,7 @@ async def test_the_queue_of_a_stream_whose_reader_takes_nothing_stays_bounded_an
         await anext(stream)
         assert seq_of(await anext(stream)) == 0
         [sub] = hub._topics[license_id].subs
+        assert sub.overflowed is False
         for _ in range(10):  # the client reads nothing meanwhile
             event = await append(engine, license_id)
             await transport.publish(license_id, event.data)

@@ -293,3 +293,31 @@ async def test_a_failing_unlisten_is_logged_and_the_hub_still_lets_the_license_g
         assert messages == [f"unlisten {license_id} failed: redis gone"]
     finally:
         await hub.close()
+
+
+async def test_the_hub_knows_which_machines_hold_streams_and_ends_the_streams_of_those_released() -> None:
+    """Streams opened with a machine token are the machine's: the hub lists them per license and
+    in all, and ends those of released machines (broker.licensing.watch), each once."""
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id, other, unknown = new_license(), new_license(), new_license()
+    try:
+        async with (
+            hub.subscribe(license_id, "m1") as m1,
+            hub.subscribe(license_id, "m2") as m2,
+            hub.subscribe(license_id, "m4") as m4,
+            hub.subscribe(license_id) as anonymous,
+            hub.subscribe(other, "m3") as m3,
+        ):
+            assert hub.machines_of(license_id) == {"m1", "m2", "m4"}
+            assert hub.machines_of(unknown) == set()
+            assert hub.held_machines() == {"m1": license_id, "m2": license_id, "m4": license_id, "m3": other}
+            assert hub.end_machines(license_id, ["m1", "m3"]) == 1  # m3 holds another license's
+            assert [s.ended for s in (m1, m2, m4, anonymous, m3)] == [True, False, False, False, False]
+            assert hub.end_machines(license_id, ["m1"]) == 0  # ended already
+            assert hub.end_machines(unknown, ["m2"]) == 0
+            assert not m2.ended
+            assert hub.end_machines(license_id, ["m1", "m2", "m4"]) == 2
+            assert [s.ended for s in (m2, m4, anonymous, m3)] == [True, True, False, False]
+    finally:
+        await hub.close()
