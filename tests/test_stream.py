@@ -22,7 +22,7 @@ from broker.storage.licenses import initial_state
 from broker.transports.base import notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
-from stream.hub import SubscriptionHub
+from stream.hub import HubClosed, SubscriptionHub
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport
@@ -319,5 +319,24 @@ async def test_the_hub_knows_which_machines_hold_streams_and_ends_the_streams_of
             assert not m2.ended
             assert hub.end_machines(license_id, ["m1", "m2", "m4"]) == 2
             assert [s.ended for s in (m2, m4, anonymous, m3)] == [True, True, False, False]
+    finally:
+        await hub.close()
+
+
+async def test_a_hub_going_away_ends_its_streams_and_refuses_new_ones() -> None:
+    """SIGTERM: every stream ends at once (its client reconnects to another process) and a
+    subscription that comes after is refused rather than left waiting on a closing process."""
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id = new_license()
+    try:
+        async with hub.subscribe(license_id) as sub:
+            assert not hub.closing
+            hub.end_streams()
+            assert hub.closing and sub.ended
+            assert await sub.get(30) is None  # at once, not after 30 s
+            with pytest.raises(HubClosed):
+                async with hub.subscribe(license_id):
+                    pass
     finally:
         await hub.close()
