@@ -229,12 +229,13 @@ async def test_a_notice_prompts_the_hub_with_its_license_and_reaches_no_stream()
     `on_notice` (broker.licensing.watch) and queues nothing for the license's streams."""
     transport = RecordingTransport()
     hub = SubscriptionHub(transport, buffer=4)
-    noticed: list[str] = []
-    hub.on_notice = noticed.append
     await hub.start()
     license_id = new_license()
     try:
         async with hub.subscribe(license_id) as sub:
+            await transport.publish(license_id, notice(license_id))  # nothing watches: ignored
+            noticed: list[str] = []
+            hub.on_notice = noticed.append
             await transport.publish(license_id, notice(license_id))
             assert noticed == [license_id]
             assert sub.pending == 0
