@@ -23,6 +23,7 @@ from broker.transports.base import notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import HubClosed, SubscriptionHub
+from stream.sse import PING
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport
@@ -341,3 +342,29 @@ async def test_a_hub_going_away_ends_its_streams_and_refuses_new_ones() -> None:
                     pass
     finally:
         await hub.close()
+
+
+async def test_a_client_resuming_at_the_current_seq_is_sent_nothing_again(pg_url: str) -> None:
+    """Its Last-Event-ID is the license's current seq: the stream sends no event, only its
+    heartbeat, until something changes."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+    await append(engine, license_id)
+    await append(engine, license_id, "past_due")
+    stream = license_stream(EventLog(engine), hub, make_settings(pg_url, heartbeat_interval=0.05), license_id, 2)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert await asyncio.wait_for(anext(stream), 5) == PING
+        third = await append(engine, license_id, "canceled")
+        await transport.publish(license_id, third.data)
+        chunk = await asyncio.wait_for(anext(stream), 5)
+        while chunk == PING:
+            chunk = await asyncio.wait_for(anext(stream), 5)
+        assert chunk.startswith(b"id: 3\n")
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
