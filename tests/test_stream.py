@@ -12,12 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.settings import Settings
 from broker.signing import tokens
 from broker.storage.db import create_engine
-from broker.storage.eventlog import EventLog, encode_event
+from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
 from broker.storage.licenses import initial_state
 from broker.transports.base import notice
 from license_broker.embedded import create_app
@@ -366,5 +367,57 @@ async def test_a_client_resuming_at_the_current_seq_is_sent_nothing_again(pg_url
         assert chunk.startswith(b"id: 3\n")
     finally:
         await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+class ReadCountingEventLog(EventLog):
+    """The event log, noting how many events each replay read returns."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.reads: list[int] = []
+
+    async def read(
+        self, license_id: str, after: int, before: int | None = None, limit: int = 500
+    ) -> list[LicenseEvent]:
+        events = await super().read(license_id, after, before, limit)
+        self.reads.append(len(events))
+        return events
+
+
+async def test_a_replay_reads_its_backlog_in_batches_and_only_a_resync_counts_as_one(pg_url: str) -> None:
+    """20 events before the current one, STREAM_REPLAY_BATCH 10: two reads of 10, none more (a
+    large backlog holds no connection long). A client with no resume point is no resync; one
+    ahead of the license is."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    events = ReadCountingEventLog(engine)
+    settings = make_settings(pg_url, replay_batch=10, heartbeat_interval=30)
+    license_id = new_license()
+    for _ in range(21):
+        await append(engine, license_id)
+
+    async def chunks(last_seq: int | None, n: int) -> list[bytes]:
+        stream = license_stream(events, hub, settings, license_id, last_seq)
+        try:
+            return [await anext(stream) for _ in range(n)]
+        finally:
+            await stream.aclose()
+
+    def resynced() -> float:
+        return float(metrics.RESYNCED._value.get())
+
+    try:
+        replay = await chunks(0, 1 + 21)
+        assert [int(c.split(b"\n", 1)[0].removeprefix(b"id: ")) for c in replay[1:]] == list(range(1, 22))
+        assert events.reads == [10, 10]
+        before = resynced()
+        assert (await chunks(None, 2))[1].startswith(b"id: 21\n")
+        assert resynced() == before
+        assert (await chunks(99, 2))[1].startswith(b"id: 21\n")
+        assert resynced() == before + 1
+    finally:
         await hub.close()
         await engine.dispose()
