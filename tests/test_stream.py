@@ -421,3 +421,22 @@ async def test_a_replay_reads_its_backlog_in_batches_and_only_a_resync_counts_as
     finally:
         await hub.close()
         await engine.dispose()
+
+
+async def test_a_stream_ends_when_the_token_that_opened_it_expires(pg_url: str) -> None:
+    """`expires_at` (the token's exp) half a second away, heartbeats every 30 s: the stream ends
+    at the expiry, not at a heartbeat; the client reconnects with a fresh token."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    settings = make_settings(pg_url, heartbeat_interval=30, max_connection_lifetime=0)
+    stream = license_stream(EventLog(engine), hub, settings, new_license(), None, expires_at=time.time() + 0.5)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert (await anext(stream)).startswith(b"id: 0\n")
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 10)
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
