@@ -213,6 +213,7 @@ async def test_a_client_that_leaves_in_the_middle_of_a_replay_releases_everythin
     assert transport.listened == {license_id}
     await stream.aclose()
     assert transport.listened == set()
+    assert license_id not in hub._topics  # nor does the hub keep the license's entry
     assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     await hub.close()
     await engine.dispose()
@@ -226,6 +227,7 @@ async def test_the_queue_of_a_stream_whose_reader_takes_nothing_stays_bounded_an
         await anext(stream)
         assert seq_of(await anext(stream)) == 0
         [sub] = hub._topics[license_id].subs
+        assert sub.overflowed is False
         for _ in range(10):  # the client reads nothing meanwhile
             event = await append(engine, license_id)
             await transport.publish(license_id, event.data)

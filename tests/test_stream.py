@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.settings import Settings
 from broker.signing import tokens
 from broker.storage.db import create_engine
-from broker.storage.eventlog import EventLog
+from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
+from broker.storage.licenses import initial_state
+from broker.transports.base import notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
-from stream.hub import SubscriptionHub
+from stream.hub import HubClosed, SubscriptionHub
+from stream.sse import PING
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport
@@ -218,3 +224,219 @@ async def test_an_event_committed_during_the_replay_is_sent_once(pg_url: str, ba
         await engine.dispose()
     ids = [int(chunk.split(b"\n", 1)[0].removeprefix(b"id: ")) for chunk in chunks]
     assert ids == [1, 2, 3, 4, 5]
+
+
+async def test_a_notice_prompts_the_hub_with_its_license_and_reaches_no_stream() -> None:
+    """A notice (a license's machines changed) is no event: the hub hands its license id to
+    `on_notice` (broker.licensing.watch) and queues nothing for the license's streams."""
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+    try:
+        async with hub.subscribe(license_id) as sub:
+            await transport.publish(license_id, notice(license_id))  # nothing watches: ignored
+            noticed: list[str] = []
+            hub.on_notice = noticed.append
+            await transport.publish(license_id, notice(license_id))
+            assert noticed == [license_id]
+            assert sub.pending == 0
+    finally:
+        await hub.close()
+
+
+async def test_the_delivery_lag_is_the_time_since_the_event_was_recorded_and_never_negative() -> None:
+    """The hub observes, per event, how long ago the webhook recorded it; an event recorded by a
+    process whose clock runs ahead is observed as 0, not as a negative lag."""
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+
+    def event(seq: int, recorded_at: datetime) -> bytes:
+        return encode_event(license_id, seq, initial_state(), stripe_event_id=None, stripe_event_type=None,
+                            occurred_at=None, recorded_at=recorded_at)  # fmt: skip
+
+    def observed() -> float:
+        return float(metrics.DELIVERY_LAG._sum.get())
+
+    try:
+        async with hub.subscribe(license_id) as sub:
+            before, start = observed(), time.time()
+            await transport.publish(license_id, event(1, datetime.fromtimestamp(start, UTC)))
+            lag = observed() - before
+            assert 0 <= lag <= time.time() - start + 1e-6  # recorded_at is kept to the microsecond
+            before = observed()
+            await transport.publish(license_id, event(2, datetime.now(UTC) + timedelta(seconds=5)))
+            assert observed() - before == 0
+            assert sub.pending == 2
+    finally:
+        await hub.close()
+
+
+class FailingUnlistenTransport(RecordingTransport):
+    async def unlisten(self, license_id: str) -> None:
+        raise ConnectionError("redis gone")
+
+
+async def test_a_failing_unlisten_is_logged_and_the_hub_still_lets_the_license_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last client of a license leaves while the transport cannot unlisten (Redis down): its
+    leave completes, the hub forgets the license, and the failure is logged."""
+    hub = SubscriptionHub(FailingUnlistenTransport(), buffer=4)
+    await hub.start()
+    caplog.set_level(logging.WARNING, logger="stream.hub")
+    license_id = new_license()
+    try:
+        async with hub.subscribe(license_id):
+            pass
+        assert license_id not in hub._topics
+        messages = [r.getMessage() for r in caplog.records if r.name == "stream.hub"]
+        assert messages == [f"unlisten {license_id} failed: redis gone"]
+    finally:
+        await hub.close()
+
+
+async def test_the_hub_knows_which_machines_hold_streams_and_ends_the_streams_of_those_released() -> None:
+    """Streams opened with a machine token are the machine's: the hub lists them per license and
+    in all, and ends those of released machines (broker.licensing.watch), each once."""
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id, other, unknown = new_license(), new_license(), new_license()
+    try:
+        async with (
+            hub.subscribe(license_id, "m1") as m1,
+            hub.subscribe(license_id, "m2") as m2,
+            hub.subscribe(license_id, "m4") as m4,
+            hub.subscribe(license_id) as anonymous,
+            hub.subscribe(other, "m3") as m3,
+        ):
+            assert hub.machines_of(license_id) == {"m1", "m2", "m4"}
+            assert hub.machines_of(unknown) == set()
+            assert hub.held_machines() == {"m1": license_id, "m2": license_id, "m4": license_id, "m3": other}
+            assert hub.end_machines(license_id, ["m1", "m3"]) == 1  # m3 holds another license's
+            assert [s.ended for s in (m1, m2, m4, anonymous, m3)] == [True, False, False, False, False]
+            assert hub.end_machines(license_id, ["m1"]) == 0  # ended already
+            assert hub.end_machines(unknown, ["m2"]) == 0
+            assert not m2.ended
+            assert hub.end_machines(license_id, ["m1", "m2", "m4"]) == 2
+            assert [s.ended for s in (m2, m4, anonymous, m3)] == [True, True, False, False]
+    finally:
+        await hub.close()
+
+
+async def test_a_hub_going_away_ends_its_streams_and_refuses_new_ones() -> None:
+    """SIGTERM: every stream ends at once (its client reconnects to another process) and a
+    subscription that comes after is refused rather than left waiting on a closing process."""
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id = new_license()
+    try:
+        async with hub.subscribe(license_id) as sub:
+            assert not hub.closing
+            hub.end_streams()
+            assert hub.closing and sub.ended
+            assert await sub.get(30) is None  # at once, not after 30 s
+            with pytest.raises(HubClosed):
+                async with hub.subscribe(license_id):
+                    pass
+    finally:
+        await hub.close()
+
+
+async def test_a_client_resuming_at_the_current_seq_is_sent_nothing_again(pg_url: str) -> None:
+    """Its Last-Event-ID is the license's current seq: the stream sends no event, only its
+    heartbeat, until something changes."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+    await append(engine, license_id)
+    await append(engine, license_id, "past_due")
+    stream = license_stream(EventLog(engine), hub, make_settings(pg_url, heartbeat_interval=0.05), license_id, 2)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert await asyncio.wait_for(anext(stream), 5) == PING
+        third = await append(engine, license_id, "canceled")
+        await transport.publish(license_id, third.data)
+        chunk = await asyncio.wait_for(anext(stream), 5)
+        while chunk == PING:
+            chunk = await asyncio.wait_for(anext(stream), 5)
+        assert chunk.startswith(b"id: 3\n")
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+class ReadCountingEventLog(EventLog):
+    """The event log, noting how many events each replay read returns."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.reads: list[int] = []
+
+    async def read(
+        self, license_id: str, after: int, before: int | None = None, limit: int = 500
+    ) -> list[LicenseEvent]:
+        events = await super().read(license_id, after, before, limit)
+        self.reads.append(len(events))
+        return events
+
+
+async def test_a_replay_reads_its_backlog_in_batches_and_only_a_resync_counts_as_one(pg_url: str) -> None:
+    """20 events before the current one, STREAM_REPLAY_BATCH 10: two reads of 10, none more (a
+    large backlog holds no connection long). A client with no resume point is no resync; one
+    ahead of the license is."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    events = ReadCountingEventLog(engine)
+    settings = make_settings(pg_url, replay_batch=10, heartbeat_interval=30)
+    license_id = new_license()
+    for _ in range(21):
+        await append(engine, license_id)
+
+    async def chunks(last_seq: int | None, n: int) -> list[bytes]:
+        stream = license_stream(events, hub, settings, license_id, last_seq)
+        try:
+            return [await anext(stream) for _ in range(n)]
+        finally:
+            await stream.aclose()
+
+    def resynced() -> float:
+        return float(metrics.RESYNCED._value.get())
+
+    try:
+        replay = await chunks(0, 1 + 21)
+        assert [int(c.split(b"\n", 1)[0].removeprefix(b"id: ")) for c in replay[1:]] == list(range(1, 22))
+        assert events.reads == [10, 10]
+        before = resynced()
+        assert (await chunks(None, 2))[1].startswith(b"id: 21\n")
+        assert resynced() == before
+        assert (await chunks(99, 2))[1].startswith(b"id: 21\n")
+        assert resynced() == before + 1
+    finally:
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_a_stream_ends_when_the_token_that_opened_it_expires(pg_url: str) -> None:
+    """`expires_at` (the token's exp) half a second away, heartbeats every 30 s: the stream ends
+    at the expiry, not at a heartbeat; the client reconnects with a fresh token."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    settings = make_settings(pg_url, heartbeat_interval=30, max_connection_lifetime=0)
+    stream = license_stream(EventLog(engine), hub, settings, new_license(), None, expires_at=time.time() + 0.5)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert (await anext(stream)).startswith(b"id: 0\n")
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 10)
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()

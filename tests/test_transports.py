@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.settings import Settings
@@ -18,7 +20,7 @@ from broker.storage.db import create_engine, migrate
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
-from broker.transports.base import GapHandler, MessageHandler, ignore_gap
+from broker.transports.base import NOTICE_SEQ, GapHandler, MessageHandler, ignore_gap, notice
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
@@ -28,7 +30,7 @@ from broker.transports.swept import SweptTransport
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.transports import Harness
-from tests.support.waiting import async_wait_until
+from tests.support.waiting import async_wait_until, free_port
 
 
 async def test_a_message_published_after_listen_reaches_the_handler(harness: Harness) -> None:
@@ -215,15 +217,55 @@ async def test_unlisten_lets_go_of_the_license_in_the_inner_transport_and_in_the
     swept: tuple[SweptTransport, LossyTransport, Harness],
 ) -> None:
     transport, inner, h = swept
-    license_id = new_license()
+    license_id, other = new_license(), new_license()
     await transport.listen(license_id)
+    await transport.listen(other)
     assert license_id in transport.sweep.known
     await transport.unlisten(license_id)
     assert license_id not in transport.sweep.known  # no longer swept
     event = await append(h.engine, license_id)
-    await inner.publish(license_id, event.data)  # no longer delivered live
+    await inner.publish(license_id, event.data)  # no longer delivered live:
+    # live messages are checked and handed on in the order they arrive, so the next one to reach
+    # the handler is the other license's, published after it
+    assert (await h.commit_and_publish(other)).license_id == (await h.next()).license_id == other
     assert await transport.sweep.sweep_once() == 0
     assert h.received.empty()
+
+
+async def test_a_live_message_the_check_cannot_read_the_database_for_is_delivered_by_the_sweep_at_once(
+    pg_url: str,
+) -> None:
+    """The live check's own connection is refused: the message is left to the sweep, woken at
+    once (its interval is longer than the test), which reads the event itself."""
+    engine = create_engine(Settings(database_url=pg_url))
+    refused = make_url(pg_url).set(port=free_port()).render_as_string(hide_password=False)
+    check_engine = create_engine(Settings(database_url=refused))
+    transport = SweptTransport(LossyTransport(), DatabaseSweep(EventLog(engine), interval=60), check_engine)
+    h = Harness(transport, engine)
+    unchecked = metrics.LIVE_UNCHECKED._value.get()
+    await transport.start(h.on_message)
+    try:
+        license_id = new_license()
+        await transport.listen(license_id)
+        assert (await h.commit_and_publish(license_id)).seq == (await h.next()).seq == 1
+        assert metrics.LIVE_UNCHECKED._value.get() - unchecked == 1
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+async def test_a_notice_goes_straight_to_the_handler_unchecked_and_unnoted_by_the_sweep(
+    swept: tuple[SweptTransport, LossyTransport, Harness],
+) -> None:
+    """A notice is no stored event: the live check would drop it, and noting its seq would be
+    noting nothing."""
+    transport, _, h = swept
+    license_id = new_license()
+    await transport.listen(license_id)
+    await transport.publish(license_id, notice(license_id))
+    got = await h.next()
+    assert (got.license_id, got.seq, got.data) == (license_id, NOTICE_SEQ, notice(license_id))
+    assert transport.sweep.known[license_id] == 0
 
 
 def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
@@ -234,12 +276,16 @@ def test_a_swept_transport_goes_by_the_name_of_the_one_inside(
 
 
 class CountingEventLog(EventLog):
-    """The event log, counting the sweep's event reads."""
+    """The event log, counting the sweep's event reads and the licenses each one asks for."""
 
-    reads = 0
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.reads = 0
+        self.licenses_per_read: list[int] = []
 
     async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
         self.reads += 1
+        self.licenses_per_read.append(len(after))
         return await super().read_many(after, limit)
 
 
@@ -263,7 +309,8 @@ async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_m
         sweep.note(license_id, 2)  # late: the sweep never goes back
         assert sweep.known[license_id] == 4
         sweep.note("lic_not_followed", 5)  # a live message of a license given up meanwhile
-        sweep.unfollow("lic_not_followed")
+        assert "lic_not_followed" not in sweep.known  # is not followed again
+        sweep.unfollow("lic_not_followed")  # nor is giving up what is not followed an error
         assert "lic_not_followed" not in sweep.known
     finally:
         await sweep.stop()
@@ -297,7 +344,10 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
     kept, left_early, left_late = new_license(), new_license(), new_license()
 
     class LeavingEventLog(EventLog):
+        reads = 0
+
         async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+            self.reads += 1
             events = await super().read_many(after, limit)
             sweep.unfollow(left_late)
             return events
@@ -308,7 +358,8 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
             sweep.unfollow(left_early)
             return latest
 
-    sweep = LeavingSweep(LeavingEventLog(engine), interval=60)
+    events = LeavingEventLog(engine)
+    sweep = LeavingSweep(events, interval=60)
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     try:
@@ -317,39 +368,78 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
             await append(engine, license_id)
         assert await sweep.sweep_once() == 1
         assert [(e.license_id, e.seq) for e in found] == [(kept, 1)]
-        # Every license of the read given up meanwhile: nothing is read at all.
+        assert events.reads == 1  # one read for the licenses still followed, none for the rest
+        # Every license of the read given up meanwhile: nothing is read at all (a read of no
+        # license would be a query without a condition: every license's events).
         sweep.unfollow(kept)
         await sweep.follow(left_early)
         await append(engine, left_early)
         assert await sweep.sweep_once() == 0
+        assert events.reads == 1
     finally:
         await sweep.stop()
         await engine.dispose()
 
 
+async def commit_events(engine: AsyncEngine, counts: dict[str, int]) -> None:
+    """`counts[license]` events of each license, in one transaction."""
+    async with engine.begin() as conn:
+        for license_id, count in counts.items():
+            row = await LicenseStore.lock(conn, license_id)
+            for seq in range(row.seq + 1, row.seq + count + 1):
+                await EventLog.append(conn, license_id, seq, row.state, stripe_event_id=None,
+                                      stripe_event_type="t", occurred_at=datetime.now(UTC))  # fmt: skip
+            row.seq += count
+            await LicenseStore.save(conn, row)
+
+
 async def test_a_sweep_finds_every_event_when_more_moved_than_one_read_takes(pg_url: str) -> None:
     """600 licenses moved (a read takes 500), one of them by 1,100 events (a read returns 1,000)."""
     engine = create_engine(Settings(database_url=pg_url))
-    sweep = DatabaseSweep(EventLog(engine), interval=60)
+    events = CountingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     licenses = [new_license() for _ in range(600)]
     try:
         for license_id in licenses:
             await sweep.follow(license_id)
-        async with engine.begin() as conn:
-            for n, license_id in enumerate(licenses):
-                row = await LicenseStore.lock(conn, license_id)
-                for seq in range(1, (1100 if n == 300 else 1) + 1):
-                    await EventLog.append(conn, license_id, seq, row.state, stripe_event_id=None,
-                                          stripe_event_type="t", occurred_at=datetime.now(UTC))  # fmt: skip
-                row.seq = seq
-                await LicenseStore.save(conn, row)
+        await commit_events(engine, {lid: 1100 if n == 300 else 1 for n, lid in enumerate(licenses)})
         assert await sweep.sweep_once() == 599 + 1100
+        assert max(events.licenses_per_read) == events.licenses_per_read[0] == 500
         by_license: dict[str, list[int]] = {}
         for event in found:
             by_license.setdefault(event.license_id, []).append(event.seq)
         assert by_license == {lid: list(range(1, (1100 if n == 300 else 1) + 1)) for n, lid in enumerate(licenses)}
+    finally:
+        await sweep.stop()
+        await engine.dispose()
+
+
+async def test_licenses_left_for_the_next_read_and_given_up_meanwhile_are_not_read_at_all(pg_url: str) -> None:
+    """501 licenses moved (a read takes 500); the one left for a second read is given up while
+    the first reads. No second read: one of no license would be a query without a condition."""
+    engine = create_engine(Settings(database_url=pg_url))
+
+    class LeavingEventLog(CountingEventLog):
+        async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
+            events = await super().read_many(after, limit)
+            for license_id in set(sweep.known) - set(after):
+                sweep.unfollow(license_id)
+            return events
+
+    events = LeavingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
+    found: list[LicenseEvent] = []
+    sweep.start(found.append)
+    licenses = [new_license() for _ in range(501)]
+    try:
+        for license_id in licenses:
+            await sweep.follow(license_id)
+        await commit_events(engine, dict.fromkeys(licenses, 1))
+        assert await sweep.sweep_once() == 500
+        assert events.licenses_per_read == [500]
+        assert len(sweep.known) == 500 and {e.license_id for e in found} == set(sweep.known)
     finally:
         await sweep.stop()
         await engine.dispose()
@@ -374,18 +464,20 @@ async def test_the_sweep_task_ends_when_closed_and_closing_without_starting_is_f
         await engine.dispose()
 
 
-async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_the_recovery_noted(
+async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_each_recovery_noted(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Two outages: 31 failed sweeps, one that succeeds, two more failed. The second outage is
+    counted from one again, and the sweep outlives both."""
     engine = create_engine(Settings(database_url=pg_url))
-    down = 31
+    failing = {*range(1, 32), 33, 34}
 
     class FailingSweep(DatabaseSweep):
         calls = 0
 
         async def moved(self, known: dict[str, int]) -> dict[str, int]:
             self.calls += 1
-            if self.calls <= down:
+            if self.calls in failing:
                 raise OSError("database unavailable")
             return await super().moved(known)
 
@@ -393,18 +485,24 @@ async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_t
     caplog.set_level(logging.INFO, logger="broker.sweep")
     before = metrics.SWEEP_FAILURES._value.get()
     sweep.start(lambda event: None)
+
+    def recoveries() -> int:
+        return sum("recovered" in r.getMessage() for r in caplog.records)
+
     try:
-        await async_wait_until(lambda: sweep.calls > down, what="the database to come back")
-        await async_wait_until(lambda: any("recovered" in r.getMessage() for r in caplog.records), what="recovery")
+        await async_wait_until(lambda: recoveries() == 2, what="two recoveries")
+        await async_wait_until(lambda: sweep.calls > 36, what="sweeps after the second recovery")
     finally:
         await sweep.stop()
         await engine.dispose()
-    assert metrics.SWEEP_FAILURES._value.get() - before == down
+    assert metrics.SWEEP_FAILURES._value.get() - before == len(failing)
     messages = [r.getMessage() for r in caplog.records if r.name == "broker.sweep"]
     assert messages == [
         "database sweep failed (1 in a row): database unavailable",
         "database sweep failed (30 in a row): database unavailable",
-        f"database sweep recovered after {down} failures",
+        "database sweep recovered after 31 failures",
+        "database sweep failed (1 in a row): database unavailable",
+        "database sweep recovered after 2 failures",
     ]
 
 
