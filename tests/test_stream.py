@@ -20,11 +20,10 @@ from broker.signing import tokens
 from broker.storage.db import create_engine
 from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
 from broker.storage.licenses import initial_state
-from broker.transports.base import notice
+from broker.wire import PING, notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import HubClosed, SubscriptionHub
-from stream.sse import PING
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport

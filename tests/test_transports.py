@@ -20,13 +20,14 @@ from broker.storage.db import create_engine, migrate
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
-from broker.transports.base import NOTICE_SEQ, GapHandler, MessageHandler, ignore_gap, notice
+from broker.transports.base import GapHandler, MessageHandler, ignore_gap
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
 from broker.transports.redis_cluster import RedisClusterTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
+from broker.wire import NOTICE_SEQ, notice
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.transports import Harness
