@@ -51,7 +51,8 @@ from broker import metrics
 from broker.ingest.decide import Delivery, Snapshot, Writes, decide
 from broker.ingest.outcomes import Outcome
 from broker.ingest.statements import WRITE
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, LicenseRules, StripeObject
+from broker.stripe_ledger.kinds import CUSTOMER_KINDS
+from broker.stripe_ledger.ledger import LicenseRules, StripeObject
 from broker.stripe_ledger.objects import Reported
 
 _CUSTOMER_KINDS = "{" + ",".join(sorted(CUSTOMER_KINDS)) + "}"

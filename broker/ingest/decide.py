@@ -34,7 +34,8 @@ from broker.storage.eventlog import LicenseEvent, log_entry
 from broker.storage.licenses import LicenseState, initial_state
 from broker.storage.schema import stripe_events
 from broker.stripe_ledger.binding import Lock, fold, resolve_event, run
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, OLDER, LicenseRules, StripeObject, line_items_id
+from broker.stripe_ledger.kinds import CUSTOMER_KINDS
+from broker.stripe_ledger.ledger import OLDER, LicenseRules, StripeObject, line_items_id
 from broker.stripe_ledger.objects import Reported, entitlements_id, needs_invoice_payments
 
 _reason_type = stripe_events.c.reason.type

@@ -21,7 +21,8 @@ from broker.ingest.records import mark_linked, record, set_outcome
 from broker.storage.db import upsert_into
 from broker.storage.licenses import LicenseRow, LicenseStore
 from broker.storage.schema import stripe_bindings, stripe_links, stripe_objects, subscription_event_logs
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, LicenseRules, StripeObject
+from broker.stripe_ledger.kinds import CUSTOMER_KINDS
+from broker.stripe_ledger.ledger import LicenseRules, StripeObject
 from broker.stripe_ledger.objects import (
     Reported,
     complete_entitlements,

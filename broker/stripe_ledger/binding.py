@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol, TypeVar, assert_never
 
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, StripeObject, merge
+from broker.stripe_ledger.kinds import CUSTOMER_KINDS
+from broker.stripe_ledger.ledger import StripeObject, merge
 from broker.stripe_ledger.objects import Reported, Unprocessable, report
 
 TAKEOVER = "client_reference_id names a license of another customer"

@@ -599,14 +599,3 @@ def _pays_for_period(invoice: StripeObject) -> bool:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def __getattr__(name: str) -> frozenset[Kind]:
-    """The kind tables that lived here, derived from the registry now (broker.stripe_ledger.kinds);
-    kept for the modules that still import them from here (the ingest, the ledger store)."""
-    if name in ("CUSTOMER_KINDS", "BROKER_KINDS"):
-        from broker.stripe_ledger import kinds  # the registry imports this module
-
-        found: frozenset[Kind] = getattr(kinds, name)
-        return found
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,8 @@ from broker.storage.db import upsert_into
 from broker.storage.schema import stripe_bindings, stripe_links, stripe_objects
 from broker.stripe_ledger import binding
 from broker.stripe_ledger.binding import Lock, run_async
-from broker.stripe_ledger.ledger import CUSTOMER_KINDS, StripeObject
+from broker.stripe_ledger.kinds import CUSTOMER_KINDS
+from broker.stripe_ledger.ledger import StripeObject
 
 _CUSTOMER_KINDS = sorted(CUSTOMER_KINDS)
 
