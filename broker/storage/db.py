@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.settings import Settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -72,6 +73,10 @@ def upsert_into(conn: AsyncConnection, table: sa.Table) -> Any:
 
 
 def _alembic_config(connection: sa.Connection) -> Config:
+    # Alembic (and Mako) are imported here, not at the top: only `migrate` and the embedded default
+    # need them, and every server process and CLI command would otherwise pay ~0.2 s of start-up.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -85,6 +90,8 @@ async def migrate(engine: AsyncEngine) -> None:
         if connection.dialect.name == "postgresql":
             # Several processes may start at once; one migrates, the others wait and find nothing to do.
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(7210482)"))
+        from alembic import command
+
         command.upgrade(_alembic_config(connection), "head")
 
     async with engine.begin() as conn:
