@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from broker.licensing import keys
 from broker.licensing.checkout import Checkouts
-from broker.licensing.gateway import Gateway, LocalGateway, StripeGateway
+from broker.licensing.gateway import Gateway, LocalGateway
 from broker.licensing.machines import BadRequest, InvalidKey, LimitReached, Machines, fingerprint_of, label
 from broker.licensing.metrics import ACTIVATIONS as ACTIVATION_OUTCOMES
 from broker.licensing.pending import PendingCheckouts
@@ -125,6 +125,8 @@ def open_gateway(settings: Settings) -> Gateway | None:
     """Stripe's API with STRIPE_API_KEY; development mode's own pages without one; else none (no
     I/O until a checkout or a portal session is asked for)."""
     if settings.stripe_api_key is not None:
+        from broker.licensing.stripe_gateway import StripeGateway  # loads `stripe` only when it is used
+
         return StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
     return LocalGateway() if settings.dev else None
 
