@@ -9,21 +9,20 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
-import uvicorn
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.applications import Starlette
 
-from broker.runtime import Runtime
 from broker.settings import Settings, SettingsError, lease_keys_from_env, mask_password
-from broker.signing import tokens
-from broker.storage.db import create_engine, migrate
-from broker.web import server as http_server
-from license_broker import logs
-from webhook.samples import ACTION_HELP, ACTIONS
+from webhook.sample_actions import ACTION_HELP, ACTIONS
+
+# What a command needs is imported by its function: the servers' stack (uvicorn, Starlette, the
+# runtime), SQLAlchemy, httpx and the `stripe` package are ~1 s of CPU, which `--help`, `token`,
+# `keys` and a refusal of a bad setting (one line, at once) need not pay.
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from broker.runtime import Runtime
 
 
 def _tune_gc() -> None:
@@ -50,6 +49,11 @@ def stream_app() -> Starlette:
 
 
 def _server(app: object, args: argparse.Namespace, settings: Settings, *, factory: bool = False) -> None:
+    import uvicorn
+
+    from broker.web import server as http_server
+    from license_broker import logs
+
     _tune_gc()
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -77,6 +81,8 @@ def _server(app: object, args: argparse.Namespace, settings: Settings, *, factor
 
 
 def _banner(args: argparse.Namespace) -> object:
+    from broker.signing import tokens
+
     def on_ready(runtime: Runtime) -> None:
         settings = runtime.settings
         base = f"http://{args.host}:{args.port}"
@@ -162,6 +168,10 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from broker.storage.db import create_engine, migrate
+
     async def run() -> None:
         engine = create_engine(settings)
         try:
@@ -182,6 +192,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import timedelta
 
+    from broker.storage.db import create_engine
     from broker.storage.retention import prune_event_log, prune_event_payloads
 
     days = args.older_than_days if args.older_than_days is not None else settings.event_log_retention_days
@@ -204,6 +215,8 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from broker.signing import tokens
+
     # Not require_stream(): a development server's secret (printed by `serve`) is fine here.
     if settings.token_secret is None:
         raise SettingsError("STREAM_TOKEN_SECRET: required by token (the stream's secret)")
@@ -243,6 +256,8 @@ def cmd_keys(args: argparse.Namespace, settings: None) -> int:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+
     from webhook.samples import SampleEvents, explain
 
     if not settings.webhook_secrets:
@@ -272,6 +287,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_unmatched(args: argparse.Namespace, settings: Settings) -> int:
     from broker.ingest import unmatched_events
+    from broker.storage.db import create_engine
 
     async def run() -> list[dict[str, object]]:
         engine = create_engine(settings)
@@ -307,6 +323,8 @@ def _async_command(
     use: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]],
 ) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
             return asyncio.run(use(args, settings))
         except (SQLAlchemyError, OSError) as exc:

@@ -22,7 +22,8 @@ from broker.signing import leases, tokens
 from broker.web.body import BodyRefused, read_body
 from broker.web.ops import forwarded
 from broker.web.requestlog import REQUEST_ID
-from webhook.samples import ACTIONS, SampleEvents, explain
+from webhook.sample_actions import ACTIONS
+from webhook.samples import SampleEvents, explain
 
 TOKEN_TTL = 3600
 # A license id and an action: a few dozen bytes.

@@ -6,19 +6,17 @@ import argparse
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import sqlalchemy as sa
 
 from broker.licensing import keys
-from broker.licensing.machines import Machines
-from broker.licensing.store import KeyStore
 from broker.settings import Settings, SettingsError
-from broker.storage.db import create_engine, migrate
-from broker.storage.eventlog import EventLog
-from broker.storage.schema import machines
-from broker.transports import create_transport
+
+# The database and transport stack is imported where a command uses it, not when the parser is
+# built (license_broker.cli: `--help` and a refused setting answer at once).
+if TYPE_CHECKING:
+    from broker.licensing.machines import Machines
 
 
 @asynccontextmanager
@@ -26,6 +24,12 @@ async def _machines(settings: Settings) -> AsyncIterator[Machines]:
     """The use cases with what a one-shot command needs: the database, and the transport that
     carries a release's notice to the stream processes (without Redis, they find it at their next
     sweep, within BROKER_POLL_INTERVAL)."""
+    from broker.licensing.machines import Machines
+    from broker.licensing.store import KeyStore
+    from broker.storage.db import create_engine, migrate
+    from broker.storage.eventlog import EventLog
+    from broker.transports import create_transport
+
     if settings.license_keys is None:
         raise SettingsError("LICENSE_KEY_SECRET: required by key and machines (the one the stream processes have)")
     engine = create_engine(settings)
@@ -64,6 +68,10 @@ async def key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def list_or_release(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
+    from broker.storage.schema import machines
+
     words = args.words
     async with _machines(settings) as uses:
         if len(words) == 2 and words[0] == "release":

@@ -16,7 +16,8 @@ from license_broker import cli
 from license_broker.embedded import create_app
 from tests.support.licenses import WEBHOOK_SECRET, make_settings, new_license, token_for
 from tests.support.processes import ROOT, serving
-from webhook.samples import ACTION_HELP, ACTIONS, SampleEvents, explain
+from webhook.sample_actions import ACTION_HELP, ACTIONS
+from webhook.samples import SampleEvents, explain
 
 STRIPE_EXAMPLE = ROOT / "tests" / "fixtures" / "stripe" / "customer.subscription.updated.cancel_at_period_end.json"
 

@@ -12,36 +12,10 @@ from typing import Any, ClassVar
 import orjson
 
 from broker.stripe_ledger.objects import Reported, Unprocessable, report
+from webhook.sample_actions import ACTIONS
 from webhook.signature import sign
 
 API_VERSION = "2026-10-28.endive"
-ACTIONS = (
-    "pay",
-    "fail",
-    "recover",
-    "resubscribe",
-    "cancel_at_period_end",
-    "cancel",
-    "refund",
-    "refund_old",
-    "dispute",
-    "dispute_won",
-)
-# What each action is, for `license-broker send --help` and the live page.
-ACTION_HELP = {
-    "pay": "Checkout of the first subscription; its first invoice paid",
-    "fail": "the renewal invoice fails: past_due",
-    "recover": "the renewal invoice is paid: active again",
-    "resubscribe": "a second subscription through a new Checkout",
-    "cancel_at_period_end": "the customer cancels in Stripe's customer portal (its default: at the end of the period): "
-    "still unlocked until then, when Stripe ends the subscription (`cancel`)",
-    "cancel": "the first subscription ends now (a second one keeps the license)",
-    "refund": "every payment fully refunded: revoked",
-    "refund_old": "the first period's payment refunded: nothing changes once a renewal was paid",
-    "dispute": "a chargeback opened on every payment: revoked",
-    "dispute_won": "the chargebacks are won: restored",
-}
-
 
 # What `send` and the live page say about a webhook's outcome other than "applied".
 OUTCOME_NOTES = {
