@@ -215,7 +215,12 @@ async def test_the_machine_token_is_renewed_on_the_stream_and_on_request(pg_url:
         renewed = tokens.verify_for(settings, json.loads(file.read_text())["token"])
         assert renewed.machine_id == stored["machine_id"] and renewed.expires_at > old_exp + 30
 
-        # A renewal request that fails (the broker busy): the stream renews the token itself.
+        # A renewal request that fails (the broker busy): the stream renews the token itself. A
+        # token 40 s old again, minted now: the first one may have expired by now on a loaded
+        # machine, and an expired token opens no stream at all (the wait would never end).
+        old, old_exp = tokens.mint_machine(
+            settings, license_id, stored["machine_id"], fingerprint, now=time.time() - 40
+        )
         file.write_text(json.dumps(stored | {"token": old}))
         on_stream = app_on(url, tmp_path, "os-id")
 
