@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import jwt
+import orjson
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -17,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.settings import Settings
 from broker.signing import tokens
+from broker.signing.leases import LeaseKeys, LeaseSigner
 from broker.storage.db import create_engine
 from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
 from broker.storage.licenses import initial_state
@@ -24,6 +27,7 @@ from broker.wire import PING, notice
 from license_broker.embedded import create_app
 from stream.catchup import license_stream
 from stream.hub import HubClosed, SubscriptionHub
+from stream.machine import StreamMachine
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport
@@ -435,6 +439,156 @@ async def test_a_stream_ends_when_the_token_that_opened_it_expires(pg_url: str) 
         assert (await anext(stream)).startswith(b"id: 0\n")
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(stream), 10)
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+def sse(chunk: bytes) -> tuple[str, dict[str, Any]]:
+    """A chunk of the stream as (its kind, its data): "state" (an event with an id), "lease",
+    "token", or "ping"."""
+    if chunk == PING:
+        return "ping", {}
+    lines = chunk.split(b"\n")
+    data: dict[str, Any] = orjson.loads(next(line for line in lines if line.startswith(b"data: "))[6:])
+    if lines[0].startswith(b"id: "):
+        return "state", data
+    return lines[0].removeprefix(b"event: ").decode(), data
+
+
+async def next_not_ping(stream: AsyncIterator[bytes], within: float = 5) -> tuple[str, dict[str, Any]]:
+    while (chunk := sse(await asyncio.wait_for(anext(stream), within)))[0] == "ping":
+        pass
+    return chunk
+
+
+def signed_claims(signer: LeaseSigner, lease: dict[str, Any]) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(lease["lease"], signer.keys.signing.public_key(), algorithms=["EdDSA"])
+    assert (claims["seq"], claims["exp"]) == (lease["seq"], lease["exp"])
+    return claims
+
+
+async def test_a_client_resuming_at_the_current_seq_gets_its_lease_renewed_on_its_own_timer_then_each_new_state_its_own(
+    pg_url: str,
+) -> None:
+    """Leases on, 4 s each (renewed 1.5 s after signing), heartbeats every 30 s. A client that
+    resumes at the license's current seq is sent that state's lease and no state; the lease is
+    renewed when it is due, not before and not at a heartbeat; a live state is followed by its
+    own lease, and nothing else comes in between."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+    await append(engine, license_id)
+    await append(engine, license_id, "past_due")
+    signer = LeaseSigner(LeaseKeys.generate(), ttl=4)
+    settings = make_settings(pg_url, heartbeat_interval=30)
+    stream = license_stream(EventLog(engine), hub, settings, license_id, 2, signer)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        kind, lease = sse(await asyncio.wait_for(anext(stream), 5))
+        held_at = time.monotonic()
+        assert kind == "lease"
+        held = signed_claims(signer, lease)
+        assert (held["sub"], held["seq"], held["status"], held["entitled"]) == (license_id, 2, "past_due", False)
+        kind, lease = await next_not_ping(stream)
+        assert kind == "lease"
+        assert time.monotonic() - held_at >= signer.renew_after()  # not before it is due
+        renewed = signed_claims(signer, lease)
+        assert (renewed["seq"], renewed["status"]) == (2, "past_due")
+        assert renewed["exp"] > held["exp"]
+        third = await append(engine, license_id, "canceled")
+        await transport.publish(license_id, third.data)
+        assert await next_not_ping(stream) == ("state", orjson.loads(third.data))
+        kind, lease = await next_not_ping(stream)
+        assert kind == "lease"
+        claims = signed_claims(signer, lease)
+        assert (claims["seq"], claims["status"], claims["entitled"]) == (3, "canceled", False)
+        assert "machine" not in claims
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_a_machine_stream_is_held_by_its_machine_renews_its_token_and_lasts_its_lifetime_not_its_first_token(
+    pg_url: str,
+) -> None:
+    """Opened with a machine token that has 2.5 s left of 4 s (MACHINE_TOKEN_TTL): the hub knows
+    the machine holds the stream, its lease names the machine, its token is renewed on the stream
+    each time less than half of it is left (never before), and the renewals carry the stream past
+    the first token's expiry to STREAM_MAX_CONNECTION_LIFETIME (4 s, jittered down to 3.4 s at
+    the least), where it ends although its token is still valid. Heartbeats every 30 s: every
+    wake-up here is the stream's own timer."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id = new_license()
+    signer = LeaseSigner(LeaseKeys.generate())
+    settings = make_settings(pg_url, heartbeat_interval=30, machine_token_ttl=4, max_connection_lifetime=4)
+    opened = time.monotonic()
+    expires_at = time.time() + 2.5
+    grant = tokens.Grant(license_id, expires_at, machine_id="machine-1", fingerprint="fingerprint-1")
+    machine = StreamMachine(settings, license_id, grant)
+    stream = license_stream(
+        EventLog(engine), hub, settings, license_id, None, signer, expires_at=expires_at, machine=machine
+    )
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert sse(await asyncio.wait_for(anext(stream), 5))[0] == "state"
+        kind, lease = sse(await asyncio.wait_for(anext(stream), 5))
+        assert kind == "lease"
+        claims = signed_claims(signer, lease)
+        assert (claims["sub"], claims["seq"], claims["machine"], claims["fingerprint"]) == (
+            license_id, 0, "machine-1", "fingerprint-1",
+        )  # fmt: skip
+        assert hub.machines_of(license_id) == {"machine-1"}
+        exp = expires_at
+        renewals = 0
+        while True:
+            try:
+                kind, token = sse(await asyncio.wait_for(anext(stream), 10))
+            except StopAsyncIteration:
+                break
+            assert time.monotonic() - opened < 10, "the stream outlived STREAM_MAX_CONNECTION_LIFETIME"
+            assert kind == "token"
+            assert time.time() >= exp - settings.machine_token_ttl / 2  # not before half of it is left
+            grant = tokens.verify_for(settings, token["token"])
+            assert (grant.license_id, grant.machine_id, grant.fingerprint) == (license_id, "machine-1", "fingerprint-1")
+            assert (token["machine_id"], token["exp"]) == ("machine-1", grant.expires_at)
+            exp = token["exp"]
+            renewals += 1
+        ended = time.time()
+        assert renewals >= 2
+        assert ended > expires_at  # the first token's expiry did not end it
+        assert ended < exp  # the lifetime did, the last token still valid
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_a_machine_token_is_not_renewed_at_a_heartbeat_before_less_than_half_of_it_is_left(pg_url: str) -> None:
+    """Heartbeats every 0.2 s, a machine token with 3.5 s left of 4 s: pings until 2 s are left,
+    then the renewal, not at an earlier heartbeat."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id = new_license()
+    settings = make_settings(pg_url, heartbeat_interval=0.2, machine_token_ttl=4)
+    expires_at = time.time() + 3.5
+    machine = StreamMachine(settings, license_id, tokens.Grant(license_id, expires_at, "machine-1", "fingerprint-1"))
+    stream = license_stream(EventLog(engine), hub, settings, license_id, None, expires_at=expires_at, machine=machine)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert sse(await asyncio.wait_for(anext(stream), 5))[0] == "state"
+        assert await asyncio.wait_for(anext(stream), 5) == PING
+        kind, token = await next_not_ping(stream)
+        assert kind == "token"
+        assert time.time() >= expires_at - settings.machine_token_ttl / 2
+        assert tokens.verify_for(settings, token["token"]).machine_id == "machine-1"
     finally:
         await stream.aclose()
         await hub.close()
