@@ -25,7 +25,7 @@ from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
 from broker.storage.licenses import initial_state
 from broker.wire import PING, notice
 from license_broker.embedded import create_app
-from stream.catchup import license_stream
+from stream.catchup import _deadline, license_stream
 from stream.hub import HubClosed, SubscriptionHub
 from stream.machine import StreamMachine
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
@@ -593,3 +593,24 @@ async def test_a_machine_token_is_not_renewed_at_a_heartbeat_before_less_than_ha
         await stream.aclose()
         await hub.close()
         await engine.dispose()
+
+
+def test_a_stream_ends_at_its_tokens_expiry_or_at_its_jittered_maximum_lifetime_whichever_comes_first() -> None:
+    """`_deadline`, on the monotonic clock: the token's expiry as it is; the maximum lifetime
+    jittered between 85 % and 100 % (never longer), so that the clients of a restarted fleet
+    spread out; the earlier of the two when both apply."""
+    lifetime = make_settings("postgresql://unused", max_connection_lifetime=100.0)
+    without = make_settings("postgresql://unused", max_connection_lifetime=None)
+    assert _deadline(without, None) is None
+    before, expires = time.monotonic(), _deadline(without, time.time() + 50)
+    assert expires is not None and before + 49.9 <= expires <= time.monotonic() + 50.1
+    ends = []
+    for _ in range(200):
+        before, end = time.monotonic(), _deadline(lifetime, None)
+        assert end is not None and before + 85 <= end <= time.monotonic() + 100
+        ends.append(end - before)
+    assert max(ends) - min(ends) > 5  # jittered, not one fixed lifetime
+    before, end = time.monotonic(), _deadline(lifetime, time.time() + 50)
+    assert end is not None and before + 49.9 <= end <= time.monotonic() + 50.1
+    before, end = time.monotonic(), _deadline(lifetime, time.time() + 500)
+    assert end is not None and before + 85 <= end <= time.monotonic() + 100
