@@ -14,6 +14,7 @@ import jwt
 import orjson
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
@@ -350,24 +351,28 @@ async def test_a_hub_going_away_ends_its_streams_and_refuses_new_ones() -> None:
 
 async def test_a_client_resuming_at_the_current_seq_is_sent_nothing_again(pg_url: str) -> None:
     """Its Last-Event-ID is the license's current seq: the stream sends no event, only its
-    heartbeat, until something changes."""
+    heartbeat, until something changes. A late live copy of the state it holds is skipped; the
+    next event, in order, is sent without a read of the log (no gap to fill)."""
     engine = create_engine(Settings(database_url=pg_url))
     transport = RecordingTransport()
     hub = SubscriptionHub(transport, buffer=4)
     await hub.start()
     license_id = new_license()
     await append(engine, license_id)
-    await append(engine, license_id, "past_due")
-    stream = license_stream(EventLog(engine), hub, make_settings(pg_url, heartbeat_interval=0.05), license_id, 2)
+    second = await append(engine, license_id, "past_due")
+    events = ReadCountingEventLog(engine)
+    stream = license_stream(events, hub, make_settings(pg_url, heartbeat_interval=0.05), license_id, 2)
     try:
         assert (await anext(stream)).startswith(b"retry:")
         assert await asyncio.wait_for(anext(stream), 5) == PING
+        await transport.publish(license_id, second.data)
         third = await append(engine, license_id, "canceled")
         await transport.publish(license_id, third.data)
         chunk = await asyncio.wait_for(anext(stream), 5)
         while chunk == PING:
             chunk = await asyncio.wait_for(anext(stream), 5)
         assert chunk.startswith(b"id: 3\n")
+        assert events.reads == []
     finally:
         await stream.aclose()
         await hub.close()
@@ -474,8 +479,8 @@ async def test_a_client_resuming_at_the_current_seq_gets_its_lease_renewed_on_it
 ) -> None:
     """Leases on, 4 s each (renewed 1.5 s after signing), heartbeats every 30 s. A client that
     resumes at the license's current seq is sent that state's lease and no state; the lease is
-    renewed when it is due, not before and not at a heartbeat; a live state is followed by its
-    own lease, and nothing else comes in between."""
+    renewed each time it is due, not before and not at a heartbeat; a live state is followed by
+    its own lease, and nothing else comes in between."""
     engine = create_engine(Settings(database_url=pg_url))
     transport = RecordingTransport()
     hub = SubscriptionHub(transport, buffer=4)
@@ -496,9 +501,14 @@ async def test_a_client_resuming_at_the_current_seq_gets_its_lease_renewed_on_it
         kind, lease = await next_not_ping(stream)
         assert kind == "lease"
         assert time.monotonic() - held_at >= signer.renew_after()  # not before it is due
+        renewed_at = time.monotonic()
         renewed = signed_claims(signer, lease)
         assert (renewed["seq"], renewed["status"]) == (2, "past_due")
         assert renewed["exp"] > held["exp"]
+        kind, lease = await next_not_ping(stream)  # and again, as long as nothing changes
+        assert kind == "lease"
+        assert time.monotonic() - renewed_at >= signer.renew_after()
+        assert signed_claims(signer, lease)["exp"] > renewed["exp"]
         third = await append(engine, license_id, "canceled")
         await transport.publish(license_id, third.data)
         assert await next_not_ping(stream) == ("state", orjson.loads(third.data))
@@ -614,3 +624,36 @@ def test_a_stream_ends_at_its_tokens_expiry_or_at_its_jittered_maximum_lifetime_
     assert end is not None and before + 49.9 <= end <= time.monotonic() + 50.1
     before, end = time.monotonic(), _deadline(lifetime, time.time() + 500)
     assert end is not None and before + 85 <= end <= time.monotonic() + 100
+
+
+class UnavailableEventLog(EventLog):
+    """The event log of a database that refuses every connection."""
+
+    error = OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    async def current(self, license_id: str) -> LicenseEvent:
+        raise self.error
+
+
+async def test_a_stream_whose_database_is_unavailable_ends_and_says_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The catch-up cannot read the database: the stream ends after its retry hint (the client
+    comes back after `retry:` and resumes from its Last-Event-ID, nothing lost), the hub lets the
+    license go, and one warning names the license and the error."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    caplog.set_level(logging.WARNING, logger="stream")
+    license_id = new_license()
+    try:
+        stream = license_stream(UnavailableEventLog(engine), hub, make_settings(pg_url), license_id, None)
+        chunks = [chunk async for chunk in stream]
+        assert len(chunks) == 1 and chunks[0].startswith(b"retry:")
+        assert transport.listened == set()
+        messages = [r.getMessage() for r in caplog.records if r.name == "stream"]
+        assert messages == [f"stream for {license_id} ended, database unavailable: {UnavailableEventLog.error}"]
+    finally:
+        await hub.close()
+        await engine.dispose()
