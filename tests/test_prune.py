@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from broker.ingest import Ingestor
 from broker.runtime import open_runtime
@@ -255,6 +255,9 @@ async def test_the_event_log_reads_at_most_500_events_and_replays_a_backlog_in_b
     await logged(engine, small, 5)
     log = CountingEventLog(engine)
     assert [e.seq for e in await log.read(big, 0)] == list(range(1, 501))
+    current, never, [last] = await log.current(big), new_license(), await EventLog(engine).read(big, 500)
+    assert (current.license_id, current.seq, current.data) == (big, 501, last.data)
+    assert ((await log.current(never)).license_id, (await log.current(never)).seq) == (never, 0)
     assert [e.seq async for e in log.replay(big, 0)] == list(range(1, 502))
     assert log.reads[1:] == [500, 1]
     log.reads.clear()
@@ -307,3 +310,45 @@ async def test_advance_moves_the_locked_license_to_its_next_seq_and_logs_it_once
     fields = [(e.fields()["stripe_event_id"], e.fields()["stripe_event_type"], e.fields()["occurred_at"],
                e.fields()["state"]) for e in (first, second)]  # fmt: skip
     assert fields == [("evt_1", "trial.started", at.isoformat(), active), (None, "trial.ended", at.isoformat(), ended)]
+
+
+async def test_the_event_log_orders_a_read_by_seq_whatever_order_the_rows_lie_in(pg_url: str) -> None:
+    """Rows written newest first and read with Postgres's index scans off (a plan that returns
+    rows as they lie in the table): `read` still returns them in seq order."""
+    engine = create_async_engine(
+        pg_url, connect_args={"options": "-c enable_indexscan=off -c enable_bitmapscan=off -c enable_indexonlyscan=off"}
+    )
+    license_id = new_license()
+    at = datetime.now(UTC)
+    try:
+        async with engine.begin() as conn:
+            for seq in (3, 2, 1):
+                row, _ = log_entry(license_id, seq, initial_state(), stripe_event_id=None, stripe_event_type="test",
+                                   occurred_at=at, recorded_at=at)  # fmt: skip
+                await conn.execute(subscription_event_logs.insert().values(**row))
+        log = EventLog(engine)
+        assert [e.seq for e in await log.read(license_id, 0)] == [1, 2, 3]
+        assert [e.seq for e in await log.read(license_id, 0, limit=2)] == [1, 2]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_current_seqs_of_many_licenses_take_one_query_per_thousand(engine: AsyncEngine) -> None:
+    """`latest_seqs` (the sweep's follow): the seq of each license that exists, none for one that
+    does not, one statement per thousand licenses asked about."""
+    a, b = new_license(), new_license()
+    for _ in range(3):
+        await append(engine, a)
+    await append(engine, b)
+    statements: list[str] = []
+
+    def noted(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM licenses" in statement:
+            statements.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", noted)
+    log = EventLog(engine)
+    assert await log.latest_seqs([a, new_license(), b]) == {a: 3, b: 1}
+    assert len(statements) == 1
+    assert await log.latest_seqs([*(new_license() for _ in range(2499)), b]) == {b: 1}
+    assert len(statements) == 1 + 3
