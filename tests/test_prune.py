@@ -310,6 +310,8 @@ async def test_advance_moves_the_locked_license_to_its_next_seq_and_logs_it_once
     fields = [(e.fields()["stripe_event_id"], e.fields()["stripe_event_type"], e.fields()["occurred_at"],
                e.fields()["state"]) for e in (first, second)]  # fmt: skip
     assert fields == [("evt_1", "trial.started", at.isoformat(), active), (None, "trial.ended", at.isoformat(), ended)]
+    # Recorded in UTC, with its offset: the delivery lag is measured from it in any process's time zone.
+    assert all(datetime.fromisoformat(e.fields()["recorded_at"] or "").utcoffset() == timedelta(0) for e in read)
 
 
 async def test_the_event_log_orders_a_read_by_seq_whatever_order_the_rows_lie_in(pg_url: str) -> None:
