@@ -12,6 +12,7 @@ import fakeredis
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker import metrics
@@ -228,3 +229,17 @@ async def test_a_malformed_or_misdirected_message_is_dropped_and_the_next_one_de
     await publish(line, "lic_a", 7)
     event = await received.next()
     assert (event.license_id, event.seq) == ("lic_a", 7)
+
+
+async def test_the_transports_connections_fail_fast_keep_alive_and_check_their_health_every_10_s() -> None:
+    """`subscriber_options`, as the transport's client gets them: a connect or a command that
+    hangs fails after 2 s, TCP keepalive on, the health check's PING every 10 s while reading, and
+    no hidden retry (the subscriber loop backs off and reconnects itself)."""
+    client = RedisTransport("redis://127.0.0.1:6379/0")._new_client()
+    try:
+        options = client.connection_pool.connection_kwargs
+        wanted = ("socket_connect_timeout", "socket_timeout", "socket_keepalive", "health_check_interval")
+        assert {name: options[name] for name in wanted} == dict(zip(wanted, (2, 2, True, 10), strict=True))
+        assert isinstance(options["retry"]._backoff, NoBackoff) and options["retry"]._retries == 0
+    finally:
+        await client.aclose()
