@@ -5,6 +5,8 @@ redis-server that is stopped and started are in test_transports.py and test_faul
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -165,9 +167,10 @@ async def test_a_cut_while_reading_reconnects_resubscribes_every_channel_and_rep
 
 
 async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_starts_over_after(
-    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: list[float]
+    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, received = started
+    caplog.set_level(logging.INFO, logger="broker.redis")
     line.cut()
     await async_wait_until(lambda: len(backoffs) >= 6, 5, "six failed reconnects")
     line.restore()
@@ -179,12 +182,18 @@ async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_st
     assert backoffs[drawn] == 0.05  # a success resets the backoff
     line.restore()
     await async_wait_until(lambda: received.gaps == 2, 5, "the second reconnect")
+    # Each outage logged once, when it starts (not at each of its retries), with its error; each reconnect too.
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.redis"]
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING", "INFO"]
+    assert all(re.fullmatch(r"redis subscriber lost: (?!None$).+", message) for _, message in logged[::2])
+    assert [message for _, message in logged[1::2]] == ["redis subscriber reconnected (0 channels)"] * 2
 
 
 async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_listen_at_once(
-    line: Line, started: tuple[FakeRedisTransport, Received]
+    line: Line, started: tuple[FakeRedisTransport, Received], caplog: pytest.LogCaptureFixture
 ) -> None:
     transport, received = started
+    caplog.set_level(logging.WARNING, logger="broker.redis")
     sent = line.subscribes_sent
     line.replies.clear()
     listening = asyncio.create_task(transport.listen("lic_a"))
@@ -192,6 +201,10 @@ async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_li
     line.cut()  # its confirmation never comes back
     # Returned on the cut, not after its 60 s subscribe_timeout: the caller replays, the sweep covers.
     await asyncio.wait_for(listening, 5)
+    logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+    unconfirmed = [m for m in logged if m.startswith("subscription to")]
+    assert len(unconfirmed) == 1
+    assert re.fullmatch(rf"subscription to {channel('lic_a')} not confirmed: (?!None$).+", unconfirmed[0])
     line.restore()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
     await publish(line, "lic_a", 1)
