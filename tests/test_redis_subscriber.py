@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -256,3 +257,21 @@ async def test_the_transports_connections_fail_fast_keep_alive_and_check_their_h
         assert isinstance(options["retry"]._backoff, NoBackoff) and options["retry"]._retries == 0
     finally:
         await client.aclose()
+
+
+async def test_a_connection_is_dead_once_its_health_check_has_gone_unanswered_for_the_grace() -> None:
+    """`check_alive`, called whenever a read of the subscribed connection returns nothing: the
+    health check's PING was due at `next_health_check` (loop time); whatever is read moves it on.
+    Dead once it is more than PING_GRACE overdue; alive before that, with no check scheduled (0),
+    or with no connection yet."""
+    now = asyncio.get_running_loop().time()
+
+    def pubsub(due: float | None) -> Any:
+        return SimpleNamespace(connection=None if due is None else SimpleNamespace(next_health_check=due))
+
+    for alive in (None, 0, now + 10, now - subscriber.PING_GRACE + 1):
+        subscriber.check_alive(pubsub(alive))
+    for dead in (now - subscriber.PING_GRACE - 1, 1):
+        with pytest.raises(ConnectionError) as raised:
+            subscriber.check_alive(pubsub(dead))
+        assert str(raised.value) == "no answer to the health check's PING: the connection is silently dead"
