@@ -254,12 +254,12 @@ async def test_the_event_log_reads_at_most_500_events_and_replays_a_backlog_in_b
     await logged(engine, big, 501)
     await logged(engine, small, 5)
     log = CountingEventLog(engine)
-    assert [e.seq for e in await log.read(big, 0)] == list(range(1, 501))
+    assert [e.seq for e in await EventLog(engine).read(big, 0)] == list(range(1, 501))  # the default limit
     current, never, [last] = await log.current(big), new_license(), await EventLog(engine).read(big, 500)
     assert (current.license_id, current.seq, current.data) == (big, 501, last.data)
     assert ((await log.current(never)).license_id, (await log.current(never)).seq) == (never, 0)
     assert [e.seq async for e in log.replay(big, 0)] == list(range(1, 502))
-    assert log.reads[1:] == [500, 1]
+    assert log.reads == [500, 1]
     log.reads.clear()
     assert [(e.license_id, e.seq) async for e in log.replay(small, 0, batch=2)] == [(small, s) for s in range(1, 6)]
     assert log.reads == [2, 2, 1]
