@@ -22,6 +22,7 @@ from broker import metrics
 from broker.transports import subscriber
 from broker.transports.base import channel
 from broker.transports.redis import CONTROL_CHANNEL, RedisTransport
+from broker.wire import notice
 from tests.support.transports import Received
 from tests.support.waiting import async_wait_until
 
@@ -239,6 +240,10 @@ async def test_a_malformed_or_misdirected_message_is_dropped_and_the_next_one_de
     client = fakeredis.FakeAsyncRedis(server=line.server)
     await client.publish(channel("lic_a"), b"not json")
     await client.publish(channel("lic_a"), orjson.dumps({"license_id": "lic_b", "seq": 1}))
+    # Nothing on a channel that is no license's is delivered, even shaped as the channel's own
+    # "license" (the control channel's name past `license-` is `broker:control`).
+    await client.publish(CONTROL_CHANNEL, notice("broker:control"))
+    await client.publish(CONTROL_CHANNEL, orjson.dumps({"license_id": "broker:control", "seq": 1}))
     await client.aclose()
     await publish(line, "lic_a", 7)
     event = await received.next()
@@ -275,3 +280,20 @@ async def test_a_connection_is_dead_once_its_health_check_has_gone_unanswered_fo
         with pytest.raises(ConnectionError) as raised:
             subscriber.check_alive(pubsub(dead))
         assert str(raised.value) == "no answer to the health check's PING: the connection is silently dead"
+
+
+async def test_two_listens_of_one_license_waiting_for_its_confirmation_both_return_with_it(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    """A license listened to twice before Redis confirms the first SUBSCRIBE (a client leaves and
+    another comes): both listens wait for the same confirmation and return with it, not after
+    their subscribe_timeout (60 s here)."""
+    transport, received = started
+    sent = line.subscribes_sent
+    line.replies.clear()
+    listens = [asyncio.create_task(transport.listen("lic_a")) for _ in range(2)]
+    await async_wait_until(lambda: line.subscribes_sent >= sent + 2, 5, "both SUBSCRIBEs to be sent")
+    line.replies.set()
+    await asyncio.wait_for(asyncio.gather(*listens), 5)
+    await publish(line, "lic_a", 1)
+    assert (await received.next()).license_id == "lic_a"
