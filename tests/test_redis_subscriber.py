@@ -297,3 +297,25 @@ async def test_two_listens_of_one_license_waiting_for_its_confirmation_both_retu
     await asyncio.wait_for(asyncio.gather(*listens), 5)
     await publish(line, "lic_a", 1)
     assert (await received.next()).license_id == "lic_a"
+
+
+async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_timeout(
+    line: Line, backoffs: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis takes the SUBSCRIBE but its confirmation does not come back (a stalled server): the
+    listen returns after subscribe_timeout, logged, rather than holding its client's catch-up for
+    ever (the sweep covers the license meanwhile); once the replies flow, messages arrive."""
+    transport = FakeRedisTransport(line, subscribe_timeout=0.2, max_backoff=0.4)
+    received = Received()
+    await transport.start(received.on_message, received.on_gap)
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    try:
+        line.replies.clear()
+        await asyncio.wait_for(transport.listen("lic_a"), 5)
+        logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+        assert logged == [f"subscription to {channel('lic_a')} not confirmed: "]  # TimeoutError says nothing
+        line.replies.set()
+        await publish(line, "lic_a", 1)
+        assert (await received.next()).license_id == "lic_a"
+    finally:
+        await transport.close()
