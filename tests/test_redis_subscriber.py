@@ -319,3 +319,23 @@ async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_
         assert (await received.next()).license_id == "lic_a"
     finally:
         await transport.close()
+
+
+async def test_a_transport_started_while_redis_is_away_starts_at_its_timeout_and_connects_later(
+    line: Line, backoffs: list[float]
+) -> None:
+    """Redis down at start-up: `start` returns after subscribe_timeout (the sweep serves
+    meanwhile) rather than raising or waiting for Redis; the subscriber connects once it is back."""
+    line.cut()
+    transport = FakeRedisTransport(line, subscribe_timeout=0.2, max_backoff=0.4)
+    received = Received()
+    try:
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+        assert up() == 0
+        await transport.listen("lic_a")  # only noted while away
+        line.restore()
+        await async_wait_until(lambda: up() == 1, 5, "the first connection")
+        await publish(line, "lic_a", 1)
+        assert (await received.next()).license_id == "lic_a"
+    finally:
+        await transport.close()
