@@ -15,6 +15,7 @@ import jwt
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -213,6 +214,13 @@ async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_o
     passed: list[LicenseEvent] = []
     unchecked: list[int] = []
     check = LiveCheck(engine, passed.append, lambda: unchecked.append(1), limit=40)
+    statements: list[str] = []  # the SQL the check sends through SQLAlchemy (SQLite; Postgres's goes through psycopg)
+
+    def noted(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "subscription_event_logs" in statement:
+            statements.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", noted)
     try:
         genuine = [await append(engine, lid) for lid in (new_license(), new_license()) for _ in range(10)]
         forged = [
@@ -229,8 +237,18 @@ async def test_messages_that_arrive_together_are_checked_in_one_query_in_their_o
         await check.check_pending()
         assert REGISTRY.get_sample_value("license_broker_live_check_seconds_count") == checks + 1
         assert [len(keys) for keys in queries] == [25]  # 40 messages, 25 distinct (license, seq): one query
+        assert len(statements) == (1 if engine.dialect.name == "sqlite" else 0)
         assert passed == genuine
         assert unchecked == []
+        # A batch of one (the usual one: its own statement) or of two, genuine or not.
+        for batch in ([genuine[0]], [forged[0]], [genuine[1], mismatched[0]], [genuine[2], genuine[3]]):
+            for event in batch:
+                check.submit(event)
+            await check.check_pending()
+        assert [len(keys) for keys in queries[1:]] == [1, 1, 2, 2]
+        assert passed[20:] == [genuine[0], genuine[1], genuine[2], genuine[3]]
+        assert unchecked == []
+        del passed[20:], queries[1:]
         # Beyond the queue's limit, messages are left to the sweep (which reads the database itself).
         for event in [*genuine, *genuine, *genuine[:1]]:
             check.submit(event)

@@ -1,5 +1,6 @@
 """Postgres at scale: event log and Stripe payload retention (`license-broker prune`) and
-PgBouncer-safe connections."""
+PgBouncer-safe connections; the event log's own reads (bounded, in order, in batches) and the
+move of a license to its next state."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from broker.ingest import Ingestor
 from broker.runtime import open_runtime
 from broker.settings import Settings, SettingsError
 from broker.storage.db import create_engine
-from broker.storage.eventlog import EventLog
+from broker.storage.eventlog import EventLog, LicenseEvent, log_entry
+from broker.storage.licenses import LicenseState, LicenseStore, initial_state
 from broker.storage.retention import prune_event_log, prune_event_payloads
 from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from broker.stripe_ledger.ledger import LicenseRules
@@ -213,3 +215,142 @@ async def test_prune_drops_payloads_in_batches_of_short_transactions(db_url: str
         assert set((await payloads(engine)).values()) == {None}
     finally:
         await engine.dispose()
+
+
+# --- the event log's reads and writes ------------------------------------------------------------
+
+
+async def logged(engine: AsyncEngine, license_id: str, count: int) -> None:
+    """`count` events of the license in the log (seq 1 to count), in one statement."""
+    at = datetime.now(UTC)
+    rows = [
+        log_entry(license_id, seq, initial_state(), stripe_event_id=None, stripe_event_type="test",
+                  occurred_at=at, recorded_at=at)[0]
+        for seq in range(1, count + 1)
+    ]  # fmt: skip
+    async with engine.begin() as conn:
+        await conn.execute(subscription_event_logs.insert(), rows)
+
+
+class CountingEventLog(EventLog):
+    """The event log, noting how many events each `read` returned."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.reads: list[int] = []
+
+    async def read(
+        self, license_id: str, after: int, before: int | None = None, limit: int = 500
+    ) -> list[LicenseEvent]:
+        events = await super().read(license_id, after, before, limit)
+        self.reads.append(len(events))
+        return events
+
+
+async def test_the_event_log_reads_at_most_500_events_and_replays_a_backlog_in_batches(engine: AsyncEngine) -> None:
+    """`read` returns at most its limit (500 by default); `replay` reads batch after batch from
+    where the last one ended, until a batch comes back short."""
+    big, small = new_license(), new_license()
+    await logged(engine, big, 501)
+    await logged(engine, small, 5)
+    log = CountingEventLog(engine)
+    assert [e.seq for e in await EventLog(engine).read(big, 0)] == list(range(1, 501))  # the default limit
+    current, never, [last] = await log.current(big), new_license(), await EventLog(engine).read(big, 500)
+    assert (current.license_id, current.seq, current.data) == (big, 501, last.data)
+    assert ((await log.current(never)).license_id, (await log.current(never)).seq) == (never, 0)
+    assert [e.seq async for e in log.replay(big, 0)] == list(range(1, 502))
+    assert log.reads == [500, 1]
+    log.reads.clear()
+    assert [(e.license_id, e.seq) async for e in log.replay(small, 0, batch=2)] == [(small, s) for s in range(1, 6)]
+    assert log.reads == [2, 2, 1]
+
+
+async def test_the_sweeps_read_of_many_licenses_is_in_license_then_seq_order_and_bounded(engine: AsyncEngine) -> None:
+    """`read_many`: the events after each license's position, ordered by license then seq, at most
+    `limit` (1000 by default): the sweep reads the rest from the positions it reached."""
+    a, b = sorted([new_license(), new_license()])
+    await logged(engine, b, 3)
+    await logged(engine, a, 1001)
+    log = EventLog(engine)
+    expected = [(a, seq) for seq in range(3, 1002)] + [(b, 2), (b, 3)]
+    assert [(e.license_id, e.seq) for e in await log.read_many({b: 1, a: 2}, limit=2000)] == expected
+    assert [(e.license_id, e.seq) for e in await log.read_many({b: 1, a: 999}, limit=3)] == expected[-4:-1]
+    assert len(await log.read_many({b: 0, a: 0})) == 1000
+
+
+async def test_advance_moves_the_locked_license_to_its_next_seq_and_logs_it_once(engine: AsyncEngine) -> None:
+    """`EventLog.advance` (a trial's end): the license row takes the new state, the next seq and
+    the state's Stripe ids; the log gets the event with what caused it; the state it already
+    holds writes nothing."""
+    license_id = new_license()
+    at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    active: LicenseState = {**initial_state(), "status": "active", "entitled": True, "customer": "cus_1",
+                            "subscription": "sub_1"}  # fmt: skip
+    ended: LicenseState = {**active, "status": "canceled", "entitled": False}
+    async with engine.begin() as conn:
+        row = await LicenseStore.lock(conn, license_id)
+        first = await EventLog.advance(
+            conn, row, active, stripe_event_id="evt_1", stripe_event_type="trial.started", occurred_at=at
+        )
+        again = await EventLog.advance(
+            conn, row, active, stripe_event_id="evt_2", stripe_event_type="trial.started", occurred_at=at
+        )
+        second = await EventLog.advance(
+            conn, row, ended, stripe_event_id=None, stripe_event_type="trial.ended", occurred_at=at
+        )
+    assert again is None
+    assert first is not None and second is not None
+    assert [(first.license_id, first.seq), (second.license_id, second.seq)] == [(license_id, 1), (license_id, 2)]
+    async with engine.connect() as conn:
+        stored = (await conn.execute(sa.select(licenses).where(licenses.c.id == license_id))).mappings().one()
+    assert (stored["seq"], stored["status"], stored["entitled"], stored["state"]) == (2, "canceled", False, ended)
+    assert (stored["stripe_customer_id"], stored["stripe_subscription_id"]) == ("cus_1", "sub_1")
+    read = await EventLog(engine).read(license_id, 0)
+    assert [(e.license_id, e.seq, e.data) for e in read] == [(e.license_id, e.seq, e.data) for e in (first, second)]
+    fields = [(e.fields()["stripe_event_id"], e.fields()["stripe_event_type"], e.fields()["occurred_at"],
+               e.fields()["state"]) for e in (first, second)]  # fmt: skip
+    assert fields == [("evt_1", "trial.started", at.isoformat(), active), (None, "trial.ended", at.isoformat(), ended)]
+    # Recorded in UTC, with its offset: the delivery lag is measured from it in any process's time zone.
+    assert all(datetime.fromisoformat(e.fields()["recorded_at"] or "").utcoffset() == timedelta(0) for e in read)
+
+
+async def test_the_event_log_orders_a_read_by_seq_whatever_order_the_rows_lie_in(pg_url: str) -> None:
+    """Rows written newest first and read with Postgres's index scans off (a plan that returns
+    rows as they lie in the table): `read` still returns them in seq order."""
+    engine = create_async_engine(
+        pg_url, connect_args={"options": "-c enable_indexscan=off -c enable_bitmapscan=off -c enable_indexonlyscan=off"}
+    )
+    license_id = new_license()
+    at = datetime.now(UTC)
+    try:
+        async with engine.begin() as conn:
+            for seq in (3, 2, 1):
+                row, _ = log_entry(license_id, seq, initial_state(), stripe_event_id=None, stripe_event_type="test",
+                                   occurred_at=at, recorded_at=at)  # fmt: skip
+                await conn.execute(subscription_event_logs.insert().values(**row))
+        log = EventLog(engine)
+        assert [e.seq for e in await log.read(license_id, 0)] == [1, 2, 3]
+        assert [e.seq for e in await log.read(license_id, 0, limit=2)] == [1, 2]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_current_seqs_of_many_licenses_take_one_query_per_thousand(engine: AsyncEngine) -> None:
+    """`latest_seqs` (the sweep's follow): the seq of each license that exists, none for one that
+    does not, one statement per thousand licenses asked about."""
+    a, b = new_license(), new_license()
+    for _ in range(3):
+        await append(engine, a)
+    await append(engine, b)
+    statements: list[str] = []
+
+    def noted(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM licenses" in statement:
+            statements.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", noted)
+    log = EventLog(engine)
+    assert await log.latest_seqs([a, new_license(), b]) == {a: 3, b: 1}
+    assert len(statements) == 1
+    assert await log.latest_seqs([*(new_license() for _ in range(2499)), b]) == {b: 1}
+    assert len(statements) == 1 + 3

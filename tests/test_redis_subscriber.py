@@ -5,19 +5,24 @@ redis-server that is stopped and started are in test_transports.py and test_faul
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator, Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker import metrics
 from broker.transports import subscriber
 from broker.transports.base import channel
 from broker.transports.redis import CONTROL_CHANNEL, RedisTransport
+from broker.wire import notice
 from tests.support.transports import Received
 from tests.support.waiting import async_wait_until
 
@@ -164,9 +169,10 @@ async def test_a_cut_while_reading_reconnects_resubscribes_every_channel_and_rep
 
 
 async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_starts_over_after(
-    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: list[float]
+    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, received = started
+    caplog.set_level(logging.INFO, logger="broker.redis")
     line.cut()
     await async_wait_until(lambda: len(backoffs) >= 6, 5, "six failed reconnects")
     line.restore()
@@ -178,12 +184,18 @@ async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_st
     assert backoffs[drawn] == 0.05  # a success resets the backoff
     line.restore()
     await async_wait_until(lambda: received.gaps == 2, 5, "the second reconnect")
+    # Each outage logged once, when it starts (not at each of its retries), with its error; each reconnect too.
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.redis"]
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING", "INFO"]
+    assert all(re.fullmatch(r"redis subscriber lost: (?!None$).+", message) for _, message in logged[::2])
+    assert [message for _, message in logged[1::2]] == ["redis subscriber reconnected (0 channels)"] * 2
 
 
 async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_listen_at_once(
-    line: Line, started: tuple[FakeRedisTransport, Received]
+    line: Line, started: tuple[FakeRedisTransport, Received], caplog: pytest.LogCaptureFixture
 ) -> None:
     transport, received = started
+    caplog.set_level(logging.WARNING, logger="broker.redis")
     sent = line.subscribes_sent
     line.replies.clear()
     listening = asyncio.create_task(transport.listen("lic_a"))
@@ -191,6 +203,10 @@ async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_li
     line.cut()  # its confirmation never comes back
     # Returned on the cut, not after its 60 s subscribe_timeout: the caller replays, the sweep covers.
     await asyncio.wait_for(listening, 5)
+    logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+    unconfirmed = [m for m in logged if m.startswith("subscription to")]
+    assert len(unconfirmed) == 1
+    assert re.fullmatch(rf"subscription to {channel('lic_a')} not confirmed: (?!None$).+", unconfirmed[0])
     line.restore()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
     await publish(line, "lic_a", 1)
@@ -224,7 +240,102 @@ async def test_a_malformed_or_misdirected_message_is_dropped_and_the_next_one_de
     client = fakeredis.FakeAsyncRedis(server=line.server)
     await client.publish(channel("lic_a"), b"not json")
     await client.publish(channel("lic_a"), orjson.dumps({"license_id": "lic_b", "seq": 1}))
+    # Nothing on a channel that is no license's is delivered, even shaped as the channel's own
+    # "license" (the control channel's name past `license-` is `broker:control`).
+    await client.publish(CONTROL_CHANNEL, notice("broker:control"))
+    await client.publish(CONTROL_CHANNEL, orjson.dumps({"license_id": "broker:control", "seq": 1}))
     await client.aclose()
     await publish(line, "lic_a", 7)
     event = await received.next()
     assert (event.license_id, event.seq) == ("lic_a", 7)
+
+
+async def test_the_transports_connections_fail_fast_keep_alive_and_check_their_health_every_10_s() -> None:
+    """`subscriber_options`, as the transport's client gets them: a connect or a command that
+    hangs fails after 2 s, TCP keepalive on, the health check's PING every 10 s while reading, and
+    no hidden retry (the subscriber loop backs off and reconnects itself)."""
+    client = RedisTransport("redis://127.0.0.1:6379/0")._new_client()
+    try:
+        options = client.connection_pool.connection_kwargs
+        wanted = ("socket_connect_timeout", "socket_timeout", "socket_keepalive", "health_check_interval")
+        assert {name: options[name] for name in wanted} == dict(zip(wanted, (2, 2, True, 10), strict=True))
+        assert isinstance(options["retry"]._backoff, NoBackoff) and options["retry"]._retries == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_is_dead_once_its_health_check_has_gone_unanswered_for_the_grace() -> None:
+    """`check_alive`, called whenever a read of the subscribed connection returns nothing: the
+    health check's PING was due at `next_health_check` (loop time); whatever is read moves it on.
+    Dead once it is more than PING_GRACE overdue; alive before that, with no check scheduled (0),
+    or with no connection yet."""
+    now = asyncio.get_running_loop().time()
+
+    def pubsub(due: float | None) -> Any:
+        return SimpleNamespace(connection=None if due is None else SimpleNamespace(next_health_check=due))
+
+    for alive in (None, 0, now + 10, now - subscriber.PING_GRACE + 1):
+        subscriber.check_alive(pubsub(alive))
+    for dead in (now - subscriber.PING_GRACE - 1, 1):
+        with pytest.raises(ConnectionError) as raised:
+            subscriber.check_alive(pubsub(dead))
+        assert str(raised.value) == "no answer to the health check's PING: the connection is silently dead"
+
+
+async def test_two_listens_of_one_license_waiting_for_its_confirmation_both_return_with_it(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    """A license listened to twice before Redis confirms the first SUBSCRIBE (a client leaves and
+    another comes): both listens wait for the same confirmation and return with it, not after
+    their subscribe_timeout (60 s here)."""
+    transport, received = started
+    sent = line.subscribes_sent
+    line.replies.clear()
+    listens = [asyncio.create_task(transport.listen("lic_a")) for _ in range(2)]
+    await async_wait_until(lambda: line.subscribes_sent >= sent + 2, 5, "both SUBSCRIBEs to be sent")
+    line.replies.set()
+    await asyncio.wait_for(asyncio.gather(*listens), 5)
+    await publish(line, "lic_a", 1)
+    assert (await received.next()).license_id == "lic_a"
+
+
+async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_timeout(
+    line: Line, backoffs: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis takes the SUBSCRIBE but its confirmation does not come back (a stalled server): the
+    listen returns after subscribe_timeout, logged, rather than holding its client's catch-up for
+    ever (the sweep covers the license meanwhile); once the replies flow, messages arrive."""
+    transport = FakeRedisTransport(line, subscribe_timeout=0.2, max_backoff=0.4)
+    received = Received()
+    await transport.start(received.on_message, received.on_gap)
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    try:
+        line.replies.clear()
+        await asyncio.wait_for(transport.listen("lic_a"), 5)
+        logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+        assert logged == [f"subscription to {channel('lic_a')} not confirmed: "]  # TimeoutError says nothing
+        line.replies.set()
+        await publish(line, "lic_a", 1)
+        assert (await received.next()).license_id == "lic_a"
+    finally:
+        await transport.close()
+
+
+async def test_a_transport_started_while_redis_is_away_starts_at_its_timeout_and_connects_later(
+    line: Line, backoffs: list[float]
+) -> None:
+    """Redis down at start-up: `start` returns after subscribe_timeout (the sweep serves
+    meanwhile) rather than raising or waiting for Redis; the subscriber connects once it is back."""
+    line.cut()
+    transport = FakeRedisTransport(line, subscribe_timeout=0.2, max_backoff=0.4)
+    received = Received()
+    try:
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+        assert up() == 0
+        await transport.listen("lic_a")  # only noted while away
+        line.restore()
+        await async_wait_until(lambda: up() == 1, 5, "the first connection")
+        await publish(line, "lic_a", 1)
+        assert (await received.next()).license_id == "lic_a"
+    finally:
+        await transport.close()

@@ -10,20 +10,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import jwt
+import orjson
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.settings import Settings
 from broker.signing import tokens
+from broker.signing.leases import LeaseKeys, LeaseSigner
 from broker.storage.db import create_engine
 from broker.storage.eventlog import EventLog, LicenseEvent, encode_event
 from broker.storage.licenses import initial_state
 from broker.wire import PING, notice
 from license_broker.embedded import create_app
-from stream.catchup import license_stream
+from stream.catchup import _deadline, license_stream
 from stream.hub import HubClosed, SubscriptionHub
+from stream.machine import StreamMachine
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport
@@ -346,24 +351,28 @@ async def test_a_hub_going_away_ends_its_streams_and_refuses_new_ones() -> None:
 
 async def test_a_client_resuming_at_the_current_seq_is_sent_nothing_again(pg_url: str) -> None:
     """Its Last-Event-ID is the license's current seq: the stream sends no event, only its
-    heartbeat, until something changes."""
+    heartbeat, until something changes. A late live copy of the state it holds is skipped; the
+    next event, in order, is sent without a read of the log (no gap to fill)."""
     engine = create_engine(Settings(database_url=pg_url))
     transport = RecordingTransport()
     hub = SubscriptionHub(transport, buffer=4)
     await hub.start()
     license_id = new_license()
     await append(engine, license_id)
-    await append(engine, license_id, "past_due")
-    stream = license_stream(EventLog(engine), hub, make_settings(pg_url, heartbeat_interval=0.05), license_id, 2)
+    second = await append(engine, license_id, "past_due")
+    events = ReadCountingEventLog(engine)
+    stream = license_stream(events, hub, make_settings(pg_url, heartbeat_interval=0.05), license_id, 2)
     try:
         assert (await anext(stream)).startswith(b"retry:")
         assert await asyncio.wait_for(anext(stream), 5) == PING
+        await transport.publish(license_id, second.data)
         third = await append(engine, license_id, "canceled")
         await transport.publish(license_id, third.data)
         chunk = await asyncio.wait_for(anext(stream), 5)
         while chunk == PING:
             chunk = await asyncio.wait_for(anext(stream), 5)
         assert chunk.startswith(b"id: 3\n")
+        assert events.reads == []
     finally:
         await stream.aclose()
         await hub.close()
@@ -437,5 +446,214 @@ async def test_a_stream_ends_when_the_token_that_opened_it_expires(pg_url: str) 
             await asyncio.wait_for(anext(stream), 10)
     finally:
         await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+def sse(chunk: bytes) -> tuple[str, dict[str, Any]]:
+    """A chunk of the stream as (its kind, its data): "state" (an event with an id), "lease",
+    "token", or "ping"."""
+    if chunk == PING:
+        return "ping", {}
+    lines = chunk.split(b"\n")
+    data: dict[str, Any] = orjson.loads(next(line for line in lines if line.startswith(b"data: "))[6:])
+    if lines[0].startswith(b"id: "):
+        return "state", data
+    return lines[0].removeprefix(b"event: ").decode(), data
+
+
+async def next_not_ping(stream: AsyncIterator[bytes], within: float = 5) -> tuple[str, dict[str, Any]]:
+    while (chunk := sse(await asyncio.wait_for(anext(stream), within)))[0] == "ping":
+        pass
+    return chunk
+
+
+def signed_claims(signer: LeaseSigner, lease: dict[str, Any]) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(lease["lease"], signer.keys.signing.public_key(), algorithms=["EdDSA"])
+    assert (claims["seq"], claims["exp"]) == (lease["seq"], lease["exp"])
+    return claims
+
+
+async def test_a_client_resuming_at_the_current_seq_gets_its_lease_renewed_on_its_own_timer_then_each_new_state_its_own(
+    pg_url: str,
+) -> None:
+    """Leases on, 4 s each (renewed 1.5 s after signing), heartbeats every 30 s. A client that
+    resumes at the license's current seq is sent that state's lease and no state; the lease is
+    renewed each time it is due, not before and not at a heartbeat; a live state is followed by
+    its own lease, and nothing else comes in between."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    license_id = new_license()
+    await append(engine, license_id)
+    await append(engine, license_id, "past_due")
+    signer = LeaseSigner(LeaseKeys.generate(), ttl=4)
+    settings = make_settings(pg_url, heartbeat_interval=30)
+    stream = license_stream(EventLog(engine), hub, settings, license_id, 2, signer)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        kind, lease = sse(await asyncio.wait_for(anext(stream), 5))
+        held_at = time.monotonic()
+        assert kind == "lease"
+        held = signed_claims(signer, lease)
+        assert (held["sub"], held["seq"], held["status"], held["entitled"]) == (license_id, 2, "past_due", False)
+        kind, lease = await next_not_ping(stream)
+        assert kind == "lease"
+        assert time.monotonic() - held_at >= signer.renew_after()  # not before it is due
+        renewed_at = time.monotonic()
+        renewed = signed_claims(signer, lease)
+        assert (renewed["seq"], renewed["status"]) == (2, "past_due")
+        assert renewed["exp"] > held["exp"]
+        kind, lease = await next_not_ping(stream)  # and again, as long as nothing changes
+        assert kind == "lease"
+        assert time.monotonic() - renewed_at >= signer.renew_after()
+        assert signed_claims(signer, lease)["exp"] > renewed["exp"]
+        third = await append(engine, license_id, "canceled")
+        await transport.publish(license_id, third.data)
+        assert await next_not_ping(stream) == ("state", orjson.loads(third.data))
+        kind, lease = await next_not_ping(stream)
+        assert kind == "lease"
+        claims = signed_claims(signer, lease)
+        assert (claims["seq"], claims["status"], claims["entitled"]) == (3, "canceled", False)
+        assert "machine" not in claims
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_a_machine_stream_is_held_by_its_machine_renews_its_token_and_lasts_its_lifetime_not_its_first_token(
+    pg_url: str,
+) -> None:
+    """Opened with a machine token that has 2.5 s left of 4 s (MACHINE_TOKEN_TTL): the hub knows
+    the machine holds the stream, its lease names the machine, its token is renewed on the stream
+    each time less than half of it is left (never before), and the renewals carry the stream past
+    the first token's expiry to STREAM_MAX_CONNECTION_LIFETIME (4 s, jittered down to 3.4 s at
+    the least), where it ends although its token is still valid. Heartbeats every 30 s: every
+    wake-up here is the stream's own timer."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id = new_license()
+    signer = LeaseSigner(LeaseKeys.generate())
+    settings = make_settings(pg_url, heartbeat_interval=30, machine_token_ttl=4, max_connection_lifetime=4)
+    opened = time.monotonic()
+    expires_at = time.time() + 2.5
+    grant = tokens.Grant(license_id, expires_at, machine_id="machine-1", fingerprint="fingerprint-1")
+    machine = StreamMachine(settings, license_id, grant)
+    stream = license_stream(
+        EventLog(engine), hub, settings, license_id, None, signer, expires_at=expires_at, machine=machine
+    )
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert sse(await asyncio.wait_for(anext(stream), 5))[0] == "state"
+        kind, lease = sse(await asyncio.wait_for(anext(stream), 5))
+        assert kind == "lease"
+        claims = signed_claims(signer, lease)
+        assert (claims["sub"], claims["seq"], claims["machine"], claims["fingerprint"]) == (
+            license_id, 0, "machine-1", "fingerprint-1",
+        )  # fmt: skip
+        assert hub.machines_of(license_id) == {"machine-1"}
+        exp = expires_at
+        renewals = 0
+        while True:
+            try:
+                kind, token = sse(await asyncio.wait_for(anext(stream), 10))
+            except StopAsyncIteration:
+                break
+            assert time.monotonic() - opened < 10, "the stream outlived STREAM_MAX_CONNECTION_LIFETIME"
+            assert kind == "token"
+            assert time.time() >= exp - settings.machine_token_ttl / 2  # not before half of it is left
+            grant = tokens.verify_for(settings, token["token"])
+            assert (grant.license_id, grant.machine_id, grant.fingerprint) == (license_id, "machine-1", "fingerprint-1")
+            assert (token["machine_id"], token["exp"]) == ("machine-1", grant.expires_at)
+            exp = token["exp"]
+            renewals += 1
+        ended = time.time()
+        assert renewals >= 2
+        assert ended > expires_at  # the first token's expiry did not end it
+        assert ended < exp  # the lifetime did, the last token still valid
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+async def test_a_machine_token_is_not_renewed_at_a_heartbeat_before_less_than_half_of_it_is_left(pg_url: str) -> None:
+    """Heartbeats every 0.2 s, a machine token with 3.5 s left of 4 s: pings until 2 s are left,
+    then the renewal, not at an earlier heartbeat."""
+    engine = create_engine(Settings(database_url=pg_url))
+    hub = SubscriptionHub(RecordingTransport(), buffer=4)
+    await hub.start()
+    license_id = new_license()
+    settings = make_settings(pg_url, heartbeat_interval=0.2, machine_token_ttl=4)
+    expires_at = time.time() + 3.5
+    machine = StreamMachine(settings, license_id, tokens.Grant(license_id, expires_at, "machine-1", "fingerprint-1"))
+    stream = license_stream(EventLog(engine), hub, settings, license_id, None, expires_at=expires_at, machine=machine)
+    try:
+        assert (await anext(stream)).startswith(b"retry:")
+        assert sse(await asyncio.wait_for(anext(stream), 5))[0] == "state"
+        assert await asyncio.wait_for(anext(stream), 5) == PING
+        kind, token = await next_not_ping(stream)
+        assert kind == "token"
+        assert time.time() >= expires_at - settings.machine_token_ttl / 2
+        assert tokens.verify_for(settings, token["token"]).machine_id == "machine-1"
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await engine.dispose()
+
+
+def test_a_stream_ends_at_its_tokens_expiry_or_at_its_jittered_maximum_lifetime_whichever_comes_first() -> None:
+    """`_deadline`, on the monotonic clock: the token's expiry as it is; the maximum lifetime
+    jittered between 85 % and 100 % (never longer), so that the clients of a restarted fleet
+    spread out; the earlier of the two when both apply."""
+    lifetime = make_settings("postgresql://unused", max_connection_lifetime=100.0)
+    without = make_settings("postgresql://unused", max_connection_lifetime=None)
+    assert _deadline(without, None) is None
+    before, expires = time.monotonic(), _deadline(without, time.time() + 50)
+    assert expires is not None and before + 49.9 <= expires <= time.monotonic() + 50.1
+    ends = []
+    for _ in range(200):
+        before, end = time.monotonic(), _deadline(lifetime, None)
+        assert end is not None and before + 85 <= end <= time.monotonic() + 100
+        ends.append(end - before)
+    assert max(ends) - min(ends) > 5  # jittered, not one fixed lifetime
+    before, end = time.monotonic(), _deadline(lifetime, time.time() + 50)
+    assert end is not None and before + 49.9 <= end <= time.monotonic() + 50.1
+    before, end = time.monotonic(), _deadline(lifetime, time.time() + 500)
+    assert end is not None and before + 85 <= end <= time.monotonic() + 100
+
+
+class UnavailableEventLog(EventLog):
+    """The event log of a database that refuses every connection."""
+
+    error = OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    async def current(self, license_id: str) -> LicenseEvent:
+        raise self.error
+
+
+async def test_a_stream_whose_database_is_unavailable_ends_and_says_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The catch-up cannot read the database: the stream ends after its retry hint (the client
+    comes back after `retry:` and resumes from its Last-Event-ID, nothing lost), the hub lets the
+    license go, and one warning names the license and the error."""
+    engine = create_engine(Settings(database_url=pg_url))
+    transport = RecordingTransport()
+    hub = SubscriptionHub(transport, buffer=4)
+    await hub.start()
+    caplog.set_level(logging.WARNING, logger="stream")
+    license_id = new_license()
+    try:
+        stream = license_stream(UnavailableEventLog(engine), hub, make_settings(pg_url), license_id, None)
+        chunks = [chunk async for chunk in stream]
+        assert len(chunks) == 1 and chunks[0].startswith(b"retry:")
+        assert transport.listened == set()
+        messages = [r.getMessage() for r in caplog.records if r.name == "stream"]
+        assert messages == [f"stream for {license_id} ended, database unavailable: {UnavailableEventLog.error}"]
+    finally:
         await hub.close()
         await engine.dispose()
