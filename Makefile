@@ -111,7 +111,7 @@ bench: $(VENV)/.installed
 ## slow, not in CI. MUTANTS='broker.transports.sweep.*' runs one module's mutants; MUTANT_JOBS workers
 MUTANTS ?=
 MUTANT_JOBS ?= 2
-mutants: $(VENV)/.installed
+mutants: $(VENV)/.installed $(VENV)/.client-installed
 	$(PIP) install --quiet -e '.[mutation]'
 	nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
 	$(VENV)/bin/mutmut results
