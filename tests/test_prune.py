@@ -20,13 +20,14 @@ from broker.ingest import Ingestor
 from broker.runtime import open_runtime
 from broker.settings import Settings, SettingsError
 from broker.storage.db import create_engine
-from broker.storage.eventlog import EventLog, LicenseEvent, log_entry
+from broker.storage.eventlog import EventLog, log_entry
 from broker.storage.licenses import LicenseState, LicenseStore, initial_state
 from broker.storage.retention import prune_event_log, prune_event_payloads
 from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from broker.stripe_ledger.ledger import LicenseRules
 from broker.stripe_ledger.objects import EventFilter
 from license_broker.rebuild import rebuild
+from tests.support.eventlogs import ReadCountingEventLog
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.processes import run_module
 from webhook.samples import SampleEvents
@@ -232,28 +233,13 @@ async def logged(engine: AsyncEngine, license_id: str, count: int) -> None:
         await conn.execute(subscription_event_logs.insert(), rows)
 
 
-class CountingEventLog(EventLog):
-    """The event log, noting how many events each `read` returned."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine)
-        self.reads: list[int] = []
-
-    async def read(
-        self, license_id: str, after: int, before: int | None = None, limit: int = 500
-    ) -> list[LicenseEvent]:
-        events = await super().read(license_id, after, before, limit)
-        self.reads.append(len(events))
-        return events
-
-
 async def test_the_event_log_reads_at_most_500_events_and_replays_a_backlog_in_batches(engine: AsyncEngine) -> None:
     """`read` returns at most its limit (500 by default); `replay` reads batch after batch from
     where the last one ended, until a batch comes back short."""
     big, small = new_license(), new_license()
     await logged(engine, big, 501)
     await logged(engine, small, 5)
-    log = CountingEventLog(engine)
+    log = ReadCountingEventLog(engine)
     assert [e.seq for e in await EventLog(engine).read(big, 0)] == list(range(1, 501))  # the default limit
     current, never, [last] = await log.current(big), new_license(), await EventLog(engine).read(big, 500)
     assert (current.license_id, current.seq, current.data) == (big, 501, last.data)

@@ -15,7 +15,6 @@ import orjson
 import pytest
 from license_broker_client import LicenseClient, Unauthorized
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.settings import Settings
@@ -29,6 +28,7 @@ from license_broker.embedded import create_app
 from stream.catchup import _deadline, license_stream
 from stream.hub import HubClosed, SubscriptionHub
 from stream.machine import StreamMachine
+from tests.support.eventlogs import ReadCountingEventLog
 from tests.support.licenses import TOKEN_SECRET, append, make_settings, new_license, post_event, token_for
 from tests.support.processes import serving
 from tests.support.transports import RecordingTransport
@@ -377,21 +377,6 @@ async def test_a_client_resuming_at_the_current_seq_is_sent_nothing_again(pg_url
         await stream.aclose()
         await hub.close()
         await engine.dispose()
-
-
-class ReadCountingEventLog(EventLog):
-    """The event log, noting how many events each replay read returns."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine)
-        self.reads: list[int] = []
-
-    async def read(
-        self, license_id: str, after: int, before: int | None = None, limit: int = 500
-    ) -> list[LicenseEvent]:
-        events = await super().read(license_id, after, before, limit)
-        self.reads.append(len(events))
-        return events
 
 
 async def test_a_replay_reads_its_backlog_in_batches_and_only_a_resync_counts_as_one(pg_url: str) -> None:
