@@ -82,15 +82,24 @@ async def rows(runtime: Runtime) -> dict[str, Any]:
     return await every_row(runtime.settings.database_url)
 
 
-async def test_the_fast_path_leaves_the_rows_and_outcomes_of_the_general_path(
-    runtime: Runtime, fast_results: list[bool], pg_url: str
-) -> None:
+async def one_at_a_time_through_both(
+    runtime: Runtime, pg_url: str, events: list[dict[str, Any]]
+) -> tuple[list[Outcome], dict[str, Any], list[Outcome]]:
+    """`events` one at a time through the general path, then, on emptied tables, through the
+    common one: (the general path's outcomes, the rows it left, the common path's outcomes); the
+    common path's rows are the tables as the call leaves them."""
     fast, general = both_paths(runtime)
-    events = story("lic_same")
     by_general = await ingest_all(general, events)
     general_rows = await rows(runtime)
     truncate(pg_url)
-    by_fast = await ingest_all(fast, events)
+    return by_general, general_rows, await ingest_all(fast, events)
+
+
+async def test_the_fast_path_leaves_the_rows_and_outcomes_of_the_general_path(
+    runtime: Runtime, fast_results: list[bool], pg_url: str
+) -> None:
+    events = story("lic_same")
+    by_general, general_rows, by_fast = await one_at_a_time_through_both(runtime, pg_url, events)
 
     assert True in fast_results  # the common path was taken ...
     assert False in fast_results  # ... and the first events of the license were not
@@ -120,11 +129,7 @@ async def test_both_paths_leave_the_same_rows_for_the_rules_newer_objects(
     payment.refund(3000, same_second=True)
     s.subscribe_by_invoice(bob, "lic_newer_emailed").send_renewal_invoice().fail()
     events = s.take()
-    fast, general = both_paths(runtime)
-    by_general = await ingest_all(general, events)
-    general_rows = await rows(runtime)
-    truncate(pg_url)
-    by_fast = await ingest_all(fast, events)
+    by_general, general_rows, by_fast = await one_at_a_time_through_both(runtime, pg_url, events)
     assert True in fast_results
     assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
     assert await rows(runtime) == general_rows
@@ -194,15 +199,11 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 async def test_a_new_license_and_its_subscription_are_bound_in_the_common_path(
     runtime: Runtime, fast_results: list[bool], pg_url: str
 ) -> None:
-    fast, general = both_paths(runtime)
     sample = SampleEvents("lic_new")
     events = [
         sample.subscription_event("customer.subscription.updated", s, T + i) for i, s in enumerate(("active",) * 2)
     ]
-    by_general = await ingest_all(general, events)
-    general_rows = await rows(runtime)
-    truncate(pg_url)
-    by_fast = await ingest_all(fast, events)
+    by_general, general_rows, by_fast = await one_at_a_time_through_both(runtime, pg_url, events)
 
     assert fast_results == [True, True]
     assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
@@ -352,11 +353,7 @@ async def test_a_new_license_links_the_pending_entitlements_of_its_customer_in_t
     s.entitlements(alice, ["sync"])
     s.subscribe(alice, "lic_entitled")
     events = s.take()
-    fast, general = both_paths(runtime)
-    by_general = await ingest_all(general, events)
-    general_rows = await rows(runtime)
-    truncate(pg_url)
-    by_fast = await ingest_all(fast, events)
+    by_general, general_rows, by_fast = await one_at_a_time_through_both(runtime, pg_url, events)
 
     assert fast_results[0] is True  # the subscription's first event, decided on the common path
     assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
