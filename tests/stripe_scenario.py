@@ -602,3 +602,19 @@ class Subscription:
         self.status, self.ended_at = "canceled", now
         self.canceled_at = self.canceled_at or now
         self.emit("customer.subscription.deleted")
+
+
+def disputes_won_lost_and_prevented(s: Scenario, license_id: str) -> None:
+    """A life both the ledger's properties and the ingest's differential test replay: a renewed
+    subscription whose first payment is disputed (won, after review), whose second is blocked as a
+    prevented dispute, and whose first is disputed again and lost."""
+    sub = s.subscribe(s.customer(), license_id)
+    first = sub.latest_invoice.payment
+    sub.renew()
+    second = sub.latest_invoice.payment
+    assert first is not None and second is not None
+    dispute = first.dispute("needs_response")
+    second.dispute("prevented", case_type="block")
+    dispute.update("under_review")
+    dispute.close("won")
+    first.dispute("needs_response", reason="product_unacceptable").close("lost")

@@ -28,6 +28,7 @@ from broker.settings import Settings, normalize_database_url
 from broker.storage.db import create_engine, migrate
 from broker.storage.schema import metadata
 from broker.stripe_ledger.ledger import LicenseRules
+from tests import stripe_scenario
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support.licenses import make_settings
@@ -78,16 +79,7 @@ def emailed_invoice_declined(s: Scenario, tag: str) -> None:
 
 
 def disputes_won_lost_and_prevented(s: Scenario, tag: str) -> None:
-    sub = s.subscribe(s.customer(), f"lic_{tag}")
-    first = sub.latest_invoice.payment
-    sub.renew()
-    second = sub.latest_invoice.payment
-    assert first is not None and second is not None
-    dispute = first.dispute("needs_response")
-    second.dispute("prevented", case_type="block")
-    dispute.update("under_review")
-    dispute.close("won")
-    first.dispute("needs_response", reason="product_unacceptable").close("lost")
+    stripe_scenario.disputes_won_lost_and_prevented(s, f"lic_{tag}")
 
 
 def expired_then_bought_again_with_entitlements(s: Scenario, tag: str) -> None:

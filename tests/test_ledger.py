@@ -20,7 +20,7 @@ from broker.stripe_ledger.fill import fill_ledger
 from broker.stripe_ledger.ledger import FETCHED_RANK, LicenseRules, StripeObject, line_items_id, merge
 from broker.stripe_ledger.objects import EventFilter, Unprocessable, report
 from tests.stripe_objects import SHAPES, Shape
-from tests.stripe_scenario import Scenario
+from tests.stripe_scenario import Scenario, disputes_won_lost_and_prevented
 from webhook.samples import SampleEvents
 
 T = 1_800_000_000
@@ -400,16 +400,7 @@ def emailed_invoice_declined_then_past_due(s: Scenario) -> str:
 
 def late_and_prevented_disputes(s: Scenario) -> str:
     license_id = "lic_prop_disputes"
-    sub = s.subscribe(s.customer(), license_id)
-    first = sub.latest_invoice.payment
-    sub.renew()
-    second = sub.latest_invoice.payment
-    assert first is not None and second is not None
-    dispute = first.dispute("needs_response")
-    second.dispute("prevented", case_type="block")
-    dispute.update("under_review")
-    dispute.close("won")
-    first.dispute("needs_response", reason="product_unacceptable").close("lost")
+    disputes_won_lost_and_prevented(s, license_id)
     return license_id
 
 
