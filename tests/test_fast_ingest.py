@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from broker.ingest import Ingestor, Outcome
+from broker.ingest import Ingestor, Outcome, OutcomeKind, unmatched_events
 from broker.ingest import batched as fast_ingest
 from broker.runtime import Runtime, open_runtime
 from broker.storage.schema import licenses, stripe_events, subscription_event_logs
@@ -341,6 +341,30 @@ async def test_a_binding_links_the_pending_events_of_its_own_batch(
     assert "linked" in {row["outcome"] for row in general_rows["stripe_events"]}
     assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
     assert await rows(runtime) == general_rows
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_the_events_of_objects_a_checkout_session_names_count_once_it_binds_them(
+    runtime: Runtime, pg_url: str, shape: Shape
+) -> None:
+    """Stripe sends `customer.subscription.created` and the first invoice's events before (or
+    without waiting for) `checkout.session.completed`: pending, no license names them yet. The
+    session names the subscription and the invoice itself and binds them: their earlier events
+    now count for the license ("linked"), and `license-broker unmatched` lists none of them."""
+    s = Scenario(shape)
+    s.subscribe(s.customer(), "lic_named", bind="session")
+    events = s.take()
+    session = next(i for i, e in enumerate(events) if e["type"] == "checkout.session.completed")
+    by_general, general_rows, by_fast = await one_at_a_time_through_both(runtime, pg_url, events)
+
+    assert {o.kind for o in by_general[:session]} == {OutcomeKind.PENDING}  # before the session
+    named = {events[session]["data"]["object"][k] for k in ("subscription", "invoice")}
+    for table in (general_rows, await rows(runtime)):
+        before = [r for r in table["stripe_events"] if r["id"] in {e["id"] for e in events[:session]}]
+        assert named <= {r["object_id"] for r in before}
+        assert {(r["outcome"], r["license_id"]) for r in before} == {("linked", "lic_named")}
+    assert await unmatched_events(runtime.engine) == []
+    assert [(o.kind, o.license_id) for o in by_fast] == [(o.kind, o.license_id) for o in by_general]
 
 
 async def test_a_new_license_links_the_pending_entitlements_of_its_customer_in_the_common_path(

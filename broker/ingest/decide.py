@@ -333,7 +333,6 @@ def decide_event(
         return DUPLICATE
     s = snapshot
     own = reported.primary.id
-    ids = reported.ids
     # The event's writes are staged on `rows` until it is decided: a Missing midway leaves nothing.
     rows = SnapshotRows(s)
     try:
@@ -443,7 +442,10 @@ def decide_event(
     newly = folded.newly
     if newly:
         assert license_id is not None
-        waiting = newly - ids
+        # Every id this event bound, its own included: their events recorded before (pending:
+        # no license yet) now count for it (a Checkout Session naming a subscription whose
+        # `customer.subscription.created` came first).
+        waiting = set(newly)
         if reported.customer:
             # Customer-level objects that waited for a license of their customer.
             waiting |= {reported.customer, entitlements_id(reported.customer)}
