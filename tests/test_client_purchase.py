@@ -39,6 +39,7 @@ from license_broker_client import (
 )
 
 from broker.licensing.checkout import MAX_PENDING_PER_ADDRESS
+from broker.licensing.keys import display, generate
 from broker.settings import Settings
 from broker.signing.leases import private_pem, public_pem
 from license_broker.embedded import create_app
@@ -330,11 +331,15 @@ async def test_each_refusal_of_buying_trying_and_managing_is_its_own_error(
         with pytest.raises(NotOffered) as no_portal:
             await client.portal()
         assert no_portal.value.feature == "portal"
-    # License keys off altogether: a BrokerError, as 0.3 raised it for activate().
+    # License keys off altogether: nothing of it is offered (still a BrokerError, as 0.3 raised it
+    # for activate()).
     async with serving(create_app(buy_settings(pg_url, base, license_keys=None))) as url:
-        with pytest.raises(BrokerError) as no_keys:
+        with pytest.raises(NotOffered) as no_keys:
             await app_on(url, tmp_path / "d", "os-id-d").start_trial()
-        assert type(no_keys.value) is BrokerError and no_keys.value.status == 404
+        assert (no_keys.value.feature, no_keys.value.status) == ("keys", 404)
+        assert isinstance(no_keys.value, BrokerError)
+        with pytest.raises(NotOffered, match="license keys are off"):
+            await app_on(url, tmp_path / "e", "os-id-e").activate(display(generate()))
 
 
 def readme_app() -> str:

@@ -10,7 +10,7 @@
  *     ├── InvalidLicenseKeyError       "invalid_key"    403: no license has this key (never issued, or replaced)
  *     ├── MachineLimitReachedError     "machine_limit_reached" 409: `machines` in use, `max`: release one
  *     ├── MachineNotFoundError         "no_such_machine" 404: not an active machine of the license
- *     ├── NotOfferedError              "not_offered"    404: buying, trials or the portal are off on this server: hide the button
+ *     ├── NotOfferedError              "not_offered"    404: buying, trials, the portal or license keys are off on this server: hide the button
  *     ├── TrialUsedError               "trial_used"     409: this machine has had its trial (one per machine, ever)
  *     ├── AlreadyPaidError             "already_paid"   409: a checkout for a license that is paid for: offer the portal
  *     ├── NoCustomerError              "no_customer"    409: the portal of a license with nothing bought: offer Buy
@@ -102,7 +102,7 @@ export class MachineNotFoundError extends BrokerError {
   override readonly code = "no_such_machine";
 }
 
-/** 404: the seller has not turned this on (STRIPE_PRICES, LICENSE_TRIAL_DAYS, STRIPE_API_KEY): hide the button. */
+/** 404: the seller has not turned this on (STRIPE_PRICES, LICENSE_TRIAL_DAYS, STRIPE_API_KEY, LICENSE_KEY_SECRET): hide the button. */
 export class NotOfferedError extends BrokerError {
   override name = "NotOfferedError";
   override readonly code = "not_offered";
@@ -184,7 +184,7 @@ export function errorOf(status: number, body: unknown, headers: Headers = new He
   if (status === 401 && message === "machine released") return new MachineReleasedError(data);
   if (status === 401 || status === 403) return new UnauthorizedError(status, `${status}: ${message}`, data);
   if (status === 404 && message === "no such machine") return new MachineNotFoundError(message, options);
-  if (status === 404 && /^(buying from the app|trials|the billing portal) (is|are) off on this server/.test(message)) return new NotOfferedError(message, options);
+  if (status === 404 && /^(buying from the app|trials|the billing portal|license keys) (is|are) off on this server/.test(message)) return new NotOfferedError(message, options);
   if (status === 409 && message === "this machine has had its trial") return new TrialUsedError(message, options);
   if (status === 409 && message.startsWith("this license is paid for already")) return new AlreadyPaidError(message, options);
   if (status === 409 && message.startsWith("this license has no Stripe customer")) return new NoCustomerError(message, options);

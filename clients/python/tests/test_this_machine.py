@@ -306,7 +306,8 @@ def test_each_refusal_of_the_broker_is_its_own_error() -> None:
     down = refusal(503, {"error": "database unavailable"}, **{"retry-after": "2"})
     assert isinstance(down, BrokerUnavailable) and down.retry_after == 2.0
     off = refusal(404, {"error": "license keys are off on this server (LICENSE_KEY_SECRET is not set)"})
-    assert type(off) is BrokerError and "LICENSE_KEY_SECRET" in str(off)  # as 0.3: not an offer
+    assert isinstance(off, NotOffered) and (off.feature, off.status, off.code) == ("keys", 404, "not_offered")
+    assert isinstance(off, BrokerError) and "LICENSE_KEY_SECRET" in str(off)  # what 0.3 raised, still
     assert type(refusal(400, {"error": "fingerprint: 64 hex characters"})) is BrokerError
 
 

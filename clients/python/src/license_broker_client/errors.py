@@ -10,7 +10,7 @@
     ├── MachineNotFound            404: not an active machine of this license (released already)
     ├── RateLimited                429: too many attempts (checkouts, trials, ...); `retry_after` seconds
     ├── NotOffered                 404: the seller has not turned it on (`feature`: "checkout",
-    │                              "trials" or "portal"): hide the button
+    │                              "trials", "portal" or "keys"): hide the button
     ├── UnknownPrice               400: a price not among the seller's (`prices`: the ones offered)
     ├── AlreadyPaid                409: the license is paid for already: offer the portal
     ├── TrialUsed                  409: this machine has had its trial (one per machine, ever)
@@ -108,8 +108,9 @@ class StripeRefused(BrokerUnavailable):
 
 class NotOffered(BrokerError):
     """404 "... off on this server": the seller has not turned this on (`feature`: "checkout",
-    "trials" or "portal"). Retrying will not help: hide what needs it. (License keys off stays a
-    BrokerError, as 0.3 raised it.)"""
+    "trials", "portal", or "keys": license keys, and with them activation, machines and buying
+    from the app). Retrying will not help: hide what needs it. A BrokerError, as 0.3 raised the
+    keys' refusal."""
 
     code = "not_offered"
 
@@ -161,7 +162,12 @@ class CheckoutExpired(BrokerError):
 
 
 # What the 404 of each offer that is off says (docs/protocol.md, "Errors").
-_OFF = {"buying from the app": "checkout", "trials": "trials", "the billing portal": "portal"}
+_OFF = {
+    "buying from the app": "checkout",
+    "trials": "trials",
+    "the billing portal": "portal",
+    "license keys": "keys",  # activation and machines; buying and trials need them too
+}
 
 
 def retry_after_seconds(value: str | None) -> float | None:
