@@ -373,7 +373,19 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Settings come from the environment (the docstring above); it takes no arguments, so that a
+    mistyped option is refused rather than silently ignored for a 3-minute run."""
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        usage = (__doc__ or "").strip()
+        if args in (["-h"], ["--help"]):
+            print(usage)
+            return 0
+        print(
+            f"python -m bench takes no arguments (got {' '.join(args)}); set these instead:\n\n{usage}", file=sys.stderr
+        )
+        return 2
     config = BenchConfig.from_env()
     progress(f"bench ({config.scale}): transports {', '.join(config.transports)}, clients {config.clients}")
     # uvloop, as the servers use (uvicorn[standard]): the load generator should not be the bottleneck.

@@ -9,7 +9,7 @@ import orjson
 import psycopg
 import pytest
 
-from bench.__main__ import BenchConfig, run
+from bench.__main__ import BenchConfig, main, run
 from bench.report import COLUMNS, against_peer, markdown_table, summary, write_json
 from tests.support.services import ADMIN_URL, psycopg_connect, unavailable
 
@@ -106,3 +106,12 @@ async def test_tiny_bench_writes_the_promised_json_with_nothing_lost_or_duplicat
 
     assert config.plot is not None and config.plot.stat().st_size > 0
     assert "redis cluster" in summary(written)
+
+
+def test_the_bench_refuses_arguments_and_says_which_settings_it_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    """Settings are environment variables: a mistyped option must not start a three-minute run."""
+    assert main(["--scale", "full"]) == 2
+    refused = capsys.readouterr().err
+    assert "takes no arguments (got --scale full)" in refused and "BENCH_SCALE" in refused
+    assert main(["--help"]) == 0
+    assert "BENCH_TRANSPORTS" in capsys.readouterr().out
