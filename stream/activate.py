@@ -32,7 +32,7 @@ from broker.licensing.ratelimit import SESSIONS
 from broker.licensing.sessions import TooManyWaiting, license_of_sessions, valid_session_id
 from broker.storage.eventlog import EventLog
 from broker.wire import PING, named_frame, retry_frame
-from stream.desktop import Desktop, error, keys_off, unavailable
+from stream.desktop import Desktop, error, keyed
 from stream.hub import HubClosed, SubscriptionHub
 from stream.limits import StreamAdmission, StreamRefused
 from stream.sse import EventStreamResponse
@@ -76,7 +76,7 @@ async def static_file(request: Request) -> Response:
 
 
 async def _session(request: Request, desktop: Desktop) -> tuple[str, str | None] | Response:
-    """The session id and its license (None: not recorded yet), or the refusal."""
+    """The session id and its license (None: not recorded yet), or the refusal (for a `keyed` route)."""
     if (refused := await desktop.refused(request, SESSIONS)) is not None:
         SESSION_LOOKUPS.labels("throttled").inc()
         return refused
@@ -85,10 +85,7 @@ async def _session(request: Request, desktop: Desktop) -> tuple[str, str | None]
         SESSION_LOOKUPS.labels("malformed").inc()
         await desktop.failed(request, SESSIONS)
         return error("not a Checkout Session id", 400)
-    try:
-        found = await license_of_sessions(desktop.keys.engine, [session_id])
-    except SQLAlchemyError:
-        return unavailable()
+    found = await license_of_sessions(desktop.keys.engine, [session_id])
     license_id = found.get(session_id)
     SESSION_LOOKUPS.labels("not_found" if license_id is None else "found").inc()
     if license_id is None:
@@ -109,30 +106,23 @@ async def _license(desktop: Desktop, events: EventLog, license_id: str) -> dict[
     }
 
 
-async def session_license(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def session_license(request: Request, desktop: Desktop) -> Response:
     found = await _session(request, desktop)
     if isinstance(found, Response):
         return found
     _, license_id = found
     if license_id is None:
         return error("checkout session not recorded yet", 404)
-    try:
-        return JSONResponse(await _license(desktop, request.state.stream_events, license_id))
-    except SQLAlchemyError:
-        return unavailable()
+    return JSONResponse(await _license(desktop, request.state.stream_events, license_id))
 
 
 def _named(name: bytes, data: dict[str, Any]) -> bytes:
     return named_frame(name, orjson.dumps(data))
 
 
-async def session_events(request: Request) -> Response | EventStreamResponse:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def session_events(request: Request, desktop: Desktop) -> Response | EventStreamResponse:
     found = await _session(request, desktop)
     if isinstance(found, Response):
         return found

@@ -5,11 +5,12 @@ LICENSE_KEY_SECRET."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
@@ -148,6 +149,27 @@ def unavailable() -> Response:
     return JSONResponse({"error": "database unavailable"}, status_code=503, headers={"retry-after": "2"})
 
 
+R = TypeVar("R")  # what the handler answers: a Response, or a stream
+
+
+def keyed(handler: Callable[[Request, Desktop], Awaitable[R]]) -> Callable[[Request], Awaitable[R | Response]]:
+    """A route of license keys (activation, machines, buying, trials, the portal, the activation
+    page's reads), given the process's Desktop: 404 while license keys are off (there is none),
+    and 503 with Retry-After whenever the database fails under the handler, wherever that is."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> R | Response:
+        desktop: Desktop | None = request.state.desktop
+        if desktop is None:
+            return keys_off()
+        try:
+            return await handler(request, desktop)
+        except SQLAlchemyError:
+            return unavailable()
+
+    return route
+
+
 async def json_body(request: Request) -> dict[str, Any] | Response:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
@@ -177,7 +199,7 @@ def _unauthorized() -> Response:
 
 
 async def authenticate(request: Request, desktop: Desktop, *, key: bool = True) -> Caller | Response:
-    """`Authorization: Bearer <token>` (a machine token, whose machine must still be active, or a
+    """For a `keyed` route: `Authorization: Bearer <token>` (a machine token, whose machine must still be active, or a
     subscriber token minted by the seller's web app) or, where `key`, `Authorization: License
     <key>` (an app whose activation met the limit has no token yet)."""
     scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
@@ -190,10 +212,7 @@ async def authenticate(request: Request, desktop: Desktop, *, key: bool = True) 
             return _unauthorized()
         if grant.machine_id is None:
             return Caller(grant.license_id)
-        try:
-            machine = await desktop.machines.seen(grant.license_id, grant.machine_id)
-        except SQLAlchemyError:
-            return unavailable()
+        machine = await desktop.machines.seen(grant.license_id, grant.machine_id)
         if machine is None:
             return released()
         return Caller(grant.license_id, grant.machine_id, grant.fingerprint)
@@ -205,10 +224,7 @@ async def authenticate(request: Request, desktop: Desktop, *, key: bool = True) 
         except keys.MalformedKey:
             await desktop.failed(request, ACTIVATIONS)
             return error("malformed key", 400)
-        try:
-            license_id = await desktop.keys.find(normalised)
-        except SQLAlchemyError:
-            return unavailable()
+        license_id = await desktop.keys.find(normalised)
         if license_id is None:
             await desktop.failed(request, ACTIVATIONS)
             return error("invalid key", 403)
@@ -224,10 +240,8 @@ def released() -> Response:
     )
 
 
-async def activate(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def activate(request: Request, desktop: Desktop) -> Response:
     if (refused := await desktop.refused(request, ACTIVATIONS)) is not None:
         ACTIVATION_OUTCOMES.labels("throttled").inc()
         return refused
@@ -265,78 +279,56 @@ async def activate(request: Request) -> Response:
         await desktop.failed(request, ACTIVATIONS, key_bucket)
         listed = [m.public() for m in full.machines]
         return error("machine limit reached", 409, machines=listed, max=full.limit)
-    except SQLAlchemyError:
-        return unavailable()
     ACTIVATION_OUTCOMES.labels("created" if activated.created else "again").inc()
     return JSONResponse(activated.body(), status_code=201 if activated.created else 200)
 
 
-async def list_machines(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def list_machines(request: Request, desktop: Desktop) -> Response:
     caller = await authenticate(request, desktop)
     if isinstance(caller, Response):
         return caller
-    try:
-        found, limit = await desktop.machines.list(caller.license_id)
-    except SQLAlchemyError:
-        return unavailable()
+    found, limit = await desktop.machines.list(caller.license_id)
     listed = [m.public() | {"current": m.id == caller.machine_id} for m in found]
     return JSONResponse({"license_id": caller.license_id, "machines": listed, "used": len(found), "max": limit})
 
 
-async def release_machine(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def release_machine(request: Request, desktop: Desktop) -> Response:
     caller = await authenticate(request, desktop)
     if isinstance(caller, Response):
         return caller
     machine_id = request.path_params["machine_id"]
     if len(machine_id) > 40 or "\x00" in machine_id:
         return error("no such machine", 404)
-    try:
-        done = await desktop.machines.release(caller.license_id, machine_id)
-    except SQLAlchemyError:
-        return unavailable()
+    done = await desktop.machines.release(caller.license_id, machine_id)
     if not done:
         return error("no such machine", 404)
     return JSONResponse({"id": machine_id, "released": True})
 
 
-async def renew_token(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def renew_token(request: Request, desktop: Desktop) -> Response:
     caller = await authenticate(request, desktop, key=False)
     if isinstance(caller, Response):
         return caller
     if caller.machine_id is None or caller.machine_id != request.path_params["machine_id"]:
         return error("only a machine's own token renews it", 403)
     assert caller.fingerprint is not None
-    try:
-        grant = await desktop.machines.grant(caller.license_id, caller.machine_id, caller.fingerprint)
-    except SQLAlchemyError:
-        return unavailable()
+    grant = await desktop.machines.grant(caller.license_id, caller.machine_id, caller.fingerprint)
     body = {"machine_id": caller.machine_id, "token": grant.token, "exp": grant.token_expires_at, "lease": grant.lease}
     return JSONResponse(body)
 
 
-async def license_key(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def license_key(request: Request, desktop: Desktop) -> Response:
     caller = await authenticate(request, desktop, key=False)
     if isinstance(caller, Response):
         return caller
     license_id = request.path_params["license_id"]
     if caller.license_id != license_id:
         return error("token is for another license", 403)
-    try:
-        key = await desktop.keys.reveal(license_id)
-    except SQLAlchemyError:
-        return unavailable()
+    key = await desktop.keys.reveal(license_id)
     if key is None:
         return error("no such license", 404)
     return JSONResponse({"license_id": license_id, "key": keys.display(key), "open_url": desktop.open_url(key)})

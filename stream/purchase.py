@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,7 +20,7 @@ from broker.licensing.metrics import TRIALS as TRIAL_OUTCOMES
 from broker.licensing.portal import NoCustomer
 from broker.licensing.ratelimit import CHECKOUTS, PORTALS, TRIALS, Limit
 from broker.licensing.trials import TrialUsed
-from stream.desktop import Caller, Desktop, authenticate, client_bucket, error, json_body, keys_off, unavailable
+from stream.desktop import Caller, Desktop, authenticate, client_bucket, error, json_body, keyed
 
 log = logging.getLogger("stream.purchase")
 
@@ -49,10 +48,8 @@ def _stripe_failed(exc: Exception) -> Response:
     return error(str(exc), 502)
 
 
-async def checkout(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def checkout(request: Request, desktop: Desktop) -> Response:
     if desktop.checkouts is None:
         return error("buying from the app is off on this server (STRIPE_PRICES is not set)", 404)
     caller: Caller | None = None
@@ -109,16 +106,12 @@ async def checkout(request: Request) -> Response:
             "stripe_unavailable" if isinstance(exc, GatewayUnavailable) else "stripe_refused"
         ).inc()
         return _stripe_failed(exc)
-    except SQLAlchemyError:
-        return unavailable()
     CHECKOUT_OUTCOMES.labels("created").inc()
     return JSONResponse(started.body(), status_code=201)
 
 
-async def start_trial(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def start_trial(request: Request, desktop: Desktop) -> Response:
     if desktop.trials is None or desktop.trials.length is None:
         return error("trials are off on this server (LICENSE_TRIAL_DAYS is not set)", 404)
     if (refused := await _bounded(request, desktop, TRIALS, "trials")) is not None:
@@ -140,16 +133,12 @@ async def start_trial(request: Request) -> Response:
     except TrialUsed:
         TRIAL_OUTCOMES.labels("used").inc()
         return error("this machine has had its trial", 409)
-    except SQLAlchemyError:
-        return unavailable()
     TRIAL_OUTCOMES.labels("started").inc()
     return JSONResponse(started.body(), status_code=201)
 
 
-async def open_portal(request: Request) -> Response:
-    desktop: Desktop | None = request.state.desktop
-    if desktop is None:
-        return keys_off()
+@keyed
+async def open_portal(request: Request, desktop: Desktop) -> Response:
     if desktop.portal is None:
         return error("the billing portal is off on this server (STRIPE_API_KEY is not set)", 404)
     caller = await authenticate(request, desktop, key=False)
@@ -171,8 +160,6 @@ async def open_portal(request: Request) -> Response:
     except (GatewayUnavailable, GatewayRefused) as exc:
         PORTAL_OUTCOMES.labels("stripe_unavailable" if isinstance(exc, GatewayUnavailable) else "stripe_refused").inc()
         return _stripe_failed(exc)
-    except SQLAlchemyError:
-        return unavailable()
     PORTAL_OUTCOMES.labels("created").inc()
     return JSONResponse({"url": url})
 

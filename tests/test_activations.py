@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from sqlalchemy.engine import make_url
 
 from broker.licensing import keys
 from broker.licensing.keys import KeyVault
@@ -30,6 +31,7 @@ from tests.support.activations import (
     keyed_settings,
     session_of,
 )
+from tests.support.faults import TcpProxy
 from tests.support.licenses import make_settings, new_license, post_event
 from tests.support.processes import serving
 from webhook.samples import SampleEvents
@@ -208,6 +210,50 @@ async def test_keys_are_off_without_license_key_secret(pg_url: str) -> None:
         assert (await activate(client, url, keys.display(keys.generate()))).status_code == 404
         assert (await client.get(f"{url}/api/machines")).status_code == 404
         assert (await client.get(f"{url}/api/checkout-sessions/cs_test_1/license")).status_code == 404
+
+
+async def test_every_key_route_answers_503_with_retry_after_while_postgres_is_unreachable(pg_url: str) -> None:
+    """Postgres away (a relay that cuts every connection and refuses new ones): each route of keys,
+    machines, trials and the activation page answers `503 database unavailable` with Retry-After,
+    which the clients retry, never a 500; once it is back, the same calls succeed."""
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.port or 5432, real.host or "127.0.0.1")
+    via_proxy = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    license_id = new_license()
+    try:
+        app = create_app(keyed_settings(via_proxy, trial_days=1.0))
+        async with serving(app) as url, httpx.AsyncClient(timeout=30) as client:
+            session_id = await buy(client, url, license_id)
+            key = await key_of(client, url, session_id)
+            activated = (await activate(client, url, key)).json()
+            machine, token = activated["machine"]["id"], activated["token"]
+            calls = [
+                ("POST", "/api/activations", {"key": key, "fingerprint": fingerprint()}, None),
+                ("GET", "/api/machines", None, token),
+                ("GET", "/api/machines", None, f"License {key}"),
+                ("POST", f"/api/machines/{machine}/token", None, token),
+                ("GET", f"/api/licenses/{license_id}/key", None, token),
+                ("POST", "/api/trials", {"fingerprint": fingerprint()}, None),
+                ("GET", f"/api/checkout-sessions/{session_id}/license", None, None),
+                ("DELETE", f"/api/machines/{machine}", None, token),
+            ]
+
+            async def answers() -> list[tuple[int, Any, str | None]]:
+                out = []
+                for method, path, body, auth in calls:
+                    headers = {} if auth is None else {"authorization": auth if " " in auth else f"Bearer {auth}"}
+                    r = await client.request(method, f"{url}{path}", json=body, headers=headers)
+                    out.append((r.status_code, r.json(), r.headers.get("retry-after")))
+                return out
+
+            proxy.cut()
+            down = await answers()
+            assert down == [(503, {"error": "database unavailable"}, "2")] * len(calls), down
+            proxy.restore()
+            up = await answers()
+            assert [status for status, _, _ in up] == [201, 200, 200, 200, 200, 201, 200, 200], up
+    finally:
+        proxy.close()
 
 
 def behind_proxy(app: Any) -> Any:
