@@ -19,8 +19,8 @@ import time
 from typing import Any, Literal
 
 from tests import stripe_objects as objects
-from tests.stripe_api import FakeStripeApi
 from tests.stripe_objects import Shape, new_id
+from tests.support.stripe_api import FakeStripeApi
 
 MONTH = 30 * 86400
 PRICE, PRODUCT = "price_desktop_pro_monthly", "prod_desktop_pro"

@@ -21,11 +21,11 @@ import pytest
 import stripe
 from httpx_sse import connect_sse
 
-from tests.stripe_api import FakeStripeApi
 from tests.stripe_objects import SHAPES, UNLINKED_API_VERSION, Shape
 from tests.stripe_scenario import ADDON_PRICE, ADDON_PRODUCT, LIFETIME_PRICE, OTHER_PRICE, OTHER_PRODUCT, Scenario
 from tests.support.licenses import TOKEN_SECRET, WEBHOOK_SECRET, new_license
-from tests.support.processes import Process, process_env, run_module
+from tests.support.processes import Process, process_env, run_module, serving_in_thread
+from tests.support.stripe_api import FakeStripeApi
 from tests.support.waiting import free_port
 
 # Settings of the ledger's mode and account filters; cleared unless a broker sets them, so the
@@ -143,7 +143,8 @@ def period_broker(postgres_url: str, redis_url: str, tmp_path_factory: pytest.Te
 @pytest.fixture(scope="module")
 def stripe_api() -> Iterator[tuple[FakeStripeApi, str]]:
     api = FakeStripeApi()
-    with api.serving() as base:
+    with serving_in_thread(api.app()) as base:
+        api.base_url = base
         yield api, base
 
 

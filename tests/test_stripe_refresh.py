@@ -289,7 +289,7 @@ async def test_a_summary_with_more_entitlements_is_completed_from_the_api_or_say
     license_id, sub_id = new_license(), f"sub_refresh_entitlements_{api}"
     keys = [f"feature_{n:02}" for n in range(12)]
     listed = [{"id": f"ent_{k}", "object": "entitlements.active_entitlement", "lookup_key": k} for k in keys]
-    fake.objects["/v1/entitlements/active_entitlements"] = {"object": "list", "data": listed, "has_more": False}
+    fake.put_list("/v1/entitlements/active_entitlements", listed, customer="cus_refresh")
     settings = make_settings(pg_url, stripe_api_key=KEY, stripe_api_base=base)
     failed = refreshes("failed")
     outcomes = await deliver(
@@ -329,7 +329,7 @@ async def test_a_one_time_purchase_is_judged_by_the_line_items_the_api_gives(
     )
     items = {"object": "list", "has_more": False, "data": [{"id": "li_1", "price": {"id": "price_lifetime"}}]}
     if served == "the line items list":
-        api.objects[f"/v1/checkout/sessions/{session_id}/line_items"] = items
+        api.put_list(f"/v1/checkout/sessions/{session_id}/line_items", items["data"])
     else:
         api.objects[f"/v1/checkout/sessions/{session_id}"] = {**session, "line_items": items}
     settings = make_settings(
@@ -356,8 +356,9 @@ async def test_a_paid_invoice_of_api_2025_04_is_linked_to_its_payment_through_th
     paid = invoice(invoice_id, sub_id, "paid")
     paid["billing_reason"] = "subscription_create"
     if served == "the invoice payments list":
-        api.objects["/v1/invoice_payments"] = listed
+        api.put_list("/v1/invoice_payments", [payment], invoice=invoice_id)
     else:
+        api.absent.add("/v1/invoice_payments")  # an API without the list: the invoice, expanded
         api.objects[f"/v1/invoices/{invoice_id}"] = {**paid, "payments": listed}
     charge = copy.deepcopy(EXAMPLES["charge"])
     charge.update(id=f"ch_refresh_unlinked_{tag}", payment_intent=payment_intent, customer="cus_refresh", amount=2000)

@@ -1,7 +1,9 @@
 """A local fake of the parts of Stripe's API the broker calls, built from Stripe's published example
-objects (tests/fixtures/stripe-openapi/resources.json): reading objects (the refresh), Prices,
-Checkout Sessions (create, read, expire) and Billing Portal sessions. STRIPE_API_BASE points the
-`stripe` package at it; nothing leaves the machine.
+objects (tests/fixtures/stripe-openapi/resources.json): reading objects (the refresh), the lists it
+reads (a Checkout's line items, a customer's active entitlements, an invoice's payments, with
+Stripe's pagination), Prices, Checkout Sessions (create, read, expire) and Billing Portal sessions.
+STRIPE_API_BASE points the `stripe` package at it; nothing leaves the machine. `fake_api` serves it
+in the test's event loop; `serving_in_thread(api.app())` for a module of broker processes.
 
 It answers as Stripe does where the broker depends on it: form-encoded parameters, `expires_at`
 within 30 minutes to 24 hours, `subscription_data` refused in payment mode, only open sessions
@@ -33,6 +35,9 @@ from tests.support.processes import serving
 OPENAPI = Path(__file__).resolve().parents[1] / "fixtures" / "stripe-openapi"
 EXAMPLES: dict[str, dict[str, Any]] = orjson.loads((OPENAPI / "resources.json").read_bytes())
 API_VERSION = "2026-10-28.endive"
+# The list endpoints the broker reads by a filter, and the query parameter of each; a list not put
+# under its filter's value is empty. Other lists (a Checkout's line items) are 404 until put.
+LIST_FILTERS = {"/v1/entitlements/active_entitlements": "customer", "/v1/invoice_payments": "invoice"}
 _KEY = re.compile(r"([^\[\]]+)|\[([^\[\]]*)\]")
 
 
@@ -75,7 +80,10 @@ class FakeStripeApi:
     Portal sessions are made by POST as Stripe makes them. Every request is noted."""
 
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
+    lists: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "<path>" or "<path>?<filter>=<value>"
+    absent: set[str] = field(default_factory=set)  # list endpoints this API lacks (404), as an older one would
+    requests: list[str] = field(default_factory=list)  # the path of each
+    queries: list[dict[str, str]] = field(default_factory=list)  # and its query parameters
     accounts: list[str | None] = field(default_factory=list)  # the Stripe-Account header of each
     # (method, path, decoded form) of each POST, and the idempotency key it carried.
     posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -94,8 +102,21 @@ class FakeStripeApi:
     def sessions(self) -> list[dict[str, Any]]:
         return [o for p, o in self.objects.items() if p.startswith("/v1/checkout/sessions/")]
 
+    def put_list(self, path: str, items: list[dict[str, Any]], **filters: str) -> None:
+        """What a list endpoint answers (with `filters`: for that filter's value)."""
+        self.lists[path + "".join(f"?{k}={v}" for k, v in filters.items())] = list(items)
+
+    def requested(self, path: str, **filters: str) -> int:
+        """How many requests were made for `path` with these query parameters."""
+        return sum(
+            1
+            for p, q in zip(self.requests, self.queries, strict=True)
+            if p == path and all(q.get(k) == v for k, v in filters.items())
+        )
+
     def _note(self, request: Request) -> None:
         self.requests.append(request.url.path)
+        self.queries.append(dict(request.query_params))
         self.accounts.append(request.headers.get("stripe-account"))
 
     async def retrieve(self, request: Request) -> JSONResponse:
@@ -103,9 +124,25 @@ class FakeStripeApi:
         path = request.url.path
         if self.failing:
             return _error(500, "fake outage", "api_error")
+        if path in self.absent:
+            return _error(404, f"Unrecognized request URL (GET: {path})")
+        if path in LIST_FILTERS or path in self.lists:
+            return self._page(path, request)
         if path not in self.objects:
             return _error(404, "No such object", code="resource_missing")
         return JSONResponse(self.objects[path])
+
+    def _page(self, path: str, request: Request) -> JSONResponse:
+        """A page of a list, as Stripe pages them: `limit` (10), `starting_after`, `has_more`."""
+        query = request.query_params
+        key = f"{path}?{LIST_FILTERS[path]}={query.get(LIST_FILTERS[path], '')}" if path in LIST_FILTERS else path
+        items = self.lists.get(key, [])
+        start = 0
+        if "starting_after" in query:
+            start = next((i + 1 for i, item in enumerate(items) if item.get("id") == query["starting_after"]), 0)
+        limit = int(query.get("limit", "10"))
+        page = items[start : start + limit]
+        return JSONResponse({"object": "list", "data": page, "has_more": start + limit < len(items), "url": path})
 
     async def _form(self, request: Request) -> dict[str, Any]:
         self._note(request)
