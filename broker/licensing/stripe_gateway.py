@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import stripe
 
@@ -30,22 +30,9 @@ log = logging.getLogger("broker.licensing")
 T = TypeVar("T")
 
 
-class _FormBodyHTTPXClient(stripe.HTTPXClient):
-    """stripe's httpx client hands a POST's encoded form to httpx as `data=<str>`, which httpx
-    deprecates (a DeprecationWarning per request, an error under the suite's warnings policy);
-    `content=` is the same bytes on the wire. GETs carry no body and are left as they are."""
-
-    def _get_request_args_kwargs(self, method: str, url: str, headers: Mapping[str, str], post_data: Any) -> list[Any]:
-        args: list[Any] = super()._get_request_args_kwargs(method, url, headers, post_data)
-        if isinstance(post_data, str | bytes) and post_data:
-            kwargs = args[1]
-            kwargs["content"] = kwargs.pop("data")
-        return args
-
-
 class StripeGateway(Gateway):
     def __init__(self, api_key: str, api_base: str | None = None) -> None:
-        self.http = _FormBodyHTTPXClient(timeout=API_TIMEOUT)
+        self.http = stripe.HTTPXClient(timeout=API_TIMEOUT)
         # No retries here: the buyer's click waits on this, and the app can click again.
         self.client = stripe.StripeClient(
             api_key, base_addresses={"api": api_base} if api_base else None, http_client=self.http,
