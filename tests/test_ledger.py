@@ -812,9 +812,9 @@ def test_the_latest_invoice_is_the_named_one_unless_a_known_one_was_created_afte
     the newest known."""
     named = invoice("in_1", "paid", T - 400, billing_reason="subscription_create")
     renewals = [
-        invoice("in_y", "failed", T - 200, version=T + 20),
-        invoice("in_w", "paid", T - 300),
-        invoice("in_x", "paid", T - 250),
+        invoice("in_a", "failed", T - 200, version=T + 20),
+        invoice("in_c", "paid", T - 300),
+        invoice("in_b", "paid", T - 250),
     ]
     assert derived(sub("active", T, latest_invoice="in_1"), named, *renewals)["status"] == "past_due"
     same_second = invoice("in_0", "failed", T - 400, version=T + 20)
