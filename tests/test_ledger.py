@@ -1186,3 +1186,17 @@ def test_the_trial_notice_is_the_newest_of_a_subscription_still_trialing_to_the_
     assert derived(a, b, notice("sub_a", T), notice("sub_b", T + 10))["notice"] == expected
     assert derived(a, b, notice("sub_b", T + 10), notice("sub_a", T))["notice"] == expected
     assert derived(a, notice("sub_unknown", T + 10))["notice"] is None
+
+
+def test_a_license_revoked_by_a_dispute_names_the_purchase_it_revoked_not_a_subscription_beside_it() -> None:
+    """DISPUTE_REVOKES=license revokes what entitles; a subscription that entitles nothing (unpaid)
+    is left as it is, so the license shows the revoked purchase, even beside a newer subscription."""
+    lost = {"status": "lost", "reason": "product_not_received", "case_type": "chargeback"}
+    dispute = obj("dispute", "dp_1", T + 5, charge="ch_1", payment_intent="pi_1", **lost)
+    state = derived(bought(), dispute, sub("unpaid", T + 10))
+    assert (state["status"], state["kind"], state["subscription"], state["entitled"]) == (
+        "revoked",
+        "perpetual",
+        None,
+        False,
+    )
