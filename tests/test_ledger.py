@@ -1200,3 +1200,16 @@ def test_a_license_revoked_by_a_dispute_names_the_purchase_it_revoked_not_a_subs
         None,
         False,
     )
+
+
+def test_the_features_are_those_of_every_entitling_customer_not_deleted() -> None:
+    """Stripe keeps active entitlements per customer (https://docs.stripe.com/billing/entitlements):
+    a license entitled by purchases of two customers lists the features of both; a customer that
+    entitles nothing here, or that was deleted, adds none."""
+    other = obj("entitlements", "ent_0", T, "cus_other", features=["other"])
+    mine = obj("entitlements", "ent_1", T, features=["pro"])
+    second = obj("entitlements", "ent_2", T, "cus_2", features=["team"])
+    purchase_2 = replace(bought("pi_2"), customer="cus_2")
+    assert derived(bought(), purchase_2, other, mine, second)["features"] == ["pro", "team"]
+    gone = obj("customer", CUS, T, deleted=True)
+    assert derived(bought(), purchase_2, gone, mine, second)["features"] == ["team"]
