@@ -613,7 +613,11 @@ def test_revoked_never_entitles_even_when_listed_and_disputes_revoke_the_license
     entitle it. DISPUTE_REVOKES is `license` unless set (docs/stripe.md)."""
     rules = LicenseRules(["active", "paid", "revoked"])
     assert rules.dispute_revokes == "license"
-    state = derived(bought(), obj("charge", "ch_1", T + 5, refunded=True, payment_intent="pi_1"), rules=rules)
+    refunded = obj("charge", "ch_1", T + 5, refunded=True, payment_intent="pi_1")
+    state = derived(bought(), refunded, rules=rules)
+    assert (state["status"], state["entitled"]) == ("revoked", False)
+    period = invoice("in_1", "paid", T - 10, billing_reason="subscription_create", charge="ch_1")
+    state = derived(sub(latest_invoice="in_1"), period, refunded, rules=rules)
     assert (state["status"], state["entitled"]) == ("revoked", False)
 
 
@@ -1143,6 +1147,7 @@ def test_the_licenses_customer_is_the_newest_named_by_a_session_or_subscription(
         replace(invoice("in_1", version=T + 30, subscription="sub_a"), customer="cus_z"),
     ]
     assert derived(*rows)["customer"] == "cus_b"
+    assert derived(*rows, replace(sub("canceled", T + 40, "sub_d"), customer="cus_d"))["customer"] == "cus_d"
 
 
 def test_the_newest_open_action_notice_of_a_running_subscription_is_shown() -> None:
