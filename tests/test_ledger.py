@@ -799,9 +799,9 @@ def test_an_invoice_moves_a_subscription_only_by_an_event_not_older_than_its_own
 def test_a_failed_update_or_emailed_invoice_leaves_the_subscription_active(
     billing_reason: str, invoice_collection: str, subscription_collection: str, moved_to: str
 ) -> None:
-    """A failed pending-update invoice: "the subscription continues to cycle as if the update never
-    happened" (https://docs.stripe.com/billing/subscriptions/pending-updates). A subscription billed
-    by email "becomes `past_due` when its invoice is not paid by the due date"
+    """A failed pending-update invoice: "The subscription will continue to cycle as if no update
+    request was made" (https://docs.stripe.com/billing/subscriptions/pending-updates-reference). A
+    subscription billed by email "becomes `past_due` when its invoice is not paid by the due date"
     (https://docs.stripe.com/api/subscriptions/object#subscription_object-status), however many
     attempts fail before: its own status says so."""
     active = sub("active", T, latest_invoice="in_1", collection_method=subscription_collection)
