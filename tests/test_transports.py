@@ -9,8 +9,10 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 import redis
+from redis.crc import key_slot
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,7 +22,7 @@ from broker.storage.db import create_engine, migrate
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
-from broker.transports.base import GapHandler, MessageHandler, ignore_gap
+from broker.transports.base import GapHandler, MessageHandler, channel, ignore_gap
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
@@ -28,9 +30,11 @@ from broker.transports.redis_cluster import RedisClusterTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
 from broker.wire import NOTICE_SEQ, notice
+from localcluster import ClusterUnavailable, LocalCluster
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
-from tests.support.transports import Harness
+from tests.support.services import unavailable
+from tests.support.transports import Harness, Received
 from tests.support.waiting import async_wait_until, free_port
 
 
@@ -601,3 +605,56 @@ async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscri
         await publisher.close()
         await engine.dispose()
         proxy.close()
+
+
+@pytest.mark.slow
+async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master() -> None:
+    """A slot moves to another master (CLUSTER SETSLOT, as a resharding does): the old owner ends
+    the subscription (a server-side sunsubscribe); the transport must fetch the slot map again,
+    subscribe on the new owner and report the gap, without being told by anything else. Nothing
+    is published through the transport's own cluster client, whose MOVED answers would correct
+    the slot map for it: the messages go straight to the owning master.
+
+    The cluster is the test's own (it moves a slot) and formed in the test's body, not in a
+    fixture: `make mutants` bounds a test by the time of its body in the stats run."""
+    cluster = LocalCluster(replicas=0)
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        unavailable("redis-server and redis-cli", exc)
+    transport = RedisClusterTransport(cluster.url, max_backoff=0.2)
+    received = Received()
+    license_id = new_license()
+    name = channel(license_id)
+
+    def spublish(port: int, seq: int) -> None:
+        cluster.command(port, "SPUBLISH", name, orjson.dumps({"license_id": license_id, "seq": seq}).decode())
+
+    def subscribed(port: int) -> bool:
+        return name.encode() in cluster.command(port, "PUBSUB", "SHARDCHANNELS", name)
+
+    try:
+        await transport.start(received.on_message, received.on_gap)
+        await transport.listen(license_id)
+        source = cluster.master_of(name)
+        spublish(source, 1)
+        assert (await received.next()).seq == 1
+        target, third = sorted(cluster.master_ports() - {source})
+        slot = str(key_slot(name.encode()))
+        ids = {port: cluster.command(port, "CLUSTER", "MYID").decode() for port in cluster.ports}
+        cluster.command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        cluster.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        # The new owner first and the old one last, so that every node names the new owner by the
+        # time the old one unsubscribes the channel.
+        for port in (target, third, source):
+            cluster.command(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        await async_wait_until(
+            lambda: subscribed(target) and not subscribed(source), 10, "the channel subscribed on its new master"
+        )
+        await async_wait_until(lambda: received.gaps >= 1, 5, "the gap reported")
+        spublish(target, 2)
+        assert (await received.next()).seq == 2
+        assert received.received.empty()
+    finally:
+        await transport.close()
+        cluster.stop()
