@@ -339,3 +339,19 @@ async def test_a_transport_started_while_redis_is_away_starts_at_its_timeout_and
         assert (await received.next()).license_id == "lic_a"
     finally:
         await transport.close()
+
+
+async def test_failing_the_subscriptions_of_some_channels_leaves_the_others_waiting() -> None:
+    """`_fail_pending(exc, names)`: the cluster transport's shard that breaks fails the listens
+    waiting on its own channels (confirmed ones included: no longer pending, nothing to fail),
+    not those waiting on the healthy shards; without names, every waiting listen fails."""
+    transport = RedisTransport("redis://127.0.0.1:6379/0")
+    waiting = {name: transport._expect(name) for name in ("license:a", "license:b", "license:c")}
+    lost = ConnectionError("shard lost")
+    transport._fail_pending(lost, ["license:a", "license:confirmed"])
+    assert waiting["license:a"].exception() is lost
+    assert not waiting["license:b"].done() and not waiting["license:c"].done()
+    assert set(transport._pending) == {"license:b", "license:c"}
+    transport._fail_pending(lost)
+    assert all(future.exception() is lost for future in waiting.values())
+    assert transport._pending == {}

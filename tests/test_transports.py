@@ -99,8 +99,14 @@ async def test_many_licenses_share_the_transport(harness: Harness) -> None:
 
 async def test_close_is_safe_twice_and_check_reports_health(harness: Harness) -> None:
     assert await harness.transport.check() is True
+    background = ("redis", "database-sweep")  # the subscriber, the shards' readers, the sweep
+    running = [task for task in asyncio.all_tasks() if task.get_name().startswith(background)]
+    assert running or harness.transport.name == "memory"
     await harness.transport.close()
     await harness.transport.close()
+    # Closed: nothing of it left running, and no longer reported up.
+    assert [task.get_name() for task in running if not task.done()] == []
+    assert metrics.TRANSPORT_UP.labels(harness.transport.name)._value.get() == 0
 
 
 async def test_redis_reconnects_resubscribes_and_reports_the_gap(redis_server, pg_url: str) -> None:  # type: ignore[no-untyped-def]
