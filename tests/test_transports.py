@@ -619,7 +619,8 @@ async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master
     the subscription (a server-side sunsubscribe); the transport must fetch the slot map again,
     subscribe on the new owner and report the gap, without being told by anything else. Nothing
     is published through the transport's own cluster client, whose MOVED answers would correct
-    the slot map for it: the messages go straight to the owning master.
+    the slot map for it: the messages go straight to the owning master. Each subscription
+    (SSUBSCRIBE) returns, and the gap is reported, once the owner confirms it.
 
     The cluster is the test's own (it moves a slot) and formed in the test's body, not in a
     fixture: `make mutants` bounds a test by the time of its body in the stats run."""
@@ -628,7 +629,8 @@ async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master
         cluster.start()
     except ClusterUnavailable as exc:
         unavailable("redis-server and redis-cli", exc)
-    transport = RedisClusterTransport(cluster.url, max_backoff=0.2)
+    # A subscribe_timeout longer than the test: what returns, or is reported, was confirmed.
+    transport = RedisClusterTransport(cluster.url, max_backoff=0.2, subscribe_timeout=60)
     received = Received()
     license_id = new_license()
     name = channel(license_id)
@@ -640,8 +642,8 @@ async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master
         return name.encode() in cluster.command(port, "PUBSUB", "SHARDCHANNELS", name)
 
     try:
-        await transport.start(received.on_message, received.on_gap)
-        await transport.listen(license_id)
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 10)
+        await asyncio.wait_for(transport.listen(license_id), 5)
         source = cluster.master_of(name)
         spublish(source, 1)
         assert (await received.next()).seq == 1
