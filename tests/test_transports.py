@@ -330,11 +330,22 @@ async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_m
 
 async def test_the_sweep_asks_the_database_only_for_the_licenses_that_moved(db_url: str) -> None:
     """`moved`: the followed licenses past the seq the sweep knows, with their seq; none of those
-    at or behind it, nor of licenses that do not exist (yet). Ids that JSON must escape included."""
+    at or behind it, nor of licenses that do not exist (yet). Ids that JSON must escape included.
+    Postgres compares in one query: the seqs of the licenses that did not move are not read back
+    (no `latest_seqs`, which returns every one of them to compare here)."""
     engine = create_engine(Settings(database_url=db_url))
     if db_url.startswith("sqlite"):
         await migrate(engine)
-    sweep = DatabaseSweep(EventLog(engine), interval=60)
+
+    class SeqCountingEventLog(EventLog):
+        seq_reads = 0
+
+        async def latest_seqs(self, license_ids: list[str]) -> dict[str, int]:
+            self.seq_reads += 1
+            return await super().latest_seqs(license_ids)
+
+    events = SeqCountingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
     ahead, level, behind_us, quoted = new_license(), new_license(), new_license(), new_license() + '"\\é'
     try:
         for license_id in (ahead, level, quoted):
@@ -345,20 +356,24 @@ async def test_the_sweep_asks_the_database_only_for_the_licenses_that_moved(db_u
         known[behind_us] = 3  # a live message noted before the database has it
         assert await sweep.moved(known) == {ahead: 2, quoted: 1}
         assert await sweep.moved({}) == {}
+        assert events.seq_reads == (1 if db_url.startswith("sqlite") else 0)
     finally:
         await engine.dispose()
 
 
 async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) -> None:
-    """A client leaves (the hub unfollows its license) while the sweep awaits the database."""
+    """A client leaves (the hub unfollows its license) while the sweep awaits the database; the
+    event of another arrives live meanwhile: neither is read."""
     engine = create_engine(Settings(database_url=pg_url))
-    kept, left_early, left_late = new_license(), new_license(), new_license()
+    kept, left_early, left_late, live = new_license(), new_license(), new_license(), new_license()
 
     class LeavingEventLog(EventLog):
         reads = 0
+        asked: list[set[str]] = []
 
         async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
             self.reads += 1
+            self.asked.append(set(after))
             events = await super().read_many(after, limit)
             sweep.unfollow(left_late)
             return events
@@ -367,6 +382,7 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
         async def moved(self, known: dict[str, int]) -> dict[str, int]:
             latest = await super().moved(known)
             sweep.unfollow(left_early)
+            sweep.note(live, 1)
             return latest
 
     events = LeavingEventLog(engine)
@@ -374,12 +390,12 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     try:
-        for license_id in (kept, left_early, left_late):
+        for license_id in (kept, left_early, left_late, live):
             await sweep.follow(license_id)
             await append(engine, license_id)
         assert await sweep.sweep_once() == 1
         assert [(e.license_id, e.seq) for e in found] == [(kept, 1)]
-        assert events.reads == 1  # one read for the licenses still followed, none for the rest
+        assert events.asked == [{kept, left_late}]  # one read for the licenses still behind, none for the rest
         # Every license of the read given up meanwhile: nothing is read at all (a read of no
         # license would be a query without a condition: every license's events).
         sweep.unfollow(kept)
