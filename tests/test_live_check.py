@@ -430,3 +430,25 @@ async def test_the_time_a_check_adds_is_counted_from_the_arrival_of_the_oldest_m
     finally:
         await check.stop()
         await engine.dispose()
+
+
+async def test_a_connection_that_fails_to_close_is_let_go_without_an_error(pg_url: str) -> None:
+    """The check's connection is closed when it fails (perhaps dead) and when the check stops; a
+    close that raises (its socket already gone) must neither stop the check nor fail the stop."""
+    engine = create_engine(Settings(database_url=pg_url))
+    check = LiveCheck(engine, lambda event: None, lambda: None)
+
+    class Gone:
+        closes = 0
+
+        async def close(self) -> None:
+            self.closes += 1
+            raise OSError("the connection is already gone")
+
+    gone = Gone()
+    check._conn = gone  # type: ignore[assignment]
+    try:
+        await check.stop()
+        assert gone.closes == 1 and check._conn is None
+    finally:
+        await engine.dispose()
