@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client import REGISTRY
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.settings import Settings
@@ -36,7 +39,7 @@ from tests.support.licenses import append, make_settings, new_license, post_even
 from tests.support.processes import serving
 from tests.support.services import psycopg_connect
 from tests.support.transports import Received
-from tests.support.waiting import async_wait_until
+from tests.support.waiting import async_wait_until, free_port
 from webhook.samples import SampleEvents
 
 KEYS = LeaseKeys.generate()
@@ -312,4 +315,140 @@ async def test_the_check_opens_a_new_connection_after_its_own_dies(pg_url: str) 
     finally:
         await check.stop()
         await check_engine.dispose()
+        await engine.dispose()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The live check's monotonic clock, set by the test; it starts at 0 (monotonic's origin is
+    arbitrary: a host just booted)."""
+    now = [0.0]
+    monkeypatch.setattr(livecheck, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+async def test_each_kind_of_warning_is_logged_at_once_then_at_most_every_ten_seconds_with_how_many_were_not(
+    pg_url: str, clock: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of forgeries, a queue that stays full, a database that stays down: each must not
+    flood the log. Each kind of warning is logged the first time, then at most once per LOG_EVERY
+    (10 s), saying how many like it were not logged meanwhile; kinds do not hold each other back."""
+    caplog.set_level(logging.WARNING, logger="broker.livecheck")
+    engine = create_engine(Settings(database_url=pg_url))
+    refused = make_url(pg_url).set(port=free_port()).render_as_string(hide_password=False)
+    refused_engine = create_engine(Settings(database_url=refused))
+    unchecked: list[int] = []
+    check = LiveCheck(engine, lambda event: None, lambda: unchecked.append(1), limit=2)
+    down = LiveCheck(refused_engine, lambda event: None, lambda: unchecked.append(1))
+    license_id = new_license()
+
+    def forged(seq: int) -> LicenseEvent:
+        return LicenseEvent(license_id, seq, forged_event(license_id, seq, entitled=True))
+
+    async def checked(*events: LicenseEvent) -> None:
+        for event in events:
+            check.submit(event)
+        await check.check_pending()
+
+    def logged() -> list[str]:
+        messages = [r.getMessage() for r in caplog.records if r.name == "broker.livecheck"]
+        caplog.clear()
+        return messages
+
+    dropped = f"dropped a live message for license {license_id} seq %d: %s (someone else publishes on this Redis?)"
+    unknown, mismatch = "no such event in the database", "not the stored event of its seq"
+    try:
+        genuine = await append(engine, license_id)
+        await checked(forged(5))
+        assert logged() == [dropped % (5, unknown)]
+        clock[0] = 9.9
+        await checked(forged(6), forged(7))
+        assert logged() == []
+        await checked(forged(genuine.seq))  # another kind: logged at once
+        assert logged() == [dropped % (genuine.seq, mismatch)]
+        clock[0] = 10.0  # LOG_EVERY after the first
+        await checked(forged(8))
+        assert logged() == [dropped % (8, unknown) + " (and 2 more like it in the last 10 s)"]
+        clock[0] = 19.9
+        await checked(forged(9))
+        assert logged() == []
+        for _ in range(3):  # the third finds the queue (limit 2) full
+            check.submit(genuine)
+        check.submit(genuine)
+        assert unchecked == [1, 1]
+        assert logged() == ["live messages left to the database sweep: 2 wait for their check"]
+        await check.check_pending()
+        clock[0] = 20.0
+        await checked(forged(10))
+        await checked(forged(11))
+        assert logged() == [dropped % (10, unknown) + " (and 1 more like it in the last 10 s)"]
+        clock[0] = 30.0
+        await checked(forged(12))
+        assert logged() == [dropped % (12, unknown) + " (and 1 more like it in the last 10 s)"]
+        for _ in range(2):
+            down.submit(genuine)
+            await down.check_pending()
+        assert unchecked == [1, 1, 1, 1]
+        failed = logged()
+        assert len(failed) == 1
+        assert (
+            failed[0].startswith("live messages left to the database sweep, their check failed: ")
+            and "refused" in failed[0]
+        )
+    finally:
+        await check.stop()
+        await down.stop()
+        await engine.dispose()
+        await refused_engine.dispose()
+
+
+async def test_the_time_a_check_adds_is_counted_from_the_arrival_of_the_oldest_message_of_its_batch(
+    pg_url: str, clock: list[float]
+) -> None:
+    engine = create_engine(Settings(database_url=pg_url))
+    check = LiveCheck(engine, lambda event: None, lambda: None)
+    license_id = new_license()
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(f"license_broker_live_check_seconds_{name}") or 0.0
+
+    try:
+        events = [await append(engine, license_id) for _ in range(2)]
+        count, total = sample("count"), sample("sum")
+        clock[0] = 100.0
+        check.submit(events[0])
+        clock[0] = 100.125
+        check.submit(events[1])
+        clock[0] = 100.25
+        await check.check_pending()
+        assert (sample("count") - count, sample("sum") - total) == (1, 0.25)
+        clock[0] = 200.0
+        check.submit(events[1])
+        clock[0] = 200.5
+        await check.check_pending()
+        assert (sample("count") - count, sample("sum") - total) == (2, 0.75)
+    finally:
+        await check.stop()
+        await engine.dispose()
+
+
+async def test_a_connection_that_fails_to_close_is_let_go_without_an_error(pg_url: str) -> None:
+    """The check's connection is closed when it fails (perhaps dead) and when the check stops; a
+    close that raises (its socket already gone) must neither stop the check nor fail the stop."""
+    engine = create_engine(Settings(database_url=pg_url))
+    check = LiveCheck(engine, lambda event: None, lambda: None)
+
+    class Gone:
+        closes = 0
+
+        async def close(self) -> None:
+            self.closes += 1
+            raise OSError("the connection is already gone")
+
+    gone = Gone()
+    check._conn = gone  # type: ignore[assignment]
+    try:
+        await check.stop()
+        assert gone.closes == 1 and check._conn is None
+    finally:
         await engine.dispose()

@@ -102,13 +102,22 @@ class FakeRedisTransport(RedisTransport):
         return fakeredis.FakeAsyncRedis(server=self.line.server, **options)
 
 
+class Backoffs(list[float]):
+    """The upper bound of each backoff drawn; `floors`, their lower bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.floors: list[float] = []
+
+
 @pytest.fixture
-def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def backoffs(monkeypatch: pytest.MonkeyPatch) -> Backoffs:
     """The upper bound of each backoff the loop draws; it then waits no time at all."""
-    drawn: list[float] = []
+    drawn = Backoffs()
 
     def uniform(low: float, high: float) -> float:
         drawn.append(high)
+        drawn.floors.append(low)
         return 0.0
 
     monkeypatch.setattr(subscriber.random, "uniform", uniform)
@@ -121,7 +130,7 @@ async def line() -> AsyncIterator[Line]:
 
 
 @pytest.fixture
-async def started(line: Line, backoffs: list[float]) -> AsyncIterator[tuple[FakeRedisTransport, Received]]:
+async def started(line: Line, backoffs: Backoffs) -> AsyncIterator[tuple[FakeRedisTransport, Received]]:
     # A subscribe_timeout longer than any test: a listen() that returns did not time out.
     transport = FakeRedisTransport(line, subscribe_timeout=60, max_backoff=0.4)
     received = Received()
@@ -169,7 +178,7 @@ async def test_a_cut_while_reading_reconnects_resubscribes_every_channel_and_rep
 
 
 async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_starts_over_after(
-    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: list[float], caplog: pytest.LogCaptureFixture
+    line: Line, started: tuple[FakeRedisTransport, Received], backoffs: Backoffs, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, received = started
     caplog.set_level(logging.INFO, logger="broker.redis")
@@ -178,6 +187,7 @@ async def test_the_backoff_doubles_up_to_its_cap_while_the_server_is_away_and_st
     line.restore()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
     assert backoffs[:6] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
+    assert set(backoffs.floors) == {0}  # full jitter: anywhere from no wait at all to the bound
     drawn = len(backoffs)
     line.cut()
     await async_wait_until(lambda: len(backoffs) > drawn, 5, "a failed reconnect")
@@ -300,7 +310,7 @@ async def test_two_listens_of_one_license_waiting_for_its_confirmation_both_retu
 
 
 async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_timeout(
-    line: Line, backoffs: list[float], caplog: pytest.LogCaptureFixture
+    line: Line, backoffs: Backoffs, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis takes the SUBSCRIBE but its confirmation does not come back (a stalled server): the
     listen returns after subscribe_timeout, logged, rather than holding its client's catch-up for
@@ -322,7 +332,7 @@ async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_
 
 
 async def test_a_transport_started_while_redis_is_away_starts_at_its_timeout_and_connects_later(
-    line: Line, backoffs: list[float]
+    line: Line, backoffs: Backoffs
 ) -> None:
     """Redis down at start-up: `start` returns after subscribe_timeout (the sweep serves
     meanwhile) rather than raising or waiting for Redis; the subscriber connects once it is back."""
@@ -337,5 +347,33 @@ async def test_a_transport_started_while_redis_is_away_starts_at_its_timeout_and
         await async_wait_until(lambda: up() == 1, 5, "the first connection")
         await publish(line, "lic_a", 1)
         assert (await received.next()).license_id == "lic_a"
+    finally:
+        await transport.close()
+
+
+async def test_failing_the_subscriptions_of_some_channels_leaves_the_others_waiting() -> None:
+    """`_fail_pending(exc, names)`: the cluster transport's shard that breaks fails the listens
+    waiting on its own channels (confirmed ones included: no longer pending, nothing to fail),
+    not those waiting on the healthy shards; without names, every waiting listen fails."""
+    transport = RedisTransport("redis://127.0.0.1:6379/0")
+    waiting = {name: transport._expect(name) for name in ("license:a", "license:b", "license:c")}
+    lost = ConnectionError("shard lost")
+    transport._fail_pending(lost, ["license:a", "license:confirmed"])
+    assert waiting["license:a"].exception() is lost
+    assert not waiting["license:b"].done() and not waiting["license:c"].done()
+    assert set(transport._pending) == {"license:b", "license:c"}
+    transport._fail_pending(lost)
+    assert all(future.exception() is lost for future in waiting.values())
+    assert transport._pending == {}
+
+
+async def test_start_returns_once_subscribed_not_at_its_subscribe_timeout(line: Line, backoffs: Backoffs) -> None:
+    """With Redis there, `start` returns as soon as the first connection is subscribed; its
+    subscribe_timeout (60 s here) bounds only a start while Redis is away."""
+    transport = FakeRedisTransport(line, subscribe_timeout=60, max_backoff=0.4)
+    received = Received()
+    try:
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+        assert up() == 1 and CONTROL_CHANNEL in subscribed(line)
     finally:
         await transport.close()

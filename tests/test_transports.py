@@ -9,8 +9,10 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 import redis
+from redis.crc import key_slot
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,7 +22,7 @@ from broker.storage.db import create_engine, migrate
 from broker.storage.eventlog import EventLog, LicenseEvent
 from broker.storage.licenses import LicenseStore
 from broker.transports import create_transport
-from broker.transports.base import GapHandler, MessageHandler, ignore_gap
+from broker.transports.base import GapHandler, MessageHandler, channel, ignore_gap
 from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
@@ -28,9 +30,11 @@ from broker.transports.redis_cluster import RedisClusterTransport
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
 from broker.wire import NOTICE_SEQ, notice
+from localcluster import ClusterUnavailable, LocalCluster
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
-from tests.support.transports import Harness
+from tests.support.services import unavailable
+from tests.support.transports import Harness, Received
 from tests.support.waiting import async_wait_until, free_port
 
 
@@ -95,8 +99,14 @@ async def test_many_licenses_share_the_transport(harness: Harness) -> None:
 
 async def test_close_is_safe_twice_and_check_reports_health(harness: Harness) -> None:
     assert await harness.transport.check() is True
+    background = ("redis", "database-sweep")  # the subscriber, the shards' readers, the sweep
+    running = [task for task in asyncio.all_tasks() if task.get_name().startswith(background)]
+    assert running or harness.transport.name == "memory"
     await harness.transport.close()
     await harness.transport.close()
+    # Closed: nothing of it left running, and no longer reported up.
+    assert [task.get_name() for task in running if not task.done()] == []
+    assert metrics.TRANSPORT_UP.labels(harness.transport.name)._value.get() == 0
 
 
 async def test_redis_reconnects_resubscribes_and_reports_the_gap(redis_server, pg_url: str) -> None:  # type: ignore[no-untyped-def]
@@ -320,11 +330,22 @@ async def test_the_sweep_counts_what_it_finds_and_reads_no_event_while_nothing_m
 
 async def test_the_sweep_asks_the_database_only_for_the_licenses_that_moved(db_url: str) -> None:
     """`moved`: the followed licenses past the seq the sweep knows, with their seq; none of those
-    at or behind it, nor of licenses that do not exist (yet). Ids that JSON must escape included."""
+    at or behind it, nor of licenses that do not exist (yet). Ids that JSON must escape included.
+    Postgres compares in one query: the seqs of the licenses that did not move are not read back
+    (no `latest_seqs`, which returns every one of them to compare here)."""
     engine = create_engine(Settings(database_url=db_url))
     if db_url.startswith("sqlite"):
         await migrate(engine)
-    sweep = DatabaseSweep(EventLog(engine), interval=60)
+
+    class SeqCountingEventLog(EventLog):
+        seq_reads = 0
+
+        async def latest_seqs(self, license_ids: list[str]) -> dict[str, int]:
+            self.seq_reads += 1
+            return await super().latest_seqs(license_ids)
+
+    events = SeqCountingEventLog(engine)
+    sweep = DatabaseSweep(events, interval=60)
     ahead, level, behind_us, quoted = new_license(), new_license(), new_license(), new_license() + '"\\é'
     try:
         for license_id in (ahead, level, quoted):
@@ -335,20 +356,24 @@ async def test_the_sweep_asks_the_database_only_for_the_licenses_that_moved(db_u
         known[behind_us] = 3  # a live message noted before the database has it
         assert await sweep.moved(known) == {ahead: 2, quoted: 1}
         assert await sweep.moved({}) == {}
+        assert events.seq_reads == (1 if db_url.startswith("sqlite") else 0)
     finally:
         await engine.dispose()
 
 
 async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) -> None:
-    """A client leaves (the hub unfollows its license) while the sweep awaits the database."""
+    """A client leaves (the hub unfollows its license) while the sweep awaits the database; the
+    event of another arrives live meanwhile: neither is read."""
     engine = create_engine(Settings(database_url=pg_url))
-    kept, left_early, left_late = new_license(), new_license(), new_license()
+    kept, left_early, left_late, live = new_license(), new_license(), new_license(), new_license()
 
     class LeavingEventLog(EventLog):
         reads = 0
+        asked: list[set[str]] = []
 
         async def read_many(self, after: dict[str, int], limit: int = 1000) -> list[LicenseEvent]:
             self.reads += 1
+            self.asked.append(set(after))
             events = await super().read_many(after, limit)
             sweep.unfollow(left_late)
             return events
@@ -357,6 +382,7 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
         async def moved(self, known: dict[str, int]) -> dict[str, int]:
             latest = await super().moved(known)
             sweep.unfollow(left_early)
+            sweep.note(live, 1)
             return latest
 
     events = LeavingEventLog(engine)
@@ -364,12 +390,12 @@ async def test_licenses_given_up_while_the_sweep_reads_are_skipped(pg_url: str) 
     found: list[LicenseEvent] = []
     sweep.start(found.append)
     try:
-        for license_id in (kept, left_early, left_late):
+        for license_id in (kept, left_early, left_late, live):
             await sweep.follow(license_id)
             await append(engine, license_id)
         assert await sweep.sweep_once() == 1
         assert [(e.license_id, e.seq) for e in found] == [(kept, 1)]
-        assert events.reads == 1  # one read for the licenses still followed, none for the rest
+        assert events.asked == [{kept, left_late}]  # one read for the licenses still behind, none for the rest
         # Every license of the read given up meanwhile: nothing is read at all (a read of no
         # license would be a query without a condition: every license's events).
         sweep.unfollow(kept)
@@ -446,11 +472,11 @@ async def test_licenses_left_for_the_next_read_and_given_up_meanwhile_are_not_re
         await engine.dispose()
 
 
-async def test_the_sweep_task_ends_when_closed_and_closing_without_starting_is_fine(pg_url: str) -> None:
+async def test_the_sweep_and_live_check_tasks_end_when_closed_and_closing_again_is_fine(pg_url: str) -> None:
     engine = create_engine(Settings(database_url=pg_url))
 
-    def sweeping() -> list[asyncio.Task[object]]:
-        return [t for t in asyncio.all_tasks() if t.get_name() == "database-sweep" and not t.done()]
+    def running() -> list[str]:
+        return sorted(t.get_name() for t in asyncio.all_tasks() if not t.done() and t is not asyncio.current_task())
 
     try:
         publisher = SweptTransport(LossyTransport(), DatabaseSweep(EventLog(engine), interval=60))
@@ -458,9 +484,10 @@ async def test_the_sweep_task_ends_when_closed_and_closing_without_starting_is_f
         await publisher.close()
         transport = SweptTransport(LossyTransport(), DatabaseSweep(EventLog(engine), interval=60))
         await transport.start(lambda event: None)
-        assert len(sweeping()) == 1
+        assert running() == ["database-sweep", "live-check"]
         await transport.close()
-        assert sweeping() == []
+        assert running() == []
+        await transport.close()  # closing twice is fine too
     finally:
         await engine.dispose()
 
@@ -601,3 +628,58 @@ async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscri
         await publisher.close()
         await engine.dispose()
         proxy.close()
+
+
+@pytest.mark.slow
+async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master() -> None:
+    """A slot moves to another master (CLUSTER SETSLOT, as a resharding does): the old owner ends
+    the subscription (a server-side sunsubscribe); the transport must fetch the slot map again,
+    subscribe on the new owner and report the gap, without being told by anything else. Nothing
+    is published through the transport's own cluster client, whose MOVED answers would correct
+    the slot map for it: the messages go straight to the owning master. Each subscription
+    (SSUBSCRIBE) returns, and the gap is reported, once the owner confirms it.
+
+    The cluster is the test's own (it moves a slot) and formed in the test's body, not in a
+    fixture: `make mutants` bounds a test by the time of its body in the stats run."""
+    cluster = LocalCluster(replicas=0)
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        unavailable("redis-server and redis-cli", exc)
+    # A subscribe_timeout longer than the test: what returns, or is reported, was confirmed.
+    transport = RedisClusterTransport(cluster.url, max_backoff=0.2, subscribe_timeout=60)
+    received = Received()
+    license_id = new_license()
+    name = channel(license_id)
+
+    def spublish(port: int, seq: int) -> None:
+        cluster.command(port, "SPUBLISH", name, orjson.dumps({"license_id": license_id, "seq": seq}).decode())
+
+    def subscribed(port: int) -> bool:
+        return name.encode() in cluster.command(port, "PUBSUB", "SHARDCHANNELS", name)
+
+    try:
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 10)
+        await asyncio.wait_for(transport.listen(license_id), 5)
+        source = cluster.master_of(name)
+        spublish(source, 1)
+        assert (await received.next()).seq == 1
+        target, third = sorted(cluster.master_ports() - {source})
+        slot = str(key_slot(name.encode()))
+        ids = {port: cluster.command(port, "CLUSTER", "MYID").decode() for port in cluster.ports}
+        cluster.command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        cluster.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        # The new owner first and the old one last, so that every node names the new owner by the
+        # time the old one unsubscribes the channel.
+        for port in (target, third, source):
+            cluster.command(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        await async_wait_until(
+            lambda: subscribed(target) and not subscribed(source), 10, "the channel subscribed on its new master"
+        )
+        await async_wait_until(lambda: received.gaps >= 1, 5, "the gap reported")
+        spublish(target, 2)
+        assert (await received.next()).seq == 2
+        assert received.received.empty()
+    finally:
+        await transport.close()
+        cluster.stop()

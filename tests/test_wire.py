@@ -217,5 +217,41 @@ def test_a_member_is_added_without_decoding(data: bytes) -> None:
     extended = wire.add_member(data, "lease", 'a.b"c')
     expected: dict[str, Any] = {**orjson.loads(data), "lease": 'a.b"c'}
     assert orjson.loads(extended) == expected
-    with pytest.raises(ValueError, match="not a JSON object"):
+    with pytest.raises(ValueError, match=r"^not a JSON object$"):
         wire.add_member(b"[1]", "lease", "x")
+
+
+def test_the_byte_positions_read_recorded_at_only_where_and_as_the_full_parse_reads_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A message that starts like an event but whose third key is another of the same length, or
+    whose recorded_at is no string: the byte positions read nothing from it, and the message is
+    what its full parse makes of it (another key's time is not the event's; a number is refused)."""
+    caplog.set_level(logging.WARNING, logger="broker.transports")
+    other_key = b'{"license_id":"lic_1","seq":7,"recorded_on":"2020-01-01T00:00:00+00:00","recorded_at":null}'
+    assert len(b',"recorded_on":') == len(b',"recorded_at":')
+    assert read_head("lic_1", other_key) is None
+    assert decode("lic_1", other_key) == parse(other_key) == LicenseEvent("lic_1", 7, other_key, None)
+    number = b'{"license_id":"lic_1","seq":7,"recorded_at":1764331200,"status":"active"}'
+    assert read_head("lic_1", number) is None
+    assert decode("lic_1", number) is None
+    assert [r.getMessage() for r in caplog.records] == ["dropped a malformed message for license lic_1"]
+
+
+def test_a_message_of_the_usual_shape_is_read_from_its_byte_positions_and_a_parse_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`decode` of an event as `encode_event` writes it never parses the JSON (once per message per
+    process: the byte positions are the fast path), and a full parse keeps what it decoded for
+    `fields` rather than decoding again."""
+    data = encode_event("lic_1", 5, initial_state(), stripe_event_id=None, stripe_event_type=None,
+                        occurred_at=None, recorded_at=WHEN)  # fmt: skip
+    parsed = parse(data)
+
+    def refused(*args: Any) -> Any:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(wire, "parse", refused)
+    monkeypatch.setattr(wire.orjson, "loads", refused)
+    assert decode("lic_1", data) == LicenseEvent("lic_1", 5, data, WHEN.timestamp())
+    assert parsed.fields()["seq"] == 5
