@@ -587,6 +587,20 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
         await server.wait_closed()
 
 
+async def test_closing_the_redis_transport_fails_a_publish_queued_before_its_sender_ran(redis_url: str) -> None:
+    """The transport closes while a publish is queued for a sender task that has not run yet (a
+    task cancelled before its first turn runs none of its code, its `finally` included): the
+    publish fails at once rather than waiting for ever."""
+    transport = RedisTransport(redis_url)
+    publish = asyncio.create_task(transport.publish(new_license(), b"{}"))
+    await asyncio.sleep(0)  # one turn of the loop: the publish queues its message and makes the sender
+    assert transport._queued and transport._sender is not None and not transport._sender.done()
+    await transport.close()
+    with pytest.raises(ConnectionError, match=r"^redis transport closed$"):
+        async with asyncio.timeout(5):
+            await publish
+
+
 @pytest.mark.slow
 async def test_the_redis_subscriber_finds_a_silently_dead_connection_and_subscribes_again(
     redis_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
