@@ -587,6 +587,41 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
         await server.wait_closed()
 
 
+async def test_after_a_failed_publish_the_next_ones_fail_at_once_for_the_publish_backoff() -> None:
+    """Redis refuses the connection: the publish fails with Redis's error, and those that follow
+    within `publish_backoff` fail at once, without trying (a webhook is not held for the connect
+    timeout during an outage; the sweep delivers). With no backoff, each one tries again."""
+    refused = f"redis://127.0.0.1:{free_port()}/0"
+    for backoff, tried_again in ((60.0, False), (0.0, True)):
+        transport = RedisTransport(refused, publish_backoff=backoff)
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await transport.publish(new_license(), b"{}")
+            with pytest.raises((ConnectionError, redis.ConnectionError)) as raised:
+                await transport.publish(new_license(), b"{}")
+            assert isinstance(raised.value, redis.ConnectionError) is tried_again
+            if not tried_again:
+                assert str(raised.value) == "redis unavailable (recent publish failed)"
+        finally:
+            await transport.close()
+
+
+async def test_publishes_share_one_sender_task_which_ends_with_the_transport(redis_url: str) -> None:
+    transport = RedisTransport(redis_url)
+
+    def senders() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "redis-publisher" and not t.done()]
+
+    try:
+        for _ in range(3):
+            await transport.publish(new_license(), b"{}")
+        await asyncio.gather(*(transport.publish(new_license(), b"{}") for _ in range(3)))
+        assert len(senders()) == 1
+    finally:
+        await transport.close()
+    assert senders() == []
+
+
 async def test_closing_the_redis_transport_fails_a_publish_queued_before_its_sender_ran(redis_url: str) -> None:
     """The transport closes while a publish is queued for a sender task that has not run yet (a
     task cancelled before its first turn runs none of its code, its `finally` included): the
