@@ -606,6 +606,37 @@ async def test_after_a_failed_publish_the_next_ones_fail_at_once_for_the_publish
             await transport.close()
 
 
+async def test_publishes_queued_behind_a_batch_that_fails_fail_with_it_without_trying() -> None:
+    """A server that takes the PUBLISH and never answers: the batch on the wire fails at the
+    publish timeout, and what queued behind it meanwhile fails then too, without another try
+    (no second connection), for the publish backoff."""
+    connections, received = [], asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read(1)
+        received.set()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    transport = RedisTransport(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", publish_backoff=60)
+    try:
+        first = asyncio.create_task(transport.publish(new_license(), b"{}"))
+        async with asyncio.timeout(5):
+            await received.wait()
+        behind = asyncio.create_task(transport.publish(new_license(), b"{}"))
+        with pytest.raises(TimeoutError):
+            await first  # PUBLISH_TIMEOUT
+        with pytest.raises(ConnectionError, match=r"^redis unavailable \(recent publish failed\)$"):
+            await behind
+        assert len(connections) == 1
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_publishes_share_one_sender_task_which_ends_with_the_transport(redis_url: str) -> None:
     transport = RedisTransport(redis_url)
 
