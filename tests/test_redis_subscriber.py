@@ -377,3 +377,25 @@ async def test_start_returns_once_subscribed_not_at_its_subscribe_timeout(line: 
         assert up() == 1 and CONTROL_CHANNEL in subscribed(line)
     finally:
         await transport.close()
+
+
+async def test_an_unlistened_license_is_not_subscribed_again_and_an_unsubscribe_on_a_cut_line_raises_nothing(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    """`unlisten` forgets the channel, so the reconnect does not subscribe it again; and it raises
+    nothing when the connection breaks under its UNSUBSCRIBE (the hub is letting the license go:
+    the reconnect will not take it back)."""
+    transport, received = started
+    for license_id in ("lic_a", "lic_b", "lic_c"):
+        await transport.listen(license_id)
+    await transport.unlisten("lic_a")
+    line.cut()
+    await transport.unlisten("lic_b")  # the subscriber has yet to notice the cut: its UNSUBSCRIBE fails
+    await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    for n, license_id in enumerate(("lic_a", "lic_b", "lic_c"), start=1):
+        await publish(line, license_id, n)
+    # lic_c's was published last: once it is here, the others would have been too.
+    assert (await received.next()).license_id == "lic_c"
+    assert received.received.empty()
