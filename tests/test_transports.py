@@ -608,15 +608,16 @@ async def test_after_a_failed_publish_the_next_ones_fail_at_once_for_the_publish
 
 async def test_publishes_queued_behind_a_batch_that_fails_fail_with_it_without_trying() -> None:
     """A server that takes the PUBLISH and never answers: the batch on the wire fails at the
-    publish timeout, and what queued behind it meanwhile fails then too, without another try
-    (no second connection), for the publish backoff."""
-    connections, received = [], asyncio.Event()
+    publish timeout, its connection is dropped, and what queued behind it meanwhile fails then
+    too, without another try (no second connection), for the publish backoff."""
+    connections, received, hung_up = [], asyncio.Event(), asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
         await reader.read(1)
         received.set()
         await reader.read()
+        hung_up.set()
         writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -631,6 +632,9 @@ async def test_publishes_queued_behind_a_batch_that_fails_fail_with_it_without_t
         with pytest.raises(ConnectionError, match=r"^redis unavailable \(recent publish failed\)$"):
             await behind
         assert len(connections) == 1
+        # The failed batch's connection is dropped (its reply may still come), not kept for the next.
+        async with asyncio.timeout(5):
+            await hung_up.wait()
     finally:
         await transport.close()
         server.close()
