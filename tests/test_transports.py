@@ -577,7 +577,7 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
         async with asyncio.timeout(5):
             await received.wait()
         await transport.close()
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match=r"^redis transport closed$"):
             async with asyncio.timeout(1):  # well before the publish timeout (2 s) could end it
                 await publish
         async with asyncio.timeout(5):
