@@ -399,3 +399,22 @@ async def test_an_unlistened_license_is_not_subscribed_again_and_an_unsubscribe_
     # lic_c's was published last: once it is here, the others would have been too.
     assert (await received.next()).license_id == "lic_c"
     assert received.received.empty()
+
+
+async def test_a_subscribe_that_fails_is_logged_and_the_listen_returns(
+    line: Line, started: tuple[FakeRedisTransport, Received], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection breaks under a listen's SUBSCRIBE: the listen returns (the sweep covers the
+    license; the reconnect subscribes it), saying which channel failed and why."""
+    transport, received = started
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    line.cut()
+    await asyncio.wait_for(transport.listen("lic_a"), 5)  # before the subscriber notices the cut
+    logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+    failed = [m for m in logged if m.startswith("subscribe to")]
+    assert len(failed) == 1 and re.fullmatch(rf"subscribe to {channel('lic_a')} failed: (?!None$).+", failed[0])
+    await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    await publish(line, "lic_a", 1)
+    assert (await received.next()).license_id == "lic_a"
