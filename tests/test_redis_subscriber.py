@@ -216,7 +216,8 @@ async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_li
     logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
     unconfirmed = [m for m in logged if m.startswith("subscription to")]
     assert len(unconfirmed) == 1
-    assert re.fullmatch(rf"subscription to {channel('lic_a')} not confirmed: (?!None$).+", unconfirmed[0])
+    # The cut's own error, not "closed" (what a close says).
+    assert re.fullmatch(rf"subscription to {channel('lic_a')} not confirmed: (?!None$|closed$).+", unconfirmed[0])
     line.restore()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
     await publish(line, "lic_a", 1)
@@ -377,3 +378,68 @@ async def test_start_returns_once_subscribed_not_at_its_subscribe_timeout(line: 
         assert up() == 1 and CONTROL_CHANNEL in subscribed(line)
     finally:
         await transport.close()
+
+
+async def test_an_unlistened_license_is_not_subscribed_again_and_an_unsubscribe_on_a_cut_line_raises_nothing(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    """`unlisten` forgets the channel, so the reconnect does not subscribe it again; and it raises
+    nothing when the connection breaks under its UNSUBSCRIBE (the hub is letting the license go:
+    the reconnect will not take it back)."""
+    transport, received = started
+    for license_id in ("lic_a", "lic_b", "lic_c"):
+        await transport.listen(license_id)
+    await transport.unlisten("lic_a")
+    line.cut()
+    await transport.unlisten("lic_b")  # the subscriber has yet to notice the cut: its UNSUBSCRIBE fails
+    await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    for n, license_id in enumerate(("lic_a", "lic_b", "lic_c"), start=1):
+        await publish(line, license_id, n)
+    # lic_c's was published last: once it is here, the others would have been too.
+    assert (await received.next()).license_id == "lic_c"
+    assert received.received.empty()
+
+
+async def test_a_subscribe_that_fails_is_logged_and_the_listen_returns(
+    line: Line, started: tuple[FakeRedisTransport, Received], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection breaks under a listen's SUBSCRIBE: the listen returns (the sweep covers the
+    license; the reconnect subscribes it), saying which channel failed and why."""
+    transport, received = started
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    line.cut()
+    await asyncio.wait_for(transport.listen("lic_a"), 5)  # before the subscriber notices the cut
+    logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+    failed = [m for m in logged if m.startswith("subscribe to")]
+    assert len(failed) == 1 and re.fullmatch(rf"subscribe to {channel('lic_a')} failed: (?!None$).+", failed[0])
+    await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
+    await transport.listen("lic_b")  # during the outage: only noted, nothing tried, nothing logged
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("subscribe")] == failed
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
+    for license_id in ("lic_a", "lic_b"):
+        await publish(line, license_id, 1)
+        assert (await received.next()).license_id == license_id
+
+
+async def test_closing_the_transport_under_a_waiting_listen_lets_it_return(
+    line: Line, backoffs: Backoffs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The transport closes while a listen waits for its confirmation: the listen returns (it is
+    told, not cancelled), logging that the subscription was closed."""
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    transport = FakeRedisTransport(line, subscribe_timeout=60, max_backoff=0.4)
+    received = Received()
+    await transport.start(received.on_message, received.on_gap)
+    try:
+        sent = line.subscribes_sent
+        line.replies.clear()
+        listening = asyncio.create_task(transport.listen("lic_a"))
+        await async_wait_until(lambda: line.subscribes_sent > sent, 5, "the SUBSCRIBE to be sent")
+    finally:
+        await transport.close()
+    await asyncio.wait_for(listening, 5)
+    logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
+    assert logged == [f"subscription to {channel('lic_a')} not confirmed: closed"]

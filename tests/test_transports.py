@@ -577,7 +577,7 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
         async with asyncio.timeout(5):
             await received.wait()
         await transport.close()
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match=r"^redis transport closed$"):
             async with asyncio.timeout(1):  # well before the publish timeout (2 s) could end it
                 await publish
         async with asyncio.timeout(5):
@@ -585,6 +585,90 @@ async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_after_a_failed_publish_the_next_ones_fail_at_once_for_the_publish_backoff() -> None:
+    """Redis refuses the connection: the publish fails with Redis's error, and those that follow
+    within `publish_backoff` fail at once, without trying (a webhook is not held for the connect
+    timeout during an outage; the sweep delivers). With no backoff, each one tries again."""
+    refused = f"redis://127.0.0.1:{free_port()}/0"
+    for backoff, tried_again in ((60.0, False), (0.0, True)):
+        transport = RedisTransport(refused, publish_backoff=backoff)
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await transport.publish(new_license(), b"{}")
+            with pytest.raises((ConnectionError, redis.ConnectionError)) as raised:
+                await transport.publish(new_license(), b"{}")
+            assert isinstance(raised.value, redis.ConnectionError) is tried_again
+            if not tried_again:
+                assert str(raised.value) == "redis unavailable (recent publish failed)"
+        finally:
+            await transport.close()
+
+
+async def test_publishes_queued_behind_a_batch_that_fails_fail_with_it_without_trying() -> None:
+    """A server that takes the PUBLISH and never answers: the batch on the wire fails at the
+    publish timeout, its connection is dropped, and what queued behind it meanwhile fails then
+    too, without another try (no second connection), for the publish backoff."""
+    connections, received, hung_up = [], asyncio.Event(), asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read(1)
+        received.set()
+        await reader.read()
+        hung_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    transport = RedisTransport(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", publish_backoff=60)
+    try:
+        first = asyncio.create_task(transport.publish(new_license(), b"{}"))
+        async with asyncio.timeout(5):
+            await received.wait()
+        behind = asyncio.create_task(transport.publish(new_license(), b"{}"))
+        await asyncio.wait({first}, timeout=10)  # PUBLISH_TIMEOUT (2 s) ends it
+        assert first.done() and isinstance(first.exception(), TimeoutError)
+        with pytest.raises(ConnectionError, match=r"^redis unavailable \(recent publish failed\)$"):
+            await behind
+        assert len(connections) == 1
+        # The failed batch's connection is dropped (its reply may still come), not kept for the next.
+        async with asyncio.timeout(5):
+            await hung_up.wait()
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_publishes_share_one_sender_task_which_ends_with_the_transport(redis_url: str) -> None:
+    transport = RedisTransport(redis_url)
+
+    def senders() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "redis-publisher" and not t.done()]
+
+    try:
+        for _ in range(3):
+            await transport.publish(new_license(), b"{}")
+        await asyncio.gather(*(transport.publish(new_license(), b"{}") for _ in range(3)))
+        assert len(senders()) == 1
+    finally:
+        await transport.close()
+    assert senders() == []
+
+
+async def test_closing_the_redis_transport_fails_a_publish_queued_before_its_sender_ran(redis_url: str) -> None:
+    """The transport closes while a publish is queued for a sender task that has not run yet (a
+    task cancelled before its first turn runs none of its code, its `finally` included): the
+    publish fails at once rather than waiting for ever."""
+    transport = RedisTransport(redis_url)
+    publish = asyncio.create_task(transport.publish(new_license(), b"{}"))
+    await asyncio.sleep(0)  # one turn of the loop: the publish queues its message and makes the sender
+    assert transport._queued and transport._sender is not None and not transport._sender.done()
+    await transport.close()
+    with pytest.raises(ConnectionError, match=r"^redis transport closed$"):
+        async with asyncio.timeout(5):
+            await publish
 
 
 @pytest.mark.slow

@@ -183,6 +183,12 @@ class RedisTransport(RedisSubscriber):
     async def _disconnect(self) -> None:
         await background.stop(self._sender)
         self._sender = self._wake = None
+        # A sender cancelled before its first turn ran none of its code, its `finally` included:
+        # what it would have sent is failed here, so that no publisher waits for ever.
+        queued, self._queued = self._queued, []
+        for _, _, sent in queued:
+            if not sent.done():
+                sent.set_exception(ConnectionError("redis transport closed"))
         if self._publisher is not None:
             with contextlib.suppress(Exception):
                 await self._publisher.disconnect()
