@@ -145,7 +145,7 @@ async def _released(request: Request, grant: tokens.Grant) -> Response | None:
         async with events.slots:
             machine = await desk.machines.seen(grant.license_id, grant.machine_id)
     except SQLAlchemyError:
-        return JSONResponse({"error": "database unavailable"}, status_code=503, headers={"retry-after": "2"})
+        return desktop.unavailable()
     return desktop.released() if machine is None else None
 
 
