@@ -227,21 +227,20 @@ async def test_every_key_route_answers_503_with_retry_after_while_postgres_is_un
             key = await key_of(client, url, session_id)
             activated = (await activate(client, url, key)).json()
             machine, token = activated["machine"]["id"], activated["token"]
-            calls = [
-                ("POST", "/api/activations", {"key": key, "fingerprint": fingerprint()}, None),
-                ("GET", "/api/machines", None, token),
-                ("GET", "/api/machines", None, f"License {key}"),
-                ("POST", f"/api/machines/{machine}/token", None, token),
-                ("GET", f"/api/licenses/{license_id}/key", None, token),
-                ("POST", "/api/trials", {"fingerprint": fingerprint()}, None),
-                ("GET", f"/api/checkout-sessions/{session_id}/license", None, None),
-                ("DELETE", f"/api/machines/{machine}", None, token),
+            calls: list[tuple[str, str, dict[str, str] | None, dict[str, str]]] = [
+                ("POST", "/api/activations", {"key": key, "fingerprint": fingerprint()}, {}),
+                ("GET", "/api/machines", None, bearer(token)),
+                ("GET", "/api/machines", None, {"authorization": f"License {key}"}),
+                ("POST", f"/api/machines/{machine}/token", None, bearer(token)),
+                ("GET", f"/api/licenses/{license_id}/key", None, bearer(token)),
+                ("POST", "/api/trials", {"fingerprint": fingerprint()}, {}),
+                ("GET", f"/api/checkout-sessions/{session_id}/license", None, {}),
+                ("DELETE", f"/api/machines/{machine}", None, bearer(token)),
             ]
 
             async def answers() -> list[tuple[int, Any, str | None]]:
                 out = []
-                for method, path, body, auth in calls:
-                    headers = {} if auth is None else {"authorization": auth if " " in auth else f"Bearer {auth}"}
+                for method, path, body, headers in calls:
                     r = await client.request(method, f"{url}{path}", json=body, headers=headers)
                     out.append((r.status_code, r.json(), r.headers.get("retry-after")))
                 return out
