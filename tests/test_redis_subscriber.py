@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import metrics
 from broker.transports import subscriber
@@ -39,6 +40,11 @@ class Line:
         self.hold: asyncio.Event | None = None  # a SUBSCRIBE waits for it to be set
         self.held = asyncio.Event()  # a SUBSCRIBE is waiting for `hold`
         self.subscribes_sent = 0
+        # Set: closing an open connection times out, as redis-py's does when the peer stopped
+        # reading (its `wait_closed` overruns socket_connect_timeout). The connection is closed
+        # all the same, as redis-py's is: only its first close raises.
+        self.stalled_closes = False
+        self.closes_stalled = 0
 
     def cut(self) -> None:
         self.server.connected = False
@@ -63,6 +69,13 @@ class Line:
                     raise RedisConnectionError("connection cut")
                 await super().send_packed_command(command, check_health)
                 line.subscribes_sent += subscribe
+
+            async def disconnect(self, nowait: bool = False, **kwargs: Any) -> None:
+                was_open = self.is_connected
+                await super().disconnect(nowait, **kwargs)
+                if was_open and line.stalled_closes:
+                    line.closes_stalled += 1
+                    raise RedisTimeoutError("Timed out closing connection after 2")
 
             async def read_response(self, **kwargs: Any) -> Any:
                 down = line.down
@@ -443,3 +456,55 @@ async def test_closing_the_transport_under_a_waiting_listen_lets_it_return(
     await asyncio.wait_for(listening, 5)
     logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
     assert logged == [f"subscription to {channel('lic_a')} not confirmed: closed"]
+
+
+async def test_a_failed_publish_whose_connection_will_not_close_still_fails_with_its_own_error(
+    line: Line, started: tuple[FakeRedisTransport, Received]
+) -> None:
+    """A batch fails and closing its connection times out too (the peer stopped reading): the
+    publisher is told the batch's error, not the close's, the publishes of the next moment fail
+    fast, and once Redis answers again a publish goes out on a new connection."""
+    transport, received = started
+    await transport.listen("lic_a")
+    await transport.publish("lic_a", orjson.dumps({"license_id": "lic_a", "seq": 1}))
+    assert (await received.next()).seq == 1
+    line.stalled_closes = True
+    line.cut()
+    with pytest.raises(RedisConnectionError, match="connection cut"):
+        await asyncio.wait_for(transport.publish("lic_a", b"{}"), 5)
+    assert line.closes_stalled == 1  # the publisher's own connection, closed by the transport
+    with pytest.raises(ConnectionError, match=r"recent publish failed"):
+        await transport.publish("lic_a", b"{}")
+    line.stalled_closes = False
+    line.restore()
+    await async_wait_until(lambda: received.gaps == 1, 5, "the subscriber to reconnect")
+    transport._publish_down_until = 0.0  # the backoff's second, not waited out
+    await asyncio.wait_for(transport.publish("lic_a", orjson.dumps({"license_id": "lic_a", "seq": 2})), 5)
+    assert (await received.next()).seq == 2
+
+
+async def test_closing_a_transport_whose_connections_will_not_close_returns_and_leaves_nothing_running(
+    line: Line, backoffs: Backoffs
+) -> None:
+    """Shutdown while Redis has stopped reading: closing the subscribed connection and the
+    publisher's each time out, and the transport's close still returns at once, with no task of
+    its left running (the subscriber loop is not brought back by the close's error)."""
+    transport = FakeRedisTransport(line, subscribe_timeout=60, max_backoff=0.4)
+    received = Received()
+    await transport.start(received.on_message, received.on_gap)
+    await transport.listen("lic_a")
+    await transport.publish("lic_a", orjson.dumps({"license_id": "lic_a", "seq": 1}))
+    assert (await received.next()).seq == 1
+    running = [task for task in asyncio.all_tasks() if task.get_name().startswith("redis")]
+    assert sorted(task.get_name() for task in running) == ["redis-publisher", "redis-subscriber"]
+    line.stalled_closes = True
+    closing = asyncio.create_task(transport.close())
+    closed, _ = await asyncio.wait({closing}, timeout=5)
+    line.stalled_closes = False
+    if not closed:  # so that the test ends: what the close left running, cancelled while closes succeed
+        for task in running:
+            task.cancel()
+        await asyncio.wait({closing}, timeout=5)
+    assert closed, "the close never returned"
+    assert line.closes_stalled == 2  # the subscribed connection and the publisher's
+    assert [task.get_name() for task in running if not task.done()] == [] and up() == 0
