@@ -508,3 +508,60 @@ async def test_closing_a_transport_whose_connections_will_not_close_returns_and_
     assert closed, "the close never returned"
     assert line.closes_stalled == 2  # the subscribed connection and the publisher's
     assert [task.get_name() for task in running if not task.done()] == [] and up() == 0
+
+
+async def test_a_listen_before_start_is_only_noted_and_start_subscribes_it(
+    line: Line, backoffs: Backoffs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listen before the transport has started tries nothing and logs nothing (there is no
+    subscribed connection yet); `start` subscribes the license with the rest."""
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    transport = FakeRedisTransport(line, subscribe_timeout=60, max_backoff=0.4)
+    received = Received()
+    try:
+        await asyncio.wait_for(transport.listen("lic_a"), 5)
+        assert line.subscribes_sent == 0
+        await transport.start(received.on_message, received.on_gap)
+        assert channel("lic_a") in subscribed(line)
+        await publish(line, "lic_a", 1)
+        assert (await received.next()).seq == 1
+    finally:
+        await transport.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "broker.redis"] == []
+
+
+class FailingSecondSubscribe:
+    """A subscribed connection whose first SUBSCRIBE goes through, while a listen notes one more
+    license, and whose second fails."""
+
+    def __init__(self, transport: RedisTransport, error: Exception) -> None:
+        self.transport, self.error = transport, error
+        self.subscribes: list[tuple[str, ...]] = []
+        self.closed = False
+
+    async def subscribe(self, *names: str) -> None:
+        self.subscribes.append(names)
+        if len(self.subscribes) == 2:
+            raise self.error
+        self.transport._channels.add(channel("lic_late"))
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_subscribe_failing_within_the_reconnect_closes_its_connection_and_fails_the_waiting_listens() -> None:
+    """The reconnect's second SUBSCRIBE (for a license listened to while the first was on the
+    wire) fails: the reconnect raises that error (the loop logs it and backs off), the new
+    connection is closed, and a listen waiting for a confirmation is told that error."""
+    transport = RedisTransport("redis://never-connected")
+    error = RedisConnectionError("Connection reset by peer")
+    pubsub = FailingSecondSubscribe(transport, error)
+    transport._new_client = lambda: SimpleNamespace(pubsub=lambda: pubsub)  # type: ignore[method-assign]
+    transport._channels.add(channel("lic_a"))
+    waiting = transport._expect(channel("lic_waiting"))
+    with pytest.raises(RedisConnectionError) as raised:
+        await transport._subscribe_all(first=False)
+    assert raised.value is error
+    assert pubsub.subscribes == [(CONTROL_CHANNEL, channel("lic_a")), (channel("lic_late"),)]
+    assert pubsub.closed and transport._pubsub is None
+    assert waiting.exception() is error

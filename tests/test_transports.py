@@ -548,11 +548,18 @@ async def test_the_transport_is_the_one_the_settings_name_with_the_sweep_at_thei
         redis_ = create_transport(dataclasses.replace(base, transport="redis", redis_url=url), events)
         assert isinstance(redis_, SweptTransport) and isinstance(redis_.inner, RedisTransport)
         assert redis_.inner.url == url
+        # Production's timings: a listen waits 2 s for Redis's confirmation, reconnects back off
+        # up to 5 s, and publishes fail fast for 1 s after one fails.
+        timings = (redis_.inner.subscribe_timeout, redis_.inner.max_backoff, redis_.inner.publish_backoff)
+        assert timings == (2.0, 5.0, 1.0)
         assert (redis_.sweep.events, redis_.sweep.interval) == (events, 0.7)
         cluster_url = "redis+cluster://127.0.0.1:7000"
         cluster = create_transport(dataclasses.replace(base, transport="redis", redis_url=cluster_url), events)
         assert isinstance(cluster, SweptTransport) and isinstance(cluster.inner, RedisClusterTransport)
         assert cluster.inner.address.nodes == (("127.0.0.1", 7000),)
+        # The same, and the slot map read again every 30 s for what nothing else reports.
+        timings = (cluster.inner.subscribe_timeout, cluster.inner.max_backoff, cluster.inner.refresh_interval)
+        assert timings == (2.0, 5.0, 30.0)
     finally:
         await engine.dispose()
 
