@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 import pytest
 
+from broker.stripe_ledger import fields
 from broker.stripe_ledger.fields import BadLicenseId, Reported, Unprocessable
 from broker.stripe_ledger.kinds import (
     BROKER_KINDS,
@@ -943,7 +944,7 @@ def test_a_deleted_customer_is_a_customer_level_row_of_its_own() -> None:
 def test_a_kind_no_event_reports_cannot_read_an_event() -> None:
     """A part (made by another kind's parser) or the broker's own kind has no parser."""
     for kind in ("line_items", "trial_notice", "action_notice", "trial"):
-        with pytest.raises(UnknownKind, match=f"^no event reports a {kind} of its own$"):
+        with pytest.raises(UnknownKind, match=rf"^no event reports a {kind} of its own$"):
             KINDS[kind].read("charge.succeeded", charge(), T)
 
 
@@ -1065,3 +1066,123 @@ async def test_retrieve_reads_one_object_of_its_kind_with_the_requests_options(k
     client = Resource("")
     assert await RETRIEVE[kind](client, "obj_1", options) == "the object"  # type: ignore[arg-type]
     assert calls == [(f"v1.{path}", ("obj_1",), {"options": options})]
+
+
+@pytest.mark.parametrize("created", [None, "1800000000", True, -1, 2**53, 1.5])
+def test_an_event_whose_created_is_not_a_timestamp_is_refused(created: Any) -> None:
+    """https://docs.stripe.com/api/events/object#event_object-created: seconds since the epoch;
+    it versions every row the event writes, so an event without one is refused."""
+    with pytest.raises(Unprocessable, match=r"^created is not a timestamp$"):
+        read("charge.succeeded", charge(), created)
+
+
+@pytest.mark.parametrize("event_type", ["customer.created", "invoice.created", "invoice.updated", "charge.expired", ""])
+@pytest.mark.parametrize("fetched", [False, True])
+def test_an_event_type_no_kind_claims_reports_nothing(event_type: str, fetched: bool) -> None:
+    """https://docs.stripe.com/api/events/types: only the types docs/stripe.md lists change a
+    license; any other (an `invoice.updated` of an open invoice among them) is read as nothing."""
+    assert read(event_type, invoice(status="open"), fetched=fetched) is None
+
+
+def test_an_event_read_from_the_api_outranks_its_snapshots_but_its_parts_do_not() -> None:
+    """A `data.object` read from Stripe's API just now (`fetched`,
+    https://docs.stripe.com/api/events/retrieve) is the truth at that time: its own row outranks
+    every webhook snapshot of the same second; the parts it makes keep their rank. Each row is
+    versioned by the event's `created`."""
+    obj = subscription(status="trialing", trial_end=T + 86400)
+    webhook = read("customer.subscription.trial_will_end", obj, T + 7)
+    fetched = read("customer.subscription.trial_will_end", obj, T + 7, fetched=True)
+    assert webhook is not None and fetched is not None
+    assert [(o.kind, o.version, o.rank) for o in webhook.objects] == [
+        ("subscription", T + 7, 2),
+        ("trial_notice", T + 7, 0),
+    ]
+    assert fetched == replace(webhook, objects=(replace(webhook.primary, rank=2 + FETCHED_RANK), webhook.objects[1]))
+    assert report({"type": "customer.subscription.updated", "created": 0, "data": {"object": obj}}).primary.version == 0  # type: ignore[union-attr]
+
+
+# -- the field readers every parser uses (broker.stripe_ledger.fields) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "read_as"),
+    [
+        ("ch_1", "ch_1"),
+        ({"id": "ch_1", "object": "charge"}, "ch_1"),
+        (None, None),
+        ("", None),
+        ({"id": None}, None),
+        ({}, None),
+        ("x" * 255, "x" * 255),
+    ],
+)
+def test_a_stripe_id_field_holds_an_id_the_expanded_object_or_null(value: Any, read_as: str | None) -> None:
+    """https://docs.stripe.com/api/expanding_objects: a field that names an object holds its id, or
+    the object itself when expanded."""
+    assert fields.stripe_id(value) == read_as
+
+
+@pytest.mark.parametrize("value", ["x" * 256, "ch_1\n", 42, ["ch_1"], {"id": 7}])
+def test_a_malformed_stripe_id_is_refused(value: Any) -> None:
+    """Stripe ids are printable strings (https://docs.stripe.com/api); the broker's columns hold
+    255 characters."""
+    with pytest.raises(Unprocessable, match=r"^malformed Stripe id"):
+        fields.stripe_id(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "read_as"),
+    [(0, 0), (T, T), (2**53 - 1, 2**53 - 1), (2**53, None), (-1, None), (True, None), (1.0, None), ("1", None)],
+)
+def test_a_timestamp_or_amount_is_a_whole_number_the_columns_hold(value: Any, read_as: int | None) -> None:
+    """https://docs.stripe.com/api: timestamps are seconds since the epoch and amounts are
+    integers in the smallest currency unit; anything else is read as absent."""
+    assert fields.int_field(value) == read_as
+    assert fields.int_field(value) is None or type(fields.int_field(value)) is int
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [("l", True), ("x" * 200, True), ("x" * 201, False), (" ", False), ("lic\t1", False), (None, False), (7, False)],
+)
+def test_a_license_id_is_1_to_200_printable_characters(value: Any, valid: bool) -> None:
+    """https://docs.stripe.com/api/metadata: metadata values are strings (up to 500 characters);
+    the broker's license ids are 1 to 200 printable characters, not blank."""
+    if valid:
+        assert fields.valid_license_id(value) == value
+        assert fields.license_of({"license_id": value}) == value
+    else:
+        with pytest.raises(BadLicenseId):
+            fields.valid_license_id(value)
+    assert fields.license_of({"license_id": ""}) is None and fields.license_of(None) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [("3", 3), (" 12 ", 12), ("999999", 999999), ("1000000", None), ("-1", None), ("", None), ("2.5", None), (3, None)],
+)
+def test_a_machine_count_is_a_metadata_string_of_up_to_6_digits(value: Any, count: int | None) -> None:
+    """https://docs.stripe.com/api/metadata: Stripe keeps metadata values as strings."""
+    assert fields.machine_count(value) == count
+
+
+@pytest.mark.parametrize(
+    ("line", "period"),
+    [
+        ({"parent": {"type": "subscription_item_details", "subscription_item_details": {"proration": False}}}, True),
+        ({"parent": {"type": "subscription_item_details", "subscription_item_details": {"proration": True}}}, False),
+        ({"parent": {"type": "invoice_item_details", "subscription_item_details": {"proration": False}}}, False),
+        ({"parent": {"type": "subscription_item_details"}}, False),
+        ({"type": "subscription", "proration": False}, True),
+        ({"type": "subscription", "proration": True}, False),
+        ({"type": "invoiceitem", "proration": False}, False),
+        ({"type": "subscription"}, False),
+    ],
+)
+def test_an_invoice_pays_a_period_when_its_subscription_line_is_no_proration(
+    line: dict[str, Any], period: bool
+) -> None:
+    """https://docs.stripe.com/api/invoice-line-item/object: since 2025-03-31 a line's
+    `parent.subscription_item_details.proration`; before, `type: subscription` and `proration`."""
+    assert fields.pays_a_period({"data": [line]}) is period
+    assert fields.pays_a_period({"data": [{"type": "invoiceitem"}, line]}) is period
