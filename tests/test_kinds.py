@@ -912,22 +912,29 @@ def test_a_partial_summary_is_completed_from_the_api_and_outranks_it() -> None:
     assert completed == replace(summary, rank=3 + FETCHED_RANK, state={"features": ["export", "pro"], "partial": False})
 
 
+SUMMARY = "entitlements.active_entitlement_summary.updated"
+NO_CUSTOMER = "entitlement summary without a customer"
+
+
 @pytest.mark.parametrize(
-    ("event_type", "obj"),
+    ("event_type", "obj", "reason"),
     [
-        ("entitlements.active_entitlement_summary.updated", {"customer": None, "entitlements": {"data": []}}),
-        ("entitlements.active_entitlement_summary.updated", {"entitlements": {"data": []}}),
-        ("customer.deleted", {"object": "customer", "deleted": True}),
-        ("customer.deleted", {"id": "", "object": "customer"}),
-        ("charge.succeeded", charge(id=None)),
-        ("customer.subscription.updated", subscription(id="")),
+        (SUMMARY, {"customer": None, "entitlements": {"data": []}}, NO_CUSTOMER),
+        (SUMMARY, {"entitlements": {"data": []}}, NO_CUSTOMER),
+        ("customer.deleted", {"object": "customer", "deleted": True}, "customer.deleted without an id"),
+        ("customer.deleted", {"id": "", "object": "customer"}, "customer.deleted without an id"),
+        ("charge.succeeded", charge(id=None), "object without an id"),
+        ("customer.subscription.updated", subscription(id=""), "object without an id"),
     ],
 )
-def test_an_object_without_the_id_it_is_kept_under_is_refused(event_type: str, obj: dict[str, Any]) -> None:
+def test_an_object_without_the_id_it_is_kept_under_is_refused(
+    event_type: str, obj: dict[str, Any], reason: str
+) -> None:
     """Every ledger row has an id: the object's own (https://docs.stripe.com/api, `id`), or for an
-    entitlement summary its customer's."""
-    with pytest.raises(Unprocessable):
+    entitlement summary its customer's. The event is recorded with the reason, which says so."""
+    with pytest.raises(Unprocessable) as refused:
         read(event_type, obj)
+    assert str(refused.value) == reason
 
 
 def test_a_deleted_customer_is_a_customer_level_row_of_its_own() -> None:
