@@ -26,6 +26,7 @@ from broker.stripe_ledger.kinds import (
     charge_rank,
     complete_entitlements,
     line_items,
+    rank_of,
     report,
     spec_of,
 )
@@ -143,6 +144,9 @@ def test_ranks_order_the_stages_of_each_kind() -> None:
     assert spec_of("refund").rank("failed") > spec_of("refund").rank("succeeded")
     assert spec_of("trial").rank("ended") > spec_of("trial").rank("trialing")
     assert spec_of("charge").rank("no such status") == 0
+    # rank_of: the broker's own trial (broker.licensing.trials) ends after it runs.
+    assert (rank_of("trial", "trialing"), rank_of("trial", "ended"), rank_of("trial", None)) == (0, 1, 0)
+    assert (rank_of("invoice", "paid"), rank_of("subscription", "canceled")) == (4, 99)
 
 
 @pytest.mark.parametrize("kind", sorted(RETRIEVE))
@@ -1105,6 +1109,10 @@ def test_an_event_read_from_the_api_outranks_its_snapshots_but_its_parts_do_not(
         ("trial_notice", T + 7, 0),
     ]
     assert fetched == replace(webhook, objects=(replace(webhook.primary, rank=2 + FETCHED_RANK), webhook.objects[1]))
+    # `report` reads a webhook's event unless told otherwise.
+    assert (
+        report({"type": "customer.subscription.trial_will_end", "created": T + 7, "data": {"object": obj}}) == webhook
+    )
     assert report({"type": "customer.subscription.updated", "created": 0, "data": {"object": obj}}).primary.version == 0  # type: ignore[union-attr]
 
 
