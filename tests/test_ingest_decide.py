@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +15,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.ingest.decide import Delivery, Missing, Need, Snapshot, SnapshotRows, Wants, decide
-from broker.ingest.outcomes import Outcome, OutcomeKind
+from broker.ingest.decide import (
+    REASON_LENGTH,
+    Delivery,
+    Missing,
+    Need,
+    Snapshot,
+    SnapshotRows,
+    Wants,
+    Writes,
+    _event_row,
+    _link_pending,
+    decide,
+    decide_event,
+    with_objects,
+)
+from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.storage.licenses import initial_state
-from broker.stripe_ledger.binding import MemoryLedger
-from broker.stripe_ledger.ledger import LicenseRules
-from broker.stripe_ledger.objects import report
+from broker.stripe_ledger.binding import TAKEOVER, MemoryLedger
+from broker.stripe_ledger.ledger import Kind, LicenseRules, StripeObject, line_items_id
+from broker.stripe_ledger.objects import Reported, report
 from tests.stripe_objects import SHAPES, Shape
 from tests.test_ledger_rows import events_of
 from webhook.samples import SampleEvents
@@ -156,3 +171,650 @@ def test_snapshot_rows_answer_every_read_as_the_memory_rows_and_raise_for_rows_n
         with pytest.raises(Missing) as missing:
             read()
         assert missing.value.need is need
+
+
+# -- each rule on its own, from ledger rows ----------------------------------------------------
+# The decision reads a Snapshot and a Reported (what an event reports: ledger rows); these tests
+# build both directly, one rule and its boundary at a time, without a database (docs/testing.md:
+# the story tests above reach most rules without checking them).
+
+CUS = "cus_1"
+
+
+def row(
+    object_id: str,
+    kind: Kind = "subscription",
+    version: int = T,
+    customer: str | None = CUS,
+    links: tuple[str, ...] = (),
+    **state: Any,
+) -> StripeObject:
+    return StripeObject(object_id, kind, version, 0, state or {"status": "active"}, customer, frozenset(links))
+
+
+def sent(
+    *objects: StripeObject,
+    license_id: str | None = "lic_1",
+    event_id: str = "evt_1",
+    created: int = T,
+    event_type: str = "customer.subscription.updated",
+    by_reference: bool = False,
+    customer_level: bool = False,
+    **envelope: Any,
+) -> Delivery:
+    """A delivery of an event reporting these rows (the first its own), without a body."""
+    reported = Reported(objects, license_id, by_reference=by_reference, customer_level=customer_level)
+    return Delivery({"id": event_id, "type": event_type, "created": created, **envelope}, None, reported)
+
+
+def ready(*deliveries: Delivery, licenses: dict[str, tuple[int, Any]] | None = None) -> Snapshot:
+    """What a transaction reads for these events when no row holds their ids: every id known unbound
+    with no object and no link, the licenses they name absent, their customers without objects."""
+    ids = {i for d in deliveries for i in d.reported.ids}
+    named = {lid for d in deliveries if (lid := d.reported.license_id)}
+    return Snapshot(
+        binding_known=set(ids),
+        objects_known=set(ids),
+        neighbours={i: set() for i in ids},
+        licenses=dict(licenses or {}),
+        absent=named - set(licenses or {}),
+        customers_known={c for d in deliveries if (c := d.reported.customer)},
+    )
+
+
+def decided(
+    d: Delivery,
+    snapshot: Snapshot,
+    rules: LicenseRules = RULES,
+    *,
+    stripe_reads: bool = False,
+    done: frozenset[Need] = frozenset(),
+) -> tuple[Outcome | Wants, Writes]:
+    writes = Writes(NOW)
+    return decide_event(d, snapshot, writes, rules, stripe_reads=stripe_reads, done=done), writes
+
+
+def test_a_snapshot_files_customer_level_objects_under_their_customer_only() -> None:
+    """Entitlement summaries and deleted customers apply to every license of their customer
+    (broker.stripe_ledger.kinds: customer_level): the snapshot keeps them by customer too; other
+    objects, and customer-level ones without a customer, only by id."""
+    s = Snapshot()
+    summary = row("entitlements:cus_1", "entitlements", features=["sync"])
+    other = row("entitlements:cus_2", "entitlements", customer="cus_2", features=[])
+    deleted = row("cus_1", "customer", deleted=True)
+    orphan = row("entitlements:x", "entitlements", customer=None, features=[])
+    sub = row("sub_1")
+    s.add_objects([summary, other, deleted, orphan, sub])
+    assert s.objects == {o.id: o for o in (summary, other, deleted, orphan, sub)}
+    assert s.by_customer == {"cus_1": {summary.id: summary, "cus_1": deleted}, "cus_2": {other.id: other}}
+
+
+def test_missing_names_what_is_lacking_and_its_ids_sorted() -> None:
+    missing = Missing(Need.WALK, {"sub_b", "in_a", "ch_c"})
+    assert (missing.need, missing.ids) == (Need.WALK, ("ch_c", "in_a", "sub_b"))
+    assert missing.args == (Need.WALK, {"sub_b", "in_a", "ch_c"})
+
+
+def test_bindings_answer_from_the_snapshot_and_the_events_new_binding_and_raise_for_ids_not_read() -> None:
+    """The event's ids are read with their locks held (BASE); ids a walk reaches by links are the
+    walk's to read (WALK, lock "given" or "found"). An id this event bound is bound to its license,
+    an id bound before keeps its license (bindings are never moved)."""
+    s = Snapshot(bindings={"sub_1": "lic_old"}, binding_known={"sub_1", "in_1", "ch_1"})
+    rows = SnapshotRows(s)
+    assert rows.bindings({"sub_1", "in_1"}) == {"sub_1": "lic_old"}
+    for lock, need in (("held", Need.BASE), ("given", Need.WALK), ("found", Need.WALK)):
+        with pytest.raises(Missing) as missing:
+            rows.bindings({"sub_1", "pi_2", "ch_3"}, lock)  # type: ignore[arg-type]
+        assert (missing.value.need, missing.value.ids) == (need, ("ch_3", "pi_2"))
+    with pytest.raises(Missing) as missing:
+        rows.bindings({"pi_2"})  # the default: the event's own ids, locks held
+    assert missing.value.need is Need.BASE
+    rows.write_bindings("lic_new", {"sub_1", "in_1", "pi_2"})
+    assert rows.new_bindings == {"in_1", "pi_2"}  # sub_1 was bound before
+    assert rows.bindings({"sub_1", "in_1", "pi_2", "ch_1"}) == {
+        "sub_1": "lic_old",
+        "in_1": "lic_new",
+        "pi_2": "lic_new",
+    }
+    assert s.bindings == {"sub_1": "lic_old"}  # staged, not in the snapshot
+
+
+def test_one_event_binds_to_one_license() -> None:
+    rows = SnapshotRows(Snapshot())
+    rows.write_bindings("lic_1", {"sub_1"})
+    rows.write_bindings("lic_1", {"in_1"})
+    with pytest.raises(AssertionError, match="an event binds to one license"):
+        rows.write_bindings("lic_2", {"ch_1"})
+    assert (rows.new_license, rows.new_bindings) == ("lic_1", {"sub_1", "in_1"})
+
+
+def test_neighbours_are_the_links_read_and_those_written_either_way_and_unread_ids_raise() -> None:
+    """A link is an edge whoever named it (LedgerRows.neighbours); the walk binds what it reaches,
+    so an id whose links or whose object row were not read is the walk's to read (WALK)."""
+    s = Snapshot(neighbours={"sub_1": {"in_1"}, "in_9": set(), "pi_1": set()}, objects_known={"sub_1", "pi_1", "x_1"})
+    rows = SnapshotRows(s)
+    assert rows.neighbours({"sub_1", "pi_1"}) == {"in_1"}
+    assert rows.neighbours(set()) == set()
+    rows.write_object(row("pi_1", "payment_intent", links=()), {"ch_1"})
+    rows.write_object(row("ch_2", "charge"), {"sub_1"})
+    rows.write_object(row("ch_3", "charge"), {"ch_4"})  # neither end asked for
+    assert rows.neighbours({"sub_1"}) == {"in_1", "ch_2"}
+    assert rows.neighbours({"pi_1"}) == {"ch_1"}
+    with pytest.raises(Missing) as no_links:
+        rows.neighbours({"sub_1", "x_1"})  # its object read, not its links
+    assert (no_links.value.need, no_links.value.ids) == (Need.WALK, ("x_1",))
+    with pytest.raises(Missing) as no_object:
+        rows.neighbours({"in_9"})  # its links read, not its object
+    assert (no_object.value.need, no_object.value.ids) == (Need.WALK, ("in_9",))
+    s.neighbours["ch_2"] = set()
+    assert rows.neighbours({"ch_2"}) == {"sub_1"}  # its object is the one this event wrote
+
+
+def test_objects_answer_the_events_writes_first_and_leave_out_ids_without_a_row() -> None:
+    held = row("sub_1", state_of="held")
+    s = Snapshot(objects={"sub_1": held}, objects_known={"sub_1", "in_1"})
+    rows = SnapshotRows(s)
+    assert rows.objects({"sub_1", "in_1"}) == {"sub_1": held}  # in_1: read, no row
+    newer = row("sub_1", version=T + 1)
+    rows.write_object(newer, set())
+    rows.write_object(row("ch_1", "charge"), set())
+    assert rows.objects({"sub_1", "ch_1"}) == {"sub_1": newer, "ch_1": row("ch_1", "charge")}
+    with pytest.raises(Missing) as missing:
+        rows.objects({"sub_1", "pi_2", "in_3"})
+    assert (missing.value.need, missing.value.ids) == (Need.BASE, ("in_3", "pi_2"))
+
+
+def test_the_customers_of_a_license_are_those_read_and_those_this_event_binds_to_it() -> None:
+    """The takeover check of a Payment Link (broker.stripe_ledger.binding.resolve) reads the
+    customers already on the license it names (CLAIMED)."""
+    s = Snapshot(claimed={"lic_1": {"cus_a"}, "lic_2": {"cus_z"}})
+    rows = SnapshotRows(s)
+    with pytest.raises(Missing) as missing:
+        rows.customers_of("lic_9")
+    assert (missing.value.need, missing.value.ids) == (Need.CLAIMED, ("lic_9",))
+    rows.write_object(row("sub_1", customer="cus_b"), set())
+    rows.write_object(row("in_1", "invoice", customer=None), set())
+    rows.write_bindings("lic_1", {"sub_1", "in_1", "ch_unknown"})
+    assert rows.customers_of("lic_1") == {"cus_a", "cus_b"}
+    assert rows.customers_of("lic_2") == {"cus_z"}
+    assert s.claimed == {"lic_1": {"cus_a"}, "lic_2": {"cus_z"}}  # the snapshot's sets untouched
+
+
+def test_the_licenses_of_a_customer_count_the_license_this_event_binds_an_object_of_it_to() -> None:
+    """A customer-level object moves every license holding an object of its customer
+    (CUSTOMER_LICENSES), customer-level objects aside."""
+    s = Snapshot(customer_licenses={"cus_1": {"lic_a"}, "cus_2": set()})
+    rows = SnapshotRows(s)
+    with pytest.raises(Missing) as missing:
+        rows.licenses_of_customer("cus_9")
+    assert (missing.value.need, missing.value.ids) == (Need.CUSTOMER_LICENSES, ("cus_9",))
+    assert rows.licenses_of_customer("cus_1") == {"lic_a"}
+    rows.write_object(row("entitlements:cus_2", "entitlements", customer="cus_2", features=[]), set())
+    rows.write_object(row("sub_1"), set())
+    rows.write_bindings("lic_b", {"sub_1", "entitlements:cus_2"})
+    assert rows.licenses_of_customer("cus_1") == {"lic_a", "lic_b"}
+    assert rows.licenses_of_customer("cus_2") == set()  # only a customer-level object of cus_2
+    assert s.customer_licenses == {"cus_1": {"lic_a"}, "cus_2": set()}
+
+
+def test_the_licenses_of_a_customer_ignore_objects_staged_without_a_binding() -> None:
+    s = Snapshot(customer_licenses={"cus_1": set()})
+    rows = SnapshotRows(s)
+    rows.write_object(row("sub_1"), set())
+    assert rows.licenses_of_customer("cus_1") == set()
+
+
+def test_a_licenses_objects_are_those_bound_to_it_and_its_customers_customer_level_objects() -> None:
+    """LedgerRows.license_objects: every object bound to the license (an id bound without a row
+    left out), this event's new bindings included, and the customer-level objects of all their
+    customers, the event's own writes first; a license row or customer not read raises."""
+    sub, inv = row("sub_1"), row("in_1", "invoice", customer="cus_2")
+    summary_1 = row("entitlements:cus_1", "entitlements", features=["a"])
+    summary_2 = row("entitlements:cus_2", "entitlements", customer="cus_2", features=["b"])
+    elsewhere = row("entitlements:cus_3", "entitlements", customer="cus_3", features=["c"])
+    s = Snapshot(
+        bindings={"sub_1": "lic_1", "in_1": "lic_1", "ch_no_row": "lic_1", "sub_9": "lic_9"},
+        licenses={"lic_1": (3, initial_state())},
+        absent={"lic_new"},
+        customers_known={"cus_1", "cus_2", "cus_3"},
+    )
+    s.add_objects([sub, inv, summary_1, summary_2, elsewhere, row("sub_9", customer="cus_3")])
+    rows = SnapshotRows(s)
+    expected = {o.id: o for o in (sub, inv, summary_1, summary_2)}
+    assert rows.license_objects("lic_1") == expected
+    assert rows.license_objects("lic_new") == {}  # absent: known not to exist yet
+    with pytest.raises(Missing) as missing:
+        rows.license_objects("lic_unread")
+    assert (missing.value.need, missing.value.ids) == (Need.LICENSES, ("lic_unread",))
+
+    newer_summary = row("entitlements:cus_1", "entitlements", version=T + 1, features=["a", "z"])
+    deleted_3 = row("cus_3", "customer", customer="cus_3", deleted=True)
+    rows.write_object(newer_summary, set())
+    rows.write_object(deleted_3, set())  # a customer-level object of a customer not on lic_1
+    rows.write_object(row("pi_1", "payment_intent", customer="cus_4"), set())
+    rows.write_bindings("lic_1", {"pi_1"})
+    with pytest.raises(Missing) as unread:
+        rows.license_objects("lic_1")  # cus_4's customer-level objects were not read
+    assert (unread.value.need, unread.value.ids) == (Need.CUSTOMER_OBJECTS, ("cus_4",))
+    s.customers_known.add("cus_4")
+    assert rows.license_objects("lic_1") == expected | {
+        newer_summary.id: newer_summary,
+        "pi_1": rows.new_objects["pi_1"],
+    }
+    assert rows.license_objects("lic_new") == {}  # this event's bindings are lic_1's
+
+
+def test_a_commit_moves_the_snapshot_on_with_what_the_event_wrote() -> None:
+    """The next event of a batch decides on the snapshot as this one left it: its objects, the
+    links of ids whose links were read, its new bindings, the customers they add to a claimed
+    license and the licenses they add to a customer."""
+    s = Snapshot(
+        bindings={"sub_0": "lic_1"},
+        neighbours={"sub_1": set(), "in_1": {"x"}},
+        claimed={"lic_1": {"cus_0"}},
+        customer_licenses={"cus_1": {"lic_0"}},
+    )
+    rows = SnapshotRows(s)
+    sub, summary = row("sub_1", links=("in_1",)), row("entitlements:cus_1", "entitlements", features=[])
+    other = row("ch_1", "charge", customer="cus_9")
+    rows.write_object(sub, {"in_1", "pi_1"})
+    rows.write_object(summary, set())
+    rows.write_object(other, set())
+    rows.write_bindings("lic_1", {"sub_0", "sub_1", "entitlements:cus_1", "ch_1", "in_1"})
+    writes = Writes(NOW)
+    rows.commit(writes)
+    assert writes.objects == {"sub_1": sub, summary.id: summary, "ch_1": other}
+    assert writes.links == {("sub_1", "in_1"), ("sub_1", "pi_1")}
+    assert writes.bindings == {i: "lic_1" for i in ("sub_1", "entitlements:cus_1", "ch_1", "in_1")}
+    assert s.objects == writes.objects and s.by_customer == {"cus_1": {summary.id: summary}}
+    assert s.objects_known == {"sub_1", summary.id, "ch_1"}
+    # Links reach the neighbours of ids whose links were read; pi_1's were not (still unread).
+    assert s.neighbours == {"sub_1": {"in_1", "pi_1"}, "in_1": {"x", "sub_1"}}
+    assert s.bindings == {"sub_0": "lic_1"} | writes.bindings
+    assert s.binding_known == {"sub_1", "entitlements:cus_1", "ch_1", "in_1"}
+    assert s.claimed == {"lic_1": {"cus_0", "cus_1", "cus_9"}}
+    # cus_1 holds lic_1 now (by sub_1, not by its summary); cus_9's licenses were not read.
+    assert s.customer_licenses == {"cus_1": {"lic_0", "lic_1"}}
+
+
+def test_a_commit_adds_no_license_to_a_customer_for_its_customer_level_objects() -> None:
+    s = Snapshot(customer_licenses={"cus_1": set()}, claimed={})
+    rows = SnapshotRows(s)
+    rows.write_object(row("entitlements:cus_1", "entitlements", features=[]), set())
+    rows.write_object(row("in_1", "invoice", customer=None), set())
+    rows.write_bindings("lic_1", {"entitlements:cus_1", "in_1"})
+    rows.commit(Writes(NOW))
+    assert s.customer_licenses == {"cus_1": set()} and s.claimed == {}
+    assert s.bindings == {"entitlements:cus_1": "lic_1", "in_1": "lic_1"}
+
+
+def test_a_commit_without_a_new_binding_writes_no_binding() -> None:
+    s = Snapshot(bindings={"sub_1": "lic_1"}, claimed={"lic_1": {"cus_1"}})
+    rows = SnapshotRows(s)
+    rows.write_object(row("sub_1", customer="cus_2"), set())
+    rows.write_bindings("lic_1", {"sub_1"})  # bound before
+    writes = Writes(NOW)
+    rows.commit(writes)
+    assert writes.bindings == {} and s.binding_known == set() and s.claimed == {"lic_1": {"cus_1"}}
+    assert writes.objects == {"sub_1": row("sub_1", customer="cus_2")}
+
+
+def test_a_license_changed_twice_in_one_transaction_stays_a_new_row_if_it_was_created_in_it() -> None:
+    writes = Writes(NOW)
+    writes.created["lic_new"] = (0, initial_state())
+    writes.license("lic_new", 1, {"status": "active"})  # type: ignore[typeddict-item]
+    writes.license("lic_old", 5, {"status": "active"})  # type: ignore[typeddict-item]
+    assert writes.created == {"lic_new": (1, {"status": "active"})}
+    assert writes.licenses == {"lic_old": (5, {"status": "active"})}
+
+
+def holding(*objects: StripeObject, license_id: str = "lic_1", seq: int = 1, also: tuple[str, ...] = ()) -> Snapshot:
+    """A snapshot of a license that exists with these objects bound to it, at `seq`, in the state they
+    derive; `also`: more ids read, unbound, without rows or links."""
+    ids = {i for o in objects for i in (o.id, *o.links)} | set(also)
+    s = Snapshot(
+        bindings={i: license_id for i in ids - set(also)},
+        binding_known=set(ids),
+        objects_known=set(ids),
+        neighbours={i: set() for i in ids},
+        licenses={license_id: (seq, RULES.derive(objects))},
+        customers_known={c for o in objects if (c := o.customer)},
+    )
+    s.add_objects(objects)
+    return s
+
+
+def test_an_event_recorded_before_is_a_duplicate_and_changes_nothing() -> None:
+    d = sent(row("sub_1"))
+    s = ready(d)
+    s.recorded.add("evt_1")
+    before = copy.deepcopy(s)
+    outcome, writes = decided(d, s)
+    assert outcome is DUPLICATE
+    assert s == before and writes == Writes(NOW)
+
+
+def test_a_payment_link_claim_on_another_customers_license_is_recorded_as_rejected_and_writes_nothing_else() -> None:
+    """A Payment Link lets anyone set client_reference_id (broker.stripe_ledger.binding.TAKEOVER)."""
+    d = sent(row("cs_1", "checkout", customer="cus_b", mode="subscription"), by_reference=True)
+    s = ready(d)
+    s.claimed["lic_1"] = {"cus_a"}
+    outcome, writes = decided(d, s)
+    assert outcome == Outcome(OutcomeKind.REJECTED, "lic_1", reason=TAKEOVER, object_id="cs_1")
+    assert [(r["outcome"], r["license_id"], r["object_id"], r["reason"]) for r in writes.events] == [
+        ("rejected", "lic_1", "cs_1", TAKEOVER)
+    ]
+    assert s.recorded == {"evt_1"}
+    assert not (writes.objects or writes.bindings or writes.created or writes.log or s.objects or s.bindings)
+
+
+def test_an_events_row_is_its_envelope_and_outcome_with_the_body_embedded_as_sent() -> None:
+    """stripe_events: the id, type, created, livemode (false unless Stripe says true), the outcome,
+    and the verified body stored byte for byte (re-encoded only when there is none)."""
+    event = {"id": "evt_1", "type": "invoice.paid", "created": T, "data": {"object": {}}}
+    body = b'{"id": "evt_1",  "type": "invoice.paid"}'
+    reported = Reported((row("in_1", "invoice"),))
+    outcome = Outcome(OutcomeKind.PENDING, object_id="in_1", reason="r" * (REASON_LENGTH + 1))
+    stored = _event_row(Delivery(event, body, reported), outcome)
+    payload = stored.pop("payload")
+    assert isinstance(payload, orjson.Fragment) and orjson.dumps(payload) == body
+    assert stored == {
+        "id": "evt_1",
+        "type": "invoice.paid",
+        "created": T,
+        "livemode": False,
+        "outcome": "pending",
+        "license_id": None,
+        "object_id": "in_1",
+        "reason": "r" * REASON_LENGTH,
+    }
+    live = _event_row(Delivery({**event, "livemode": True}, None, reported), Outcome(OutcomeKind.APPLIED, "lic_1"))
+    assert (live["livemode"], live["payload"], live["license_id"], live["reason"]) == (
+        True,
+        {**event, "livemode": True},
+        "lic_1",
+        None,
+    )
+    assert _event_row(Delivery(event, None, reported), Outcome(OutcomeKind.STALE, reason=""))["reason"] is None
+
+
+def test_a_new_license_starts_at_seq_one_with_a_log_entry_of_its_first_change() -> None:
+    """A license's log starts at seq 1 (docs/protocol.md): its row is created at the state it
+    derives, its entry names the Stripe event, when it occurred (the event's `created`) and when
+    the transaction recorded it."""
+    d = sent(row("sub_1", links=("in_1",)), event_type="customer.subscription.created", created=T + 7)
+    s = ready(d)
+    outcome, writes = decided(d, s)
+    state = RULES.derive([row("sub_1", links=("in_1",))])
+    assert isinstance(outcome, Outcome)
+    assert (outcome.kind, outcome.license_id, outcome.object_id) == (OutcomeKind.APPLIED, "lic_1", "sub_1")
+    assert [(e.license_id, e.seq) for e in outcome.appended] == [("lic_1", 1)]
+    assert writes.created == {"lic_1": (1, state)} and writes.licenses == {}
+    (entry,) = writes.log
+    assert {k: entry[k] for k in ("license_id", "seq", "stripe_event_id", "stripe_event_type", "status")} == {
+        "license_id": "lic_1",
+        "seq": 1,
+        "stripe_event_id": "evt_1",
+        "stripe_event_type": "customer.subscription.created",
+        "status": "active",
+    }
+    assert entry["occurred_at"] == datetime.fromtimestamp(T + 7, UTC) and entry["recorded_at"] == NOW
+    assert writes.bindings == {"sub_1": "lic_1", "in_1": "lic_1"}
+    assert writes.objects == {"sub_1": row("sub_1", links=("in_1",))} and writes.links == {("sub_1", "in_1")}
+    assert [(r["id"], r["outcome"], r["license_id"]) for r in writes.events] == [("evt_1", "applied", "lic_1")]
+    assert s.licenses == {"lic_1": (1, state)} and s.absent == set() and s.recorded == {"evt_1"}
+
+
+def test_a_new_license_that_derives_nothing_is_created_at_seq_zero_and_unchanged() -> None:
+    d = sent(row("in_1", "invoice", status="draft"), event_type="invoice.created")
+    s = ready(d)
+    outcome, writes = decided(d, s)
+    assert isinstance(outcome, Outcome)
+    assert (outcome.kind, outcome.license_id, outcome.appended) == (OutcomeKind.UNCHANGED, "lic_1", ())
+    assert writes.created == {"lic_1": (0, initial_state())} and writes.log == [] and writes.licenses == {}
+    assert s.licenses == {"lic_1": (0, initial_state())} and s.absent == set()
+
+
+def test_a_license_that_changes_takes_the_next_seq_and_one_that_does_not_keeps_its_own() -> None:
+    held = row("sub_1", version=T - 10)
+    s = holding(held, seq=4)
+    outcome, writes = decided(sent(row("sub_1", status="past_due")), s)
+    assert isinstance(outcome, Outcome) and outcome.kind is OutcomeKind.APPLIED
+    assert outcome.event is not None and outcome.event.seq == 5
+    assert writes.created == {} and set(writes.licenses) == {"lic_1"} and writes.licenses["lic_1"][0] == 5
+    assert [entry["seq"] for entry in writes.log] == [5] and s.licenses["lic_1"][0] == 5
+    # A newer snapshot that derives the same license: applied to the ledger, the license unchanged.
+    again, writes = decided(sent(row("sub_1", version=T + 1, status="past_due", note="x"), event_id="evt_2"), s)
+    assert isinstance(again, Outcome)
+    assert (again.kind, again.license_id, again.appended) == (OutcomeKind.UNCHANGED, "lic_1", ())
+    assert writes.licenses == {} and writes.log == [] and s.licenses["lic_1"][0] == 5
+    assert writes.objects == {"sub_1": row("sub_1", version=T + 1, status="past_due", note="x")}
+
+
+def test_an_event_all_of_whose_objects_hold_newer_snapshots_is_stale() -> None:
+    """Stripe does not order deliveries (https://docs.stripe.com/webhooks#event-ordering): an
+    event every object of which is older than the ledger's changes nothing and says so, bound or not."""
+    newer = row("sub_1", version=T + 5, status="canceled")
+    outcome, writes = decided(sent(row("sub_1", status="active")), holding(newer))
+    assert isinstance(outcome, Outcome)
+    assert (outcome.kind, outcome.license_id, outcome.appended) == (OutcomeKind.STALE, "lic_1", ())
+    assert writes.objects == {} and writes.log == [] and writes.licenses == {}
+    assert [r["outcome"] for r in writes.events] == ["stale"]
+    # Unbound and older: stale too, not pending.
+    unbound = sent(row("in_1", "invoice", version=T, status="open"), license_id=None, event_id="evt_2")
+    s = ready(unbound)
+    s.add_objects([row("in_1", "invoice", version=T + 5, status="paid")])
+    outcome, _ = decided(unbound, s)
+    assert outcome == Outcome(OutcomeKind.STALE, object_id="in_1")
+    # One object older, one newer: not stale.
+    mixed = sent(row("sub_1", status="active"), row("in_2", "invoice", status="paid"), event_id="evt_3")
+    outcome, _ = decided(mixed, holding(newer, also=("in_2",)))
+    assert isinstance(outcome, Outcome) and outcome.kind is OutcomeKind.UNCHANGED
+
+
+def test_an_event_whose_objects_no_license_holds_is_pending() -> None:
+    """An invoice before the Checkout Session that names its subscription: kept in the ledger
+    unbound, waiting for a link (broker.ingest.service)."""
+    d = sent(row("in_1", "invoice", status="paid", links=("sub_1",)), license_id=None)
+    s = ready(d)
+    outcome, writes = decided(d, s)
+    assert outcome == Outcome(OutcomeKind.PENDING, object_id="in_1")
+    assert writes.objects == {"in_1": d.reported.primary} and writes.bindings == {} and writes.created == {}
+    assert [(r["outcome"], r["object_id"], r["license_id"]) for r in writes.events] == [("pending", "in_1", None)]
+    assert s.objects == {"in_1": d.reported.primary} and s.licenses == {}
+
+
+def test_a_binding_links_the_pending_events_of_its_ids_and_of_its_customers_customer_level_objects() -> None:
+    """The event that binds pending objects makes their events count for the license ("linked"),
+    those of earlier transactions (Writes.linked) and those of its own (their rows rewritten); the
+    customer's entitlement summary and deletion too, which waited for a license of their customer."""
+    pending = sent(row("in_1", "invoice", status="paid"), license_id=None, event_id="evt_in")
+    unrelated = sent(row("in_9", "invoice", status="paid", customer="cus_9"), license_id=None, event_id="evt_other")
+    binding = sent(row("sub_1", links=("in_1",)), event_id="evt_sub")
+    s = ready(pending, unrelated, binding)
+    decision = decide([pending, unrelated, binding], s, RULES, now=NOW, stripe_reads=False)
+    assert [o.kind for o in decision.results] == ["pending", "pending", "applied"]  # type: ignore[union-attr]
+    writes = decision.writes
+    assert writes.linked == {i: "lic_1" for i in ("sub_1", "in_1", "cus_1", "entitlements:cus_1")}
+    assert [(r["id"], r["outcome"], r["license_id"]) for r in writes.events] == [
+        ("evt_in", "linked", "lic_1"),
+        ("evt_other", "pending", None),
+        ("evt_sub", "applied", "lic_1"),
+    ]
+    # Without a customer, only the ids bound.
+    d = sent(row("sub_2", customer=None, links=("in_2",)), license_id="lic_2", event_id="evt_2")
+    _, writes = decided(d, ready(d))
+    assert writes.linked == {"sub_2": "lic_2", "in_2": "lic_2"}
+
+
+def test_linking_rewrites_only_pending_rows_of_the_objects_bound() -> None:
+    writes = Writes(NOW)
+    writes.events = [
+        {"id": "e1", "outcome": "pending", "object_id": "in_1", "license_id": None},
+        {"id": "e2", "outcome": "stale", "object_id": "in_1", "license_id": None},
+        {"id": "e3", "outcome": "pending", "object_id": "in_2", "license_id": None},
+    ]
+    _link_pending(writes, "lic_1", {"in_1", "cus_1"})
+    assert writes.linked == {"in_1": "lic_1", "cus_1": "lic_1"}
+    assert [(r["outcome"], r["license_id"]) for r in writes.events] == [
+        ("linked", "lic_1"),
+        ("stale", None),
+        ("pending", None),
+    ]
+
+
+def test_an_event_bound_to_nothing_new_links_nothing() -> None:
+    s = holding(row("sub_1", version=T - 1))
+    _, writes = decided(sent(row("sub_1", status="past_due")), s)
+    assert writes.linked == {} and writes.bindings == {}
+
+
+def test_a_customer_level_event_moves_every_license_of_its_customer_named_by_the_least() -> None:
+    """An entitlement summary applies to every license holding an object of its customer
+    (broker.stripe_ledger.binding.fold); no license is named by it, so the outcome names the least."""
+    summary = row("entitlements:cus_1", "entitlements", features=["sync"], partial=False)
+    d = sent(
+        summary, license_id=None, customer_level=True, event_type="entitlements.active_entitlement_summary.updated"
+    )
+    s = ready(d)
+    (wants, _) = decided(d, copy.deepcopy(s))
+    assert wants == Wants(Need.CUSTOMER_LICENSES, ("cus_1",))
+    s.customer_licenses["cus_1"] = {"lic_b", "lic_a"}
+    assert decided(d, copy.deepcopy(s))[0] == Wants(Need.LICENSES, ("lic_a", "lic_b"))
+    s.licenses["lic_b"] = (2, initial_state())
+    assert decided(d, copy.deepcopy(s))[0] == Wants(Need.LICENSES, ("lic_a",))
+    s.absent.add("lic_a")
+    s.bindings |= {"sub_a": "lic_a", "sub_b": "lic_b"}
+    s.add_objects([row("sub_a"), row("sub_b")])
+    outcome, writes = decided(d, s)
+    assert isinstance(outcome, Outcome)
+    assert (outcome.kind, outcome.license_id) == (OutcomeKind.APPLIED, "lic_a")
+    assert sorted((e.license_id, e.seq) for e in outcome.appended) == [("lic_a", 1), ("lic_b", 3)]
+    assert set(writes.created) == {"lic_a"} and set(writes.licenses) == {"lic_b"}
+    assert s.licenses["lic_b"][1]["features"] == ["sync"] and s.licenses["lic_a"][1]["features"] == ["sync"]
+
+
+def test_an_event_that_resolves_a_license_is_named_by_it_whatever_else_it_moves() -> None:
+    summary = row("entitlements:cus_1", "entitlements", features=["sync"], partial=False)
+    d = sent(summary, license_id="lic_z", customer_level=True)
+    s = ready(d, licenses={"lic_a": (0, initial_state())})
+    s.customer_licenses["cus_1"] = {"lic_a"}
+    outcome, _ = decided(d, s)
+    assert isinstance(outcome, Outcome) and outcome.license_id == "lic_z"
+
+
+def test_an_event_not_newer_than_its_object_and_saying_something_else_asks_stripe_for_the_object() -> None:
+    """With STRIPE_API_KEY, a snapshot of the held version or older that differs from the held one
+    is applied as Stripe's API reads the object now (broker.stripe_ledger.refresh); a repeat of the
+    held snapshot, a newer one, an object not held, or a refresh made already needs no read."""
+    held = row("sub_1", status="active")
+
+    def asks(proposed: StripeObject, *, stripe_reads: bool = True, done: frozenset[Need] = frozenset()) -> bool:
+        result, _ = decided(sent(proposed), holding(held), stripe_reads=stripe_reads, done=done)
+        assert isinstance(result, Outcome) or result == Wants(Need.REFRESH, ("sub_1",)), result
+        return isinstance(result, Wants)
+
+    assert asks(row("sub_1", status="past_due"))  # the held version
+    assert asks(row("sub_1", version=T - 1, status="past_due"))
+    assert not asks(row("sub_1", version=T + 1, status="past_due"))
+    assert not asks(row("sub_1", version=T - 1, status="active"))  # the held snapshot again
+    assert not asks(row("sub_1", status="past_due"), stripe_reads=False)
+    assert not asks(row("sub_1", status="past_due"), done=frozenset({Need.REFRESH}))
+    d = sent(row("sub_1", status="past_due"))
+    assert isinstance(decided(d, ready(d), stripe_reads=True)[0], Outcome)  # not held
+
+
+def test_a_one_time_checkout_judged_by_its_products_asks_for_its_line_items_once() -> None:
+    """Webhooks never carry a Checkout Session's line items
+    (https://docs.stripe.com/api/checkout/sessions/line_items): while LICENSE_PRODUCTS lists one-time
+    products, a row holding them is read, and without one they are asked of Stripe's API, once."""
+    rules = LicenseRules(["active"], ["perpetual:price_life"])
+    session = row("cs_1", "checkout", mode="payment", status="complete", payment_status="paid")
+    d = sent(session, event_type="checkout.session.completed")
+    s = ready(d)
+    items = line_items_id("cs_1")
+    assert decided(d, copy.deepcopy(s), rules)[0] == Wants(Need.BASE, (items,))
+    s.objects_known.add(items)  # read: no row (nor binding, nor link)
+    s.binding_known.add(items)
+    s.neighbours[items] = set()
+    assert decided(d, copy.deepcopy(s), rules)[0] == Wants(Need.LINE_ITEMS, ("cs_1",))
+    assert isinstance(decided(d, copy.deepcopy(s), rules, done=frozenset({Need.LINE_ITEMS}))[0], Outcome)
+    assert isinstance(decided(d, copy.deepcopy(s), RULES)[0], Outcome)  # no one-time products listed
+    fetched = row(items, "line_items", mode="payment", products=["price_life"])
+    assert isinstance(decided(sent(session, fetched), copy.deepcopy(s), rules)[0], Outcome)  # read just now
+    s.add_objects([fetched])  # a row holds them
+    outcome, _ = decided(d, s, rules)
+    assert isinstance(outcome, Outcome) and outcome.kind is OutcomeKind.APPLIED
+
+
+def test_a_partial_entitlement_summary_asks_stripe_for_the_customers_entitlements() -> None:
+    """Stripe's summary event lists the first entitlements only (`has_more`,
+    https://docs.stripe.com/api/entitlements/active-entitlement/list): with STRIPE_API_KEY the
+    customer's are read, once; otherwise the license says its features are partial."""
+
+    def result(summary: StripeObject, *, stripe_reads: bool = True, done: frozenset[Need] = frozenset()) -> Any:
+        d = sent(summary, license_id=None, customer_level=True)
+        return decided(d, ready(d), stripe_reads=stripe_reads, done=done)[0]
+
+    partial = row("entitlements:cus_1", "entitlements", features=["a"], partial=True)
+    assert result(partial) == Wants(Need.ENTITLEMENTS, ("cus_1",))
+    # Otherwise the decision goes on: the licenses of the customer come next.
+    after = Wants(Need.CUSTOMER_LICENSES, ("cus_1",))
+    assert result(partial, stripe_reads=False) == after
+    assert result(partial, done=frozenset({Need.ENTITLEMENTS})) == after
+    assert result(row("entitlements:cus_1", "entitlements", features=["a"], partial=False)) == after
+    assert result(row("sub_1", partial=True)) == after
+    orphan = row("entitlements:x", "entitlements", customer=None, features=["a"], partial=True)
+    assert result(orphan) == Outcome(OutcomeKind.PENDING, object_id="entitlements:x")
+
+
+def test_a_paid_invoice_of_an_api_version_that_names_no_payment_asks_stripe_for_its_payments() -> None:
+    """API versions 2025-03-31 to 2025-05-28 name no payment on invoices
+    (https://docs.stripe.com/changelog/basil/2025-03-31/add-support-for-multiple-partial-payments-on-invoices):
+    with STRIPE_API_KEY a newly paid invoice's payments are read, once."""
+    paid = row("in_1", "invoice", status="paid")
+    version = {"api_version": "2025-04-30.basil"}
+
+    def result(d: Delivery, s: Snapshot | None = None, **kw: Any) -> Any:
+        return decided(d, s or ready(d), stripe_reads=kw.get("stripe_reads", True), done=kw.get("done", frozenset()))[0]
+
+    assert result(sent(paid, **version)) == Wants(Need.INVOICE_PAYMENTS, ("in_1",))
+    assert isinstance(result(sent(paid, **version), stripe_reads=False), Outcome)
+    assert isinstance(result(sent(paid, **version), done=frozenset({Need.INVOICE_PAYMENTS})), Outcome)
+    assert isinstance(result(sent(paid, api_version="2025-06-30.basil")), Outcome)
+    assert isinstance(result(sent(row("in_1", "invoice", status="paid", charge="ch_1"), **version)), Outcome)
+    known_paid = holding(row("in_1", "invoice", version=T - 1, status="paid", note="held"))
+    assert isinstance(result(sent(paid, **version), known_paid), Outcome)
+
+
+def test_a_license_row_not_read_is_asked_for_before_deciding() -> None:
+    d = sent(row("sub_1"))
+    s = ready(d)
+    s.absent.clear()
+    before = copy.deepcopy(s)
+    outcome, writes = decided(d, s)
+    assert outcome == Wants(Need.LICENSES, ("lic_1",))
+    assert s == before and writes == Writes(NOW)
+
+
+def test_a_batch_is_decided_in_order_with_the_stripe_reads_it_may_make() -> None:
+    """`decide`: each delivery on the snapshot as the ones before it left it, one result each;
+    `stripe_reads` and `done` reach every decision."""
+    held = row("sub_1", status="active")
+    same_version = sent(row("sub_1", status="past_due"))
+    decision = decide([same_version], holding(held), RULES, now=NOW, stripe_reads=True)
+    assert decision.results == [Wants(Need.REFRESH, ("sub_1",))] and decision.writes == Writes(NOW)
+    decision = decide([same_version], holding(held), RULES, now=NOW, stripe_reads=True, done=frozenset({Need.REFRESH}))
+    assert [o.kind for o in decision.results] == ["applied"]  # type: ignore[union-attr]
+    assert decision.writes.now == NOW and decision.writes.log[0]["recorded_at"] == NOW
+
+
+def test_objects_read_from_stripe_come_after_the_events_own_or_in_place_of_its_primary() -> None:
+    primary, second = row("in_1", "invoice"), row("ch_1", "charge")
+    reported = Reported((primary, second), "lic_1", by_reference=True)
+    fetched, more = row("inpay_1", "invoice_payment"), row("inpay_2", "invoice_payment")
+    assert with_objects(reported, fetched, more) == replace(reported, objects=(primary, second, fetched, more))
+    refreshed = row("in_1", "invoice", version=T + 1)
+    assert with_objects(reported, first=refreshed).objects == (refreshed, second)
+    assert with_objects(reported, fetched, first=refreshed).objects == (refreshed, second, fetched)
+    assert with_objects(reported, fetched).license_id == "lic_1"
