@@ -4,16 +4,21 @@ runs broker.stripe_ledger.binding's walk on (SnapshotRows: the memory rows' answ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
+import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.ingest.decide import (
     REASON_LENGTH,
@@ -30,11 +35,14 @@ from broker.ingest.decide import (
     decide_event,
     with_objects,
 )
+from broker.ingest.errors import IngestRefused, IngestUnavailable, database_errors
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
+from broker.ingest.records import _payload, envelope_problem, mark_linked, record, set_outcome, unmatched_events
+from broker.storage.eventlog import LicenseEvent
 from broker.storage.licenses import initial_state
 from broker.stripe_ledger.binding import TAKEOVER, MemoryLedger
 from broker.stripe_ledger.ledger import Kind, LicenseRules, StripeObject, line_items_id
-from broker.stripe_ledger.objects import Reported, report
+from broker.stripe_ledger.objects import MAX_CREATED, MAX_ID, Reported, report
 from tests.stripe_objects import SHAPES, Shape
 from tests.test_ledger_rows import events_of
 from webhook.samples import SampleEvents
@@ -818,3 +826,209 @@ def test_objects_read_from_stripe_come_after_the_events_own_or_in_place_of_its_p
     assert with_objects(reported, first=refreshed).objects == (refreshed, second)
     assert with_objects(reported, fetched, first=refreshed).objects == (refreshed, second, fetched)
     assert with_objects(reported, fetched).license_id == "lic_1"
+
+
+# -- the stripe_events rows (broker.ingest.records), the ingest's errors and outcomes ---------------
+
+
+def test_an_event_is_storable_only_with_a_stripe_id_a_type_and_a_timestamp() -> None:
+    """The envelope is stored under its id whatever the rest says; an id, type or `created` the
+    columns cannot hold (stripe_events: id 255, type 200, BIGINT) is refused with its reason."""
+    ok = {"id": "evt_1", "type": "invoice.paid", "created": 0}
+    assert envelope_problem(ok) is None
+    assert envelope_problem({**ok, "id": "e" * MAX_ID, "type": "t" * 200, "created": MAX_CREATED - 1}) is None
+    assert envelope_problem({**ok, "id": "e", "type": "t"}) is None
+    for bad_id in ("", "e" * (MAX_ID + 1), "evt_\x00", "evt\n1"):
+        assert envelope_problem({**ok, "id": bad_id}) == "event id is not a Stripe id", bad_id
+    for bad_type in ("", "t" * 201, "invoice.paid\x00"):
+        assert envelope_problem({**ok, "type": bad_type}) == "event type is not a Stripe event type", bad_type
+    for bad_created in (-1, MAX_CREATED, MAX_CREATED + 1):
+        assert envelope_problem({**ok, "created": bad_created}) == "created is not a timestamp", bad_created
+
+
+class _Result:
+    def __init__(self, first: Any = None, rows: list[dict[str, Any]] | None = None) -> None:
+        self._first, self._rows = first, rows or []
+
+    def first(self) -> Any:
+        return self._first
+
+    def mappings(self) -> list[dict[str, Any]]:
+        return self._rows
+
+
+class _Connection:
+    """What records.py asks of a connection: its dialect's name, and statements executed (kept)."""
+
+    def __init__(self, dialect: str = "postgresql", first: Any = ("evt_1",), rows: Any = None) -> None:
+        self.dialect = SimpleNamespace(name=dialect)
+        self.statements: list[Any] = []
+        self._result = _Result(first, rows)
+
+    async def execute(self, statement: Any) -> _Result:
+        self.statements.append(statement)
+        return self._result
+
+    def compiled(self, n: int = -1) -> Any:
+        dialect = postgresql.dialect() if self.dialect.name == "postgresql" else sqlite.dialect()  # type: ignore[no-untyped-call]
+        return self.statements[n].compile(dialect=dialect)
+
+
+async def test_an_event_is_recorded_once_with_its_outcome_and_the_body_as_stripe_sent_it() -> None:
+    """The INSERT does nothing on a second delivery of the id (ON CONFLICT, RETURNING nothing):
+    a duplicate, never an error. On Postgres the body is cast to JSON from its text, as sent."""
+    conn = _Connection()
+    event = {"id": "evt_1", "type": "invoice.paid", "created": T, "livemode": True}
+    outcome = Outcome(OutcomeKind.APPLIED, "lic_1", object_id="in_1", reason="r" * (REASON_LENGTH + 5))
+    before = datetime.now(UTC)
+    assert await record(conn, event, b'{"id":  "evt_1"}', outcome) is True  # type: ignore[arg-type]
+    compiled = conn.compiled()
+    params = dict(compiled.params)
+    assert before <= params.pop("received_at") <= datetime.now(UTC)
+    assert params == {
+        "id": "evt_1",
+        "type": "invoice.paid",
+        "created": T,
+        "livemode": True,
+        "license_id": "lic_1",
+        "outcome": "applied",
+        "object_id": "in_1",
+        "reason": "r" * REASON_LENGTH,
+        "param_1": '{"id":  "evt_1"}',
+    }
+    assert "CAST(%(param_1)s::VARCHAR AS JSON)" in str(compiled)
+    assert str(compiled).endswith("ON CONFLICT (id) DO NOTHING RETURNING stripe_events.id")
+    assert await record(_Connection(first=None), event) is False  # type: ignore[arg-type]
+
+
+async def test_an_event_recorded_before_its_outcome_is_received_and_keeps_its_parsed_body_without_one() -> None:
+    conn = _Connection("sqlite")
+    event = {"id": "evt_1", "type": "invoice.paid", "created": T}
+    await record(conn, event)  # type: ignore[arg-type]
+    params = dict(conn.compiled().params)
+    params.pop("received_at")
+    assert params == {
+        "id": "evt_1",
+        "type": "invoice.paid",
+        "created": T,
+        "livemode": False,
+        "license_id": None,
+        "outcome": "received",
+        "object_id": None,
+        "reason": None,
+        "payload": event,
+    }
+    await record(conn, event, b'{"id": "evt_1"}', Outcome(OutcomeKind.PENDING, reason=""))  # type: ignore[arg-type]
+    params = dict(conn.compiled().params)
+    assert (params["param_1"], params["reason"], params["outcome"]) == ('{"id": "evt_1"}', None, "pending")
+    assert "CAST" not in str(conn.compiled())  # SQLite stores the text as it is
+
+
+def test_the_payload_of_an_event_whose_payload_is_not_kept_is_json_null() -> None:
+    """A type no rule reads (customer.created) is recorded by id, type and time only
+    (tests/test_event_payloads.py), whatever body came with it."""
+    conn: Any = _Connection()
+    event = {"id": "evt_1"}
+    dropped = Outcome(OutcomeKind.IGNORED, keep_payload=False)
+    assert _payload(conn, event, b"{}", dropped) is sa.JSON.NULL
+    assert _payload(conn, event, None, dropped) is sa.JSON.NULL
+    assert _payload(conn, event, None, Outcome(OutcomeKind.IGNORED)) is event
+    assert _payload(conn, event, None, None) is event
+    kept = _payload(conn, event, b'{"a":1}', None)
+    assert isinstance(kept, sa.Cast) and isinstance(kept.type, sa.JSON)
+    assert isinstance(kept.clause.type, sa.Text) and kept.clause.clause.value == '{"a":1}'  # type: ignore[attr-defined]
+    text = _payload(_Connection("sqlite"), event, b'{"a":1}', None)  # type: ignore[arg-type]
+    assert isinstance(text.type, sa.Text) and text.clause.value == '{"a":1}'
+
+
+async def test_an_outcome_is_set_on_the_events_row_and_pending_rows_become_linked() -> None:
+    conn = _Connection()
+    await set_outcome(conn, "evt_1", Outcome(OutcomeKind.UNCHANGED, "lic_1", object_id="sub_1", reason="x" * 300))  # type: ignore[arg-type]
+    compiled = conn.compiled()
+    assert dict(compiled.params) == {
+        "outcome": "unchanged",
+        "license_id": "lic_1",
+        "object_id": "sub_1",
+        "reason": "x" * REASON_LENGTH,
+        "id_1": "evt_1",
+    }
+    assert str(compiled).endswith("WHERE stripe_events.id = %(id_1)s::VARCHAR")
+    await mark_linked(conn, "lic_1", {"sub_1", "in_1"})  # type: ignore[arg-type]
+    compiled = conn.compiled()
+    assert dict(compiled.params) == {
+        "outcome": "linked",
+        "license_id": "lic_1",
+        "outcome_1": "pending",
+        "object_id_1": ["in_1", "sub_1"],
+    }
+    assert "WHERE stripe_events.outcome = %(outcome_1)s::VARCHAR AND stripe_events.object_id IN" in str(compiled)
+
+
+async def test_unmatched_lists_the_events_that_changed_no_license_oldest_first() -> None:
+    """`license-broker unmatched`: pending, unmatched, rejected and ignored events (NOT_MATCHED),
+    with what explains them, by `created` then id, 100 unless told."""
+    conn = _Connection(rows=[{"id": "evt_1"}])
+
+    class Engine:
+        @contextlib.asynccontextmanager
+        async def connect(self) -> Any:
+            yield conn
+
+    assert await unmatched_events(Engine()) == [{"id": "evt_1"}]  # type: ignore[arg-type]
+    compiled = conn.compiled()
+    sql = " ".join(str(compiled).split())
+    assert sql.startswith(
+        "SELECT stripe_events.id, stripe_events.type, stripe_events.created, stripe_events.outcome, "
+        "stripe_events.reason, stripe_events.object_id, stripe_events.payload FROM stripe_events "
+        "WHERE stripe_events.outcome IN (__[POSTCOMPILE_outcome_1]) "
+        "ORDER BY stripe_events.created, stripe_events.id LIMIT %(param_1)s"
+    )
+    assert dict(compiled.params) == {"outcome_1": ["pending", "unmatched", "rejected", "ignored"], "param_1": 100}
+    await unmatched_events(Engine(), limit=7)  # type: ignore[arg-type]
+    assert conn.compiled().params["param_1"] == 7
+
+
+def test_the_log_entry_of_an_outcome_is_that_of_its_license() -> None:
+    """An event may change several licenses (a customer-level one); `event` is the entry of the
+    license the outcome names, and every entry is published, in order."""
+    a, b = LicenseEvent("lic_a", 3, b"{}"), LicenseEvent("lic_b", 1, b"{}")
+    outcome = Outcome(OutcomeKind.APPLIED, "lic_b", (a, b))
+    assert outcome.event is b and outcome.to_publish == [a, b]
+    assert Outcome(OutcomeKind.APPLIED, "lic_c", (a, b)).event is None
+    assert Outcome(OutcomeKind.UNCHANGED, "lic_a").event is None and Outcome(OutcomeKind.UNCHANGED).to_publish == []
+
+
+def test_database_errors_are_the_ingests_content_refused_or_database_unavailable() -> None:
+    """A value the database refuses is no outage (IngestRefused, named by the driver's error: the
+    event is then recorded without its content); any other driver or network error is
+    (IngestUnavailable: 503, Stripe retries); what is not the database's passes through."""
+    out_of_range = psycopg.errors.NumericValueOutOfRange("bigint out of range")
+    wrapped = sa.exc.DataError("INSERT", {}, out_of_range)
+    for error, name in ((wrapped, "NumericValueOutOfRange"), (out_of_range, "NumericValueOutOfRange")):
+        with pytest.raises(IngestRefused) as refused, database_errors():
+            raise error
+        assert str(refused.value) == name and refused.value.__cause__ is error
+    with pytest.raises(IngestRefused, match=r"^DataError$"), database_errors():
+        raise psycopg.DataError("plain")
+    outage = sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused"))
+    for error in (
+        outage,
+        sa.exc.InterfaceError("SELECT 1", {}, Exception("closed")),
+        psycopg.OperationalError("server closed the connection"),
+        ConnectionRefusedError("refused"),
+        TimeoutError("pool timeout"),
+    ):
+        with pytest.raises(IngestUnavailable) as unavailable, database_errors():
+            raise error
+        assert unavailable.value.what == "database" and unavailable.value.__cause__ is error
+        assert str(unavailable.value) == str(error)
+    with pytest.raises(ValueError, match=r"^not the database's$"), database_errors():
+        raise ValueError("not the database's")
+    with database_errors():
+        pass
+
+
+def test_an_unavailable_service_is_named_and_its_message_is_the_causes() -> None:
+    cause = TimeoutError("read timed out")
+    error = IngestUnavailable("Stripe API", cause)
+    assert (error.what, str(error), error.args) == ("Stripe API", "read timed out", ("read timed out",))
