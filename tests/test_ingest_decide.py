@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import postgresql, sqlite
 
+from broker.ingest import batched
 from broker.ingest.decide import (
     REASON_LENGTH,
     Delivery,
@@ -38,6 +40,7 @@ from broker.ingest.decide import (
 from broker.ingest.errors import IngestRefused, IngestUnavailable, database_errors
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.ingest.records import _payload, envelope_problem, mark_linked, record, set_outcome, unmatched_events
+from broker.ingest.statements import BINDINGS, CREATED, EVENTS, LICENSES, LINKS, LOG, OBJECTS, WRITE, Rows
 from broker.storage.eventlog import LicenseEvent
 from broker.storage.licenses import initial_state
 from broker.stripe_ledger.binding import TAKEOVER, MemoryLedger
@@ -1032,3 +1035,165 @@ def test_an_unavailable_service_is_named_and_its_message_is_the_causes() -> None
     cause = TimeoutError("read timed out")
     error = IngestUnavailable("Stripe API", cause)
     assert (error.what, str(error), error.args) == ("Stripe API", "read timed out", ("read timed out",))
+
+
+# -- the batched WRITE statement's column lists (broker.ingest.statements) ------------------------
+# WRITE is built once at import; these call the Rows methods themselves (what mutmut mutates).
+
+_T = sa.Table(
+    "t",
+    sa.MetaData(),
+    sa.Column("id", sa.String(10), primary_key=True),
+    sa.Column("n", sa.BigInteger),
+    sa.Column("doc", sa.JSON),
+    sa.Column("note", sa.Text),
+    sa.Column("at", sa.DateTime(timezone=True)),
+    sa.Column("legacy", sa.String(5)),
+)
+
+
+def test_a_json_row_carries_every_column_not_stamped_or_defaulted_typed_as_postgres_reads_it() -> None:
+    """Strings as text (the column's own length applies on assignment), other types as Postgres
+    names them."""
+    rows = Rows(_T, "things", stamped=("at",), defaulted=("legacy",))
+    assert rows.columns == ["id", "n", "doc", "note"]
+    assert rows.source("x") == "json_to_recordset(%(things)s::json) AS x(id text, n BIGINT, doc JSON, note text)"
+    every = Rows(_T, "all")
+    assert every.columns == ["id", "n", "doc", "note", "at", "legacy"]
+    assert every.source("a").endswith(
+        "(id text, n BIGINT, doc JSON, note text, at TIMESTAMP WITH TIME ZONE, legacy text)"
+    )
+
+
+def test_a_stamped_column_is_set_to_the_transactions_time_and_a_defaulted_one_is_not_written() -> None:
+    rows = Rows(_T, "things", stamped=("at",), defaulted=("legacy",))
+    source = rows.source("x")
+    assert (
+        rows.insert("x")
+        == f"INSERT INTO t (id, n, doc, note, at)\n    SELECT x.id, x.n, x.doc, x.note, %(now)s\n    FROM {source}"
+    )
+    assert rows.insert("x", "ON CONFLICT DO NOTHING") == (
+        f"INSERT INTO t (id, n, doc, note, at)\n    SELECT x.id, x.n, x.doc, x.note, %(now)s\n    FROM {source}\n"
+        "    ON CONFLICT DO NOTHING"
+    )
+    assert rows.update("x") == (
+        f"UPDATE t t SET n = x.n, doc = x.doc, note = x.note, at = %(now)s\n    FROM {source}\n    WHERE t.id = x.id"
+    )
+    assert rows.update("x", ("id", "n")) == (
+        f"UPDATE t t SET doc = x.doc, note = x.note, at = %(now)s\n    FROM {source}\n"
+        "    WHERE t.id = x.id AND t.n = x.n"
+    )
+    assert rows.upsert_all("x") == rows.insert(
+        "x", "ON CONFLICT (id) DO UPDATE SET n = excluded.n, doc = excluded.doc, note = excluded.note, at = excluded.at"
+    )
+    assert rows.upsert_all("x", ("id", "note")).endswith(
+        "ON CONFLICT (id, note) DO UPDATE SET n = excluded.n, doc = excluded.doc, at = excluded.at"
+    )
+    unstamped = Rows(_T, "plain", defaulted=("at", "legacy"))
+    assert unstamped.insert("p").startswith("INSERT INTO t (id, n, doc, note)\n    SELECT p.id, p.n, p.doc, p.note\n")
+
+
+def test_a_column_named_stamped_or_defaulted_must_be_the_tables() -> None:
+    with pytest.raises(ValueError, match=re.escape("t has no column ['when']")):
+        Rows(_T, "x", stamped=("at", "when"))
+    with pytest.raises(ValueError, match=re.escape("t has no column ['gone', 'old']")):
+        Rows(_T, "x", defaulted=("old", "legacy", "gone"))
+
+
+def test_the_write_statement_writes_each_table_as_the_general_path_does() -> None:
+    """The times are the transaction's (stamped); the legacy lookup columns of stripe_events and
+    the log's serial are left to their defaults; a license row is created with both times and
+    updated with its updated_at only (tests/test_ingest_differential.py compares the rows)."""
+    assert EVENTS.columns == [
+        "id",
+        "type",
+        "created",
+        "livemode",
+        "license_id",
+        "outcome",
+        "object_id",
+        "reason",
+        "payload",
+    ]
+    assert (EVENTS.stamped, OBJECTS.stamped, BINDINGS.stamped, LINKS.stamped) == (
+        ("received_at",),
+        ("updated_at",),
+        ("bound_at",),
+        (),
+    )
+    assert OBJECTS.columns == ["id", "kind", "version", "rank", "customer", "state"]
+    assert (BINDINGS.columns, LINKS.columns) == (["stripe_id", "license_id"], ["object_id", "linked_id"])
+    license_columns = ["id", "seq", "status", "entitled", "state", "stripe_customer_id", "stripe_subscription_id"]
+    assert CREATED.columns == LICENSES.columns == license_columns
+    assert (CREATED.stamped, LICENSES.stamped) == (("created_at", "updated_at"), ("updated_at",))
+    assert LOG.columns == [c.name for c in LOG.table.c if c.name != "id"]
+    for piece in (
+        EVENTS.insert("e", "ON CONFLICT (id) DO NOTHING RETURNING id"),
+        OBJECTS.upsert_all("o"),
+        BINDINGS.insert("b", "ON CONFLICT DO NOTHING RETURNING stripe_id"),
+        CREATED.insert("c", "ON CONFLICT DO NOTHING RETURNING id"),
+        LINKS.insert("k", "ON CONFLICT DO NOTHING"),
+        LICENSES.update("u"),
+        LOG.insert("g"),
+    ):
+        assert piece in WRITE
+    assert "occurred_at TIMESTAMP WITH TIME ZONE" in LOG.source("g") and "payload JSON" in EVENTS.source("e")
+
+
+# -- the batched path's parameters (broker.ingest.batched.params) ---------------------------------
+
+
+def test_the_write_parameters_are_one_json_document_per_table_and_the_counts_the_division_checks() -> None:
+    """WRITE fails (division by zero) unless every event, binding and new license it was given was
+    written: `n`, `n_bindings`, `n_created` are what it was given."""
+    state = RULES.derive([row("sub_1")])
+    writes = Writes(NOW)
+    writes.events = [{"id": "evt_1", "payload": orjson.Fragment(b'{"id":"evt_1"}')}, {"id": "evt_2"}]
+    sub = row("sub_1", links=("in_1",))
+    writes.objects = {"sub_1": sub}
+    writes.links = {("sub_1", "in_2"), ("sub_1", "in_1")}
+    writes.bindings = {"sub_1": "lic_1", "in_1": "lic_1", "in_2": "lic_1"}
+    writes.created = {"lic_1": (1, state)}
+    writes.licenses = {"lic_b": (4, initial_state()), "lic_a": (2, state)}
+    writes.log = [{"seq": 1}]
+    writes.linked = {"in_2": "lic_1", "cus_1": "lic_1"}
+    p = batched.params(writes)
+    assert (p["now"], p["n"], p["n_bindings"], p["n_created"]) == (NOW, 2, 3, 1)
+    assert orjson.loads(p["events"]) == [{"id": "evt_1", "payload": {"id": "evt_1"}}, {"id": "evt_2"}]
+    assert '"payload":{"id":"evt_1"}' in p["events"]  # the body embedded as it came
+    assert orjson.loads(p["objects"]) == [sub.row()]
+    assert orjson.loads(p["links"]) == [
+        {"object_id": "sub_1", "linked_id": "in_1"},
+        {"object_id": "sub_1", "linked_id": "in_2"},
+    ]
+    assert orjson.loads(p["bindings"]) == [{"stripe_id": i, "license_id": "lic_1"} for i in ("sub_1", "in_1", "in_2")]
+    assert orjson.loads(p["created"]) == [
+        {
+            "id": "lic_1",
+            "seq": 1,
+            "status": "active",
+            "entitled": True,
+            "state": state,
+            "stripe_customer_id": "cus_1",
+            "stripe_subscription_id": "sub_1",
+        }
+    ]
+    assert [(r["id"], r["seq"], r["status"], r["entitled"]) for r in orjson.loads(p["licenses"])] == [
+        ("lic_a", 2, "active", True),
+        ("lic_b", 4, "none", False),
+    ]
+    assert orjson.loads(p["log"]) == [{"seq": 1}]
+    assert orjson.loads(p["linked"]) == [
+        {"object_id": "cus_1", "license_id": "lic_1"},
+        {"object_id": "in_2", "license_id": "lic_1"},
+    ]
+    tables = {"events", "objects", "links", "bindings", "licenses", "created", "log", "linked"}
+    assert set(p) == {"now", "n", "n_bindings", "n_created", *tables}
+
+
+def test_only_events_of_no_customer_level_object_take_the_batched_path() -> None:
+    """The batched READ reads no customer's licenses: a customer-level event goes to the general path."""
+    assert batched.BatchedIngest.eligible(Reported((row("sub_1"),), "lic_1"))
+    assert not batched.BatchedIngest.eligible(
+        Reported((row("entitlements:cus_1", "entitlements"),), customer_level=True)
+    )
