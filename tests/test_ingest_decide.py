@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import random
 import re
 from dataclasses import replace
@@ -38,14 +39,24 @@ from broker.ingest.decide import (
     with_objects,
 )
 from broker.ingest.errors import IngestRefused, IngestUnavailable, database_errors
+from broker.ingest.general import GeneralIngest
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.ingest.records import _payload, envelope_problem, mark_linked, record, set_outcome, unmatched_events
 from broker.ingest.statements import BINDINGS, CREATED, EVENTS, LICENSES, LINKS, LOG, OBJECTS, WRITE, Rows
 from broker.storage.eventlog import LicenseEvent
 from broker.storage.licenses import initial_state
 from broker.stripe_ledger.binding import TAKEOVER, MemoryLedger
-from broker.stripe_ledger.ledger import Kind, LicenseRules, StripeObject, line_items_id
-from broker.stripe_ledger.objects import MAX_CREATED, MAX_ID, Reported, report
+from broker.stripe_ledger.ledger import FETCHED_RANK, Kind, LicenseRules, StripeObject, line_items_id
+from broker.stripe_ledger.objects import (
+    MAX_CREATED,
+    MAX_ID,
+    Reported,
+    complete_entitlements,
+    invoice_payments,
+    line_items,
+    report,
+)
+from broker.stripe_ledger.refresh import NoRefresh, StripeUnavailable
 from tests.stripe_objects import SHAPES, Shape
 from tests.test_ledger_rows import events_of
 from webhook.samples import SampleEvents
@@ -1197,3 +1208,171 @@ def test_only_events_of_no_customer_level_object_take_the_batched_path() -> None
     assert not batched.BatchedIngest.eligible(
         Reported((row("entitlements:cus_1", "entitlements"),), customer_level=True)
     )
+
+
+# -- the general path's reads from Stripe's API (broker.ingest.general), with a fake API ------------
+
+
+class FakeApi:
+    """A Refresher whose answers the test sets; each call noted."""
+
+    def __init__(self, **answers: Any) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, Any]] = []
+
+    def _answer(self, name: str, arg: Any) -> Any:
+        self.calls.append((name, arg))
+        answer = self.answers.get(name)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def refresh(self, event: Any, obj: StripeObject, held_version: int) -> Reported | None:
+        return self._answer("refresh", (obj.id, held_version))  # type: ignore[no-any-return]
+
+    async def line_items(self, event: Any, session_id: str) -> list[str] | None:
+        return self._answer("line_items", session_id)  # type: ignore[no-any-return]
+
+    async def entitlements(self, event: Any, customer: str) -> list[str] | None:
+        return self._answer("entitlements", customer)  # type: ignore[no-any-return]
+
+    async def invoice_payments(self, event: Any, invoice_id: str) -> list[dict[str, Any]] | None:
+        return self._answer("invoice_payments", invoice_id)  # type: ignore[no-any-return]
+
+
+def general_with(api: Any) -> GeneralIngest:
+    return GeneralIngest(None, RULES, api)  # type: ignore[arg-type]  # these reads touch no database
+
+
+def test_the_general_path_reads_stripe_only_with_a_key() -> None:
+    assert general_with(FakeApi()).stripe_reads is True
+    assert general_with(NoRefresh()).stripe_reads is False
+
+
+async def test_a_refresh_replaces_what_the_event_reports_unless_stripe_gives_nothing() -> None:
+    """The object as Stripe's API reads it now (broker.stripe_ledger.refresh), asked with the held
+    version; None (no key of its mode, a kind with nothing to read): the event as it is."""
+    d = sent(row("sub_1", status="past_due"))
+    s = holding(row("sub_1", version=T - 3))
+    now_read = Reported((row("sub_1", version=T + 9, status="canceled"),), "lic_1")
+    api = FakeApi(refresh=now_read)
+    assert await general_with(api)._read_stripe(Wants(Need.REFRESH, ("sub_1",)), d, s) is now_read
+    assert api.calls == [("refresh", ("sub_1", T - 3))]
+    assert await general_with(FakeApi())._read_stripe(Wants(Need.REFRESH, ("sub_1",)), d, s) is d.reported
+    with pytest.raises(StripeUnavailable):
+        await general_with(FakeApi(refresh=StripeUnavailable("timeout")))._read_stripe(
+            Wants(Need.REFRESH, ("sub_1",)), d, s
+        )
+
+
+async def test_line_items_read_from_stripe_are_added_as_a_fetched_object_of_the_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Webhooks never carry line items (https://docs.stripe.com/api/checkout/sessions/line_items):
+    read, they join the event as an object of their own, outranking webhook snapshots; unreadable
+    (no key of the event's mode), the purchase is judged without them and a warning says so; a
+    failed read is a 503 (StripeUnavailable: Stripe retries)."""
+    session = row("cs_1", "checkout", mode="payment")
+    d = sent(session, created=T + 4)
+    wants = Wants(Need.LINE_ITEMS, ("cs_1",))
+    api = FakeApi(line_items=["price_life", "prod_x", "price_life"])
+    reported = await general_with(api)._read_stripe(wants, d, Snapshot())
+    assert api.calls == [("line_items", "cs_1")]
+    assert reported.objects == (session, line_items(session, ["price_life", "prod_x"], T + 4, fetched=True))
+    assert reported.objects[1].rank == FETCHED_RANK and reported.objects[1].version == T + 4
+    with caplog.at_level(logging.WARNING, "broker.ingest"):
+        assert await general_with(FakeApi())._read_stripe(wants, d, Snapshot()) is d.reported
+    assert caplog.messages == ["the line items of cs_1 cannot be read (no key of its mode): it grants nothing"]
+    with pytest.raises(StripeUnavailable):
+        await general_with(FakeApi(line_items=StripeUnavailable("503")))._read_stripe(wants, d, Snapshot())
+
+
+async def test_a_partial_summary_is_completed_with_the_customers_entitlements_when_they_can_be_read() -> None:
+    """The summary is replaced by one listing every active entitlement (partial no more); when they
+    cannot be read, or the read fails, the event applies as it is (the license says its features
+    are partial) rather than a 503."""
+    summary = row("entitlements:cus_1", "entitlements", features=["a"], partial=True)
+    d = sent(summary, license_id=None, customer_level=True)
+    wants = Wants(Need.ENTITLEMENTS, ("cus_1",))
+    api = FakeApi(entitlements=["b", "a", "b"])
+    reported = await general_with(api)._read_stripe(wants, d, Snapshot())
+    assert api.calls == [("entitlements", "cus_1")]
+    assert reported.objects == (complete_entitlements(summary, ["a", "b"]),)
+    assert reported.objects[0].state == {"features": ["a", "b"], "partial": False}
+    assert reported.customer_level and reported.license_id is None
+    assert await general_with(FakeApi())._read_stripe(wants, d, Snapshot()) is d.reported
+    failing = FakeApi(entitlements=StripeUnavailable("timeout"))
+    assert await general_with(failing)._read_stripe(wants, d, Snapshot()) is d.reported
+
+
+async def test_a_paid_invoices_payments_read_from_stripe_join_the_event_the_paid_ones_only() -> None:
+    """Invoice payments, as `invoice_payment.paid` would report them
+    (https://docs.stripe.com/api/invoice-payment/object), so that refunds and disputes reach the
+    invoice; none readable, or the read failing: the event as it is."""
+    invoice = row("in_1", "invoice", status="paid")
+    d = sent(invoice, created=T + 2)
+    wants = Wants(Need.INVOICE_PAYMENTS, ("in_1",))
+    items = [
+        {"id": "inpay_1", "invoice": "in_1", "status": "paid", "payment": {"type": "charge", "charge": "ch_1"}},
+        {"id": "inpay_2", "invoice": "in_1", "status": "open", "payment": {"type": "charge", "charge": "ch_2"}},
+    ]
+    api = FakeApi(invoice_payments=items)
+    reported = await general_with(api)._read_stripe(wants, d, Snapshot())
+    assert api.calls == [("invoice_payments", "in_1")]
+    assert reported.objects == (invoice, *invoice_payments(items[:1], T + 2))
+    assert [o.id for o in reported.objects] == ["in_1", "inpay_1"]
+    assert (await general_with(FakeApi())._read_stripe(wants, d, Snapshot())).objects == (invoice,)
+    failing = FakeApi(invoice_payments=StripeUnavailable("timeout"))
+    assert await general_with(failing)._read_stripe(wants, d, Snapshot()) is d.reported
+
+
+class EmptyDatabase:
+    """The general path's reader on a database holding nothing yet: every id unbound, without a row
+    or a link, a license row created when locked (LicenseStore.lock). Each read noted."""
+
+    def __init__(self) -> None:
+        self.reads: list[Wants] = []
+
+    async def read(self, wants: Wants, snapshot: Snapshot, reported: Reported) -> None:
+        self.reads.append(wants)
+        ids = set(wants.ids)
+        if wants.need in (Need.BASE, Need.WALK):
+            snapshot.binding_known |= ids
+            snapshot.objects_known |= ids
+            for i in ids:
+                snapshot.neighbours.setdefault(i, set())
+        elif wants.need is Need.LICENSES:
+            snapshot.licenses |= {lid: (0, initial_state()) for lid in ids}
+        elif wants.need is Need.CUSTOMER_OBJECTS:
+            snapshot.customers_known |= ids
+        else:
+            raise AssertionError(wants)
+
+
+async def test_the_general_path_reads_what_the_decision_asks_and_each_stripe_read_once() -> None:
+    """`_decide`: the snapshot read as the decision asks for it (ids, license rows, customers), the
+    reads from Stripe's API made once each (`done`), the event decided on what they gave."""
+    session = row("cs_1", "checkout", mode="payment", status="paid")
+    event = {"id": "evt_1", "type": "checkout.session.completed", "created": T}
+    d = Delivery(event, None, Reported((session,), "lic_1"))
+    rules = LicenseRules(["active"], ["perpetual:price_life"])
+    api = FakeApi(line_items=None)  # not readable: a warning, then decided without them
+    general = GeneralIngest(None, rules, api)  # type: ignore[arg-type]
+    reader = EmptyDatabase()
+    outcome, writes = await general._decide(reader, d)  # type: ignore[arg-type]
+    assert api.calls == [("line_items", "cs_1")]
+    items = line_items_id("cs_1")
+    assert [(w.need, w.ids) for w in reader.reads] == [
+        (Need.BASE, ("cs_1",)),
+        (Need.BASE, (items,)),
+        (Need.LICENSES, ("lic_1",)),
+        (Need.CUSTOMER_OBJECTS, ("cus_1",)),
+    ]
+    assert (outcome.kind, outcome.license_id) == (OutcomeKind.APPLIED, "lic_1")
+    assert writes.licenses["lic_1"][1]["entitled"] is False  # its products not known: it grants nothing
+    assert items not in writes.objects
+    api = FakeApi(line_items=["price_life"])
+    general = GeneralIngest(None, rules, api)  # type: ignore[arg-type]
+    outcome, writes = await general._decide(EmptyDatabase(), d)  # type: ignore[arg-type]
+    assert api.calls == [("line_items", "cs_1")] and outcome.kind is OutcomeKind.APPLIED
+    assert items in writes.objects and writes.licenses["lic_1"][1]["entitled"] is True
