@@ -395,14 +395,15 @@ def test_a_licenses_objects_are_those_bound_to_it_and_its_customers_customer_lev
     summary_2 = row("entitlements:cus_2", "entitlements", customer="cus_2", features=["b"])
     elsewhere = row("entitlements:cus_3", "entitlements", customer="cus_3", features=["c"])
     s = Snapshot(
-        bindings={"sub_1": "lic_1", "in_1": "lic_1", "ch_no_row": "lic_1", "sub_9": "lic_9"},
+        bindings={"sub_1": "lic_1", "in_1": "lic_1", "ch_no_row": "lic_1", "ch_anon": "lic_1", "sub_9": "lic_9"},
         licenses={"lic_1": (3, initial_state())},
         absent={"lic_new"},
         customers_known={"cus_1", "cus_2", "cus_3"},
     )
-    s.add_objects([sub, inv, summary_1, summary_2, elsewhere, row("sub_9", customer="cus_3")])
+    anonymous = row("ch_anon", "charge", customer=None)  # no customer: none to read
+    s.add_objects([sub, inv, anonymous, summary_1, summary_2, elsewhere, row("sub_9", customer="cus_3")])
     rows = SnapshotRows(s)
-    expected = {o.id: o for o in (sub, inv, summary_1, summary_2)}
+    expected = {o.id: o for o in (sub, inv, anonymous, summary_1, summary_2)}
     assert rows.license_objects("lic_1") == expected
     assert rows.license_objects("lic_new") == {}  # absent: known not to exist yet
     with pytest.raises(Missing) as missing:
@@ -413,6 +414,7 @@ def test_a_licenses_objects_are_those_bound_to_it_and_its_customers_customer_lev
     deleted_3 = row("cus_3", "customer", customer="cus_3", deleted=True)
     rows.write_object(newer_summary, set())
     rows.write_object(deleted_3, set())  # a customer-level object of a customer not on lic_1
+    rows.write_object(row("in_loose", "invoice", customer="cus_1"), set())  # of cus_1, bound to nothing
     rows.write_object(row("pi_1", "payment_intent", customer="cus_4"), set())
     rows.write_bindings("lic_1", {"pi_1"})
     with pytest.raises(Missing) as unread:
@@ -651,12 +653,16 @@ def test_a_binding_links_the_pending_events_of_its_ids_and_of_its_customers_cust
     those of earlier transactions (Writes.linked) and those of its own (their rows rewritten); the
     customer's entitlement summary and deletion too, which waited for a license of their customer."""
     pending = sent(row("in_1", "invoice", status="paid"), license_id=None, event_id="evt_in")
-    unrelated = sent(row("in_9", "invoice", status="paid", customer="cus_9"), license_id=None, event_id="evt_other")
+    unrelated = sent(
+        row("in_9", "invoice", status="paid", customer="cus_9", links=("sub_9",)), license_id=None, event_id="evt_other"
+    )
     binding = sent(row("sub_1", links=("in_1",)), event_id="evt_sub")
     s = ready(pending, unrelated, binding)
     decision = decide([pending, unrelated, binding], s, RULES, now=NOW, stripe_reads=False)
     assert [o.kind for o in decision.results] == ["pending", "pending", "applied"]  # type: ignore[union-attr]
     writes = decision.writes
+    assert writes.links == {("in_9", "sub_9"), ("sub_1", "in_1")}  # every event's
+    assert set(writes.objects) == {"in_1", "in_9", "sub_1"}
     assert writes.linked == {i: "lic_1" for i in ("sub_1", "in_1", "cus_1", "entitlements:cus_1")}
     assert [(r["id"], r["outcome"], r["license_id"]) for r in writes.events] == [
         ("evt_in", "linked", "lic_1"),
