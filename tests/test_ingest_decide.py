@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.ingest import batched
@@ -42,6 +43,7 @@ from broker.ingest.errors import IngestRefused, IngestUnavailable, database_erro
 from broker.ingest.general import GeneralIngest
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.ingest.records import _payload, envelope_problem, mark_linked, record, set_outcome, unmatched_events
+from broker.ingest.service import Ingestor
 from broker.ingest.statements import BINDINGS, CREATED, EVENTS, LICENSES, LINKS, LOG, OBJECTS, WRITE, Rows
 from broker.storage.eventlog import LicenseEvent
 from broker.storage.licenses import initial_state
@@ -50,6 +52,7 @@ from broker.stripe_ledger.ledger import FETCHED_RANK, Kind, LicenseRules, Stripe
 from broker.stripe_ledger.objects import (
     MAX_CREATED,
     MAX_ID,
+    EventFilter,
     Reported,
     complete_entitlements,
     invoice_payments,
@@ -1382,3 +1385,206 @@ async def test_the_general_path_reads_what_the_decision_asks_and_each_stripe_rea
     outcome, writes = await general._decide(EmptyDatabase(), d)  # type: ignore[arg-type]
     assert api.calls == [("line_items", "cs_1")] and outcome.kind is OutcomeKind.APPLIED
     assert items in writes.objects and writes.licenses["lic_1"][1]["entitled"] is True
+
+
+# -- the use case (broker.ingest.service.Ingestor), its paths and transport faked ---------------
+
+
+def fake_runtime(dialect: str = "sqlite", publish: Any = None) -> Any:
+    async def published(license_id: str, data: bytes) -> None:
+        sent_out.append((license_id, data))
+
+    sent_out: list[tuple[str, bytes]] = []
+    transport = SimpleNamespace(publish=publish or published, sent=sent_out)
+    return SimpleNamespace(engine=SimpleNamespace(dialect=SimpleNamespace(name=dialect)), transport=transport)
+
+
+class FakePath:
+    """The general or batched path: what it was given, and what it answers."""
+
+    def __init__(self, answer: Any = None, *, eligible: bool = True) -> None:
+        self.answer, self.calls, self._eligible = answer, list[tuple[str, Any]](), eligible
+
+    def eligible(self, reported: Reported) -> bool:
+        return self._eligible
+
+    async def _done(self, name: str, *args: Any) -> Any:
+        self.calls.append((name, args))
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+    async def apply(self, *args: Any) -> Any:
+        return await self._done("apply", *args)
+
+    async def commit(self, *args: Any) -> Any:
+        return await self._done("commit", *args)
+
+    async def record(self, *args: Any) -> Any:
+        return await self._done("record", *args)
+
+
+def subscription_event(event_id: str = "evt_1", **extra: Any) -> dict[str, Any]:
+    event = SampleEvents("lic_s").subscription_event("customer.subscription.updated", "active", T)
+    return {**event, "id": event_id, **extra}
+
+
+def test_the_ingestor_takes_the_batched_path_on_postgres_unless_told_and_refreshes_with_a_key() -> None:
+    rules = RULES
+    on_pg = Ingestor(fake_runtime("postgresql"), rules)
+    assert on_pg.batched is not None and on_pg.batched.refreshes is False and on_pg.batched.rules is rules
+    assert isinstance(on_pg.refresher, NoRefresh) and on_pg.filter == EventFilter() and on_pg.after_commit is None
+    assert on_pg.general.rules is rules and on_pg.general.refresher is on_pg.refresher
+    keyed = Ingestor(fake_runtime("postgresql"), rules, refresher=FakeApi())  # type: ignore[arg-type]
+    assert keyed.batched is not None and keyed.batched.refreshes is True and keyed.general.stripe_reads is True
+    assert Ingestor(fake_runtime("postgresql"), rules, batching=False).batched is None
+    assert Ingestor(fake_runtime("postgresql"), rules, batching=True).batched is not None
+    assert Ingestor(fake_runtime("sqlite"), rules).batched is None
+    assert Ingestor(fake_runtime("sqlite"), rules, batching=False).batched is None
+    with pytest.raises(ValueError, match=r"^the batched ingest needs Postgres$"):
+        Ingestor(fake_runtime("sqlite"), rules, batching=True)
+    listed = EventFilter(accounts=frozenset({"acct_1"}))
+    after: list[Outcome] = []
+    ingestor = Ingestor(fake_runtime(), rules, listed, after_commit=after.append)
+    assert ingestor.filter is listed and ingestor.after_commit == after.append
+
+
+def test_an_event_that_cannot_change_a_license_is_screened_with_its_outcome() -> None:
+    """STRIPE_LIVEMODE / STRIPE_ACCOUNTS: ignored, payload kept (a fixed setting and `rebuild`
+    apply it); a license id the broker cannot hold: rejected; content it cannot use: unmatched; a
+    type no rule reads: ignored without its payload (docs/stripe.md)."""
+    ingestor = Ingestor(fake_runtime(), RULES, EventFilter(livemode=True))
+    assert ingestor.screen(subscription_event(livemode=False)) == Outcome(
+        OutcomeKind.IGNORED, reason="test-mode event, STRIPE_LIVEMODE=true"
+    )
+    ingestor = Ingestor(fake_runtime(), RULES)
+    bad = subscription_event()
+    bad["data"]["object"]["metadata"] = {"license_id": "x" * 500}
+    rejected = ingestor.screen(bad)
+    assert isinstance(rejected, Outcome) and rejected.kind is OutcomeKind.REJECTED
+    assert rejected.reason is not None and rejected.reason.startswith("license_id must be 1-")
+    no_id = subscription_event()
+    del no_id["data"]["object"]["id"]
+    unmatched = ingestor.screen(no_id)
+    assert isinstance(unmatched, Outcome) and (unmatched.kind, unmatched.reason) == (
+        OutcomeKind.UNMATCHED,
+        "object without an id",
+    )
+    unused = {"id": "evt_c", "type": "customer.created", "created": T, "data": {"object": {"id": "cus_1"}}}
+    assert ingestor.screen(unused) == Outcome(OutcomeKind.IGNORED, reason="event type not used", keep_payload=False)
+    reported = ingestor.screen(subscription_event())
+    assert isinstance(reported, Reported) and reported.license_id == "lic_s"
+
+
+def test_an_api_version_whose_invoices_name_no_payment_is_warned_of_once_and_only_without_a_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """2025-03-31 to 2025-05-28 (broker.stripe_ledger.objects.UNLINKED_VERSIONS): refunds and disputes
+    of subscription payments cannot reach their licenses unless the broker reads the payments."""
+    ingestor = Ingestor(fake_runtime(), RULES)
+    with caplog.at_level(logging.WARNING, "broker.ingest"):
+        ingestor.screen(subscription_event(api_version="2025-06-30.basil"))
+        assert caplog.messages == [] and not ingestor._warned_unlinked
+        ingestor.screen(subscription_event(api_version="2025-04-30.basil"))
+        ingestor.screen(subscription_event(api_version="2025-03-31.basil"))
+    assert len(caplog.messages) == 1 and ingestor._warned_unlinked
+    assert caplog.messages[0].startswith("Stripe events of API version 2025-04-30.basil name no payment")
+    assert "Set STRIPE_API_KEY" in caplog.messages[0]
+    caplog.clear()
+    keyed = Ingestor(fake_runtime(), RULES, refresher=FakeApi())  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, "broker.ingest"):
+        keyed.screen(subscription_event(api_version="2025-04-30.basil"))
+    assert caplog.messages == [] and keyed._warned_unlinked
+
+
+async def test_an_event_that_cannot_be_stored_under_its_id_is_answered_unmatched_and_not_recorded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ingestor = Ingestor(fake_runtime(), RULES)
+    ingestor.general = FakePath()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, "broker.ingest"):
+        outcome = await ingestor.ingest(subscription_event(event_id=""))
+    assert outcome == Outcome(OutcomeKind.UNMATCHED, reason="event id is not a Stripe id")
+    assert caplog.messages == ["webhook event not recorded: event id is not a Stripe id"]
+    assert ingestor.general.calls == []  # type: ignore[attr-defined]
+
+
+async def test_each_event_takes_the_path_that_can_decide_it() -> None:
+    """Screened out: recorded with its outcome (general.record). The batched path when eligible,
+    the general one when it gives the event up (None) or cannot take it."""
+    applied = Outcome(OutcomeKind.APPLIED, "lic_s")
+    event, raw = subscription_event(), b"{}"
+    ingestor = Ingestor(fake_runtime("postgresql"), RULES)
+    ingestor.general, ingestor.batched = FakePath(applied), FakePath(applied)  # type: ignore[assignment]
+    assert await ingestor.ingest(event, raw) is applied
+    assert [c[0] for c in ingestor.batched.calls] == ["apply"] and ingestor.general.calls == []  # type: ignore[attr-defined]
+    assert ingestor.batched.calls[0][1][:2] == (event, raw)  # type: ignore[attr-defined]
+    assert isinstance(ingestor.batched.calls[0][1][2], Reported)  # type: ignore[attr-defined]
+    ingestor.batched = FakePath(None)  # type: ignore[assignment]
+    assert await ingestor.ingest(event, raw) is applied
+    assert [c[0] for c in ingestor.general.calls] == ["commit"]  # type: ignore[attr-defined]
+    assert ingestor.general.calls[0][1][:2] == (event, raw)  # type: ignore[attr-defined]
+    ingestor.general, ingestor.batched = FakePath(applied), FakePath(applied, eligible=False)  # type: ignore[assignment]
+    assert await ingestor.ingest(event, raw) is applied
+    assert ingestor.batched.calls == [] and [c[0] for c in ingestor.general.calls] == ["commit"]  # type: ignore[attr-defined]
+    ingestor.general = FakePath(DUPLICATE)  # type: ignore[assignment]
+    ingestor.batched = None
+    unused = {"id": "evt_c", "type": "customer.created", "created": T, "data": {"object": {"id": "cus_1"}}}
+    assert await ingestor.ingest(unused, raw) is DUPLICATE
+    assert ingestor.general.calls == [  # type: ignore[attr-defined]
+        ("record", (unused, raw, Outcome(OutcomeKind.IGNORED, reason="event type not used", keep_payload=False)))
+    ]
+
+
+async def test_content_the_database_refuses_is_recorded_without_it_and_a_stripe_outage_is_a_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Never a 5xx for content (Stripe would retry it for three days): the event is recorded by
+    its id, type and time, unmatched; a failed read from Stripe's API is IngestUnavailable (503)."""
+    event = subscription_event()
+    ingestor = Ingestor(fake_runtime(), RULES)
+    stub_outcome = Outcome(OutcomeKind.UNMATCHED, reason="content the database refuses")
+
+    class Refusing(FakePath):
+        async def commit(self, *args: Any) -> Any:
+            raise IngestRefused("NumericValueOutOfRange")
+
+    ingestor.general = Refusing(stub_outcome)  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, "broker.ingest"):
+        assert await ingestor.ingest(event) is stub_outcome
+    stub = {"id": "evt_1", "type": "customer.subscription.updated", "created": T, "refused": True}
+    assert ingestor.general.calls == [("record", (stub, None, stub_outcome))]  # type: ignore[attr-defined]
+    assert caplog.messages == ["webhook evt_1: content refused by the database (NumericValueOutOfRange)"]
+    ingestor.general = FakePath(StripeUnavailable("read timed out"))  # type: ignore[assignment]
+    with pytest.raises(IngestUnavailable) as unavailable:
+        await ingestor.ingest(event)
+    assert (unavailable.value.what, str(unavailable.value)) == ("Stripe API", "read timed out")
+    assert isinstance(unavailable.value.__cause__, StripeUnavailable)
+
+
+async def test_what_an_event_appended_is_published_after_the_commit_and_a_failed_publish_is_only_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the commit the event is safe: a failed publish is logged and counted, the stream's gap
+    fetch or database sweep delivers it (docs/testing.md); `after_commit` runs before any publish."""
+    a, b = LicenseEvent("lic_a", 3, b"A"), LicenseEvent("lic_b", 1, b"B")
+    applied = Outcome(OutcomeKind.APPLIED, "lic_a", (a, b))
+    order: list[Any] = []
+    runtime = fake_runtime()
+    ingestor = Ingestor(runtime, RULES, after_commit=lambda o: order.append(("after", o)))
+    ingestor.general = FakePath(applied)  # type: ignore[assignment]
+    assert await ingestor.ingest(subscription_event()) is applied
+    assert order == [("after", applied)] and runtime.transport.sent == [("lic_a", b"A"), ("lic_b", b"B")]
+
+    async def failing(license_id: str, data: bytes) -> None:
+        order.append(license_id)
+        raise ConnectionError("redis down")
+
+    ingestor = Ingestor(fake_runtime(publish=failing), RULES)
+    ingestor.general = FakePath(applied)  # type: ignore[assignment]
+    before = REGISTRY.get_sample_value("license_broker_publish_failures_total") or 0
+    with caplog.at_level(logging.WARNING, "broker.ingest"):
+        assert await ingestor.ingest(subscription_event()) is applied
+    assert order[-2:] == ["lic_a", "lic_b"]
+    assert REGISTRY.get_sample_value("license_broker_publish_failures_total") == before + 2
+    assert caplog.messages == ["publish of lic_a seq 3 failed: redis down", "publish of lic_b seq 1 failed: redis down"]
