@@ -1354,6 +1354,8 @@ class EmptyDatabase:
             snapshot.licenses |= {lid: (0, initial_state()) for lid in ids}
         elif wants.need is Need.CUSTOMER_OBJECTS:
             snapshot.customers_known |= ids
+        elif wants.need is Need.CUSTOMER_LICENSES:
+            snapshot.customer_licenses |= {c: set() for c in ids}
         else:
             raise AssertionError(wants)
 
@@ -1363,7 +1365,8 @@ async def test_the_general_path_reads_what_the_decision_asks_and_each_stripe_rea
     reads from Stripe's API made once each (`done`), the event decided on what they gave."""
     session = row("cs_1", "checkout", mode="payment", status="paid")
     event = {"id": "evt_1", "type": "checkout.session.completed", "created": T}
-    d = Delivery(event, None, Reported((session,), "lic_1"))
+    raw = b'{"id": "evt_1"}'
+    d = Delivery(event, raw, Reported((session,), "lic_1"))
     rules = LicenseRules(["active"], ["perpetual:price_life"])
     api = FakeApi(line_items=None)  # not readable: a warning, then decided without them
     general = GeneralIngest(None, rules, api)  # type: ignore[arg-type]
@@ -1385,6 +1388,18 @@ async def test_the_general_path_reads_what_the_decision_asks_and_each_stripe_rea
     outcome, writes = await general._decide(EmptyDatabase(), d)  # type: ignore[arg-type]
     assert api.calls == [("line_items", "cs_1")] and outcome.kind is OutcomeKind.APPLIED
     assert items in writes.objects and writes.licenses["lic_1"][1]["entitled"] is True
+    assert writes.now.tzinfo is UTC and orjson.dumps(writes.events[0]["payload"]) == raw  # the body as sent
+    # A read only a key allows (entitlements), made once, and the event decided on what it gave.
+    summary = row("entitlements:cus_1", "entitlements", features=["a"], partial=True)
+    d = Delivery(
+        {**event, "type": "entitlements.active_entitlement_summary.updated"},
+        raw,
+        Reported((summary,), customer_level=True),
+    )
+    api = FakeApi(entitlements=["a", "b"])
+    outcome, writes = await GeneralIngest(None, RULES, api)._decide(EmptyDatabase(), d)  # type: ignore[arg-type]
+    assert api.calls == [("entitlements", "cus_1")] and outcome.kind is OutcomeKind.PENDING
+    assert writes.objects[summary.id].state == {"features": ["a", "b"], "partial": False}
 
 
 # -- the use case (broker.ingest.service.Ingestor), its paths and transport faked ---------------
@@ -1484,7 +1499,7 @@ def test_an_api_version_whose_invoices_name_no_payment_is_warned_of_once_and_onl
     ingestor = Ingestor(fake_runtime(), RULES)
     with caplog.at_level(logging.WARNING, "broker.ingest"):
         ingestor.screen(subscription_event(api_version="2025-06-30.basil"))
-        assert caplog.messages == [] and not ingestor._warned_unlinked
+        assert caplog.messages == [] and ingestor._warned_unlinked is False
         ingestor.screen(subscription_event(api_version="2025-04-30.basil"))
         ingestor.screen(subscription_event(api_version="2025-03-31.basil"))
     assert len(caplog.messages) == 1 and ingestor._warned_unlinked
