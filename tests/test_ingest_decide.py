@@ -437,6 +437,7 @@ def test_a_commit_moves_the_snapshot_on_with_what_the_event_wrote() -> None:
     license and the licenses they add to a customer."""
     s = Snapshot(
         bindings={"sub_0": "lic_1"},
+        binding_known={"sub_0", "pi_unbound"},
         neighbours={"sub_1": set(), "in_1": {"x"}},
         claimed={"lic_1": {"cus_0"}},
         customer_licenses={"cus_1": {"lic_0"}},
@@ -458,7 +459,7 @@ def test_a_commit_moves_the_snapshot_on_with_what_the_event_wrote() -> None:
     # Links reach the neighbours of ids whose links were read; pi_1's were not (still unread).
     assert s.neighbours == {"sub_1": {"in_1", "pi_1"}, "in_1": {"x", "sub_1"}}
     assert s.bindings == {"sub_0": "lic_1"} | writes.bindings
-    assert s.binding_known == {"sub_1", "entitlements:cus_1", "ch_1", "in_1"}
+    assert s.binding_known == {"sub_0", "pi_unbound", "sub_1", "entitlements:cus_1", "ch_1", "in_1"}
     assert s.claimed == {"lic_1": {"cus_0", "cus_1", "cus_9"}}
     # cus_1 holds lic_1 now (by sub_1, not by its summary); cus_9's licenses were not read.
     assert s.customer_licenses == {"cus_1": {"lic_0", "lic_1"}}
