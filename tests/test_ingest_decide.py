@@ -946,6 +946,9 @@ async def test_an_event_recorded_before_its_outcome_is_received_and_keeps_its_pa
     params = dict(conn.compiled().params)
     assert (params["param_1"], params["reason"], params["outcome"]) == ('{"id": "evt_1"}', None, "pending")
     assert "CAST" not in str(conn.compiled())  # SQLite stores the text as it is
+    # A type no rule reads: recorded by id, type and time, its body not kept (JSON null).
+    await record(conn, event, b'{"id": "evt_1"}', Outcome(OutcomeKind.IGNORED, keep_payload=False))  # type: ignore[arg-type]
+    assert conn.compiled().params["payload"] is sa.JSON.NULL
 
 
 def test_the_payload_of_an_event_whose_payload_is_not_kept_is_json_null() -> None:
