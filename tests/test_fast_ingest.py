@@ -15,16 +15,18 @@ from prometheus_client import REGISTRY
 
 from broker.ingest import Ingestor, Outcome, OutcomeKind, unmatched_events
 from broker.ingest import batched as fast_ingest
+from broker.ingest.decide import Delivery
 from broker.runtime import Runtime, open_runtime
 from broker.storage.schema import licenses, stripe_events, subscription_event_logs
 from broker.stripe_ledger.binding import MemoryLedger
-from broker.stripe_ledger.ledger import LicenseRules
+from broker.stripe_ledger.ledger import LicenseRules, StripeObject
+from broker.stripe_ledger.objects import Reported
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support import racing
 from tests.support.licenses import make_settings
 from tests.support.rows import every_row
-from tests.support.services import truncate
+from tests.support.services import psycopg_connect, truncate
 from webhook.samples import SampleEvents
 
 T = 1_790_000_000
@@ -384,3 +386,86 @@ async def test_a_new_license_links_the_pending_entitlements_of_its_customer_in_t
     summary = next(r for r in general_rows["stripe_events"] if r["id"] == events[0]["id"])
     assert (summary["outcome"], summary["license_id"]) == ("linked", "lic_entitled")
     assert await rows(runtime) == general_rows
+
+
+async def test_the_batched_read_gives_the_snapshot_of_what_its_locks_guard_and_leaves_entangled_ids_unread(
+    runtime: Runtime, pg_url: str
+) -> None:
+    """READ (broker.ingest.batched): the events recorded before; every binding of the licenses the
+    batch's ids are bound to or its events name, with their objects (links only for the events'
+    own) and the customer-level objects of their customers and the events'; the license rows, those
+    named that do not exist yet (absent); and, as new, the unbound ids no object or link holds (read:
+    no binding, no row, no link). An unbound id an object or a link holds is left unread, the
+    general path's to walk (decide.SnapshotRows raises Missing for it)."""
+    s1 = {"status": "active"}
+    with psycopg_connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO licenses (id, seq, state) VALUES ('lic_1', 3, %s::json), ('lic_named', 0, '{}'::json),"
+            " ('lic_other', 7, '{}'::json)",
+            (orjson.dumps(s1).decode(),),
+        )
+        conn.execute(
+            "INSERT INTO stripe_bindings (stripe_id, license_id) VALUES ('sub_1', 'lic_1'), ('in_1', 'lic_1'),"
+            " ('pi_1', 'lic_1'),"
+            " ('sub_other', 'lic_other')"
+        )
+        conn.execute(
+            "INSERT INTO stripe_objects (id, kind, version, rank, customer, state) VALUES"
+            " ('sub_1', 'subscription', 10, 2, 'cus_1', '{\"status\": \"active\"}'),"
+            " ('in_1', 'invoice', 11, 0, 'cus_1', '{\"status\": \"paid\"}'),"
+            " ('entitlements:cus_1', 'entitlements', 12, 0, 'cus_1', '{\"features\": [\"a\"]}'),"
+            " ('entitlements:cus_2', 'entitlements', 13, 0, 'cus_2', '{\"features\": [\"b\"]}'),"
+            " ('entitlements:cus_9', 'entitlements', 14, 0, 'cus_9', '{\"features\": []}'),"
+            " ('in_pending', 'invoice', 15, 0, 'cus_3', '{\"status\": \"open\"}'),"
+            " ('sub_other', 'subscription', 16, 0, 'cus_9', '{}')"
+        )
+        conn.execute(
+            "INSERT INTO stripe_links (object_id, linked_id) VALUES ('sub_1', 'in_1'), ('in_1', 'ch_1'),"
+            " ('pi_9', 'ch_linked'), ('in_pending', 'sub_other')"
+        )
+        conn.execute(
+            "INSERT INTO stripe_events (id, type, created, outcome, payload) VALUES"
+            " ('evt_old', 'invoice.paid', 1, 'applied', '{}'::json)"
+        )
+
+    def delivery(event_id: str, *objects: StripeObject, license_id: str | None = None) -> Delivery:
+        event = {"id": event_id, "type": "customer.subscription.updated", "created": T}
+        return Delivery(event, None, Reported(objects, license_id))
+
+    def obj(object_id: str, customer: str | None, *links: str) -> StripeObject:
+        return StripeObject(object_id, "subscription", T, 0, {"status": "active"}, customer, frozenset(links))
+
+    batch = [
+        delivery("evt_old", obj("sub_1", "cus_1", "in_1")),
+        delivery("evt_new", obj("in_new", "cus_2", "in_pending", "ch_linked")),
+        delivery("evt_3", obj("sub_fresh", "cus_2"), license_id="lic_absent"),
+        delivery("evt_4", obj("cs_x", None), license_id="lic_named"),
+    ]
+    ingest = fast_ingest.BatchedIngest(runtime.engine, LicenseRules(runtime.settings.entitled_statuses), False)
+    async with runtime.engine.connect() as conn:
+        pooled = await conn.get_raw_connection()
+        pg: Any = pooled.driver_connection
+        await pg.set_autocommit(True)
+        try:
+            snapshot = await ingest._read(pg, batch)
+        finally:
+            await pg.rollback()
+            await pg.set_autocommit(False)
+
+    new = {"in_new", "sub_fresh", "cs_x"}
+    assert snapshot.recorded == {"evt_old"}
+    # pi_1: bound to lic_1 without a row, and no id of the batch.
+    assert snapshot.bindings == {"sub_1": "lic_1", "in_1": "lic_1", "pi_1": "lic_1"}
+    assert snapshot.binding_known == {"sub_1", "in_1", "pi_1", "in_pending", "ch_linked", *new}
+    assert snapshot.licenses == {"lic_1": (3, s1), "lic_named": (0, {})}
+    assert snapshot.absent == {"lic_absent"}
+    assert snapshot.neighbours == {i: set() for i in new}  # in_pending and ch_linked: entangled
+    assert snapshot.objects_known == {"sub_1", "in_1", "pi_1", *new}
+    assert snapshot.customers_known == {"cus_1", "cus_2"}
+    assert snapshot.objects == {
+        "sub_1": StripeObject("sub_1", "subscription", 10, 2, {"status": "active"}, "cus_1", frozenset({"in_1"})),
+        "in_1": StripeObject("in_1", "invoice", 11, 0, {"status": "paid"}, "cus_1"),
+        "entitlements:cus_1": StripeObject("entitlements:cus_1", "entitlements", 12, 0, {"features": ["a"]}, "cus_1"),
+        "entitlements:cus_2": StripeObject("entitlements:cus_2", "entitlements", 13, 0, {"features": ["b"]}, "cus_2"),
+    }
+    assert set(snapshot.by_customer) == {"cus_1", "cus_2"}
