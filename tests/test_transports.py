@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import key_slot
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,10 +31,12 @@ from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
 from broker.transports.redis_cluster import RedisClusterTransport
+from broker.transports.subscriber import subscriber_options
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
 from broker.wire import NOTICE_SEQ, notice
 from localcluster import ClusterUnavailable, LocalCluster
+from tests.support.fakecluster import FakeCluster
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.services import unavailable
@@ -774,3 +780,225 @@ async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master
     finally:
         await transport.close()
         cluster.stop()
+
+
+# --- The cluster transport's own bookkeeping, against a cluster in memory (tests/support/fakecluster.py):
+# its connections and their options, what it subscribes where, and its resync after a broken
+# connection, a moved slot, a MOVED answer or a master it cannot reach. Deterministic and fast;
+# the real cluster's behaviour (SSUBSCRIBE, a slot that moves, a failover) is tested above and in
+# test_cluster.py.
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+    cluster = FakeCluster()
+    cluster.install(monkeypatch)
+    return cluster
+
+
+@contextlib.asynccontextmanager
+async def cluster_transport(
+    fake: FakeCluster, url: str | None = None, **options: Any
+) -> AsyncIterator[tuple[RedisClusterTransport, Received]]:
+    # A subscribe_timeout longer than any test unless the test sets one: what returns was confirmed.
+    options = {"subscribe_timeout": 60, "max_backoff": 0.05, "refresh_interval": 60, **options}
+    transport = RedisClusterTransport(url or fake.url, **options)
+    received = Received()
+    await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+    try:
+        yield transport, received
+    finally:
+        await transport.close()
+
+
+def cluster_message(license_id: str, seq: int) -> bytes:
+    return orjson.dumps({"license_id": license_id, "seq": seq})
+
+
+async def publish_and_receive(transport: RedisClusterTransport, received: Received, license_id: str, seq: int) -> None:
+    await transport.publish(license_id, cluster_message(license_id, seq))
+    event = await received.next(2)
+    assert (event.license_id, event.seq) == (license_id, seq)
+
+
+def cluster_log(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("broker.redis") and r.levelno >= level]
+
+
+async def test_the_cluster_client_and_each_masters_connection_are_made_with_production_options(
+    fake_cluster: FakeCluster,
+) -> None:
+    """The cluster client: every seed node, two retries with jittered backoff from 50 ms to
+    500 ms (a publish during a failover fails within about a second), 2 s connect and read
+    timeouts, TCP keepalive, the URL's credentials. Each master's subscriber connection: its
+    host and port, the subscriber options (no retries, the health check) and the credentials."""
+    url = "redis+cluster://reader:s%40cret@10.0.0.1:7001,10.0.0.2:7002"
+    async with cluster_transport(fake_cluster, url):
+        pass
+    (client,) = fake_cluster.clients
+    options = dict(client.kwargs)
+    assert [(node.host, node.port) for node in options.pop("startup_nodes")] == [
+        ("10.0.0.1", 7001),
+        ("10.0.0.2", 7002),
+    ]
+    retry = options.pop("retry")
+    assert isinstance(retry._backoff, ExponentialWithJitterBackoff)
+    assert (retry._retries, retry._backoff._base, retry._backoff._cap) == (2, 0.05, 0.5)
+    assert options == {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 2,
+        "socket_keepalive": True,
+        "username": "reader",
+        "password": "s@cret",
+        "ssl": False,
+    }
+    wanted = {k: v for k, v in subscriber_options().items() if k != "retry"}
+    assert sorted((c.kwargs["host"], c.kwargs["port"]) for c in fake_cluster.connections) == [
+        ("10.0.0.1", 7001),
+        ("10.0.0.2", 7002),
+    ]
+    for connection in fake_cluster.connections:
+        options = dict(connection.kwargs)
+        retry = options.pop("retry")
+        assert (retry._retries, type(retry._backoff)) == (0, NoBackoff)
+        assert options == {
+            "host": connection.kwargs["host"],
+            "port": connection.kwargs["port"],
+            **wanted,
+            "username": "reader",
+            "password": "s@cret",
+            "ssl": False,
+        }
+        assert type(options["port"]) is int
+
+
+async def test_the_cluster_transport_publishes_with_spublish_and_its_check_pings_every_master(
+    fake_cluster: FakeCluster,
+) -> None:
+    """A publish is an SPUBLISH of the license's channel with the payload as given; the health
+    check PINGs every primary (not one node chosen at random) and answers True."""
+    async with cluster_transport(fake_cluster) as (transport, _):
+        await transport.publish("lic_a", b"payload")
+        assert fake_cluster.published == [(channel("lic_a"), b"payload")]
+        assert await transport.check() is True
+        assert fake_cluster.pings == [RedisCluster.PRIMARIES]
+
+
+async def test_a_cluster_listen_subscribes_on_its_owners_connection_at_once_and_returns_once_confirmed(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """listen() sends the SSUBSCRIBE on the connection to the master that owns the channel (no
+    resync), and returns only once that master confirms it: what is published from then on is
+    delivered."""
+    caplog.set_level(logging.INFO, logger="broker")
+    second = fake_cluster.name(2)
+    name = channel("lic_b")
+    fake_cluster.owner[name] = second
+    async with cluster_transport(fake_cluster) as (transport, received):
+        syncs = fake_cluster.syncs
+        fake_cluster.hold_confirmations = True
+        listening = asyncio.create_task(transport.listen("lic_b"))
+        await async_wait_until(lambda: fake_cluster.pubsub(second).ssubscribed() == [name], 2, "the SSUBSCRIBE")
+        await asyncio.sleep(0.05)
+        assert not listening.done()  # waits for the confirmation
+        fake_cluster.pubsub(second).release()
+        await asyncio.wait_for(listening, 2)
+        assert fake_cluster.syncs == syncs  # no resync
+        assert fake_cluster.pubsub(fake_cluster.name(1)).ssubscribed() == []
+        await publish_and_receive(transport, received, "lic_b", 1)
+        assert received.gaps == 0
+    assert cluster_log(caplog) == []
+
+
+async def test_a_cluster_listen_not_confirmed_within_subscribe_timeout_is_logged_and_returns(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No confirmation within subscribe_timeout: listen() logs it, naming the channel, and returns
+    (the sweep covers the license meanwhile)."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    async with cluster_transport(fake_cluster, subscribe_timeout=0.1) as (transport, _):
+        fake_cluster.hold_confirmations = True
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+    assert cluster_log(caplog) == [f"subscription to {channel('lic_a')} not confirmed: "]
+
+
+async def test_a_cluster_listen_whose_ssubscribe_fails_marks_the_shard_failed_and_the_resync_replaces_it(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SSUBSCRIBE that fails (the connection broke under it): listen() logs it and returns,
+    and the resync drops that connection (closed), opens a new one to the same master, subscribes
+    the channel there and reports the gap."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first = fake_cluster.name(1)
+    async with cluster_transport(fake_cluster) as (transport, received):
+        old = fake_cluster.pubsub(first)
+        old.fail_ssubscribe = redis.ConnectionError("boom")
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        assert cluster_log(caplog) == [f"ssubscribe {channel('lic_a')} on {first} failed: boom"]
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert len(fake_cluster.pubsubs(first)) == 2 and old.closed
+        assert fake_cluster.connections[0].closed
+        assert fake_cluster.pubsub(first).ssubscribed() == [channel("lic_a")]
+        await publish_and_receive(transport, received, "lic_a", 1)
+        assert transport._shards[first].channels == {channel("lic_a")}
+
+
+async def test_a_cluster_listen_before_start_or_while_the_owner_is_unreachable_is_subscribed_by_the_resync(
+    fake_cluster: FakeCluster,
+) -> None:
+    """listen() before start() only notes the license; so does a listen whose owner has no
+    connection (its master unreachable): the resync subscribes each once it can, and reports
+    the gap once it has."""
+    second = fake_cluster.name(2)
+    fake_cluster.owner[channel("lic_b")] = second
+    transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, subscribe_timeout=60)
+    received = Received()
+    try:
+        await asyncio.wait_for(transport.listen("lic_a"), 1)
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+        fake_cluster.unreachable.add(second)
+        fake_cluster.pubsub(second).break_(redis.ConnectionError("gone"))
+        await async_wait_until(lambda: second not in transport._shards, 2, "the connection dropped")
+        await asyncio.wait_for(transport.listen("lic_b"), 1)  # its master unreachable
+        await publish_and_receive(transport, received, "lic_a", 1)
+        assert all(pubsub.ssubscribed() == [] for pubsub in fake_cluster.pubsubs(second))
+        fake_cluster.unreachable.clear()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert fake_cluster.pubsub(second).ssubscribed() == [channel("lic_b")]
+        await publish_and_receive(transport, received, "lic_b", 1)
+    finally:
+        await transport.close()
+
+
+async def test_unlisten_on_the_cluster_unsubscribes_on_the_owner_and_forgets_the_channel(
+    fake_cluster: FakeCluster,
+) -> None:
+    """unlisten() sends the SUNSUBSCRIBE on the owner's connection and forgets the channel: nothing
+    of it is delivered, it is not subscribed again by a resync, and a listen still waiting for its
+    confirmation is ended. An SUNSUBSCRIBE that fails, or the unlisten of a license never
+    subscribed, raises nothing."""
+    second = fake_cluster.name(2)
+    for license_id in ("lic_a", "lic_b", "lic_c"):
+        fake_cluster.owner[channel(license_id)] = second
+    async with cluster_transport(fake_cluster) as (transport, received):
+        for license_id in ("lic_a", "lic_b"):
+            await asyncio.wait_for(transport.listen(license_id), 2)
+        pubsub = fake_cluster.pubsub(second)
+        await asyncio.wait_for(transport.unlisten("lic_a"), 1)
+        assert pubsub.sunsubscribed() == [channel("lic_a")]
+        assert transport._shards[second].channels == {channel("lic_b")}
+        assert channel("lic_a") not in transport._owner
+        await transport.publish("lic_a", cluster_message("lic_a", 1))
+        await publish_and_receive(transport, received, "lic_b", 1)  # the marker: lic_a's would be here first
+        assert received.received.empty()
+        # Not confirmed yet: the unlisten ends the wait.
+        fake_cluster.hold_confirmations = True
+        listening = asyncio.create_task(transport.listen("lic_c"))
+        await async_wait_until(lambda: channel("lic_c") in pubsub.subscribed, 2, "the SSUBSCRIBE")
+        await asyncio.wait_for(transport.unlisten("lic_c"), 1)
+        await asyncio.wait({listening}, timeout=1)
+        assert listening.done() and transport._pending == {}
+        pubsub.fail_sunsubscribe = redis.ConnectionError("broken")
+        await asyncio.wait_for(transport.unlisten("lic_b"), 1)
+        await asyncio.wait_for(transport.unlisten("lic_never"), 1)
+        assert transport._shards[second].channels == set() and transport._owner == {}
