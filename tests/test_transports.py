@@ -1002,6 +1002,10 @@ async def test_unlisten_on_the_cluster_unsubscribes_on_the_owner_and_forgets_the
         await asyncio.wait_for(transport.unlisten("lic_b"), 1)
         await asyncio.wait_for(transport.unlisten("lic_never"), 1)
         assert transport._shards[second].channels == set() and transport._owner == {}
+        # A resync (the connection breaks) subscribes none of them again.
+        pubsub.break_(redis.ConnectionError("connection reset"))
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert len(fake_cluster.pubsubs(second)) == 2 and fake_cluster.pubsub(second).ssubscribed() == []
 
 
 async def test_a_cluster_resync_reports_the_gap_once_the_new_owner_confirms_or_subscribe_timeout_ends_the_wait(
@@ -1251,3 +1255,24 @@ async def test_closing_the_cluster_transport_closes_every_connection_even_when_c
         await publish_and_receive(transport, received, "lic_a", 1)
     finally:
         await transport.close()
+
+
+async def test_a_cluster_listen_while_its_masters_connection_is_failed_and_not_yet_replaced_is_left_to_the_resync(
+    fake_cluster: FakeCluster,
+) -> None:
+    """The owner's connection broke and the resync has not replaced it yet (it is reading the slot
+    map): listen() sends nothing on the broken connection and returns at once; the resync
+    subscribes the channel on the new connection."""
+    first = fake_cluster.name(1)
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        old = fake_cluster.pubsub(first)
+        fake_cluster.refresh_gate = gate = asyncio.Event()
+        old.break_(redis.ConnectionError("connection reset"))
+        await async_wait_until(lambda: transport._shards[first].failed, 2, "the shard marked failed")
+        await asyncio.wait_for(transport.listen("lic_b"), 1)
+        assert old.ssubscribed() == [channel("lic_a")]
+        gate.set()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert sorted(fake_cluster.pubsub(first).ssubscribed()) == [channel("lic_a"), channel("lic_b")]
+        await publish_and_receive(transport, received, "lic_b", 1)

@@ -160,6 +160,8 @@ class FakeClusterClient:
             self.initialized = True
 
     async def _refresh(self) -> None:
+        if self.cluster.refresh_gate is not None:
+            await self.cluster.refresh_gate.wait()
         self.cluster.refreshes += 1
         self._load()
 
@@ -200,6 +202,7 @@ class FakeCluster:
         self.silent: set[str] = set()  # connect, but never answer PING
         self.uncovered: set[str] = set()  # channels whose slot no master serves
         self.hold_confirmations = False
+        self.refresh_gate: asyncio.Event | None = None  # a refresh of the slot map waits for it
         self.fail_connection_close: Exception | None = None
         self.fail_client_close: Exception | None = None
         self.clients: list[FakeClusterClient] = []
