@@ -1276,3 +1276,26 @@ async def test_a_cluster_listen_while_its_masters_connection_is_failed_and_not_y
         await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
         assert sorted(fake_cluster.pubsub(first).ssubscribed()) == [channel("lic_a"), channel("lic_b")]
         await publish_and_receive(transport, received, "lic_b", 1)
+
+
+async def test_a_channel_moved_by_a_cluster_resync_that_then_fails_is_reported_as_a_gap_at_the_next_success(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slot migrates while a new master cannot be reached: the resync moves the channel to its
+    new owner, then fails on that master. The gap of the move is not forgotten: the resync that
+    succeeds once the master answers reports it, though it moves nothing itself."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    name = channel("lic_a")
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        third = fake_cluster.node(3)
+        fake_cluster.unreachable.add(third.name)
+        fake_cluster.masters.append(third)
+        fake_cluster.owner[name] = fake_cluster.name(2)
+        fake_cluster.pubsub(fake_cluster.name(1)).server_sunsubscribe(name)
+        await async_wait_until(lambda: cluster_log(caplog) != [], 2, "the resync to fail")
+        assert fake_cluster.pubsub(fake_cluster.name(2)).ssubscribed() == [name]
+        assert received.gaps == 0
+        fake_cluster.unreachable.clear()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the gap")
+        await publish_and_receive(transport, received, "lic_a", 1)
