@@ -1299,3 +1299,25 @@ async def test_a_channel_moved_by_a_cluster_resync_that_then_fails_is_reported_a
         fake_cluster.unreachable.clear()
         await async_wait_until(lambda: received.gaps == 1, 2, "the gap")
         await publish_and_receive(transport, received, "lic_a", 1)
+
+
+async def test_an_ssubscribe_that_fails_in_a_cluster_resync_is_named_and_its_connection_replaced(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The resync's SSUBSCRIBE on the new owner fails: the resync fails naming that master and its
+    error, and the next one drops that connection (closed), opens another, subscribes the
+    channel there and reports the gap."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    name = channel("lic_a")
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        broken = fake_cluster.pubsub(second)
+        broken.fail_ssubscribe = redis.ConnectionError("boom")
+        fake_cluster.owner[name] = second
+        fake_cluster.pubsub(first).server_sunsubscribe(name)
+        await async_wait_until(lambda: received.gaps == 1, 2, "the move")
+        assert cluster_log(caplog) == [f"redis-cluster subscriber lost: {second}: boom"]
+        assert broken.ssubscribed() == [name] and broken.closed
+        assert len(fake_cluster.pubsubs(second)) == 2 and fake_cluster.pubsub(second).ssubscribed() == [name]
+        await publish_and_receive(transport, received, "lic_a", 1)
