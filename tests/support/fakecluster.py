@@ -53,6 +53,11 @@ class FakePubSub:
 
     async def get_message(self, timeout: float | None = None) -> dict[str, Any] | None:  # noqa: ASYNC109 (redis-py's)
         self.read_timeouts.append(timeout)
+        if not self.inbox.empty():
+            item = self.inbox.get_nowait()
+            if isinstance(item, Exception):
+                raise item
+            return item  # type: ignore[no-any-return]
         try:
             # An idle read returns at once rather than after `timeout`: the reader's idle path runs often.
             item = await asyncio.wait_for(self.inbox.get(), None if timeout is None else min(timeout, 0.01))
