@@ -60,7 +60,8 @@ class FakePubSub:
             return item  # type: ignore[no-any-return]
         try:
             # An idle read returns at once rather than after `timeout`: the reader's idle path runs often.
-            item = await asyncio.wait_for(self.inbox.get(), None if timeout is None else min(timeout, 0.01))
+            async with asyncio.timeout(None if timeout is None else min(timeout, 0.01)):
+                item = await self.inbox.get()
         except TimeoutError:
             return None
         if isinstance(item, Exception):
