@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import key_slot
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,10 +31,12 @@ from broker.transports.memory import MemoryTransport
 from broker.transports.poll import PollTransport
 from broker.transports.redis import RedisTransport
 from broker.transports.redis_cluster import RedisClusterTransport
+from broker.transports.subscriber import subscriber_options
 from broker.transports.sweep import DatabaseSweep
 from broker.transports.swept import SweptTransport
 from broker.wire import NOTICE_SEQ, notice
 from localcluster import ClusterUnavailable, LocalCluster
+from tests.support.fakecluster import FakeCluster
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.services import unavailable
@@ -774,3 +780,546 @@ async def test_the_cluster_transport_follows_a_slot_that_moves_to_another_master
     finally:
         await transport.close()
         cluster.stop()
+
+
+# --- The cluster transport's own bookkeeping, against a cluster in memory (tests/support/fakecluster.py):
+# its connections and their options, what it subscribes where, and its resync after a broken
+# connection, a moved slot, a MOVED answer or a master it cannot reach. Deterministic and fast;
+# the real cluster's behaviour (SSUBSCRIBE, a slot that moves, a failover) is tested above and in
+# test_cluster.py.
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+    cluster = FakeCluster()
+    cluster.install(monkeypatch)
+    return cluster
+
+
+@contextlib.asynccontextmanager
+async def cluster_transport(
+    fake: FakeCluster, url: str | None = None, **options: Any
+) -> AsyncIterator[tuple[RedisClusterTransport, Received]]:
+    # A subscribe_timeout longer than any test unless the test sets one: what returns was confirmed.
+    options = {"subscribe_timeout": 60, "max_backoff": 0.05, "refresh_interval": 60, **options}
+    transport = RedisClusterTransport(url or fake.url, **options)
+    received = Received()
+    await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+    try:
+        yield transport, received
+    finally:
+        await transport.close()
+
+
+def cluster_message(license_id: str, seq: int) -> bytes:
+    return orjson.dumps({"license_id": license_id, "seq": seq})
+
+
+async def publish_and_receive(transport: RedisClusterTransport, received: Received, license_id: str, seq: int) -> None:
+    await transport.publish(license_id, cluster_message(license_id, seq))
+    event = await received.next(2)
+    assert (event.license_id, event.seq) == (license_id, seq)
+
+
+def cluster_log(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("broker.redis") and r.levelno >= level]
+
+
+async def test_the_cluster_client_and_each_masters_connection_are_made_with_production_options(
+    fake_cluster: FakeCluster,
+) -> None:
+    """The cluster client: every seed node, two retries with jittered backoff from 50 ms to
+    500 ms (a publish during a failover fails within about a second), 2 s connect and read
+    timeouts, TCP keepalive, the URL's credentials. Each master's subscriber connection: its
+    host and port, the subscriber options (no retries, the health check) and the credentials."""
+    url = "redis+cluster://reader:s%40cret@10.0.0.1:7001,10.0.0.2:7002"
+    async with cluster_transport(fake_cluster, url):
+        pass
+    (client,) = fake_cluster.clients
+    options = dict(client.kwargs)
+    assert [(node.host, node.port) for node in options.pop("startup_nodes")] == [
+        ("10.0.0.1", 7001),
+        ("10.0.0.2", 7002),
+    ]
+    retry = options.pop("retry")
+    assert isinstance(retry._backoff, ExponentialWithJitterBackoff)
+    assert (retry._retries, retry._backoff._base, retry._backoff._cap) == (2, 0.05, 0.5)
+    assert options == {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 2,
+        "socket_keepalive": True,
+        "username": "reader",
+        "password": "s@cret",
+        "ssl": False,
+    }
+    wanted = {k: v for k, v in subscriber_options().items() if k != "retry"}
+    assert sorted((c.kwargs["host"], c.kwargs["port"]) for c in fake_cluster.connections) == [
+        ("10.0.0.1", 7001),
+        ("10.0.0.2", 7002),
+    ]
+    for connection in fake_cluster.connections:
+        options = dict(connection.kwargs)
+        retry = options.pop("retry")
+        assert (retry._retries, type(retry._backoff)) == (0, NoBackoff)
+        assert options == {
+            "host": connection.kwargs["host"],
+            "port": connection.kwargs["port"],
+            **wanted,
+            "username": "reader",
+            "password": "s@cret",
+            "ssl": False,
+        }
+        assert type(options["port"]) is int
+
+
+async def test_the_cluster_transport_publishes_with_spublish_and_its_check_pings_every_master(
+    fake_cluster: FakeCluster,
+) -> None:
+    """A publish is an SPUBLISH of the license's channel with the payload as given; the health
+    check PINGs every primary (not one node chosen at random) and answers True."""
+    async with cluster_transport(fake_cluster) as (transport, _):
+        await transport.publish("lic_a", b"payload")
+        assert fake_cluster.published == [(channel("lic_a"), b"payload")]
+        assert await transport.check() is True
+        assert fake_cluster.pings == [RedisCluster.PRIMARIES]
+
+
+async def test_a_cluster_listen_subscribes_on_its_owners_connection_at_once_and_returns_once_confirmed(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """listen() sends the SSUBSCRIBE on the connection to the master that owns the channel (no
+    resync), and returns only once that master confirms it: what is published from then on is
+    delivered."""
+    caplog.set_level(logging.INFO, logger="broker")
+    second = fake_cluster.name(2)
+    name = channel("lic_b")
+    fake_cluster.owner[name] = second
+    async with cluster_transport(fake_cluster) as (transport, received):
+        syncs = fake_cluster.syncs
+        fake_cluster.hold_confirmations = True
+        listening = asyncio.create_task(transport.listen("lic_b"))
+        await async_wait_until(lambda: fake_cluster.pubsub(second).ssubscribed() == [name], 2, "the SSUBSCRIBE")
+        await asyncio.sleep(0.05)
+        assert not listening.done()  # waits for the confirmation
+        fake_cluster.pubsub(second).release()
+        await asyncio.wait_for(listening, 2)
+        assert fake_cluster.syncs == syncs  # no resync
+        assert fake_cluster.pubsub(fake_cluster.name(1)).ssubscribed() == []
+        await publish_and_receive(transport, received, "lic_b", 1)
+        assert received.gaps == 0
+    assert cluster_log(caplog) == []
+
+
+async def test_a_cluster_listen_not_confirmed_within_subscribe_timeout_is_logged_and_returns(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No confirmation within subscribe_timeout: listen() logs it, naming the channel, and returns
+    (the sweep covers the license meanwhile)."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    async with cluster_transport(fake_cluster, subscribe_timeout=0.1) as (transport, _):
+        fake_cluster.hold_confirmations = True
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+    assert cluster_log(caplog) == [f"subscription to {channel('lic_a')} not confirmed: "]
+
+
+async def test_a_cluster_listen_whose_ssubscribe_fails_marks_the_shard_failed_and_the_resync_replaces_it(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SSUBSCRIBE that fails (the connection broke under it): listen() logs it and returns,
+    and the resync drops that connection (closed), opens a new one to the same master, subscribes
+    the channel there and reports the gap."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first = fake_cluster.name(1)
+    async with cluster_transport(fake_cluster) as (transport, received):
+        old = fake_cluster.pubsub(first)
+        old.fail_ssubscribe = redis.ConnectionError("boom")
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        assert cluster_log(caplog) == [f"ssubscribe {channel('lic_a')} on {first} failed: boom"]
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert len(fake_cluster.pubsubs(first)) == 2 and old.closed
+        assert fake_cluster.connections[0].closed
+        assert fake_cluster.pubsub(first).ssubscribed() == [channel("lic_a")]
+        await publish_and_receive(transport, received, "lic_a", 1)
+        assert transport._shards[first].channels == {channel("lic_a")}
+
+
+async def test_a_cluster_listen_before_start_or_while_the_owner_is_unreachable_is_subscribed_by_the_resync(
+    fake_cluster: FakeCluster,
+) -> None:
+    """listen() before start() only notes the license; so does a listen whose owner has no
+    connection (its master unreachable): the resync subscribes each once it can, and reports
+    the gap once it has."""
+    second = fake_cluster.name(2)
+    fake_cluster.owner[channel("lic_b")] = second
+    transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, subscribe_timeout=60)
+    received = Received()
+    try:
+        await asyncio.wait_for(transport.listen("lic_a"), 1)
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+        fake_cluster.unreachable.add(second)
+        fake_cluster.pubsub(second).break_(redis.ConnectionError("gone"))
+        await async_wait_until(lambda: second not in transport._shards, 2, "the connection dropped")
+        await asyncio.wait_for(transport.listen("lic_b"), 1)  # its master unreachable
+        await publish_and_receive(transport, received, "lic_a", 1)
+        assert all(pubsub.ssubscribed() == [] for pubsub in fake_cluster.pubsubs(second))
+        fake_cluster.unreachable.clear()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert fake_cluster.pubsub(second).ssubscribed() == [channel("lic_b")]
+        await publish_and_receive(transport, received, "lic_b", 1)
+    finally:
+        await transport.close()
+
+
+async def test_unlisten_on_the_cluster_unsubscribes_on_the_owner_and_forgets_the_channel(
+    fake_cluster: FakeCluster,
+) -> None:
+    """unlisten() sends the SUNSUBSCRIBE on the owner's connection and forgets the channel: nothing
+    of it is delivered, it is not subscribed again by a resync, and a listen still waiting for its
+    confirmation is ended. An SUNSUBSCRIBE that fails, or the unlisten of a license never
+    subscribed, raises nothing."""
+    second = fake_cluster.name(2)
+    for license_id in ("lic_a", "lic_b", "lic_c"):
+        fake_cluster.owner[channel(license_id)] = second
+    async with cluster_transport(fake_cluster) as (transport, received):
+        for license_id in ("lic_a", "lic_b"):
+            await asyncio.wait_for(transport.listen(license_id), 2)
+        pubsub = fake_cluster.pubsub(second)
+        await asyncio.wait_for(transport.unlisten("lic_a"), 1)
+        assert pubsub.sunsubscribed() == [channel("lic_a")]
+        assert transport._shards[second].channels == {channel("lic_b")}
+        assert channel("lic_a") not in transport._owner
+        await transport.publish("lic_a", cluster_message("lic_a", 1))
+        await publish_and_receive(transport, received, "lic_b", 1)  # the marker: lic_a's would be here first
+        assert received.received.empty()
+        # Not confirmed yet: the unlisten ends the wait.
+        fake_cluster.hold_confirmations = True
+        listening = asyncio.create_task(transport.listen("lic_c"))
+        await async_wait_until(lambda: channel("lic_c") in pubsub.subscribed, 2, "the SSUBSCRIBE")
+        await asyncio.wait_for(transport.unlisten("lic_c"), 1)
+        await asyncio.wait({listening}, timeout=1)
+        assert listening.done() and transport._pending == {}
+        pubsub.fail_sunsubscribe = redis.ConnectionError("broken")
+        await asyncio.wait_for(transport.unlisten("lic_b"), 1)
+        await asyncio.wait_for(transport.unlisten("lic_never"), 1)
+        assert transport._shards[second].channels == set() and transport._owner == {}
+        # A resync (the connection breaks) subscribes none of them again.
+        pubsub.break_(redis.ConnectionError("connection reset"))
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert len(fake_cluster.pubsubs(second)) == 2 and fake_cluster.pubsub(second).ssubscribed() == []
+
+
+async def test_a_cluster_resync_reports_the_gap_once_the_new_owner_confirms_or_subscribe_timeout_ends_the_wait(
+    fake_cluster: FakeCluster,
+) -> None:
+    """A channel moved to another master is subscribed there, and the gap reported only once the
+    new owner confirms it, so that the sweep the gap wakes overlaps the live messages; a
+    confirmation that never comes holds the gap back for subscribe_timeout, not for ever."""
+    name = channel("lic_a")
+    async with cluster_transport(fake_cluster, subscribe_timeout=1) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        fake_cluster.hold_confirmations = True
+        fake_cluster.owner[name] = fake_cluster.name(2)
+        fake_cluster.pubsub(fake_cluster.name(1)).server_sunsubscribe(name)  # the slot migrated
+        target = fake_cluster.pubsub(fake_cluster.name(2))
+        await async_wait_until(lambda: target.ssubscribed() == [name], 2, "the SSUBSCRIBE on the new owner")
+        await asyncio.sleep(0.2)
+        assert received.gaps == 0  # not confirmed yet
+        await async_wait_until(lambda: received.gaps == 1, 3, "the gap, at the subscribe timeout")
+
+
+@pytest.mark.parametrize("unsubscribe_fails", [False, True], ids=["unsubscribed", "unsubscribe-fails"])
+async def test_a_slot_moved_without_notice_is_found_by_the_periodic_refresh_and_its_channel_moved(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture, unsubscribe_fails: bool
+) -> None:
+    """A slot moved and nothing said so: the periodic refresh reads the slot map again, the
+    channel is unsubscribed on the old master (an SUNSUBSCRIBE that fails there does not stop the
+    move), subscribed on the new one, and the gap reported, once: later refreshes find nothing to
+    do, and the old master's answer to the SUNSUBSCRIBE is not taken for a server-side one."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    name = channel("lic_a")
+    async with cluster_transport(fake_cluster, refresh_interval=0.05) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        old, new = fake_cluster.pubsub(first), fake_cluster.pubsub(second)
+        if unsubscribe_fails:
+            old.fail_sunsubscribe = redis.ConnectionError("broken")
+        fake_cluster.owner[name] = second
+        await async_wait_until(lambda: received.gaps == 1, 2, "the move")
+        assert new.ssubscribed() == [name] and old.sunsubscribed() == [name]
+        assert (transport._shards[first].channels, transport._shards[second].channels) == (set(), {name})
+        assert transport._owner == {name: second}
+        await publish_and_receive(transport, received, "lic_a", 1)
+        refreshes = fake_cluster.refreshes
+        await async_wait_until(lambda: fake_cluster.refreshes >= refreshes + 3, 2, "three more refreshes")
+        assert new.ssubscribed() == [name] and received.gaps == 1
+        assert len(fake_cluster.connections) == 2
+    assert cluster_log(caplog) == []
+
+
+async def test_a_quiet_cluster_transport_keeps_its_connections_and_reports_no_gap_at_its_refreshes(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing changes in the cluster: each refresh of the slot map subscribes nothing again,
+    opens no connection, reports no gap and logs nothing; the readers wait at most 1 s a read
+    (so that the health check's deadline is checked every second) and deliver every message."""
+    caplog.set_level(logging.INFO, logger="broker")
+    fake_cluster.owner[channel("lic_b")] = fake_cluster.name(2)
+    async with cluster_transport(fake_cluster, refresh_interval=0.02) as (transport, received):
+        for license_id in ("lic_a", "lic_b"):
+            await asyncio.wait_for(transport.listen(license_id), 2)
+        refreshes = fake_cluster.refreshes
+        await async_wait_until(lambda: fake_cluster.refreshes >= refreshes + 5, 2, "five refreshes")
+        assert len(fake_cluster.connections) == 2
+        for n, license_id in ((1, "lic_a"), (2, "lic_b")):
+            pubsub = fake_cluster.pubsub(fake_cluster.name(n))
+            assert pubsub.ssubscribed() == [channel(license_id)]
+            assert set(pubsub.read_timeouts[1:]) == {1.0}  # the first: the PING's answer at _open
+        for seq in (1, 2):
+            await publish_and_receive(transport, received, "lic_a", seq)
+        await publish_and_receive(transport, received, "lic_b", 1)
+        assert received.gaps == 0
+        assert metrics.TRANSPORT_UP.labels("redis-cluster")._value.get() == 1
+    assert cluster_log(caplog, logging.INFO) == []
+
+
+async def test_a_cluster_shard_whose_connection_breaks_fails_its_waiting_listens_and_is_replaced(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A master's connection breaks: its listens still waiting for a confirmation return at once
+    with its error (the other masters' keep waiting), the shard is logged lost, and the resync
+    opens a new connection to the master, subscribes its channels there and reports the gap once
+    they are confirmed."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    fake_cluster.owner[channel("lic_b")] = second
+    async with cluster_transport(fake_cluster) as (transport, received):
+        fake_cluster.hold_confirmations = True
+        waiting = {i: asyncio.create_task(transport.listen(i)) for i in ("lic_a", "lic_b")}
+        await async_wait_until(lambda: channel("lic_b") in fake_cluster.pubsub(second).subscribed, 2, "SSUBSCRIBE")
+        await async_wait_until(lambda: channel("lic_a") in fake_cluster.pubsub(first).subscribed, 2, "SSUBSCRIBE")
+        fake_cluster.pubsub(first).break_(redis.ConnectionError("connection reset"))
+        await asyncio.wait_for(waiting["lic_a"], 1)
+        assert cluster_log(caplog) == [
+            f"redis cluster shard {first} lost: connection reset",
+            f"subscription to {channel('lic_a')} not confirmed: connection reset",
+        ]
+        await async_wait_until(lambda: len(fake_cluster.pubsubs(first)) == 2, 2, "a new connection")
+        replaced = fake_cluster.pubsub(first)
+        await async_wait_until(lambda: replaced.ssubscribed() == [channel("lic_a")], 2, "the resubscription")
+        assert not waiting["lic_b"].done() and received.gaps == 0
+        replaced.release()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the gap")
+        fake_cluster.pubsub(second).release()
+        await asyncio.wait_for(waiting["lic_b"], 1)
+        await publish_and_receive(transport, received, "lic_a", 1)
+        await publish_and_receive(transport, received, "lic_b", 1)
+        assert transport._shards[first].channels == {channel("lic_a")}
+
+
+async def test_a_server_side_sunsubscribe_moves_the_channel_to_its_new_owner_and_keeps_the_others(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The master ends one channel's subscription (its slot migrated): the transport reads the
+    slot map again and subscribes that channel on the new owner, whichever place it has among
+    the channels the resync goes through, reports the gap, and keeps the old master's connection
+    and its other channels as they are."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    ids = [f"lic_{n}" for n in range(5)]
+    async with cluster_transport(fake_cluster) as (transport, received):
+        for license_id in ids:
+            await asyncio.wait_for(transport.listen(license_id), 2)
+        moving = list(transport._channels)[-1]  # the last the resync looks at
+        fake_cluster.owner[moving] = second
+        fake_cluster.pubsub(first).server_sunsubscribe(moving)
+        await async_wait_until(lambda: received.gaps == 1, 2, "the move")
+        assert fake_cluster.pubsub(second).ssubscribed() == [moving]
+        assert transport._shards[first].channels == {channel(i) for i in ids} - {moving}
+        assert transport._owner[moving] == second
+        assert len(fake_cluster.connections) == 2
+        await publish_and_receive(transport, received, moving.removeprefix("license:"), 1)
+    assert cluster_log(caplog) == []
+
+
+async def test_a_moved_answer_to_an_ssubscribe_makes_the_resync_read_the_slot_map_again(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The transport's slot map is out of date: listen() sends the SSUBSCRIBE to the old owner,
+    which answers MOVED. The answer is logged, the connection kept (its other channels still
+    delivered), and the resync reads the slot map again and subscribes the channel on its owner,
+    whose confirmation ends the listen."""
+    caplog.set_level(logging.INFO, logger="broker")
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    name = channel("lic_b")
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        fake_cluster.owner[name] = second
+        await asyncio.wait_for(transport.listen("lic_b"), 2)
+        assert fake_cluster.pubsub(first).ssubscribed() == [channel("lic_a"), name]
+        assert fake_cluster.pubsub(second).ssubscribed() == [name]
+        await async_wait_until(lambda: received.gaps == 1, 2, "the gap")
+        await publish_and_receive(transport, received, "lic_b", 1)
+        await publish_and_receive(transport, received, "lic_a", 1)
+        assert len(fake_cluster.connections) == 2
+    assert cluster_log(caplog, logging.INFO) == [
+        f"shard {first}: MOVED {key_slot(name.encode())} {second}",
+        "redis-cluster subscriber reconnected (2 channels)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("added", "silent", "problems"),
+    [
+        (1, False, "10.0.0.3:7003: Error connecting to 10.0.0.3:7003"),
+        (1, True, "10.0.0.3:7003: no answer to PING"),
+        (3, False, "; ".join(f"10.0.0.{n}:700{n}: Error connecting to 10.0.0.{n}:700{n}" for n in (3, 4, 5))),
+        (4, False, "; ".join(f"10.0.0.{n}:700{n}: Error connecting to 10.0.0.{n}:700{n}" for n in (3, 4, 5)) + " ..."),
+    ],
+    ids=["one", "silent", "three", "four"],
+)
+async def test_masters_the_cluster_transport_cannot_reach_are_named_and_the_others_still_served(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture, added: int, silent: bool, problems: str
+) -> None:
+    """New masters that refuse the connection, or take it and never answer its PING: the resync
+    serves the masters it reaches and fails naming the others, the first three and " ..." if
+    there are more, tried again with the backoff."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    # The PING's answer is awaited for subscribe_timeout (60 s), which the cluster in memory cuts to 10 ms.
+    async with cluster_transport(fake_cluster, refresh_interval=0.05) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        new = [fake_cluster.node(n) for n in range(3, 3 + added)]
+        (fake_cluster.silent if silent else fake_cluster.unreachable).update(node.name for node in new)
+        fake_cluster.masters += new
+        await async_wait_until(lambda: cluster_log(caplog) != [], 2, "the resync to fail")
+        assert cluster_log(caplog) == [f"redis-cluster subscriber lost: {problems}"]
+        await publish_and_receive(transport, received, "lic_a", 1)
+        assert set(transport._shards) == {fake_cluster.name(1), fake_cluster.name(2)}
+        # Each attempt's connection closed (the newest may be an attempt still under way).
+        assert all(pubsub.closed for node in new for pubsub in fake_cluster.pubsubs(node.name)[:-1])
+
+
+async def test_a_cluster_resync_subscribes_what_it_can_past_a_channel_without_an_owner_or_with_an_unreachable_one(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a connection breaks, the resync goes through every channel: one whose slot no master
+    serves, or whose master cannot be reached, is named in the failure, and the channels after
+    it are still subscribed on their masters."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first = fake_cluster.name(1)
+    ids = [f"lic_{n}" for n in range(4)]
+    async with cluster_transport(fake_cluster) as (transport, _):
+        for license_id in ids:
+            await asyncio.wait_for(transport.listen(license_id), 2)
+        order = list(transport._channels)  # the order the resync goes through them
+        third = fake_cluster.node(3)
+        fake_cluster.masters.append(third)
+        fake_cluster.unreachable.add(third.name)
+        fake_cluster.owner[order[0]] = third.name
+        fake_cluster.uncovered.add(order[1])
+        fake_cluster.pubsub(first).break_(redis.ConnectionError("connection reset"))
+        await async_wait_until(lambda: len(fake_cluster.pubsubs(first)) == 2, 2, "a new connection")
+        replaced = fake_cluster.pubsub(first)
+        await async_wait_until(lambda: sorted(replaced.ssubscribed()) == sorted(order[2:]), 2, "the others subscribed")
+        slot = key_slot(order[1].encode())
+        assert cluster_log(caplog)[1] == (
+            f"redis-cluster subscriber lost: {third.name}: Error connecting to {third.name}; "
+            f'{order[1]}: Slot "{slot}" is not covered by the cluster.'
+        )
+
+
+async def test_closing_the_cluster_transport_closes_every_connection_even_when_closes_fail_and_it_can_start_again(
+    fake_cluster: FakeCluster,
+) -> None:
+    """close() stops each master's reader task (named for its master), closes each subscriber
+    connection and the cluster client, each close tried even when another raises, and reports the
+    transport down; started again, it makes a new cluster client and serves."""
+    fake_cluster.fail_connection_close = redis.TimeoutError("Timed out closing connection after 2")
+    fake_cluster.owner[channel("lic_b")] = fake_cluster.name(2)
+    transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, subscribe_timeout=60)
+    received = Received()
+    await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+    try:
+        for license_id in ("lic_a", "lic_b"):
+            await asyncio.wait_for(transport.listen(license_id), 2)
+        readers = [t for t in asyncio.all_tasks() if t.get_name().startswith("redis-cluster-shard-")]
+        assert sorted(t.get_name() for t in readers) == [f"redis-cluster-shard-{fake_cluster.name(n)}" for n in (1, 2)]
+        fake_cluster.pubsub(fake_cluster.name(1)).fail_close = redis.TimeoutError("Timed out closing connection")
+        fake_cluster.fail_client_close = redis.ConnectionError("already closed")
+        await asyncio.wait_for(transport.close(), 2)
+        assert all(task.done() for task in readers)
+        assert all(c.closed and c.pubsub().closed for c in fake_cluster.connections)
+        assert fake_cluster.clients[0].closed
+        assert metrics.TRANSPORT_UP.labels("redis-cluster")._value.get() == 0
+        fake_cluster.fail_connection_close = fake_cluster.fail_client_close = None
+        await asyncio.wait_for(transport.start(received.on_message, received.on_gap), 5)
+        assert len(fake_cluster.clients) == 2
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        await publish_and_receive(transport, received, "lic_a", 1)
+    finally:
+        await transport.close()
+
+
+async def test_a_cluster_listen_while_its_masters_connection_is_failed_and_not_yet_replaced_is_left_to_the_resync(
+    fake_cluster: FakeCluster,
+) -> None:
+    """The owner's connection broke and the resync has not replaced it yet (it is reading the slot
+    map): listen() sends nothing on the broken connection and returns at once; the resync
+    subscribes the channel on the new connection."""
+    first = fake_cluster.name(1)
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        old = fake_cluster.pubsub(first)
+        fake_cluster.refresh_gate = gate = asyncio.Event()
+        old.break_(redis.ConnectionError("connection reset"))
+        await async_wait_until(lambda: transport._shards[first].failed, 2, "the shard marked failed")
+        await asyncio.wait_for(transport.listen("lic_b"), 1)
+        assert old.ssubscribed() == [channel("lic_a")]
+        gate.set()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert sorted(fake_cluster.pubsub(first).ssubscribed()) == [channel("lic_a"), channel("lic_b")]
+        await publish_and_receive(transport, received, "lic_b", 1)
+
+
+async def test_a_channel_moved_by_a_cluster_resync_that_then_fails_is_reported_as_a_gap_at_the_next_success(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slot migrates while a new master cannot be reached: the resync moves the channel to its
+    new owner, then fails on that master. The gap of the move is not forgotten: the resync that
+    succeeds once the master answers reports it, though it moves nothing itself."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    name = channel("lic_a")
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        third = fake_cluster.node(3)
+        fake_cluster.unreachable.add(third.name)
+        fake_cluster.masters.append(third)
+        fake_cluster.owner[name] = fake_cluster.name(2)
+        fake_cluster.pubsub(fake_cluster.name(1)).server_sunsubscribe(name)
+        await async_wait_until(lambda: cluster_log(caplog) != [], 2, "the resync to fail")
+        assert fake_cluster.pubsub(fake_cluster.name(2)).ssubscribed() == [name]
+        assert received.gaps == 0
+        fake_cluster.unreachable.clear()
+        await async_wait_until(lambda: received.gaps == 1, 2, "the gap")
+        await publish_and_receive(transport, received, "lic_a", 1)
+
+
+async def test_an_ssubscribe_that_fails_in_a_cluster_resync_is_named_and_its_connection_replaced(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The resync's SSUBSCRIBE on the new owner fails: the resync fails naming that master and its
+    error, and the next one drops that connection (closed), opens another, subscribes the
+    channel there and reports the gap."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    name = channel("lic_a")
+    async with cluster_transport(fake_cluster) as (transport, received):
+        await asyncio.wait_for(transport.listen("lic_a"), 2)
+        broken = fake_cluster.pubsub(second)
+        broken.fail_ssubscribe = redis.ConnectionError("boom")
+        fake_cluster.owner[name] = second
+        fake_cluster.pubsub(first).server_sunsubscribe(name)
+        await async_wait_until(lambda: received.gaps == 1, 2, "the move")
+        assert cluster_log(caplog) == [f"redis-cluster subscriber lost: {second}: boom"]
+        assert broken.ssubscribed() == [name] and broken.closed
+        assert len(fake_cluster.pubsubs(second)) == 2 and fake_cluster.pubsub(second).ssubscribed() == [name]
+        await publish_and_receive(transport, received, "lic_a", 1)

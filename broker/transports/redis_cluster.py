@@ -163,6 +163,8 @@ class RedisClusterTransport(RedisSubscriber):
         shard.failed = True
         self._lost = True
         self._resync.set()
+        # The resync closes its connection: no confirmation will come on it, so nothing waits for one.
+        self._fail_pending(ConnectionError(f"shard {shard.name} failed"), shard.channels)
 
     # --- the resync loop (RedisSubscriber._run) ----------------------------------------------------
 
