@@ -1507,7 +1507,12 @@ def test_an_api_version_whose_invoices_name_no_payment_is_warned_of_once_and_onl
         ingestor.screen(subscription_event(api_version="2025-04-30.basil"))
         ingestor.screen(subscription_event(api_version="2025-03-31.basil"))
     assert len(caplog.messages) == 1 and ingestor._warned_unlinked
-    assert caplog.messages[0].startswith("Stripe events of API version 2025-04-30.basil name no payment")
+    assert caplog.messages[0] == (
+        "Stripe events of API version 2025-04-30.basil name no payment on their invoices and come without "
+        "invoice_payment.paid: refunds and disputes of subscription payments cannot reach their licenses. "
+        "Set STRIPE_API_KEY (the broker then reads each paid invoice's payments) or move the webhook endpoint "
+        "to API version 2025-05-28 or later (docs/stripe.md)"
+    )
     assert "Set STRIPE_API_KEY" in caplog.messages[0]
     caplog.clear()
     keyed = Ingestor(fake_runtime(), RULES, refresher=FakeApi())  # type: ignore[arg-type]
