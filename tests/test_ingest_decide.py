@@ -1227,30 +1227,33 @@ def test_only_events_of_no_customer_level_object_take_the_batched_path() -> None
 
 
 class FakeApi:
-    """A Refresher whose answers the test sets; each call noted."""
+    """A Refresher whose answers the test sets; each call noted, and the event it was asked for
+    (whose livemode picks the key: broker.stripe_ledger.refresh)."""
 
     def __init__(self, **answers: Any) -> None:
         self.answers = answers
         self.calls: list[tuple[str, Any]] = []
+        self.events: list[Any] = []
 
-    def _answer(self, name: str, arg: Any) -> Any:
+    def _answer(self, name: str, event: Any, arg: Any) -> Any:
         self.calls.append((name, arg))
+        self.events.append(event)
         answer = self.answers.get(name)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
     async def refresh(self, event: Any, obj: StripeObject, held_version: int) -> Reported | None:
-        return self._answer("refresh", (obj.id, held_version))  # type: ignore[no-any-return]
+        return self._answer("refresh", event, (obj.id, held_version))  # type: ignore[no-any-return]
 
     async def line_items(self, event: Any, session_id: str) -> list[str] | None:
-        return self._answer("line_items", session_id)  # type: ignore[no-any-return]
+        return self._answer("line_items", event, session_id)  # type: ignore[no-any-return]
 
     async def entitlements(self, event: Any, customer: str) -> list[str] | None:
-        return self._answer("entitlements", customer)  # type: ignore[no-any-return]
+        return self._answer("entitlements", event, customer)  # type: ignore[no-any-return]
 
     async def invoice_payments(self, event: Any, invoice_id: str) -> list[dict[str, Any]] | None:
-        return self._answer("invoice_payments", invoice_id)  # type: ignore[no-any-return]
+        return self._answer("invoice_payments", event, invoice_id)  # type: ignore[no-any-return]
 
 
 def general_with(api: Any) -> GeneralIngest:
@@ -1270,7 +1273,7 @@ async def test_a_refresh_replaces_what_the_event_reports_unless_stripe_gives_not
     now_read = Reported((row("sub_1", version=T + 9, status="canceled"),), "lic_1")
     api = FakeApi(refresh=now_read)
     assert await general_with(api)._read_stripe(Wants(Need.REFRESH, ("sub_1",)), d, s) is now_read
-    assert api.calls == [("refresh", ("sub_1", T - 3))]
+    assert api.calls == [("refresh", ("sub_1", T - 3))] and api.events == [d.event]
     assert await general_with(FakeApi())._read_stripe(Wants(Need.REFRESH, ("sub_1",)), d, s) is d.reported
     with pytest.raises(StripeUnavailable):
         await general_with(FakeApi(refresh=StripeUnavailable("timeout")))._read_stripe(
@@ -1290,7 +1293,7 @@ async def test_line_items_read_from_stripe_are_added_as_a_fetched_object_of_the_
     wants = Wants(Need.LINE_ITEMS, ("cs_1",))
     api = FakeApi(line_items=["price_life", "prod_x", "price_life"])
     reported = await general_with(api)._read_stripe(wants, d, Snapshot())
-    assert api.calls == [("line_items", "cs_1")]
+    assert api.calls == [("line_items", "cs_1")] and api.events == [d.event]
     assert reported.objects == (session, line_items(session, ["price_life", "prod_x"], T + 4, fetched=True))
     assert reported.objects[1].rank == FETCHED_RANK and reported.objects[1].version == T + 4
     with caplog.at_level(logging.WARNING, "broker.ingest"):
@@ -1309,7 +1312,7 @@ async def test_a_partial_summary_is_completed_with_the_customers_entitlements_wh
     wants = Wants(Need.ENTITLEMENTS, ("cus_1",))
     api = FakeApi(entitlements=["b", "a", "b"])
     reported = await general_with(api)._read_stripe(wants, d, Snapshot())
-    assert api.calls == [("entitlements", "cus_1")]
+    assert api.calls == [("entitlements", "cus_1")] and api.events == [d.event]
     assert reported.objects == (complete_entitlements(summary, ["a", "b"]),)
     assert reported.objects[0].state == {"features": ["a", "b"], "partial": False}
     assert reported.customer_level and reported.license_id is None
@@ -1331,7 +1334,7 @@ async def test_a_paid_invoices_payments_read_from_stripe_join_the_event_the_paid
     ]
     api = FakeApi(invoice_payments=items)
     reported = await general_with(api)._read_stripe(wants, d, Snapshot())
-    assert api.calls == [("invoice_payments", "in_1")]
+    assert api.calls == [("invoice_payments", "in_1")] and api.events == [d.event]
     assert reported.objects == (invoice, *invoice_payments(items[:1], T + 2))
     assert [o.id for o in reported.objects] == ["in_1", "inpay_1"]
     assert (await general_with(FakeApi())._read_stripe(wants, d, Snapshot())).objects == (invoice,)
