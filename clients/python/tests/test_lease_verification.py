@@ -4,6 +4,7 @@ watermark, offline answers, the clock. Leases are signed here the way the broker
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -413,3 +414,49 @@ async def test_the_same_state_signed_a_moment_earlier_is_ignored_not_rejected(
     assert client.rejected_leases == 0 and client.lease is not None and client.lease.issued_at == NOW + 2
     assert await client.accept_lease(lease(key, seq=5, entitled=False, iat=NOW + 1)) is not None  # a new state
     assert not client.is_entitled()
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+async def test_the_app_stops_following_when_cancelled_even_as_a_lease_arrives_in_that_turn(
+    key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """Cancelling the task that iterates the client ends it, even when a lease arrives in the same
+    turn of the event loop: the lease-expiry timer is woken and cancelled at once. (On Python 3.11
+    `asyncio.wait_for` returned the wait's result there and lost the cancellation: the timer ran
+    for ever, and the app's task never ended. It hung a test of the broker's CI.)"""
+    reconnecting = asyncio.Event()
+
+    def on_status(status: str) -> None:
+        if status == "reconnecting":  # nothing listens at OFFLINE
+            reconnecting.set()
+
+    client = app(key, tmp_path / "lease", on_status=on_status, min_backoff=0.05, max_backoff=0.05)
+
+    async def follow() -> None:
+        async for _ in client:
+            pass
+
+    # The lease before or after the cancellation, some turns of the loop apart: one of them lands
+    # where the client's stop cancels the timer as the lease wakes it (cancel first, one turn).
+    for seq, (lease_first, turns) in enumerate(((a, t) for a in (True, False) for t in range(4)), 1):
+        reconnecting.clear()
+        task = asyncio.create_task(follow())
+        async with asyncio.timeout(5):
+            await reconnecting.wait()
+
+        async def new_lease(seq: int = seq) -> None:
+            assert await client.accept_lease(lease(key, seq=seq)) is not None  # wakes the timer
+
+        async def cancel(task: asyncio.Task[None] = task) -> None:
+            task.cancel()
+
+        first, second = (new_lease, cancel) if lease_first else (cancel, new_lease)
+        await first()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await second()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done, f"{first.__name__} first, {turns} turns apart: the client did not stop"
+        assert task.cancelled() and client.status == "stopped"

@@ -304,7 +304,10 @@ class LicenseClient:
             delay = EXPIRY_CHECK_INTERVAL if left is None else min(max(left, 0.0) + 0.05, EXPIRY_CHECK_INTERVAL)
             # A new lease re-arms the timer at once.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new_lease.wait(), delay)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns when the event is
+                # set in the tick the task is cancelled, and the loop never ends (cpython#86296).
+                async with asyncio.timeout(delay):
+                    await self._new_lease.wait()
             self._new_lease.clear()
             try:
                 holder = self._current_holder()
@@ -598,9 +601,7 @@ class LicenseClient:
             self._purchases = [p for p in self._purchases if not p.done()]
         finally:
             if driver is not None:
-                driver.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await driver
+                await _cancel(driver)
 
     async def _drive(self) -> None:
         async for _ in self:
@@ -739,12 +740,11 @@ class LicenseClient:
                 failures = 1 if time.monotonic() - started > self.max_backoff else failures + 1
                 self._set_status("reconnecting")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._activation_changed.wait(), self.reconnect_delay(failures))
+                    async with asyncio.timeout(self.reconnect_delay(failures)):
+                        await self._activation_changed.wait()
         finally:
             self._iterating -= 1
-            timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await timer
+            await _cancel(timer)
             if self.status != "unauthorized":
                 self._set_status("stopped")
 
@@ -753,6 +753,15 @@ class LicenseClient:
             result = on_event(event)
             if result is not None:
                 await result
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait for it to end, whatever it ended with. Not `await task` under
+    `suppress(CancelledError)`: that would swallow a cancellation of the caller as well."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio does not log it as never retrieved
 
 
 def _json(response: httpx.Response) -> Any:
