@@ -1323,3 +1323,29 @@ async def test_an_ssubscribe_that_fails_in_a_cluster_resync_is_named_and_its_con
         assert broken.ssubscribed() == [name] and broken.closed
         assert len(fake_cluster.pubsubs(second)) == 2 and fake_cluster.pubsub(second).ssubscribed() == [name]
         await publish_and_receive(transport, received, "lic_a", 1)
+
+
+async def test_a_cluster_transport_asked_to_resync_as_it_is_closed_stops(fake_cluster: FakeCluster) -> None:
+    """A resync asked for (a shard's reader saw a MOVED or a server-side SUNSUBSCRIBE) in the turn
+    the transport is closed: the close still ends its loop (on Python 3.11 `asyncio.wait_for`
+    lost the cancellation there, cpython#86296, and the loop resynced and waited again for ever;
+    tests/test_stopping.py has the other loops)."""
+    for resync_first in (True, False):
+        for turns in range(4):
+            transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, refresh_interval=60)
+            await asyncio.wait_for(transport.start(Received().on_message), 5)
+            closing: asyncio.Task[None] | None = None
+            if resync_first:
+                transport._resync.set()
+            else:
+                closing = asyncio.create_task(transport.close())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            if resync_first:
+                closing = asyncio.create_task(transport.close())
+            else:
+                transport._resync.set()
+            assert closing is not None
+            done, _ = await asyncio.wait({closing}, timeout=5)
+            assert done, f"{'resync' if resync_first else 'close'} first, {turns} turns apart: the loop did not stop"
+            closing.result()

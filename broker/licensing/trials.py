@@ -260,4 +260,5 @@ class TrialClock:
                     log.warning("trial clock failed (%d in a row): %s", failures, exc)
                 wait = min(self.rescan, float(failures))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()

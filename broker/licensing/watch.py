@@ -118,7 +118,8 @@ class MachineWatch:
             wait = min(next_sweep, next_seen, next_expiry or next_sweep) - self._clock()
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
             self._wake.clear()
             try:
                 if self._prompted:

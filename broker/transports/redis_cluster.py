@@ -179,7 +179,8 @@ class RedisClusterTransport(RedisSubscriber):
         # The shards' tasks read; this waits for one of them, a MOVED or a periodic refresh to ask
         # for a resync.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._resync.wait(), self.refresh_interval)
+            async with asyncio.timeout(self.refresh_interval):
+                await self._resync.wait()
         self._resync.clear()
 
     async def _sync(self, *, refresh: bool) -> bool:

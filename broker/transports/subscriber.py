@@ -90,7 +90,8 @@ class RedisSubscriber(Transport):
     async def check(self) -> bool:
         await self.connect()
         try:
-            return bool(await asyncio.wait_for(self._ping(), 2))
+            async with asyncio.timeout(2):
+                return bool(await self._ping())
         except Exception:
             return False
 
@@ -101,7 +102,8 @@ class RedisSubscriber(Transport):
         self._task = asyncio.create_task(self._run(ready), name=f"{self.name}-subscriber")
         # Wait for the first connection, but start anyway if Redis is down: the sweep serves.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(ready), self._start_timeout)
+            async with asyncio.timeout(self._start_timeout):
+                await asyncio.shield(ready)
 
     async def close(self) -> None:
         await background.stop(self._task)
@@ -166,7 +168,8 @@ class RedisSubscriber(Transport):
         from the database starts only once nothing published from now on can be missed. A
         failure or a timeout is logged, not raised: the sweep covers the channel meanwhile."""
         try:
-            await asyncio.wait_for(asyncio.shield(confirmed), self.subscribe_timeout)
+            async with asyncio.timeout(self.subscribe_timeout):
+                await asyncio.shield(confirmed)
         except Exception as exc:
             log.warning("subscription to %s not confirmed: %s", name, exc)
 

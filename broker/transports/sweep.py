@@ -112,7 +112,10 @@ class DatabaseSweep:
         failures = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns when the event is
+                # set in the tick the task is cancelled, and the loop never ends (cpython#86296).
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 found = await self.sweep_once()

@@ -73,7 +73,8 @@ class ReadinessProbe:
 
 async def _succeeds(check: Callable[[], Awaitable[None]]) -> bool:
     try:
-        await asyncio.wait_for(check(), 5)
+        async with asyncio.timeout(5):
+            await check()
         return True
     except Exception:
         return False
