@@ -73,11 +73,15 @@ class LocalCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     def client(self, port: int, timeout: float = 2) -> redis.Redis:
-        # No retries: a node that does not answer in time is polled again by the caller.
+        """A client of one node, for the caller to close. No retries: a node that does not answer
+        in time is polled again by the caller."""
         return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
-    def command(self, port: int, *args: str) -> Any:
-        return self.client(port).execute_command(*args)  # type: ignore[no-untyped-call]
+    def command(self, port: int, *args: str, timeout: float = 2) -> Any:
+        """One command to one node, on a connection closed after it (one left to the garbage
+        collector is an unclosed socket, which a test's `-W error` turns into a failure)."""
+        with self.client(port, timeout) as node:
+            return node.execute_command(*args)
 
     def start(self) -> None:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
@@ -141,7 +145,7 @@ class LocalCluster:
 
     def _pings(self, port: int) -> bool:
         try:
-            return bool(self.client(port, timeout=0.5).ping())
+            return bool(self.command(port, "PING", timeout=0.5))
         except redis.RedisError:
             return False
 
@@ -153,10 +157,9 @@ class LocalCluster:
         try:
             masters = 0
             for port in self.alive():
-                node = self.client(port)
                 if b"cluster_state:ok" not in self.command(port, "CLUSTER", "INFO"):
                     return False
-                info = node.info("replication")
+                info = self.command(port, "INFO", "replication")
                 if info["role"] == "master":
                     masters += 1
                 elif info.get("master_link_status") != "up":
@@ -182,7 +185,7 @@ class LocalCluster:
         keep = ("cluster_state", "cluster_slots_assigned", "cluster_slots_ok", "cluster_known_nodes")
         try:
             info = [i for i in self.command(port, "CLUSTER", "INFO").decode().split() if i.startswith(keep)]
-            replication = self.client(port).info("replication")
+            replication = self.command(port, "INFO", "replication")
         except redis.RedisError as exc:
             return f"no answer: {exc}"
         return " ".join([*info, "role", replication["role"], replication.get("master_link_status", "")]).rstrip()

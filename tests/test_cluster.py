@@ -55,10 +55,7 @@ async def test_one_subscriber_connection_per_master_however_many_licenses(
     assert {(await harness.next()).license_id for _ in ids} == set(ids)
     # Each subscriber connection holds only the channels its master owns (SSUBSCRIBE, not SUBSCRIBE).
     for port in shared_cluster.master_ports():
-        subscribed = {
-            name.decode()
-            for name in shared_cluster.client(port).execute_command("PUBSUB", "SHARDCHANNELS", "license:*")
-        }
+        subscribed = {name.decode() for name in shared_cluster.command(port, "PUBSUB", "SHARDCHANNELS", "license:*")}
         assert subscribed == {channel(i) for i in ids if shared_cluster.master_of(channel(i)) == port}
 
 
