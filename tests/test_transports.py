@@ -1349,3 +1349,28 @@ async def test_a_cluster_transport_asked_to_resync_as_it_is_closed_stops(fake_cl
             done, _ = await asyncio.wait({closing}, timeout=5)
             assert done, f"{'resync' if resync_first else 'close'} first, {turns} turns apart: the loop did not stop"
             closing.result()
+
+
+async def test_a_listen_waiting_on_a_shard_that_another_listens_ssubscribe_broke_is_told_so(
+    fake_cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two listens on one master: the first waits for its confirmation when the second's
+    SSUBSCRIBE fails there. The shard is marked failed, and the first stops waiting at once with
+    the shard named (the resync replaces the connection and subscribes both)."""
+    caplog.set_level(logging.WARNING, logger="broker")
+    first = fake_cluster.name(1)
+    async with cluster_transport(fake_cluster) as (transport, received):
+        fake_cluster.hold_confirmations = True
+        waiting = asyncio.create_task(transport.listen("lic_a"))
+        shard = fake_cluster.pubsub(first)
+        await async_wait_until(lambda: shard.ssubscribed() == [channel("lic_a")], 2, "the first SSUBSCRIBE")
+        shard.fail_ssubscribe = redis.ConnectionError("reset by peer")
+        await asyncio.wait_for(transport.listen("lic_b"), 2)
+        await asyncio.wait_for(waiting, 2)  # not the 60 s subscribe_timeout
+        assert cluster_log(caplog)[:2] == [
+            f"ssubscribe {channel('lic_b')} on {first} failed: reset by peer",
+            f"subscription to {channel('lic_a')} not confirmed: shard {first} failed",
+        ]
+        fake_cluster.hold_confirmations = False
+        await async_wait_until(lambda: received.gaps == 1, 2, "the resync")
+        assert sorted(fake_cluster.pubsub(first).ssubscribed()) == [channel("lic_a"), channel("lic_b")]
