@@ -170,7 +170,7 @@ async def license_state(request: Request) -> Response:
     try:
         current = await events.current(license_id)
     except SQLAlchemyError:
-        return JSONResponse({"error": "database unavailable"}, status_code=503)
+        return desktop.unavailable()
     leases = request.state.runtime.leases
     extra = None
     if grant.machine_id is not None and leases is not None:

@@ -380,6 +380,9 @@ async def test_a_postgres_outage_answers_503_keeps_the_streams_and_recovers(
                 pass
             proxy.cut()
             assert (await post_event(http, webhook.url, update(license_id, "active"))).status_code == 503
+            # The state route too: 503, and when to ask again (the client packages wait that long).
+            state = await http.get(f"{stream_process.url}/api/licenses/{license_id}", headers=headers)
+            assert (state.status_code, state.headers.get("retry-after")) == (503, "2"), state.text
             pings = 0
             while pings < 3:  # the connection lives on, heartbeats and all
                 pings += await anext(lines) == ": ping"
