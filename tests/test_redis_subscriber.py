@@ -160,6 +160,13 @@ async def publish(line: Line, license_id: str, seq: int) -> None:
     await client.aclose()
 
 
+async def publish_and_receive(line: Line, received: Received, license_id: str, seq: int) -> None:
+    """Publish one event of the license and see it delivered (subscribed, by whoever did)."""
+    await publish(line, license_id, seq)
+    event = await received.next()
+    assert (event.license_id, event.seq) == (license_id, seq)
+
+
 def subscribed(line: Line) -> set[str]:
     names: Iterable[bytes] = fakeredis.FakeRedis(server=line.server).pubsub_channels()
     return {name.decode() for name in names}
@@ -176,8 +183,7 @@ async def test_a_cut_while_reading_reconnects_resubscribes_every_channel_and_rep
     licenses = ["lic_a", "lic_b"]
     for license_id in licenses:
         await transport.listen(license_id)
-    await publish(line, "lic_a", 1)
-    assert (await received.next()).seq == 1
+    await publish_and_receive(line, received, "lic_a", 1)
     line.cut()
     await async_wait_until(lambda: up() == 0, 5, "the subscriber to notice the cut")
     line.restore()
@@ -233,8 +239,7 @@ async def test_a_cut_between_subscribe_and_its_confirmation_fails_the_waiting_li
     assert re.fullmatch(rf"subscription to {channel('lic_a')} not confirmed: (?!None$|closed$).+", unconfirmed[0])
     line.restore()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
-    await publish(line, "lic_a", 1)
-    assert (await received.next()).license_id == "lic_a"  # subscribed by the reconnect
+    await publish_and_receive(line, received, "lic_a", 1)  # subscribed by the reconnect
 
 
 async def test_a_listen_during_the_reconnect_subscribe_is_subscribed_by_the_reconnect(
@@ -252,8 +257,7 @@ async def test_a_listen_during_the_reconnect_subscribe_is_subscribed_by_the_reco
     gate.set()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
     for license_id in ("lic_a", "lic_b"):
-        await publish(line, license_id, 1)
-        assert (await received.next()).license_id == license_id
+        await publish_and_receive(line, received, license_id, 1)
 
 
 async def test_a_malformed_or_misdirected_message_is_dropped_and_the_next_one_delivered(
@@ -319,8 +323,7 @@ async def test_two_listens_of_one_license_waiting_for_its_confirmation_both_retu
     await async_wait_until(lambda: line.subscribes_sent >= sent + 2, 5, "both SUBSCRIBEs to be sent")
     line.replies.set()
     await asyncio.wait_for(asyncio.gather(*listens), 5)
-    await publish(line, "lic_a", 1)
-    assert (await received.next()).license_id == "lic_a"
+    await publish_and_receive(line, received, "lic_a", 1)
 
 
 async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_timeout(
@@ -339,8 +342,7 @@ async def test_a_listen_whose_confirmation_never_comes_returns_at_its_subscribe_
         logged = [r.getMessage() for r in caplog.records if r.name == "broker.redis"]
         assert logged == [f"subscription to {channel('lic_a')} not confirmed: "]  # TimeoutError says nothing
         line.replies.set()
-        await publish(line, "lic_a", 1)
-        assert (await received.next()).license_id == "lic_a"
+        await publish_and_receive(line, received, "lic_a", 1)
     finally:
         await transport.close()
 
@@ -359,8 +361,7 @@ async def test_a_transport_started_while_redis_is_away_starts_at_its_timeout_and
         await transport.listen("lic_a")  # only noted while away
         line.restore()
         await async_wait_until(lambda: up() == 1, 5, "the first connection")
-        await publish(line, "lic_a", 1)
-        assert (await received.next()).license_id == "lic_a"
+        await publish_and_receive(line, received, "lic_a", 1)
     finally:
         await transport.close()
 
@@ -433,8 +434,7 @@ async def test_a_subscribe_that_fails_is_logged_and_the_listen_returns(
     line.restore()
     await async_wait_until(lambda: received.gaps == 1, 5, "the reconnect")
     for license_id in ("lic_a", "lic_b"):
-        await publish(line, license_id, 1)
-        assert (await received.next()).license_id == license_id
+        await publish_and_receive(line, received, license_id, 1)
 
 
 async def test_closing_the_transport_under_a_waiting_listen_lets_it_return(
@@ -523,8 +523,7 @@ async def test_a_listen_before_start_is_only_noted_and_start_subscribes_it(
         assert line.subscribes_sent == 0
         await transport.start(received.on_message, received.on_gap)
         assert channel("lic_a") in subscribed(line)
-        await publish(line, "lic_a", 1)
-        assert (await received.next()).seq == 1
+        await publish_and_receive(line, received, "lic_a", 1)
     finally:
         await transport.close()
     assert [r.getMessage() for r in caplog.records if r.name == "broker.redis"] == []
