@@ -5,12 +5,11 @@ body yields as they are (broker.wire builds them)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Callable
 
 from starlette.types import Receive, Scope, Send
 
-from broker import metrics
+from broker import background, metrics
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -89,5 +88,4 @@ class EventStreamResponse:
                 metrics.OPEN_STREAMS.dec()
                 if self.on_close is not None:
                     self.on_close()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                await background.stop(watcher)  # a shutdown's cancellation of this task goes through
