@@ -501,12 +501,21 @@ def locked_elsewhere(other: Any, key: str) -> bool:
     return not got
 
 
-async def until_waiting_or_done(other: Any, task: asyncio.Task[Any]) -> None:
-    """Until `task` waits for an advisory lock (or ends: the caller's assertion then fails)."""
+# A waiting advisory lock of `key` in this test's database (pg_locks is the server's: other tests'
+# databases are left out). The 64-bit key is split over classid (high half) and objid (low half).
+WAITING = """
+SELECT count(*) FROM pg_locks, hashtextextended(%(key)s, 0) AS k
+WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid::bigint = (k >> 32) & 4294967295 AND objid::bigint = k & 4294967295
+"""
+
+
+async def until_waiting_or_done(other: Any, key: str, task: asyncio.Task[Any]) -> None:
+    """Until `task` waits for the lock of `key` (or ends: the caller's assertion then fails)."""
 
     def waiting() -> bool:
-        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        return task.done() or bool(other.execute(query).fetchone()[0])
+        return task.done() or bool(other.execute(WAITING, {"key": key}).fetchone()[0])
 
     await async_wait_until(waiting, what="a transaction waiting for a lock")
 
@@ -547,7 +556,7 @@ async def test_the_general_paths_first_lock_waits_and_a_walks_lock_waits_only_at
                 reader = general._Reader(conn, set(), wait=wait)
                 read = asyncio.create_task(reader.read(Wants(need, ("ch_held",)), snapshot, REPORTED))
                 try:
-                    await until_waiting_or_done(other, read)
+                    await until_waiting_or_done(other, "ch_held", read)
                     assert not read.done(), need
                 finally:
                     free(other, "ch_held")  # (failing, the read ends before the transaction)
@@ -579,7 +588,7 @@ async def test_a_commit_whose_walk_finds_an_id_locked_elsewhere_starts_again_hol
         hold(other, "ch_1")
         commit = asyncio.create_task(ingest.commit(event, orjson.dumps(event), Reported((sub,), "lic_walk")))
         try:
-            await until_waiting_or_done(other, commit)
+            await until_waiting_or_done(other, "ch_1", commit)
             assert not commit.done()
             assert readers == [(False, set()), (False, {"ch_1"})]
         finally:
