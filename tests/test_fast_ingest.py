@@ -1,5 +1,6 @@
 """The batched ingest path on Postgres (broker.ingest.batched) against the general one: same rows,
-same outcomes, the raw body stored as sent, and concurrent events of one license without a gap."""
+same outcomes, the raw body stored as sent, and concurrent events of one license without a gap; and
+the general path's own reads and locks (broker.ingest.general._Reader), a second session holding ids."""
 
 from __future__ import annotations
 
@@ -9,24 +10,29 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from broker.ingest import Ingestor, Outcome, OutcomeKind, unmatched_events
+from broker.ingest import Ingestor, Outcome, OutcomeKind, general, unmatched_events
 from broker.ingest import batched as fast_ingest
-from broker.ingest.decide import Delivery
+from broker.ingest.decide import Delivery, Need, Snapshot, Wants
 from broker.runtime import Runtime, open_runtime
-from broker.storage.schema import licenses, stripe_events, subscription_event_logs
+from broker.storage.licenses import initial_state
+from broker.storage.schema import licenses, stripe_bindings, stripe_events, subscription_event_logs
 from broker.stripe_ledger.binding import MemoryLedger
 from broker.stripe_ledger.ledger import LicenseRules, StripeObject
 from broker.stripe_ledger.objects import Reported
+from broker.stripe_ledger.refresh import NoRefresh
+from broker.stripe_ledger.store import LocksBusy
 from tests.stripe_objects import SHAPES, Shape
 from tests.stripe_scenario import Scenario
 from tests.support import racing
 from tests.support.licenses import make_settings
 from tests.support.rows import every_row
 from tests.support.services import psycopg_connect, truncate
+from tests.support.waiting import async_wait_until
 from webhook.samples import SampleEvents
 
 T = 1_790_000_000
@@ -469,3 +475,192 @@ async def test_the_batched_read_gives_the_snapshot_of_what_its_locks_guard_and_l
         "entitlements:cus_2": StripeObject("entitlements:cus_2", "entitlements", 13, 0, {"features": ["b"]}, "cus_2"),
     }
     assert set(snapshot.by_customer) == {"cus_1", "cus_2"}
+
+
+# -- the general path's reads and locks on Postgres (broker.ingest.general._Reader) -----------------
+
+
+def advisory(pg_url: str) -> Any:
+    """A connection of another session, to hold, free and probe the advisory locks of ids
+    (LedgerStore.lock_ids: hashtextextended(id, 0))."""
+    return psycopg_connect(pg_url)
+
+
+def hold(other: Any, key: str) -> None:
+    other.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+
+
+def free(other: Any, key: str) -> None:
+    other.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+
+
+def locked_elsewhere(other: Any, key: str) -> bool:
+    """Whether a session other than `other` holds the lock of `key`."""
+    got = other.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
+    if got:
+        free(other, key)
+    return not got
+
+
+# A waiting advisory lock of `key` in this test's database (pg_locks is the server's: other tests'
+# databases are left out). The 64-bit key is split over classid (high half) and objid (low half).
+WAITING = """
+SELECT count(*) FROM pg_locks, hashtextextended(%(key)s, 0) AS k
+WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid::bigint = (k >> 32) & 4294967295 AND objid::bigint = k & 4294967295
+"""
+
+
+async def until_waiting_or_done(other: Any, key: str, task: asyncio.Task[Any]) -> None:
+    """Until `task` waits for the lock of `key` (or ends: the caller's assertion then fails)."""
+
+    def waiting() -> bool:
+        return task.done() or bool(other.execute(WAITING, {"key": key}).fetchone()[0])
+
+    await async_wait_until(waiting, what="a transaction waiting for a lock")
+
+
+REPORTED = Reported((StripeObject("sub_1", "subscription", T, 0, {"status": "active"}, "cus_1"),), "lic_1")
+
+
+async def test_the_general_paths_first_lock_waits_and_a_walks_lock_waits_only_at_the_last_attempt(
+    runtime: Runtime, pg_url: str
+) -> None:
+    """Another transaction holds an id: the first lock of the event (its ids, its customer, the ids
+    an attempt before found busy) waits for it; an id a walk reaches later is taken only if free
+    (else LocksBusy, naming the ids, and the attempt is rolled back), but at the last attempt waited
+    for. The locks last until the transaction ends."""
+    with advisory(pg_url) as other:
+        hold(other, "ch_held")
+        async with runtime.engine.begin() as conn:
+            # A wait that should not be fails the test instead of hanging it.
+            await conn.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+            reader = general._Reader(conn, {"ch_busy"}, wait=False)
+            await reader.read(Wants(Need.BASE, ("sub_1",)), Snapshot(), REPORTED)
+            probed = ("sub_1", "cus_1", "ch_busy", "ch_free")
+            assert {k for k in probed if locked_elsewhere(other, k)} == {"sub_1", "cus_1", "ch_busy"}
+            with pytest.raises(LocksBusy) as busy:
+                await reader.read(Wants(Need.WALK, ("ch_free", "ch_held")), Snapshot(), REPORTED)
+            assert busy.value.ids == {"ch_free", "ch_held"}
+        assert not locked_elsewhere(other, "sub_1")
+        free(other, "ch_held")
+
+        for need, wait in ((Need.WALK, True), (Need.BASE, False)):
+            hold(other, "ch_held")
+            async with runtime.engine.begin() as conn:
+                snapshot = Snapshot()
+                reader = general._Reader(conn, set(), wait=wait)
+                read = asyncio.create_task(reader.read(Wants(need, ("ch_held",)), snapshot, REPORTED))
+                try:
+                    await until_waiting_or_done(other, "ch_held", read)
+                    assert not read.done(), need
+                finally:
+                    free(other, "ch_held")  # (failing, the read ends before the transaction)
+                await read
+                assert snapshot.binding_known == {"ch_held"}
+                assert locked_elsewhere(other, "ch_held")
+
+
+async def test_a_commit_whose_walk_finds_an_id_locked_elsewhere_starts_again_holding_it_first(
+    runtime: Runtime, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new binding walks from the event's invoice to a charge another transaction holds: the
+    attempt is rolled back (LocksBusy), and the next takes the charge's lock with the event's own,
+    waiting for it; once free, the event binds all three."""
+    readers: list[tuple[bool, set[str]]] = []
+
+    class Noted(general._Reader):
+        def __init__(self, conn: Any, extra_locks: set[str], *, wait: bool) -> None:
+            readers.append((wait, set(extra_locks)))
+            super().__init__(conn, extra_locks, wait=wait)
+
+    monkeypatch.setattr(general, "_Reader", Noted)
+    with psycopg_connect(pg_url) as conn:
+        conn.execute("INSERT INTO stripe_links (object_id, linked_id) VALUES ('in_1', 'ch_1')")
+    sub = StripeObject("sub_1", "subscription", T, 0, {"status": "active"}, "cus_1", frozenset({"in_1"}))
+    event = {"id": "evt_walk", "type": "customer.subscription.updated", "created": T}
+    ingest = general.GeneralIngest(runtime.engine, LicenseRules(runtime.settings.entitled_statuses), NoRefresh())
+    with advisory(pg_url) as other:
+        hold(other, "ch_1")
+        commit = asyncio.create_task(ingest.commit(event, orjson.dumps(event), Reported((sub,), "lic_walk")))
+        try:
+            await until_waiting_or_done(other, "ch_1", commit)
+            assert not commit.done()
+            assert readers == [(False, set()), (False, {"ch_1"})]
+        finally:
+            free(other, "ch_1")
+        outcome = await commit
+    assert (outcome.kind, outcome.license_id) == (OutcomeKind.APPLIED, "lic_walk")
+    assert len(readers) == 2
+    async with runtime.engine.connect() as conn:
+        bound = dict((await conn.execute(sa.select(stripe_bindings.c.stripe_id, stripe_bindings.c.license_id))).all())
+        recorded = (await conn.execute(sa.select(stripe_events.c.id, stripe_events.c.outcome))).all()
+    assert bound == {"sub_1": "lic_walk", "in_1": "lic_walk", "ch_1": "lic_walk"}
+    assert recorded == [("evt_walk", "applied")]  # once: the first attempt's record was rolled back
+
+
+async def test_the_general_path_reads_the_rows_each_need_names_and_locks_the_license_rows(
+    runtime: Runtime, pg_url: str
+) -> None:
+    """CLAIMED: the customers of a license's objects; CUSTOMER_LICENSES: the licenses holding an
+    object of the customer (customer-level objects hold none); LICENSES: the rows, locked (created if
+    new), every id bound to them with its object, and the customer-level objects of their customers
+    and the event's; CUSTOMER_OBJECTS: those of the customers named, of customer-level kinds only."""
+    s1 = {"status": "active"}
+    with psycopg_connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO licenses (id, seq, state) VALUES ('lic_1', 3, %s::json), ('lic_other', 7, '{}'::json)",
+            (orjson.dumps(s1).decode(),),
+        )
+        conn.execute(
+            "INSERT INTO stripe_bindings (stripe_id, license_id) VALUES ('sub_1', 'lic_1'), ('in_1', 'lic_1'),"
+            " ('pi_1', 'lic_1'), ('sub_9', 'lic_other')"
+        )
+        conn.execute(
+            "INSERT INTO stripe_objects (id, kind, version, rank, customer, state) VALUES"
+            " ('sub_1', 'subscription', 10, 2, 'cus_1', '{\"status\": \"active\"}'),"
+            " ('in_1', 'invoice', 11, 0, 'cus_1', '{\"status\": \"paid\"}'),"
+            " ('entitlements:cus_1', 'entitlements', 12, 1, 'cus_1', '{\"features\": [\"a\"]}'),"
+            " ('entitlements:cus_2', 'entitlements', 13, 0, 'cus_2', '{\"features\": [\"b\"]}'),"
+            " ('entitlements:cus_9', 'entitlements', 14, 0, 'cus_9', '{\"features\": []}'),"
+            " ('sub_9', 'subscription', 16, 0, 'cus_2', '{}')"
+        )
+    own = StripeObject("sub_new", "subscription", T, 0, {"status": "active"}, "cus_3")
+    reported = Reported((own,), "lic_1")
+    entitled_1 = StripeObject("entitlements:cus_1", "entitlements", 12, 1, {"features": ["a"]}, "cus_1")
+    async with runtime.engine.begin() as conn:
+        reader = general._Reader(conn, set(), wait=True)
+        snapshot = Snapshot(objects_known={"sub_new"})
+        snapshot.add_objects([own])
+        await reader.read(Wants(Need.CLAIMED, ("lic_1",)), snapshot, reported)
+        assert snapshot.claimed == {"lic_1": {"cus_1"}}
+        await reader.read(Wants(Need.CUSTOMER_LICENSES, ("cus_2",)), snapshot, reported)
+        assert snapshot.customer_licenses == {"cus_2": {"lic_other"}}
+
+        await reader.read(Wants(Need.LICENSES, ("lic_new", "lic_1")), snapshot, reported)
+        assert snapshot.licenses == {"lic_1": (3, s1), "lic_new": (0, initial_state())}
+        assert snapshot.bindings == {"sub_1": "lic_1", "in_1": "lic_1", "pi_1": "lic_1"}
+        assert snapshot.binding_known == {"sub_1", "in_1", "pi_1"}
+        assert snapshot.objects_known == {"sub_new", "sub_1", "in_1", "pi_1"}  # pi_1: bound, without a row
+        assert snapshot.customers_known == {"cus_1", "cus_3"}
+        assert snapshot.objects == {
+            "sub_new": own,
+            "sub_1": StripeObject("sub_1", "subscription", 10, 2, {"status": "active"}, "cus_1"),
+            "in_1": StripeObject("in_1", "invoice", 11, 0, {"status": "paid"}, "cus_1"),
+            "entitlements:cus_1": entitled_1,
+        }
+        with psycopg_connect(pg_url) as other, pytest.raises(psycopg.errors.LockNotAvailable):
+            other.execute("SELECT id FROM licenses WHERE id = 'lic_1' FOR UPDATE NOWAIT")
+
+        await reader.read(Wants(Need.CUSTOMER_OBJECTS, ("cus_2",)), snapshot, reported)
+        assert snapshot.customers_known == {"cus_1", "cus_2", "cus_3"}
+        assert set(snapshot.objects) == {"sub_new", "sub_1", "in_1", "entitlements:cus_1", "entitlements:cus_2"}
+        assert snapshot.by_customer == {
+            "cus_1": {"entitlements:cus_1": entitled_1},
+            "cus_2": {
+                "entitlements:cus_2": StripeObject(
+                    "entitlements:cus_2", "entitlements", 13, 0, {"features": ["b"]}, "cus_2"
+                )
+            },
+        }

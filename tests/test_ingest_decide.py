@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import random
 import re
@@ -23,9 +24,10 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from sqlalchemy.dialects import postgresql, sqlite
 
-from broker.ingest import batched
+from broker.ingest import batched, general
 from broker.ingest.decide import (
     REASON_LENGTH,
+    STRIPE_READS,
     Delivery,
     Missing,
     Need,
@@ -40,7 +42,7 @@ from broker.ingest.decide import (
     with_objects,
 )
 from broker.ingest.errors import IngestRefused, IngestUnavailable, database_errors
-from broker.ingest.general import GeneralIngest
+from broker.ingest.general import LOCK_ATTEMPTS, GeneralIngest
 from broker.ingest.outcomes import DUPLICATE, Outcome, OutcomeKind
 from broker.ingest.records import _payload, envelope_problem, mark_linked, record, set_outcome, unmatched_events
 from broker.ingest.service import Ingestor
@@ -60,6 +62,7 @@ from broker.stripe_ledger.objects import (
     report,
 )
 from broker.stripe_ledger.refresh import NoRefresh, StripeUnavailable
+from broker.stripe_ledger.store import LedgerStore, LocksBusy
 from tests.stripe_objects import SHAPES, Shape
 from tests.test_ledger_rows import events_of
 from webhook.samples import SampleEvents
@@ -1407,6 +1410,217 @@ async def test_the_general_path_reads_what_the_decision_asks_and_each_stripe_rea
     outcome, writes = await GeneralIngest(None, RULES, api)._decide(EmptyDatabase(), d)  # type: ignore[arg-type]
     assert api.calls == [("entitlements", "cus_1")] and outcome.kind is OutcomeKind.PENDING
     assert writes.objects[summary.id].state == {"features": ["a", "b"], "partial": False}
+
+
+# -- the general path's transaction (GeneralIngest.commit, _Reader's locks, _flush), faked ---------
+
+
+class FakeEngine:
+    """An engine whose transactions (counted) all hand out `conn`."""
+
+    def __init__(self, conn: Any = None) -> None:
+        self.conn = conn
+        self.transactions = 0
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> Any:
+        self.transactions += 1
+        yield self.conn
+
+
+class BusyAttempts(GeneralIngest):
+    """The general path whose decision finds ids locked elsewhere (LocksBusy): at attempt n the
+    ids `busy[n - 1]`, or at every attempt (`busy=None`); past them it decides. Each attempt's
+    reader (whether it waits, the ids it takes first) and delivery noted."""
+
+    def __init__(self, busy: list[set[str]] | None) -> None:
+        super().__init__(FakeEngine(), RULES, NoRefresh())  # type: ignore[arg-type]
+        self.busy = busy
+        self.readers: list[tuple[bool, set[str]]] = []
+        self.deliveries: list[Delivery] = []
+
+    async def _decide(self, reader: Any, delivery: Delivery) -> tuple[Outcome, Writes]:
+        self.readers.append((reader.wait, set(reader.extra)))
+        self.deliveries.append(delivery)
+        attempt = len(self.readers)
+        if self.busy is None or attempt <= len(self.busy):
+            raise LocksBusy(self.busy[attempt - 1] if self.busy else {f"ch_{attempt}"})
+        return Outcome(OutcomeKind.APPLIED, "lic_1"), Writes(NOW)
+
+
+@pytest.fixture
+def committed(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    """general.py's record and _flush faked: the event ids recorded (each attempt records its event
+    anew: the attempts before were rolled back) and the (outcome, event id) flushed."""
+    seen: dict[str, list[Any]] = {"recorded": [], "flushed": []}
+
+    async def recorded(conn: Any, event: dict[str, Any], raw: bytes | None = None, outcome: Any = None) -> bool:
+        seen["recorded"].append(event["id"])
+        return True
+
+    async def flushed(conn: Any, writes: Writes, outcome: Outcome, event_id: str) -> None:
+        seen["flushed"].append((outcome, event_id))
+
+    monkeypatch.setattr(general, "record", recorded)
+    monkeypatch.setattr(general, "_flush", flushed)
+    return seen
+
+
+async def test_a_commit_that_finds_ids_locked_elsewhere_starts_again_holding_them_and_waits_at_the_last_attempt(
+    committed: dict[str, list[Any]],
+) -> None:
+    """LocksBusy rolls the attempt back; the next takes first every id found busy so far (sorted,
+    with the event's own: no wait on an id while holding others); only the last attempt of
+    LOCK_ATTEMPTS waits for the ids its walk finds. Every attempt decides the event as delivered."""
+    ingest = BusyAttempts([{"ch_2"}, {"ch_1"}])
+    event = {"id": "evt_1", "type": "customer.subscription.updated", "created": T}
+    raw = b'{"id":  "evt_1"}'
+    reported = Reported((row("sub_1"),), "lic_1")
+    outcome = await ingest.commit(event, raw, reported)
+
+    assert LOCK_ATTEMPTS == 3
+    assert ingest.readers == [(False, set()), (False, {"ch_2"}), (True, {"ch_1", "ch_2"})]
+    assert ingest.engine.transactions == 3  # type: ignore[attr-defined]
+    assert committed["recorded"] == ["evt_1"] * 3
+    assert committed["flushed"] == [(outcome, "evt_1")] and outcome.kind is OutcomeKind.APPLIED
+    assert all(d.event is event and d.raw is raw and d.reported is reported for d in ingest.deliveries)
+
+
+async def test_a_commit_whose_waiting_attempt_still_finds_locks_busy_is_a_bug_said_so(
+    committed: dict[str, list[Any]],
+) -> None:
+    """The last attempt waits for every lock, so LocksBusy cannot reach it: if it did, the commit
+    fails loudly after LOCK_ATTEMPTS rather than trying for ever or answering as if decided."""
+    ingest = BusyAttempts(None)
+    with pytest.raises(AssertionError) as raised:
+        await ingest.commit({"id": "evt_1"}, None, Reported((row("sub_1"),), "lic_1"))
+    assert raised.value.args == ("the last attempt waits for its locks",)
+    assert [wait for wait, _ in ingest.readers] == [False, False, True]
+    assert committed["flushed"] == []
+
+
+async def test_a_commit_recorded_before_is_a_duplicate_and_decides_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def recorded_before(*args: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(general, "record", recorded_before)
+    ingest = BusyAttempts([])
+    assert await ingest.commit({"id": "evt_1"}, None, Reported((row("sub_1"),), "lic_1")) is DUPLICATE
+    assert ingest.readers == []
+
+
+async def test_an_event_decided_without_the_database_is_recorded_with_its_outcome_and_body_as_sent() -> None:
+    conn = _Connection()
+    event = {"id": "evt_1", "type": "invoice.paid", "created": T}
+    outcome = Outcome(OutcomeKind.UNMATCHED, reason="no license")
+    ingest = GeneralIngest(FakeEngine(conn), RULES, NoRefresh())  # type: ignore[arg-type]
+    assert await ingest.record(event, b'{"id":  "evt_1"}', outcome) is outcome
+    params = conn.compiled().params
+    assert (params["param_1"], params["outcome"], params["reason"]) == ('{"id":  "evt_1"}', "unmatched", "no license")
+    again = GeneralIngest(FakeEngine(_Connection(first=None)), RULES, NoRefresh())  # type: ignore[arg-type]
+    assert await again.record(event, b"{}", outcome) is DUPLICATE
+
+
+class HoldingDatabase(EmptyDatabase):
+    """The reader on a database holding what `held` read (its first read fills the snapshot with
+    it), else as EmptyDatabase."""
+
+    def __init__(self, held: Snapshot) -> None:
+        super().__init__()
+        self.held = held
+
+    async def read(self, wants: Wants, snapshot: Snapshot, reported: Reported) -> None:
+        if not self.reads:
+            for f in dataclasses.fields(Snapshot):
+                setattr(snapshot, f.name, copy.deepcopy(getattr(self.held, f.name)))
+        await super().read(wants, snapshot, reported)
+
+
+async def test_the_general_path_refreshes_an_object_from_stripe_with_the_version_it_holds() -> None:
+    """A snapshot of the held version saying something else: Stripe's API is asked for the object
+    (with the version the database holds), and the event decided on what it reads now."""
+    held = row("sub_1", status="active")
+    now_read = Reported((row("sub_1", version=T + 9, status="canceled"),), "lic_1")
+    api = FakeApi(refresh=now_read)
+    d = sent(row("sub_1", status="past_due"))
+    outcome, writes = await general_with(api)._decide(HoldingDatabase(holding(held)), d)  # type: ignore[arg-type]
+    assert api.calls == [("refresh", ("sub_1", T))]
+    assert (outcome.kind, outcome.license_id) == (OutcomeKind.APPLIED, "lic_1")
+    assert writes.objects["sub_1"] == now_read.primary
+    assert writes.licenses["lic_1"][1]["status"] == "canceled"
+
+
+async def test_the_general_path_never_flushes_a_new_license_row_it_locks_every_row_first() -> None:
+    """_Reader creates each license row as it locks it (LicenseStore.lock): a decision that still
+    creates one is a bug, said so before anything of it is written."""
+    writes = Writes(NOW, created={"lic_1": (1, initial_state())})
+    with pytest.raises(AssertionError) as raised:
+        await general._flush(None, writes, Outcome(OutcomeKind.APPLIED, "lic_1"), "evt_1")  # type: ignore[arg-type]
+    assert raised.value.args == ("the general path's license rows exist once locked",)
+
+
+@pytest.fixture
+def locks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[set[str | None], bool]]:
+    """LedgerStore on a database holding nothing: no binding, no object; each lock_ids call noted
+    (the ids, and whether it waits; its own default: wait)."""
+    taken: list[tuple[set[str | None], bool]] = []
+
+    async def lock_ids(conn: Any, ids: Any, *, wait: bool = True) -> None:
+        taken.append((set(ids), wait))
+
+    async def nothing(conn: Any, ids: Any) -> dict[str, Any]:
+        return {}
+
+    monkeypatch.setattr(LedgerStore, "lock_ids", staticmethod(lock_ids))
+    monkeypatch.setattr(LedgerStore, "bindings", staticmethod(nothing))
+    monkeypatch.setattr(LedgerStore, "objects", staticmethod(nothing))
+    return taken
+
+
+class NoLinks:
+    """A connection whose queries (the walk's links) find no row."""
+
+    async def execute(self, statement: Any) -> Any:
+        return SimpleNamespace(all=list)
+
+
+async def test_the_first_read_locks_the_events_ids_with_its_customer_and_the_ids_found_busy_before(
+    locks: list[tuple[set[str | None], bool]],
+) -> None:
+    """The first lock of the transaction (BASE) takes the event's ids, its customer and the ids an
+    earlier attempt found busy, in one go, waiting for them; later reads lock only the ids they add
+    (never one twice): a BASE read waiting, a walk's waiting only at the last attempt (else
+    LocksBusy), whatever the event reports meanwhile."""
+    reported = Reported((row("sub_1", links=("in_1",)),), "lic_1")
+    for wait in (False, True):
+        locks.clear()
+        reader = general._Reader(NoLinks(), {"ch_busy"}, wait=wait)  # type: ignore[arg-type]
+        snapshot = Snapshot()
+        await reader.read(Wants(Need.BASE, ("in_1", "sub_1")), snapshot, reported)
+        # A second BASE read (a line items id), reporting another customer now: its new id only.
+        other = Reported((row("li_1", customer="cus_2"),), "lic_1")
+        await reader.read(Wants(Need.BASE, ("li_1", "sub_1")), snapshot, other)
+        await reader.read(Wants(Need.WALK, ("ch_2", "ch_busy", "in_1")), snapshot, reported)
+        assert locks == [({"in_1", "sub_1", CUS, "ch_busy"}, True), ({"li_1"}, True), ({"ch_2"}, wait)], wait
+        assert snapshot.neighbours == {"ch_2": set(), "ch_busy": set(), "in_1": set()}
+
+
+async def test_an_event_without_a_customer_locks_only_its_ids_and_those_found_busy_before(
+    locks: list[tuple[set[str | None], bool]],
+) -> None:
+    reader = general._Reader(NoLinks(), set(), wait=True)  # type: ignore[arg-type]
+    await reader.read(Wants(Need.BASE, ("ch_1",)), Snapshot(), Reported((row("ch_1", "charge", customer=None),)))
+    assert locks == [({"ch_1"}, True)]
+
+
+async def test_the_database_reader_is_never_asked_for_a_read_from_stripe() -> None:
+    """Reads from Stripe's API are GeneralIngest._read_stripe's: asked of the reader, a bug named by
+    its need."""
+    reader = general._Reader(NoLinks(), set(), wait=True)  # type: ignore[arg-type]
+    for need in sorted(STRIPE_READS, key=lambda n: n.name):
+        with pytest.raises(AssertionError) as raised:
+            await reader.read(Wants(need, ("sub_1",)), Snapshot(), Reported((row("sub_1"),)))
+        assert raised.value.args == (need,)
 
 
 # -- the use case (broker.ingest.service.Ingestor), its paths and transport faked ---------------
