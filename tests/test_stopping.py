@@ -8,7 +8,7 @@ before they reach anything outside."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,9 +18,7 @@ from broker.licensing.pending import PendingCheckouts
 from broker.licensing.trials import TrialClock
 from broker.licensing.watch import MachineWatch
 from broker.transports.sweep import DatabaseSweep
-
-# A loop's owner as the tests drive it: start it, wake it, close it.
-Owner = tuple[Callable[[], None], Callable[[], None], Callable[[], Coroutine[Any, Any, None]]]
+from tests.support.stopping import Owner, stops_when_woken_as_closed
 
 
 class Unreachable:
@@ -78,32 +76,15 @@ def _machine_watch() -> Owner:
     [_sweep, _pending, _trial_clock, _machine_watch],
     ids=["database sweep", "pending checkouts", "trial clock", "machine watch"],
 )
-async def test_a_background_loop_woken_as_it_is_closed_stops(
-    component: Callable[[], Owner],
-) -> None:
-    # The wake before or after the close, some turns of the loop apart: one of them lands where
-    # the close cancels the loop's wait as the wake completes it.
-    for wake_first in (True, False):
-        for turns in range(4):
-            start, wake, close = component()
-            start()
-            for _ in range(5):  # into its wait (what it does first is in memory)
-                await asyncio.sleep(0)
-            closing: asyncio.Task[None] | None = None
-            if wake_first:
-                wake()
-            else:
-                closing = asyncio.create_task(close())
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            if wake_first:
-                closing = asyncio.create_task(close())
-            else:
-                wake()
-            assert closing is not None
-            done, _ = await asyncio.wait({closing}, timeout=5)
-            assert done, f"{'woken' if wake_first else 'closed'} first, {turns} turns apart: the loop did not stop"
-            closing.result()
+async def test_a_background_loop_woken_as_it_is_closed_stops(component: Callable[[], Owner]) -> None:
+    async def started() -> Owner:
+        start, wake, close = component()
+        start()
+        for _ in range(5):  # into its wait (what it does first is in memory)
+            await asyncio.sleep(0)
+        return start, wake, close
+
+    await stops_when_woken_as_closed(started)
 
 
 async def test_stop_lets_a_cancellation_of_its_caller_through() -> None:

@@ -40,6 +40,7 @@ from tests.support.fakecluster import FakeCluster
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.services import unavailable
+from tests.support.stopping import Owner, stops_when_woken_as_closed
 from tests.support.transports import Harness, Received
 from tests.support.waiting import async_wait_until, free_port
 
@@ -1330,25 +1331,13 @@ async def test_a_cluster_transport_asked_to_resync_as_it_is_closed_stops(fake_cl
     the transport is closed: the close still ends its loop (on Python 3.11 `asyncio.wait_for`
     lost the cancellation there, cpython#86296, and the loop resynced and waited again for ever;
     tests/test_stopping.py has the other loops)."""
-    for resync_first in (True, False):
-        for turns in range(4):
-            transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, refresh_interval=60)
-            await asyncio.wait_for(transport.start(Received().on_message), 5)
-            closing: asyncio.Task[None] | None = None
-            if resync_first:
-                transport._resync.set()
-            else:
-                closing = asyncio.create_task(transport.close())
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            if resync_first:
-                closing = asyncio.create_task(transport.close())
-            else:
-                transport._resync.set()
-            assert closing is not None
-            done, _ = await asyncio.wait({closing}, timeout=5)
-            assert done, f"{'resync' if resync_first else 'close'} first, {turns} turns apart: the loop did not stop"
-            closing.result()
+
+    async def started() -> Owner:
+        transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, refresh_interval=60)
+        await asyncio.wait_for(transport.start(Received().on_message), 5)
+        return (lambda: None), transport._resync.set, transport.close
+
+    await stops_when_woken_as_closed(started)
 
 
 async def test_a_listen_waiting_on_a_shard_that_another_listens_ssubscribe_broke_is_told_so(
