@@ -4,6 +4,7 @@ runs broker.stripe_ledger.binding's walk on (SnapshotRows: the memory rows' answ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -61,6 +62,7 @@ from broker.stripe_ledger.objects import (
 )
 from broker.stripe_ledger.refresh import NoRefresh, StripeUnavailable
 from tests.stripe_objects import SHAPES, Shape
+from tests.support.waiting import async_wait_until
 from tests.test_ledger_rows import events_of
 from webhook.samples import SampleEvents
 
@@ -1221,6 +1223,91 @@ def test_only_events_of_no_customer_level_object_take_the_batched_path() -> None
     assert not batched.BatchedIngest.eligible(
         Reported((row("entitlements:cus_1", "entitlements"),), customer_level=True)
     )
+
+
+# -- the batched path's transactions (broker.ingest.batched.BatchedIngest), the database faked ------
+
+
+def requested(d: Delivery) -> batched._Request:
+    return batched._Request(d, asyncio.get_running_loop().create_future())
+
+
+async def test_at_most_two_transactions_run_at_once_and_the_events_waiting_meanwhile_share_the_next() -> None:
+    """Group commit (batched.RUNNERS): an event arriving while two transactions are in flight waits
+    for one of them to end, and goes with every event that waited with it in one transaction."""
+    ingest = batched.BatchedIngest(None, RULES, refreshes=False)  # type: ignore[arg-type]
+    started: list[list[str]] = []
+    release = asyncio.Event()
+    in_flight = most = 0
+
+    async def transaction(batch: list[batched._Request]) -> list[Outcome | None]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        started.append([r.delivery.event["id"] for r in batch])
+        await release.wait()
+        in_flight -= 1
+        return [Outcome(OutcomeKind.APPLIED, r.delivery.event["id"]) for r in batch]
+
+    ingest._transaction = transaction  # type: ignore[method-assign]
+
+    def arrives(n: int) -> asyncio.Task[Outcome | None]:
+        d = sent(row(f"sub_{n}"), event_id=f"evt_{n}")
+        return asyncio.create_task(ingest.apply(d.event, d.raw, d.reported))
+
+    applies = [arrives(1)]  # each of the first two starts a transaction of its own
+    await async_wait_until(lambda: len(started) == 1, what="the first transaction")
+    applies.append(arrives(2))
+    await async_wait_until(lambda: len(started) == 2, what="the second transaction")
+    applies += [arrives(3), arrives(4)]
+    await async_wait_until(lambda: len(ingest._waiting) + sum(map(len, started)) == 4, what="events 3 and 4 taken")
+    assert most == 2 and started == [["evt_1"], ["evt_2"]]  # 3 and 4 wait
+    release.set()
+    outcomes = await asyncio.gather(*applies)
+    assert [o.license_id for o in outcomes] == ["evt_1", "evt_2", "evt_3", "evt_4"]  # type: ignore[union-attr]
+    assert started == [["evt_1"], ["evt_2"], ["evt_3", "evt_4"]] and most == 2
+    assert ingest._runners == set()  # each runner ended with the events it found
+
+
+class FakePg:
+    """A psycopg connection in a pipeline: the statements executed, with their parameters."""
+
+    def __init__(self) -> None:
+        self.executed: list[tuple[str, Any]] = []
+
+    @contextlib.asynccontextmanager
+    async def pipeline(self) -> Any:
+        yield
+
+    async def execute(self, query: str, params: Any = None) -> None:
+        self.executed.append((query, params))
+
+
+async def test_a_batched_transaction_writes_what_it_decides_in_utc_and_leaves_stripe_reads_to_the_general_path() -> (
+    None
+):
+    """With STRIPE_API_KEY (`refreshes`), an event the decision would apply as Stripe's API reads
+    its object is given up (None: the general path reads Stripe), nothing written; an event it
+    decides is written with the transaction's time, aware and in UTC (the rows' timestamptz
+    columns), and committed in the same pipeline."""
+    held = row("sub_1", status="active")
+    ingest = batched.BatchedIngest(None, RULES, refreshes=True)  # type: ignore[arg-type]
+
+    async def read(pg: Any, deliveries: list[Delivery]) -> Snapshot:
+        return holding(held)
+
+    ingest._read = read  # type: ignore[method-assign]
+    pg = FakePg()
+    saying_else = sent(row("sub_1", status="past_due"))  # the held version, saying something else
+    assert await ingest._apply(pg, [requested(saying_else)]) == [None]  # type: ignore[arg-type]
+    assert pg.executed == []
+    newer = sent(row("sub_1", version=T + 1, status="past_due"))
+    before = datetime.now(UTC)
+    (outcome,) = await ingest._apply(pg, [requested(newer)])  # type: ignore[arg-type]
+    assert outcome is not None and (outcome.kind, outcome.license_id) == (OutcomeKind.APPLIED, "lic_1")
+    (write, params), commit = pg.executed
+    assert write == WRITE and params["n"] == 1 and commit[0].upper() == "COMMIT"
+    assert params["now"].tzinfo is UTC and before <= params["now"] <= datetime.now(UTC)
 
 
 # -- the general path's reads from Stripe's API (broker.ingest.general), with a fake API ------------
