@@ -1269,6 +1269,50 @@ async def test_at_most_two_transactions_run_at_once_and_the_events_waiting_meanw
     assert ingest._runners == set()  # each runner ended with the events it found
 
 
+async def test_a_cancelled_runner_cancels_its_events_and_the_last_one_every_event_still_waiting() -> None:
+    """The process stopping cancels the runners: nobody waits for ever. A runner cancelled while
+    another runs cancels its own batch only (the other takes the events waiting); the last one
+    cancels the events still waiting too."""
+    ingest = batched.BatchedIngest(None, RULES, refreshes=False)  # type: ignore[arg-type]
+    started: list[str] = []
+
+    async def transaction(batch: list[batched._Request]) -> list[Outcome | None]:
+        started.extend(r.delivery.event["id"] for r in batch)
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("not cancelled")
+
+    ingest._transaction = transaction  # type: ignore[method-assign]
+
+    def arrives(n: int) -> asyncio.Task[Outcome | None]:
+        d = sent(row(f"sub_{n}"), event_id=f"evt_{n}")
+        return asyncio.create_task(ingest.apply(d.event, d.raw, d.reported))
+
+    first = arrives(1)
+    await async_wait_until(lambda: started == ["evt_1"], what="the first transaction")
+    (runner_1,) = ingest._runners
+    second = arrives(2)
+    await async_wait_until(lambda: started == ["evt_1", "evt_2"], what="the second transaction")
+    (runner_2,) = ingest._runners - {runner_1}
+    waiting = [arrives(3), arrives(4)]
+    await async_wait_until(lambda: len(ingest._waiting) == 2, what="events 3 and 4 waiting")
+    requests = list(ingest._waiting)
+
+    runner_1.cancel()
+    await asyncio.gather(runner_1, return_exceptions=True)
+    assert runner_1.cancelled() and ingest._runners == {runner_2}
+    await async_wait_until(first.done, what="the first event's end")
+    assert first.cancelled()
+    assert list(ingest._waiting) == requests and not any(r.future.done() for r in requests)
+
+    runner_2.cancel()
+    await asyncio.gather(runner_2, return_exceptions=True)
+    assert runner_2.cancelled() and ingest._runners == set()
+    assert all(r.future.cancelled() for r in requests)
+    await async_wait_until(lambda: second.done() and all(t.done() for t in waiting), what="the other events' end")
+    assert second.cancelled() and all(t.cancelled() for t in waiting)
+    assert started == ["evt_1", "evt_2"]  # 3 and 4 never reached a transaction
+
+
 class FakePg:
     """A psycopg connection in a pipeline: the statements executed, with their parameters."""
 
@@ -1513,8 +1557,10 @@ class FakePath:
 
     def __init__(self, answer: Any = None, *, eligible: bool = True) -> None:
         self.answer, self.calls, self._eligible = answer, list[tuple[str, Any]](), eligible
+        self.asked: list[Reported] = []  # what `eligible` was asked of
 
     def eligible(self, reported: Reported) -> bool:
+        self.asked.append(reported)
         return self._eligible
 
     async def _done(self, name: str, *args: Any) -> Any:
@@ -1541,6 +1587,7 @@ def subscription_event(event_id: str = "evt_1", **extra: Any) -> dict[str, Any]:
 def test_the_ingestor_takes_the_batched_path_on_postgres_unless_told_and_refreshes_with_a_key() -> None:
     rules = RULES
     on_pg = Ingestor(fake_runtime("postgresql"), rules)
+    assert on_pg.rules is rules
     assert on_pg.batched is not None and on_pg.batched.refreshes is False and on_pg.batched.rules is rules
     assert isinstance(on_pg.refresher, NoRefresh) and on_pg.filter == EventFilter() and on_pg.after_commit is None
     assert on_pg.general.rules is rules and on_pg.general.refresher is on_pg.refresher
@@ -1634,13 +1681,16 @@ async def test_each_event_takes_the_path_that_can_decide_it() -> None:
     assert [c[0] for c in ingestor.batched.calls] == ["apply"] and ingestor.general.calls == []  # type: ignore[attr-defined]
     assert ingestor.batched.calls[0][1][:2] == (event, raw)  # type: ignore[attr-defined]
     assert isinstance(ingestor.batched.calls[0][1][2], Reported)  # type: ignore[attr-defined]
+    reported = ingestor.batched.calls[0][1][2]  # type: ignore[attr-defined]
+    assert ingestor.batched.asked == [reported]  # type: ignore[attr-defined]
     ingestor.batched = FakePath(None)  # type: ignore[assignment]
     assert await ingestor.ingest(event, raw) is applied
     assert [c[0] for c in ingestor.general.calls] == ["commit"]  # type: ignore[attr-defined]
-    assert ingestor.general.calls[0][1][:2] == (event, raw)  # type: ignore[attr-defined]
+    assert ingestor.general.calls[0][1] == (event, raw, reported)  # type: ignore[attr-defined]
     ingestor.general, ingestor.batched = FakePath(applied), FakePath(applied, eligible=False)  # type: ignore[assignment]
     assert await ingestor.ingest(event, raw) is applied
     assert ingestor.batched.calls == [] and [c[0] for c in ingestor.general.calls] == ["commit"]  # type: ignore[attr-defined]
+    assert ingestor.batched.asked == [reported] and ingestor.general.calls[0][1] == (event, raw, reported)  # type: ignore[attr-defined]
     ingestor.general = FakePath(DUPLICATE)  # type: ignore[assignment]
     ingestor.batched = None
     unused = {"id": "evt_c", "type": "customer.created", "created": T, "data": {"object": {"id": "cus_1"}}}
