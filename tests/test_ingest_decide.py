@@ -1313,6 +1313,38 @@ async def test_a_cancelled_runner_cancels_its_events_and_the_last_one_every_even
     assert started == ["evt_1", "evt_2"]  # 3 and 4 never reached a transaction
 
 
+async def test_a_batch_that_fails_is_retried_one_event_per_transaction_and_each_ends_as_it_would_alone() -> None:
+    """A batch failing as a whole (content one event carries that the database refuses) is retried
+    one event per transaction, so one event never decides another's fate: the others are decided,
+    the refusing one's caller reads the driver's error (broker.ingest.errors); an event whose lone
+    transaction found its rows written meanwhile (the WRITE's division by zero) goes to the general
+    path (None)."""
+    ingest = batched.BatchedIngest(None, RULES, refreshes=False)  # type: ignore[arg-type]
+    refused = psycopg.errors.NumericValueOutOfRange("bigint out of range")
+    tried: list[list[str]] = []
+
+    async def transaction(batch: list[batched._Request]) -> list[Outcome | None]:
+        ids = [r.delivery.event["id"] for r in batch]
+        tried.append(ids)
+        if "evt_refused" in ids:
+            raise refused
+        if "evt_written" in ids:
+            raise psycopg.errors.DivisionByZero("division by zero")
+        return [Outcome(OutcomeKind.APPLIED, i) for i in ids]
+
+    ingest._transaction = transaction  # type: ignore[method-assign]
+    good, bad = (requested(sent(row(f"sub_{n}"), event_id=f"evt_{n}")) for n in ("good", "refused"))
+    await ingest._settle([good, bad])
+    assert tried == [["evt_good", "evt_refused"], ["evt_good"], ["evt_refused"]]
+    assert good.future.result() == Outcome(OutcomeKind.APPLIED, "evt_good")
+    assert bad.future.exception() is refused
+    tried.clear()
+    good, written = (requested(sent(row(f"sub_{n}"), event_id=f"evt_{n}")) for n in ("good", "written"))
+    await ingest._settle([written, good])
+    assert tried == [["evt_written", "evt_good"], ["evt_written"], ["evt_good"]]
+    assert written.future.result() is None and good.future.result() == Outcome(OutcomeKind.APPLIED, "evt_good")
+
+
 class FakePg:
     """A psycopg connection in a pipeline: the statements executed, with their parameters."""
 
