@@ -521,3 +521,20 @@ async def test_the_batched_read_knows_the_customers_of_the_objects_bound_to_its_
         pass
     assert snapshot.bindings == {"sub_1": "lic_1", "ch_1": "lic_1"}
     assert snapshot.customers_known == {"cus_1"} and set(snapshot.by_customer) == {"cus_1"}
+
+
+async def test_a_connection_the_batched_path_used_goes_back_to_the_pool_transactional(pg_url: str) -> None:
+    """The batched path runs its statements in autocommit (its BEGIN and COMMIT are statements of
+    its pipelines) and gives the connection back as it lent it: whoever takes it next (the
+    general path, under its id locks) runs a transaction that a rollback undoes."""
+    async with open_runtime(make_settings(pg_url, db_pool_size=1)) as runtime:
+        fast = Ingestor(runtime, LicenseRules(runtime.settings.entitled_statuses), batching=True)
+        event = SampleEvents("lic_pooled").subscription_event("customer.subscription.updated", "active", T)
+        outcome = await fast.ingest(event, orjson.dumps(event))
+        assert outcome.kind == "applied"
+        async with runtime.engine.connect() as conn:
+            await conn.execute(sa.text("INSERT INTO licenses (id, seq, state) VALUES ('lic_undone', 0, '{}')"))
+            await conn.rollback()
+        async with runtime.engine.connect() as conn:
+            ids = set((await conn.scalars(sa.select(licenses.c.id))).all())
+    assert ids == {"lic_pooled"}
