@@ -5,6 +5,7 @@ the general path's own reads and locks (broker.ingest.general._Reader), a second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 from collections.abc import AsyncIterator
 from typing import Any
@@ -394,6 +395,31 @@ async def test_a_new_license_links_the_pending_entitlements_of_its_customer_in_t
     assert await rows(runtime) == general_rows
 
 
+def delivery(event_id: str, *objects: StripeObject, license_id: str | None = None) -> Delivery:
+    event = {"id": event_id, "type": "customer.subscription.updated", "created": T}
+    return Delivery(event, None, Reported(objects, license_id))
+
+
+def obj(object_id: str, customer: str | None, *links: str) -> StripeObject:
+    return StripeObject(object_id, "subscription", T, 0, {"status": "active"}, customer, frozenset(links))
+
+
+@contextlib.asynccontextmanager
+async def batched_read(runtime: Runtime, batch: list[Delivery]) -> AsyncIterator[Snapshot]:
+    """The batched path's first round trip (BEGIN, LOCK, READ) on a pooled connection: its snapshot,
+    the transaction open until the block ends (then rolled back)."""
+    ingest = fast_ingest.BatchedIngest(runtime.engine, LicenseRules(runtime.settings.entitled_statuses), False)
+    async with runtime.engine.connect() as conn:
+        pooled = await conn.get_raw_connection()
+        pg: Any = pooled.driver_connection
+        await pg.set_autocommit(True)
+        try:
+            yield await ingest._read(pg, batch)
+        finally:
+            await pg.rollback()
+            await pg.set_autocommit(False)
+
+
 async def test_the_batched_read_gives_the_snapshot_of_what_its_locks_guard_and_leaves_entangled_ids_unread(
     runtime: Runtime, pg_url: str
 ) -> None:
@@ -434,29 +460,14 @@ async def test_the_batched_read_gives_the_snapshot_of_what_its_locks_guard_and_l
             " ('evt_old', 'invoice.paid', 1, 'applied', '{}'::json)"
         )
 
-    def delivery(event_id: str, *objects: StripeObject, license_id: str | None = None) -> Delivery:
-        event = {"id": event_id, "type": "customer.subscription.updated", "created": T}
-        return Delivery(event, None, Reported(objects, license_id))
-
-    def obj(object_id: str, customer: str | None, *links: str) -> StripeObject:
-        return StripeObject(object_id, "subscription", T, 0, {"status": "active"}, customer, frozenset(links))
-
     batch = [
         delivery("evt_old", obj("sub_1", "cus_1", "in_1")),
         delivery("evt_new", obj("in_new", "cus_2", "in_pending", "ch_linked")),
         delivery("evt_3", obj("sub_fresh", "cus_2"), license_id="lic_absent"),
         delivery("evt_4", obj("cs_x", None), license_id="lic_named"),
     ]
-    ingest = fast_ingest.BatchedIngest(runtime.engine, LicenseRules(runtime.settings.entitled_statuses), False)
-    async with runtime.engine.connect() as conn:
-        pooled = await conn.get_raw_connection()
-        pg: Any = pooled.driver_connection
-        await pg.set_autocommit(True)
-        try:
-            snapshot = await ingest._read(pg, batch)
-        finally:
-            await pg.rollback()
-            await pg.set_autocommit(False)
+    async with batched_read(runtime, batch) as snapshot:
+        pass
 
     new = {"in_new", "sub_fresh", "cs_x"}
     assert snapshot.recorded == {"evt_old"}
@@ -475,6 +486,64 @@ async def test_the_batched_read_gives_the_snapshot_of_what_its_locks_guard_and_l
         "entitlements:cus_2": StripeObject("entitlements:cus_2", "entitlements", 13, 0, {"features": ["b"]}, "cus_2"),
     }
     assert set(snapshot.by_customer) == {"cus_1", "cus_2"}
+
+
+async def test_the_batched_read_holds_the_id_lock_of_every_id_and_customer_of_its_events_until_its_transaction_ends(
+    runtime: Runtime, pg_url: str
+) -> None:
+    """LOCK takes the advisory lock of each id the batch's events report (their objects and links)
+    and of their customers, as the general path does (LedgerStore.lock_ids), and holds them to the
+    end of the transaction: another transaction deciding an event of one of those ids waits for it."""
+    batch = [delivery("evt_1", obj("sub_1", "cus_1", "in_1")), delivery("evt_2", obj("ch_2", None), license_id="lic_2")]
+    keys = ("sub_1", "in_1", "cus_1", "ch_2", "sub_elsewhere", "cus_elsewhere")
+
+    def free() -> dict[str, bool]:
+        """Whether another transaction could take each id's lock now."""
+        with psycopg_connect(pg_url) as other:
+            query = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
+            return {k: bool(other.execute(query, (k,)).fetchone()[0]) for k in keys}  # type: ignore[index]
+
+    async with batched_read(runtime, batch):
+        assert free() == {k: k.endswith("_elsewhere") for k in keys}
+    assert free() == dict.fromkeys(keys, True)
+
+
+async def test_the_batched_read_knows_the_customers_of_the_objects_bound_to_its_licenses(
+    runtime: Runtime, pg_url: str
+) -> None:
+    """The READ reads the customer-level objects of every customer the licenses' objects name, not
+    only of those the events name (an event whose object names no customer, one of another
+    customer): the snapshot knows them, so the decision does not send the event to the general path
+    to read them (decide.Need.CUSTOMER_OBJECTS)."""
+    with psycopg_connect(pg_url) as conn:
+        conn.execute("INSERT INTO licenses (id, seq, state) VALUES ('lic_1', 1, '{}'::json)")
+        conn.execute("INSERT INTO stripe_bindings (stripe_id, license_id) VALUES ('sub_1', 'lic_1'), ('ch_1', 'lic_1')")
+        conn.execute(
+            "INSERT INTO stripe_objects (id, kind, version, rank, customer, state) VALUES"
+            " ('sub_1', 'subscription', 10, 0, 'cus_1', '{}'),"
+            " ('entitlements:cus_1', 'entitlements', 11, 0, 'cus_1', '{\"features\": [\"a\"]}')"
+        )
+    async with batched_read(runtime, [delivery("evt_1", obj("ch_1", None))]) as snapshot:
+        pass
+    assert snapshot.bindings == {"sub_1": "lic_1", "ch_1": "lic_1"}
+    assert snapshot.customers_known == {"cus_1"} and set(snapshot.by_customer) == {"cus_1"}
+
+
+async def test_a_connection_the_batched_path_used_goes_back_to_the_pool_transactional(pg_url: str) -> None:
+    """The batched path runs its statements in autocommit (its BEGIN and COMMIT are statements of
+    its pipelines) and gives the connection back as it lent it: whoever takes it next (the
+    general path, under its id locks) runs a transaction that a rollback undoes."""
+    async with open_runtime(make_settings(pg_url, db_pool_size=1)) as runtime:
+        fast = Ingestor(runtime, LicenseRules(runtime.settings.entitled_statuses), batching=True)
+        event = SampleEvents("lic_pooled").subscription_event("customer.subscription.updated", "active", T)
+        outcome = await fast.ingest(event, orjson.dumps(event))
+        assert outcome.kind == "applied"
+        async with runtime.engine.connect() as conn:
+            await conn.execute(sa.text("INSERT INTO licenses (id, seq, state) VALUES ('lic_undone', 0, '{}')"))
+            await conn.rollback()
+        async with runtime.engine.connect() as conn:
+            ids = set((await conn.scalars(sa.select(licenses.c.id))).all())
+    assert ids == {"lic_pooled"}
 
 
 # -- the general path's reads and locks on Postgres (broker.ingest.general._Reader) -----------------

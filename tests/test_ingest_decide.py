@@ -4,6 +4,7 @@ runs broker.stripe_ledger.binding's walk on (SnapshotRows: the memory rows' answ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import dataclasses
@@ -64,6 +65,7 @@ from broker.stripe_ledger.objects import (
 from broker.stripe_ledger.refresh import NoRefresh, StripeUnavailable
 from broker.stripe_ledger.store import LedgerStore, LocksBusy
 from tests.stripe_objects import SHAPES, Shape
+from tests.support.waiting import async_wait_until
 from tests.test_ledger_rows import events_of
 from webhook.samples import SampleEvents
 
@@ -1226,6 +1228,167 @@ def test_only_events_of_no_customer_level_object_take_the_batched_path() -> None
     )
 
 
+# -- the batched path's transactions (broker.ingest.batched.BatchedIngest), the database faked ------
+
+
+def requested(d: Delivery) -> batched._Request:
+    return batched._Request(d, asyncio.get_running_loop().create_future())
+
+
+async def test_at_most_two_transactions_run_at_once_and_the_events_waiting_meanwhile_share_the_next() -> None:
+    """Group commit (batched.RUNNERS): an event arriving while two transactions are in flight waits
+    for one of them to end, and goes with every event that waited with it in one transaction."""
+    ingest = batched.BatchedIngest(None, RULES, refreshes=False)  # type: ignore[arg-type]
+    started: list[list[str]] = []
+    release = asyncio.Event()
+    in_flight = most = 0
+
+    async def transaction(batch: list[batched._Request]) -> list[Outcome | None]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        started.append([r.delivery.event["id"] for r in batch])
+        await release.wait()
+        in_flight -= 1
+        return [Outcome(OutcomeKind.APPLIED, r.delivery.event["id"]) for r in batch]
+
+    ingest._transaction = transaction  # type: ignore[method-assign]
+
+    def arrives(n: int) -> asyncio.Task[Outcome | None]:
+        d = sent(row(f"sub_{n}"), event_id=f"evt_{n}")
+        return asyncio.create_task(ingest.apply(d.event, d.raw, d.reported))
+
+    applies = [arrives(1)]  # each of the first two starts a transaction of its own
+    await async_wait_until(lambda: len(started) == 1, what="the first transaction")
+    applies.append(arrives(2))
+    await async_wait_until(lambda: len(started) == 2, what="the second transaction")
+    applies += [arrives(3), arrives(4)]
+    await async_wait_until(lambda: len(ingest._waiting) + sum(map(len, started)) == 4, what="events 3 and 4 taken")
+    assert most == 2 and started == [["evt_1"], ["evt_2"]]  # 3 and 4 wait
+    release.set()
+    outcomes = await asyncio.gather(*applies)
+    assert [o.license_id for o in outcomes] == ["evt_1", "evt_2", "evt_3", "evt_4"]  # type: ignore[union-attr]
+    assert started == [["evt_1"], ["evt_2"], ["evt_3", "evt_4"]] and most == 2
+    assert ingest._runners == set()  # each runner ended with the events it found
+
+
+async def test_a_cancelled_runner_cancels_its_events_and_the_last_one_every_event_still_waiting() -> None:
+    """The process stopping cancels the runners: nobody waits for ever. A runner cancelled while
+    another runs cancels its own batch only (the other takes the events waiting); the last one
+    cancels the events still waiting too."""
+    ingest = batched.BatchedIngest(None, RULES, refreshes=False)  # type: ignore[arg-type]
+    started: list[str] = []
+
+    async def transaction(batch: list[batched._Request]) -> list[Outcome | None]:
+        started.extend(r.delivery.event["id"] for r in batch)
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("not cancelled")
+
+    ingest._transaction = transaction  # type: ignore[method-assign]
+
+    def arrives(n: int) -> asyncio.Task[Outcome | None]:
+        d = sent(row(f"sub_{n}"), event_id=f"evt_{n}")
+        return asyncio.create_task(ingest.apply(d.event, d.raw, d.reported))
+
+    first = arrives(1)
+    await async_wait_until(lambda: started == ["evt_1"], what="the first transaction")
+    (runner_1,) = ingest._runners
+    second = arrives(2)
+    await async_wait_until(lambda: started == ["evt_1", "evt_2"], what="the second transaction")
+    (runner_2,) = ingest._runners - {runner_1}
+    waiting = [arrives(3), arrives(4)]
+    await async_wait_until(lambda: len(ingest._waiting) == 2, what="events 3 and 4 waiting")
+    requests = list(ingest._waiting)
+
+    runner_1.cancel()
+    await asyncio.gather(runner_1, return_exceptions=True)
+    assert runner_1.cancelled() and ingest._runners == {runner_2}
+    await async_wait_until(first.done, what="the first event's end")
+    assert first.cancelled()
+    assert list(ingest._waiting) == requests and not any(r.future.done() for r in requests)
+
+    runner_2.cancel()
+    await asyncio.gather(runner_2, return_exceptions=True)
+    assert runner_2.cancelled() and ingest._runners == set()
+    assert all(r.future.cancelled() for r in requests)
+    await async_wait_until(lambda: second.done() and all(t.done() for t in waiting), what="the other events' end")
+    assert second.cancelled() and all(t.cancelled() for t in waiting)
+    assert started == ["evt_1", "evt_2"]  # 3 and 4 never reached a transaction
+
+
+async def test_a_batch_that_fails_is_retried_one_event_per_transaction_and_each_ends_as_it_would_alone() -> None:
+    """A batch failing as a whole (content one event carries that the database refuses) is retried
+    one event per transaction, so one event never decides another's fate: the others are decided,
+    the refusing one's caller reads the driver's error (broker.ingest.errors); an event whose lone
+    transaction found its rows written meanwhile (the WRITE's division by zero) goes to the general
+    path (None)."""
+    ingest = batched.BatchedIngest(None, RULES, refreshes=False)  # type: ignore[arg-type]
+    refused = psycopg.errors.NumericValueOutOfRange("bigint out of range")
+    tried: list[list[str]] = []
+
+    async def transaction(batch: list[batched._Request]) -> list[Outcome | None]:
+        ids = [r.delivery.event["id"] for r in batch]
+        tried.append(ids)
+        if "evt_refused" in ids:
+            raise refused
+        if "evt_written" in ids:
+            raise psycopg.errors.DivisionByZero("division by zero")
+        return [Outcome(OutcomeKind.APPLIED, i) for i in ids]
+
+    ingest._transaction = transaction  # type: ignore[method-assign]
+    good, bad = (requested(sent(row(f"sub_{n}"), event_id=f"evt_{n}")) for n in ("good", "refused"))
+    await ingest._settle([good, bad])
+    assert tried == [["evt_good", "evt_refused"], ["evt_good"], ["evt_refused"]]
+    assert good.future.result() == Outcome(OutcomeKind.APPLIED, "evt_good")
+    assert bad.future.exception() is refused
+    tried.clear()
+    good, written = (requested(sent(row(f"sub_{n}"), event_id=f"evt_{n}")) for n in ("good", "written"))
+    await ingest._settle([written, good])
+    assert tried == [["evt_written", "evt_good"], ["evt_written"], ["evt_good"]]
+    assert written.future.result() is None and good.future.result() == Outcome(OutcomeKind.APPLIED, "evt_good")
+
+
+class FakePg:
+    """A psycopg connection in a pipeline: the statements executed, with their parameters."""
+
+    def __init__(self) -> None:
+        self.executed: list[tuple[str, Any]] = []
+
+    @contextlib.asynccontextmanager
+    async def pipeline(self) -> Any:
+        yield
+
+    async def execute(self, query: str, params: Any = None) -> None:
+        self.executed.append((query, params))
+
+
+async def test_a_batched_transaction_writes_what_it_decides_in_utc_and_leaves_stripe_reads_to_the_general_path() -> (
+    None
+):
+    """With STRIPE_API_KEY (`refreshes`), an event the decision would apply as Stripe's API reads
+    its object is given up (None: the general path reads Stripe), nothing written; an event it
+    decides is written with the transaction's time, aware and in UTC (the rows' timestamptz
+    columns), and committed in the same pipeline."""
+    held = row("sub_1", status="active")
+    ingest = batched.BatchedIngest(None, RULES, refreshes=True)  # type: ignore[arg-type]
+
+    async def read(pg: Any, deliveries: list[Delivery]) -> Snapshot:
+        return holding(held)
+
+    ingest._read = read  # type: ignore[method-assign]
+    pg = FakePg()
+    saying_else = sent(row("sub_1", status="past_due"))  # the held version, saying something else
+    assert await ingest._apply(pg, [requested(saying_else)]) == [None]  # type: ignore[arg-type]
+    assert pg.executed == []
+    newer = sent(row("sub_1", version=T + 1, status="past_due"))
+    before = datetime.now(UTC)
+    (outcome,) = await ingest._apply(pg, [requested(newer)])  # type: ignore[arg-type]
+    assert outcome is not None and (outcome.kind, outcome.license_id) == (OutcomeKind.APPLIED, "lic_1")
+    (write, params), commit = pg.executed
+    assert write == WRITE and params["n"] == 1 and commit[0].upper() == "COMMIT"
+    assert params["now"].tzinfo is UTC and before <= params["now"] <= datetime.now(UTC)
+
+
 # -- the general path's reads from Stripe's API (broker.ingest.general), with a fake API ------------
 
 
@@ -1640,8 +1803,10 @@ class FakePath:
 
     def __init__(self, answer: Any = None, *, eligible: bool = True) -> None:
         self.answer, self.calls, self._eligible = answer, list[tuple[str, Any]](), eligible
+        self.asked: list[Reported] = []  # what `eligible` was asked of
 
     def eligible(self, reported: Reported) -> bool:
+        self.asked.append(reported)
         return self._eligible
 
     async def _done(self, name: str, *args: Any) -> Any:
@@ -1668,6 +1833,7 @@ def subscription_event(event_id: str = "evt_1", **extra: Any) -> dict[str, Any]:
 def test_the_ingestor_takes_the_batched_path_on_postgres_unless_told_and_refreshes_with_a_key() -> None:
     rules = RULES
     on_pg = Ingestor(fake_runtime("postgresql"), rules)
+    assert on_pg.rules is rules
     assert on_pg.batched is not None and on_pg.batched.refreshes is False and on_pg.batched.rules is rules
     assert isinstance(on_pg.refresher, NoRefresh) and on_pg.filter == EventFilter() and on_pg.after_commit is None
     assert on_pg.general.rules is rules and on_pg.general.refresher is on_pg.refresher
@@ -1761,13 +1927,16 @@ async def test_each_event_takes_the_path_that_can_decide_it() -> None:
     assert [c[0] for c in ingestor.batched.calls] == ["apply"] and ingestor.general.calls == []  # type: ignore[attr-defined]
     assert ingestor.batched.calls[0][1][:2] == (event, raw)  # type: ignore[attr-defined]
     assert isinstance(ingestor.batched.calls[0][1][2], Reported)  # type: ignore[attr-defined]
+    reported = ingestor.batched.calls[0][1][2]  # type: ignore[attr-defined]
+    assert ingestor.batched.asked == [reported]  # type: ignore[attr-defined]
     ingestor.batched = FakePath(None)  # type: ignore[assignment]
     assert await ingestor.ingest(event, raw) is applied
     assert [c[0] for c in ingestor.general.calls] == ["commit"]  # type: ignore[attr-defined]
-    assert ingestor.general.calls[0][1][:2] == (event, raw)  # type: ignore[attr-defined]
+    assert ingestor.general.calls[0][1] == (event, raw, reported)  # type: ignore[attr-defined]
     ingestor.general, ingestor.batched = FakePath(applied), FakePath(applied, eligible=False)  # type: ignore[assignment]
     assert await ingestor.ingest(event, raw) is applied
     assert ingestor.batched.calls == [] and [c[0] for c in ingestor.general.calls] == ["commit"]  # type: ignore[attr-defined]
+    assert ingestor.batched.asked == [reported] and ingestor.general.calls[0][1] == (event, raw, reported)  # type: ignore[attr-defined]
     ingestor.general = FakePath(DUPLICATE)  # type: ignore[assignment]
     ingestor.batched = None
     unused = {"id": "evt_c", "type": "customer.created", "created": T, "data": {"object": {"id": "cus_1"}}}
