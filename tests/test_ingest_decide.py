@@ -1272,7 +1272,7 @@ async def test_at_most_two_transactions_run_at_once_and_the_events_waiting_meanw
     assert ingest._runners == set()  # each runner ended with the events it found
 
 
-async def test_a_cancelled_runner_cancels_its_events_and_the_last_one_every_event_still_waiting() -> None:
+async def test_a_cancelled_runner_cancels_its_events_and_the_last_one_every_event_still_waiting_for_good() -> None:
     """The process stopping cancels the runners: nobody waits for ever. A runner cancelled while
     another runs cancels its own batch only (the other takes the events waiting); the last one
     cancels the events still waiting too."""
@@ -1314,6 +1314,14 @@ async def test_a_cancelled_runner_cancels_its_events_and_the_last_one_every_even
     await async_wait_until(lambda: second.done() and all(t.done() for t in waiting), what="the other events' end")
     assert second.cancelled() and all(t.cancelled() for t in waiting)
     assert started == ["evt_1", "evt_2"]  # 3 and 4 never reached a transaction
+
+    async def commits(batch: list[batched._Request]) -> list[Outcome | None]:
+        started.extend(r.delivery.event["id"] for r in batch)
+        return [Outcome(OutcomeKind.APPLIED, r.delivery.event["id"]) for r in batch]
+
+    ingest._transaction = commits  # type: ignore[method-assign]
+    assert await arrives(5) == Outcome(OutcomeKind.APPLIED, "evt_5")
+    assert started == ["evt_1", "evt_2", "evt_5"]  # the cancelled 3 and 4 are not committed later
 
 
 async def test_a_batch_that_fails_is_retried_one_event_per_transaction_and_each_ends_as_it_would_alone() -> None:
@@ -1833,7 +1841,6 @@ def subscription_event(event_id: str = "evt_1", **extra: Any) -> dict[str, Any]:
 def test_the_ingestor_takes_the_batched_path_on_postgres_unless_told_and_refreshes_with_a_key() -> None:
     rules = RULES
     on_pg = Ingestor(fake_runtime("postgresql"), rules)
-    assert on_pg.rules is rules
     assert on_pg.batched is not None and on_pg.batched.refreshes is False and on_pg.batched.rules is rules
     assert isinstance(on_pg.refresher, NoRefresh) and on_pg.filter == EventFilter() and on_pg.after_commit is None
     assert on_pg.general.rules is rules and on_pg.general.refresher is on_pg.refresher

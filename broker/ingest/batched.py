@@ -222,6 +222,9 @@ class BatchedIngest:
             for request in [*batch, *(self._waiting if last else ())]:
                 if not request.future.done():
                     request.future.cancel()
+            if last:
+                # Their callers are told; a runner started later must not commit them.
+                self._waiting.clear()
             raise
 
     async def _settle(self, batch: list[_Request]) -> None:

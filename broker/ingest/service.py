@@ -55,7 +55,6 @@ class Ingestor:
         batching: bool | None = None,
     ) -> None:
         self.runtime = runtime
-        self.rules = rules
         self.filter = event_filter or EventFilter()
         self.refresher = refresher or NoRefresh()
         postgres = runtime.engine.dialect.name == "postgresql"
