@@ -115,11 +115,10 @@ def main() -> None:
     done = set()
     if results.exists():
         done = {json.loads(line)["mutant"] for line in results.read_text().splitlines() if line}
-    names = [n for n in mutant_names(args.modules) if n not in done]
+    k, n = map(int, args.shard.split("/"))
+    names = [name for name in mutant_names(args.modules)[k - 1 :: n] if name not in done]
     if args.only:
         names = [n for n in names if fnmatch.fnmatch(n, args.only)]
-    k, n = map(int, args.shard.split("/"))
-    names = names[k - 1 :: n]
     os.chdir(MUTANTS)
     sys.path.insert(0, os.getcwd())
     os.environ.setdefault("CI", "true")
