@@ -541,6 +541,25 @@ async def test_sweep_failures_are_counted_logged_first_and_every_thirtieth_and_e
     ]
 
 
+async def test_the_memory_transport_delivers_only_between_start_and_close_to_licenses_listened_to() -> None:
+    """Before `start` and after `close` a publish is dropped without a word, whatever is listened
+    to; between them, a license's events reach the handler while it is listened to."""
+    transport = MemoryTransport()
+    received: list[LicenseEvent] = []
+    payload = notice("lic_m")
+    await transport.listen("lic_m")
+    await transport.publish("lic_m", payload)  # not started: nobody to hand it to
+    await transport.start(received.append)
+    await transport.publish("lic_m", payload)
+    await transport.unlisten("lic_m")
+    await transport.publish("lic_m", payload)
+    assert [(e.license_id, e.seq, e.data) for e in received] == [("lic_m", NOTICE_SEQ, payload)]
+    await transport.close()
+    await transport.listen("lic_m")
+    await transport.publish("lic_m", payload)  # closed: its handler is gone
+    assert len(received) == 1
+
+
 async def test_the_transport_is_the_one_the_settings_name_with_the_sweep_at_their_interval(pg_url: str) -> None:
     engine = create_engine(Settings(database_url=pg_url))
     events = EventLog(engine)
@@ -883,6 +902,20 @@ async def test_the_cluster_transport_publishes_with_spublish_and_its_check_pings
         assert fake_cluster.published == [(channel("lic_a"), b"payload")]
         assert await transport.check() is True
         assert fake_cluster.pings == [RedisCluster.PRIMARIES]
+
+
+async def test_the_cluster_transports_check_reports_down_when_a_master_never_answers_its_ping(
+    fake_cluster: FakeCluster,
+) -> None:
+    """A master that keeps the connection and never answers (a host gone without a word): the
+    health check gives up after its bound (2 s) and reports the transport down; it does not wait
+    with the readiness probe for ever."""
+    async with cluster_transport(fake_cluster) as (transport, _):
+        fake_cluster.silent.add(fake_cluster.name(2))
+        async with asyncio.timeout(20):
+            assert await transport.check() is False
+        fake_cluster.silent.clear()
+        assert await transport.check() is True
 
 
 async def test_a_cluster_listen_subscribes_on_its_owners_connection_at_once_and_returns_once_confirmed(

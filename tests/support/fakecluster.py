@@ -188,6 +188,8 @@ class FakeClusterClient:
 
     async def ping(self, target_nodes: Any = None) -> bool:
         self.cluster.pings.append(target_nodes)
+        if self.cluster.silent & {master.name for master in self.cluster.masters}:
+            await asyncio.Event().wait()  # a master that takes the PING and never answers
         return True
 
     async def aclose(self) -> None:
