@@ -41,7 +41,8 @@ def mutant_names(patterns: list[str]) -> list[str]:
 
 
 class Recorder:
-    """A pytest plugin: the first failing test, and whether pytest-timeout stopped it."""
+    """A pytest plugin: the first failing test, and whether pytest-timeout stopped it (a test that
+    gives up waiting within its own deadline fails: the mutant is killed)."""
 
     def __init__(self) -> None:
         self.failed: str | None = None
@@ -50,7 +51,7 @@ class Recorder:
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.failed and self.failed is None:
             self.failed = report.nodeid
-            self.timeout = "Timeout" in str(report.longrepr)
+            self.timeout = "Failed: Timeout >" in str(report.longrepr)  # pytest-timeout's, not a test's own
 
 
 def run_child(name: str, tests: list[str], per_test: int, out: int) -> None:
