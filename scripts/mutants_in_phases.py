@@ -51,7 +51,7 @@ class Recorder:
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.failed and self.failed is None:
             self.failed = report.nodeid
-            self.timeout = "Failed: Timeout >" in str(report.longrepr)  # pytest-timeout's, not a test's own
+            self.timeout = "from pytest-timeout" in str(report.longrepr)  # not a test giving up on its own
 
 
 def run_child(name: str, tests: list[str], per_test: int, out: int) -> None:
