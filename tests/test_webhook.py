@@ -83,7 +83,9 @@ async def test_a_duplicate_delivery_answers_2xx_and_changes_nothing(db_url: str)
 async def test_concurrent_deliveries_of_one_event_apply_it_once(db_url: str) -> None:
     license_id = new_license()
     event = SampleEvents(license_id).checkout_completed(int(time.time()))
-    async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient() as client:
+    # No deadline but pytest's: SQLite takes the writers one at a time, and on a loaded machine
+    # twelve of them can take longer than httpx's default 5 s (seen under mutation runs).
+    async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient(timeout=None) as client:
         responses = await asyncio.gather(*(post_event(client, url, event) for _ in range(12)))
     assert [r.status_code for r in responses] == [200] * 12
     assert sorted(r.json()["outcome"] for r in responses) == ["applied"] + ["duplicate"] * 11
@@ -98,8 +100,8 @@ async def test_concurrent_events_of_one_license_get_consecutive_seqs(db_url: str
     now = int(time.time())
     subscriptions = [f"sub_{license_id[4:]}{n:02d}" for n in range(10)]
     events = [sample.subscription_event("customer.subscription.created", "active", now, s) for s in subscriptions]
-    async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient() as client:
-        responses = await asyncio.gather(*(post_event(client, url, e) for e in events))
+    async with serving(create_app(make_settings(db_url))) as url, httpx.AsyncClient(timeout=None) as client:
+        responses = await asyncio.gather(*(post_event(client, url, e) for e in events))  # as above
     assert [(r.status_code, r.json()["outcome"]) for r in responses] == [(200, "applied")] * len(events)
     assert sorted(r.json()["seq"] for r in responses) == list(range(1, len(events) + 1))
     assert [seq for seq, _ in await log_of(db_url, license_id)] == list(range(1, len(events) + 1))
