@@ -12,6 +12,9 @@ test, and the child killed past --limit).
     .venv/bin/python -m scripts.mutants_in_phases 'broker/ingest/*.py' \\
         --phase tests/test_ingest_decide.py --phase tests/test_fast_ingest.py --results ingest.jsonl
 
+The tests run are mutants/'s copies, as mutmut made them at its last run: a test written since
+must be copied there (or `make mutants` run again) before its mutants are.
+
 Each result is a line of JSON appended to --results ({"mutant", "phase", "outcome", "test"}):
 `killed` by `test`, `timeout` (a test stopped by pytest-timeout, or the child by --limit) or
 `survived` every phase. A mutant already in the file is not run again.

@@ -579,6 +579,7 @@ async def test_the_transport_is_the_one_the_settings_name_with_the_sweep_at_thei
         timings = (redis_.inner.subscribe_timeout, redis_.inner.max_backoff, redis_.inner.publish_backoff)
         assert timings == (2.0, 5.0, 1.0)
         assert (redis_.sweep.events, redis_.sweep.interval) == (events, 0.7)
+        own_check_engine(redis_, engine)
         cluster_url = "redis+cluster://127.0.0.1:7000"
         cluster = create_transport(dataclasses.replace(base, transport="redis", redis_url=cluster_url), events)
         assert isinstance(cluster, SweptTransport) and isinstance(cluster.inner, RedisClusterTransport)
@@ -586,8 +587,17 @@ async def test_the_transport_is_the_one_the_settings_name_with_the_sweep_at_thei
         # The same, and the slot map read again every 30 s for what nothing else reports.
         timings = (cluster.inner.subscribe_timeout, cluster.inner.max_backoff, cluster.inner.refresh_interval)
         assert timings == (2.0, 5.0, 30.0)
+        own_check_engine(cluster, engine)
     finally:
         await engine.dispose()
+
+
+def own_check_engine(transport: SweptTransport, engine: AsyncEngine) -> None:
+    """The live check reads on an engine of its own (not the sweep's, which serves catch-ups): one
+    connection to the same database."""
+    check = transport._check_engine
+    assert check is not None and check is not engine
+    assert (check.url, check.pool.size()) == (engine.url, 1)  # type: ignore[attr-defined]
 
 
 async def test_closing_the_redis_transport_fails_a_publish_still_waiting_for_its_reply() -> None:
