@@ -1586,6 +1586,26 @@ async def test_the_general_path_reads_what_the_decision_asks_and_each_stripe_rea
     assert writes.objects[summary.id].state == {"features": ["a", "b"], "partial": False}
 
 
+async def test_a_decision_that_asks_for_reads_without_end_is_a_bug_said_so_after_max_reads() -> None:
+    """A reader that reads nothing (the decision asks for the same rows again): `_decide` stops
+    after MAX_READS rounds and says so, rather than read for ever inside the transaction."""
+
+    class ReadsNothing:
+        def __init__(self) -> None:
+            self.reads: list[Wants] = []
+
+        async def read(self, wants: Wants, snapshot: Snapshot, reported: Reported) -> None:
+            self.reads.append(wants)
+
+    reader = ReadsNothing()
+    d = Delivery({"id": "evt_1", "type": "invoice.paid", "created": T}, None, Reported((row("in_1", "invoice"),)))
+    with pytest.raises(AssertionError) as raised:
+        await GeneralIngest(None, RULES, FakeApi())._decide(reader, d)  # type: ignore[arg-type]
+    assert raised.value.args == (f"the decision of evt_1 asked for more than {general.MAX_READS} reads",)
+    assert len(reader.reads) == general.MAX_READS == 100
+    assert {(w.need, w.ids) for w in reader.reads} == {(Need.BASE, ("in_1",))}
+
+
 # -- the general path's transaction (GeneralIngest.commit, _Reader's locks, _flush), faked ---------
 
 

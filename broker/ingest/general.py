@@ -35,6 +35,10 @@ from broker.stripe_ledger.store import LedgerStore, LocksBusy
 log = logging.getLogger("broker.ingest")
 
 LOCK_ATTEMPTS = 3
+# No decision asks for more rounds of reads than this (its ids, a walk to the edge of its bindings,
+# the license rows, the customer's objects, each read from Stripe's API once): asking more is a bug
+# that would otherwise read for ever inside the transaction, holding its locks.
+MAX_READS = 100
 
 
 class GeneralIngest:
@@ -69,7 +73,7 @@ class GeneralIngest:
 
     async def _decide(self, reader: _Reader, delivery: Delivery) -> tuple[Outcome, Writes]:
         snapshot, done = Snapshot(), set[Need]()
-        while True:
+        for _ in range(MAX_READS):
             decision = decide(
                 [delivery],
                 snapshot,
@@ -87,6 +91,7 @@ class GeneralIngest:
                 delivery = Delivery(delivery.event, delivery.raw, reported)
             else:
                 await reader.read(result, snapshot, delivery.reported)
+        raise AssertionError(f"the decision of {delivery.event.get('id')} asked for more than {MAX_READS} reads")
 
     async def _read_stripe(self, wants: Wants, delivery: Delivery, snapshot: Snapshot) -> Reported:
         """`reported` with what Stripe's API gives now. A failed refresh or line items read raises
