@@ -8,7 +8,7 @@ before they reach anything outside."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -18,7 +18,10 @@ from broker.licensing.pending import PendingCheckouts
 from broker.licensing.trials import TrialClock
 from broker.licensing.watch import MachineWatch
 from broker.transports.sweep import DatabaseSweep
-from tests.support.stopping import Owner, stops_when_woken_as_closed
+from tests.support.stopping import Running, stops_when_woken_as_closed
+
+# A loop's owner as the tests drive it: start it, wake it, close it.
+Owner = tuple[Callable[[], None], Callable[[], None], Callable[[], Coroutine[Any, Any, None]]]
 
 
 class Unreachable:
@@ -77,12 +80,12 @@ def _machine_watch() -> Owner:
     ids=["database sweep", "pending checkouts", "trial clock", "machine watch"],
 )
 async def test_a_background_loop_woken_as_it_is_closed_stops(component: Callable[[], Owner]) -> None:
-    async def started() -> Owner:
+    async def started() -> Running:
         start, wake, close = component()
         start()
         for _ in range(5):  # into its wait (what it does first is in memory)
             await asyncio.sleep(0)
-        return start, wake, close
+        return wake, close
 
     await stops_when_woken_as_closed(started)
 

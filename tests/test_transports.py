@@ -40,7 +40,7 @@ from tests.support.fakecluster import FakeCluster
 from tests.support.faults import TcpProxy
 from tests.support.licenses import append, make_settings, new_license
 from tests.support.services import unavailable
-from tests.support.stopping import Owner, stops_when_woken_as_closed
+from tests.support.stopping import Running, stops_when_woken_as_closed
 from tests.support.transports import Harness, Received
 from tests.support.waiting import async_wait_until, free_port
 
@@ -1375,10 +1375,10 @@ async def test_a_cluster_transport_asked_to_resync_as_it_is_closed_stops(fake_cl
     lost the cancellation there, cpython#86296, and the loop resynced and waited again for ever;
     tests/test_stopping.py has the other loops)."""
 
-    async def started() -> Owner:
+    async def started() -> Running:
         transport = RedisClusterTransport(fake_cluster.url, max_backoff=0.05, refresh_interval=60)
         await asyncio.wait_for(transport.start(Received().on_message), 5)
-        return (lambda: None), transport._resync.set, transport.close
+        return transport._resync.set, transport.close
 
     await stops_when_woken_as_closed(started)
 

@@ -8,16 +8,16 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-# A loop's owner as the tests drive it: start it, wake it, close it.
-Owner = tuple[Callable[[], None], Callable[[], None], Callable[[], Coroutine[Any, Any, None]]]
+# A started loop's owner as the tests drive it: wake it, close it.
+Running = tuple[Callable[[], None], Callable[[], Coroutine[Any, Any, None]]]
 
 
-async def stops_when_woken_as_closed(started: Callable[[], Awaitable[Owner]]) -> None:
+async def stops_when_woken_as_closed(started: Callable[[], Awaitable[Running]]) -> None:
     """The wake before or after the close, some turns of the loop apart: one of them lands where
     the close cancels the loop's wait as the wake completes it. `started`: a fresh loop, waiting."""
     for wake_first in (True, False):
         for turns in range(4):
-            _, wake, close = await started()
+            wake, close = await started()
             closing: list[asyncio.Task[None]] = []
 
             def close_now(
