@@ -23,6 +23,7 @@ Each result is a line of JSON appended to --results ({"mutant", "phase", "outcom
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import json
 import os
@@ -113,8 +114,6 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=300, help="wall clock for one mutant's phase, seconds")
     args = parser.parse_args()
 
-    import fnmatch
-
     results = args.results.resolve()
     done = set()
     if results.exists():
@@ -122,7 +121,7 @@ def main() -> None:
     k, n = map(int, args.shard.split("/"))
     names = [name for name in mutant_names(args.modules)[k - 1 :: n] if name not in done]
     if args.only:
-        names = [n for n in names if fnmatch.fnmatch(n, args.only)]
+        names = [name for name in names if fnmatch.fnmatch(name, args.only)]
     os.chdir(MUTANTS)
     sys.path.insert(0, os.getcwd())
     os.environ.setdefault("CI", "true")
