@@ -914,6 +914,36 @@ async def test_the_cluster_transport_publishes_with_spublish_and_its_check_pings
         assert fake_cluster.pings == [RedisCluster.PRIMARIES]
 
 
+async def test_a_publish_that_fails_on_a_master_gone_since_its_slot_map_was_read_goes_to_the_new_owner(
+    fake_cluster: FakeCluster,
+) -> None:
+    """The webhook's client read its slot map before a failover (redis-py reads it again after a
+    connection error at most once a second), so its publish fails on the dead master. While the
+    failover is not over (the map read again still names that master) the publish fails: the
+    streams resubscribe after the failover and their sweep finds the event. Once the replica has
+    taken over, the map read again names it and the message goes there, to the streams already
+    resubscribed on it, at once rather than at their next periodic sweep."""
+    first, second = fake_cluster.name(1), fake_cluster.name(2)
+    webhook = RedisClusterTransport(fake_cluster.url)
+    try:
+        async with cluster_transport(fake_cluster) as (stream, received):
+            await asyncio.wait_for(stream.listen("lic_a"), 2)
+            await publish_and_receive(webhook, received, "lic_a", 1)  # the webhook's map: the first master
+            fake_cluster.unreachable.add(first)
+            fake_cluster.pubsub(first).break_(redis.ConnectionError("connection reset"))
+            with pytest.raises(redis.ConnectionError):
+                await webhook.publish("lic_a", cluster_message("lic_a", 2))
+            # The replica of the first master takes over its slots.
+            fake_cluster.masters = fake_cluster.masters[1:]
+            fake_cluster.home = second
+            await async_wait_until(lambda: received.gaps == 1, 5, "the streams' resubscription")
+            assert channel("lic_a") in fake_cluster.pubsub(second).subscribed
+            await publish_and_receive(webhook, received, "lic_a", 3)
+            assert fake_cluster.published[-1] == (channel("lic_a"), cluster_message("lic_a", 3))
+    finally:
+        await webhook.close()
+
+
 async def test_the_cluster_transports_check_reports_down_when_a_master_never_answers_its_ping(
     fake_cluster: FakeCluster,
 ) -> None:

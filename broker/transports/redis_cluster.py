@@ -15,6 +15,9 @@ Delivery is at most once, as with RedisTransport: a message published while the 
 down, or while a slot moves, is lost. After every such event this transport refreshes the slot
 map, resubscribes each channel on its current owner, waits for the confirmations, and only then
 calls `on_gap`, so the database sweep that follows finds everything committed in the meantime.
+A publish that fails reads the slot map again and, if the channel has a new owner (the failover
+is over), sends the message there once: streams resubscribe only after the failover, so without
+it an event committed just after would wait for their periodic sweep.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from broker import background
 from broker.settings import parse_cluster_url
@@ -82,6 +85,7 @@ class RedisClusterTransport(RedisSubscriber):
         # Serialises changes to _shards/_owner between listen/unlisten and the resync.
         self._lock = asyncio.Lock()
         self._resync = asyncio.Event()
+        self._refreshing = asyncio.Lock()  # one slot-map refresh at a time after failed publishes
         self._lost = False  # messages may have been missed since the last successful resync
 
     def _auth(self) -> dict[str, Any]:
@@ -102,8 +106,37 @@ class RedisClusterTransport(RedisSubscriber):
 
     async def publish(self, license_id: str, payload: bytes) -> None:
         await self.connect()
-        assert self._client is not None
-        await self._client.spublish(channel(license_id), payload)
+        client = self._client
+        assert client is not None
+        name = channel(license_id)
+        try:
+            await client.spublish(name, payload)
+        except (RedisError, RedisClusterException):
+            # redis-py refreshes its slot map after a connection error at most once a second: for
+            # up to that long after a failover it keeps publishing to the dead master, and the
+            # streams, already subscribed on the new one, would have these events only from a
+            # periodic sweep. So the map is read again now, and if the channel has a new owner
+            # the message goes there once. Still the old owner (the failover is not over): the
+            # streams resubscribe after it, and the sweep their resubscription wakes finds this
+            # committed event.
+            if not await self._owner_changed(name):
+                raise
+            await client.spublish(name, payload)
+
+    async def _owner_changed(self, name: str) -> bool:
+        """Whether the slot map, read again unless another publish has just done so, names
+        another owner of `name` than the one a publish has just failed on."""
+        client = self._client
+        assert client is not None
+        try:
+            failed = client.get_node_from_key(name)
+            async with self._refreshing:
+                if client.get_node_from_key(name) is failed:
+                    await client.nodes_manager.initialize()
+            owner = client.get_node_from_key(name)
+        except (RedisError, RedisClusterException):
+            return False
+        return owner is not None and failed is not None and owner.name != failed.name
 
     async def _ping(self) -> object:
         assert self._client is not None

@@ -183,6 +183,13 @@ class FakeClusterClient:
         return next(node for node in self.masters if node.name == name)
 
     async def spublish(self, name: str, payload: bytes) -> int:
+        """Sent to the owner in this client's slot map, which may be out of date: redis-py reads
+        it again after a connection error at most once a second."""
+        if not self.initialized:
+            self._load()
+            self.initialized = True
+        if (target := self.map.get(name, self.home)) in self.cluster.unreachable:
+            raise RedisConnectionError(f"Error 111 connecting to {target}. Connection refused.")
         self.cluster.published.append((name, payload))
         return self.cluster.deliver(name, payload)
 
