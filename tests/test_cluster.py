@@ -149,7 +149,11 @@ async def _all_have(received: dict[Any, list[int]], seq: int, deadline: float) -
     def done() -> bool:
         return all(seqs and seqs[-1] >= seq for seqs in received.values())
 
-    await async_wait_until(done, deadline, f"every client to reach seq {seq}")
+    try:
+        await async_wait_until(done, deadline, f"every client to reach seq {seq}")
+    except TimeoutError as exc:
+        behind = {client: seqs[-1:] for client, seqs in received.items() if not (seqs and seqs[-1] >= seq)}
+        raise TimeoutError(f"{exc}; the last seq of each client behind: {behind}") from None
 
 
 def _worker_pids(supervisor: int) -> list[int]:
