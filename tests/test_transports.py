@@ -17,6 +17,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -919,8 +920,9 @@ async def test_a_publish_that_fails_on_a_master_gone_since_its_slot_map_was_read
 ) -> None:
     """The webhook's client read its slot map before a failover (redis-py reads it again after a
     connection error at most once a second), so its publish fails on the dead master. While the
-    failover is not over (the map read again still names that master) the publish fails: the
-    streams resubscribe after the failover and their sweep finds the event. Once the replica has
+    failover is not over (the map read again still names that master, or cannot be read) the
+    publish fails without another try: the streams resubscribe after the failover and their
+    sweep finds the event. Once the replica has
     taken over, the map read again names it and the message goes there, to the streams already
     resubscribed on it, at once rather than at their next periodic sweep."""
     first, second = fake_cluster.name(1), fake_cluster.name(2)
@@ -931,15 +933,31 @@ async def test_a_publish_that_fails_on_a_master_gone_since_its_slot_map_was_read
             await publish_and_receive(webhook, received, "lic_a", 1)  # the webhook's map: the first master
             fake_cluster.unreachable.add(first)
             fake_cluster.pubsub(first).break_(redis.ConnectionError("connection reset"))
+            fake_cluster.attempts.clear()
             with pytest.raises(redis.ConnectionError):
                 await webhook.publish("lic_a", cluster_message("lic_a", 2))
+            # A map that cannot be read again, or one whose slot no master serves: the same.
+            for failure in (
+                redis.ConnectionError("the node asked for CLUSTER SLOTS went away"),
+                RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node"),
+            ):
+                fake_cluster.fail_refresh = failure
+                with pytest.raises(redis.ConnectionError, match="Connection refused"):
+                    await webhook.publish("lic_a", cluster_message("lic_a", 2))
+            fake_cluster.fail_refresh = None
+            fake_cluster.uncovered.add(channel("lic_a"))
+            with pytest.raises(redis.ConnectionError, match="Connection refused"):
+                await webhook.publish("lic_a", cluster_message("lic_a", 2))
+            fake_cluster.uncovered.clear()
+            assert fake_cluster.attempts == [first] * 4  # each tried once: no retry on the same master
             # The replica of the first master takes over its slots.
             fake_cluster.masters = fake_cluster.masters[1:]
             fake_cluster.home = second
             await async_wait_until(lambda: received.gaps == 1, 5, "the streams' resubscription")
             assert channel("lic_a") in fake_cluster.pubsub(second).subscribed
+            fake_cluster.attempts.clear()
             await publish_and_receive(webhook, received, "lic_a", 3)
-            assert fake_cluster.published[-1] == (channel("lic_a"), cluster_message("lic_a", 3))
+            assert fake_cluster.attempts == [first, second]
     finally:
         await webhook.close()
 

@@ -128,15 +128,22 @@ class RedisClusterTransport(RedisSubscriber):
         another owner of `name` than the one a publish has just failed on."""
         client = self._client
         assert client is not None
-        try:
-            failed = client.get_node_from_key(name)
-            async with self._refreshing:
-                if client.get_node_from_key(name) is failed:
+        failed = self._owner_in_map(name)
+        async with self._refreshing:
+            if self._owner_in_map(name) == failed:
+                with contextlib.suppress(RedisError, RedisClusterException):
                     await client.nodes_manager.initialize()
-            owner = client.get_node_from_key(name)
+        owner = self._owner_in_map(name)
+        return owner is not None and owner != failed
+
+    def _owner_in_map(self, name: str) -> str | None:
+        """The master the client's slot map names for `name` (None: no map, or no owner)."""
+        assert self._client is not None
+        try:
+            node = self._client.get_node_from_key(name)
         except (RedisError, RedisClusterException):
-            return False
-        return owner is not None and failed is not None and owner.name != failed.name
+            return None
+        return None if node is None else node.name
 
     async def _ping(self) -> object:
         assert self._client is not None

@@ -168,6 +168,8 @@ class FakeClusterClient:
     async def _refresh(self) -> None:
         if self.cluster.refresh_gate is not None:
             await self.cluster.refresh_gate.wait()
+        if self.cluster.fail_refresh is not None:
+            raise self.cluster.fail_refresh
         self.cluster.refreshes += 1
         self._load()
 
@@ -188,7 +190,9 @@ class FakeClusterClient:
         if not self.initialized:
             self._load()
             self.initialized = True
-        if (target := self.map.get(name, self.home)) in self.cluster.unreachable:
+        target = self.map.get(name, self.home)
+        self.cluster.attempts.append(target)
+        if target in self.cluster.unreachable:
             raise RedisConnectionError(f"Error 111 connecting to {target}. Connection refused.")
         self.cluster.published.append((name, payload))
         return self.cluster.deliver(name, payload)
@@ -218,11 +222,13 @@ class FakeCluster:
         self.uncovered: set[str] = set()  # channels whose slot no master serves
         self.hold_confirmations = False
         self.refresh_gate: asyncio.Event | None = None  # a refresh of the slot map waits for it
+        self.fail_refresh: Exception | None = None  # a refresh of the slot map raises it
         self.fail_connection_close: Exception | None = None
         self.fail_client_close: Exception | None = None
         self.clients: list[FakeClusterClient] = []
         self.connections: list[FakeConnection] = []
         self.published: list[tuple[str, bytes]] = []
+        self.attempts: list[str] = []  # the master each SPUBLISH was sent to, delivered or not
         self.pings: list[Any] = []
         self.syncs = 0  # RedisCluster.initialize: once at every resync
         self.refreshes = 0  # the slot map read again
