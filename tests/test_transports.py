@@ -922,9 +922,9 @@ async def test_a_publish_that_fails_on_a_master_gone_since_its_slot_map_was_read
     connection error at most once a second), so its publish fails on the dead master. While the
     failover is not over (the map read again still names that master, or cannot be read) the
     publish fails without another try: the streams resubscribe after the failover and their
-    sweep finds the event. Once the replica has
-    taken over, the map read again names it and the message goes there, to the streams already
-    resubscribed on it, at once rather than at their next periodic sweep."""
+    sweep finds the event. Once the replica has taken over, the map read again names it and the
+    message goes there, to the streams already resubscribed on it, at once rather than at their
+    next periodic sweep."""
     first, second = fake_cluster.name(1), fake_cluster.name(2)
     webhook = RedisClusterTransport(fake_cluster.url)
     try:

@@ -136,15 +136,6 @@ class RedisClusterTransport(RedisSubscriber):
         owner = self._owner_in_map(name)
         return owner is not None and owner != failed
 
-    def _owner_in_map(self, name: str) -> str | None:
-        """The master the client's slot map names for `name` (None: no map, or no owner)."""
-        assert self._client is not None
-        try:
-            node = self._client.get_node_from_key(name)
-        except (RedisError, RedisClusterException):
-            return None
-        return None if node is None else node.name
-
     async def _ping(self) -> object:
         assert self._client is not None
         await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
@@ -189,14 +180,21 @@ class RedisClusterTransport(RedisSubscriber):
                 with contextlib.suppress(Exception):
                     await shard.pubsub.sunsubscribe(name)
 
-    def _shard_for(self, name: str) -> _Shard | None:
-        if self._client is None or not self._client.nodes_manager.slots_cache:
+    def _owner_in_map(self, name: str) -> str | None:
+        """The master the client's slot map names for `name` (None: no client or map yet, or no
+        owner)."""
+        client = self._client
+        if client is None or not client.nodes_manager.slots_cache:
             return None
         try:
-            node = self._client.get_node_from_key(name)
+            node = client.get_node_from_key(name)
         except Exception:
             return None
-        shard = self._shards.get(node.name) if node is not None else None
+        return None if node is None else node.name
+
+    def _shard_for(self, name: str) -> _Shard | None:
+        owner = self._owner_in_map(name)
+        shard = self._shards.get(owner) if owner is not None else None
         return None if shard is None or shard.failed else shard
 
     def _shard_failed(self, shard: _Shard) -> None:
