@@ -161,6 +161,9 @@ class FakeClusterClient:
 
     async def initialize(self) -> None:
         self.cluster.syncs += 1
+        self._load_once()
+
+    def _load_once(self) -> None:
         if not self.initialized:
             self._load()
             self.initialized = True
@@ -187,9 +190,7 @@ class FakeClusterClient:
     async def spublish(self, name: str, payload: bytes) -> int:
         """Sent to the owner in this client's slot map, which may be out of date: redis-py reads
         it again after a connection error at most once a second."""
-        if not self.initialized:
-            self._load()
-            self.initialized = True
+        self._load_once()
         target = self.map.get(name, self.home)
         self.cluster.attempts.append(target)
         if target in self.cluster.unreachable:
